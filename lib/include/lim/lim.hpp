@@ -1,0 +1,7 @@
+// lim/lim.hpp: everything lim offers, in one include.
+#pragma once
+
+#include "lim/clock.hpp"
+#include "lim/error.hpp"
+#include "lim/segment.hpp"
+#include "lim/tokens.hpp"

@@ -1,0 +1,100 @@
+// lim/segment.hpp: a named shared-memory segment that holds every limiter processes share.
+//
+// A segment is one POSIX shared-memory object, /dev/shm/lim.<name>. It begins with a validated
+// header, then a table of named limiter records, then a process table in which every thread that
+// holds something from a limiter has a slot recording what it holds (so that what a dead process
+// held can be given back). No daemon owns it: any process may create it, attach to it, and remove
+// its name; the memory lives until the last process unmaps it.
+//
+// Handles are cheap to copy (they share one mapping per open call) and are usable from any
+// thread. A Segment, and every limiter handle opened from it, survives fork(): the child keeps
+// using them without reopening, and its first use registers the child's own process slot.
+//
+// Caveats
+// - The segment's geometry (max_limiters, max_processes) and mode are fixed when it is created.
+//   `open_or_create` on an existing segment attaches with the geometry the segment has, whatever
+//   the options say; `info()` tells what it is.
+// - A process takes one process-table slot per thread that holds permits or tokens (so that each
+//   slot's ledger has a single writer and the hot path needs no extra atomic read-modify-write);
+//   size max_processes for processes x threads that acquire, not just processes.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "lim/clock.hpp"
+
+namespace lim {
+
+namespace detail {
+class SegmentState;
+}
+
+struct SegmentOptions {
+    // Records (named limiters) the segment can hold. 1..65536.
+    std::uint32_t max_limiters = 256;
+    // Process-table slots: one per thread of an attached process that holds something. 1..65536.
+    std::uint32_t max_processes = 1024;
+    // Permission bits of the shared-memory object (not masked by the umask). 0600 lets only the
+    // creating user attach; 0660 a group.
+    unsigned mode = 0600;
+    // A blocking acquire that has waited this long reaps dead processes before it waits again.
+    Duration reap_after = std::chrono::seconds{1};
+};
+
+struct SegmentInfo {
+    std::string name;
+    std::size_t size_bytes = 0;
+    std::uint32_t layout_version = 0;
+    std::uint32_t max_limiters = 0;
+    std::uint32_t max_processes = 0;
+    std::uint32_t limiters = 0;   // records in use
+    std::uint32_t processes = 0;  // distinct live processes with a slot
+    std::chrono::system_clock::time_point created;
+};
+
+class Segment {
+  public:
+    // Attaches to the segment `name`, creating and initialising it with `options` if it does not
+    // exist. Safe to race: when many processes call this at once, exactly one initialises the
+    // segment and every caller attaches to the same one. Registers the calling thread's slot in
+    // the process table.
+    // Blocks only while another process is initialising the segment (microseconds; at most 5 s
+    // before giving up with system_error if that process is stopped).
+    // Throws Error with: invalid_name (bad name), invalid_argument (options out of range, or a
+    // segment over 1 GiB), corrupt_segment (an existing object that is not a valid lim segment),
+    // version_mismatch (a segment of another layout), permission_denied, table_full (no free
+    // process slot), system_error (the kernel refused memory: /dev/shm full).
+    static Segment open_or_create(std::string_view name, const SegmentOptions& options = {});
+
+    // Attaches to an existing segment. Throws Error(not_found) if there is none; otherwise as
+    // open_or_create.
+    static Segment open(std::string_view name);
+
+    // Unlinks the segment's name. Processes already attached keep using the memory; the next
+    // open_or_create makes a new segment. Returns false if there was no such segment.
+    // Throws Error(invalid_name) or Error(permission_denied).
+    static bool remove(std::string_view name);
+
+    // A consistent-enough view for people: counts are read without stopping anyone.
+    SegmentInfo info() const;
+
+    const std::string& name() const;
+
+    // True when this call created and initialised the segment (exactly one of many racing
+    // open_or_create calls sees true).
+    bool is_creator() const;
+
+    // For the library's own handles; not part of the stable API.
+    const std::shared_ptr<detail::SegmentState>& state() const noexcept { return state_; }
+
+  private:
+    explicit Segment(std::shared_ptr<detail::SegmentState> state);
+    std::shared_ptr<detail::SegmentState> state_;
+};
+
+}  // namespace lim

@@ -1,0 +1,90 @@
+// The process-local side of an attached segment: the mapping, the file it maps, and typed access
+// to the header, the record table and the process table inside it. One SegmentState per open
+// call; Segment and every limiter handle share it through a shared_ptr, so the mapping lives as
+// long as anything uses it.
+#pragma once
+
+#include <boost/interprocess/mapped_region.hpp>
+#include <boost/interprocess/shared_memory_object.hpp>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "lim/segment.hpp"
+#include "shm/layout.hpp"
+
+namespace lim::detail {
+
+enum class Access { read_write, read_only };
+
+class SegmentState : public std::enable_shared_from_this<SegmentState> {
+  public:
+    // Attaches to `name`: creates and initialises it first when `create` is non-null and the
+    // segment does not exist (or was abandoned half-initialised by a creator that died).
+    // Validates every header field and every table offset against the mapping before returning.
+    // A read_only attach maps the segment read-only and registers no process slot (limctl's
+    // read commands use it so that they can never write).
+    static std::shared_ptr<SegmentState> attach(std::string_view name, const SegmentOptions* create,
+                                                Access access);
+
+    ~SegmentState();
+    SegmentState(const SegmentState&) = delete;
+    SegmentState& operator=(const SegmentState&) = delete;
+
+    const std::string& name() const noexcept { return name_; }
+    bool created() const noexcept { return created_; }
+    bool read_only() const noexcept { return access_ == Access::read_only; }
+    // Unique within this process for the life of the process: tells thread-local caches apart
+    // even when a later mapping reuses an address.
+    std::uint64_t uid() const noexcept { return uid_; }
+    int fd() const noexcept;
+
+    std::byte* base() const noexcept { return base_; }
+    std::uint64_t size() const noexcept { return size_; }
+    SegmentHeader& header() const noexcept { return *reinterpret_cast<SegmentHeader*>(base_); }
+    const Geometry& geometry() const noexcept { return geometry_; }
+
+    std::atomic<std::uint64_t>& index_entry(std::uint32_t i) const noexcept {
+        return reinterpret_cast<std::atomic<std::uint64_t>*>(base_ + geometry_.index_offset)[i];
+    }
+    Record& record(std::uint32_t i) const noexcept {
+        return *reinterpret_cast<Record*>(base_ + geometry_.records_offset +
+                                          std::uint64_t{i} * kRecordSize);
+    }
+    SlotHeader& slot(std::uint32_t i) const noexcept {
+        return *reinterpret_cast<SlotHeader*>(base_ + geometry_.slots_offset +
+                                              std::uint64_t{i} * geometry_.slot_size);
+    }
+    LedgerEntry& ledger(std::uint32_t slot_index, std::uint32_t record_index) const noexcept {
+        auto* row = reinterpret_cast<std::byte*>(&slot(slot_index)) + sizeof(SlotHeader);
+        return reinterpret_cast<LedgerEntry*>(row)[record_index];
+    }
+
+    // Records in use, clamped to the table (a corrupt count never sends a reader off the end).
+    std::uint32_t records_used() const noexcept;
+
+    // SegmentInfo for Segment::info() and limctl.
+    SegmentInfo info() const;
+
+  private:
+    SegmentState(std::string name, Access access);
+    void validate_and_map(boost::interprocess::shared_memory_object shm);
+    void release_own_slots() noexcept;
+
+    std::string name_;
+    Access access_;
+    bool created_ = false;
+    std::uint64_t uid_;
+    boost::interprocess::shared_memory_object shm_;
+    boost::interprocess::mapped_region region_;
+    std::byte* base_ = nullptr;
+    std::uint64_t size_ = 0;
+    Geometry geometry_{};
+};
+
+// Throws Error(invalid_argument) unless `options` describe a segment lim can create.
+void validate_options(const SegmentOptions& options);
+
+}  // namespace lim::detail

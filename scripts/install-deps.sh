@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs the Debian packages lim needs to build, test and benchmark. Idempotent: when every
+# package is present it does nothing (and needs no network, nor root).
+set -euo pipefail
+
+packages=(
+  g++ cmake ninja-build pkgconf git
+  libboost-dev        # Boost.Interprocess: the shared-memory object and its mapping
+  libfmt-dev          # text formatting
+  doctest-dev         # tests
+  libcli11-dev        # limctl's command line
+  nlohmann-json3-dev  # limctl --json
+  libtomlplusplus-dev # limctl create --config
+  libbenchmark-dev    # bench/
+  tmux                # the limctl watch test drives a terminal
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+echo "installing: ${missing[*]}"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update
+$SUDO apt-get install -y --no-install-recommends "${missing[@]}"

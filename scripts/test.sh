@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Builds lim and runs every test: first under AddressSanitizer+UndefinedBehaviorSanitizer and
+# ThreadSanitizer, then the normal (RelWithDebInfo) build, whose ctest summary ends the output.
+# Warnings are errors in all three. Set LIM_SANITIZERS=0 to run only the normal build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+
+jobs=$(nproc)
+build() {  # build <dir> [cmake args...]
+  local dir=$1; shift
+  cmake -S . -B "$dir" -G Ninja -DLIM_WERROR=ON "$@" >/dev/null
+  cmake --build "$dir" -j"$jobs"
+}
+
+if [ "${LIM_SANITIZERS:-1}" != 0 ]; then
+  build build/asan -DCMAKE_BUILD_TYPE=Debug -DLIM_SANITIZE=address,undefined -DLIM_BUILD_BENCHMARKS=OFF
+  ctest --test-dir build/asan --output-on-failure -j"$jobs"
+  build build/tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLIM_SANITIZE=thread -DLIM_BUILD_BENCHMARKS=OFF
+  # TSan cannot follow the futexes and shared pages between processes; it checks each process's
+  # own threads. halt_on_error makes a report fail the test.
+  TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
+    ctest --test-dir build/tsan --output-on-failure -j"$jobs"
+fi
+
+build build/release -DCMAKE_BUILD_TYPE=RelWithDebInfo
+ctest --test-dir build/release --output-on-failure -j"$jobs"

@@ -1,0 +1,81 @@
+#include "support/process.hpp"
+
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <exception>
+#include <fstream>
+#include <iterator>
+#include <stdexcept>
+
+#include "lim/segment.hpp"
+
+namespace lim::test {
+
+std::string unique_name(std::string_view stem) {
+    static std::atomic<int> counter{0};
+    return "t-" + std::string(stem) + "-" + std::to_string(::getpid()) + "-" +
+           std::to_string(counter.fetch_add(1));
+}
+
+SegmentGuard::SegmentGuard(std::string name) : name_(std::move(name)) {
+    try {
+        Segment::remove(name_);
+    } catch (...) {
+    }
+}
+
+SegmentGuard::~SegmentGuard() {
+    try {
+        Segment::remove(name_);
+    } catch (...) {
+    }
+}
+
+pid_t fork_child(const std::function<int()>& body) {
+    std::fflush(nullptr);
+    const pid_t pid = ::fork();
+    if (pid < 0) throw std::runtime_error("fork failed");
+    if (pid == 0) {
+        int rc = 3;
+        try {
+            rc = body();
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "child %d threw: %s\n", ::getpid(), e.what());
+        } catch (...) {
+            std::fprintf(stderr, "child %d threw a non-exception\n", ::getpid());
+        }
+        std::fflush(nullptr);
+        ::_exit(rc);
+    }
+    return pid;
+}
+
+int wait_child(pid_t pid) {
+    int status = 0;
+    while (::waitpid(pid, &status, 0) < 0) {
+    }
+    if (WIFEXITED(status)) return WEXITSTATUS(status);
+    if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+    return -1;
+}
+
+void* shared_bytes(std::size_t n) {
+    void* p = ::mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw std::runtime_error("mmap failed");
+    return p;
+}
+
+std::string segment_path(std::string_view name) {
+    return "/dev/shm/lim." + std::string(name);
+}
+
+std::vector<unsigned char> segment_file_bytes(std::string_view name) {
+    std::ifstream in(segment_path(name), std::ios::binary);
+    return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+}  // namespace lim::test

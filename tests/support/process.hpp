@@ -1,0 +1,53 @@
+// Helpers for tests that use real processes: unique segment names, segment cleanup, forked
+// children that report through their exit status, and memory shared with them.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstddef>
+#include <functional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace lim::test {
+
+// A segment name no other test (or concurrent ctest run) uses: "t-<stem>-<pid>-<n>".
+std::string unique_name(std::string_view stem);
+
+// Removes the segment `name` when it goes out of scope (and ignores whether it existed).
+class SegmentGuard {
+  public:
+    explicit SegmentGuard(std::string name);
+    ~SegmentGuard();
+    SegmentGuard(const SegmentGuard&) = delete;
+    SegmentGuard& operator=(const SegmentGuard&) = delete;
+    const std::string& name() const { return name_; }
+
+  private:
+    std::string name_;
+};
+
+// Runs `body` in a forked child, which exits with body's return value (3 if it throws, after
+// printing the exception). The child never returns into the test framework.
+pid_t fork_child(const std::function<int()>& body);
+
+// Waits for `pid`; returns its exit status, or 128 + the signal that killed it.
+int wait_child(pid_t pid);
+
+// Anonymous MAP_SHARED memory, inherited by forked children: a place for barriers and counters
+// that test code outside lim shares with its children.
+template <class T>
+T* shared_array(std::size_t n);
+void* shared_bytes(std::size_t n);
+
+template <class T>
+T* shared_array(std::size_t n) {
+    return static_cast<T*>(shared_bytes(n * sizeof(T)));
+}
+
+// The bytes of /dev/shm/lim.<name>, to show that a refused call changed nothing.
+std::vector<unsigned char> segment_file_bytes(std::string_view name);
+std::string segment_path(std::string_view name);
+
+}  // namespace lim::test
