@@ -1,0 +1,318 @@
+// Bad input of every kind gives a clear lim::Error with the right code, never a crash, and leaves
+// the segment exactly as it was.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <doctest/doctest.h>
+
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "lim/lim.hpp"
+#include "shm/layout.hpp"
+#include "shm/records.hpp"
+#include "shm/segment_state.hpp"
+#include "support/process.hpp"
+
+using namespace lim;
+using lim::test::SegmentGuard;
+using lim::test::unique_name;
+
+namespace {
+
+// Runs `call`, requires that it throws lim::Error with `code`, and returns the message.
+std::string expect_error(Errc code, const std::function<void()>& call) {
+    try {
+        call();
+    } catch (const Error& e) {
+        CHECK_MESSAGE(e.code() == code, "got " << to_string(e.code()) << ": " << e.what());
+        CHECK(std::string(e.what()).size() > 10);
+        return e.what();
+    }
+    FAIL("expected lim::Error(" << to_string(code) << ")");
+    return {};
+}
+
+// Overwrites `size` bytes at `offset` of the segment's file.
+void poke(const std::string& name, off_t offset, const void* data, std::size_t size) {
+    const int fd = ::open(lim::test::segment_path(name).c_str(), O_RDWR);
+    REQUIRE(fd >= 0);
+    REQUIRE(::pwrite(fd, data, size, offset) == static_cast<ssize_t>(size));
+    ::close(fd);
+}
+
+void truncate_to(const std::string& name, off_t size) {
+    REQUIRE(::truncate(lim::test::segment_path(name).c_str(), size) == 0);
+}
+
+// Creates a plain file under /dev/shm with `bytes` as its content.
+void write_file(const std::string& name, const std::vector<unsigned char>& bytes) {
+    const int fd = ::open(lim::test::segment_path(name).c_str(), O_RDWR | O_CREAT | O_TRUNC, 0600);
+    REQUIRE(fd >= 0);
+    if (!bytes.empty()) {
+        REQUIRE(::write(fd, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size()));
+    }
+    ::close(fd);
+}
+
+}  // namespace
+
+TEST_CASE("bad segment names are refused by every entry point") {
+    const std::vector<std::string> bad = {
+        "",
+        std::string(201, 'a'),
+        "a/b",
+        "/leading",
+        "..",
+        "a..b",
+        std::string("nul\0inside", 10),
+        "with space",
+        "tab\there",
+        "new\nline",
+        "star*",
+        "caf\xc3\xa9",
+    };
+    for (const std::string& name : bad) {
+        CAPTURE(name);
+        expect_error(Errc::invalid_name, [&] { Segment::open_or_create(name); });
+        expect_error(Errc::invalid_name, [&] { Segment::open(name); });
+        expect_error(Errc::invalid_name, [&] { Segment::remove(name); });
+    }
+    // The longest allowed name works.
+    SegmentGuard guard(std::string(200, 'n'));
+    CHECK(Segment::open_or_create(guard.name()).is_creator());
+}
+
+TEST_CASE("bad record keys are refused") {
+    SegmentGuard guard(unique_name("keys"));
+    auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 4, .max_processes = 4});
+    const auto before = lim::test::segment_file_bytes(guard.name());
+    for (const std::string& key :
+         {std::string(), std::string(65, 'k'), std::string("a/b"), std::string("a b"),
+          std::string("nul\0x", 5), std::string("semi;colon")}) {
+        CAPTURE(key);
+        expect_error(Errc::invalid_name, [&] {
+            detail::find_or_create_record(
+                *seg.state(), {.kind = detail::RecordKind::semaphore, .key = key}, nullptr);
+        });
+    }
+    CHECK(lim::test::segment_file_bytes(guard.name()) == before);
+    // Every allowed character, at the maximum length.
+    const std::string ok = "Az09._:-" + std::string(56, 'x');
+    CHECK(detail::find_or_create_record(*seg.state(),
+                                        {.kind = detail::RecordKind::semaphore, .key = ok}, nullptr)
+              .created);
+}
+
+TEST_CASE("open of an absent segment is not_found") {
+    const std::string name = unique_name("absent");
+    const std::string what = expect_error(Errc::not_found, [&] { Segment::open(name); });
+    CHECK(what.find(name) != std::string::npos);
+}
+
+TEST_CASE("options out of range are refused before anything is created") {
+    struct Case {
+        const char* what;
+        SegmentOptions options;
+    };
+    const Case cases[] = {
+        {"zero limiters", {.max_limiters = 0}},
+        {"too many limiters", {.max_limiters = 70'000}},
+        {"zero processes", {.max_processes = 0}},
+        {"too many processes", {.max_processes = 70'000}},
+        {"over 1 GiB", {.max_limiters = 65'536, .max_processes = 65'536}},
+        {"mode without owner write", {.mode = 0400}},
+        {"mode with file-type bits", {.mode = 0100600}},
+        {"negative reap_after", {.reap_after = std::chrono::seconds{-1}}},
+    };
+    for (const Case& c : cases) {
+        CAPTURE(c.what);
+        const std::string name = unique_name("options");
+        expect_error(Errc::invalid_argument, [&] { Segment::open_or_create(name, c.options); });
+        struct stat st {};
+        CHECK(::stat(lim::test::segment_path(name).c_str(), &st) != 0);  // nothing created
+    }
+}
+
+TEST_CASE("damaged and foreign segments are refused, and left as they were") {
+    using detail::SegmentHeader;
+    struct Case {
+        const char* what;
+        Errc code;
+        std::function<void(const std::string&)> damage;
+    };
+    const std::uint64_t bad_magic = 0x0123456789abcdefULL;
+    const std::uint32_t other_version = detail::kLayoutVersion + 1;
+    const std::uint64_t other_hash = detail::kLayoutHash ^ 1;
+    const std::uint32_t bad_ready = 7;
+    const std::uint32_t huge_count = 1'000'000;
+    const std::uint32_t other_limiters = 5;
+    const std::uint64_t wrong_offset = 12345;
+    const Case cases[] = {
+        {"truncated to half", Errc::corrupt_segment,
+         [](const std::string& n) {
+             truncate_to(n, static_cast<off_t>(detail::geometry_for(8, 8).size_bytes / 2));
+         }},
+        {"smaller than the header", Errc::corrupt_segment,
+         [](const std::string& n) { truncate_to(n, 100); }},
+        {"smaller than the header prefix", Errc::corrupt_segment,
+         [](const std::string& n) { truncate_to(n, 10); }},
+        {"wrong magic", Errc::corrupt_segment,
+         [&](const std::string& n) {
+             poke(n, offsetof(SegmentHeader, magic), &bad_magic, sizeof bad_magic);
+         }},
+        {"another layout version", Errc::version_mismatch,
+         [&](const std::string& n) {
+             poke(n, offsetof(SegmentHeader, layout_version), &other_version, 4);
+         }},
+        {"another layout hash", Errc::version_mismatch,
+         [&](const std::string& n) {
+             poke(n, offsetof(SegmentHeader, layout_hash), &other_hash, 8);
+         }},
+        {"garbage in the state word", Errc::corrupt_segment,
+         [&](const std::string& n) { poke(n, offsetof(SegmentHeader, ready), &bad_ready, 4); }},
+        {"records_used beyond the table", Errc::corrupt_segment,
+         [&](const std::string& n) {
+             poke(n, offsetof(SegmentHeader, records_used), &huge_count, 4);
+         }},
+        {"geometry that does not match the size", Errc::corrupt_segment,
+         [&](const std::string& n) {
+             poke(n, offsetof(SegmentHeader, max_limiters), &other_limiters, 4);
+         }},
+        {"an offset out of place", Errc::corrupt_segment,
+         [&](const std::string& n) {
+             poke(n, offsetof(SegmentHeader, slots_offset), &wrong_offset, 8);
+         }},
+        {"a header size that disagrees with the file", Errc::corrupt_segment,
+         [&](const std::string& n) {
+             const std::uint64_t size = detail::geometry_for(8, 8).size_bytes + 64;
+             poke(n, offsetof(SegmentHeader, size_bytes), &size, 8);
+         }},
+    };
+    for (const Case& c : cases) {
+        CAPTURE(c.what);
+        SegmentGuard guard(unique_name("damaged"));
+        { Segment::open_or_create(guard.name(), {.max_limiters = 8, .max_processes = 8}); }
+        c.damage(guard.name());
+        const auto before = lim::test::segment_file_bytes(guard.name());
+        const std::string what = expect_error(c.code, [&] { Segment::open(guard.name()); });
+        CHECK(what.find(guard.name()) != std::string::npos);
+        expect_error(c.code, [&] { Segment::open_or_create(guard.name()); });
+        CHECK(lim::test::segment_file_bytes(guard.name()) == before);
+    }
+}
+
+TEST_CASE("a foreign file under the segment's name is refused and left alone") {
+    SegmentGuard guard(unique_name("foreign"));
+    std::vector<unsigned char> garbage(4096);
+    for (std::size_t i = 0; i < garbage.size(); ++i)
+        garbage[i] = static_cast<unsigned char>(i * 7 + 1);
+    write_file(guard.name(), garbage);
+    expect_error(Errc::corrupt_segment, [&] { Segment::open(guard.name()); });
+    expect_error(Errc::corrupt_segment, [&] { Segment::open_or_create(guard.name()); });
+    CHECK(lim::test::segment_file_bytes(guard.name()) == garbage);
+}
+
+TEST_CASE(
+    "a segment abandoned before initialisation: open refuses it, open_or_create rebuilds it") {
+    SegmentGuard guard(unique_name("abandoned"));
+    write_file(guard.name(), {});  // what a creator leaves if it dies right after shm_open
+    const std::string what =
+        expect_error(Errc::corrupt_segment, [&] { Segment::open(guard.name()); });
+    CHECK(what.find("never initialised") != std::string::npos);
+    auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 4, .max_processes = 4});
+    CHECK(seg.is_creator());
+    CHECK(seg.info().max_limiters == 4);
+
+    // Also when it died after sizing the file but before publishing the header.
+    SegmentGuard guard2(unique_name("abandoned"));
+    write_file(guard2.name(), std::vector<unsigned char>(detail::geometry_for(4, 4).size_bytes, 0));
+    CHECK(Segment::open_or_create(guard2.name(), {.max_limiters = 4, .max_processes = 4})
+              .is_creator());
+}
+
+TEST_CASE("a full record table is refused with table_full and nothing changes") {
+    SegmentGuard guard(unique_name("records-full"));
+    auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 4, .max_processes = 4});
+    for (int i = 0; i < 4; ++i) {
+        const std::string key = "k" + std::to_string(i);
+        CHECK(detail::find_or_create_record(
+                  *seg.state(), {.kind = detail::RecordKind::semaphore, .key = key}, nullptr)
+                  .created);
+    }
+    const auto before = lim::test::segment_file_bytes(guard.name());
+    const std::string what = expect_error(Errc::table_full, [&] {
+        detail::find_or_create_record(
+            *seg.state(), {.kind = detail::RecordKind::semaphore, .key = "k4"}, nullptr);
+    });
+    CHECK(what.find("max_limiters") != std::string::npos);
+    CHECK(lim::test::segment_file_bytes(guard.name()) == before);
+    // Existing records are still found.
+    CHECK(detail::find_record(*seg.state(), detail::RecordKind::semaphore, "k3").has_value());
+}
+
+TEST_CASE("a full process table is refused with table_full and nothing changes") {
+    SegmentGuard guard(unique_name("procs-full"));
+    auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 4, .max_processes = 2});
+    int gate[2];
+    REQUIRE(::pipe(gate) == 0);
+    int* attached = lim::test::shared_array<int>(1);
+    // A second process takes the second slot and keeps it.
+    const pid_t holder = lim::test::fork_child([&] {
+        ::close(gate[1]);
+        auto mine = Segment::open(guard.name());
+        __atomic_store_n(attached, 1, __ATOMIC_SEQ_CST);
+        char c;
+        while (::read(gate[0], &c, 1) > 0) {
+        }
+        return 0;
+    });
+    ::close(gate[0]);
+    while (__atomic_load_n(attached, __ATOMIC_SEQ_CST) == 0)
+        ::usleep(100);
+
+    const auto before = lim::test::segment_file_bytes(guard.name());
+    const pid_t third = lim::test::fork_child([&] {
+        try {
+            Segment::open(guard.name());
+        } catch (const Error& e) {
+            return e.code() == Errc::table_full ? 0 : 20;
+        }
+        return 21;
+    });
+    CHECK(lim::test::wait_child(third) == 0);
+    CHECK(lim::test::segment_file_bytes(guard.name()) == before);
+    ::close(gate[1]);
+    CHECK(lim::test::wait_child(holder) == 0);
+}
+
+TEST_CASE("another user cannot open a 0600 segment, nor remove it") {
+    if (::geteuid() != 0) {
+        MESSAGE("not root: cannot switch to another uid, skipping");
+        return;
+    }
+    SegmentGuard guard(unique_name("perm"));
+    Segment::open_or_create(guard.name());
+    const pid_t child = lim::test::fork_child([&] {
+        if (::setgid(65534) != 0 || ::setuid(65534) != 0) return 30;
+        try {
+            Segment::open(guard.name());
+            return 31;
+        } catch (const Error& e) {
+            if (e.code() != Errc::permission_denied) return 32;
+        }
+        try {
+            Segment::remove(guard.name());
+            return 33;
+        } catch (const Error& e) {
+            if (e.code() != Errc::permission_denied) return 34;
+        }
+        return 0;
+    });
+    CHECK(lim::test::wait_child(child) == 0);
+    struct stat st {};
+    CHECK(::stat(lim::test::segment_path(guard.name()).c_str(), &st) == 0);  // still there
+}
