@@ -4,4 +4,5 @@
 #include "lim/clock.hpp"
 #include "lim/error.hpp"
 #include "lim/segment.hpp"
+#include "lim/semaphore.hpp"
 #include "lim/tokens.hpp"

@@ -34,6 +34,13 @@ namespace detail {
 class SegmentState;
 }
 
+// Passed as the last argument of a limiter's `open`: when the key exists with another
+// configuration, attach with the stored one instead of throwing Error(config_mismatch).
+struct AdoptExisting {
+    explicit AdoptExisting() = default;
+};
+inline constexpr AdoptExisting adopt_existing{};
+
 struct SegmentOptions {
     // Records (named limiters) the segment can hold. 1..65536.
     std::uint32_t max_limiters = 256;

@@ -45,17 +45,33 @@ bool FileLock::is_locked(int fd, LockByte byte) {
     return fl.l_type != F_UNLCK;
 }
 
-FileLock FileLock::lock_exclusive(int fd, LockByte byte) {
+namespace {
+int reopen(int fd) {
     char path[64];
     std::snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
     const int own = ::open(path, O_RDWR | O_CLOEXEC);
     if (own < 0) throw_errno(errno, "cannot reopen the segment file to lock it");
+    return own;
+}
+}  // namespace
+
+FileLock FileLock::lock_exclusive(int fd, LockByte byte) {
+    const int own = reopen(fd);
     const int err = set_lock(own, byte, F_WRLCK, true);
     if (err != 0) {
         ::close(own);
         throw_errno(err, "cannot lock the segment file");
     }
     return FileLock(own, true, byte);
+}
+
+std::optional<FileLock> FileLock::try_lock_fresh(int fd, LockByte byte) {
+    const int own = reopen(fd);
+    const int err = set_lock(own, byte, F_WRLCK, false);
+    if (err == 0) return FileLock(own, true, byte);
+    ::close(own);
+    if (err == EAGAIN || err == EACCES) return std::nullopt;
+    throw_errno(err, "cannot lock the segment file");
 }
 
 FileLock::FileLock(FileLock&& other) noexcept

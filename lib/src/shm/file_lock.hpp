@@ -34,6 +34,9 @@ class FileLock {
     // descriptor, so read-only attaches can tell "being initialised" from "abandoned".
     static bool is_locked(int fd, LockByte byte);
 
+    // Like lock_exclusive, but gives up at once (nullopt) if another description holds `byte`.
+    static std::optional<FileLock> try_lock_fresh(int fd, LockByte byte);
+
     // Locks `byte` through a new open file description of the file `fd` refers to, blocking until
     // it is free. Throws Error(system_error) if the file cannot be reopened or locked.
     static FileLock lock_exclusive(int fd, LockByte byte);

@@ -207,13 +207,16 @@ struct SlotOwner {
 
 // What one holder holds in one record. Written only by the holder's own thread (single writer:
 // plain relaxed stores, no read-modify-write on the hot path), read by reapers and limctl.
-// The meaning of held[0] and held[1] is the record family's (units of a semaphore, token pieces
-// in flight, a Dispatch's slot counts and bytes); `admitted` counts successful acquisitions,
-// which limctl turns into rates and Prometheus into a _total counter.
+// The meaning of each `held` word is the record family's (RecordKind):
+//   semaphore, weighted_semaphore: held[0] = units held
+//   limiter:                       held[0] = token units in flight
+//   dispatch:                      held[0] = concurrency slots, held[1] = throttled slots,
+//                                  held[2] = bytes as charged (penalty included)
+// `admitted` counts successful acquisitions, which limctl turns into rates and Prometheus into a
+// _total counter.
 struct LedgerEntry {
-    std::atomic<std::int64_t> held[2];
+    std::atomic<std::int64_t> held[3];
     std::atomic<std::uint64_t> admitted;
-    std::atomic<std::uint64_t> reserved;
 };
 static_assert(sizeof(LedgerEntry) == 32);
 
@@ -233,8 +236,14 @@ struct alignas(kCacheLine) SlotHeader {
     // quiesces a record waits until no live slot has it pending, so that every live ledger is
     // exact when it recounts (docs/design.md, "Crash recovery").
     alignas(kCacheLine) std::atomic<std::uint32_t> pending;
+    // The record index + 1 this thread is registered as waiting on (0: none), and the amount it
+    // waits for. Written under a Hold, so a reaper that recounts a record's waiter counts sees
+    // them exactly.
+    std::atomic<std::uint32_t> waiting_record;
+    std::atomic<std::uint64_t> waiting_amount;
+    std::atomic<std::uint32_t> waiting_layer;  // which layer of the record (Dispatch has several)
     std::atomic<std::uint32_t> reserved2;
-    std::atomic<std::uint64_t> reserved3[7];
+    std::atomic<std::uint64_t> reserved3[5];
 };
 static_assert(sizeof(SlotHeader) == 2 * kCacheLine);
 
@@ -319,7 +328,9 @@ constexpr std::uint64_t compute_layout_hash() noexcept {
         sizeof(SlotHeader),
         offsetof(SlotHeader, start_time),
         offsetof(SlotHeader, pending),
+        offsetof(SlotHeader, waiting_amount),
         sizeof(LedgerEntry),
+        offsetof(LedgerEntry, admitted),
         kMaxKeyLength,
     };
     std::uint64_t h = 0xcbf29ce484222325ULL;

@@ -181,9 +181,8 @@ bool slot_is_empty(const SegmentState& state, std::uint32_t slot_index) noexcept
     const std::uint32_t used = state.records_used();
     for (std::uint32_t r = 0; r < used; ++r) {
         const LedgerEntry& e = state.ledger(slot_index, r);
-        if (e.held[0].load(std::memory_order_relaxed) != 0 ||
-            e.held[1].load(std::memory_order_relaxed) != 0) {
-            return false;
+        for (const auto& held : e.held) {
+            if (held.load(std::memory_order_relaxed) != 0) return false;
         }
     }
     return true;

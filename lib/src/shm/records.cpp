@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstring>
 
+#include "lim/detail/record_ref.hpp"
 #include "lim/error.hpp"
 #include "shm/file_lock.hpp"
 #include "shm/names.hpp"
@@ -54,6 +55,10 @@ std::uint64_t record_hash(RecordKind kind, std::string_view key) noexcept {
     for (unsigned char c : key)
         h = (h ^ c) * 0x100000001b3ULL;
     return h;
+}
+
+std::string_view RecordRef::key() const noexcept {
+    return record_key(*record);
 }
 
 std::string_view record_key(const Record& record) noexcept {

@@ -1,0 +1,97 @@
+// lim/semaphore.hpp: a counting semaphore shared by every process attached to a segment.
+//
+// `capacity` units; acquire takes units, release gives them back. State is one 64-bit word in
+// the segment holding the units in use and the counts of sleeping waiters, so acquire and release
+// are a single compare-and-swap, and a release makes a system call (FUTEX_WAKE) only when someone
+// sleeps, as glibc's sem_t does.
+//
+// Not FIFO: a newcomer may take units a sleeper was woken for (the sleeper re-checks and sleeps
+// again). For a strict first-come-first-served budget, use WeightedSemaphore.
+//
+// Handles are cheap to copy and safe to use from any thread and, after fork(), from the child.
+// What each thread holds is recorded in its process slot's ledger, so if the process dies its
+// units are given back by the next reap.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string_view>
+
+#include "lim/clock.hpp"
+#include "lim/detail/record_ref.hpp"
+#include "lim/segment.hpp"
+
+namespace lim {
+
+struct SemaphoreOptions {
+    // Units available in all. 1..2^31.
+    std::uint64_t capacity = 1;
+};
+
+class Semaphore {
+  public:
+    // Opens the semaphore `key` in `segment`, creating it with `options` if it does not exist.
+    // Throws Error: invalid_name (bad key), invalid_argument (capacity out of range),
+    // config_mismatch (the key exists with another capacity), table_full.
+    static Semaphore open(const Segment& segment, std::string_view key,
+                          const SemaphoreOptions& options);
+    // As above, but if the key exists with another capacity, attaches with the stored one.
+    static Semaphore open(const Segment& segment, std::string_view key,
+                          const SemaphoreOptions& options, AdoptExisting);
+
+    // Takes `n` units if that many are free now. Never blocks. n == 0 succeeds at once.
+    // Throws Error(invalid_argument) if n > capacity (it could never succeed).
+    // Memory ordering: a successful acquire happens-after the release that freed the units, in
+    // whichever process it ran.
+    bool try_acquire(std::uint64_t n = 1);
+
+    // Takes `n` units, sleeping on a shared futex until they are free. Throws as try_acquire.
+    void acquire(std::uint64_t n = 1);
+
+    // Takes `n` units, sleeping until they are free or until `deadline` passes; returns false
+    // if the deadline passed first (and then holds nothing). Throws as try_acquire.
+    bool acquire_until(std::uint64_t n, TimePoint deadline);
+
+    // Gives back `n` units and wakes sleepers that may now proceed. Any thread may release units
+    // another thread acquired. Throws Error(over_release) if fewer than `n` units are in use
+    // (and then releases nothing).
+    // Memory ordering: everything before the release happens-before the acquire that takes the
+    // units.
+    void release(std::uint64_t n = 1);
+
+    // Units in use now, and the fixed capacity.
+    std::uint64_t in_use() const noexcept;
+    std::uint64_t capacity() const noexcept;
+    // Threads sleeping in acquire/acquire_until now, in all processes.
+    std::uint32_t waiters() const noexcept;
+
+    std::string_view key() const noexcept { return ref_.key(); }
+
+  private:
+    explicit Semaphore(detail::RecordRef ref) : ref_(std::move(ref)) {}
+    detail::RecordRef ref_;
+};
+
+// Holds `n` units of a Semaphore for its lifetime, like std::lock_guard.
+class SemaphoreGuard {
+  public:
+    // Blocks until the units are acquired.
+    explicit SemaphoreGuard(Semaphore& semaphore, std::uint64_t n = 1) : sem_(&semaphore), n_(n) {
+        sem_->acquire(n_);
+    }
+    ~SemaphoreGuard() {
+        if (sem_) sem_->release(n_);
+    }
+    SemaphoreGuard(SemaphoreGuard&& other) noexcept : sem_(other.sem_), n_(other.n_) {
+        other.sem_ = nullptr;
+    }
+    SemaphoreGuard(const SemaphoreGuard&) = delete;
+    SemaphoreGuard& operator=(const SemaphoreGuard&) = delete;
+    SemaphoreGuard& operator=(SemaphoreGuard&&) = delete;
+
+  private:
+    Semaphore* sem_;
+    std::uint64_t n_;
+};
+
+}  // namespace lim

@@ -1,0 +1,315 @@
+#include "lim/semaphore.hpp"
+
+#include <fmt/format.h>
+
+#include <climits>
+
+#include "lim/error.hpp"
+#include "primitives/semaphore_state.hpp"
+#include "shm/record_handle.hpp"
+#include "sync/futex.hpp"
+#include "sync/wake_channel.hpp"
+
+namespace lim::detail {
+namespace {
+
+// How long a sleeper sleeps before re-checking on its own: a waker killed between its release and
+// its wake must not leave anyone asleep for long.
+constexpr Duration kRecheck = std::chrono::milliseconds{100};
+
+void wake_after_release(std::atomic<std::uint64_t>& word, std::uint64_t before, std::uint64_t n) {
+    if (SemaphoreWord::multi(before) > 0) {
+        futex_wake(low_half(word), INT_MAX);
+    } else if (const std::uint64_t single = SemaphoreWord::single(before); single > 0) {
+        futex_wake(low_half(word), static_cast<int>(std::min<std::uint64_t>(single, n)));
+    }
+}
+
+}  // namespace
+
+bool SemaphoreCore::try_acquire(Hold& hold, const SegmentState& state, std::uint64_t n,
+                                std::uint64_t registered_for) noexcept {
+    const std::uint64_t deregister =
+        registered_for ? SemaphoreWord::waiter_unit(registered_for) : 0;
+    std::uint64_t w = word.load(std::memory_order_relaxed);
+    for (;;) {
+        if (is_frozen(w)) {
+            hold.wait_while_frozen(word, state);
+            w = word.load(std::memory_order_relaxed);
+            continue;
+        }
+        if (SemaphoreWord::in_use(w) + n > capacity) return false;
+        if (word.compare_exchange_weak(w, w + n - deregister, std::memory_order_seq_cst,
+                                       std::memory_order_relaxed)) {
+            hold.add(layer, static_cast<std::int64_t>(n));
+            hold.admitted();
+            if (registered_for)
+                hold.holder_ref().slot->waiting_record.store(0, std::memory_order_relaxed);
+            return true;
+        }
+    }
+}
+
+bool SemaphoreCore::register_sleeper(Hold& hold, const SegmentState& state,
+                                     std::uint64_t n) noexcept {
+    SlotHeader& slot = *hold.holder_ref().slot;
+    slot.waiting_layer.store(static_cast<std::uint32_t>(layer), std::memory_order_relaxed);
+    slot.waiting_amount.store(n, std::memory_order_relaxed);
+    slot.waiting_record.store(hold.record() + 1, std::memory_order_relaxed);
+    std::uint64_t w = word.load(std::memory_order_relaxed);
+    for (;;) {
+        if (is_frozen(w)) {
+            hold.wait_while_frozen(word, state);
+            w = word.load(std::memory_order_relaxed);
+            continue;
+        }
+        const std::uint64_t count = n == 1 ? SemaphoreWord::single(w) : SemaphoreWord::multi(w);
+        if (count >= SemaphoreWord::kWaiterMax) {
+            slot.waiting_record.store(0, std::memory_order_relaxed);
+            return false;
+        }
+        if (word.compare_exchange_weak(w, w + SemaphoreWord::waiter_unit(n),
+                                       std::memory_order_seq_cst, std::memory_order_relaxed)) {
+            return true;
+        }
+    }
+}
+
+void SemaphoreCore::deregister_sleeper(Hold& hold, const SegmentState& state,
+                                       std::uint64_t n) noexcept {
+    std::uint64_t w = word.load(std::memory_order_relaxed);
+    for (;;) {
+        if (is_frozen(w)) {
+            hold.wait_while_frozen(word, state);
+            w = word.load(std::memory_order_relaxed);
+            continue;
+        }
+        const std::uint64_t next = w - SemaphoreWord::waiter_unit(n);
+        if (word.compare_exchange_weak(w, next, std::memory_order_seq_cst,
+                                       std::memory_order_relaxed)) {
+            hold.holder_ref().slot->waiting_record.store(0, std::memory_order_relaxed);
+            // We may have been woken for units we are not taking: pass the wake on.
+            if (SemaphoreWord::in_use(next) < capacity) wake_after_release(word, next, 1);
+            return;
+        }
+    }
+}
+
+bool SemaphoreCore::release(Hold& hold, const SegmentState& state, std::uint64_t n) noexcept {
+    std::uint64_t w = word.load(std::memory_order_relaxed);
+    for (;;) {
+        if (is_frozen(w)) {
+            hold.wait_while_frozen(word, state);
+            w = word.load(std::memory_order_relaxed);
+            continue;
+        }
+        if (SemaphoreWord::in_use(w) < n) return false;
+        if (word.compare_exchange_weak(w, w - n, std::memory_order_seq_cst,
+                                       std::memory_order_relaxed)) {
+            hold.add(layer, -static_cast<std::int64_t>(n));
+            wake_after_release(word, w, n);
+            return true;
+        }
+    }
+}
+
+bool SemaphoreCore::acquire_until(SegmentState& state, std::uint32_t record, std::uint64_t n,
+                                  std::optional<TimePoint> deadline) {
+    {
+        Hold hold(state, record);
+        if (try_acquire(hold, state, n)) return true;
+    }
+    bool registered = false;
+    {
+        Hold hold(state, record);
+        registered = register_sleeper(hold, state, n);
+    }
+    for (;;) {
+        std::uint64_t seen = 0;
+        {
+            Hold hold(state, record);
+            if (try_acquire(hold, state, n, registered ? n : 0)) return true;
+            seen = word.load(std::memory_order_seq_cst);
+        }
+        const TimePoint now = Clock::now();
+        if (deadline && now >= *deadline) {
+            if (registered) {
+                Hold hold(state, record);
+                deregister_sleeper(hold, state, n);
+            }
+            return false;
+        }
+        // Sleep while the units in use stay as we saw them; a release changes them (and wakes
+        // us if we are registered). Unregistered (saturated) sleepers just poll.
+        const Duration cap = registered ? kRecheck : std::chrono::milliseconds{1};
+        if (!is_frozen(seen)) {
+            futex_wait(low_half(word), static_cast<std::uint32_t>(SemaphoreWord::in_use(seen)),
+                       bounded(deadline, now, cap));
+        }
+    }
+}
+
+std::int64_t recount_semaphore_word(const SegmentState& state, std::uint32_t record, int layer,
+                                    std::atomic<std::uint64_t>& word,
+                                    std::int64_t live_units) noexcept {
+    // Count the live sleepers registered on this word (the reaper has made sure no live slot is
+    // mid-operation on the record, so the slots' waiting fields are exact).
+    std::uint64_t single = 0;
+    std::uint64_t multi = 0;
+    for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+        const SlotHeader& slot = state.slot(i);
+        const SlotState st = SlotOwner::state(slot.owner.load(std::memory_order_acquire));
+        if (st != SlotState::live) continue;
+        if (slot.waiting_record.load(std::memory_order_acquire) != record + 1) continue;
+        if (slot.waiting_layer.load(std::memory_order_relaxed) != static_cast<std::uint32_t>(layer))
+            continue;
+        (slot.waiting_amount.load(std::memory_order_relaxed) == 1 ? single : multi) += 1;
+    }
+    std::uint64_t w = word.load(std::memory_order_acquire);
+    const std::int64_t given_back =
+        static_cast<std::int64_t>(SemaphoreWord::in_use(w)) - live_units;
+    const std::uint64_t next = SemaphoreWord::make(static_cast<std::uint64_t>(live_units),
+                                                   std::min(single, SemaphoreWord::kWaiterMax),
+                                                   std::min(multi, SemaphoreWord::kWaiterMax));
+    while (!word.compare_exchange_weak(w, next, std::memory_order_seq_cst,
+                                       std::memory_order_relaxed)) {
+    }
+    futex_wake(low_half(word), INT_MAX);
+    return given_back;
+}
+
+namespace {
+
+SemaphoreBody& body_at(SegmentState& state, std::uint32_t record) noexcept {
+    return *reinterpret_cast<SemaphoreBody*>(state.record(record).body);
+}
+
+void semaphore_freeze(SegmentState& state, std::uint32_t record) noexcept {
+    body_at(state, record).word.fetch_or(kFrozen, std::memory_order_seq_cst);
+}
+
+void semaphore_thaw(SegmentState& state, std::uint32_t record) noexcept {
+    body_at(state, record).word.fetch_and(~kFrozen, std::memory_order_seq_cst);
+}
+
+LiveHoldings semaphore_recount(SegmentState& state, std::uint32_t record, const LiveHoldings& live,
+                               std::span<const std::uint32_t>, TimePoint) noexcept {
+    LiveHoldings given;
+    given.held[0] =
+        recount_semaphore_word(state, record, 0, body_at(state, record).word, live.held[0]);
+    return given;
+}
+
+void semaphore_reset(SegmentState& state, std::uint32_t record, TimePoint) noexcept {
+    auto& word = body_at(state, record).word;
+    word.store(0, std::memory_order_seq_cst);
+    futex_wake(low_half(word), INT_MAX);
+}
+
+}  // namespace
+
+const KindOps kSemaphoreOps{
+    .freeze = semaphore_freeze,
+    .recount = semaphore_recount,
+    .thaw = semaphore_thaw,
+    .reset = semaphore_reset,
+    .layers = 1,
+    .layer_names = {"units", nullptr, nullptr},
+};
+
+}  // namespace lim::detail
+
+// ---------------------------------------------------------------------------------------------
+// The public handle
+// ---------------------------------------------------------------------------------------------
+
+namespace lim {
+namespace {
+
+detail::SemaphoreCore core_of(const detail::RecordRef& ref) {
+    return {detail::body_of<detail::SemaphoreBody>(ref).word,
+            detail::config_of<detail::SemaphoreConfig>(ref).capacity, 0};
+}
+
+detail::RecordRef open_semaphore(const Segment& segment, std::string_view key,
+                                 const SemaphoreOptions& options, bool adopt) {
+    if (options.capacity < 1 || options.capacity > detail::SemaphoreWord::kMaxCapacity) {
+        throw Error(Errc::invalid_argument,
+                    fmt::format("semaphore '{}': capacity is {}; it must be 1..{}", key,
+                                options.capacity, detail::SemaphoreWord::kMaxCapacity));
+    }
+    const detail::SemaphoreConfig config{options.capacity};
+    return detail::open_record<detail::SemaphoreConfig>(
+        segment, detail::RecordKind::semaphore, 0, "semaphore", key, config, adopt, nullptr,
+        [](const detail::SemaphoreConfig& c, std::uint16_t) {
+            return fmt::format("a semaphore of capacity {}", c.capacity);
+        });
+}
+
+void check_amount(const detail::RecordRef& ref, std::uint64_t n) {
+    const std::uint64_t capacity = detail::config_of<detail::SemaphoreConfig>(ref).capacity;
+    if (n > capacity) {
+        throw Error(Errc::invalid_argument,
+                    fmt::format("semaphore '{}': cannot acquire {} units of a capacity of {}",
+                                ref.key(), n, capacity));
+    }
+}
+
+}  // namespace
+
+Semaphore Semaphore::open(const Segment& segment, std::string_view key,
+                          const SemaphoreOptions& options) {
+    return Semaphore(open_semaphore(segment, key, options, false));
+}
+
+Semaphore Semaphore::open(const Segment& segment, std::string_view key,
+                          const SemaphoreOptions& options, AdoptExisting) {
+    return Semaphore(open_semaphore(segment, key, options, true));
+}
+
+bool Semaphore::try_acquire(std::uint64_t n) {
+    check_amount(ref_, n);
+    if (n == 0) return true;
+    detail::Hold hold(*ref_.state, ref_.index);
+    return core_of(ref_).try_acquire(hold, *ref_.state, n);
+}
+
+void Semaphore::acquire(std::uint64_t n) {
+    check_amount(ref_, n);
+    if (n == 0) return;
+    core_of(ref_).acquire_until(*ref_.state, ref_.index, n, std::nullopt);
+}
+
+bool Semaphore::acquire_until(std::uint64_t n, TimePoint deadline) {
+    check_amount(ref_, n);
+    if (n == 0) return true;
+    return core_of(ref_).acquire_until(*ref_.state, ref_.index, n, deadline);
+}
+
+void Semaphore::release(std::uint64_t n) {
+    if (n == 0) return;
+    detail::Hold hold(*ref_.state, ref_.index);
+    if (!core_of(ref_).release(hold, *ref_.state, n)) {
+        throw Error(Errc::over_release,
+                    fmt::format("semaphore '{}': release({}) but only {} units are in use",
+                                ref_.key(), n, in_use()));
+    }
+}
+
+std::uint64_t Semaphore::in_use() const noexcept {
+    return detail::SemaphoreWord::in_use(
+        detail::body_of<detail::SemaphoreBody>(ref_).word.load(std::memory_order_acquire));
+}
+
+std::uint64_t Semaphore::capacity() const noexcept {
+    return detail::config_of<detail::SemaphoreConfig>(ref_).capacity;
+}
+
+std::uint32_t Semaphore::waiters() const noexcept {
+    const std::uint64_t w =
+        detail::body_of<detail::SemaphoreBody>(ref_).word.load(std::memory_order_acquire);
+    return static_cast<std::uint32_t>(detail::SemaphoreWord::single(w) +
+                                      detail::SemaphoreWord::multi(w));
+}
+
+}  // namespace lim

@@ -1,0 +1,92 @@
+// The Semaphore's state in its record: one 64-bit word.
+//
+//   bits  0..31  units in use            (the low half is also the futex word sleepers wait on)
+//   bits 32..46  sleepers waiting for 1 unit
+//   bits 47..61  sleepers waiting for more than 1 unit
+//   bit  63      kFrozen (crash recovery is recounting)
+//
+// Keeping the sleeper counts in the same word as the value (as glibc's sem_t does) lets release
+// learn in the same CAS whether anyone sleeps, so an uncontended release makes no system call.
+// Two classes of sleepers let a release of n units wake n single-unit sleepers instead of all of
+// them; any multi-unit sleeper makes it wake all (each re-checks whether it now fits).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <optional>
+
+#include "recovery/kind_ops.hpp"
+#include "shm/layout.hpp"
+#include "shm/ledger.hpp"
+
+namespace lim::detail {
+
+struct SemaphoreConfig {
+    std::uint64_t capacity;
+};
+
+struct SemaphoreBody {
+    alignas(kCacheLine) std::atomic<std::uint64_t> word;
+};
+static_assert(sizeof(SemaphoreBody) <= kRecordBodySize);
+
+struct SemaphoreWord {
+    static constexpr std::uint64_t kInUseMask = 0xFFFF'FFFFULL;
+    static constexpr int kSingleShift = 32;
+    static constexpr int kMultiShift = 47;
+    static constexpr std::uint64_t kWaiterMax = (1ULL << 15) - 1;
+    static constexpr std::uint64_t kMaxCapacity = 1ULL << 31;
+
+    static constexpr std::uint64_t in_use(std::uint64_t w) noexcept { return w & kInUseMask; }
+    static constexpr std::uint64_t single(std::uint64_t w) noexcept {
+        return (w >> kSingleShift) & kWaiterMax;
+    }
+    static constexpr std::uint64_t multi(std::uint64_t w) noexcept {
+        return (w >> kMultiShift) & kWaiterMax;
+    }
+    // The increment that registers one sleeper waiting for `n` units.
+    static constexpr std::uint64_t waiter_unit(std::uint64_t n) noexcept {
+        return n == 1 ? 1ULL << kSingleShift : 1ULL << kMultiShift;
+    }
+    static constexpr std::uint64_t make(std::uint64_t in_use, std::uint64_t single,
+                                        std::uint64_t multi) noexcept {
+        return in_use | (single << kSingleShift) | (multi << kMultiShift);
+    }
+};
+
+// The semaphore algorithm on a bare word, shared by Semaphore and by Dispatch's two slot
+// layers. `layer` is the ledger layer the units are recorded in.
+struct SemaphoreCore {
+    std::atomic<std::uint64_t>& word;
+    std::uint64_t capacity;
+    int layer;
+
+    // One attempt under `hold`; never sleeps (except aside a frozen word). If `registered_for`
+    // is non-zero the caller is registered as a sleeper for that many units, and a successful
+    // attempt also deregisters it.
+    bool try_acquire(Hold& hold, const SegmentState& state, std::uint64_t n,
+                     std::uint64_t registered_for = 0) noexcept;
+
+    // Registers / deregisters the calling thread as a sleeper for `n` units (under `hold`).
+    // register_sleeper returns false when the sleeper count is saturated (the caller then polls).
+    bool register_sleeper(Hold& hold, const SegmentState& state, std::uint64_t n) noexcept;
+    void deregister_sleeper(Hold& hold, const SegmentState& state, std::uint64_t n) noexcept;
+
+    // Gives back `n` units and wakes sleepers. Returns false (changing nothing) if fewer than
+    // `n` are in use.
+    bool release(Hold& hold, const SegmentState& state, std::uint64_t n) noexcept;
+
+    // Blocks until `n` units are acquired or `deadline` passes. Opens its own Holds.
+    bool acquire_until(SegmentState& state, std::uint32_t record, std::uint64_t n,
+                       std::optional<TimePoint> deadline);
+};
+
+// Crash recovery for a word in this format: set in_use to `live_units` and the sleeper counts to
+// the live sleepers registered on `record`; returns the units given back.
+std::int64_t recount_semaphore_word(const SegmentState& state, std::uint32_t record, int layer,
+                                    std::atomic<std::uint64_t>& word,
+                                    std::int64_t live_units) noexcept;
+
+extern const KindOps kSemaphoreOps;
+
+}  // namespace lim::detail

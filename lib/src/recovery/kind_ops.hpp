@@ -1,0 +1,51 @@
+// What crash recovery needs from each record family. The reaper (recovery/reaper.cpp) knows
+// slots, ledgers and liveness; it knows a record's words only through these operations, which
+// each family implements next to its hot path (they must agree with it about every bit).
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "lim/clock.hpp"
+#include "shm/layout.hpp"
+#include "shm/segment_state.hpp"
+
+namespace lim::detail {
+
+// Sums over live slots of one record's ledger entries: live[i] = sum of held[i].
+struct LiveHoldings {
+    std::int64_t held[3] = {0, 0, 0};
+};
+
+struct KindOps {
+    // Sets kFrozen on every word of the record that a holding operation changes. After this no
+    // acquisition or release can land on the record until recount or thaw.
+    void (*freeze)(SegmentState& state, std::uint32_t record) noexcept;
+
+    // Called with the record frozen and no live slot pending on it: makes every frozen word
+    // equal what the live slots hold (`live`), gives back the rest as the family does on
+    // release (a limiter returns tokens to the hopper at `now`), cancels any queued waits of
+    // the slots in `dead_slots`, clears kFrozen, and wakes waiters. Returns, per held[] layer,
+    // how much was given back.
+    LiveHoldings (*recount)(SegmentState& state, std::uint32_t record, const LiveHoldings& live,
+                            std::span<const std::uint32_t> dead_slots, TimePoint now) noexcept;
+
+    // Clears kFrozen without changing anything else (a recount that cannot proceed).
+    void (*thaw)(SegmentState& state, std::uint32_t record) noexcept;
+
+    // Re-initialises the record's body to its configured state (from Record::config) at `now`:
+    // nothing held, nothing queued, backoff cleared, bucket and hopper as at creation. Called
+    // with the record frozen and no live holders (reset), and wakes waiters.
+    void (*reset)(SegmentState& state, std::uint32_t record, TimePoint now) noexcept;
+
+    // Which held[] layers the family uses, and their names for reports ("units", "tokens",
+    // "slots", "throttled", "bytes").
+    int layers;
+    const char* layer_names[3];
+};
+
+// The operations for `kind`, or nullptr for a kind with nothing to recover (backoff windows).
+const KindOps* kind_ops(RecordKind kind) noexcept;
+
+}  // namespace lim::detail

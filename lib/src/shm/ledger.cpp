@@ -1,0 +1,39 @@
+#include "shm/ledger.hpp"
+
+#include <chrono>
+#include <thread>
+
+#include "shm/file_lock.hpp"
+
+namespace lim::detail {
+
+void Hold::wait_while_frozen(std::atomic<std::uint64_t>& word, const SegmentState& state) noexcept {
+    holder_.slot->pending.store(0, std::memory_order_release);
+    // A recount takes microseconds: spin briefly, then sleep in growing steps.
+    auto pause = std::chrono::microseconds{20};
+    auto waited = std::chrono::microseconds{0};
+    for (int spin = 0; is_frozen(word.load(std::memory_order_acquire)); ++spin) {
+        if (spin < 64) {
+            std::this_thread::yield();
+            continue;
+        }
+        std::this_thread::sleep_for(pause);
+        waited += pause;
+        pause = std::min(pause * 2, std::chrono::microseconds{2000});
+        if (waited < std::chrono::milliseconds{20}) continue;
+        waited = std::chrono::microseconds{0};
+        // Frozen for long: the reaper may have died mid-recount. Holding the recovery lock
+        // ourselves proves no reaper is at work, and then the frozen value (the word as it was
+        // before the recount began) is valid to thaw.
+        try {
+            if (auto lock = FileLock::try_lock_fresh(state.fd(), LockByte::recovery)) {
+                word.fetch_and(~kFrozen, std::memory_order_acq_rel);
+            }
+        } catch (...) {
+            // Cannot check now; keep waiting and try again later.
+        }
+    }
+    holder_.slot->pending.store(record_ + 1, std::memory_order_relaxed);
+}
+
+}  // namespace lim::detail

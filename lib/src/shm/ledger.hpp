@@ -1,0 +1,84 @@
+// The ledger protocol every holding operation follows, so that crash recovery can give back
+// exactly what a dead process held (docs/design.md, "Crash recovery").
+//
+// A holding operation is anything that changes what a holder holds in a record: acquire,
+// release, try_take, return_to_hopper. Each one, on the calling thread:
+//
+//   1. announces itself: `Hold hold(state, record)` stores record + 1 in the slot's `pending`;
+//   2. changes the record's shared word(s) with CAS loops. A CAS that acquires or releases must
+//      expect kFrozen to be clear; when it finds it set, it calls hold.wait_while_frozen(word)
+//      and retries. (Undoing the operation's *own* earlier change, such as a take that found too
+//      few tokens giving back its tentative in-flight increment, may proceed on a frozen word:
+//      the reaper waits for this operation to finish before it recounts.)
+//   3. after each successful CAS, records the change in its own ledger entry with hold.add();
+//   4. leaves: ~Hold stores 0 in `pending` (release).
+//
+// A reaper that recounts a record sets kFrozen on its words (so no new acquisition or release can
+// land), waits until no live slot has the record pending (so every live ledger is exact), sets
+// each word to the sum of the live ledgers, and clears kFrozen. Whatever a dead process held, or
+// was half-way through changing, is thereby given back exactly.
+//
+// Cost on the hot path: three plain stores to the thread's own cache line and one to its ledger
+// entry. `pending` must not stay set while a thread sleeps: blocking calls leave the Hold before
+// they wait and take a new one after.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+
+#include "shm/layout.hpp"
+#include "shm/process_table.hpp"
+#include "shm/segment_state.hpp"
+
+namespace lim::detail {
+
+// The top bit of every word a reaper may recount. Values the words carry stay below 2^62.
+inline constexpr std::uint64_t kFrozen = 1ULL << 63;
+
+constexpr bool is_frozen(std::uint64_t word) noexcept {
+    return (word & kFrozen) != 0;
+}
+
+class Hold {
+  public:
+    // Announces a holding operation on `record` by the calling thread (claiming the thread's
+    // slot on first use; throws Error(table_full) if there is none to claim).
+    Hold(SegmentState& state, std::uint32_t record) : holder_(holder(state)), record_(record) {
+        holder_.slot->pending.store(record + 1, std::memory_order_relaxed);
+    }
+    ~Hold() { holder_.slot->pending.store(0, std::memory_order_release); }
+    Hold(const Hold&) = delete;
+    Hold& operator=(const Hold&) = delete;
+
+    // Adds `delta` to this holder's `held[layer]` for the record. Single writer: a plain store.
+    void add(int layer, std::int64_t delta) noexcept {
+        auto& held = holder_.entry(record_).held[layer];
+        held.store(held.load(std::memory_order_relaxed) + delta, std::memory_order_relaxed);
+    }
+
+    // Counts one successful acquisition (for rates and Prometheus totals).
+    void admitted() noexcept {
+        auto& n = holder_.entry(record_).admitted;
+        n.store(n.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+    }
+
+    // What this holder holds in the record now.
+    std::int64_t held(int layer) const noexcept {
+        return holder_.entry(record_).held[layer].load(std::memory_order_relaxed);
+    }
+
+    // Steps aside while a reaper recounts: withdraws the announcement, waits until `word` is no
+    // longer frozen, announces again. If the reaper died mid-recount (its recovery lock is free
+    // while the word stays frozen), thaws the word itself: a frozen word still holds its
+    // pre-recount value, which is valid.
+    void wait_while_frozen(std::atomic<std::uint64_t>& word, const SegmentState& state) noexcept;
+
+    std::uint32_t record() const noexcept { return record_; }
+    const Holder& holder_ref() const noexcept { return holder_; }
+
+  private:
+    Holder holder_;
+    std::uint32_t record_;
+};
+
+}  // namespace lim::detail
