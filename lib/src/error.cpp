@@ -33,6 +33,8 @@ std::string_view to_string(Errc code) noexcept {
             return "system_error";
         case Errc::timed_out:
             return "timed_out";
+        case Errc::busy:
+            return "busy";
     }
     return "unknown";
 }

@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include "lim/error.hpp"
+#include "recovery/reaper.hpp"
 #include "shm/names.hpp"
 #include "shm/segment_state.hpp"
 
@@ -15,11 +16,12 @@ namespace lim {
 Segment::Segment(std::shared_ptr<detail::SegmentState> state) : state_(std::move(state)) {}
 
 Segment Segment::open_or_create(std::string_view name, const SegmentOptions& options) {
-    return Segment(detail::SegmentState::attach(name, &options, detail::Access::read_write));
+    return Segment(detail::SegmentState::attach(name, options, true, detail::Access::read_write));
 }
 
 Segment Segment::open(std::string_view name) {
-    return Segment(detail::SegmentState::attach(name, nullptr, detail::Access::read_write));
+    return Segment(
+        detail::SegmentState::attach(name, SegmentOptions{}, false, detail::Access::read_write));
 }
 
 bool Segment::remove(std::string_view name) {
@@ -42,6 +44,14 @@ const std::string& Segment::name() const {
 
 bool Segment::is_creator() const {
     return state_->created();
+}
+
+ReapReport Segment::reap() {
+    return detail::reap(*state_, detail::ReapLock::wait);
+}
+
+void Segment::reset(const ResetOptions& options) {
+    detail::reset(*state_, options);
 }
 
 }  // namespace lim

@@ -27,6 +27,7 @@ enum class Errc {
     over_release,       // more returned or released than is held
     system_error,       // an operating-system call failed for another reason
     timed_out,          // a blocking call's deadline passed (only where a value cannot say so)
+    busy,               // refused while other processes are attached (reset without force)
 };
 
 // A short, stable name for `code` ("invalid_name", "table_full", ...), as limctl prints it.

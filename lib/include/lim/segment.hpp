@@ -25,6 +25,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "lim/clock.hpp"
 
@@ -49,8 +50,11 @@ struct SegmentOptions {
     // Permission bits of the shared-memory object (not masked by the umask). 0600 lets only the
     // creating user attach; 0660 a group.
     unsigned mode = 0600;
-    // A blocking acquire that has waited this long reaps dead processes before it waits again.
+    // A blocking acquire that has waited this long reaps dead processes (and again each time it
+    // has waited this long more). Zero turns automatic reaping in blocking calls off.
     Duration reap_after = std::chrono::seconds{1};
+    // Reap dead processes when attaching (open_or_create, open).
+    bool reap_on_attach = true;
 };
 
 struct SegmentInfo {
@@ -62,6 +66,38 @@ struct SegmentInfo {
     std::uint32_t limiters = 0;   // records in use
     std::uint32_t processes = 0;  // distinct live processes with a slot
     std::chrono::system_clock::time_point created;
+};
+
+// What a reap gave back for one dead process, in one layer of one record.
+struct ReturnedHolding {
+    std::string kind;  // "semaphore", "weighted_semaphore", "limiter", "dispatch"
+    std::string key;
+    std::string layer;  // "units", "tokens", "slots", "throttled", "bytes"
+    double amount = 0;  // in the layer's unit (tokens for limiters)
+};
+
+struct ReapedProcess {
+    int pid = 0;
+    std::uint32_t slots = 0;  // process-table slots it had (one per thread that held something)
+    std::vector<ReturnedHolding> returned;
+};
+
+struct ReapReport {
+    // One entry per dead process found and cleared.
+    std::vector<ReapedProcess> reaped;
+    // Keys of records that could not be recounted now because a live process stayed in the
+    // middle of an operation on them (stopped with SIGSTOP, say); the dead processes that held
+    // them stay in the table and the next reap tries again.
+    std::vector<std::string> deferred;
+};
+
+struct ResetOptions {
+    // The record to reset; empty resets every record in the segment.
+    std::string key = {};
+    // Reset even though other live processes are attached. What they hold is forgotten: their
+    // later releases find less in use than they took (Semaphore::release then throws
+    // over_release), so restart them.
+    bool force = false;
 };
 
 class Segment {
@@ -95,6 +131,20 @@ class Segment {
     // True when this call created and initialised the segment (exactly one of many racing
     // open_or_create calls sees true).
     bool is_creator() const;
+
+    // Finds processes in the table that are dead (pid gone or reused: start time differs; or a
+    // zombie) and gives back exactly what each held to every limiter: afterwards every shared
+    // counter equals what the live processes hold, including when a process died between
+    // changing a shared counter and recording it in its ledger. Frees their slots.
+    // Blocks while another reap or reset runs, and briefly (microseconds) stalls acquisitions on
+    // the records it recounts. Throws Error(system_error) if /proc cannot be read.
+    ReapReport reap();
+
+    // Re-initialises one record (options.key) or every record to its configured state: nothing
+    // held, nothing queued, backoff cleared, bucket and hopper as created; frees the slots of
+    // dead processes. Refused with Error(busy) while another live process is attached, unless
+    // options.force. Throws Error(not_found) for an unknown key.
+    void reset(const ResetOptions& options = {});
 
     // For the library's own handles; not part of the stable API.
     const std::shared_ptr<detail::SegmentState>& state() const noexcept { return state_; }

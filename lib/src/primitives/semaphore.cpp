@@ -6,6 +6,7 @@
 
 #include "lim/error.hpp"
 #include "primitives/semaphore_state.hpp"
+#include "recovery/reaper.hpp"
 #include "shm/record_handle.hpp"
 #include "sync/futex.hpp"
 #include "sync/wake_channel.hpp"
@@ -124,6 +125,7 @@ bool SemaphoreCore::acquire_until(SegmentState& state, std::uint32_t record, std
         Hold hold(state, record);
         registered = register_sleeper(hold, state, n);
     }
+    AutoReap auto_reap(state, Clock::now());
     for (;;) {
         std::uint64_t seen = 0;
         {
@@ -132,6 +134,7 @@ bool SemaphoreCore::acquire_until(SegmentState& state, std::uint32_t record, std
             seen = word.load(std::memory_order_seq_cst);
         }
         const TimePoint now = Clock::now();
+        auto_reap.poll(now);
         if (deadline && now >= *deadline) {
             if (registered) {
                 Hold hold(state, record);
@@ -201,9 +204,8 @@ LiveHoldings semaphore_recount(SegmentState& state, std::uint32_t record, const 
 }
 
 void semaphore_reset(SegmentState& state, std::uint32_t record, TimePoint) noexcept {
-    auto& word = body_at(state, record).word;
-    word.store(0, std::memory_order_seq_cst);
-    futex_wake(low_half(word), INT_MAX);
+    // Nothing in use; live sleepers stay registered (they will deregister themselves).
+    recount_semaphore_word(state, record, 0, body_at(state, record).word, 0);
 }
 
 }  // namespace

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "lim/error.hpp"
+#include "recovery/reaper.hpp"
 #include "shm/file_lock.hpp"
 #include "shm/names.hpp"
 #include "shm/process_identity.hpp"
@@ -200,13 +201,19 @@ int SegmentState::fd() const noexcept {
 }
 
 std::shared_ptr<SegmentState> SegmentState::attach(std::string_view name,
-                                                   const SegmentOptions* create, Access access) {
+                                                   const SegmentOptions& options, bool create_it,
+                                                   Access access) {
     validate_segment_name(name);
+    const SegmentOptions* create = create_it ? &options : nullptr;
     if (create) validate_options(*create);
+    if (options.reap_after < Duration::zero()) {
+        throw Error(Errc::invalid_argument, "reap_after must not be negative");
+    }
     install_fork_hook();
     const std::string object = shm_object_name(name);
     const auto mode = access == Access::read_only ? bip::read_only : bip::read_write;
     std::shared_ptr<SegmentState> state(new SegmentState(std::string(name), access));
+    state->reap_after_ = options.reap_after;
 
     const auto deadline = std::chrono::steady_clock::now() + kInitTimeout;
     std::optional<std::chrono::steady_clock::time_point> unready_since;
@@ -236,7 +243,10 @@ std::shared_ptr<SegmentState> SegmentState::attach(std::string_view name,
             if (c.shape == Shape::corrupt) corrupt(name, c.why);
             if (c.shape == Shape::ready) {
                 state->validate_and_map(std::move(shm));
-                if (access == Access::read_write) register_holder(*state);
+                if (access == Access::read_write) {
+                    register_holder(*state);
+                    if (options.reap_on_attach) reap_quietly(*state);
+                }
                 return state;
             }
             // Unready. Whoever holds the init lock is initialising it; whoever gets the lock

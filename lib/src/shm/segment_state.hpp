@@ -21,12 +21,14 @@ enum class Access { read_write, read_only };
 
 class SegmentState : public std::enable_shared_from_this<SegmentState> {
   public:
-    // Attaches to `name`: creates and initialises it first when `create` is non-null and the
-    // segment does not exist (or was abandoned half-initialised by a creator that died).
+    // Attaches to `name`: creates and initialises it first with `options` when `create` is set
+    // and the segment does not exist (or was abandoned half-initialised by a creator that died).
     // Validates every header field and every table offset against the mapping before returning.
-    // A read_only attach maps the segment read-only and registers no process slot (limctl's
-    // read commands use it so that they can never write).
-    static std::shared_ptr<SegmentState> attach(std::string_view name, const SegmentOptions* create,
+    // A read-write attach registers the calling thread's slot and, if options.reap_on_attach,
+    // reaps dead processes. A read_only attach maps the segment read-only and registers nothing
+    // (limctl's read commands use it so that they can never write).
+    static std::shared_ptr<SegmentState> attach(std::string_view name,
+                                                const SegmentOptions& options, bool create,
                                                 Access access);
 
     ~SegmentState();
@@ -62,6 +64,9 @@ class SegmentState : public std::enable_shared_from_this<SegmentState> {
         return reinterpret_cast<LedgerEntry*>(row)[record_index];
     }
 
+    // This handle's reaping policy (SegmentOptions::reap_after); zero: no automatic reaping.
+    Duration reap_after() const noexcept { return reap_after_; }
+
     // Records in use, clamped to the table (a corrupt count never sends a reader off the end).
     std::uint32_t records_used() const noexcept;
 
@@ -82,6 +87,7 @@ class SegmentState : public std::enable_shared_from_this<SegmentState> {
     std::byte* base_ = nullptr;
     std::uint64_t size_ = 0;
     Geometry geometry_{};
+    Duration reap_after_{};
 };
 
 // Throws Error(invalid_argument) unless `options` describe a segment lim can create.

@@ -1,0 +1,343 @@
+#include "recovery/reaper.hpp"
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <map>
+#include <thread>
+#include <vector>
+
+#include "lim/error.hpp"
+#include "lim/tokens.hpp"
+#include "recovery/kind_ops.hpp"
+#include "shm/file_lock.hpp"
+#include "shm/process_identity.hpp"
+#include "shm/records.hpp"
+
+namespace lim::detail {
+namespace {
+
+// How long a recount waits for live slots to finish the operation they are in the middle of. An
+// operation takes nanoseconds; a slot still pending after this is stopped (SIGSTOP, a debugger),
+// and the record is left for the next reap.
+constexpr auto kQuiesceTimeout = std::chrono::seconds{1};
+
+struct DeadSlot {
+    std::uint32_t index;
+    std::uint64_t owner;  // the owner word we judged dead; the slot is freed only if unchanged
+};
+
+bool is_occupied(SlotState st) noexcept {
+    return st == SlotState::claiming || st == SlotState::live || st == SlotState::retired;
+}
+
+// Whether the owner recorded in `w` (slot `slot`) is dead. A slot still being claimed has no
+// start time yet, so only its pid can be judged.
+bool owner_is_dead(const SlotHeader& slot, std::uint64_t w) {
+    const auto pid = static_cast<pid_t>(SlotOwner::pid(w));
+    if (SlotOwner::state(w) == SlotState::claiming) {
+        const auto stat = read_proc_stat(pid);
+        return !stat || stat->state == 'Z' || stat->state == 'X';
+    }
+    return check_alive(pid, slot.start_time.load(std::memory_order_relaxed),
+                       slot.pidns_inode.load(std::memory_order_relaxed)) == Liveness::dead;
+}
+
+std::vector<DeadSlot> find_dead_slots(const SegmentState& state) {
+    std::vector<DeadSlot> dead;
+    for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+        const SlotHeader& slot = state.slot(i);
+        const std::uint64_t w = slot.owner.load(std::memory_order_acquire);
+        if (!is_occupied(SlotOwner::state(w))) continue;
+        if (owner_is_dead(slot, w)) dead.push_back({i, w});
+    }
+    return dead;
+}
+
+bool contains(const std::vector<DeadSlot>& dead, std::uint32_t slot) {
+    return std::any_of(dead.begin(), dead.end(),
+                       [&](const DeadSlot& d) { return d.index == slot; });
+}
+
+// Waits until no slot outside `excluded` is in the middle of an operation on `record`.
+bool wait_quiescent(const SegmentState& state, std::uint32_t record,
+                    const std::vector<DeadSlot>& excluded) {
+    const auto deadline = std::chrono::steady_clock::now() + kQuiesceTimeout;
+    for (int pass = 0;; ++pass) {
+        bool busy = false;
+        for (std::uint32_t i = 0; i < state.geometry().max_processes && !busy; ++i) {
+            const SlotHeader& slot = state.slot(i);
+            if (!is_occupied(SlotOwner::state(slot.owner.load(std::memory_order_acquire))))
+                continue;
+            if (contains(excluded, i)) continue;
+            busy = slot.pending.load(std::memory_order_acquire) == record + 1;
+        }
+        if (!busy) return true;
+        if (std::chrono::steady_clock::now() > deadline) return false;
+        if (pass < 64) {
+            std::this_thread::yield();
+        } else {
+            std::this_thread::sleep_for(std::chrono::microseconds{50});
+        }
+    }
+}
+
+// Sum over occupied slots outside `excluded` of their ledger entries for `record`.
+LiveHoldings live_holdings(const SegmentState& state, std::uint32_t record,
+                           const std::vector<DeadSlot>& excluded) {
+    LiveHoldings live;
+    for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+        if (!is_occupied(SlotOwner::state(state.slot(i).owner.load(std::memory_order_acquire)))) {
+            continue;
+        }
+        if (contains(excluded, i)) continue;
+        const LedgerEntry& e = state.ledger(i, record);
+        for (int l = 0; l < 3; ++l)
+            live.held[l] += e.held[l].load(std::memory_order_acquire);
+    }
+    // A holder may have released what another thread of its process acquired, so one ledger can
+    // be negative; the sum over a process cannot be, except after a forced reset forgot what
+    // live holders held. Never recount below zero.
+    for (auto& h : live.held)
+        h = std::max<std::int64_t>(h, 0);
+    return live;
+}
+
+// Frees a slot whose owner is gone: folds its admission counts into the records, clears its
+// ledger row and its operation words, and hands it back -- only if its owner word is still the
+// one judged dead.
+void free_slot(SegmentState& state, const DeadSlot& dead) {
+    SlotHeader& slot = state.slot(dead.index);
+    const std::uint32_t used = state.records_used();
+    for (std::uint32_t r = 0; r < used; ++r) {
+        LedgerEntry& e = state.ledger(dead.index, r);
+        if (const std::uint64_t n = e.admitted.load(std::memory_order_relaxed); n != 0) {
+            state.record(r).header.admitted_retired.fetch_add(n, std::memory_order_relaxed);
+        }
+        for (auto& h : e.held)
+            h.store(0, std::memory_order_relaxed);
+        e.admitted.store(0, std::memory_order_relaxed);
+    }
+    slot.pending.store(0, std::memory_order_relaxed);
+    slot.waiting_record.store(0, std::memory_order_relaxed);
+    slot.tid.store(0, std::memory_order_relaxed);
+    slot.attach_uid.store(0, std::memory_order_relaxed);
+    std::uint64_t expected = dead.owner;
+    slot.owner.compare_exchange_strong(
+        expected, SlotOwner::make(0, SlotOwner::generation(dead.owner), SlotState::free),
+        std::memory_order_release, std::memory_order_relaxed);
+}
+
+std::string_view kind_name(RecordKind kind) {
+    switch (kind) {
+        case RecordKind::limiter:
+            return "limiter";
+        case RecordKind::semaphore:
+            return "semaphore";
+        case RecordKind::weighted_semaphore:
+            return "weighted_semaphore";
+        case RecordKind::backoff_window:
+            return "backoff_window";
+        case RecordKind::dispatch:
+            return "dispatch";
+        case RecordKind::none:
+            break;
+    }
+    return "unknown";
+}
+
+double to_report_units(RecordKind kind, std::int64_t amount) {
+    return kind == RecordKind::limiter
+               ? static_cast<double>(amount) / static_cast<double>(kTokenResolution)
+               : static_cast<double>(amount);
+}
+
+std::optional<FileLock> take_recovery_lock(const SegmentState& state, ReapLock mode) {
+    if (mode == ReapLock::wait) return FileLock::lock_exclusive(state.fd(), LockByte::recovery);
+    return FileLock::try_lock_fresh(state.fd(), LockByte::recovery);
+}
+
+}  // namespace
+
+ReapReport reap(SegmentState& state, ReapLock mode) {
+    if (state.read_only()) {
+        throw Error(Errc::permission_denied,
+                    fmt::format("segment '{}' is open read-only; cannot reap", state.name()));
+    }
+    ReapReport report;
+    // Reaps and resets exclude each other: two recounts of one record at once would each wait
+    // for the other's frozen word. A lock is fine here: this is the rare path, and the kernel
+    // drops it if the reaper dies (waiters then thaw what it froze, see Hold).
+    const auto lock = take_recovery_lock(state, mode);
+    if (!lock) return report;
+
+    std::vector<DeadSlot> dead = find_dead_slots(state);
+    if (dead.empty()) return report;
+
+    // Which records the dead touched: anything they hold, were changing, or were queued on.
+    const std::uint32_t used = state.records_used();
+    std::vector<bool> affected(used, false);
+    for (const DeadSlot& d : dead) {
+        const SlotHeader& slot = state.slot(d.index);
+        for (const std::uint32_t r1 : {slot.pending.load(), slot.waiting_record.load()}) {
+            if (r1 != 0 && r1 - 1 < used) affected[r1 - 1] = true;
+        }
+        for (std::uint32_t r = 0; r < used; ++r) {
+            const LedgerEntry& e = state.ledger(d.index, r);
+            for (const auto& h : e.held)
+                affected[r] = affected[r] || h.load() != 0;
+        }
+    }
+
+    // Per dead pid, what its ledgers said it held, by record and layer.
+    std::map<std::uint32_t, ReapedProcess> by_pid;
+    for (const DeadSlot& d : dead) {
+        ReapedProcess& p = by_pid[SlotOwner::pid(d.owner)];
+        p.pid = static_cast<int>(SlotOwner::pid(d.owner));
+        ++p.slots;
+    }
+
+    std::vector<std::uint32_t> dead_indexes;
+    for (const DeadSlot& d : dead)
+        dead_indexes.push_back(d.index);
+    std::vector<bool> deferred(used, false);
+    for (std::uint32_t r = 0; r < used; ++r) {
+        if (!affected[r]) continue;
+        Record& record = state.record(r);
+        if (record.header.state.load(std::memory_order_acquire) != kRecordReady) continue;
+        const auto kind = static_cast<RecordKind>(record.header.kind);
+        const KindOps* ops = kind_ops(kind);
+        if (ops == nullptr) continue;
+
+        ops->freeze(state, r);
+        if (!wait_quiescent(state, r, dead)) {
+            ops->thaw(state, r);
+            deferred[r] = true;
+            report.deferred.emplace_back(record_key(record));
+            continue;
+        }
+        const LiveHoldings live = live_holdings(state, r, dead);
+        const LiveHoldings given = ops->recount(state, r, live, dead_indexes, Clock::now());
+
+        // Attribute what was given back: each dead process its ledger; any remainder (an
+        // operation a process died in the middle of) to the process that had it pending.
+        for (int l = 0; l < ops->layers; ++l) {
+            std::int64_t attributed = 0;
+            std::uint32_t pending_pid = 0;
+            std::map<std::uint32_t, std::int64_t> per_pid;
+            for (const DeadSlot& d : dead) {
+                const std::int64_t h = state.ledger(d.index, r).held[l].load();
+                per_pid[SlotOwner::pid(d.owner)] += h;
+                attributed += h;
+                if (state.slot(d.index).pending.load() == r + 1)
+                    pending_pid = SlotOwner::pid(d.owner);
+            }
+            if (const std::int64_t rest = given.held[l] - attributed; rest != 0) {
+                per_pid[pending_pid ? pending_pid : SlotOwner::pid(dead.front().owner)] += rest;
+            }
+            for (const auto& [pid, amount] : per_pid) {
+                if (amount == 0) continue;
+                by_pid[pid].returned.push_back(
+                    {std::string(kind_name(kind)), std::string(record_key(record)),
+                     ops->layer_names[l], to_report_units(kind, amount)});
+            }
+        }
+    }
+
+    // Free the dead slots, except those whose records could not be recounted now: the next
+    // reap must still find them to know which records to recount.
+    std::uint32_t freed_pids = 0;
+    for (auto& [pid, process] : by_pid) {
+        bool keep = false;
+        for (const DeadSlot& d : dead) {
+            if (SlotOwner::pid(d.owner) != pid) continue;
+            for (std::uint32_t r = 0; r < used; ++r) {
+                if (!deferred[r]) continue;
+                const SlotHeader& slot = state.slot(d.index);
+                keep = keep || slot.pending.load() == r + 1 || slot.waiting_record.load() == r + 1;
+                for (const auto& h : state.ledger(d.index, r).held)
+                    keep = keep || h.load() != 0;
+            }
+        }
+        if (keep) continue;
+        for (const DeadSlot& d : dead) {
+            if (SlotOwner::pid(d.owner) == pid) free_slot(state, d);
+        }
+        ++freed_pids;
+        report.reaped.push_back(std::move(process));
+    }
+    SegmentHeader& h = state.header();
+    h.reaps_total.fetch_add(freed_pids, std::memory_order_relaxed);
+    h.recovery_epoch.fetch_add(1, std::memory_order_release);
+    return report;
+}
+
+void reap_quietly(SegmentState& state) noexcept {
+    try {
+        reap(state, ReapLock::skip);
+    } catch (...) {
+        // Automatic reaping is a courtesy to whoever waits; a failure here (an unreadable /proc)
+        // must not fail their call. An explicit reap reports it.
+    }
+}
+
+void reset(SegmentState& state, const ResetOptions& options) {
+    if (state.read_only()) {
+        throw Error(Errc::permission_denied,
+                    fmt::format("segment '{}' is open read-only; cannot reset", state.name()));
+    }
+    const auto lock = take_recovery_lock(state, ReapLock::wait);
+    const std::uint32_t used = state.records_used();
+
+    std::vector<std::uint32_t> targets;
+    for (std::uint32_t r = 0; r < used; ++r) {
+        const Record& record = state.record(r);
+        if (record.header.state.load(std::memory_order_acquire) != kRecordReady) continue;
+        if (options.key.empty() || record_key(record) == options.key) targets.push_back(r);
+    }
+    if (!options.key.empty() && targets.empty()) {
+        throw Error(Errc::not_found,
+                    fmt::format("segment '{}' has no limiter '{}'", state.name(), options.key));
+    }
+
+    const std::vector<DeadSlot> dead = find_dead_slots(state);
+    const auto self = static_cast<std::uint32_t>(this_process().pid);
+    std::vector<std::uint32_t> others;
+    for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+        const std::uint64_t w = state.slot(i).owner.load(std::memory_order_acquire);
+        if (!is_occupied(SlotOwner::state(w)) || contains(dead, i)) continue;
+        const std::uint32_t pid = SlotOwner::pid(w);
+        if (pid != self && std::find(others.begin(), others.end(), pid) == others.end()) {
+            others.push_back(pid);
+        }
+    }
+    if (!others.empty() && !options.force) {
+        throw Error(Errc::busy,
+                    fmt::format("segment '{}': {} other live process(es) attached (pid {}{}); stop "
+                                "them first, or force the reset",
+                                state.name(), others.size(), others.front(),
+                                others.size() > 1 ? ", ..." : ""));
+    }
+
+    for (const std::uint32_t r : targets) {
+        const KindOps* ops = kind_ops(static_cast<RecordKind>(state.record(r).header.kind));
+        if (ops == nullptr) continue;
+        ops->freeze(state, r);
+        // Forced: live holders may be mid-operation; let them finish (or give up after the
+        // timeout and reset regardless: force means force).
+        wait_quiescent(state, r, dead);
+        for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+            if (contains(dead, i)) continue;
+            for (auto& h : state.ledger(i, r).held)
+                h.store(0, std::memory_order_relaxed);
+        }
+        ops->reset(state, r, Clock::now());
+    }
+    for (const DeadSlot& d : dead)
+        free_slot(state, d);
+    state.header().recovery_epoch.fetch_add(1, std::memory_order_release);
+}
+
+}  // namespace lim::detail

@@ -1,0 +1,266 @@
+// Segment::reap and Segment::reset: what a dead process held comes back exactly, once; live
+// holders keep theirs; a waiter stranded by a dead holder is freed by automatic reaping.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+
+#include "lim/lim.hpp"
+#include "primitives/semaphore_state.hpp"
+#include "shm/ledger.hpp"
+#include "shm/process_table.hpp"
+#include "shm/records.hpp"
+#include "support/process.hpp"
+
+using namespace lim;
+using namespace std::chrono_literals;
+
+namespace {
+
+struct Flag {
+    std::atomic<int> value{0};
+    void set() { value.store(1); }
+    void wait() const {
+        while (value.load() == 0)
+            ::usleep(100);
+    }
+};
+
+Flag* make_flag() {
+    return new (lim::test::shared_array<Flag>(1)) Flag{};
+}
+
+// Forks a child that runs `body`, signals `ready`, and then sleeps until killed.
+pid_t child_holding(const std::function<void()>& body) {
+    Flag* ready = make_flag();
+    const pid_t pid = lim::test::fork_child([&] {
+        body();
+        ready->set();
+        for (;;)
+            ::pause();
+        return 0;
+    });
+    ready->wait();
+    return pid;
+}
+
+void kill_and_wait(pid_t pid) {
+    ::kill(pid, SIGKILL);
+    CHECK(lim::test::wait_child(pid) == 128 + SIGKILL);
+}
+
+Segment make_segment(const lim::test::SegmentGuard& guard, Duration reap_after = 1s) {
+    return Segment::open_or_create(guard.name(), {.max_limiters = 8,
+                                                  .max_processes = 32,
+                                                  .reap_after = reap_after,
+                                                  .reap_on_attach = false});
+}
+
+std::uint32_t occupied(const Segment& seg) {
+    std::uint32_t n = 0;
+    const auto& s = *seg.state();
+    for (std::uint32_t i = 0; i < s.geometry().max_processes; ++i) {
+        const auto st = detail::SlotOwner::state(s.slot(i).owner.load());
+        n += st != detail::SlotState::free;
+    }
+    return n;
+}
+
+}  // namespace
+
+TEST_CASE("reap gives back what a killed process held, and only that") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("reap"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 5});
+    sem.acquire(1);  // the parent's, which must stay
+    const pid_t child = child_holding([&] { sem.acquire(3); });
+    CHECK(sem.in_use() == 4);
+    CHECK(seg.reap().reaped.empty());  // nobody is dead yet
+    CHECK(sem.in_use() == 4);
+
+    kill_and_wait(child);
+    CHECK(occupied(seg) == 2);
+    const ReapReport report = seg.reap();
+    REQUIRE(report.reaped.size() == 1);
+    CHECK(report.reaped[0].pid == child);
+    CHECK(report.reaped[0].slots == 1);
+    REQUIRE(report.reaped[0].returned.size() == 1);
+    CHECK(report.reaped[0].returned[0].kind == "semaphore");
+    CHECK(report.reaped[0].returned[0].key == "db");
+    CHECK(report.reaped[0].returned[0].layer == "units");
+    CHECK(report.reaped[0].returned[0].amount == 3);
+    CHECK(report.deferred.empty());
+    CHECK(sem.in_use() == 1);
+    CHECK(occupied(seg) == 1);
+
+    // Nothing is returned twice.
+    CHECK(seg.reap().reaped.empty());
+    CHECK(sem.in_use() == 1);
+    sem.release(1);
+}
+
+TEST_CASE("a process that died between the shared CAS and its ledger update is recounted exactly") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("reap-mid"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 10});
+    const auto record = *detail::find_record(*seg.state(), detail::RecordKind::semaphore, "db");
+    auto& word = reinterpret_cast<detail::SemaphoreBody*>(seg.state()->record(record).body)->word;
+    sem.acquire(2);
+    // The child holds 1 (recorded), then dies in the middle of taking 4 more: the shared word
+    // has them, its ledger does not, and its pending word says it was at work on the record.
+    const pid_t child = child_holding([&] {
+        sem.acquire(1);
+        new detail::Hold(*seg.state(), record);  // announced, never withdrawn
+        word.fetch_add(4);
+    });
+    CHECK(sem.in_use() == 7);
+    kill_and_wait(child);
+    const ReapReport report = seg.reap();
+    REQUIRE(report.reaped.size() == 1);
+    REQUIRE(report.reaped[0].returned.size() == 1);
+    CHECK(report.reaped[0].returned[0].amount == 5);  // 1 recorded + 4 half-taken
+    CHECK(sem.in_use() == 2);                         // exactly the parent's
+    sem.release(2);
+    CHECK(sem.in_use() == 0);
+}
+
+TEST_CASE("a waiter stranded by a killed holder is freed by automatic reaping") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("reap-auto"));
+    auto seg = make_segment(guard, 50ms);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 1});
+    const pid_t child = child_holding([&] { sem.acquire(1); });
+    kill_and_wait(child);  // dies holding the only unit; nobody will ever release it
+    CHECK(sem.in_use() == 1);
+    // Blocks: after reap_after of waiting, the acquire reaps the dead holder and proceeds.
+    CHECK(sem.acquire_until(1, Clock::now() + 10s));
+    CHECK(sem.in_use() == 1);
+    sem.release();
+}
+
+TEST_CASE("attaching reaps dead processes when reap_on_attach is set") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("reap-attach"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 4});
+    const pid_t child = child_holding([&] { sem.acquire(2); });
+    kill_and_wait(child);
+    CHECK(sem.in_use() == 2);
+    auto again = Segment::open(guard.name());  // open() reaps on attach by default
+    CHECK(sem.in_use() == 0);
+}
+
+TEST_CASE("zombies and reused pids count as dead; live processes never do") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("reap-pid"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 4});
+    // A child that exits without being waited for is a zombie: dead for lim.
+    Flag* done = make_flag();
+    const pid_t zombie = lim::test::fork_child([&] {
+        sem.acquire(1);
+        done->set();
+        return 0;
+    });
+    done->wait();
+    while (true) {  // until it has exited (and is a zombie)
+        siginfo_t info{};
+        if (::waitid(P_PID, static_cast<id_t>(zombie), &info, WEXITED | WNOWAIT) == 0) break;
+    }
+    CHECK(sem.in_use() == 1);
+    CHECK(seg.reap().reaped.size() == 1);
+    CHECK(sem.in_use() == 0);
+    CHECK(lim::test::wait_child(zombie) == 0);
+
+    // A slot that names our own pid with another start time is a previous owner of the pid.
+    const auto h = detail::holder(*seg.state());
+    auto& s = *seg.state();
+    std::uint32_t fake = h.slot_index == 0 ? 1 : 0;
+    s.slot(fake).start_time.store(s.slot(h.slot_index).start_time.load() + 1);
+    s.slot(fake).pidns_inode.store(s.slot(h.slot_index).pidns_inode.load());
+    s.slot(fake).owner.store(detail::SlotOwner::make(static_cast<std::uint32_t>(::getpid()), 7,
+                                                     detail::SlotState::live));
+    const ReapReport report = seg.reap();
+    REQUIRE(report.reaped.size() == 1);
+    CHECK(report.reaped[0].pid == ::getpid());
+    CHECK(detail::SlotOwner::state(s.slot(fake).owner.load()) == detail::SlotState::free);
+    // ... while our real slot is untouched.
+    CHECK(detail::SlotOwner::state(s.slot(h.slot_index).owner.load()) == detail::SlotState::live);
+}
+
+TEST_CASE("a record a stopped process is in the middle of is deferred, then reaped later") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("reap-deferred"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 4});
+    const auto record = *detail::find_record(*seg.state(), detail::RecordKind::semaphore, "db");
+    const pid_t dead = child_holding([&] { sem.acquire(2); });
+    kill_and_wait(dead);
+    // A live process stopped mid-operation on the record: the recount cannot wait for it.
+    const pid_t stopped = child_holding([&] { static detail::Hold hold(*seg.state(), record); });
+    ::kill(stopped, SIGSTOP);
+    const ReapReport first = seg.reap();
+    CHECK(first.reaped.empty());
+    REQUIRE(first.deferred.size() == 1);
+    CHECK(first.deferred[0] == "db");
+    CHECK(sem.in_use() == 2);   // untouched, not half-recounted
+    CHECK(sem.try_acquire(2));  // and not left frozen
+    sem.release(2);
+    kill_and_wait(stopped);
+    const ReapReport second = seg.reap();
+    CHECK(second.reaped.size() == 2);  // the dead holder, and now the killed stopped one
+    CHECK(sem.in_use() == 0);
+}
+
+TEST_CASE("a word left frozen by a reaper that died is thawed by the next holder") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("reap-thaw"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 4});
+    const auto record = *detail::find_record(*seg.state(), detail::RecordKind::semaphore, "db");
+    auto& word = reinterpret_cast<detail::SemaphoreBody*>(seg.state()->record(record).body)->word;
+    word.fetch_or(detail::kFrozen);  // frozen, and no reaper holds the recovery lock
+    CHECK(sem.try_acquire(3));
+    CHECK(sem.in_use() == 3);
+    CHECK_FALSE(detail::is_frozen(word.load()));
+    sem.release(3);
+}
+
+TEST_CASE("reset restores configured state; refused while others are attached unless forced") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("reset"));
+    auto seg = make_segment(guard);
+    auto db = Semaphore::open(seg, "db", {.capacity = 4});
+    auto api = Semaphore::open(seg, "api", {.capacity = 2});
+    db.acquire(3);
+    api.acquire(1);
+
+    try {
+        seg.reset({.key = "nope"});
+        FAIL("unknown key must throw");
+    } catch (const Error& e) {
+        CHECK(e.code() == Errc::not_found);
+    }
+
+    seg.reset({.key = "db"});  // only this process is attached: allowed
+    CHECK(db.in_use() == 0);
+    CHECK(api.in_use() == 1);
+
+    const pid_t other = child_holding([&] { api.acquire(1); });
+    try {
+        seg.reset({});
+        FAIL("reset with another live process attached must be refused");
+    } catch (const Error& e) {
+        CHECK(e.code() == Errc::busy);
+        CHECK(std::string(e.what()).find(std::to_string(other)) != std::string::npos);
+    }
+    CHECK(api.in_use() == 2);
+    seg.reset({.force = true});
+    CHECK(api.in_use() == 0);
+    CHECK(db.in_use() == 0);
+    kill_and_wait(other);
+    // The killed child's ledger was cleared by the forced reset: reaping it returns nothing.
+    const ReapReport report = seg.reap();
+    REQUIRE(report.reaped.size() == 1);
+    CHECK(report.reaped[0].returned.empty());
+    CHECK(api.in_use() == 0);
+}
