@@ -1,0 +1,170 @@
+// Chaos: workers loop acquire / hold / release on shared limiters while a killer SIGKILLs random
+// workers at random moments and respawns them. Every so often all live workers are parked at a
+// point where what they published equals what they hold; then, after a reap, every shared
+// counter must equal exactly what the live workers hold. At the end, everything is back to zero.
+//
+// LIM_CHAOS_KILLS sets the number of kills (default 200; the long mode runs 1000 or more).
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "crash/chaos_resources.hpp"
+#include "lim/lim.hpp"
+#include "support/process.hpp"
+
+using namespace lim;
+using namespace std::chrono_literals;
+using lim::test::chaos::kMaxResources;
+using lim::test::chaos::Resource;
+
+namespace {
+
+constexpr int kWorkers = 8;
+
+struct Cell {
+    std::atomic<int> pid;
+    std::atomic<std::int64_t> held[kMaxResources];  // published by the worker: what it holds
+    std::atomic<int> parked;
+    std::atomic<long> operations;
+};
+
+struct Control {
+    std::atomic<int> pause;  // workers park at the next safe point while set
+    std::atomic<int> stop;
+    std::atomic<long> late_timeouts;  // acquire_until that returned long after its deadline
+    std::atomic<long> max_lateness_us;
+    Cell cells[kWorkers];
+};
+
+// A safe point: what this worker published equals what it holds. Park here while asked to.
+void safe_point(Control& c, Cell& cell) {
+    if (c.pause.load() == 0) return;
+    cell.parked.store(1);
+    while (c.pause.load() != 0 && c.stop.load() == 0)
+        ::usleep(50);
+    cell.parked.store(0);
+}
+
+int worker(Control& c, int index, std::vector<Resource*>& resources, unsigned seed) {
+    Cell& cell = c.cells[index];
+    std::mt19937 rng(seed);
+    while (c.stop.load() == 0) {
+        safe_point(c, cell);
+        Resource& r = *resources[rng() % resources.size()];
+        const int slot = r.slot;
+        const TimePoint deadline = Clock::now() + 1s;
+        const std::int64_t amount = r.acquire(rng, deadline);
+        if (amount == 0) {  // timed out (or nothing to take): how late did it come back?
+            const auto late =
+                std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - deadline);
+            long prev = c.max_lateness_us.load();
+            while (late.count() > prev &&
+                   !c.max_lateness_us.compare_exchange_weak(prev, late.count())) {
+            }
+            continue;
+        }
+        cell.held[slot].fetch_add(amount);
+        cell.operations.fetch_add(1);
+        for (int spin = static_cast<int>(rng() % 200); spin > 0; --spin)
+            std::atomic_signal_fence(std::memory_order_seq_cst);
+        if (rng() % 4 == 0) safe_point(c, cell);  // park while holding, sometimes
+        cell.held[slot].fetch_sub(amount);
+        r.release(amount);
+    }
+    return 0;
+}
+
+long env_long(const char* name, long fallback) {
+    const char* v = std::getenv(name);
+    return v ? std::atol(v) : fallback;
+}
+
+}  // namespace
+
+TEST_CASE("chaos: SIGKILLed workers lose nothing, and nothing is returned twice") {
+    const long kills = env_long("LIM_CHAOS_KILLS", 200);
+    lim::test::SegmentGuard guard(lim::test::unique_name("chaos"));
+    auto seg = Segment::open_or_create(
+        guard.name(),
+        {.max_limiters = 16, .max_processes = 64, .reap_after = 20ms, .reap_on_attach = false});
+    std::vector<std::unique_ptr<Resource>> owned = lim::test::chaos::make_resources(seg);
+    std::vector<Resource*> resources;
+    for (auto& r : owned)
+        resources.push_back(r.get());
+
+    auto* c = new (lim::test::shared_array<Control>(1)) Control{};
+    std::mt19937 rng(12345);
+    auto spawn = [&](int i) {
+        Cell& cell = c->cells[i];
+        for (auto& h : cell.held)
+            h.store(0);
+        cell.parked.store(0);
+        const unsigned seed = static_cast<unsigned>(rng());
+        cell.pid.store(
+            lim::test::fork_child([&, i, seed] { return worker(*c, i, resources, seed); }));
+    };
+    for (int i = 0; i < kWorkers; ++i)
+        spawn(i);
+
+    auto check_exact = [&](const char* when) {
+        // Park every live worker at a safe point, reap, and compare.
+        c->pause.store(1);
+        const auto until = std::chrono::steady_clock::now() + 20s;
+        for (int i = 0; i < kWorkers; ++i) {
+            while (c->cells[i].parked.load() == 0) {
+                REQUIRE_MESSAGE(std::chrono::steady_clock::now() < until,
+                                "worker " << i << " did not reach a safe point (" << when << ")");
+                seg.reap();  // a worker may wait on what a dead one held
+                ::usleep(200);
+            }
+        }
+        seg.reap();
+        for (Resource* r : resources) {
+            std::int64_t live = 0;
+            for (const Cell& cell : c->cells)
+                live += cell.held[r->slot].load();
+            CAPTURE(when);
+            CAPTURE(r->name);
+            CHECK(r->in_use() == live);
+            r->check_invariants();
+        }
+        c->pause.store(0);
+    };
+
+    long done = 0;
+    while (done < kills) {
+        std::this_thread::sleep_for(std::chrono::microseconds(rng() % 3000));
+        const int victim = static_cast<int>(rng() % kWorkers);
+        ::kill(c->cells[victim].pid.load(), SIGKILL);
+        REQUIRE(lim::test::wait_child(c->cells[victim].pid.load()) == 128 + SIGKILL);
+        ++done;
+        spawn(victim);
+        if (done % 25 == 0) check_exact("during the run");
+    }
+
+    c->stop.store(1);
+    for (int i = 0; i < kWorkers; ++i)
+        CHECK(lim::test::wait_child(c->cells[i].pid.load()) == 0);
+    seg.reap();
+    long operations = 0;
+    for (const Cell& cell : c->cells)
+        operations += cell.operations.load();
+    MESSAGE("kills: " << done << ", operations by surviving workers: " << operations
+                      << ", max lateness past a deadline: " << c->max_lateness_us.load() << " us");
+    for (Resource* r : resources) {
+        CAPTURE(r->name);
+        CHECK(r->in_use() == 0);
+        r->check_invariants();
+    }
+    CHECK(c->max_lateness_us.load() < 2'000'000);  // no waiter hung past its deadline
+}
