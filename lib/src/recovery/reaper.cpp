@@ -47,11 +47,18 @@ bool owner_is_dead(const SlotHeader& slot, std::uint64_t w) {
 
 std::vector<DeadSlot> find_dead_slots(const SegmentState& state) {
     std::vector<DeadSlot> dead;
+    // A process has one slot per thread that held something: judge each (pid, start time) once.
+    std::map<std::pair<std::uint32_t, std::uint64_t>, bool> judged;
     for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
         const SlotHeader& slot = state.slot(i);
         const std::uint64_t w = slot.owner.load(std::memory_order_acquire);
         if (!is_occupied(SlotOwner::state(w))) continue;
-        if (owner_is_dead(slot, w)) dead.push_back({i, w});
+        const auto key =
+            std::make_pair(SlotOwner::pid(w),
+                           SlotOwner::state(w) == SlotState::claiming ? 0 : slot.start_time.load());
+        auto it = judged.find(key);
+        if (it == judged.end()) it = judged.emplace(key, owner_is_dead(slot, w)).first;
+        if (it->second) dead.push_back({i, w});
     }
     return dead;
 }
