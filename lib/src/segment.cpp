@@ -24,6 +24,10 @@ Segment Segment::open(std::string_view name) {
         detail::SegmentState::attach(name, SegmentOptions{}, false, detail::Access::read_write));
 }
 
+Segment Segment::open(std::string_view name, const SegmentOptions& options) {
+    return Segment(detail::SegmentState::attach(name, options, false, detail::Access::read_write));
+}
+
 bool Segment::remove(std::string_view name) {
     detail::validate_segment_name(name);
     // shm_unlink directly rather than Boost's remove(), which folds "permission denied" into

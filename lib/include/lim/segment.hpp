@@ -118,6 +118,10 @@ class Segment {
     // open_or_create.
     static Segment open(std::string_view name);
 
+    // As open(name), with this handle's own reaping policy (`reap_after`, `reap_on_attach`);
+    // the geometry and mode in `options` are ignored (they are the segment's).
+    static Segment open(std::string_view name, const SegmentOptions& options);
+
     // Unlinks the segment's name. Processes already attached keep using the memory; the next
     // open_or_create makes a new segment. Returns false if there was no such segment.
     // Throws Error(invalid_name) or Error(permission_denied).

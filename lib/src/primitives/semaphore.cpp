@@ -4,6 +4,7 @@
 
 #include <climits>
 
+#include "inspect/snapshot.hpp"
 #include "lim/error.hpp"
 #include "primitives/semaphore_state.hpp"
 #include "recovery/reaper.hpp"
@@ -209,6 +210,23 @@ void semaphore_reset(SegmentState& state, std::uint32_t record, TimePoint) noexc
 }
 
 }  // namespace
+
+void inspect_semaphore(const SegmentState& state, std::uint32_t record, TimePoint,
+                       RecordSnapshot& out) {
+    const Record& r = state.record(record);
+    const auto& config = *reinterpret_cast<const SemaphoreConfig*>(r.config);
+    const std::uint64_t w =
+        reinterpret_cast<const SemaphoreBody*>(r.body)->word.load(std::memory_order_acquire);
+    out.config = {{"capacity", std::to_string(config.capacity)}};
+    out.layer_names = {"units"};
+    out.layers = {{.name = "in_use",
+                   .unit = "",
+                   .value = static_cast<double>(SemaphoreWord::in_use(w)),
+                   .capacity = static_cast<double>(config.capacity),
+                   .capacity_name = "capacity"}};
+    out.waiters = static_cast<std::uint32_t>(SemaphoreWord::single(w) + SemaphoreWord::multi(w));
+    out.frozen = is_frozen(w);
+}
 
 const KindOps kSemaphoreOps{
     .freeze = semaphore_freeze,

@@ -1,0 +1,145 @@
+#include "inspect/snapshot.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "shm/layout.hpp"
+#include "shm/process_identity.hpp"
+#include "shm/process_table.hpp"
+#include "shm/records.hpp"
+
+namespace lim::detail {
+
+void inspect_semaphore(const SegmentState&, std::uint32_t, TimePoint, RecordSnapshot&);
+
+namespace {
+
+std::string kind_string(std::uint16_t kind) {
+    switch (static_cast<RecordKind>(kind)) {
+        case RecordKind::limiter:
+            return "limiter";
+        case RecordKind::semaphore:
+            return "semaphore";
+        case RecordKind::weighted_semaphore:
+            return "weighted_semaphore";
+        case RecordKind::backoff_window:
+            return "backoff_window";
+        case RecordKind::dispatch:
+            return "dispatch";
+        case RecordKind::none:
+            break;
+    }
+    return fmt::format("unknown({})", kind);
+}
+
+std::string slot_state_string(SlotState st) {
+    switch (st) {
+        case SlotState::free:
+            return "free";
+        case SlotState::claiming:
+            return "claiming";
+        case SlotState::live:
+            return "live";
+        case SlotState::retired:
+            return "retired";
+    }
+    return "unknown";
+}
+
+bool slot_alive(const SlotHeader& slot, std::uint64_t owner) {
+    const auto pid = static_cast<pid_t>(SlotOwner::pid(owner));
+    if (SlotOwner::state(owner) == SlotState::claiming) return read_proc_stat(pid).has_value();
+    return check_alive(pid, slot.start_time.load(std::memory_order_relaxed),
+                       slot.pidns_inode.load(std::memory_order_relaxed)) != Liveness::dead;
+}
+
+std::string key_of(const SegmentState& state, std::uint32_t record1) {
+    if (record1 == 0 || record1 - 1 >= state.records_used()) return {};
+    return std::string(record_key(state.record(record1 - 1)));
+}
+
+}  // namespace
+
+InspectFn kind_inspector(std::uint16_t kind) noexcept {
+    switch (static_cast<RecordKind>(kind)) {
+        case RecordKind::semaphore:
+            return inspect_semaphore;
+        default:
+            return nullptr;
+    }
+}
+
+std::string format_amount(double value) {
+    if (std::isinf(value)) return value > 0 ? "inf" : "-inf";
+    if (value == std::floor(value) && std::abs(value) < 1e15) return fmt::format("{:.0f}", value);
+    return fmt::format("{:.4f}", value);
+}
+
+RecordSnapshot snapshot_record(const SegmentState& state, std::uint32_t record, TimePoint now) {
+    const Record& r = state.record(record);
+    RecordSnapshot out;
+    out.index = record;
+    out.kind = kind_string(r.header.kind);
+    out.key = std::string(record_key(r));
+    out.created_wall_ns = r.header.created_wall_ns;
+    out.creator_pid = r.header.creator_pid;
+    out.admitted_total = r.header.admitted_retired.load(std::memory_order_relaxed);
+    if (InspectFn fn = kind_inspector(r.header.kind)) fn(state, record, now, out);
+    if (out.layer_scale.size() < out.layer_names.size())
+        out.layer_scale.resize(out.layer_names.size(), 1.0);
+
+    for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+        const SlotHeader& slot = state.slot(i);
+        const std::uint64_t w = slot.owner.load(std::memory_order_acquire);
+        const SlotState st = SlotOwner::state(w);
+        if (st == SlotState::free) continue;
+        const LedgerEntry& e = state.ledger(i, record);
+        out.admitted_total += e.admitted.load(std::memory_order_relaxed);
+        HolderRow row;
+        bool holds = false;
+        for (std::size_t l = 0; l < out.layer_names.size() && l < 3; ++l) {
+            const std::int64_t h = e.held[l].load(std::memory_order_relaxed);
+            holds = holds || h != 0;
+            row.held.push_back(static_cast<double>(h) * out.layer_scale[l]);
+        }
+        if (!holds) continue;
+        row.pid = static_cast<int>(SlotOwner::pid(w));
+        row.tid = slot.tid.load(std::memory_order_relaxed);
+        row.state = slot_state_string(st);
+        row.alive = slot_alive(slot, w);
+        out.holders.push_back(std::move(row));
+    }
+    return out;
+}
+
+SegmentSnapshot snapshot_segment(const SegmentState& state, TimePoint now) {
+    SegmentSnapshot out;
+    out.info = state.info();
+    out.reaps_total = state.header().reaps_total.load(std::memory_order_relaxed);
+    const std::uint32_t used = state.records_used();
+    for (std::uint32_t r = 0; r < used; ++r) {
+        if (state.record(r).header.state.load(std::memory_order_acquire) != kRecordReady) continue;
+        out.records.push_back(snapshot_record(state, r, now));
+    }
+    for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+        const SlotHeader& slot = state.slot(i);
+        const std::uint64_t w = slot.owner.load(std::memory_order_acquire);
+        const SlotState st = SlotOwner::state(w);
+        if (st == SlotState::free) continue;
+        ProcessRow row;
+        row.slot = i;
+        row.pid = static_cast<int>(SlotOwner::pid(w));
+        row.tid = slot.tid.load(std::memory_order_relaxed);
+        row.state = slot_state_string(st);
+        row.alive = slot_alive(slot, w);
+        row.attached_wall_ns = slot.attached_wall_ns.load(std::memory_order_relaxed);
+        row.pending_key = key_of(state, slot.pending.load(std::memory_order_relaxed));
+        row.waiting_key = key_of(state, slot.waiting_record.load(std::memory_order_relaxed));
+        out.processes.push_back(std::move(row));
+    }
+    return out;
+}
+
+}  // namespace lim::detail
