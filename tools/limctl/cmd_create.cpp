@@ -34,6 +34,15 @@ TableReader::TableReader(const toml::table& table, std::string file, std::string
 
 [[noreturn]] void TableReader::fail(const std::string& key, const std::string& what) const {
     const toml::node* node = table_.get(key);
+    if (node == nullptr) {
+        // A required option is missing: a misspelt key is the likelier story, so name it first.
+        for (const auto& [k, v] : table_) {
+            const std::string other(k.str());
+            if (used_.count(other) || other == key) continue;
+            throw UsageError(fmt::format("{}: {}.{}: unknown option ({}.{} is {})", where(v, file_),
+                                         context_, other, context_, key, what));
+        }
+    }
     throw UsageError(
         fmt::format("{}: {}.{}: {}", node ? where(*node, file_) : file_, context_, key, what));
 }
@@ -128,8 +137,7 @@ int run_create(const std::string& segment, const std::string& file) {
                             where(v, file), section));
         }
     }
-    lim::Segment seg = lim::Segment::open_or_create(segment, options);
-    fmt::print("segment {}: {}\n", segment, seg.is_creator() ? "created" : "already existed");
+    std::vector<LimiterSpec> specs;
     if (const toml::table* limiters = doc["limiter"].as_table()) {
         for (const auto& [k, v] : *limiters) {
             const std::string key(k.str());
@@ -139,14 +147,22 @@ int run_create(const std::string& segment, const std::string& file) {
                     fmt::format("{}: limiter.{} must be a table", where(v, file), key));
             TableReader r(*t, file, "limiter." + key);
             const auto kind = r.string("kind");
-            if (!kind)
+            if (!kind) {
                 r.fail("kind",
                        "missing (dispatch, token_bucket, throttle, throttled_rate_limiter, "
                        "limiter, semaphore, weighted_semaphore)");
-            const std::string outcome = create_limiter(seg, key, *kind, r);
-            r.finish();
-            fmt::print("  {:<24} {:<24} {}\n", key, *kind, outcome);
+            }
+            specs.push_back(read_limiter(key, *kind, r));
         }
+    }
+    // The whole file is valid: now create.
+    lim::Segment seg = lim::Segment::open_or_create(segment, options);
+    fmt::print("segment {}: {}\n", segment, seg.is_creator() ? "created" : "already existed");
+    for (const LimiterSpec& spec : specs) {
+        const std::uint32_t before = seg.info().limiters;
+        spec.open(seg);
+        fmt::print("  {:<24} {:<24} {}\n", spec.key, spec.kind,
+                   seg.info().limiters > before ? "created" : "exists");
     }
     return kExitOk;
 }

@@ -17,15 +17,16 @@ std::uint64_t require_count(TableReader& r, const std::string& key) {
 
 }  // namespace
 
-std::string create_limiter(const lim::Segment& seg, const std::string& key, const std::string& kind,
-                           TableReader& r) {
-    const std::uint32_t before = seg.info().limiters;
+LimiterSpec read_limiter(const std::string& key, const std::string& kind, TableReader& r) {
+    LimiterSpec spec{key, kind, {}};
     if (kind == "semaphore") {
-        lim::Semaphore::open(seg, key, {.capacity = require_count(r, "capacity")});
+        const lim::SemaphoreOptions o{.capacity = require_count(r, "capacity")};
+        spec.open = [key, o](const lim::Segment& seg) { lim::Semaphore::open(seg, key, o); };
     } else {
         r.fail("kind", fmt::format("'{}' is not a kind lim knows", kind));
     }
-    return seg.info().limiters > before ? "created" : "exists";
+    r.finish();
+    return spec;
 }
 
 }  // namespace limctl

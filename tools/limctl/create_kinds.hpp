@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <set>
 #include <string>
@@ -34,9 +35,15 @@ class TableReader {
     std::set<std::string> used_;
 };
 
-// Creates (or checks) limiter `key` of `kind` with the options in `r`. Returns "created" or
-// "exists". Throws UsageError for an unknown kind, lim::Error for what the library refuses.
-std::string create_limiter(const lim::Segment& seg, const std::string& key, const std::string& kind,
-                           TableReader& r);
+// A limiter read from the file, ready to be created: reading validates every option (types,
+// unknown keys), so a bad file is refused before anything is created.
+struct LimiterSpec {
+    std::string key;
+    std::string kind;
+    std::function<void(const lim::Segment&)> open;  // creates it, or checks the existing one
+};
+
+// Reads limiter `key` of `kind` from `r`. Throws UsageError for an unknown kind or option.
+LimiterSpec read_limiter(const std::string& key, const std::string& kind, TableReader& r);
 
 }  // namespace limctl

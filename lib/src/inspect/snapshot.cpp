@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 
 #include "shm/layout.hpp"
 #include "shm/process_identity.hpp"
@@ -111,6 +112,8 @@ RecordSnapshot snapshot_record(const SegmentState& state, std::uint32_t record, 
         row.alive = slot_alive(slot, w);
         out.holders.push_back(std::move(row));
     }
+    std::sort(out.holders.begin(), out.holders.end(),
+              [](const HolderRow& a, const HolderRow& b) { return std::tie(a.pid, a.tid) < std::tie(b.pid, b.tid); });
     return out;
 }
 
@@ -139,6 +142,9 @@ SegmentSnapshot snapshot_segment(const SegmentState& state, TimePoint now) {
         row.waiting_key = key_of(state, slot.waiting_record.load(std::memory_order_relaxed));
         out.processes.push_back(std::move(row));
     }
+    std::sort(out.processes.begin(), out.processes.end(), [](const ProcessRow& a, const ProcessRow& b) {
+        return std::tie(a.pid, a.tid, a.slot) < std::tie(b.pid, b.tid, b.slot);
+    });
     return out;
 }
 

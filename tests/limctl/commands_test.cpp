@@ -1,0 +1,286 @@
+// limctl, run as an operator would, on a segment this test prepares: golden text and JSON output
+// for every command, exit codes, and refusal of bad input without a crash.
+#include <fcntl.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <doctest/doctest.h>
+#include <nlohmann/json.hpp>
+
+#include <atomic>
+#include <fstream>
+#include <regex>
+#include <string>
+
+#include "lim/lim.hpp"
+#include "limctl/run.hpp"
+#include "support/process.hpp"
+
+using namespace lim;
+using lim::test::check_golden;
+using lim::test::limctl;
+
+namespace {
+
+// A segment with known contents: semaphore "db" (capacity 8) of which this process holds 1 and a
+// child process 3, and semaphore "idle" that nobody uses.
+struct Prepared {
+    lim::test::SegmentGuard guard{lim::test::unique_name("limctl")};
+    Segment seg = Segment::open_or_create(guard.name(), {.max_limiters = 8, .max_processes = 16});
+    Semaphore db = Semaphore::open(seg, "db", {.capacity = 8});
+    Semaphore idle = Semaphore::open(seg, "idle", {.capacity = 2});
+    pid_t child = 0;
+
+    Prepared() {
+        db.acquire(1);
+        auto* ready = new (lim::test::shared_array<std::atomic<int>>(1)) std::atomic<int>{0};
+        child = lim::test::fork_child([&] {
+            db.acquire(3);
+            ready->store(1);
+            for (;;)
+                ::pause();
+            return 0;
+        });
+        while (ready->load() == 0)
+            ::usleep(100);
+    }
+    ~Prepared() {
+        if (child) {
+            ::kill(child, SIGKILL);
+            lim::test::wait_child(child);
+        }
+    }
+    void kill_child() {
+        ::kill(child, SIGKILL);
+        CHECK(lim::test::wait_child(child) == 128 + SIGKILL);
+    }
+    std::string norm(const std::string& text) const {
+        std::string t =
+            std::regex_replace(text, std::regex("\\b" + std::to_string(child) + "\\b"), "<CHILD>");
+        return lim::test::normalise(t, guard.name(), {::getpid()});
+    }
+    const std::string& name() const { return guard.name(); }
+};
+
+std::string write_toml(const std::string& text) {
+    const std::string path = "/tmp/limctl-test-" + std::to_string(::getpid()) + ".toml";
+    std::ofstream(path) << text;
+    return path;
+}
+
+}  // namespace
+
+TEST_CASE("show: the overview, one key in detail, and the process table") {
+    Prepared p;
+    const auto overview = limctl("show " + p.name());
+    CHECK(overview.code == 0);
+    CHECK(overview.err.empty());
+    check_golden("show.txt", p.norm(overview.out));
+
+    const auto detail = limctl("show " + p.name() + " db");
+    CHECK(detail.code == 0);
+    check_golden("show-db.txt", p.norm(detail.out));
+
+    const auto procs = limctl("show --processes " + p.name());
+    CHECK(procs.code == 0);
+    CHECK(procs.out.find("SLOT") != std::string::npos);
+    CHECK(procs.out.find(std::to_string(p.child)) != std::string::npos);
+
+    const auto missing = limctl("show " + p.name() + " nope");
+    CHECK(missing.code == 1);
+    CHECK(missing.err.find("no limiter 'nope'") != std::string::npos);
+}
+
+TEST_CASE("show --json has the documented shape") {
+    Prepared p;
+    const auto r = limctl("show --json " + p.name());
+    REQUIRE(r.code == 0);
+    const auto j = nlohmann::json::parse(r.out);
+    CHECK(j["segment"]["name"] == p.name());
+    CHECK(j["segment"]["max_limiters"] == 8);
+    CHECK(j["segment"]["processes"] == 2);
+    REQUIRE(j["records"].size() == 2);
+    const auto& db = j["records"][0];
+    CHECK(db["key"] == "db");
+    CHECK(db["kind"] == "semaphore");
+    CHECK(db["config"]["capacity"] == 8);
+    CHECK(db["layers"][0]["name"] == "in_use");
+    CHECK(db["layers"][0]["value"] == 4);
+    CHECK(db["layers"][0]["capacity"] == 8);
+    CHECK(db["admitted_total"] == 2);
+    REQUIRE(db["holders"].size() == 2);
+    CHECK(db["holders"][0]["pid"] == ::getpid());
+    CHECK(db["holders"][0]["held"]["units"] == 1);
+    CHECK(db["holders"][1]["pid"] == p.child);
+    CHECK(db["holders"][1]["held"]["units"] == 3);
+    CHECK(db["holders"][1]["alive"] == true);
+    CHECK(j["processes"].size() == 2);
+    check_golden("show.json", std::regex_replace(p.norm(r.out), std::regex(R"("slot": \d+)"),
+                                                 "\"slot\": <SLOT>"));
+
+    const auto one = limctl("show --json " + p.name() + " idle");
+    REQUIRE(one.code == 0);
+    CHECK(nlohmann::json::parse(one.out)["records"][0]["key"] == "idle");
+}
+
+TEST_CASE("stats --format prometheus parses back") {
+    Prepared p;
+    const auto r = limctl("stats " + p.name() + " --format prometheus");
+    REQUIRE(r.code == 0);
+    check_golden("stats.prom", p.norm(r.out));
+    // Every sample line is name{labels} value; every family has HELP and TYPE before its samples.
+    const std::regex sample(
+        R"(^(lim_[a-z_]+)\{([a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*)\} (-?[0-9.e+]+|inf)$)");
+    const std::regex type(R"(^# TYPE (lim_[a-z_]+) (gauge|counter)$)");
+    std::istringstream lines(r.out);
+    std::string line, current;
+    int samples = 0;
+    double in_use = -1;
+    while (std::getline(lines, line)) {
+        std::smatch m;
+        if (line.rfind("# HELP ", 0) == 0) continue;
+        if (std::regex_match(line, m, type)) {
+            current = m[1];
+            if (m[2] == "counter") CHECK(current.size() > 6);
+            if (m[2] == "counter") CHECK(current.substr(current.size() - 6) == "_total");
+            continue;
+        }
+        REQUIRE_MESSAGE(std::regex_match(line, m, sample), line);
+        CHECK(m[1] == current);
+        ++samples;
+        if (m[1] == "lim_in_use" && m[2].str().find("key=\"db\"") != std::string::npos)
+            in_use = std::stod(m[4]);
+    }
+    CHECK(samples > 8);
+    CHECK(in_use == 4);
+
+    const auto json = limctl("stats --json " + p.name());
+    REQUIRE(json.code == 0);
+    CHECK(nlohmann::json::parse(json.out)["records"].size() == 2);
+}
+
+TEST_CASE("ls lists the segment; a damaged one is listed with its error") {
+    Prepared p;
+    lim::test::SegmentGuard junk(lim::test::unique_name("limctl-junk"));
+    std::ofstream(lim::test::segment_path(junk.name()))
+        << "this is not a segment, but long enough to have a header";
+    const auto r = limctl("ls");
+    REQUIRE(r.code == 0);
+    CHECK(std::regex_search(r.out, std::regex(p.name() + R"(\s+[0-9.]+ KiB\s+2/8\s+2\s)")));
+    CHECK(std::regex_search(r.out, std::regex(junk.name() + R"(\s+corrupt_segment)")));
+    const auto j = limctl("ls --json");
+    REQUIRE(j.code == 0);
+    bool found = false;
+    for (const auto& s : nlohmann::json::parse(j.out)) {
+        if (s["name"] == junk.name()) {
+            CHECK(s["status"] == "corrupt_segment");
+            found = true;
+        }
+    }
+    CHECK(found);
+    const auto show = limctl("show " + junk.name());
+    CHECK(show.code == 1);
+    CHECK(show.err.find("not a valid lim segment") != std::string::npos);
+}
+
+TEST_CASE("reap gives back what a killed holder held; reset and rm repair and remove") {
+    Prepared p;
+    const std::string child = std::to_string(p.child);
+    CHECK(limctl("reap " + p.name()).out.find("no dead processes") != std::string::npos);
+
+    const auto busy = limctl("reset " + p.name());
+    CHECK(busy.code == 1);
+    CHECK(busy.err.find("(busy)") != std::string::npos);
+
+    p.kill_child();
+    const auto shown = limctl("show " + p.name() + " db");
+    CHECK(shown.out.find("DEAD (reap to recover)") != std::string::npos);
+    const auto reaped = limctl("reap " + p.name());
+    CHECK(reaped.code == 0);
+    check_golden("reap.txt", p.norm(reaped.out));
+    CHECK(p.db.in_use() == 1);
+    const auto again = limctl("reap --json " + p.name());
+    CHECK(nlohmann::json::parse(again.out)["reaped"].empty());
+
+    // This test process is attached too, so a plain reset is refused; force it.
+    CHECK(limctl("reset " + p.name() + " db").code == 1);
+    const auto reset = limctl("reset --force " + p.name() + " db");
+    CHECK(reset.code == 0);
+    CHECK(p.db.in_use() == 0);
+    CHECK(limctl("reset " + p.name() + " nope").code == 1);
+
+    CHECK(limctl("rm " + p.name()).code == 0);
+    const auto gone = limctl("rm " + p.name());
+    CHECK(gone.code == 1);
+    CHECK(gone.err.find("does not exist") != std::string::npos);
+}
+
+TEST_CASE("create declares a segment from TOML, idempotently, and refuses bad files clearly") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("limctl-create"));
+    const std::string good = write_toml(R"(
+[segment]
+max_limiters = 32
+max_processes = 64
+
+[limiter.db]
+kind = "semaphore"
+capacity = 8
+)");
+    const auto first = limctl("create " + guard.name() + " --config " + good);
+    CHECK(first.code == 0);
+    check_golden("create.txt", lim::test::normalise(first.out, guard.name(), {}));
+    const auto second = limctl("create " + guard.name() + " --config " + good);
+    CHECK(second.code == 0);
+    CHECK(second.out.find("already existed") != std::string::npos);
+    auto seg = Segment::open(guard.name());
+    CHECK(seg.info().max_limiters == 32);
+    CHECK(Semaphore::open(seg, "db", {.capacity = 8}).capacity() == 8);
+
+    const auto typo = limctl("create " + guard.name() + " --config " +
+                             write_toml("[limiter.db]\nkind = \"semaphore\"\ncapcity = 8\n"));
+    CHECK(typo.code == 2);
+    CHECK(typo.err.find(":3: limiter.db.capcity: unknown option") != std::string::npos);
+
+    const auto mismatch = limctl("create " + guard.name() + " --config " +
+                                 write_toml("[limiter.db]\nkind = \"semaphore\"\ncapacity = 9\n"));
+    CHECK(mismatch.code == 1);
+    CHECK(mismatch.err.find("config_mismatch") != std::string::npos);
+
+    const auto kind = limctl("create " + guard.name() + " --config " +
+                             write_toml("[limiter.x]\nkind = \"pool\"\n"));
+    CHECK(kind.code == 2);
+    CHECK(kind.err.find("'pool' is not a kind") != std::string::npos);
+
+    const auto syntax =
+        limctl("create " + guard.name() + " --config " + write_toml("[limiter.x\n"));
+    CHECK(syntax.code == 2);
+    CHECK(syntax.err.find(".toml:1:") != std::string::npos);
+}
+
+TEST_CASE("usage errors exit 2; --help works on every subcommand") {
+    CHECK(limctl("").code == 2);
+    CHECK(limctl("frobnicate").code == 2);
+    CHECK(limctl("show").code == 2);
+    CHECK(limctl("stats x --format xml").code == 2);
+    CHECK(limctl("watch x --interval soon").code == 2);
+    for (const char* sub : {"ls", "show", "watch", "stats", "reap", "reset", "rm", "create"}) {
+        CAPTURE(sub);
+        const auto help = limctl(std::string(sub) + " --help");
+        CHECK(help.code == 0);
+        CHECK(help.out.find("Usage") != std::string::npos);
+    }
+    CHECK(limctl("--help").code == 0);
+    CHECK(limctl("--version").out.find("limctl") != std::string::npos);
+}
+
+TEST_CASE("a user without access gets a clear permission error") {
+    if (::geteuid() != 0) {
+        MESSAGE("not root: cannot switch users, skipping");
+        return;
+    }
+    Prepared p;
+    const auto r =
+        limctl("show " + p.name(), "setpriv --reuid=65534 --regid=65534 --clear-groups ");
+    CHECK(r.code == 1);
+    CHECK(r.err.find("permission denied") != std::string::npos);
+}
