@@ -257,6 +257,20 @@ capacity = 8
     CHECK(syntax.err.find(".toml:1:") != std::string::npos);
 }
 
+TEST_CASE("watch without a terminal prints plain frames, as many as asked") {
+    Prepared p;
+    const auto r = limctl("watch " + p.name() + " --iterations 3 --interval 50ms </dev/null");
+    CHECK(r.code == 0);
+    std::size_t frames = 0;
+    for (std::size_t at = r.out.find("lim watch:"); at != std::string::npos;
+         at = r.out.find("lim watch:", at + 1)) {
+        ++frames;
+    }
+    CHECK(frames == 3);
+    CHECK(r.out.find("\x1b[") == std::string::npos);  // no terminal control sequences
+    CHECK(r.out.find("4 / 8") != std::string::npos);
+}
+
 TEST_CASE("usage errors exit 2; --help works on every subcommand") {
     CHECK(limctl("").code == 2);
     CHECK(limctl("frobnicate").code == 2);

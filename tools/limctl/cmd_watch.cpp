@@ -109,11 +109,12 @@ int run_watch(const std::string& segment, std::chrono::nanoseconds interval, int
         fmt::print("{}{}", tty ? "\x1b[H\x1b[2J" : (n > 0 ? "\n" : ""), frame(s, rates, interval));
         std::fflush(stdout);
         if (iterations > 0 && n + 1 >= iterations) break;
-        // Sleep until the next frame, waking for a key press.
+        // Sleep until the next frame, waking for a key press (when there is a keyboard: a
+        // redirected stdin at EOF would otherwise end every sleep at once) or a signal.
         pollfd in{STDIN_FILENO, POLLIN, 0};
         const int ms = static_cast<int>(
             std::chrono::duration_cast<std::chrono::milliseconds>(interval).count());
-        if (::poll(&in, 1, ms) > 0 && (in.revents & POLLIN)) {
+        if (::poll(&in, tty ? 1 : 0, ms) > 0 && (in.revents & POLLIN)) {
             char c = 0;
             if (::read(STDIN_FILENO, &c, 1) == 1 && (c == 'q' || c == 'Q' || c == 3)) break;
         }
