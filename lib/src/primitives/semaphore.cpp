@@ -14,8 +14,11 @@ namespace lim::detail {
 namespace {
 
 // How long a sleeper sleeps before re-checking on its own: a waker killed between its release and
-// its wake must not leave anyone asleep for long.
-constexpr Duration kRecheck = std::chrono::milliseconds{100};
+// its wake must not leave anyone asleep for long. (Sleepers that could not register, because the
+// sleeper count saturated, poll every millisecond instead.)
+constexpr Pacing kSemaphorePacing{};
+constexpr Pacing kPollPacing{.base = std::chrono::milliseconds{1},
+                             .max = std::chrono::milliseconds{1}};
 
 void wake_after_release(std::atomic<std::uint64_t>& word, std::uint64_t before, std::uint64_t n) {
     if (SemaphoreWord::multi(before) > 0) {
@@ -114,7 +117,7 @@ bool SemaphoreCore::release(Hold& hold, const SegmentState& state, std::uint64_t
 }
 
 bool SemaphoreCore::acquire_until(SegmentState& state, std::uint32_t record, std::uint64_t n,
-                                  std::optional<TimePoint> deadline) {
+                                  std::optional<TimePoint> deadline, const Pacing& pacing) {
     {
         Hold hold(state, record);
         if (try_acquire(hold, state, n)) return true;
@@ -124,15 +127,14 @@ bool SemaphoreCore::acquire_until(SegmentState& state, std::uint32_t record, std
         Hold hold(state, record);
         registered = register_sleeper(hold, state, n);
     }
-    for (;;) {
+    for (int attempt = 0;; ++attempt) {
         std::uint64_t seen = 0;
         {
             Hold hold(state, record);
             if (try_acquire(hold, state, n, registered ? n : 0)) return true;
             seen = word.load(std::memory_order_seq_cst);
         }
-        const TimePoint now = Clock::now();
-        if (deadline && now >= *deadline) {
+        if (deadline && pacing.now() >= *deadline) {
             if (registered) {
                 Hold hold(state, record);
                 deregister_sleeper(hold, state, n);
@@ -141,11 +143,10 @@ bool SemaphoreCore::acquire_until(SegmentState& state, std::uint32_t record, std
         }
         // Sleep while the units in use stay as we saw them; a release changes them (and wakes
         // us if we are registered). Unregistered (saturated) sleepers just poll.
-        const Duration cap = registered ? kRecheck : std::chrono::milliseconds{1};
-        if (!is_frozen(seen)) {
-            futex_wait(low_half(word), static_cast<std::uint32_t>(SemaphoreWord::in_use(seen)),
-                       bounded(deadline, now, cap));
-        }
+        const Pacing* p = registered ? &pacing : &kPollPacing;
+        if (pacing.sleep && *pacing.sleep) p = &pacing;
+        p->pause(low_half(word), static_cast<std::uint32_t>(SemaphoreWord::in_use(seen)), deadline,
+                 attempt);
     }
 }
 
@@ -200,10 +201,10 @@ LiveHoldings semaphore_recount(SegmentState& state, std::uint32_t record, const 
     return given;
 }
 
+// Nothing held, but the live sleepers stay counted: they will deregister later, and a count
+// reset to zero under them would underflow into the units field.
 void semaphore_reset(SegmentState& state, std::uint32_t record, TimePoint) noexcept {
-    auto& word = body_at(state, record).word;
-    word.store(0, std::memory_order_seq_cst);
-    futex_wake(low_half(word), INT_MAX);
+    recount_semaphore_word(state, record, 0, body_at(state, record).word, 0);
 }
 
 }  // namespace
@@ -277,13 +278,14 @@ bool Semaphore::try_acquire(std::uint64_t n) {
 void Semaphore::acquire(std::uint64_t n) {
     check_amount(ref_, n);
     if (n == 0) return;
-    core_of(ref_).acquire_until(*ref_.state, ref_.index, n, std::nullopt);
+    core_of(ref_).acquire_until(*ref_.state, ref_.index, n, std::nullopt, detail::kSemaphorePacing);
 }
 
 bool Semaphore::acquire_until(std::uint64_t n, TimePoint deadline) {
     check_amount(ref_, n);
     if (n == 0) return true;
-    return core_of(ref_).acquire_until(*ref_.state, ref_.index, n, deadline);
+    return core_of(ref_).acquire_until(*ref_.state, ref_.index, n, deadline,
+                                       detail::kSemaphorePacing);
 }
 
 void Semaphore::release(std::uint64_t n) {

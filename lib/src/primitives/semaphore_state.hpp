@@ -18,6 +18,7 @@
 #include "recovery/kind_ops.hpp"
 #include "shm/layout.hpp"
 #include "shm/ledger.hpp"
+#include "sync/pacing.hpp"
 
 namespace lim::detail {
 
@@ -76,9 +77,10 @@ struct SemaphoreCore {
     // `n` are in use.
     bool release(Hold& hold, const SegmentState& state, std::uint64_t n) noexcept;
 
-    // Blocks until `n` units are acquired or `deadline` passes. Opens its own Holds.
+    // Blocks until `n` units are acquired or `deadline` (in `pacing`'s clock) passes. Opens its
+    // own Holds and holds none while it sleeps; `pacing` bounds each sleep.
     bool acquire_until(SegmentState& state, std::uint32_t record, std::uint64_t n,
-                       std::optional<TimePoint> deadline);
+                       std::optional<TimePoint> deadline, const Pacing& pacing);
 };
 
 // Crash recovery for a word in this format: set in_use to `live_units` and the sleeper counts to
