@@ -45,7 +45,7 @@ bool SemaphoreCore::try_acquire(Hold& hold, const SegmentState& state, std::uint
         if (word.compare_exchange_weak(w, w + n - deregister, std::memory_order_seq_cst,
                                        std::memory_order_relaxed)) {
             hold.add(layer, static_cast<std::int64_t>(n));
-            hold.admitted();
+            if (counts_admissions) hold.admitted();
             if (registered_for)
                 hold.holder_ref().slot->waiting_record.store(0, std::memory_order_relaxed);
             return true;

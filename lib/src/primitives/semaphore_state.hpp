@@ -61,6 +61,9 @@ struct SemaphoreCore {
     std::atomic<std::uint64_t>& word;
     std::uint64_t capacity;
     int layer;
+    // Whether a successful acquire counts as an admission in the ledger (Dispatch counts its
+    // permits itself, once each, rather than once per layer).
+    bool counts_admissions = true;
 
     // One attempt under `hold`; never sleeps (except aside a frozen word). If `registered_for`
     // is non-zero the caller is registered as a sleeper for that many units, and a successful

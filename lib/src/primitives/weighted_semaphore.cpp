@@ -109,7 +109,7 @@ bool WeightedCore::try_acquire(Hold& hold, const SegmentState& state, std::uint6
         if (l.word.compare_exchange_weak(w, w + n, std::memory_order_seq_cst,
                                          std::memory_order_relaxed)) {
             hold.add(ledger_layer, static_cast<std::int64_t>(n));
-            hold.admitted();
+            if (counts_admissions) hold.admitted();
             return true;
         }
     }
@@ -156,7 +156,7 @@ bool WeightedCore::acquire_until(SegmentState& state, std::uint32_t record, std:
                     if (l.word.compare_exchange_weak(w, w + n, std::memory_order_seq_cst,
                                                      std::memory_order_relaxed)) {
                         hold.add(ledger_layer, static_cast<std::int64_t>(n));
-                        hold.admitted();
+                        if (counts_admissions) hold.admitted();
                         got = Enqueued::took;
                         break;
                     }
@@ -229,7 +229,7 @@ bool WeightedCore::acquire_until(SegmentState& state, std::uint32_t record, std:
                     }
                     if (a == Admit::admitted) {
                         hold.add(ledger_layer, static_cast<std::int64_t>(n));
-                        hold.admitted();
+                        if (counts_admissions) hold.admitted();
                         auto& slot = ring_slot(l, t);
                         std::uint64_t e = slot.load(std::memory_order_seq_cst);
                         if (RingEntry::is(e, t, RingState::waiting)) {

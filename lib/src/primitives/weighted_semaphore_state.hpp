@@ -112,6 +112,7 @@ struct WeightedCore {
     WeightedLayer& l;
     std::uint64_t capacity;
     int ledger_layer;
+    bool counts_admissions = true;  // as SemaphoreCore::counts_admissions
 
     // Takes `n` units if nobody is queued and they fit. Never sleeps (except aside a frozen word).
     bool try_acquire(Hold& hold, const SegmentState& state, std::uint64_t n) noexcept;
