@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <climits>
 
 #include "inspect/snapshot.hpp"
@@ -16,8 +17,11 @@ namespace lim::detail {
 namespace {
 
 // How long a sleeper sleeps before re-checking on its own: a waker killed between its release and
-// its wake must not leave anyone asleep for long.
-constexpr Duration kRecheck = std::chrono::milliseconds{100};
+// its wake must not leave anyone asleep for long. (Sleepers that could not register, because the
+// sleeper count saturated, poll every millisecond instead.)
+constexpr Pacing kSemaphorePacing{};
+constexpr Pacing kPollPacing{.base = std::chrono::milliseconds{1},
+                             .max = std::chrono::milliseconds{1}};
 
 void wake_after_release(std::atomic<std::uint64_t>& word, std::uint64_t before, std::uint64_t n) {
     if (SemaphoreWord::multi(before) > 0) {
@@ -44,7 +48,7 @@ bool SemaphoreCore::try_acquire(Hold& hold, const SegmentState& state, std::uint
         if (word.compare_exchange_weak(w, w + n - deregister, std::memory_order_seq_cst,
                                        std::memory_order_relaxed)) {
             hold.add(layer, static_cast<std::int64_t>(n));
-            hold.admitted();
+            if (counts_admissions) hold.admitted();
             if (registered_for)
                 hold.holder_ref().slot->waiting_record.store(0, std::memory_order_relaxed);
             return true;
@@ -116,7 +120,7 @@ bool SemaphoreCore::release(Hold& hold, const SegmentState& state, std::uint64_t
 }
 
 bool SemaphoreCore::acquire_until(SegmentState& state, std::uint32_t record, std::uint64_t n,
-                                  std::optional<TimePoint> deadline) {
+                                  std::optional<TimePoint> deadline, const Pacing& pacing) {
     {
         Hold hold(state, record);
         if (try_acquire(hold, state, n)) return true;
@@ -126,15 +130,15 @@ bool SemaphoreCore::acquire_until(SegmentState& state, std::uint32_t record, std
         Hold hold(state, record);
         registered = register_sleeper(hold, state, n);
     }
-    AutoReap auto_reap(state, Clock::now());
-    for (;;) {
+    AutoReap auto_reap(state, pacing.now());
+    for (int attempt = 0;; ++attempt) {
         std::uint64_t seen = 0;
         {
             Hold hold(state, record);
             if (try_acquire(hold, state, n, registered ? n : 0)) return true;
             seen = word.load(std::memory_order_seq_cst);
         }
-        const TimePoint now = Clock::now();
+        const TimePoint now = pacing.now();
         auto_reap.poll(now);
         if (deadline && now >= *deadline) {
             if (registered) {
@@ -145,17 +149,16 @@ bool SemaphoreCore::acquire_until(SegmentState& state, std::uint32_t record, std
         }
         // Sleep while the units in use stay as we saw them; a release changes them (and wakes
         // us if we are registered). Unregistered (saturated) sleepers just poll.
-        const Duration cap = registered ? kRecheck : std::chrono::milliseconds{1};
-        if (!is_frozen(seen)) {
-            futex_wait(low_half(word), static_cast<std::uint32_t>(SemaphoreWord::in_use(seen)),
-                       bounded(deadline, now, cap));
-        }
+        const Pacing* p = registered ? &pacing : &kPollPacing;
+        if (pacing.sleep && *pacing.sleep) p = &pacing;
+        p->pause(low_half(word), static_cast<std::uint32_t>(SemaphoreWord::in_use(seen)), deadline,
+                 attempt);
     }
 }
 
 std::int64_t recount_semaphore_word(const SegmentState& state, std::uint32_t record, int layer,
-                                    std::atomic<std::uint64_t>& word,
-                                    std::int64_t live_units) noexcept {
+                                    std::atomic<std::uint64_t>& word, std::int64_t live_units,
+                                    std::span<const std::uint32_t> dead) noexcept {
     // Count the live sleepers registered on this word (the reaper has made sure no live slot is
     // mid-operation on the record, so the slots' waiting fields are exact).
     std::uint64_t single = 0;
@@ -164,6 +167,7 @@ std::int64_t recount_semaphore_word(const SegmentState& state, std::uint32_t rec
         const SlotHeader& slot = state.slot(i);
         const SlotState st = SlotOwner::state(slot.owner.load(std::memory_order_acquire));
         if (st != SlotState::live) continue;
+        if (std::find(dead.begin(), dead.end(), i) != dead.end()) continue;
         if (slot.waiting_record.load(std::memory_order_acquire) != record + 1) continue;
         if (slot.waiting_layer.load(std::memory_order_relaxed) != static_cast<std::uint32_t>(layer))
             continue;
@@ -197,15 +201,16 @@ void semaphore_thaw(SegmentState& state, std::uint32_t record) noexcept {
 }
 
 LiveHoldings semaphore_recount(SegmentState& state, std::uint32_t record, const LiveHoldings& live,
-                               std::span<const std::uint32_t>, TimePoint) noexcept {
+                               std::span<const std::uint32_t> dead, TimePoint) noexcept {
     LiveHoldings given;
     given.held[0] =
-        recount_semaphore_word(state, record, 0, body_at(state, record).word, live.held[0]);
+        recount_semaphore_word(state, record, 0, body_at(state, record).word, live.held[0], dead);
     return given;
 }
 
+// Nothing held, but the live sleepers stay counted: they will deregister later, and a count
+// reset to zero under them would underflow into the units field.
 void semaphore_reset(SegmentState& state, std::uint32_t record, TimePoint) noexcept {
-    // Nothing in use; live sleepers stay registered (they will deregister themselves).
     recount_semaphore_word(state, record, 0, body_at(state, record).word, 0);
 }
 
@@ -297,13 +302,14 @@ bool Semaphore::try_acquire(std::uint64_t n) {
 void Semaphore::acquire(std::uint64_t n) {
     check_amount(ref_, n);
     if (n == 0) return;
-    core_of(ref_).acquire_until(*ref_.state, ref_.index, n, std::nullopt);
+    core_of(ref_).acquire_until(*ref_.state, ref_.index, n, std::nullopt, detail::kSemaphorePacing);
 }
 
 bool Semaphore::acquire_until(std::uint64_t n, TimePoint deadline) {
     check_amount(ref_, n);
     if (n == 0) return true;
-    return core_of(ref_).acquire_until(*ref_.state, ref_.index, n, deadline);
+    return core_of(ref_).acquire_until(*ref_.state, ref_.index, n, deadline,
+                                       detail::kSemaphorePacing);
 }
 
 void Semaphore::release(std::uint64_t n) {

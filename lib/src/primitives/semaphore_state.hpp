@@ -14,10 +14,12 @@
 #include <atomic>
 #include <cstdint>
 #include <optional>
+#include <span>
 
 #include "recovery/kind_ops.hpp"
 #include "shm/layout.hpp"
 #include "shm/ledger.hpp"
+#include "sync/pacing.hpp"
 
 namespace lim::detail {
 
@@ -60,6 +62,9 @@ struct SemaphoreCore {
     std::atomic<std::uint64_t>& word;
     std::uint64_t capacity;
     int layer;
+    // Whether a successful acquire counts as an admission in the ledger (Dispatch counts its
+    // permits itself, once each, rather than once per layer).
+    bool counts_admissions = true;
 
     // One attempt under `hold`; never sleeps (except aside a frozen word). If `registered_for`
     // is non-zero the caller is registered as a sleeper for that many units, and a successful
@@ -76,16 +81,18 @@ struct SemaphoreCore {
     // `n` are in use.
     bool release(Hold& hold, const SegmentState& state, std::uint64_t n) noexcept;
 
-    // Blocks until `n` units are acquired or `deadline` passes. Opens its own Holds.
+    // Blocks until `n` units are acquired or `deadline` (in `pacing`'s clock) passes. Opens its
+    // own Holds and holds none while it sleeps; `pacing` bounds each sleep.
     bool acquire_until(SegmentState& state, std::uint32_t record, std::uint64_t n,
-                       std::optional<TimePoint> deadline);
+                       std::optional<TimePoint> deadline, const Pacing& pacing);
 };
 
 // Crash recovery for a word in this format: set in_use to `live_units` and the sleeper counts to
-// the live sleepers registered on `record`; returns the units given back.
+// the sleepers registered on `record`'s `layer` by live slots (slots in `dead` do not count);
+// returns the units given back.
 std::int64_t recount_semaphore_word(const SegmentState& state, std::uint32_t record, int layer,
-                                    std::atomic<std::uint64_t>& word,
-                                    std::int64_t live_units) noexcept;
+                                    std::atomic<std::uint64_t>& word, std::int64_t live_units,
+                                    std::span<const std::uint32_t> dead = {}) noexcept;
 
 extern const KindOps kSemaphoreOps;
 

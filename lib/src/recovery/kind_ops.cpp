@@ -1,6 +1,8 @@
 #include "recovery/kind_ops.hpp"
 
+#include "dispatch/dispatch_state.hpp"
 #include "primitives/semaphore_state.hpp"
+#include "primitives/weighted_semaphore_state.hpp"
 
 namespace lim::detail {
 

@@ -168,18 +168,11 @@ std::optional<FileLock> take_recovery_lock(const SegmentState& state, ReapLock m
 
 }  // namespace
 
-ReapReport reap(SegmentState& state, ReapLock mode) {
-    if (state.read_only()) {
-        throw Error(Errc::permission_denied,
-                    fmt::format("segment '{}' is open read-only; cannot reap", state.name()));
-    }
-    ReapReport report;
-    // Reaps and resets exclude each other: two recounts of one record at once would each wait
-    // for the other's frozen word. A lock is fine here: this is the rare path, and the kernel
-    // drops it if the reaper dies (waiters then thaw what it froze, see Hold).
-    const auto lock = take_recovery_lock(state, mode);
-    if (!lock) return report;
+namespace {
 
+// The reap proper; the caller holds the recovery lock.
+ReapReport reap_locked(SegmentState& state) {
+    ReapReport report;
     std::vector<DeadSlot> dead = find_dead_slots(state);
     if (dead.empty()) return report;
 
@@ -281,6 +274,21 @@ ReapReport reap(SegmentState& state, ReapLock mode) {
     return report;
 }
 
+}  // namespace
+
+ReapReport reap(SegmentState& state, ReapLock mode) {
+    if (state.read_only()) {
+        throw Error(Errc::permission_denied,
+                    fmt::format("segment '{}' is open read-only; cannot reap", state.name()));
+    }
+    // Reaps and resets exclude each other: two recounts of one record at once would each wait
+    // for the other's frozen word. A lock is fine here: this is the rare path, and the kernel
+    // drops it if the reaper dies (waiters then thaw what it froze, see Hold).
+    const auto lock = take_recovery_lock(state, mode);
+    if (!lock) return {};
+    return reap_locked(state);
+}
+
 void reap_quietly(SegmentState& state) noexcept {
     try {
         reap(state, ReapLock::skip);
@@ -309,7 +317,10 @@ void reset(SegmentState& state, const ResetOptions& options) {
                     fmt::format("segment '{}' has no limiter '{}'", state.name(), options.key));
     }
 
-    const std::vector<DeadSlot> dead = find_dead_slots(state);
+    // First give back what dead processes held everywhere (a reset of one record must not
+    // forget what they held in others), so that only live slots remain.
+    reap_locked(state);
+    const std::vector<DeadSlot> dead = find_dead_slots(state);  // only deferred ones are left
     const auto self = static_cast<std::uint32_t>(this_process().pid);
     std::vector<std::uint32_t> others;
     for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {

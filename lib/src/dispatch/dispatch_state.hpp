@@ -1,0 +1,113 @@
+// The Dispatch's state in its record, and the process-local object its handles share.
+//
+// Body (docs/design-dispatch.md has the table):
+//   line 0       concurrency word  (SemaphoreWord; ledger layer 0, "slots")
+//   line 1       throttled word    (SemaphoreWord; ledger layer 1, "throttled")
+//   lines 2..19  byte layer        (WeightedLayer: word, queue control, 128-entry ring; ledger
+//                                   layer 2, "bytes", as charged)
+// The backoff deadline is not here: it is the BackoffWindow record named in the config, so that
+// limctl set-backoff, other Dispatches and plain BackoffWindow users share it.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+
+#include "lim/backoff_window.hpp"
+#include "lim/detail/record_ref.hpp"
+#include "lim/dispatch.hpp"
+#include "primitives/backoff_window_state.hpp"
+#include "primitives/semaphore_state.hpp"
+#include "primitives/weighted_semaphore_state.hpp"
+#include "recovery/kind_ops.hpp"
+#include "shm/layout.hpp"
+#include "shm/record_handle.hpp"
+#include "sync/pacing.hpp"
+
+namespace lim::detail {
+
+inline constexpr int kDispatchSlotsLayer = 0;
+inline constexpr int kDispatchThrottledLayer = 1;
+inline constexpr int kDispatchBytesLayer = 2;
+
+// The shared options, as stored in the record (and compared for config_mismatch).
+struct DispatchConfig {
+    std::uint64_t concurrency;
+    std::uint64_t throttled_concurrency;
+    std::uint64_t byte_budget;
+    std::int64_t backoff_window_ns;
+    std::uint64_t byte_penalty_multiplier;
+    std::uint32_t backoff_record;  // record index of the BackoffWindow
+    std::uint32_t reserved;        // zero
+};
+static_assert(is_record_config_v<DispatchConfig>);
+
+struct DispatchBody {
+    alignas(kCacheLine) std::atomic<std::uint64_t> concurrency;
+    alignas(kCacheLine) std::atomic<std::uint64_t> throttled;
+    WeightedLayer bytes;
+};
+static_assert(sizeof(DispatchBody) <= kRecordBodySize);
+static_assert(offsetof(DispatchBody, throttled) == kCacheLine);
+static_assert(offsetof(DispatchBody, bytes) == 2 * kCacheLine);
+
+// Backoff as Foundation defines it: active while now < until, or now - until < window.
+constexpr bool backoff_active_at(std::int64_t now_ns, std::int64_t until_ns,
+                                 std::int64_t window_ns) noexcept {
+    return until_ns != 0 && (now_ns < until_ns || now_ns - until_ns < window_ns);
+}
+
+// What a request of `bytes` is charged: x penalty under backoff (saturating), clamped to the
+// budget.
+constexpr std::uint64_t charge_for(std::uint64_t bytes, bool backoff, std::uint64_t penalty,
+                                   std::uint64_t budget) noexcept {
+    if (backoff && penalty > 1) {
+        if (bytes > budget / penalty) return budget;
+        bytes *= penalty;
+    }
+    return bytes < budget ? bytes : budget;
+}
+
+// Shared by every copy of a Dispatch handle (and pointed to by its Permits). Not movable: the
+// pacing points at the clock and sleep members.
+struct DispatchImpl {
+    DispatchImpl(RecordRef r, BackoffWindow w, const DispatchOptions& o);
+    DispatchImpl(const DispatchImpl&) = delete;
+    DispatchImpl& operator=(const DispatchImpl&) = delete;
+
+    RecordRef ref;
+    BackoffWindow window;
+    DispatchBody* body;
+    const DispatchConfig* config;
+    BackoffWindowBody* window_body;
+    std::function<TimePoint()> clock;
+    std::function<void(Duration)> sleep;
+    Pacing pacing;
+    bool default_clock;
+    // A backoff deadline already seen to be over for good (now - until >= window): with the
+    // monotonic clock it stays over until the deadline changes, so the hot path can skip reading
+    // the clock. Only used with the default clock.
+    std::atomic<std::int64_t> expired_until{0};
+
+    TimePoint now() const { return default_clock ? Clock::now() : clock(); }
+    // Whether a request starting now runs under backoff. Reads the clock only when a deadline
+    // exists and has not been seen to be over.
+    bool backoff_now();
+
+    SemaphoreCore slots() const noexcept {
+        return {body->concurrency, config->concurrency, kDispatchSlotsLayer, false};
+    }
+    SemaphoreCore throttled() const noexcept {
+        return {body->throttled, config->throttled_concurrency, kDispatchThrottledLayer, false};
+    }
+    WeightedCore bytes() const noexcept {
+        return {body->bytes, config->byte_budget, kDispatchBytesLayer, false};
+    }
+};
+
+// Gives back what a Permit holds (bytes, throttled slot, concurrency slot). Never throws.
+void release_permit(DispatchImpl& d, std::uint64_t bytes, bool throttled) noexcept;
+
+extern const KindOps kDispatchOps;
+
+}  // namespace lim::detail

@@ -1,0 +1,471 @@
+#include "lim/weighted_semaphore.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <climits>
+
+#include "lim/error.hpp"
+#include "primitives/weighted_semaphore_state.hpp"
+#include "shm/record_handle.hpp"
+#include "sync/futex.hpp"
+
+namespace lim::detail {
+namespace {
+
+using W = WeightedWord;
+
+// Queued waiters re-check at least this often even when no wake comes (a waker killed between
+// its release and its wake must not strand them). Requests that find the ring full poll faster.
+constexpr Pacing kWeightedPacing{};
+constexpr Pacing kOverflowPacing{.base = std::chrono::milliseconds{1},
+                                 .max = std::chrono::milliseconds{1}};
+
+constexpr std::uint32_t bit_of(std::uint64_t ticket) noexcept {
+    return 1u << (ticket % 32);
+}
+
+std::atomic<std::uint64_t>& ring_slot(WeightedLayer& l, std::uint64_t ticket) noexcept {
+    return l.queue.ring[ticket % kRingSize];
+}
+
+// Waits aside while the word is frozen, then performs a compare-and-swap that changes nothing.
+// That CAS orders this Hold before any later freeze (a reaper that freezes afterwards sees this
+// slot pending and waits for it), so the rest of the operation may proceed on a frozen word.
+void enter(Hold& hold, const SegmentState& state, std::atomic<std::uint64_t>& word) noexcept {
+    std::uint64_t w = word.load(std::memory_order_relaxed);
+    for (;;) {
+        if (is_frozen(w)) {
+            hold.wait_while_frozen(word, state);
+            w = word.load(std::memory_order_relaxed);
+            continue;
+        }
+        if (word.compare_exchange_weak(w, w, std::memory_order_seq_cst,
+                                       std::memory_order_relaxed)) {
+            return;
+        }
+    }
+}
+
+// Wakes the owner of ticket `head` (and any sleeper sharing its bit, who re-checks and sleeps
+// again). `seq` changes first, so a waiter between its check and its futex wait cannot miss it.
+void wake_turn(WeightedLayer& l, std::uint64_t head) noexcept {
+    l.queue.seq.fetch_add(1, std::memory_order_seq_cst);
+    futex_wake_bitset(l.queue.seq, INT_MAX, bit_of(head));
+}
+
+// Called by whoever dequeued ticket `t` (the head): gives the turn to t + 1, dequeuing on the way
+// every cancelled ticket it meets, and wakes the new head. Races with a cancelling owner are
+// settled by the compare-and-swap from `cancelled` to empty: exactly one side dequeues.
+void pass_turn(WeightedLayer& l, std::uint64_t t) noexcept {
+    std::uint64_t next = t + 1;
+    for (;;) {
+        l.queue.head.store(next, std::memory_order_seq_cst);
+        auto& slot = ring_slot(l, next);
+        std::uint64_t e = slot.load(std::memory_order_seq_cst);
+        if (!RingEntry::is(e, next, RingState::cancelled)) break;
+        if (!slot.compare_exchange_strong(e, 0, std::memory_order_seq_cst)) break;
+        l.word.fetch_sub(W::kQueuedUnit, std::memory_order_seq_cst);
+        ++next;
+    }
+    if (W::queued(l.word.load(std::memory_order_seq_cst)) > 0) wake_turn(l, next);
+}
+
+// Dequeues the cancelled ticket `t`, which is at the head, unless someone else already has.
+void dequeue_cancelled(WeightedLayer& l, std::uint64_t t) noexcept {
+    auto& slot = ring_slot(l, t);
+    std::uint64_t e = slot.load(std::memory_order_seq_cst);
+    if (!RingEntry::is(e, t, RingState::cancelled)) return;
+    if (!slot.compare_exchange_strong(e, 0, std::memory_order_seq_cst)) return;
+    l.word.fetch_sub(W::kQueuedUnit, std::memory_order_seq_cst);
+    pass_turn(l, t);
+}
+
+void set_waiting(Hold& hold, std::uint32_t layer, std::uint64_t n) noexcept {
+    SlotHeader& slot = *hold.holder_ref().slot;
+    slot.waiting_layer.store(static_cast<std::uint32_t>(layer), std::memory_order_relaxed);
+    slot.waiting_amount.store(n, std::memory_order_relaxed);
+    slot.waiting_record.store(hold.record() + 1, std::memory_order_relaxed);
+}
+
+void clear_waiting(Hold& hold) noexcept {
+    hold.holder_ref().slot->waiting_record.store(0, std::memory_order_relaxed);
+}
+
+enum class Enqueued { took, ticket, ring_full };
+enum class Admit { admitted, no_room, retry };
+
+}  // namespace
+
+bool WeightedCore::try_acquire(Hold& hold, const SegmentState& state, std::uint64_t n) noexcept {
+    std::uint64_t w = l.word.load(std::memory_order_relaxed);
+    for (;;) {
+        if (is_frozen(w)) {
+            hold.wait_while_frozen(l.word, state);
+            w = l.word.load(std::memory_order_relaxed);
+            continue;
+        }
+        if (W::queued(w) != 0 || W::in_use(w) + n > capacity) return false;
+        if (l.word.compare_exchange_weak(w, w + n, std::memory_order_seq_cst,
+                                         std::memory_order_relaxed)) {
+            hold.add(ledger_layer, static_cast<std::int64_t>(n));
+            if (counts_admissions) hold.admitted();
+            return true;
+        }
+    }
+}
+
+bool WeightedCore::release(Hold& hold, const SegmentState& state, std::uint64_t n) noexcept {
+    std::uint64_t w = l.word.load(std::memory_order_relaxed);
+    for (;;) {
+        if (is_frozen(w)) {
+            hold.wait_while_frozen(l.word, state);
+            w = l.word.load(std::memory_order_relaxed);
+            continue;
+        }
+        if (W::in_use(w) < n) return false;
+        if (l.word.compare_exchange_weak(w, w - n, std::memory_order_seq_cst,
+                                         std::memory_order_relaxed)) {
+            break;
+        }
+    }
+    hold.add(ledger_layer, -static_cast<std::int64_t>(n));
+    if (W::queued(w) > 0) wake_turn(l, l.queue.head.load(std::memory_order_seq_cst));
+    return true;
+}
+
+bool WeightedCore::acquire_until(SegmentState& state, std::uint32_t record, std::uint64_t n,
+                                 std::optional<TimePoint> deadline, const Pacing& pacing) {
+    const bool injected_sleep = pacing.sleep && *pacing.sleep;
+    const Pacing& overflow = injected_sleep ? pacing : kOverflowPacing;
+    int attempt = 0;
+    for (;;) {
+        // Take the units at once if nobody is queued and they fit; otherwise take a ticket.
+        Enqueued got = Enqueued::ring_full;
+        std::uint64_t t = 0;
+        {
+            Hold hold(state, record);
+            std::uint64_t w = l.word.load(std::memory_order_relaxed);
+            for (;;) {
+                if (is_frozen(w)) {
+                    hold.wait_while_frozen(l.word, state);
+                    w = l.word.load(std::memory_order_relaxed);
+                    continue;
+                }
+                if (W::queued(w) == 0 && W::in_use(w) + n <= capacity) {
+                    if (l.word.compare_exchange_weak(w, w + n, std::memory_order_seq_cst,
+                                                     std::memory_order_relaxed)) {
+                        hold.add(ledger_layer, static_cast<std::int64_t>(n));
+                        if (counts_admissions) hold.admitted();
+                        got = Enqueued::took;
+                        break;
+                    }
+                    continue;
+                }
+                if (W::queued(w) >= kRingSize) {
+                    got = Enqueued::ring_full;
+                    break;
+                }
+                if (l.word.compare_exchange_weak(w, w + W::kQueuedUnit, std::memory_order_seq_cst,
+                                                 std::memory_order_relaxed)) {
+                    got = Enqueued::ticket;
+                    break;
+                }
+            }
+            if (got == Enqueued::ticket) {
+                t = l.queue.tail.fetch_add(1, std::memory_order_seq_cst);
+                ring_slot(l, t).store(
+                    RingEntry::make(t, hold.holder_ref().slot_index, RingState::waiting),
+                    std::memory_order_seq_cst);
+                set_waiting(hold, static_cast<std::uint32_t>(ledger_layer), n);
+            }
+        }
+        if (got == Enqueued::took) return true;
+        if (got == Enqueued::ring_full) {
+            if (deadline && pacing.now() >= *deadline) return false;
+            const std::uint32_t s = l.queue.seq.load(std::memory_order_seq_cst);
+            overflow.pause(l.queue.seq, s, deadline, attempt++);
+            continue;
+        }
+
+        // Queued with ticket t: wait for our turn, then for room.
+        bool requeue = false;
+        while (!requeue) {
+            const std::uint32_t s = l.queue.seq.load(std::memory_order_seq_cst);
+            const std::uint64_t h = l.queue.head.load(std::memory_order_seq_cst);
+            if (static_cast<std::int64_t>(h - t) > 0) {
+                // The turn passed us without our taking it: a reset dropped the queue. Queue
+                // again.
+                Hold hold(state, record);
+                clear_waiting(hold);
+                requeue = true;
+                continue;
+            }
+            if (h == t) {
+                Admit a = Admit::retry;
+                {
+                    Hold hold(state, record);
+                    std::uint64_t w = l.word.load(std::memory_order_relaxed);
+                    for (;;) {
+                        if (is_frozen(w)) {
+                            hold.wait_while_frozen(l.word, state);
+                            a = Admit::retry;
+                            break;
+                        }
+                        if (l.queue.head.load(std::memory_order_seq_cst) != t) {
+                            a = Admit::retry;
+                            break;
+                        }
+                        if (W::in_use(w) + n > capacity) {
+                            a = Admit::no_room;
+                            break;
+                        }
+                        if (l.word.compare_exchange_weak(w, w + n - W::kQueuedUnit,
+                                                         std::memory_order_seq_cst,
+                                                         std::memory_order_relaxed)) {
+                            a = Admit::admitted;
+                            break;
+                        }
+                    }
+                    if (a == Admit::admitted) {
+                        hold.add(ledger_layer, static_cast<std::int64_t>(n));
+                        if (counts_admissions) hold.admitted();
+                        auto& slot = ring_slot(l, t);
+                        std::uint64_t e = slot.load(std::memory_order_seq_cst);
+                        if (RingEntry::is(e, t, RingState::waiting)) {
+                            slot.compare_exchange_strong(e, 0, std::memory_order_seq_cst);
+                        }
+                        clear_waiting(hold);
+                        pass_turn(l, t);
+                    }
+                }
+                if (a == Admit::admitted) return true;
+                if (a == Admit::retry) continue;
+            }
+            if (deadline && pacing.now() >= *deadline) {
+                Hold hold(state, record);
+                enter(hold, state, l.word);
+                auto& slot = ring_slot(l, t);
+                std::uint64_t e = slot.load(std::memory_order_seq_cst);
+                if (RingEntry::is(e, t, RingState::waiting)) {
+                    slot.compare_exchange_strong(
+                        e, RingEntry::make(t, RingEntry::slot(e), RingState::cancelled),
+                        std::memory_order_seq_cst);
+                }
+                if (l.queue.head.load(std::memory_order_seq_cst) == t) dequeue_cancelled(l, t);
+                clear_waiting(hold);
+                return false;
+            }
+            pacing.pause(l.queue.seq, s, deadline, attempt++, bit_of(t));
+        }
+    }
+}
+
+std::uint64_t WeightedCore::in_use() const noexcept {
+    return W::in_use(l.word.load(std::memory_order_acquire));
+}
+
+std::uint64_t WeightedCore::queued() const noexcept {
+    return W::queued(l.word.load(std::memory_order_acquire));
+}
+
+namespace {
+
+bool contains(std::span<const std::uint32_t> v, std::uint32_t x) noexcept {
+    return std::find(v.begin(), v.end(), x) != v.end();
+}
+
+// Whether ticket entry `e` belongs to a live waiter still registered on (record, layer).
+bool owner_waits(const SegmentState& state, std::uint64_t e, std::uint32_t record, int layer,
+                 std::span<const std::uint32_t> dead_slots) noexcept {
+    const std::uint32_t slot_index = RingEntry::slot(e);
+    if (slot_index >= state.geometry().max_processes || contains(dead_slots, slot_index)) {
+        return false;
+    }
+    const SlotHeader& slot = state.slot(slot_index);
+    if (SlotOwner::state(slot.owner.load(std::memory_order_acquire)) != SlotState::live) {
+        return false;
+    }
+    return slot.waiting_record.load(std::memory_order_acquire) == record + 1 &&
+           slot.waiting_layer.load(std::memory_order_relaxed) == static_cast<std::uint32_t>(layer);
+}
+
+}  // namespace
+
+std::int64_t recount_weighted_layer(const SegmentState& state, std::uint32_t record, int layer,
+                                    WeightedLayer& l, std::int64_t live_units,
+                                    std::span<const std::uint32_t> dead_slots) noexcept {
+    auto& q = l.queue;
+    const std::uint64_t tail = q.tail.load(std::memory_order_acquire);
+    std::uint64_t head = q.head.load(std::memory_order_acquire);
+    // A damaged head (beyond the tail, or further behind than the ring holds) is clamped.
+    if (static_cast<std::int64_t>(tail - head) < 0) head = tail;
+    if (tail - head > kRingSize) head = tail - kRingSize;
+    std::uint64_t queued = 0;
+    for (std::uint64_t t = head; t != tail; ++t) {
+        auto& slot = ring_slot(l, t);
+        const std::uint64_t e = slot.load(std::memory_order_acquire);
+        const bool waiting = RingEntry::is(e, t, RingState::waiting);
+        if (!(waiting && owner_waits(state, e, record, layer, dead_slots)) &&
+            !RingEntry::is(e, t, RingState::cancelled)) {
+            // A dead owner's ticket, or one whose owner died before writing it: cancel it.
+            slot.store(RingEntry::make(t, RingEntry::slot(e), RingState::cancelled),
+                       std::memory_order_seq_cst);
+        }
+        ++queued;
+    }
+    while (head != tail && RingEntry::is(ring_slot(l, head).load(std::memory_order_acquire), head,
+                                         RingState::cancelled)) {
+        ring_slot(l, head).store(0, std::memory_order_relaxed);
+        ++head;
+        --queued;
+    }
+    q.head.store(head, std::memory_order_seq_cst);
+    const std::uint64_t w = l.word.load(std::memory_order_acquire);
+    const std::int64_t given_back = static_cast<std::int64_t>(W::in_use(w)) - live_units;
+    l.word.store(W::make(static_cast<std::uint64_t>(std::max<std::int64_t>(live_units, 0)),
+                         std::min<std::uint64_t>(queued, W::kQueuedMax)),
+                 std::memory_order_seq_cst);
+    q.seq.fetch_add(1, std::memory_order_seq_cst);
+    futex_wake(q.seq, INT_MAX);
+    return given_back;
+}
+
+void reset_weighted_layer(WeightedLayer& l) noexcept {
+    auto& q = l.queue;
+    for (auto& e : q.ring)
+        e.store(0, std::memory_order_relaxed);
+    q.head.store(q.tail.load(std::memory_order_acquire), std::memory_order_seq_cst);
+    l.word.store(0, std::memory_order_seq_cst);
+    q.seq.fetch_add(1, std::memory_order_seq_cst);
+    futex_wake(q.seq, INT_MAX);
+}
+
+namespace {
+
+WeightedLayer& layer_at(SegmentState& state, std::uint32_t record) noexcept {
+    return reinterpret_cast<WeightedSemaphoreBody*>(state.record(record).body)->layer;
+}
+
+void weighted_freeze(SegmentState& state, std::uint32_t record) noexcept {
+    layer_at(state, record).word.fetch_or(kFrozen, std::memory_order_seq_cst);
+}
+
+void weighted_thaw(SegmentState& state, std::uint32_t record) noexcept {
+    layer_at(state, record).word.fetch_and(~kFrozen, std::memory_order_seq_cst);
+}
+
+LiveHoldings weighted_recount(SegmentState& state, std::uint32_t record, const LiveHoldings& live,
+                              std::span<const std::uint32_t> dead_slots, TimePoint) noexcept {
+    LiveHoldings given;
+    given.held[0] =
+        recount_weighted_layer(state, record, 0, layer_at(state, record), live.held[0], dead_slots);
+    return given;
+}
+
+void weighted_reset(SegmentState& state, std::uint32_t record, TimePoint) noexcept {
+    reset_weighted_layer(layer_at(state, record));
+}
+
+}  // namespace
+
+const KindOps kWeightedSemaphoreOps{
+    .freeze = weighted_freeze,
+    .recount = weighted_recount,
+    .thaw = weighted_thaw,
+    .reset = weighted_reset,
+    .layers = 1,
+    .layer_names = {"units", nullptr, nullptr},
+};
+
+}  // namespace lim::detail
+
+// ---------------------------------------------------------------------------------------------
+// The public handle
+// ---------------------------------------------------------------------------------------------
+
+namespace lim {
+namespace {
+
+using detail::WeightedSemaphoreBody;
+using detail::WeightedSemaphoreConfig;
+
+std::uint64_t capacity_of(const detail::RecordRef& ref) noexcept {
+    return detail::config_of<WeightedSemaphoreConfig>(ref).capacity;
+}
+
+detail::WeightedCore core_of(const detail::RecordRef& ref) noexcept {
+    return {detail::body_of<WeightedSemaphoreBody>(ref).layer, capacity_of(ref), 0};
+}
+
+detail::RecordRef open_weighted(const Segment& segment, std::string_view key,
+                                const WeightedSemaphoreOptions& options, bool adopt) {
+    if (options.capacity < 1 || options.capacity > detail::WeightedWord::kMaxCapacity) {
+        throw Error(Errc::invalid_argument,
+                    fmt::format("weighted semaphore '{}': capacity is {}; it must be 1..{}", key,
+                                options.capacity, detail::WeightedWord::kMaxCapacity));
+    }
+    const WeightedSemaphoreConfig config{options.capacity};
+    return detail::open_record<WeightedSemaphoreConfig>(
+        segment, detail::RecordKind::weighted_semaphore, 0, "weighted semaphore", key, config,
+        adopt, nullptr, [](const WeightedSemaphoreConfig& c, std::uint16_t) {
+            return fmt::format("a weighted semaphore of capacity {}", c.capacity);
+        });
+}
+
+}  // namespace
+
+WeightedSemaphore WeightedSemaphore::open(const Segment& segment, std::string_view key,
+                                          const WeightedSemaphoreOptions& options) {
+    return WeightedSemaphore(open_weighted(segment, key, options, false));
+}
+
+WeightedSemaphore WeightedSemaphore::open(const Segment& segment, std::string_view key,
+                                          const WeightedSemaphoreOptions& options, AdoptExisting) {
+    return WeightedSemaphore(open_weighted(segment, key, options, true));
+}
+
+bool WeightedSemaphore::try_acquire(std::uint64_t n) {
+    n = std::min(n, capacity_of(ref_));
+    if (n == 0) return true;
+    detail::Hold hold(*ref_.state, ref_.index);
+    return core_of(ref_).try_acquire(hold, *ref_.state, n);
+}
+
+void WeightedSemaphore::acquire(std::uint64_t n) {
+    n = std::min(n, capacity_of(ref_));
+    if (n == 0) return;
+    core_of(ref_).acquire_until(*ref_.state, ref_.index, n, std::nullopt, detail::kWeightedPacing);
+}
+
+bool WeightedSemaphore::acquire_until(std::uint64_t n, TimePoint deadline) {
+    n = std::min(n, capacity_of(ref_));
+    if (n == 0) return true;
+    return core_of(ref_).acquire_until(*ref_.state, ref_.index, n, deadline,
+                                       detail::kWeightedPacing);
+}
+
+void WeightedSemaphore::release(std::uint64_t n) {
+    n = std::min(n, capacity_of(ref_));
+    if (n == 0) return;
+    detail::Hold hold(*ref_.state, ref_.index);
+    if (!core_of(ref_).release(hold, *ref_.state, n)) {
+        throw Error(Errc::over_release,
+                    fmt::format("weighted semaphore '{}': release({}) but only {} units are in use",
+                                ref_.key(), n, in_use()));
+    }
+}
+
+std::uint64_t WeightedSemaphore::in_use() const noexcept {
+    return core_of(ref_).in_use();
+}
+
+std::uint64_t WeightedSemaphore::capacity() const noexcept {
+    return capacity_of(ref_);
+}
+
+std::uint32_t WeightedSemaphore::waiters() const noexcept {
+    return static_cast<std::uint32_t>(core_of(ref_).queued());
+}
+
+}  // namespace lim

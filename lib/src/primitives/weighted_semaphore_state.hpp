@@ -1,0 +1,147 @@
+// The WeightedSemaphore's state in its record: a 64-bit word and a FIFO queue of tickets.
+//
+// Word:
+//   bits  0..46  units in use (strictly <= capacity)
+//   bits 47..61  requests queued: tickets handed out and not yet dequeued (cancelled ones
+//                included until the turn passes over them)
+//   bit  63      kFrozen (crash recovery is recounting)
+//
+// Keeping the queue length in the same word as the units lets one compare-and-swap decide "take
+// now, nobody is queued" against "join the queue", so that a newcomer can never take units while
+// anyone is queued (no jumping the queue, as Go's semaphore.Weighted), and lets release learn in
+// the same CAS whether to wake anyone: an uncontended release makes no system call.
+//
+// Queue (docs/design-dispatch.md, "The FIFO queue"):
+//   tail  the next ticket to hand out (fetch_add)
+//   head  the ticket whose turn it is: only its owner may take units through the queue
+//   seq   the futex word every queued waiter sleeps on, each with the bit (ticket % 32) as its
+//         FUTEX_WAIT_BITSET mask; bumped before every wake, so no wake is lost
+//   ring  kRingSize entries; ticket t's entry is ring[t % kRingSize] and names its owner's slot,
+//         so that recovery can cancel the tickets of dead processes
+// At most kRingSize tickets exist at once (the queued count is checked when one is taken), so
+// entries never collide; a request that finds the ring full polls until there is room.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <optional>
+#include <span>
+
+#include "recovery/kind_ops.hpp"
+#include "shm/layout.hpp"
+#include "shm/ledger.hpp"
+#include "sync/pacing.hpp"
+
+namespace lim::detail {
+
+struct WeightedWord {
+    static constexpr std::uint64_t kInUseMask = (1ULL << 47) - 1;
+    static constexpr int kQueuedShift = 47;
+    static constexpr std::uint64_t kQueuedMax = (1ULL << 15) - 1;
+    static constexpr std::uint64_t kQueuedUnit = 1ULL << kQueuedShift;
+    // Largest capacity: leaves headroom below the queued field.
+    static constexpr std::uint64_t kMaxCapacity = 1ULL << 46;
+
+    static constexpr std::uint64_t in_use(std::uint64_t w) noexcept { return w & kInUseMask; }
+    static constexpr std::uint64_t queued(std::uint64_t w) noexcept {
+        return (w >> kQueuedShift) & kQueuedMax;
+    }
+    static constexpr std::uint64_t make(std::uint64_t in_use, std::uint64_t queued) noexcept {
+        return in_use | (queued << kQueuedShift);
+    }
+};
+
+inline constexpr std::uint32_t kRingSize = 128;  // power of two
+
+// A ring entry: 0 when empty, else
+//   bits  0..31  the ticket's low 32 bits (its tag: an entry is only ever acted on by tag)
+//   bits 32..47  the owner's slot index
+//   bits 48..55  RingState
+enum class RingState : std::uint8_t { empty = 0, waiting = 1, cancelled = 2 };
+
+struct RingEntry {
+    static constexpr std::uint64_t make(std::uint64_t ticket, std::uint32_t slot,
+                                        RingState st) noexcept {
+        return (ticket & 0xFFFF'FFFFULL) | (static_cast<std::uint64_t>(slot & 0xFFFF) << 32) |
+               (static_cast<std::uint64_t>(st) << 48);
+    }
+    static constexpr std::uint32_t tag(std::uint64_t e) noexcept {
+        return static_cast<std::uint32_t>(e & 0xFFFF'FFFFULL);
+    }
+    static constexpr std::uint32_t slot(std::uint64_t e) noexcept {
+        return static_cast<std::uint32_t>((e >> 32) & 0xFFFF);
+    }
+    static constexpr RingState state(std::uint64_t e) noexcept {
+        return static_cast<RingState>((e >> 48) & 0xFF);
+    }
+    static constexpr bool is(std::uint64_t e, std::uint64_t ticket, RingState st) noexcept {
+        return e != 0 && tag(e) == static_cast<std::uint32_t>(ticket) && state(e) == st;
+    }
+};
+
+struct alignas(kCacheLine) WeightedQueue {
+    // One line for the queue's control words: they are touched only when someone queues.
+    std::atomic<std::uint64_t> tail;
+    std::atomic<std::uint64_t> head;
+    std::atomic<std::uint32_t> seq;
+    std::uint32_t reserved0;
+    std::uint64_t reserved1[5];
+    alignas(kCacheLine) std::atomic<std::uint64_t> ring[kRingSize];
+};
+static_assert(sizeof(WeightedQueue) == kCacheLine + kRingSize * 8);
+
+// The part of a record body a weighted layer needs: its word on its own line, then its queue.
+struct alignas(kCacheLine) WeightedLayer {
+    alignas(kCacheLine) std::atomic<std::uint64_t> word;
+    WeightedQueue queue;
+};
+
+struct WeightedSemaphoreConfig {
+    std::uint64_t capacity;
+};
+
+struct WeightedSemaphoreBody {
+    WeightedLayer layer;
+};
+static_assert(sizeof(WeightedSemaphoreBody) <= kRecordBodySize);
+
+// The FIFO weighted-semaphore algorithm on a WeightedLayer, shared by WeightedSemaphore and by
+// Dispatch's byte layer. `ledger_layer` is the held[] index the units are recorded in. Amounts
+// passed in are already clamped to 1..capacity by the caller.
+struct WeightedCore {
+    WeightedLayer& l;
+    std::uint64_t capacity;
+    int ledger_layer;
+    bool counts_admissions = true;  // as SemaphoreCore::counts_admissions
+
+    // Takes `n` units if nobody is queued and they fit. Never sleeps (except aside a frozen word).
+    bool try_acquire(Hold& hold, const SegmentState& state, std::uint64_t n) noexcept;
+
+    // Gives back `n` units; wakes the head of the queue if anyone is queued. Returns false
+    // (changing nothing) if fewer than `n` are in use.
+    bool release(Hold& hold, const SegmentState& state, std::uint64_t n) noexcept;
+
+    // Takes `n` units, queueing in FIFO order behind earlier requests, until `deadline` (in
+    // `pacing`'s clock). On timeout, leaves the queue and holds nothing. Opens its own Holds.
+    bool acquire_until(SegmentState& state, std::uint32_t record, std::uint64_t n,
+                       std::optional<TimePoint> deadline, const Pacing& pacing);
+
+    std::uint64_t in_use() const noexcept;
+    std::uint64_t queued() const noexcept;
+};
+
+// Crash recovery for a weighted layer (ledger layer `layer` of `record`), with the word frozen
+// and no live slot pending on the record: sets in_use to `live_units`, cancels the tickets of dead
+// owners (and tickets nobody finished taking), re-derives the queued count, passes the turn over
+// cancelled tickets, clears kFrozen and wakes the queue. Returns the units given back.
+std::int64_t recount_weighted_layer(const SegmentState& state, std::uint32_t record, int layer,
+                                    WeightedLayer& l, std::int64_t live_units,
+                                    std::span<const std::uint32_t> dead_slots) noexcept;
+
+// Re-initialises a weighted layer: nothing in use, nothing queued (queued waiters notice that
+// their ticket was dropped and queue again), kFrozen clear, everyone woken.
+void reset_weighted_layer(WeightedLayer& l) noexcept;
+
+extern const KindOps kWeightedSemaphoreOps;
+
+}  // namespace lim::detail
