@@ -24,6 +24,8 @@
 
 using namespace lim;
 using namespace std::chrono_literals;
+using lim::test::chaos::Amounts;
+using lim::test::chaos::kCounters;
 using lim::test::chaos::kMaxResources;
 using lim::test::chaos::Resource;
 
@@ -33,7 +35,7 @@ constexpr int kWorkers = 8;
 
 struct Cell {
     std::atomic<int> pid;
-    std::atomic<std::int64_t> held[kMaxResources];  // published by the worker: what it holds
+    std::atomic<std::int64_t> held[kMaxResources][kCounters];  // published: what it holds
     std::atomic<int> parked;
     std::atomic<long> operations;
 };
@@ -41,8 +43,7 @@ struct Cell {
 struct Control {
     std::atomic<int> pause;  // workers park at the next safe point while set
     std::atomic<int> stop;
-    std::atomic<long> late_timeouts;  // acquire_until that returned long after its deadline
-    std::atomic<long> max_lateness_us;
+    std::atomic<long> max_lateness_us;  // how late a timed-out acquire came back
     Cell cells[kWorkers];
 };
 
@@ -61,10 +62,9 @@ int worker(Control& c, int index, std::vector<Resource*>& resources, unsigned se
     while (c.stop.load() == 0) {
         safe_point(c, cell);
         Resource& r = *resources[rng() % resources.size()];
-        const int slot = r.slot;
         const TimePoint deadline = Clock::now() + 1s;
-        const std::int64_t amount = r.acquire(rng, deadline);
-        if (amount == 0) {  // timed out (or nothing to take): how late did it come back?
+        const std::optional<Amounts> got = r.acquire(rng, deadline);
+        if (!got) {
             const auto late =
                 std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - deadline);
             long prev = c.max_lateness_us.load();
@@ -73,13 +73,22 @@ int worker(Control& c, int index, std::vector<Resource*>& resources, unsigned se
             }
             continue;
         }
-        cell.held[slot].fetch_add(amount);
+        for (int k = 0; k < kCounters; ++k)
+            cell.held[r.slot][k].fetch_add((*got)[k]);
         cell.operations.fetch_add(1);
-        for (int spin = static_cast<int>(rng() % 200); spin > 0; --spin)
-            std::atomic_signal_fence(std::memory_order_seq_cst);
+        // Hold a while: half the time briefly (so kills also land inside acquire and release),
+        // half the time long enough that most kills find the victim holding something.
+        if (rng() % 2 == 0) {
+            for (int spin = static_cast<int>(rng() % 200); spin > 0; --spin) {
+                std::atomic_signal_fence(std::memory_order_seq_cst);
+            }
+        } else {
+            std::this_thread::sleep_for(std::chrono::microseconds(rng() % 400));
+        }
         if (rng() % 4 == 0) safe_point(c, cell);  // park while holding, sometimes
-        cell.held[slot].fetch_sub(amount);
-        r.release(amount);
+        for (int k = 0; k < kCounters; ++k)
+            cell.held[r.slot][k].fetch_sub((*got)[k]);
+        r.release(*got);
     }
     return 0;
 }
@@ -106,8 +115,10 @@ TEST_CASE("chaos: SIGKILLed workers lose nothing, and nothing is returned twice"
     std::mt19937 rng(12345);
     auto spawn = [&](int i) {
         Cell& cell = c->cells[i];
-        for (auto& h : cell.held)
-            h.store(0);
+        for (auto& row : cell.held) {
+            for (auto& h : row)
+                h.store(0);
+        }
         cell.parked.store(0);
         const unsigned seed = static_cast<unsigned>(rng());
         cell.pid.store(
@@ -130,12 +141,16 @@ TEST_CASE("chaos: SIGKILLed workers lose nothing, and nothing is returned twice"
         }
         seg.reap();
         for (Resource* r : resources) {
-            std::int64_t live = 0;
-            for (const Cell& cell : c->cells)
-                live += cell.held[r->slot].load();
-            CAPTURE(when);
-            CAPTURE(r->name);
-            CHECK(r->in_use() == live);
+            const Amounts in_use = r->in_use();
+            for (int k = 0; k < kCounters; ++k) {
+                std::int64_t live = 0;
+                for (const Cell& cell : c->cells)
+                    live += cell.held[r->slot][k].load();
+                CAPTURE(when);
+                CAPTURE(r->name);
+                CAPTURE(k);
+                CHECK(in_use[k] == live);
+            }
             r->check_invariants();
         }
         c->pause.store(0);
@@ -149,6 +164,8 @@ TEST_CASE("chaos: SIGKILLed workers lose nothing, and nothing is returned twice"
         REQUIRE(lim::test::wait_child(c->cells[victim].pid.load()) == 128 + SIGKILL);
         ++done;
         spawn(victim);
+        for (Resource* r : resources)
+            r->churn(rng);
         if (done % 25 == 0) check_exact("during the run");
     }
 
@@ -163,7 +180,7 @@ TEST_CASE("chaos: SIGKILLed workers lose nothing, and nothing is returned twice"
                       << ", max lateness past a deadline: " << c->max_lateness_us.load() << " us");
     for (Resource* r : resources) {
         CAPTURE(r->name);
-        CHECK(r->in_use() == 0);
+        CHECK(r->in_use() == Amounts{0, 0, 0});
         r->check_invariants();
     }
     CHECK(c->max_lateness_us.load() < 2'000'000);  // no waiter hung past its deadline

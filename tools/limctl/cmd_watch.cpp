@@ -73,7 +73,8 @@ std::string frame(const lim::detail::SegmentSnapshot& s, const std::map<std::str
             rate == rates.end() ? "-" : fmt::format("{:.1f}", rate->second);
         bool first = true;
         for (const auto& q : r.layers) {
-            t.add({first ? r.key : "", first ? (r.flavor.empty() ? r.kind : r.flavor) : "", q.name,
+            t.add({first ? r.key : "", first ? (r.flavor.empty() ? r.kind : r.flavor) : "",
+                   q.label.empty() ? q.name : q.label,
                    q.capacity ? bar(q.value, *q.capacity, 20) : "", format_layer(q),
                    first ? rate_text : "", first ? std::to_string(r.waiters) : "",
                    first ? state : ""});

@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
     limctl::add_read_commands(app, action);
     limctl::add_watch_command(app, action);
     limctl::add_repair_commands(app, action);
+    limctl::add_backoff_command(app, action);
     limctl::add_create_command(app, action);
     try {
         app.parse(argc, argv);

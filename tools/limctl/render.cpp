@@ -19,6 +19,7 @@ using lim::detail::SegmentSnapshot;
 namespace {
 
 std::string format_value(const Quantity& q, double v) {
+    if (q.unit == "bool") return v != 0 ? "yes" : "no";
     if (q.unit == "bytes") return format_bytes(v);
     if (q.unit == "seconds")
         return format_duration(std::chrono::nanoseconds{static_cast<std::int64_t>(v * 1e9)});
@@ -85,7 +86,8 @@ std::string render_overview(const SegmentSnapshot& s) {
         if (r.frozen) state += state.empty() ? "recounting" : ", recounting";
         bool first = true;
         for (const Quantity& q : r.layers) {
-            t.add({first ? r.key : "", first ? kind_label(r) : "", q.name, format_layer(q),
+            t.add({first ? r.key : "", first ? kind_label(r) : "",
+                   q.label.empty() ? q.name : q.label, format_layer(q),
                    q.capacity ? bar(q.value, *q.capacity, 10) : "",
                    first ? std::to_string(r.waiters) : "",
                    first ? std::to_string(r.admitted_total) : "", first ? state : ""});
@@ -111,7 +113,7 @@ std::string render_record_detail(const SegmentSnapshot& s, const std::string& ke
         out += config.render();
         Table layers({"LAYER", "IN USE>", "CAPACITY>", ""});
         for (const Quantity& q : r.layers) {
-            layers.add({q.name, format_value(q, q.value),
+            layers.add({q.label.empty() ? q.name : q.label, format_value(q, q.value),
                         q.capacity ? format_value(q, *q.capacity) : "-",
                         q.capacity ? bar(q.value, *q.capacity, 20) : ""});
         }
@@ -237,7 +239,7 @@ std::string label_value(const std::string& v) {
 }
 
 std::string metric_name(const std::string& name, const std::string& unit) {
-    if (unit.empty() || unit == "tokens") return "lim_" + name;
+    if (unit.empty() || unit == "tokens" || unit == "bool") return "lim_" + name;
     if (name.size() > unit.size() &&
         name.compare(name.size() - unit.size(), unit.size(), unit) == 0) {
         return "lim_" + name;
@@ -283,7 +285,10 @@ std::string render_prometheus(const SegmentSnapshot& s) {
             }
         }
         for (const Quantity& q : r.values) {
-            sample(metric_name(q.name, q.unit), "gauge", "Limiter state.", labels, q.value);
+            const bool counter = q.name.size() > 6 && q.name.substr(q.name.size() - 6) == "_total";
+            sample(metric_name(q.name, q.unit), counter ? "counter" : "gauge",
+                   counter ? "Events since the limiter was created." : "Limiter state.", labels,
+                   q.value);
         }
         sample("lim_waiters", "gauge", "Threads sleeping on the limiter, in all processes.", labels,
                r.waiters);

@@ -1,8 +1,12 @@
 // lim/lim.hpp: everything lim offers, in one include.
 #pragma once
 
+#include "lim/backoff_window.hpp"
 #include "lim/clock.hpp"
+#include "lim/dispatch.hpp"
 #include "lim/error.hpp"
+#include "lim/retry_after.hpp"
 #include "lim/segment.hpp"
 #include "lim/semaphore.hpp"
 #include "lim/tokens.hpp"
+#include "lim/weighted_semaphore.hpp"

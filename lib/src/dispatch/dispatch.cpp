@@ -6,6 +6,7 @@
 #include <cstdio>
 
 #include "dispatch/dispatch_state.hpp"
+#include "inspect/snapshot.hpp"
 #include "lim/error.hpp"
 #include "shm/ledger.hpp"
 #include "shm/process_identity.hpp"
@@ -97,6 +98,56 @@ void dispatch_reset(SegmentState& state, std::uint32_t record, TimePoint) noexce
 }
 
 }  // namespace
+
+void inspect_dispatch(const SegmentState& state, std::uint32_t record, TimePoint now,
+                      RecordSnapshot& out) {
+    const Record& r = state.record(record);
+    const auto& c = *reinterpret_cast<const DispatchConfig*>(r.config);
+    const auto& b = *reinterpret_cast<const DispatchBody*>(r.body);
+    const std::uint64_t slots = b.concurrency.load(std::memory_order_acquire);
+    const std::uint64_t throttled = b.throttled.load(std::memory_order_acquire);
+    const std::uint64_t bytes = b.bytes.word.load(std::memory_order_acquire);
+    std::int64_t until = 0;
+    std::string window_key = "?";
+    if (c.backoff_record < state.records_used() &&
+        state.record(c.backoff_record).header.kind ==
+            static_cast<std::uint16_t>(RecordKind::backoff_window)) {
+        const Record& wr = state.record(c.backoff_record);
+        until = reinterpret_cast<const BackoffWindowBody*>(wr.body)->until.load(
+            std::memory_order_acquire);
+        window_key = std::string(record_key(wr));
+    }
+    const std::int64_t now_ns = to_nanos(now);
+    const bool active = backoff_active_at(now_ns, until, c.backoff_window_ns);
+    out.config = {{"concurrency", std::to_string(c.concurrency)},
+                  {"throttled_concurrency", std::to_string(c.throttled_concurrency)},
+                  {"byte_budget", std::to_string(c.byte_budget)},
+                  {"backoff_window_ms", std::to_string(c.backoff_window_ns / 1'000'000)},
+                  {"byte_penalty_multiplier", std::to_string(c.byte_penalty_multiplier)},
+                  {"limiter", window_key}};
+    out.layer_names = {"slots", "throttled", "bytes"};
+    out.layers = {
+        Quantity::layer("in_flight", static_cast<double>(SemaphoreWord::in_use(slots)),
+                        static_cast<double>(c.concurrency), "concurrency"),
+        Quantity::layer(
+            "throttled_in_flight", static_cast<double>(SemaphoreWord::in_use(throttled)),
+            static_cast<double>(c.throttled_concurrency), "throttled_concurrency", "", "throttled"),
+        Quantity::layer("in_flight", static_cast<double>(WeightedWord::in_use(bytes)),
+                        static_cast<double>(c.byte_budget), "budget", "bytes", "bytes"),
+    };
+    out.values = {
+        Quantity::state("backoff_active", active ? 1.0 : 0.0, "bool"),
+        Quantity::state("backoff_remaining", seconds_between(now_ns, until), "seconds"),
+        Quantity::state("throttle_remaining",
+                        active ? seconds_between(now_ns, until + c.backoff_window_ns) : 0.0,
+                        "seconds"),
+    };
+    out.waiters =
+        static_cast<std::uint32_t>(SemaphoreWord::single(slots) + SemaphoreWord::multi(slots) +
+                                   SemaphoreWord::single(throttled) +
+                                   SemaphoreWord::multi(throttled) + WeightedWord::queued(bytes));
+    out.frozen = is_frozen(slots) || is_frozen(throttled) || is_frozen(bytes);
+}
 
 const KindOps kDispatchOps{
     .freeze = dispatch_freeze,

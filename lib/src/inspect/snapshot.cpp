@@ -14,6 +14,9 @@
 namespace lim::detail {
 
 void inspect_semaphore(const SegmentState&, std::uint32_t, TimePoint, RecordSnapshot&);
+void inspect_weighted_semaphore(const SegmentState&, std::uint32_t, TimePoint, RecordSnapshot&);
+void inspect_backoff_window(const SegmentState&, std::uint32_t, TimePoint, RecordSnapshot&);
+void inspect_dispatch(const SegmentState&, std::uint32_t, TimePoint, RecordSnapshot&);
 
 namespace {
 
@@ -67,6 +70,12 @@ InspectFn kind_inspector(std::uint16_t kind) noexcept {
     switch (static_cast<RecordKind>(kind)) {
         case RecordKind::semaphore:
             return inspect_semaphore;
+        case RecordKind::weighted_semaphore:
+            return inspect_weighted_semaphore;
+        case RecordKind::backoff_window:
+            return inspect_backoff_window;
+        case RecordKind::dispatch:
+            return inspect_dispatch;
         default:
             return nullptr;
     }
@@ -112,8 +121,9 @@ RecordSnapshot snapshot_record(const SegmentState& state, std::uint32_t record, 
         row.alive = slot_alive(slot, w);
         out.holders.push_back(std::move(row));
     }
-    std::sort(out.holders.begin(), out.holders.end(),
-              [](const HolderRow& a, const HolderRow& b) { return std::tie(a.pid, a.tid) < std::tie(b.pid, b.tid); });
+    std::sort(out.holders.begin(), out.holders.end(), [](const HolderRow& a, const HolderRow& b) {
+        return std::tie(a.pid, a.tid) < std::tie(b.pid, b.tid);
+    });
     return out;
 }
 
@@ -142,9 +152,10 @@ SegmentSnapshot snapshot_segment(const SegmentState& state, TimePoint now) {
         row.waiting_key = key_of(state, slot.waiting_record.load(std::memory_order_relaxed));
         out.processes.push_back(std::move(row));
     }
-    std::sort(out.processes.begin(), out.processes.end(), [](const ProcessRow& a, const ProcessRow& b) {
-        return std::tie(a.pid, a.tid, a.slot) < std::tie(b.pid, b.tid, b.slot);
-    });
+    std::sort(out.processes.begin(), out.processes.end(),
+              [](const ProcessRow& a, const ProcessRow& b) {
+                  return std::tie(a.pid, a.tid, a.slot) < std::tie(b.pid, b.tid, b.slot);
+              });
     return out;
 }
 

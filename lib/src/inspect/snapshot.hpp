@@ -19,11 +19,34 @@ namespace lim::detail {
 // One number a record exposes. `name` is snake_case and, with `unit`, makes the Prometheus metric
 // name (lim_<name>[_<unit>]). A layer also has a capacity, with its own name.
 struct Quantity {
-    std::string name;  // "in_use", "bytes_in_flight", "in_bucket", ...
-    std::string unit;  // "", "bytes", "tokens", "seconds"
+    std::string name;                // "in_use", "in_flight", "in_bucket", ...
+    std::string unit;                // "", "bytes", "tokens", "seconds", "bool"
     double value = 0;
     std::optional<double> capacity;  // for layers: the limit it is held against
-    std::string capacity_name;       // "capacity", "concurrency", "byte_budget", ...
+    std::string capacity_name;       // "capacity", "concurrency", "budget", ...
+    std::string label;               // for people, when `name` alone is ambiguous
+
+    // A layer: `value` in use against `capacity`.
+    static Quantity layer(std::string name, double value, double capacity,
+                          std::string capacity_name, std::string unit = {},
+                          std::string label = {}) {
+        Quantity q;
+        q.name = std::move(name);
+        q.unit = std::move(unit);
+        q.value = value;
+        q.capacity = capacity;
+        q.capacity_name = std::move(capacity_name);
+        q.label = std::move(label);
+        return q;
+    }
+    // Any other state: a level, a flag, a remaining time, a count.
+    static Quantity state(std::string name, double value, std::string unit = {}) {
+        Quantity q;
+        q.name = std::move(name);
+        q.unit = std::move(unit);
+        q.value = value;
+        return q;
+    }
 };
 
 struct HolderRow {
@@ -78,6 +101,11 @@ InspectFn kind_inspector(std::uint16_t kind) noexcept;
 
 RecordSnapshot snapshot_record(const SegmentState& state, std::uint32_t record, TimePoint now);
 SegmentSnapshot snapshot_segment(const SegmentState& state, TimePoint now);
+
+// The CLOCK_MONOTONIC time as seen in a snapshot, for families that read deadlines.
+inline double seconds_between(std::int64_t from_ns, std::int64_t to_ns) {
+    return to_ns > from_ns ? static_cast<double>(to_ns - from_ns) / 1e9 : 0.0;
+}
 
 // Formats a number as people read it: integers without a fraction, others to 4 decimals.
 std::string format_amount(double value);

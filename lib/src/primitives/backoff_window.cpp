@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <limits>
 
+#include "inspect/snapshot.hpp"
 #include "lim/error.hpp"
 #include "primitives/backoff_window_state.hpp"
 #include "shm/record_handle.hpp"
@@ -95,3 +96,51 @@ void BackoffWindow::clear() noexcept {
 }
 
 }  // namespace lim
+
+namespace lim::detail {
+
+void inspect_backoff_window(const SegmentState& state, std::uint32_t record, TimePoint now,
+                            RecordSnapshot& out) {
+    const Record& r = state.record(record);
+    const auto& b = *reinterpret_cast<const BackoffWindowBody*>(r.body);
+    const std::int64_t until = b.until.load(std::memory_order_acquire);
+    const std::int64_t now_ns = to_nanos(now);
+    out.values = {
+        Quantity::state("backoff_active", until > now_ns ? 1.0 : 0.0, "bool"),
+        Quantity::state("backoff_remaining", seconds_between(now_ns, until), "seconds"),
+        Quantity::state("backoff_sets_total",
+                        static_cast<double>(b.sets.load(std::memory_order_relaxed))),
+    };
+    out.waiters = b.channel.waiters.load(std::memory_order_relaxed);
+}
+
+}  // namespace lim::detail
+
+namespace lim::detail {
+namespace {
+
+// A window holds nothing and has no sleepers to recount: recovery only resets it (clears the
+// deadline and wakes whoever waits for it).
+void window_nothing(SegmentState&, std::uint32_t) noexcept {}
+LiveHoldings window_recount(SegmentState&, std::uint32_t, const LiveHoldings&,
+                            std::span<const std::uint32_t>, TimePoint) noexcept {
+    return {};
+}
+void window_reset(SegmentState& state, std::uint32_t record, TimePoint) noexcept {
+    auto& b = *reinterpret_cast<BackoffWindowBody*>(state.record(record).body);
+    b.until.exchange(0, std::memory_order_seq_cst);
+    wake_all(b.channel);
+}
+
+}  // namespace
+
+const KindOps kBackoffWindowOps{
+    .freeze = window_nothing,
+    .recount = window_recount,
+    .thaw = window_nothing,
+    .reset = window_reset,
+    .layers = 0,
+    .layer_names = {nullptr, nullptr, nullptr},
+};
+
+}  // namespace lim::detail

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "recovery/kind_ops.hpp"
 #include "shm/layout.hpp"
 #include "sync/wake_channel.hpp"
 
@@ -26,6 +27,8 @@ struct BackoffWindowBody {
 static_assert(sizeof(BackoffWindowBody) <= kRecordBodySize);
 
 // Largest deadline set() stores: far beyond any uptime, and far from overflow.
+extern const KindOps kBackoffWindowOps;
+
 inline constexpr std::int64_t kMaxBackoffUntil = std::int64_t{1} << 62;
 
 // Raises `until` to `target` unless it is already later; returns the deadline now in force.

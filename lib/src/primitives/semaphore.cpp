@@ -224,11 +224,8 @@ void inspect_semaphore(const SegmentState& state, std::uint32_t record, TimePoin
         reinterpret_cast<const SemaphoreBody*>(r.body)->word.load(std::memory_order_acquire);
     out.config = {{"capacity", std::to_string(config.capacity)}};
     out.layer_names = {"units"};
-    out.layers = {{.name = "in_use",
-                   .unit = "",
-                   .value = static_cast<double>(SemaphoreWord::in_use(w)),
-                   .capacity = static_cast<double>(config.capacity),
-                   .capacity_name = "capacity"}};
+    out.layers = {Quantity::layer("in_use", static_cast<double>(SemaphoreWord::in_use(w)),
+                                  static_cast<double>(config.capacity), "capacity")};
     out.waiters = static_cast<std::uint32_t>(SemaphoreWord::single(w) + SemaphoreWord::multi(w));
     out.frozen = is_frozen(w);
 }

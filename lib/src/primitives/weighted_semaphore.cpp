@@ -5,8 +5,10 @@
 #include <algorithm>
 #include <climits>
 
+#include "inspect/snapshot.hpp"
 #include "lim/error.hpp"
 #include "primitives/weighted_semaphore_state.hpp"
+#include "recovery/reaper.hpp"
 #include "shm/record_handle.hpp"
 #include "sync/futex.hpp"
 
@@ -138,6 +140,8 @@ bool WeightedCore::acquire_until(SegmentState& state, std::uint32_t record, std:
                                  std::optional<TimePoint> deadline, const Pacing& pacing) {
     const bool injected_sleep = pacing.sleep && *pacing.sleep;
     const Pacing& overflow = injected_sleep ? pacing : kOverflowPacing;
+    // A waiter stranded behind a dead holder (or a dead head of the queue) reaps it.
+    AutoReap auto_reap(state, pacing.now());
     int attempt = 0;
     for (;;) {
         // Take the units at once if nobody is queued and they fit; otherwise take a ticket.
@@ -184,6 +188,7 @@ bool WeightedCore::acquire_until(SegmentState& state, std::uint32_t record, std:
         if (got == Enqueued::ring_full) {
             if (deadline && pacing.now() >= *deadline) return false;
             const std::uint32_t s = l.queue.seq.load(std::memory_order_seq_cst);
+            auto_reap.poll(pacing.now());
             overflow.pause(l.queue.seq, s, deadline, attempt++);
             continue;
         }
@@ -256,6 +261,7 @@ bool WeightedCore::acquire_until(SegmentState& state, std::uint32_t record, std:
                 clear_waiting(hold);
                 return false;
             }
+            auto_reap.poll(pacing.now());
             pacing.pause(l.queue.seq, s, deadline, attempt++, bit_of(t));
         }
     }
@@ -368,6 +374,20 @@ void weighted_reset(SegmentState& state, std::uint32_t record, TimePoint) noexce
 }
 
 }  // namespace
+
+void inspect_weighted_semaphore(const SegmentState& state, std::uint32_t record, TimePoint,
+                                RecordSnapshot& out) {
+    const Record& r = state.record(record);
+    const auto& config = *reinterpret_cast<const WeightedSemaphoreConfig*>(r.config);
+    const auto& layer = reinterpret_cast<const WeightedSemaphoreBody*>(r.body)->layer;
+    const std::uint64_t w = layer.word.load(std::memory_order_acquire);
+    out.config = {{"capacity", std::to_string(config.capacity)}};
+    out.layer_names = {"units"};
+    out.layers = {Quantity::layer("in_use", static_cast<double>(WeightedWord::in_use(w)),
+                                  static_cast<double>(config.capacity), "capacity")};
+    out.waiters = static_cast<std::uint32_t>(WeightedWord::queued(w));
+    out.frozen = is_frozen(w);
+}
 
 const KindOps kWeightedSemaphoreOps{
     .freeze = weighted_freeze,

@@ -1,6 +1,7 @@
 #include "recovery/kind_ops.hpp"
 
 #include "dispatch/dispatch_state.hpp"
+#include "primitives/backoff_window_state.hpp"
 #include "primitives/semaphore_state.hpp"
 #include "primitives/weighted_semaphore_state.hpp"
 
@@ -10,10 +11,13 @@ const KindOps* kind_ops(RecordKind kind) noexcept {
     switch (kind) {
         case RecordKind::semaphore:
             return &kSemaphoreOps;
-        case RecordKind::limiter:
         case RecordKind::weighted_semaphore:
+            return &kWeightedSemaphoreOps;
         case RecordKind::dispatch:
+            return &kDispatchOps;
         case RecordKind::backoff_window:
+            return &kBackoffWindowOps;
+        case RecordKind::limiter:
         case RecordKind::none:
             break;
     }
