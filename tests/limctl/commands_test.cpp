@@ -257,6 +257,68 @@ capacity = 8
     CHECK(syntax.err.find(".toml:1:") != std::string::npos);
 }
 
+TEST_CASE("create makes a Dispatch from TOML; set-backoff backs it off; show and stats tell") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("limctl-dispatch"));
+    const std::string toml = write_toml(R"(
+[limiter.my_api]
+kind = "dispatch"
+concurrency = 4
+throttled_concurrency = 1
+byte_budget = 1000
+backoff_window = "2s"
+
+[limiter.bytes]
+kind = "weighted_semaphore"
+capacity = 5000
+)");
+    const auto created = limctl("create " + guard.name() + " --config " + toml);
+    REQUIRE(created.code == 0);
+    auto seg = Segment::open(guard.name());
+    auto d = Dispatch::open(seg, {.limiter = BackoffWindow::for_key(seg, "my_api"),
+                                  .key = "my_api",
+                                  .concurrency = 4,
+                                  .throttled_concurrency = 1,
+                                  .byte_budget = 1000,
+                                  .backoff_window = std::chrono::seconds{2}});
+    CHECK_FALSE(d.snapshot().backoff_active);
+
+    const auto set = limctl("set-backoff " + guard.name() + " my_api 30s");
+    CHECK(set.code == 0);
+    CHECK(d.snapshot().backoff_active);
+    CHECK(d.snapshot().backoff_remaining > std::chrono::seconds{25});
+    auto permit = d.acquire(100);  // under backoff: throttled and penalised (x20, clamped)
+    CHECK(permit.throttled());
+    CHECK(permit.bytes() == 1000);
+
+    const auto json = nlohmann::json::parse(limctl("show --json " + guard.name() + " my_api").out);
+    bool saw_dispatch = false;
+    for (const auto& r : json["records"]) {
+        if (r["kind"] != "dispatch") continue;
+        saw_dispatch = true;
+        CHECK(r["config"]["concurrency"] == 4);
+        CHECK(r["config"]["backoff_window_ms"] == 2000);
+        CHECK(r["layers"][0]["value"] == 1);
+        CHECK(r["layers"][1]["name"] == "throttled_in_flight");
+        CHECK(r["layers"][1]["value"] == 1);
+        CHECK(r["layers"][2]["unit"] == "bytes");
+        CHECK(r["layers"][2]["value"] == 1000);
+        CHECK(r["values"][0]["name"] == "backoff_active");
+        CHECK(r["values"][0]["value"] == 1);
+        CHECK(r["holders"][0]["held"]["bytes"] == 1000);
+    }
+    CHECK(saw_dispatch);
+    const auto prom = limctl("stats " + guard.name()).out;
+    CHECK(prom.find("lim_backoff_active{segment=\"" + guard.name() +
+                    "\",key=\"my_api\",kind=\"dispatch\"} 1") != std::string::npos);
+    CHECK(prom.find("lim_in_flight_bytes{segment=\"" + guard.name() +
+                    "\",key=\"my_api\",kind=\"dispatch\"} 1000") != std::string::npos);
+
+    CHECK(limctl("set-backoff " + guard.name() + " my_api --clear").code == 0);
+    CHECK_FALSE(d.snapshot().backoff_active);
+    CHECK(limctl("set-backoff " + guard.name() + " nope 1s").code == 1);
+    CHECK(limctl("set-backoff " + guard.name() + " my_api soon").code == 2);
+}
+
 TEST_CASE("watch without a terminal prints plain frames, as many as asked") {
     Prepared p;
     const auto r = limctl("watch " + p.name() + " --iterations 3 --interval 50ms </dev/null");
@@ -277,7 +339,8 @@ TEST_CASE("usage errors exit 2; --help works on every subcommand") {
     CHECK(limctl("show").code == 2);
     CHECK(limctl("stats x --format xml").code == 2);
     CHECK(limctl("watch x --interval soon").code == 2);
-    for (const char* sub : {"ls", "show", "watch", "stats", "reap", "reset", "rm", "create"}) {
+    for (const char* sub :
+         {"ls", "show", "watch", "stats", "reap", "reset", "rm", "create", "set-backoff"}) {
         CAPTURE(sub);
         const auto help = limctl(std::string(sub) + " --help");
         CHECK(help.code == 0);
