@@ -173,6 +173,8 @@ class Limiter {
     InfiniteOrFinite<double> in_system() const noexcept { return in_system(Clock::now()); }
     InfiniteOrFinite<double> hopper_to_bucket_rate_per_sec() const noexcept;
     InfiniteOrFinite<double> token_target_level() const noexcept;
+    // Threads sleeping in take/take_until (start_job/start_job_until) now, in all processes.
+    std::uint32_t waiters() const noexcept;
 
     // The earliest time `n` tokens could be in the bucket: at(now) if they are; at(t), a lower
     // bound and not a promise, if the drip can bring them; when_return_to_hopper_is_called if
@@ -287,6 +289,7 @@ class LimiterFacade {
         return limiter_.tokens_may_be_available_when(n);
     }
     void invariant() const { limiter_.invariant(); }
+    std::uint32_t waiters() const noexcept { return limiter_.waiters(); }
     std::string_view key() const noexcept { return limiter_.key(); }
 
     // The Limiter underneath, for its Expert operations (Jane Street's facades are limiters).

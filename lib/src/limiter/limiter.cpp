@@ -240,6 +240,10 @@ InfiniteOrFinite<double> Limiter::token_target_level() const noexcept {
     return detail::maybe_infinite(p.target_infinite, p.target);
 }
 
+std::uint32_t Limiter::waiters() const noexcept {
+    return detail::core_of(ref_).wake().waiters.load(std::memory_order_acquire);
+}
+
 double Limiter::in_bucket(TimePoint now) const noexcept {
     return detail::to_tokens(detail::core_of(ref_).read(to_nanos(now)).in_bucket);
 }
