@@ -55,14 +55,28 @@ std::string where(const RecordRef& ref) {
     return fmt::format("limiter '{}' in segment '{}'", ref.key(), ref.state->name());
 }
 
-// A token amount passed to an operation, in units (rounded up).
-std::int64_t amount_units(const RecordRef& ref, std::string_view op, double n) {
+// A token amount that is not a whole number of units, or is out of range: checked and rounded
+// up, or refused.
+[[gnu::noinline, gnu::cold]] std::int64_t amount_units_slow(const RecordRef& ref,
+                                                            std::string_view op, double n) {
     if (!std::isfinite(n) || n < 0 || n > kMaxTokens * 1e3) {
         throw Error(Errc::invalid_argument,
                     fmt::format("{}: {}({}): the amount must be a number of tokens from 0 to 1e12",
                                 where(ref), op, n));
     }
     return Tokens::round_up(n).units();
+}
+
+// A token amount passed to an operation, in units (rounded up).
+inline std::int64_t amount_units(const RecordRef& ref, std::string_view op, double n) {
+    // Most amounts are whole numbers of units (1, 0.5, 2.5): no rounding to do. (The comparison
+    // is false for NaN, so the conversion below only sees numbers in range.)
+    if (n >= 0 && n <= kMaxTokens) {
+        const double scaled = n * static_cast<double>(kTokenResolution);
+        const auto units = static_cast<std::int64_t>(scaled);
+        if (static_cast<double>(units) == scaled) return units;
+    }
+    return amount_units_slow(ref, op, n);
 }
 
 // A configuration amount (bucket size, target level), in units: finite, > 0 (or >= 0), <= 1e9.
@@ -421,7 +435,9 @@ void Limiter::invariant() const {
             fail(fmt::format("hopper_to_bucket_rate_per_sec ({}) must be 0..1e9", p.rate_per_sec));
         }
         const detail::DripRate expected = detail::DripRate::from_rate(p.rate_per_sec);
-        if (expected.m != p.drip.m || expected.shift != p.drip.shift) {
+        if (expected.m != p.drip.m || expected.shift != p.drip.shift ||
+            expected.per_sec_whole != p.drip.per_sec_whole ||
+            expected.per_sec_rest != p.drip.per_sec_rest) {
             fail("the drip rate does not match hopper_to_bucket_rate_per_sec");
         }
     }

@@ -41,6 +41,8 @@ DripRate DripRate::from_rate(double rate_per_sec) noexcept {
     if (!(units > 0)) return r;
     if (units == std::floor(units) && units < 0x1p62) {
         r.m = static_cast<std::uint64_t>(units);
+        r.per_sec_whole = r.m / kNsPerSec;
+        r.per_sec_rest = r.m % kNsPerSec;
         return r;
     }
     // Not a whole number of units per second: units = m / 2^shift exactly, with m the 53-bit
@@ -57,16 +59,7 @@ DripRate DripRate::from_rate(double rate_per_sec) noexcept {
     return r;
 }
 
-std::int64_t DripRate::units_after(std::int64_t elapsed_ns) const noexcept {
-    if (elapsed_ns <= 0 || m == 0) return 0;
-    const auto e = static_cast<std::uint64_t>(elapsed_ns);
-    if (shift == 0 && m <= (std::uint64_t{1} << 33)) {
-        // Whole seconds and the remainder separately: every product fits in 64 bits, and the
-        // divisions by a constant compile to multiplications.
-        std::uint64_t whole = 0;
-        if (__builtin_mul_overflow(e / kNsPerSec, m, &whole)) return kMaxInFlight;
-        return clamp_units(static_cast<u128>(whole) + (e % kNsPerSec) * m / kNsPerSec);
-    }
+std::int64_t DripRate::fractional_units_after(std::uint64_t e) const noexcept {
     if (shift >= 128) return 0;
     return clamp_units((static_cast<u128>(e) * m >> shift) / kNsPerSec);
 }
@@ -103,32 +96,6 @@ std::optional<std::int64_t> DripRate::elapsed_for(std::int64_t units) const noex
 // Configuration blocks
 // ---------------------------------------------------------------------------------------------
 
-std::int64_t LimiterParams::cap(std::int64_t f) const noexcept {
-    if (target_infinite) return bucket_size;
-    return std::min(bucket_size, std::max<std::int64_t>(0, target - f));
-}
-
-std::int64_t LimiterParams::bucket_at(std::int64_t x, std::int64_t f,
-                                      std::int64_t t_ns) const noexcept {
-    const std::int64_t c = cap(f);
-    if (rate_infinite) return c;
-    return std::max<std::int64_t>(0, std::min(drip_at(t_ns) - x, c));
-}
-
-LimiterParams load_params(const ConfigBlock& block) noexcept {
-    LimiterParams p;
-    const std::uint32_t flags = block.flags.load(std::memory_order_acquire);
-    p.rate_infinite = (flags & kRateInfinite) != 0;
-    p.target_infinite = (flags & kTargetInfinite) != 0;
-    p.rate_per_sec = std::bit_cast<double>(block.rate_bits.load(std::memory_order_acquire));
-    p.drip.m = block.drip_m.load(std::memory_order_acquire);
-    p.drip.shift = block.drip_shift.load(std::memory_order_acquire);
-    p.bucket_size = block.bucket_size.load(std::memory_order_acquire);
-    p.target = block.target.load(std::memory_order_acquire);
-    p.anchor_ns = block.anchor_ns.load(std::memory_order_acquire);
-    return p;
-}
-
 void store_params(ConfigBlock& block, const LimiterParams& p) noexcept {
     const std::uint32_t flags =
         (p.rate_infinite ? kRateInfinite : 0) | (p.target_infinite ? kTargetInfinite : 0);
@@ -136,6 +103,8 @@ void store_params(ConfigBlock& block, const LimiterParams& p) noexcept {
     block.rate_bits.store(std::bit_cast<std::uint64_t>(p.rate_per_sec), std::memory_order_release);
     block.drip_m.store(p.drip.m, std::memory_order_release);
     block.drip_shift.store(p.drip.shift, std::memory_order_release);
+    block.drip_whole.store(p.drip.per_sec_whole, std::memory_order_release);
+    block.drip_rest.store(p.drip.per_sec_rest, std::memory_order_release);
     block.bucket_size.store(p.bucket_size, std::memory_order_release);
     block.target.store(p.target, std::memory_order_release);
     block.anchor_ns.store(p.anchor_ns, std::memory_order_release);
@@ -168,21 +137,6 @@ void init_limiter_body(LimiterBody& body, const LimiterRecordConfig& config,
 // ---------------------------------------------------------------------------------------------
 // Hot path
 // ---------------------------------------------------------------------------------------------
-
-LimiterCore::LimiterCore(SegmentState& state, std::uint32_t record) noexcept
-    : state_(state),
-      body_(*reinterpret_cast<LimiterBody*>(state.record(record).body)),
-      record_(record) {}
-
-void LimiterCore::raise_time(std::int64_t t_ns) const noexcept {
-    // A plain store, not a read-modify-write: L only serves "a `now` earlier than the limiter's
-    // time is moved up to it". Two racing raises may leave the smaller one; nothing that admits
-    // tokens depends on L (docs/design-limiter.md, "Time").
-    if (state_.read_only()) return;
-    if (t_ns > body_.time_ns.load(std::memory_order_relaxed)) {
-        body_.time_ns.store(t_ns, std::memory_order_relaxed);
-    }
-}
 
 void LimiterCore::rollback_tentative(std::int64_t n) noexcept {
     // Undoing our own tentative increment may proceed on a frozen word (the reaper waits for
@@ -316,11 +270,13 @@ ReturnOutcome LimiterCore::return_to_hopper(Hold& hold, std::int64_t now_ns, std
         const LimiterParams p = load_params(body_.config[gen & 1]);
         const std::int64_t t = std::max(now_ns, body_.time_ns.load(std::memory_order_relaxed));
         if (!p.rate_infinite && !p.target_infinite) {
-            // As the seed advances time before the tokens come back: fold at t with what is in
-            // flight now, so that the returned tokens drip from t on, never retroactively.
+            // As the seed advances time before the tokens come back: fold at t the drip that
+            // found the hopper empty (beyond what the system leaves outside flight), so that the
+            // returned tokens drip from t on, never retroactively. Drip beyond the bucket size
+            // needs no fold here: the bucket size does not change with a return.
             const std::int64_t x = BucketWord::x(s);
             const std::int64_t d = p.drip_at(t);
-            const std::int64_t folded = std::max(x, d - p.cap(f));
+            const std::int64_t folded = std::max(x, d - p.outside_flight(f));
             if (folded != x) {
                 if (d > rebase_at) return ReturnOutcome::rebase_needed;
                 if (!bucket.compare_exchange_strong(s, BucketWord::make(gen, folded),
@@ -525,7 +481,7 @@ void fold_for_return(SegmentState& state, std::uint32_t record, std::int64_t f,
         const std::int64_t t = std::max(now_ns, body.time_ns.load(std::memory_order_relaxed));
         const std::int64_t x = BucketWord::x(s);
         const std::int64_t d = p.drip_at(t);
-        const std::int64_t folded = std::max(x, d - p.cap(f));
+        const std::int64_t folded = std::max(x, d - p.outside_flight(f));
         if (folded == x) return;
         if (d > kRebaseAt) {
             // Re-anchoring folds too. If the config lock cannot be had, skip the fold: the cost

@@ -28,7 +28,9 @@
 // so it fails and retries if the configuration changed under it.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cstdint>
 #include <optional>
 #include <span>
@@ -82,16 +84,43 @@ static_assert(kRebaseHard + kMaxTokenUnits < (std::int64_t{1} << (kXBits - 1)));
 struct DripRate {
     std::uint64_t m = 0;
     std::uint32_t shift = 0;
+    // For a whole R (shift 0): R = per_sec_whole x 10^9 + per_sec_rest, so that the drip needs
+    // no division by anything but a constant.
+    std::uint64_t per_sec_whole = 0;
+    std::uint64_t per_sec_rest = 0;
 
     // `rate_per_sec` finite, >= 0, <= kMaxRatePerSec.
     static DripRate from_rate(double rate_per_sec) noexcept;
 
     // Drip allowance after `elapsed_ns` (<= 0 gives 0), saturating at kMaxInFlight.
-    std::int64_t units_after(std::int64_t elapsed_ns) const noexcept;
+    std::int64_t units_after(std::int64_t elapsed_ns) const noexcept {
+        if (elapsed_ns <= 0 || m == 0) return 0;
+        if (shift == 0) return whole_units_after(static_cast<std::uint64_t>(elapsed_ns));
+        return fractional_units_after(static_cast<std::uint64_t>(elapsed_ns));
+    }
 
     // The smallest elapsed_ns with units_after(elapsed_ns) >= `units` (> 0), or nullopt if the
     // rate is zero or the answer does not fit in 63 bits.
     std::optional<std::int64_t> elapsed_for(std::int64_t units) const noexcept;
+
+  private:
+    // R a whole number of units per second: 64-bit arithmetic only. With e = q s + r ns and
+    // R = a 10^9 + b, floor(e R / 10^9) = q R + r a + floor(r b / 10^9), each product below
+    // 2^64 (or saturating), each division by a constant (a multiplication).
+    std::int64_t whole_units_after(std::uint64_t e) const noexcept {
+        constexpr std::uint64_t kNs = 1'000'000'000;
+        const std::uint64_t q = e / kNs, r = e % kNs;
+        std::uint64_t x = 0, y = 0, sum = 0;
+        if (__builtin_mul_overflow(q, m, &x) || __builtin_mul_overflow(r, per_sec_whole, &y) ||
+            __builtin_add_overflow(x, y, &sum) ||
+            __builtin_add_overflow(sum, r * per_sec_rest / kNs, &sum) ||
+            sum > static_cast<std::uint64_t>(kMaxInFlight)) {
+            return kMaxInFlight;
+        }
+        return static_cast<std::int64_t>(sum);
+    }
+    // R = m / 2^shift, not whole: 128-bit arithmetic.
+    std::int64_t fractional_units_after(std::uint64_t e) const noexcept;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -118,14 +147,15 @@ struct LimiterRecordConfig {
 // One configuration. Written only while inactive (by the config-lock holder), then published by
 // the CAS on S that selects it; read with acquire loads, validated by S's generation.
 struct alignas(kCacheLine) ConfigBlock {
-    std::atomic<std::uint64_t> rate_bits;    // tokens per second, as a double (finite rate)
-    std::atomic<std::uint64_t> drip_m;       // DripRate::m
-    std::atomic<std::uint32_t> drip_shift;   // DripRate::shift
-    std::atomic<std::uint32_t> flags;        // kRateInfinite | kTargetInfinite
-    std::atomic<std::int64_t> bucket_size;   // units
-    std::atomic<std::int64_t> target;        // token target level, units (finite target)
-    std::atomic<std::int64_t> anchor_ns;     // the drip's time origin: D(anchor) = 0
-    std::atomic<std::uint64_t> reserved[2];  // 0
+    std::atomic<std::uint64_t> rate_bits;   // tokens per second, as a double (finite rate)
+    std::atomic<std::uint64_t> drip_m;      // DripRate::m
+    std::atomic<std::uint32_t> drip_shift;  // DripRate::shift
+    std::atomic<std::uint32_t> flags;       // kRateInfinite | kTargetInfinite
+    std::atomic<std::int64_t> bucket_size;  // units
+    std::atomic<std::int64_t> target;       // token target level, units (finite target)
+    std::atomic<std::int64_t> anchor_ns;    // the drip's time origin: D(anchor) = 0
+    std::atomic<std::uint64_t> drip_whole;  // DripRate::per_sec_whole
+    std::atomic<std::uint64_t> drip_rest;   // DripRate::per_sec_rest
 };
 static_assert(sizeof(ConfigBlock) == kCacheLine);
 
@@ -169,18 +199,43 @@ struct LimiterParams {
     std::int64_t target = 0;  // finite target only
     std::int64_t anchor_ns = 0;
 
+    // What the system leaves for bucket + hopper with `f` units in flight.
+    std::int64_t outside_flight(std::int64_t f) const noexcept {
+        return target > f ? target - f : 0;
+    }
     // What the bucket may hold given `f` units in flight: min(bucket size, what the system
     // leaves for bucket + hopper).
-    std::int64_t cap(std::int64_t f) const noexcept;
+    std::int64_t cap(std::int64_t f) const noexcept {
+        if (target_infinite) return bucket_size;
+        return std::min(bucket_size, outside_flight(f));
+    }
     // D(t) (finite rate).
     std::int64_t drip_at(std::int64_t t_ns) const noexcept {
         return drip.units_after(t_ns - anchor_ns);
     }
     // The bucket at `t_ns` with marker `x` and `f` in flight.
-    std::int64_t bucket_at(std::int64_t x, std::int64_t f, std::int64_t t_ns) const noexcept;
+    std::int64_t bucket_at(std::int64_t x, std::int64_t f, std::int64_t t_ns) const noexcept {
+        const std::int64_t c = cap(f);
+        if (rate_infinite) return c;
+        return std::max<std::int64_t>(0, std::min(drip_at(t_ns) - x, c));
+    }
 };
 
-LimiterParams load_params(const ConfigBlock& block) noexcept;
+inline LimiterParams load_params(const ConfigBlock& block) noexcept {
+    LimiterParams p;
+    const std::uint32_t flags = block.flags.load(std::memory_order_acquire);
+    p.rate_infinite = (flags & kRateInfinite) != 0;
+    p.target_infinite = (flags & kTargetInfinite) != 0;
+    p.rate_per_sec = std::bit_cast<double>(block.rate_bits.load(std::memory_order_acquire));
+    p.drip.m = block.drip_m.load(std::memory_order_acquire);
+    p.drip.shift = block.drip_shift.load(std::memory_order_acquire);
+    p.drip.per_sec_whole = block.drip_whole.load(std::memory_order_acquire);
+    p.drip.per_sec_rest = block.drip_rest.load(std::memory_order_acquire);
+    p.bucket_size = block.bucket_size.load(std::memory_order_acquire);
+    p.target = block.target.load(std::memory_order_acquire);
+    p.anchor_ns = block.anchor_ns.load(std::memory_order_acquire);
+    return p;
+}
 void store_params(ConfigBlock& block, const LimiterParams& p) noexcept;
 // The configuration a record was created with, anchored at `now_ns`.
 LimiterParams params_from_config(const LimiterRecordConfig& c, std::int64_t now_ns) noexcept;
@@ -207,7 +262,10 @@ struct LimiterReading {
 // public handles make one per call.
 class LimiterCore {
   public:
-    LimiterCore(SegmentState& state, std::uint32_t record) noexcept;
+    LimiterCore(SegmentState& state, std::uint32_t record) noexcept
+        : state_(state),
+          body_(*reinterpret_cast<LimiterBody*>(state.record(record).body)),
+          record_(record) {}
 
     // One attempt, under `hold`. `rebase_at`: the drip allowance above which the operation
     // asks its caller to re-anchor first (rebase_needed, nothing changed).
@@ -240,7 +298,15 @@ class LimiterCore {
     std::uint32_t record() const noexcept { return record_; }
 
   private:
-    void raise_time(std::int64_t t_ns) const noexcept;
+    // A plain store, not a read-modify-write: L only serves "a `now` earlier than the limiter's
+    // time is moved up to it". Two racing raises may leave the smaller one; nothing that admits
+    // tokens depends on L (docs/design-limiter.md, "Time").
+    void raise_time(std::int64_t t_ns) const noexcept {
+        if (state_.read_only()) return;
+        if (t_ns > body_.time_ns.load(std::memory_order_relaxed)) {
+            body_.time_ns.store(t_ns, std::memory_order_relaxed);
+        }
+    }
     void rollback_tentative(std::int64_t n) noexcept;
     void switch_config(std::int64_t now_ns, bool reanchor, void (*change)(LimiterParams&, void*),
                        void* ctx);
