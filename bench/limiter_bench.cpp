@@ -16,6 +16,7 @@
 //       --benchmark_report_aggregates_only=true       (one command line)
 #include <benchmark/benchmark.h>
 #include <pthread.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -170,9 +171,20 @@ World& world() {
     return w;
 }
 
+// Pins the calling process to `cpu` (modulo the CPUs there are), so that "contended" means two
+// cores fighting over one cache line, not two processes taking turns on one core.
+void pin_to(int cpu) {
+    const long n = ::sysconf(_SC_NPROCESSORS_ONLN);
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(static_cast<int>(cpu % (n > 0 ? n : 1)), &set);
+    ::sched_setaffinity(0, sizeof set, &set);
+}
+
 // Runs `op` in the benchmark loop; with `contended`, also in a forked process meanwhile.
 template <class Op>
 void run(benchmark::State& state, bool contended, Op op) {
+    pin_to(0);
     struct Flags {
         std::atomic<int> ready, stop;
     };
@@ -181,6 +193,7 @@ void run(benchmark::State& state, bool contended, Op op) {
     if (contended) {
         child = ::fork();
         if (child == 0) {
+            pin_to(1);
             flags->ready.store(1);
             while (flags->stop.load(std::memory_order_relaxed) == 0)
                 op();

@@ -32,9 +32,12 @@
 //   processes the clock readings that go with them need not be in that order. A take or return
 //   whose `now` is behind another process's is treated as happening at the limiter's time, and
 //   decides with the bucket as it stood at its own `now` (never with more tokens than that).
-// - With a finite rate and a finite target, a take that races another take may leave tokens
-//   it lost the race for in the hopper, to drip back at the rate: contention can admit less
-//   than the seed would, never more.
+// - With a finite rate and a finite target, operations that race may leave in the hopper, to
+//   drip back at the rate, tokens the seed would have left in the bucket: contention can admit
+//   less than the seed would, never more.
+// - A return of more than is in flight that races a take may go undetected (the take's tokens
+//   are counted in flight from before it succeeds); in flight is then clamped at zero.
+// - A token bucket's tokens are never returned (as in the seed), so in_flight only grows.
 #pragma once
 
 #include <cstdint>
