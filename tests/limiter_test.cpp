@@ -9,6 +9,9 @@
 
 #include "lim/limiter.hpp"
 #include "lim/segment.hpp"
+#include "lim/throttle.hpp"
+#include "lim/throttled_rate_limiter.hpp"
+#include "lim/token_bucket.hpp"
 #include "support/process.hpp"
 
 using namespace lim;
@@ -482,4 +485,27 @@ TEST_CASE("opening an existing key attaches; another configuration is config_mis
     auto adopted = Limiter::open(seg, "shared", other, adopt_existing, t0);
     CHECK(adopted.bucket_size() == 10);
     CHECK(adopted.in_flight(t0) == 4);
+}
+
+TEST_CASE("the SPEC's examples compile and behave") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("lim-spec"));
+    auto seg = make_segment(guard);
+    auto ex = lim::Limiter::open(seg, "raw",
+                                 lim::LimiterConfig{.hopper_to_bucket_rate_per_sec = 2.0,
+                                                    .bucket_size = 10,
+                                                    .initial_bucket_level = 0,
+                                                    .initial_hopper_level = lim::infinite});
+    auto tb = lim::TokenBucket::open(
+        seg, "emails", {.burst_size = 10, .sustained_rate_per_sec = 2, .initial_bucket_level = 0});
+    auto th = lim::Throttle::open(seg, "db", {.max_concurrent_jobs = 8});
+    auto trl = lim::ThrottledRateLimiter::open(
+        seg, "api", {.burst_size = 2, .sustained_rate_per_sec = 1, .max_concurrent_jobs = 3});
+    CHECK(ex.bucket_size() == 10);
+    CHECK(tb.burst_size() == 10);
+    CHECK(th.max_concurrent_jobs() == 8);
+    CHECK(trl.max_concurrent_jobs() == 3);
+    CHECK(th.try_start_job() == StartJob::start());
+    th.finish_job();
+    CHECK(trl.try_start_job().kind() == StartJob::Kind::start);
+    trl.finish_job();
 }
