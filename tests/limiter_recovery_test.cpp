@@ -18,20 +18,16 @@
 #include "limiter/limiter_state.hpp"
 #include "shm/process_table.hpp"
 #include "shm/records.hpp"
+#include "support/limiter_time.hpp"
 #include "support/process.hpp"
 
 using namespace lim;
+using lim::test::at;
+using lim::test::t0;
 using namespace std::chrono_literals;
 using lim::detail::kLimiterOps;
 
 namespace {
-const TimePoint t0 = from_nanos(1'000'000'000'000);
-TimePoint at(double seconds) {
-    return t0 + std::chrono::round<Duration>(std::chrono::duration<double>(seconds));
-}
-Segment make_segment(lim::test::SegmentGuard& guard) {
-    return Segment::open_or_create(guard.name(), {.max_limiters = 16, .max_processes = 64});
-}
 std::uint32_t record_of(const Segment& seg, std::string_view key) {
     const auto r = detail::find_record(*seg.state(), detail::RecordKind::limiter, key);
     REQUIRE(r.has_value());
@@ -50,7 +46,7 @@ TEST_CASE("kLimiterOps describes one layer of tokens") {
 
 TEST_CASE("a dead process's tokens come back to the hopper as a return at now") {
     lim::test::SegmentGuard guard(lim::test::unique_name("lim-reap"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto trl = ThrottledRateLimiter::open(
         seg, "api", {.burst_size = 5, .sustained_rate_per_sec = 1, .max_concurrent_jobs = 5}, t0);
     const std::uint32_t rec = record_of(seg, "api");
@@ -92,7 +88,7 @@ TEST_CASE("a dead process's tokens come back to the hopper as a return at now") 
 
 TEST_CASE("a frozen limiter holds takes until it is thawed") {
     lim::test::SegmentGuard guard(lim::test::unique_name("lim-frozen"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto th = Throttle::open(seg, "db", {.max_concurrent_jobs = 2});
     const std::uint32_t rec = record_of(seg, "db");
     kLimiterOps.freeze(*seg.state(), rec);
@@ -113,7 +109,7 @@ TEST_CASE("a frozen limiter holds takes until it is thawed") {
 
 TEST_CASE("recount drops a dead sleeper's registration") {
     lim::test::SegmentGuard guard(lim::test::unique_name("lim-sleeper"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto th = Throttle::open(seg, "db", {.max_concurrent_jobs = 1});
     const std::uint32_t rec = record_of(seg, "db");
     th.start_job();
@@ -142,7 +138,7 @@ TEST_CASE("recount drops a dead sleeper's registration") {
 
 TEST_CASE("reset restores the configured state, discarding reconfigurations") {
     lim::test::SegmentGuard guard(lim::test::unique_name("lim-reset"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto l = Limiter::open(seg, "raw",
                            {.hopper_to_bucket_rate_per_sec = 2.0,
                             .bucket_size = 10,

@@ -12,22 +12,15 @@
 #include "lim/throttle.hpp"
 #include "lim/throttled_rate_limiter.hpp"
 #include "lim/token_bucket.hpp"
+#include "support/limiter_time.hpp"
 #include "support/process.hpp"
 
 using namespace lim;
+using lim::test::at;
+using lim::test::t0;
 using namespace std::chrono_literals;
 
 namespace {
-
-// A fixed time base, so that every expectation is exact.
-const TimePoint t0 = from_nanos(1'000'000'000'000);
-TimePoint at(double seconds) {
-    return t0 + std::chrono::round<Duration>(std::chrono::duration<double>(seconds));
-}
-
-Segment make_segment(lim::test::SegmentGuard& guard) {
-    return Segment::open_or_create(guard.name(), {.max_limiters = 32, .max_processes = 64});
-}
 
 double finite(InfiniteOrFinite<double> v) {
     REQUIRE(v.is_finite());
@@ -56,7 +49,7 @@ void check_accounts(const Limiter& l, TimePoint now) {
 
 TEST_CASE("tokens drip at the rate, capped at the bucket size, the rest staying in the hopper") {
     lim::test::SegmentGuard guard(lim::test::unique_name("lim-fill"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto l = Limiter::open(seg, "fill",
                            {.hopper_to_bucket_rate_per_sec = 2.0,
                             .bucket_size = 10,
@@ -103,7 +96,7 @@ TEST_CASE("tokens drip at the rate, capped at the bucket size, the rest staying 
 
 TEST_CASE("drip that finds the bucket full is lost") {
     lim::test::SegmentGuard guard(lim::test::unique_name("lim-full"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto l = Limiter::open(seg, "full",
                            {.hopper_to_bucket_rate_per_sec = 1.0,
                             .bucket_size = 5,
@@ -122,7 +115,7 @@ TEST_CASE("drip that finds the bucket full is lost") {
 
 TEST_CASE("fractional tokens are rounded up to 1/10,000") {
     lim::test::SegmentGuard guard(lim::test::unique_name("lim-frac"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto l = Limiter::open(seg, "frac",
                            {.hopper_to_bucket_rate_per_sec = 1.0,
                             .bucket_size = 10,
@@ -168,7 +161,7 @@ TEST_CASE("fractional tokens are rounded up to 1/10,000") {
 
 TEST_CASE("a now earlier than the limiter's time is moved up to it") {
     lim::test::SegmentGuard guard(lim::test::unique_name("lim-past"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto l = Limiter::open(seg, "past",
                            {.hopper_to_bucket_rate_per_sec = 1.0,
                             .bucket_size = 10,
@@ -198,7 +191,7 @@ TEST_CASE("a now earlier than the limiter's time is moved up to it") {
 
 TEST_CASE("raising and lowering the token target level") {
     lim::test::SegmentGuard guard(lim::test::unique_name("lim-target"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto l = Limiter::open(seg, "target",
                            {.hopper_to_bucket_rate_per_sec = 1.0,
                             .bucket_size = 10,
@@ -263,7 +256,7 @@ TEST_CASE("raising and lowering the token target level") {
 
 TEST_CASE("changing the bucket size") {
     lim::test::SegmentGuard guard(lim::test::unique_name("lim-size"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto l = Limiter::open(seg, "size",
                            {.hopper_to_bucket_rate_per_sec = 1.0,
                             .bucket_size = 10,
@@ -300,7 +293,7 @@ TEST_CASE("changing the bucket size") {
 
 TEST_CASE("changing the rate") {
     lim::test::SegmentGuard guard(lim::test::unique_name("lim-rate"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto l = Limiter::open(seg, "rate",
                            {.hopper_to_bucket_rate_per_sec = 1.0,
                             .bucket_size = 100,
@@ -345,7 +338,7 @@ TEST_CASE("changing the rate") {
 
 TEST_CASE("try_take: taken, unable, asked for more than the bucket size") {
     lim::test::SegmentGuard guard(lim::test::unique_name("lim-take"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto l = Limiter::open(seg, "take",
                            {.hopper_to_bucket_rate_per_sec = 1.0,
                             .bucket_size = 4,
@@ -366,7 +359,7 @@ TEST_CASE("try_take: taken, unable, asked for more than the bucket size") {
 
 TEST_CASE("tokens_may_be_available_when, for reachable and unreachable amounts") {
     lim::test::SegmentGuard guard(lim::test::unique_name("lim-when"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto l = Limiter::open(seg, "when",
                            {.hopper_to_bucket_rate_per_sec = 2.0,
                             .bucket_size = 10,
@@ -413,7 +406,7 @@ TEST_CASE("tokens_may_be_available_when, for reachable and unreachable amounts")
 
 TEST_CASE("returns: over_release and bad amounts change nothing") {
     lim::test::SegmentGuard guard(lim::test::unique_name("lim-ret"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto l = Limiter::open(seg, "ret",
                            {.hopper_to_bucket_rate_per_sec = 1.0,
                             .bucket_size = 4,
@@ -444,7 +437,7 @@ TEST_CASE("returns: over_release and bad amounts change nothing") {
 
 TEST_CASE("bad reconfigurations are refused and change nothing") {
     lim::test::SegmentGuard guard(lim::test::unique_name("lim-badcfg"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto l = Limiter::open(seg, "badcfg",
                            {.hopper_to_bucket_rate_per_sec = 1.0,
                             .bucket_size = 4,
@@ -463,7 +456,7 @@ TEST_CASE("bad reconfigurations are refused and change nothing") {
 
 TEST_CASE("opening an existing key attaches; another configuration is config_mismatch") {
     lim::test::SegmentGuard guard(lim::test::unique_name("lim-open"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     const LimiterConfig config{.hopper_to_bucket_rate_per_sec = 2.0,
                                .bucket_size = 10,
                                .initial_bucket_level = 10,
@@ -489,7 +482,7 @@ TEST_CASE("opening an existing key attaches; another configuration is config_mis
 
 TEST_CASE("the SPEC's examples compile and behave") {
     lim::test::SegmentGuard guard(lim::test::unique_name("lim-spec"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto ex = lim::Limiter::open(seg, "raw",
                                  lim::LimiterConfig{.hopper_to_bucket_rate_per_sec = 2.0,
                                                     .bucket_size = 10,

@@ -7,20 +7,15 @@
 #include <vector>
 
 #include "lim/throttle.hpp"
+#include "support/limiter_time.hpp"
 #include "support/process.hpp"
 
 using namespace lim;
 using namespace std::chrono_literals;
 
-namespace {
-Segment make_segment(lim::test::SegmentGuard& guard) {
-    return Segment::open_or_create(guard.name(), {.max_limiters = 16, .max_processes = 64});
-}
-}  // namespace
-
 TEST_CASE("a throttle starts at most max_concurrent_jobs jobs") {
     lim::test::SegmentGuard guard(lim::test::unique_name("th"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto th = Throttle::open(seg, "db", {.max_concurrent_jobs = 3});
     CHECK(th.max_concurrent_jobs() == 3);
     CHECK(th.hopper_to_bucket_rate_per_sec().is_infinite());
@@ -50,7 +45,7 @@ TEST_CASE("a throttle starts at most max_concurrent_jobs jobs") {
 
 TEST_CASE("start_job sleeps until a job finishes; start_job_until gives up at its deadline") {
     lim::test::SegmentGuard guard(lim::test::unique_name("th-block"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto th = Throttle::open(seg, "db", {.max_concurrent_jobs = 1});
     th.start_job();
     const TimePoint deadline = Clock::now() + 30ms;
@@ -76,7 +71,7 @@ TEST_CASE("start_job sleeps until a job finishes; start_job_until gives up at it
 
 TEST_CASE("threads never run more than max_concurrent_jobs jobs") {
     lim::test::SegmentGuard guard(lim::test::unique_name("th-threads"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto th = Throttle::open(seg, "db", {.max_concurrent_jobs = 3});
     std::atomic<int> inside{0}, peak{0};
     std::vector<std::thread> threads;
@@ -107,7 +102,7 @@ TEST_CASE("threads never run more than max_concurrent_jobs jobs") {
 
 TEST_CASE("lowering a throttle's target below the running jobs drops finishes until it matches") {
     lim::test::SegmentGuard guard(lim::test::unique_name("th-lower"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto th = Throttle::open(seg, "db", {.max_concurrent_jobs = 4});
     for (int i = 0; i < 4; ++i)
         REQUIRE(th.try_start_job() == StartJob::start());

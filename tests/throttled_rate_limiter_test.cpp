@@ -4,24 +4,17 @@
 #include <chrono>
 
 #include "lim/throttled_rate_limiter.hpp"
+#include "support/limiter_time.hpp"
 #include "support/process.hpp"
 
 using namespace lim;
+using lim::test::at;
+using lim::test::t0;
 using namespace std::chrono_literals;
-
-namespace {
-const TimePoint t0 = from_nanos(1'000'000'000'000);
-TimePoint at(double seconds) {
-    return t0 + std::chrono::round<Duration>(std::chrono::duration<double>(seconds));
-}
-Segment make_segment(lim::test::SegmentGuard& guard) {
-    return Segment::open_or_create(guard.name(), {.max_limiters = 16, .max_processes = 64});
-}
-}  // namespace
 
 TEST_CASE("jobs start at the rate, at most max_concurrent_jobs at once") {
     lim::test::SegmentGuard guard(lim::test::unique_name("trl"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto trl = ThrottledRateLimiter::open(
         seg, "api", {.burst_size = 2, .sustained_rate_per_sec = 1, .max_concurrent_jobs = 3}, t0);
     CHECK(trl.burst_size() == 2);
@@ -47,7 +40,7 @@ TEST_CASE("jobs start at the rate, at most max_concurrent_jobs at once") {
 
 TEST_CASE("a burst larger than the jobs allowed starts the jobs allowed") {
     lim::test::SegmentGuard guard(lim::test::unique_name("trl-burst"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto trl = ThrottledRateLimiter::open(
         seg, "api", {.burst_size = 5, .sustained_rate_per_sec = 10, .max_concurrent_jobs = 2}, t0);
     CHECK(trl.in_bucket(t0) == 2);
@@ -63,7 +56,7 @@ TEST_CASE("a burst larger than the jobs allowed starts the jobs allowed") {
 
 TEST_CASE("start_job_until gives up at its deadline") {
     lim::test::SegmentGuard guard(lim::test::unique_name("trl-block"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto trl = ThrottledRateLimiter::open(
         seg, "api", {.burst_size = 1, .sustained_rate_per_sec = 0.01, .max_concurrent_jobs = 5});
     trl.start_job();

@@ -6,24 +6,17 @@
 
 #include "lim/throttle.hpp"
 #include "lim/token_bucket.hpp"
+#include "support/limiter_time.hpp"
 #include "support/process.hpp"
 
 using namespace lim;
+using lim::test::at;
+using lim::test::t0;
 using namespace std::chrono_literals;
-
-namespace {
-const TimePoint t0 = from_nanos(1'000'000'000'000);
-TimePoint at(double seconds) {
-    return t0 + std::chrono::round<Duration>(std::chrono::duration<double>(seconds));
-}
-Segment make_segment(lim::test::SegmentGuard& guard) {
-    return Segment::open_or_create(guard.name(), {.max_limiters = 16, .max_processes = 64});
-}
-}  // namespace
 
 TEST_CASE("a token bucket refills at the sustained rate up to the burst size") {
     lim::test::SegmentGuard guard(lim::test::unique_name("tb"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto tb = TokenBucket::open(seg, "emails", {.burst_size = 10, .sustained_rate_per_sec = 2}, t0);
     CHECK(tb.burst_size() == 10);
     CHECK(tb.bucket_size() == 10);
@@ -51,7 +44,7 @@ TEST_CASE("a token bucket refills at the sustained rate up to the burst size") {
 
 TEST_CASE("take_until gives up at its deadline holding nothing; take waits for the refill") {
     lim::test::SegmentGuard guard(lim::test::unique_name("tb-block"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto slow = TokenBucket::open(seg, "slow", {.burst_size = 1, .sustained_rate_per_sec = 0.001});
     const TimePoint deadline = Clock::now() + 30ms;
     CHECK_FALSE(slow.take_until(1, deadline));
@@ -72,7 +65,7 @@ TEST_CASE("take_until gives up at its deadline holding nothing; take waits for t
 
 TEST_CASE("token bucket configuration: mismatch, adoption, another facade on the key") {
     lim::test::SegmentGuard guard(lim::test::unique_name("tb-config"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::limiter_segment(guard);
     auto tb = TokenBucket::open(seg, "api", {.burst_size = 10, .sustained_rate_per_sec = 2});
     try {
         TokenBucket::open(seg, "api", {.burst_size = 10, .sustained_rate_per_sec = 3});

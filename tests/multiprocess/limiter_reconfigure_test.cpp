@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "lim/limiter.hpp"
+#include "support/admissions.hpp"
 #include "support/process.hpp"
 
 using namespace lim;
@@ -25,14 +26,12 @@ TEST_CASE("7 takers and a reconfiguring process: never more than the target in f
                             .initial_bucket_level = 4,
                             .initial_hopper_level = 4.0});
     struct Counters {
-        std::atomic<long> held;  // units held by the takers, counted by the takers
-        std::atomic<long> peak;
-        std::atomic<long> ops;
-        std::atomic<long> switches;
-        std::atomic<int> done;
+        lim::test::PeakCounter held;  // units held by the takers, counted by the takers
+        std::atomic<long> ops{0};
+        std::atomic<long> switches{0};
+        std::atomic<int> done{0};
     };
-    auto* c = lim::test::shared_array<Counters>(1);
-    new (c) Counters{};
+    auto* c = new (lim::test::shared_array<Counters>(1)) Counters{};
     std::vector<pid_t> kids;
     for (int p = 0; p < kTakers; ++p) {
         kids.push_back(lim::test::fork_child([&, p] {
@@ -43,14 +42,11 @@ TEST_CASE("7 takers and a reconfiguring process: never more than the target in f
                 ++ops;
                 if (l.try_take(n) != TryTake::taken) continue;
                 const long units = static_cast<long>(n * 10'000);
-                const long now = c->held.fetch_add(units) + units;
-                long peak = c->peak.load();
-                while (now > peak && !c->peak.compare_exchange_weak(peak, now)) {
-                }
+                c->held.enter(units);
                 // Now and then hold the tokens a while, so that what is in flight approaches
                 // the target.
                 if (i % 16 == 0) std::this_thread::sleep_for(std::chrono::microseconds(50));
-                c->held.fetch_sub(units);
+                c->held.leave(units);
                 l.return_to_hopper(n);
                 ++ops;
             }
@@ -79,11 +75,11 @@ TEST_CASE("7 takers and a reconfiguring process: never more than the target in f
     for (pid_t k : kids)
         CHECK(lim::test::wait_child(k) == 0);
     MESSAGE(c->ops.load() << " operations, " << c->switches.load()
-                          << " reconfigurations, peak held " << c->peak.load() << " units");
+                          << " reconfigurations, peak held " << c->held.peak.load() << " units");
     CHECK(c->ops.load() >= 1'000'000);
     CHECK(c->switches.load() >= 30);  // reconfigured throughout, not once
-    CHECK(c->peak.load() <= 8 * 10'000);
-    CHECK(c->peak.load() >= 4 * 10'000);
+    CHECK(c->held.peak.load() <= 8 * 10'000);
+    CHECK(c->held.peak.load() >= 4 * 10'000);
     CHECK(l.in_flight() == 0);
     CHECK(l.in_system().value() == 8);
     CHECK(l.token_target_level().value() == 8);

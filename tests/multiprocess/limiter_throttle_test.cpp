@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "lim/throttle.hpp"
+#include "support/admissions.hpp"
 #include "support/process.hpp"
 
 using namespace lim;
@@ -19,13 +20,11 @@ TEST_CASE("8 processes x 70,000 jobs: concurrency never exceeds max_concurrent_j
     auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 4, .max_processes = 64});
     auto th = Throttle::open(seg, "db", {.max_concurrent_jobs = kMax});
     struct Counters {
-        std::atomic<int> inside;
-        std::atomic<int> peak;
-        std::atomic<long> ops;
-        std::atomic<int> done;
+        lim::test::PeakCounter running;
+        std::atomic<long> ops{0};
+        std::atomic<int> done{0};
     };
-    auto* c = lim::test::shared_array<Counters>(1);
-    new (c) Counters{};
+    auto* c = new (lim::test::shared_array<Counters>(1)) Counters{};
     std::vector<pid_t> kids;
     for (int p = 0; p < kProcs; ++p) {
         kids.push_back(lim::test::fork_child([&, p] {
@@ -38,11 +37,8 @@ TEST_CASE("8 processes x 70,000 jobs: concurrency never exceeds max_concurrent_j
                     th.start_job();
                     ++ops;
                 }
-                const int now = c->inside.fetch_add(1) + 1;
-                int peak = c->peak.load();
-                while (now > peak && !c->peak.compare_exchange_weak(peak, now)) {
-                }
-                c->inside.fetch_sub(1);
+                c->running.enter(1);
+                c->running.leave(1);
                 th.finish_job();
                 ++ops;
             }
@@ -60,11 +56,11 @@ TEST_CASE("8 processes x 70,000 jobs: concurrency never exceeds max_concurrent_j
     }
     for (pid_t k : kids)
         CHECK(lim::test::wait_child(k) == 0);
-    MESSAGE(c->ops.load() << " operations, peak " << c->peak.load() << ", " << samples
+    MESSAGE(c->ops.load() << " operations, peak " << c->running.peak.load() << ", " << samples
                           << " samples");
     CHECK(c->ops.load() >= 1'000'000);
-    CHECK(c->peak.load() <= kMax);
-    CHECK(c->peak.load() >= 2);  // there was contention to bound
+    CHECK(c->running.peak.load() <= kMax);
+    CHECK(c->running.peak.load() >= 2);  // there was contention to bound
     CHECK(th.in_flight() == 0);
     CHECK(th.in_bucket() == kMax);
     CHECK(th.in_system().value() == kMax);

@@ -26,19 +26,16 @@ TEST_CASE("8 processes x 125,000 try_start_jobs: both the rate and the concurren
         seg, "api",
         {.burst_size = kBurst, .sustained_rate_per_sec = kRate, .max_concurrent_jobs = kMax});
     struct Counters {
-        std::atomic<int> inside;
-        std::atomic<int> peak;
-        std::atomic<long> ops;
-        std::atomic<int> done;
+        lim::test::PeakCounter running;
+        std::atomic<long> ops{0};
+        std::atomic<int> done{0};
     };
-    auto* c = lim::test::shared_array<Counters>(1);
-    new (c) Counters{};
-    auto* log = lim::test::shared_array<lim::test::Admission>(std::size_t{kProcs} * kAttempts);
-    auto* counts = lim::test::shared_array<std::int64_t>(kProcs);
+    auto* c = new (lim::test::shared_array<Counters>(1)) Counters{};
+    const lim::test::AdmissionLog log(kProcs, kAttempts);
     std::vector<pid_t> kids;
     for (int p = 0; p < kProcs; ++p) {
         kids.push_back(lim::test::fork_child([&, p] {
-            lim::test::Admission* mine = log + std::size_t(p) * kAttempts;
+            lim::test::Admission* mine = log.part(p);
             std::int64_t k = 0;
             long ops = 0;
             for (int i = 0; i < kAttempts; ++i) {
@@ -46,18 +43,15 @@ TEST_CASE("8 processes x 125,000 try_start_jobs: both the rate and the concurren
                 ++ops;
                 if (trl.try_start_job(before).kind() != StartJob::Kind::start) continue;
                 mine[k++] = {to_nanos(before), to_nanos(Clock::now()), 10'000};
-                const int now = c->inside.fetch_add(1) + 1;
-                int peak = c->peak.load();
-                while (now > peak && !c->peak.compare_exchange_weak(peak, now)) {
-                }
+                c->running.enter(1);
                 // Jobs last about as long as three starts at the rate, so that the concurrency
                 // limit binds as well as the rate.
                 std::this_thread::sleep_for(std::chrono::microseconds(100));
-                c->inside.fetch_sub(1);
+                c->running.leave(1);
                 trl.finish_job();
                 ++ops;
             }
-            counts[p] = k;
+            log.set_count(p, k);
             c->ops.fetch_add(ops);
             c->done.fetch_add(1);
             return 0;
@@ -70,18 +64,16 @@ TEST_CASE("8 processes x 125,000 try_start_jobs: both the rate and the concurren
     for (pid_t k : kids)
         CHECK(lim::test::wait_child(k) == 0);
 
-    std::vector<lim::test::Admission> all;
-    for (int p = 0; p < kProcs; ++p)
-        all.insert(all.end(), log + std::size_t(p) * kAttempts,
-                   log + std::size_t(p) * kAttempts + counts[p]);
+    const std::vector<lim::test::Admission> all = log.all();
     REQUIRE(all.size() > 100);
     const auto check = lim::test::check_bucket(all, kBurst * 10'000, kRate * 10'000, 10'000, 256);
-    MESSAGE(c->ops.load() << " operations, " << all.size() << " starts, peak " << c->peak.load()
-                          << ", worst excess " << check.worst_excess_units << " units");
+    MESSAGE(c->ops.load() << " operations, " << all.size() << " starts, peak "
+                          << c->running.peak.load() << ", worst excess " << check.worst_excess_units
+                          << " units");
     CHECK(c->ops.load() >= 1'000'000);
     CHECK(check.worst_excess_units <= 0);
-    CHECK(c->peak.load() <= kMax);
-    CHECK(c->peak.load() >= 2);  // the concurrency limit was approached
+    CHECK(c->running.peak.load() <= kMax);
+    CHECK(c->running.peak.load() >= 2);  // the concurrency limit was approached
     CHECK(trl.in_flight() == 0);
     CHECK(trl.in_system().value() == kMax);
     trl.invariant();

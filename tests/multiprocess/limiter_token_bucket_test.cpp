@@ -30,14 +30,13 @@ TEST_CASE("8 processes x 125,000 try_takes: never more than burst + rate x inter
     auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 4, .max_processes = 64});
     auto tb = TokenBucket::open(seg, "tb", {.burst_size = kBurst, .sustained_rate_per_sec = kRate});
     // Each child records its admissions here: (before, after, units).
-    auto* log = lim::test::shared_array<lim::test::Admission>(std::size_t{kProcs} * kAttempts);
-    auto* counts = lim::test::shared_array<std::int64_t>(kProcs);
+    const lim::test::AdmissionLog log(kProcs, kAttempts);
     std::vector<pid_t> kids;
     for (int p = 0; p < kProcs; ++p) {
         kids.push_back(lim::test::fork_child([&, p] {
             // Half the processes take whole tokens, half take halves.
             const double n = p % 2 == 0 ? 1.0 : 0.5;
-            lim::test::Admission* mine = log + std::size_t(p) * kAttempts;
+            lim::test::Admission* mine = log.part(p);
             std::int64_t k = 0;
             for (int i = 0; i < kAttempts; ++i) {
                 const TimePoint before = Clock::now();
@@ -45,17 +44,14 @@ TEST_CASE("8 processes x 125,000 try_takes: never more than burst + rate x inter
                 mine[k++] = {to_nanos(before), to_nanos(Clock::now()),
                              static_cast<std::int64_t>(n * 10'000)};
             }
-            counts[p] = k;
+            log.set_count(p, k);
             return 0;
         }));
     }
     for (pid_t k : kids)
         CHECK(lim::test::wait_child(k) == 0);
 
-    std::vector<lim::test::Admission> all;
-    for (int p = 0; p < kProcs; ++p)
-        all.insert(all.end(), log + std::size_t(p) * kAttempts,
-                   log + std::size_t(p) * kAttempts + counts[p]);
+    const std::vector<lim::test::Admission> all = log.all();
     REQUIRE(all.size() > 100);
     const auto check = lim::test::check_bucket(all, kBurst * 10'000, kRate * 10'000,
                                                /*slack: one token*/ 10'000, 256);

@@ -304,4 +304,34 @@ class LimiterFacade {
     Limiter limiter_;
 };
 
+// The job operations lim::Throttle and lim::ThrottledRateLimiter share (Jane Street's Throttle
+// includes its Throttled_rate_limiter): a job takes one token before it starts and gives it back
+// when it finishes. Each started job must be finished exactly once.
+class JobLimiterFacade : public LimiterFacade {
+  public:
+    // `start` (the job holds a token until finish_job); `unable_until_at_least(t)` when only
+    // the rate stops it (t: the earliest the bucket may have a token, a lower bound; never for
+    // a Throttle, whose rate is infinite); `max_concurrent_jobs_running` when only a finish_job
+    // can help. Never blocks, never throws.
+    // Memory ordering: a start happens-after the finish_job or refill that made room for it.
+    StartJob try_start_job(TimePoint now);
+    StartJob try_start_job() { return try_start_job(Clock::now()); }
+
+    // Starts a job, sleeping on the limiter's shared futex until one may (see Limiter::take).
+    void start_job() { limiter_.take(1.0); }
+    // As start_job, but gives up at `deadline` and returns false (holding nothing).
+    bool start_job_until(TimePoint deadline) { return limiter_.take_until(1.0, deadline); }
+
+    // Ends a job: its token goes back to the hopper, and sleepers in start_job wake. Throws
+    // Error(over_release) if no job is running.
+    void finish_job(TimePoint now) { limiter_.return_to_hopper(now, 1.0); }
+    void finish_job() { limiter_.return_to_hopper(1.0); }
+
+    // The token target level: jobs that may run at once.
+    std::int64_t max_concurrent_jobs() const noexcept;
+
+  protected:
+    using LimiterFacade::LimiterFacade;
+};
+
 }  // namespace lim

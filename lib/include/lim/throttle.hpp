@@ -2,9 +2,9 @@
 // a segment.
 //
 // Jane Street's Throttle: a Limiter with an infinite rate holding `max_concurrent_jobs` tokens.
-// A job calls try_start_job (or start_job) before it begins and finish_job exactly once when it
-// is done; a job that never finishes keeps its token, and the process's death gives it back at
-// the next reap.
+// A job calls try_start_job (`start` or `max_concurrent_jobs_running`) or start_job before it
+// begins and finish_job exactly once when it is done (lim::JobLimiterFacade); a job that never
+// finishes keeps its token, and the process's death gives it back at the next reap.
 //
 // Starting and finishing a job are each one compare-and-swap on the segment (a counting
 // semaphore's cost); finish_job makes a system call only when someone sleeps in start_job.
@@ -22,7 +22,7 @@ struct ThrottleOptions {
     std::int64_t max_concurrent_jobs = 1;
 };
 
-class Throttle : public LimiterFacade {
+class Throttle : public JobLimiterFacade {
   public:
     // Opens the throttle `key` in `segment`, creating it if it does not exist. Throws Error:
     // invalid_argument (max_concurrent_jobs < 1; nothing is created), invalid_name,
@@ -35,26 +35,8 @@ class Throttle : public LimiterFacade {
                          const ThrottleOptions& options, AdoptExisting,
                          TimePoint now = Clock::now());
 
-    // `start` (the job holds a token until finish_job) or `max_concurrent_jobs_running`. Never
-    // blocks, never throws.
-    // Memory ordering: a start happens-after the finish_job that made room for it.
-    StartJob try_start_job(TimePoint now);
-    StartJob try_start_job() { return try_start_job(Clock::now()); }
-
-    // Starts a job, sleeping on the throttle's shared futex until one finishes.
-    void start_job() { limiter_.take(1.0); }
-    // As start_job, but gives up at `deadline` and returns false (holding nothing).
-    bool start_job_until(TimePoint deadline) { return limiter_.take_until(1.0, deadline); }
-
-    // Ends a job: its token goes back, and a sleeper in start_job wakes. Throws
-    // Error(over_release) if no job is running.
-    void finish_job(TimePoint now) { limiter_.return_to_hopper(now, 1.0); }
-    void finish_job() { limiter_.return_to_hopper(1.0); }
-
-    std::int64_t max_concurrent_jobs() const noexcept;
-
   private:
-    explicit Throttle(Limiter limiter) : LimiterFacade(std::move(limiter)) {}
+    explicit Throttle(Limiter limiter) : JobLimiterFacade(std::move(limiter)) {}
 };
 
 }  // namespace lim

@@ -5,8 +5,8 @@
 // bursts of `burst_size`), and at most `max_concurrent_jobs` run at once. A Limiter whose
 // bucket of `burst_size` refills at the rate, with `max_concurrent_jobs` tokens in the system,
 // starting with min(burst_size, max_concurrent_jobs) in the bucket and the rest in the hopper.
-// Each job takes one token; finish_job returns it to the hopper, from which it drips back into
-// the bucket at the rate. Like a Throttle's, each started job must be finished exactly once.
+// Each job takes one token (lim::JobLimiterFacade); finish_job returns it to the hopper, from
+// which it drips back into the bucket at the rate. Each started job must be finished once.
 //
 // Starting a job is two compare-and-swaps on one cache line of the segment, finishing it at
 // most two; no lock, and a system call only when someone sleeps in start_job.
@@ -28,7 +28,7 @@ struct ThrottledRateLimiterOptions {
     std::int64_t max_concurrent_jobs = 1;
 };
 
-class ThrottledRateLimiter : public LimiterFacade {
+class ThrottledRateLimiter : public JobLimiterFacade {
   public:
     // Opens `key` in `segment`, creating it at `now` (from which the refill is counted) if it
     // does not exist. Throws Error: invalid_argument (burst_size < 1, a negative or NaN rate,
@@ -42,30 +42,13 @@ class ThrottledRateLimiter : public LimiterFacade {
                                      const ThrottledRateLimiterOptions& options, AdoptExisting,
                                      TimePoint now = Clock::now());
 
-    // `start`; `unable_until_at_least(t)` when the rate is what stops it (t: the earliest the
-    // bucket may have a token, a lower bound); or `max_concurrent_jobs_running` when only a
-    // finish_job can help. Never blocks, never throws.
-    StartJob try_start_job(TimePoint now);
-    StartJob try_start_job() { return try_start_job(Clock::now()); }
-
-    // Starts a job, sleeping until the rate and the running jobs allow it.
-    void start_job() { limiter_.take(1.0); }
-    // As start_job, but gives up at `deadline` and returns false (holding nothing).
-    bool start_job_until(TimePoint deadline) { return limiter_.take_until(1.0, deadline); }
-
-    // Ends a job: its token goes back to the hopper. Throws Error(over_release) if no job is
-    // running.
-    void finish_job(TimePoint now) { limiter_.return_to_hopper(now, 1.0); }
-    void finish_job() { limiter_.return_to_hopper(1.0); }
-
     double burst_size() const noexcept { return limiter_.bucket_size(); }
     double sustained_rate_per_sec() const noexcept {
         return limiter_.hopper_to_bucket_rate_per_sec().value_or(0.0);
     }
-    std::int64_t max_concurrent_jobs() const noexcept;
 
   private:
-    explicit ThrottledRateLimiter(Limiter limiter) : LimiterFacade(std::move(limiter)) {}
+    explicit ThrottledRateLimiter(Limiter limiter) : JobLimiterFacade(std::move(limiter)) {}
 };
 
 }  // namespace lim

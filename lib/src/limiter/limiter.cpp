@@ -203,22 +203,6 @@ Limiter open_limiter(const Segment& segment, std::string_view what, std::string_
     return LimiterAccess::make(std::move(ref));
 }
 
-StartJob try_start_job(Limiter& limiter, TimePoint now) {
-    switch (limiter.try_take(now, 1.0)) {
-        case TryTake::taken:
-            return StartJob::start();
-        case TryTake::asked_for_more_than_bucket_size:
-            // Not for a facade's own configuration (burst >= 1); a Limiter handle may have
-            // shrunk the bucket below one token since.
-            return StartJob::max_concurrent_jobs_running();
-        case TryTake::unable:
-            break;
-    }
-    const Availability when = limiter.tokens_may_be_available_when(now, 1.0);
-    if (when.kind() == Availability::Kind::at) return StartJob::unable_until_at_least(when.time());
-    return StartJob::max_concurrent_jobs_running();
-}
-
 }  // namespace detail
 
 // ---------------------------------------------------------------------------------------------
@@ -414,6 +398,30 @@ void Limiter::set_hopper_to_bucket_rate_per_sec(TimePoint now, InfiniteOrFinite<
         p.drip =
             rate.is_infinite() ? detail::DripRate{} : detail::DripRate::from_rate(rate.value());
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Facades' job operations: Jane Street's Throttled_rate_limiter.try_start_job
+// ---------------------------------------------------------------------------------------------
+
+StartJob JobLimiterFacade::try_start_job(TimePoint now) {
+    switch (limiter_.try_take(now, 1.0)) {
+        case TryTake::taken:
+            return StartJob::start();
+        case TryTake::asked_for_more_than_bucket_size:
+            // Not for a facade's own configuration (burst >= 1); a Limiter handle may have
+            // shrunk the bucket below one token since.
+            return StartJob::max_concurrent_jobs_running();
+        case TryTake::unable:
+            break;
+    }
+    const Availability when = limiter_.tokens_may_be_available_when(now, 1.0);
+    if (when.kind() == Availability::Kind::at) return StartJob::unable_until_at_least(when.time());
+    return StartJob::max_concurrent_jobs_running();
+}
+
+std::int64_t JobLimiterFacade::max_concurrent_jobs() const noexcept {
+    return std::llround(limiter_.token_target_level().value_or(0.0));
 }
 
 void Limiter::invariant() const {

@@ -155,21 +155,27 @@ void LimiterCore::rollback_tentative(std::int64_t n) noexcept {
     wake_all(body_.wake);
 }
 
+LimiterCore::Attempt LimiterCore::begin(Hold& hold, std::uint64_t& fw,
+                                        std::int64_t now_ns) noexcept {
+    while (is_frozen(fw)) {
+        hold.wait_while_frozen(body_.in_flight, state_);
+        fw = body_.in_flight.load(std::memory_order_seq_cst);
+    }
+    Attempt a;
+    a.s = body_.bucket.load(std::memory_order_seq_cst);
+    a.gen = BucketWord::gen(a.s);
+    a.p = load_params(body_.config[a.gen & 1]);
+    a.t = std::max(now_ns, body_.time_ns.load(std::memory_order_relaxed));
+    return a;
+}
+
 TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t n,
                                   std::int64_t rebase_at) noexcept {
     std::atomic<std::uint64_t>& in_flight = body_.in_flight;
     std::atomic<std::uint64_t>& bucket = body_.bucket;
     std::uint64_t fw = in_flight.load(std::memory_order_seq_cst);
     for (;;) {
-        if (is_frozen(fw)) {
-            hold.wait_while_frozen(in_flight, state_);
-            fw = in_flight.load(std::memory_order_seq_cst);
-            continue;
-        }
-        std::uint64_t s = bucket.load(std::memory_order_seq_cst);
-        const std::uint32_t gen = BucketWord::gen(s);
-        const LimiterParams p = load_params(body_.config[gen & 1]);
-        const std::int64_t t = std::max(now_ns, body_.time_ns.load(std::memory_order_relaxed));
+        auto [s, gen, p, t] = begin(hold, fw, now_ns);
         const auto f = static_cast<std::int64_t>(fw);
         // A decision that changes nothing is only as good as the configuration it read: check
         // that the generation did not move meanwhile (as a seqlock reader does).
@@ -255,20 +261,12 @@ ReturnOutcome LimiterCore::return_to_hopper(Hold& hold, std::int64_t now_ns, std
     std::atomic<std::uint64_t>& bucket = body_.bucket;
     std::uint64_t fw = in_flight.load(std::memory_order_seq_cst);
     for (;;) {
-        if (is_frozen(fw)) {
-            hold.wait_while_frozen(in_flight, state_);
-            fw = in_flight.load(std::memory_order_seq_cst);
-            continue;
-        }
+        auto [s, gen, p, t] = begin(hold, fw, now_ns);
         const auto f = static_cast<std::int64_t>(fw);
         if (f < n) {
             *in_flight_seen = f;
             return ReturnOutcome::over_release;
         }
-        std::uint64_t s = bucket.load(std::memory_order_seq_cst);
-        const std::uint32_t gen = BucketWord::gen(s);
-        const LimiterParams p = load_params(body_.config[gen & 1]);
-        const std::int64_t t = std::max(now_ns, body_.time_ns.load(std::memory_order_relaxed));
         if (!p.rate_infinite && !p.target_infinite) {
             // As the seed advances time before the tokens come back: fold at t the drip that
             // found the hopper empty (beyond what the system leaves outside flight), so that the

@@ -1,5 +1,5 @@
 // What the facades (TokenBucket, Throttle, ThrottledRateLimiter) need from the Limiter they are
-// built on: opening a record of their flavor, and Jane Street's try_start_job.
+// built on: opening a record of their flavor.
 #pragma once
 
 #include <string_view>
@@ -23,8 +23,5 @@ Limiter open_limiter(const Segment& segment, std::string_view what, std::string_
 // Throws Error(invalid_argument): "<what> '<key>': <field> is <value>; it must be <rule>".
 [[noreturn]] void throw_bad_parameter(std::string_view what, std::string_view key,
                                       std::string_view field, double value, std::string_view rule);
-
-// Jane Street's Throttled_rate_limiter.try_start_job: take one token; if unable, say why.
-StartJob try_start_job(Limiter& limiter, TimePoint now);
 
 }  // namespace lim::detail

@@ -298,6 +298,17 @@ class LimiterCore {
     std::uint32_t record() const noexcept { return record_; }
 
   private:
+    // What one attempt of a take or return starts from: S, the configuration its generation
+    // selects, and the operation's time max(now, L).
+    struct Attempt {
+        std::uint64_t s;
+        std::uint32_t gen;
+        LimiterParams p;
+        std::int64_t t;
+    };
+    // Waits aside while F is frozen (updating `fw`), then reads what an attempt starts from.
+    Attempt begin(Hold& hold, std::uint64_t& fw, std::int64_t now_ns) noexcept;
+
     // A plain store, not a read-modify-write: L only serves "a `now` earlier than the limiter's
     // time is moved up to it". Two racing raises may leave the smaller one; nothing that admits
     // tokens depends on L (docs/design-limiter.md, "Time").

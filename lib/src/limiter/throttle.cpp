@@ -41,12 +41,4 @@ Throttle Throttle::open(const Segment& segment, std::string_view key,
     return Throttle(open_throttle(segment, key, options, true, now));
 }
 
-StartJob Throttle::try_start_job(TimePoint now) {
-    return detail::try_start_job(limiter_, now);
-}
-
-std::int64_t Throttle::max_concurrent_jobs() const noexcept {
-    return std::llround(limiter_.token_target_level().value_or(0.0));
-}
-
 }  // namespace lim

@@ -55,12 +55,4 @@ ThrottledRateLimiter ThrottledRateLimiter::open(const Segment& segment, std::str
     return ThrottledRateLimiter(open_throttled_rate_limiter(segment, key, options, true, now));
 }
 
-StartJob ThrottledRateLimiter::try_start_job(TimePoint now) {
-    return detail::try_start_job(limiter_, now);
-}
-
-std::int64_t ThrottledRateLimiter::max_concurrent_jobs() const noexcept {
-    return std::llround(limiter_.token_target_level().value_or(0.0));
-}
-
 }  // namespace lim
