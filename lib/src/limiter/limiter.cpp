@@ -1,0 +1,475 @@
+// lim::Limiter: argument checking, units, and blocking, on top of LimiterCore.
+#include "lim/limiter.hpp"
+
+#include <fmt/format.h>
+
+#include <bit>
+#include <cmath>
+#include <limits>
+#include <thread>
+#include <utility>
+
+#include "lim/error.hpp"
+#include "limiter/limiter_open.hpp"
+#include "limiter/limiter_state.hpp"
+#include "shm/record_handle.hpp"
+
+namespace lim {
+
+TimePoint Availability::time() const {
+    if (kind_ != Kind::at) {
+        throw Error(Errc::invalid_argument, "Availability::time() called on a result without one");
+    }
+    return time_;
+}
+
+TimePoint StartJob::time() const {
+    if (kind_ != Kind::unable_until_at_least) {
+        throw Error(Errc::invalid_argument, "StartJob::time() called on a result without one");
+    }
+    return time_;
+}
+
+namespace detail {
+namespace {
+
+// How long a sleeper sleeps before re-checking on its own (a waker may have died), and below
+// which a wait for the drip is spent yielding rather than in the kernel.
+constexpr Duration kRecheck = std::chrono::milliseconds{100};
+constexpr Duration kSpin = std::chrono::microseconds{20};
+
+double to_tokens(std::int64_t units) noexcept {
+    return static_cast<double>(units) / static_cast<double>(kTokenResolution);
+}
+
+InfiniteOrFinite<double> maybe_infinite(bool infinite, std::int64_t units) noexcept {
+    if (infinite) return lim::infinite;
+    return to_tokens(units);
+}
+
+LimiterCore core_of(const RecordRef& ref) noexcept {
+    return LimiterCore(*ref.state, ref.index);
+}
+
+std::string where(const RecordRef& ref) {
+    return fmt::format("limiter '{}' in segment '{}'", ref.key(), ref.state->name());
+}
+
+// A token amount that is not a whole number of units, or is out of range: checked and rounded
+// up, or refused.
+[[gnu::noinline, gnu::cold]] std::int64_t amount_units_slow(const RecordRef& ref,
+                                                            std::string_view op, double n) {
+    if (!std::isfinite(n) || n < 0 || n > kMaxTokens * 1e3) {
+        throw Error(Errc::invalid_argument,
+                    fmt::format("{}: {}({}): the amount must be a number of tokens from 0 to 1e12",
+                                where(ref), op, n));
+    }
+    return Tokens::round_up(n).units();
+}
+
+// A token amount passed to an operation, in units (rounded up).
+inline std::int64_t amount_units(const RecordRef& ref, std::string_view op, double n) {
+    // Most amounts are whole numbers of units (1, 0.5, 2.5): no rounding to do. (The comparison
+    // is false for NaN, so the conversion below only sees numbers in range.)
+    if (n >= 0 && n <= kMaxTokens) {
+        const double scaled = n * static_cast<double>(kTokenResolution);
+        const auto units = static_cast<std::int64_t>(scaled);
+        if (static_cast<double>(units) == scaled) return units;
+    }
+    return amount_units_slow(ref, op, n);
+}
+
+// A configuration amount (bucket size, target level), in units: finite, > 0 (or >= 0), <= 1e9.
+std::int64_t config_units(std::string_view what, std::string_view key, std::string_view field,
+                          double value, bool zero_ok) {
+    if (!std::isfinite(value) || value < 0 || (!zero_ok && value <= 0) || value > kMaxTokens) {
+        throw_bad_parameter(what, key, field, value,
+                            zero_ok ? "a number of tokens from 0 to 1e9"
+                                    : "a number of tokens above 0, at most 1e9");
+    }
+    const std::int64_t units = Tokens::round_up(value).units();
+    if (!zero_ok && units == 0) {
+        throw_bad_parameter(what, key, field, value, "at least 1/10,000 of a token");
+    }
+    return units;
+}
+
+void check_rate(std::string_view what, std::string_view key, std::string_view field,
+                InfiniteOrFinite<double> rate) {
+    if (rate.is_infinite()) return;
+    const double r = rate.value();
+    if (!(r >= 0) || r > kMaxRatePerSec) {  // also NaN and +inf given as a finite value
+        throw_bad_parameter(what, key, field, r,
+                            "a number of tokens per second from 0 to 1e9, or lim::infinite");
+    }
+}
+
+LimiterRecordConfig make_record_config(std::string_view what, std::string_view key,
+                                       const LimiterConfig& c) {
+    check_rate(what, key, "hopper_to_bucket_rate_per_sec", c.hopper_to_bucket_rate_per_sec);
+    LimiterRecordConfig rc{};
+    rc.bucket_size = config_units(what, key, "bucket_size", c.bucket_size, false);
+    rc.initial_bucket_level =
+        config_units(what, key, "initial_bucket_level", c.initial_bucket_level, true);
+    if (rc.initial_bucket_level > rc.bucket_size) {
+        throw_bad_parameter(what, key, "initial_bucket_level", c.initial_bucket_level,
+                            fmt::format("at most bucket_size ({:g})", c.bucket_size));
+    }
+    if (c.hopper_to_bucket_rate_per_sec.is_infinite()) {
+        rc.flags |= kRateInfinite;
+    } else {
+        // +0.0 for -0.0, so that equal configurations are equal bytes.
+        rc.rate_bits = std::bit_cast<std::uint64_t>(c.hopper_to_bucket_rate_per_sec.value() + 0.0);
+    }
+    if (c.initial_hopper_level.is_infinite()) {
+        rc.flags |= kTargetInfinite;
+    } else {
+        rc.initial_hopper_level =
+            config_units(what, key, "initial_hopper_level", c.initial_hopper_level.value(), true);
+        if (rc.initial_hopper_level + rc.initial_bucket_level > kMaxTokenUnits) {
+            throw_bad_parameter(what, key, "initial_hopper_level", c.initial_hopper_level.value(),
+                                "such that hopper and bucket together hold at most 1e9 tokens");
+        }
+    }
+    return rc;
+}
+
+std::string describe(const LimiterRecordConfig& c, std::uint16_t flavor) {
+    const double rate = std::bit_cast<double>(c.rate_bits);
+    const std::string rate_text =
+        (c.flags & kRateInfinite) ? std::string("infinite") : fmt::format("{:g}", rate);
+    const double bucket = to_tokens(c.bucket_size);
+    const double initial = to_tokens(c.initial_bucket_level);
+    const double jobs = to_tokens(c.initial_bucket_level + c.initial_hopper_level);
+    switch (static_cast<LimiterFlavor>(flavor)) {
+        case LimiterFlavor::token_bucket:
+            return fmt::format(
+                "a token bucket (burst_size {:g}, sustained_rate_per_sec {}, "
+                "initial_bucket_level {:g})",
+                bucket, rate_text, initial);
+        case LimiterFlavor::throttle:
+            return fmt::format("a throttle (max_concurrent_jobs {:g})", bucket);
+        case LimiterFlavor::throttled_rate_limiter:
+            return fmt::format(
+                "a throttled rate limiter (burst_size {:g}, sustained_rate_per_sec {}, "
+                "max_concurrent_jobs {:g})",
+                bucket, rate_text, jobs);
+        case LimiterFlavor::limiter:
+            break;
+    }
+    const std::string hopper = (c.flags & kTargetInfinite)
+                                   ? std::string("infinite")
+                                   : fmt::format("{:g}", to_tokens(c.initial_hopper_level));
+    return fmt::format(
+        "a limiter (hopper_to_bucket_rate_per_sec {}, bucket_size {:g}, initial_bucket_level "
+        "{:g}, initial_hopper_level {})",
+        rate_text, bucket, initial, hopper);
+}
+
+// Runs a take or return until it is not waiting for a rebase of the drip. The first time it
+// asks, try to rebase without waiting for the config lock; if a configuration change holds it,
+// go on (the marker has room up to kRebaseHard) and wait for the lock only if asked again.
+template <class Op>
+auto with_rebase(LimiterCore& core, std::int64_t now_ns, Op&& op) {
+    std::int64_t rebase_at = kRebaseAt;
+    for (;;) {
+        auto outcome = op(rebase_at);
+        if (outcome.second) return outcome.first;
+        if (rebase_at == kRebaseAt) {
+            if (!core.rebase(now_ns, false)) rebase_at = kRebaseHard;
+        } else {
+            core.rebase(now_ns, true);
+            rebase_at = kRebaseAt;
+        }
+    }
+}
+
+}  // namespace
+
+void throw_bad_parameter(std::string_view what, std::string_view key, std::string_view field,
+                         double value, std::string_view rule) {
+    throw Error(Errc::invalid_argument,
+                fmt::format("{} '{}': {} is {}; it must be {}", what, key, field, value, rule));
+}
+
+Limiter open_limiter(const Segment& segment, std::string_view what, std::string_view key,
+                     const LimiterConfig& config, LimiterFlavor flavor, bool adopt, TimePoint now) {
+    const LimiterRecordConfig rc = make_record_config(what, key, config);
+    const std::int64_t now_ns = to_nanos(now);
+    RecordRef ref = open_record<LimiterRecordConfig>(
+        segment, RecordKind::limiter, static_cast<std::uint16_t>(flavor), what, key, rc, adopt,
+        [&](Record& r) { init_limiter_body(*reinterpret_cast<LimiterBody*>(r.body), rc, now_ns); },
+        describe);
+    return LimiterAccess::make(std::move(ref));
+}
+
+}  // namespace detail
+
+// ---------------------------------------------------------------------------------------------
+// Limiter
+// ---------------------------------------------------------------------------------------------
+
+using detail::LimiterCore;
+
+Limiter Limiter::open(const Segment& segment, std::string_view key, const LimiterConfig& config,
+                      TimePoint now) {
+    return detail::open_limiter(segment, "limiter", key, config, detail::LimiterFlavor::limiter,
+                                false, now);
+}
+
+Limiter Limiter::open(const Segment& segment, std::string_view key, const LimiterConfig& config,
+                      AdoptExisting, TimePoint now) {
+    return detail::open_limiter(segment, "limiter", key, config, detail::LimiterFlavor::limiter,
+                                true, now);
+}
+
+double Limiter::bucket_size() const noexcept {
+    return detail::to_tokens(detail::core_of(ref_).params().bucket_size);
+}
+
+InfiniteOrFinite<double> Limiter::hopper_to_bucket_rate_per_sec() const noexcept {
+    const detail::LimiterParams p = detail::core_of(ref_).params();
+    if (p.rate_infinite) return infinite;
+    return p.rate_per_sec;
+}
+
+InfiniteOrFinite<double> Limiter::token_target_level() const noexcept {
+    const detail::LimiterParams p = detail::core_of(ref_).params();
+    return detail::maybe_infinite(p.target_infinite, p.target);
+}
+
+std::uint32_t Limiter::waiters() const noexcept {
+    return detail::core_of(ref_).wake().waiters.load(std::memory_order_acquire);
+}
+
+double Limiter::in_bucket(TimePoint now) const noexcept {
+    return detail::to_tokens(detail::core_of(ref_).read(to_nanos(now)).in_bucket);
+}
+
+InfiniteOrFinite<double> Limiter::in_hopper(TimePoint now) const noexcept {
+    const detail::LimiterReading r = detail::core_of(ref_).read(to_nanos(now));
+    return detail::maybe_infinite(r.params.target_infinite, r.in_hopper);
+}
+
+double Limiter::in_flight(TimePoint now) const noexcept {
+    return detail::to_tokens(detail::core_of(ref_).read(to_nanos(now)).in_flight);
+}
+
+InfiniteOrFinite<double> Limiter::in_limiter(TimePoint now) const noexcept {
+    const detail::LimiterReading r = detail::core_of(ref_).read(to_nanos(now));
+    return detail::maybe_infinite(r.params.target_infinite, r.in_hopper + r.in_bucket);
+}
+
+InfiniteOrFinite<double> Limiter::in_system(TimePoint now) const noexcept {
+    const detail::LimiterReading r = detail::core_of(ref_).read(to_nanos(now));
+    return detail::maybe_infinite(r.params.target_infinite,
+                                  r.in_hopper + r.in_bucket + r.in_flight);
+}
+
+Availability Limiter::tokens_may_be_available_when(TimePoint now, double n) const {
+    const std::int64_t units = detail::amount_units(ref_, "tokens_may_be_available_when", n);
+    const detail::LimiterReading r = detail::core_of(ref_).read(to_nanos(now));
+    const detail::LimiterParams& p = r.params;
+    if (units > p.bucket_size) return Availability::never_because_greater_than_bucket_size();
+    const std::int64_t missing = units - r.in_bucket;
+    if (missing <= 0) return Availability::at(from_nanos(r.t_ns));
+    if (p.rate_infinite) return Availability::when_return_to_hopper_is_called();
+    if (!p.target_infinite && missing > r.in_hopper) {
+        return Availability::when_return_to_hopper_is_called();
+    }
+    // The hopper holds enough and the cap lets the bucket hold `units`, so the bucket is short
+    // of the drip alone: the answer is the first t with D(t) >= x + units.
+    const std::optional<std::int64_t> elapsed = p.drip.elapsed_for(r.x + units);
+    std::int64_t at = 0;
+    if (!elapsed || __builtin_add_overflow(p.anchor_ns, *elapsed, &at)) {
+        return Availability::at(TimePoint::max());  // a zero rate: the drip never brings them
+    }
+    return Availability::at(from_nanos(std::max(at, r.t_ns)));
+}
+
+TryTake Limiter::try_take(TimePoint now, double n) {
+    const std::int64_t units = detail::amount_units(ref_, "try_take", n);
+    if (units == 0) return TryTake::taken;
+    LimiterCore core = detail::core_of(ref_);
+    const std::int64_t now_ns = to_nanos(now);
+    const detail::TakeOutcome outcome =
+        detail::with_rebase(core, now_ns, [&](std::int64_t rebase_at) {
+            detail::Hold hold(*ref_.state, ref_.index);
+            const detail::TakeOutcome o = core.try_take(hold, now_ns, units, rebase_at);
+            return std::pair{o, o != detail::TakeOutcome::rebase_needed};
+        });
+    switch (outcome) {
+        case detail::TakeOutcome::taken:
+            return TryTake::taken;
+        case detail::TakeOutcome::asked_for_more:
+            return TryTake::asked_for_more_than_bucket_size;
+        default:
+            return TryTake::unable;
+    }
+}
+
+void Limiter::return_to_hopper(TimePoint now, double n) {
+    const std::int64_t units = detail::amount_units(ref_, "return_to_hopper", n);
+    if (units == 0) return;
+    LimiterCore core = detail::core_of(ref_);
+    const std::int64_t now_ns = to_nanos(now);
+    std::int64_t seen = 0;
+    const detail::ReturnOutcome outcome =
+        detail::with_rebase(core, now_ns, [&](std::int64_t rebase_at) {
+            detail::Hold hold(*ref_.state, ref_.index);
+            const detail::ReturnOutcome o =
+                core.return_to_hopper(hold, now_ns, units, rebase_at, &seen);
+            return std::pair{o, o != detail::ReturnOutcome::rebase_needed};
+        });
+    if (outcome == detail::ReturnOutcome::over_release) {
+        throw Error(Errc::over_release,
+                    fmt::format("{}: return_to_hopper({}) but only {} tokens are in flight",
+                                detail::where(ref_), n, detail::to_tokens(seen)));
+    }
+}
+
+void Limiter::take(double n) {
+    take_until_impl(n, nullptr);
+}
+
+bool Limiter::take_until(double n, TimePoint deadline) {
+    return take_until_impl(n, &deadline);
+}
+
+bool Limiter::take_until_impl(double n, const TimePoint* deadline) {
+    const auto never = [&] {
+        throw Error(Errc::invalid_argument,
+                    fmt::format("{}: take({}) could never succeed: the bucket holds at most {}",
+                                detail::where(ref_), n, bucket_size()));
+    };
+    const std::int64_t units = detail::amount_units(ref_, "take", n);
+    switch (try_take(Clock::now(), n)) {
+        case TryTake::taken:
+            return true;
+        case TryTake::asked_for_more_than_bucket_size:
+            never();
+            break;
+        case TryTake::unable:
+            break;
+    }
+    LimiterCore core = detail::core_of(ref_);
+    // Registered before each re-check, so a return that lands after the check wakes us.
+    detail::LimiterWaiter waiter(core, units);
+    for (;;) {
+        const TimePoint now = Clock::now();
+        const TryTake r = try_take(now, n);
+        if (r == TryTake::taken) return true;
+        if (r == TryTake::asked_for_more_than_bucket_size) never();
+        if (deadline && now >= *deadline) return false;
+        TimePoint wake = now + detail::kRecheck;
+        const Availability when = tokens_may_be_available_when(now, n);
+        if (when.kind() == Availability::Kind::at) wake = std::min(wake, when.time());
+        if (deadline) wake = std::min(wake, *deadline);
+        if (wake - now <= detail::kSpin) {
+            std::this_thread::yield();  // the drip is due within microseconds
+            continue;
+        }
+        waiter.wait(wake);
+    }
+}
+
+void Limiter::set_token_target_level(TimePoint now, InfiniteOrFinite<double> level) {
+    std::int64_t units = 0;
+    if (level.is_finite()) {
+        units = detail::config_units("limiter", key(), "token_target_level", level.value(), true);
+    }
+    detail::core_of(ref_).reconfigure(to_nanos(now), false, [&](detail::LimiterParams& p) {
+        p.target_infinite = level.is_infinite();
+        p.target = units;
+    });
+}
+
+void Limiter::set_bucket_size(TimePoint now, double size) {
+    const std::int64_t units = detail::config_units("limiter", key(), "bucket_size", size, false);
+    detail::core_of(ref_).reconfigure(to_nanos(now), false,
+                                      [&](detail::LimiterParams& p) { p.bucket_size = units; });
+}
+
+void Limiter::set_hopper_to_bucket_rate_per_sec(TimePoint now, InfiniteOrFinite<double> rate) {
+    detail::check_rate("limiter", key(), "hopper_to_bucket_rate_per_sec", rate);
+    detail::core_of(ref_).reconfigure(to_nanos(now), true, [&](detail::LimiterParams& p) {
+        p.rate_infinite = rate.is_infinite();
+        p.rate_per_sec = rate.is_infinite() ? 0.0 : rate.value() + 0.0;
+        p.drip =
+            rate.is_infinite() ? detail::DripRate{} : detail::DripRate::from_rate(rate.value());
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Facades' job operations: Jane Street's Throttled_rate_limiter.try_start_job
+// ---------------------------------------------------------------------------------------------
+
+StartJob JobLimiterFacade::try_start_job(TimePoint now) {
+    switch (limiter_.try_take(now, 1.0)) {
+        case TryTake::taken:
+            return StartJob::start();
+        case TryTake::asked_for_more_than_bucket_size:
+            // Not for a facade's own configuration (burst >= 1); a Limiter handle may have
+            // shrunk the bucket below one token since.
+            return StartJob::max_concurrent_jobs_running();
+        case TryTake::unable:
+            break;
+    }
+    const Availability when = limiter_.tokens_may_be_available_when(now, 1.0);
+    if (when.kind() == Availability::Kind::at) return StartJob::unable_until_at_least(when.time());
+    return StartJob::max_concurrent_jobs_running();
+}
+
+std::int64_t JobLimiterFacade::max_concurrent_jobs() const noexcept {
+    return std::llround(limiter_.token_target_level().value_or(0.0));
+}
+
+void Limiter::invariant() const {
+    const detail::LimiterReading r =
+        detail::core_of(ref_).read(std::numeric_limits<std::int64_t>::min());
+    const detail::LimiterParams& p = r.params;
+    const auto fail = [&](const std::string& what) {
+        throw Error(Errc::corrupt_segment, fmt::format("{}: {}", detail::where(ref_), what));
+    };
+    if (p.bucket_size <= 0 || p.bucket_size > detail::kMaxTokenUnits) {
+        fail(fmt::format("bucket_size ({} units) must be > 0 and at most 1e9 tokens",
+                         p.bucket_size));
+    }
+    if (!p.target_infinite && (p.target < 0 || p.target > detail::kMaxTokenUnits)) {
+        fail(fmt::format("token_target_level ({} units) must be 0..1e9 tokens", p.target));
+    }
+    if (!p.rate_infinite) {
+        if (!(p.rate_per_sec >= 0) || p.rate_per_sec > detail::kMaxRatePerSec) {
+            fail(fmt::format("hopper_to_bucket_rate_per_sec ({}) must be 0..1e9", p.rate_per_sec));
+        }
+        const detail::DripRate expected = detail::DripRate::from_rate(p.rate_per_sec);
+        if (expected.m != p.drip.m || expected.shift != p.drip.shift ||
+            expected.per_sec_whole != p.drip.per_sec_whole ||
+            expected.per_sec_rest != p.drip.per_sec_rest) {
+            fail("the drip rate does not match hopper_to_bucket_rate_per_sec");
+        }
+    }
+    if (r.in_flight < 0 || r.in_flight > detail::kMaxInFlight) {
+        fail(fmt::format("in_flight ({} units) is out of range", r.in_flight));
+    }
+    if (r.in_bucket < 0 || r.in_bucket > p.bucket_size) {
+        fail(fmt::format("in_bucket ({} units) must be within 0..bucket_size ({} units)",
+                         r.in_bucket, p.bucket_size));
+    }
+    if (!p.target_infinite) {
+        if (r.in_hopper < 0) fail(fmt::format("in_hopper ({} units) must be >= 0", r.in_hopper));
+        const std::int64_t in_system = r.in_hopper + r.in_bucket + r.in_flight;
+        if (in_system > p.target && (r.in_hopper != 0 || r.in_bucket != 0)) {
+            fail(fmt::format(
+                "in_system ({} units) exceeds token_target_level ({} units) while the hopper "
+                "({}) or the bucket ({}) is not empty",
+                in_system, p.target, r.in_hopper, r.in_bucket));
+        }
+        if (in_system < p.target) {
+            fail(fmt::format("in_system ({} units) is below token_target_level ({} units)",
+                             in_system, p.target));
+        }
+    }
+}
+
+}  // namespace lim

@@ -1,0 +1,563 @@
+// The lock-free limiter operations on a record's words, the drip arithmetic, and crash recovery.
+// docs/design-limiter.md gives each operation's linearisation point and the argument that no
+// interleaving admits more than the seed would.
+#include <algorithm>
+#include <bit>
+#include <climits>
+#include <cmath>
+#include <cstring>
+#include <optional>
+
+#include "lim/error.hpp"
+#include "lim/tokens.hpp"
+#include "limiter/limiter_state.hpp"
+#include "shm/file_lock.hpp"
+#include "sync/futex.hpp"
+
+namespace lim::detail {
+namespace {
+
+__extension__ using u128 = unsigned __int128;
+
+constexpr std::uint64_t kNsPerSec = 1'000'000'000;
+
+std::int64_t value_of(std::uint64_t in_flight_word) noexcept {
+    return static_cast<std::int64_t>(in_flight_word & ~kFrozen);
+}
+
+std::int64_t clamp_units(u128 v) noexcept {
+    return v > static_cast<u128>(kMaxInFlight) ? kMaxInFlight : static_cast<std::int64_t>(v);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Drip arithmetic
+// ---------------------------------------------------------------------------------------------
+
+DripRate DripRate::from_rate(double rate_per_sec) noexcept {
+    DripRate r;
+    const double units = rate_per_sec * static_cast<double>(kTokenResolution);
+    if (!(units > 0)) return r;
+    if (units == std::floor(units) && units < 0x1p62) {
+        r.m = static_cast<std::uint64_t>(units);
+        r.per_sec_whole = r.m / kNsPerSec;
+        r.per_sec_rest = r.m % kNsPerSec;
+        return r;
+    }
+    // Not a whole number of units per second: units = m / 2^shift exactly, with m the 53-bit
+    // significand. The shift is positive because a double of 2^53 or more is an integer.
+    int exponent = 0;
+    const double fraction = std::frexp(units, &exponent);  // units = fraction * 2^exponent
+    r.m = static_cast<std::uint64_t>(std::ldexp(fraction, 53));
+    int shift = 53 - exponent;
+    while (shift > 0 && (r.m & 1) == 0) {
+        r.m >>= 1;
+        --shift;
+    }
+    r.shift = static_cast<std::uint32_t>(shift);
+    return r;
+}
+
+std::int64_t DripRate::fractional_units_after(std::uint64_t e) const noexcept {
+    if (shift >= 128) return 0;
+    return clamp_units((static_cast<u128>(e) * m >> shift) / kNsPerSec);
+}
+
+std::optional<std::int64_t> DripRate::elapsed_for(std::int64_t units) const noexcept {
+    if (units <= 0) return 0;
+    if (m == 0) return std::nullopt;
+    // An estimate in extended precision, then the exact answer by bisection on units_after,
+    // which is monotone: floor(e * R / 10^9) >= units.
+    const long double rate = std::ldexp(static_cast<long double>(m), -static_cast<int>(shift));
+    const long double estimate = static_cast<long double>(units) * 1e9L / rate;
+    if (!(estimate < 4e18L)) return std::nullopt;
+    std::int64_t hi = static_cast<std::int64_t>(std::ceil(estimate)) + 1;
+    std::int64_t step = 1 + hi / (1 << 20);
+    while (units_after(hi) < units) {
+        if (hi > LLONG_MAX / 2) return std::nullopt;
+        hi += step;
+        step *= 2;
+    }
+    std::int64_t lo = hi;  // find lo with units_after(lo) < units
+    step = 1 + hi / (1 << 20);
+    do {
+        lo = lo > step ? lo - step : 0;
+        step *= 2;
+    } while (lo > 0 && units_after(lo) >= units);
+    while (hi - lo > 1) {
+        const std::int64_t mid = lo + (hi - lo) / 2;
+        (units_after(mid) >= units ? hi : lo) = mid;
+    }
+    return hi;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration blocks
+// ---------------------------------------------------------------------------------------------
+
+void store_params(ConfigBlock& block, const LimiterParams& p) noexcept {
+    const std::uint32_t flags =
+        (p.rate_infinite ? kRateInfinite : 0) | (p.target_infinite ? kTargetInfinite : 0);
+    block.flags.store(flags, std::memory_order_release);
+    block.rate_bits.store(std::bit_cast<std::uint64_t>(p.rate_per_sec), std::memory_order_release);
+    block.drip_m.store(p.drip.m, std::memory_order_release);
+    block.drip_shift.store(p.drip.shift, std::memory_order_release);
+    block.drip_whole.store(p.drip.per_sec_whole, std::memory_order_release);
+    block.drip_rest.store(p.drip.per_sec_rest, std::memory_order_release);
+    block.bucket_size.store(p.bucket_size, std::memory_order_release);
+    block.target.store(p.target, std::memory_order_release);
+    block.anchor_ns.store(p.anchor_ns, std::memory_order_release);
+}
+
+LimiterParams params_from_config(const LimiterRecordConfig& c, std::int64_t now_ns) noexcept {
+    LimiterParams p;
+    p.rate_infinite = (c.flags & kRateInfinite) != 0;
+    p.target_infinite = (c.flags & kTargetInfinite) != 0;
+    p.rate_per_sec = p.rate_infinite ? 0.0 : std::bit_cast<double>(c.rate_bits);
+    p.drip = p.rate_infinite ? DripRate{} : DripRate::from_rate(p.rate_per_sec);
+    p.bucket_size = c.bucket_size;
+    p.target = p.target_infinite ? 0 : c.initial_bucket_level + c.initial_hopper_level;
+    p.anchor_ns = now_ns;
+    return p;
+}
+
+void init_limiter_body(LimiterBody& body, const LimiterRecordConfig& config,
+                       std::int64_t now_ns) noexcept {
+    const LimiterParams p = params_from_config(config, now_ns);
+    store_params(body.config[0], p);
+    // D(now) = 0, so X = -initial level puts the initial level in the bucket. With an infinite
+    // rate the bucket is the cap and X is unused.
+    const std::int64_t x = p.rate_infinite ? 0 : -config.initial_bucket_level;
+    body.bucket.store(BucketWord::make(0, x), std::memory_order_relaxed);
+    body.time_ns.store(now_ns, std::memory_order_relaxed);
+    body.in_flight.store(0, std::memory_order_release);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hot path
+// ---------------------------------------------------------------------------------------------
+
+void LimiterCore::rollback_tentative(std::int64_t n) noexcept {
+    // Undoing our own tentative increment may proceed on a frozen word (the reaper waits for
+    // this operation to finish). Clamped at zero so that a concurrent over-release by a caller
+    // cannot wrap the word into the frozen bit.
+    std::uint64_t w = body_.in_flight.load(std::memory_order_relaxed);
+    for (;;) {
+        const std::uint64_t frozen = w & kFrozen;
+        const auto next = static_cast<std::uint64_t>(std::max<std::int64_t>(0, value_of(w) - n));
+        if (body_.in_flight.compare_exchange_weak(w, frozen | next, std::memory_order_seq_cst,
+                                                  std::memory_order_relaxed)) {
+            break;
+        }
+    }
+    // A sleeper may have found too little because of our tentative tokens.
+    wake_all(body_.wake);
+}
+
+LimiterCore::Attempt LimiterCore::begin(Hold& hold, std::uint64_t& fw,
+                                        std::int64_t now_ns) noexcept {
+    while (is_frozen(fw)) {
+        hold.wait_while_frozen(body_.in_flight, state_);
+        fw = body_.in_flight.load(std::memory_order_seq_cst);
+    }
+    Attempt a;
+    a.s = body_.bucket.load(std::memory_order_seq_cst);
+    a.gen = BucketWord::gen(a.s);
+    a.p = load_params(body_.config[a.gen & 1]);
+    a.t = std::max(now_ns, body_.time_ns.load(std::memory_order_relaxed));
+    return a;
+}
+
+TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t n,
+                                  std::int64_t rebase_at) noexcept {
+    std::atomic<std::uint64_t>& in_flight = body_.in_flight;
+    std::atomic<std::uint64_t>& bucket = body_.bucket;
+    std::uint64_t fw = in_flight.load(std::memory_order_seq_cst);
+    for (;;) {
+        auto [s, gen, p, t] = begin(hold, fw, now_ns);
+        const auto f = static_cast<std::int64_t>(fw);
+        // A decision that changes nothing is only as good as the configuration it read: check
+        // that the generation did not move meanwhile (as a seqlock reader does).
+        const auto refuse = [&] {
+            if (BucketWord::gen(bucket.load(std::memory_order_seq_cst)) != gen) return false;
+            raise_time(t);
+            return true;
+        };
+        if (n > p.bucket_size) {
+            if (refuse()) return TakeOutcome::asked_for_more;
+            fw = in_flight.load(std::memory_order_seq_cst);
+            continue;
+        }
+        // What the bucket may hold, given what was in flight just before our own increment.
+        // Checking against it is what bounds what is in flight by the target (see the design).
+        const std::int64_t cap = p.cap(f);
+        const bool room = f <= kMaxInFlight - n;
+        if (p.rate_infinite) {
+            // The bucket is the cap; a take is one CAS on F, validated against a switch.
+            if (cap < n || !room) {
+                if (refuse()) return TakeOutcome::unable;
+                fw = in_flight.load(std::memory_order_seq_cst);
+                continue;
+            }
+            if (!in_flight.compare_exchange_weak(fw, fw + static_cast<std::uint64_t>(n),
+                                                 std::memory_order_seq_cst,
+                                                 std::memory_order_seq_cst)) {
+                continue;
+            }
+            if (BucketWord::gen(bucket.load(std::memory_order_seq_cst)) != gen) {
+                rollback_tentative(n);
+                fw = in_flight.load(std::memory_order_seq_cst);
+                continue;
+            }
+            hold.add(0, n);
+            hold.admitted();
+            raise_time(t);
+            return TakeOutcome::taken;
+        }
+        const std::int64_t d = p.drip_at(t);
+        std::int64_t x = BucketWord::x(s);
+        if (std::max<std::int64_t>(0, std::min(d - x, cap)) < n || !room) {
+            if (refuse()) return TakeOutcome::unable;
+            fw = in_flight.load(std::memory_order_seq_cst);
+            continue;
+        }
+        if (d > rebase_at) return TakeOutcome::rebase_needed;
+        // Tentatively in flight first, so that a concurrent reader sees fewer tokens, never more.
+        if (!in_flight.compare_exchange_weak(fw, fw + static_cast<std::uint64_t>(n),
+                                             std::memory_order_seq_cst,
+                                             std::memory_order_seq_cst)) {
+            continue;
+        }
+        // Take from the bucket: fold at t (the allowance beyond the cap is lost, as the seed
+        // loses it) and move the marker past our n. The CAS expects the generation we read, so
+        // it fails if the configuration switched.
+        for (;;) {
+            const std::uint64_t next = BucketWord::make(gen, std::max(x, d - cap) + n);
+            if (bucket.compare_exchange_weak(s, next, std::memory_order_seq_cst,
+                                             std::memory_order_seq_cst)) {
+                hold.add(0, n);
+                hold.admitted();
+                raise_time(t);
+                return TakeOutcome::taken;
+            }
+            if (BucketWord::gen(s) != gen) break;
+            x = BucketWord::x(s);
+            if (std::max<std::int64_t>(0, std::min(d - x, cap)) < n) {
+                rollback_tentative(n);
+                raise_time(t);
+                return TakeOutcome::unable;
+            }
+        }
+        rollback_tentative(n);  // reconfigured under us: start over with the new configuration
+        fw = in_flight.load(std::memory_order_seq_cst);
+    }
+}
+
+ReturnOutcome LimiterCore::return_to_hopper(Hold& hold, std::int64_t now_ns, std::int64_t n,
+                                            std::int64_t rebase_at,
+                                            std::int64_t* in_flight_seen) noexcept {
+    std::atomic<std::uint64_t>& in_flight = body_.in_flight;
+    std::atomic<std::uint64_t>& bucket = body_.bucket;
+    std::uint64_t fw = in_flight.load(std::memory_order_seq_cst);
+    for (;;) {
+        auto [s, gen, p, t] = begin(hold, fw, now_ns);
+        const auto f = static_cast<std::int64_t>(fw);
+        if (f < n) {
+            *in_flight_seen = f;
+            return ReturnOutcome::over_release;
+        }
+        if (!p.rate_infinite && !p.target_infinite) {
+            // As the seed advances time before the tokens come back: fold at t the drip that
+            // found the hopper empty (beyond what the system leaves outside flight), so that the
+            // returned tokens drip from t on, never retroactively. Drip beyond the bucket size
+            // needs no fold here: the bucket size does not change with a return.
+            const std::int64_t x = BucketWord::x(s);
+            const std::int64_t d = p.drip_at(t);
+            const std::int64_t folded = std::max(x, d - p.outside_flight(f));
+            if (folded != x) {
+                if (d > rebase_at) return ReturnOutcome::rebase_needed;
+                if (!bucket.compare_exchange_strong(s, BucketWord::make(gen, folded),
+                                                    std::memory_order_seq_cst,
+                                                    std::memory_order_seq_cst)) {
+                    fw = in_flight.load(std::memory_order_seq_cst);
+                    continue;
+                }
+            } else if (BucketWord::gen(bucket.load(std::memory_order_seq_cst)) != gen) {
+                fw = in_flight.load(std::memory_order_seq_cst);
+                continue;
+            }
+        } else if (BucketWord::gen(bucket.load(std::memory_order_seq_cst)) != gen) {
+            // With an infinite rate or target nothing needs folding, if that is still the
+            // configuration.
+            fw = in_flight.load(std::memory_order_seq_cst);
+            continue;
+        }
+        if (!in_flight.compare_exchange_weak(fw, fw - static_cast<std::uint64_t>(n),
+                                             std::memory_order_seq_cst,
+                                             std::memory_order_seq_cst)) {
+            continue;
+        }
+        hold.add(0, -n);
+        raise_time(t);
+        wake_all(body_.wake);
+        return ReturnOutcome::returned;
+    }
+}
+
+LimiterReading LimiterCore::read(std::int64_t now_ns) const noexcept {
+    LimiterReading r;
+    // A snapshot of (S, F): S unchanged around the read of F means both held at that instant.
+    // Under heavy traffic settle for a configuration that did not change.
+    for (int attempt = 0;; ++attempt) {
+        const std::uint64_t s1 = body_.bucket.load(std::memory_order_seq_cst);
+        r.params = load_params(body_.config[BucketWord::gen(s1) & 1]);
+        r.in_flight = value_of(body_.in_flight.load(std::memory_order_seq_cst));
+        const std::uint64_t s2 = body_.bucket.load(std::memory_order_seq_cst);
+        if (s1 == s2 || (attempt >= 64 && BucketWord::gen(s1) == BucketWord::gen(s2))) {
+            r.bucket_word = s2;
+            break;
+        }
+    }
+    r.x = BucketWord::x(r.bucket_word);
+    r.t_ns = std::max(now_ns, body_.time_ns.load(std::memory_order_relaxed));
+    raise_time(r.t_ns);
+    r.in_bucket = r.params.bucket_at(r.x, r.in_flight, r.t_ns);
+    r.in_hopper = r.params.target_infinite
+                      ? 0
+                      : std::max<std::int64_t>(0, r.params.target - r.in_flight) - r.in_bucket;
+    return r;
+}
+
+LimiterParams LimiterCore::params() const noexcept {
+    for (;;) {
+        const std::uint32_t gen = BucketWord::gen(body_.bucket.load(std::memory_order_seq_cst));
+        const LimiterParams p = load_params(body_.config[gen & 1]);
+        if (BucketWord::gen(body_.bucket.load(std::memory_order_seq_cst)) == gen) return p;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration switches (rare)
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+// The switch itself, with the config lock held by the caller (so no other writer touches the
+// inactive block). Folds the bucket at max(now, L) under the old configuration, writes the new
+// configuration into the inactive block, and publishes both with one CAS on S.
+void switch_locked(LimiterBody& body, std::int64_t now_ns, bool reanchor,
+                   void (*change)(LimiterParams&, void*), void* ctx) noexcept {
+    for (;;) {
+        std::uint64_t s = body.bucket.load(std::memory_order_seq_cst);
+        const std::uint32_t gen = BucketWord::gen(s);
+        const LimiterParams old = load_params(body.config[gen & 1]);
+        const std::int64_t t = std::max(now_ns, body.time_ns.load(std::memory_order_relaxed));
+        const std::int64_t f = value_of(body.in_flight.load(std::memory_order_seq_cst));
+        const std::int64_t x = BucketWord::x(s);
+        LimiterParams next = old;
+        if (change) change(next, ctx);
+        std::int64_t next_x = 0;
+        if (!next.rate_infinite) {
+            const bool large = !old.rate_infinite && old.drip_at(t) > kRebaseAt;
+            if (reanchor || old.rate_infinite || large) {
+                // D(t) = 0 from here: the marker is minus the bucket at t, as the seed leaves it.
+                next.anchor_ns = t;
+                next_x = -old.bucket_at(x, f, t);
+            } else {
+                next_x = std::max(x, old.drip_at(t) - old.cap(f));
+            }
+        }
+        store_params(body.config[(gen + 1) & 1], next);
+        if (body.bucket.compare_exchange_strong(s, BucketWord::make(gen + 1, next_x),
+                                                std::memory_order_seq_cst,
+                                                std::memory_order_seq_cst)) {
+            if (t > body.time_ns.load(std::memory_order_relaxed)) {
+                body.time_ns.store(t, std::memory_order_relaxed);
+            }
+            return;
+        }
+    }
+}
+
+}  // namespace
+
+void LimiterCore::switch_config(std::int64_t now_ns, bool reanchor,
+                                void (*change)(LimiterParams&, void*), void* ctx) {
+    if (state_.read_only()) {
+        throw Error(Errc::permission_denied,
+                    "segment '" + state_.name() + "' is open read-only; cannot reconfigure");
+    }
+    // Configuration writers share the inactive block, so they exclude each other with the
+    // segment's config lock: an OFD lock, which the kernel drops if its holder dies, so a writer
+    // killed mid-switch blocks nobody (the block it half wrote is inactive and rewritten by the
+    // next writer). Takes and returns never take it; they validate against the switch, which is
+    // a CAS on S.
+    FileLock lock = FileLock::lock_exclusive(state_.fd(), LockByte::config);
+    switch_locked(body_, now_ns, reanchor, change, ctx);
+    wake_all(body_.wake);
+}
+
+bool LimiterCore::rebase(std::int64_t now_ns, bool wait) {
+    if (wait) {
+        FileLock lock = FileLock::lock_exclusive(state_.fd(), LockByte::config);
+        switch_locked(body_, now_ns, true, nullptr, nullptr);
+        return true;
+    }
+    std::optional<FileLock> lock = FileLock::try_lock_fresh(state_.fd(), LockByte::config);
+    if (!lock) return false;
+    switch_locked(body_, now_ns, true, nullptr, nullptr);
+    return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sleepers
+// ---------------------------------------------------------------------------------------------
+
+LimiterWaiter::LimiterWaiter(LimiterCore& core, std::int64_t amount) : core_(core) {
+    Hold hold(core.state(), core.record());
+    SlotHeader& slot = *hold.holder_ref().slot;
+    slot.waiting_layer.store(0, std::memory_order_relaxed);
+    slot.waiting_amount.store(static_cast<std::uint64_t>(amount), std::memory_order_relaxed);
+    slot.waiting_record.store(core.record() + 1, std::memory_order_relaxed);
+    core.wake().waiters.fetch_add(1, std::memory_order_seq_cst);
+    snapshot_ = core.wake().seq.load(std::memory_order_seq_cst);
+}
+
+LimiterWaiter::~LimiterWaiter() {
+    try {
+        Hold hold(core_.state(), core_.record());
+        core_.wake().waiters.fetch_sub(1, std::memory_order_seq_cst);
+        hold.holder_ref().slot->waiting_record.store(0, std::memory_order_relaxed);
+    } catch (...) {
+        // No slot to announce the change in (cannot happen once the constructor had one).
+        core_.wake().waiters.fetch_sub(1, std::memory_order_seq_cst);
+    }
+}
+
+void LimiterWaiter::wait(TimePoint deadline) noexcept {
+    futex_wait(core_.wake().seq, snapshot_, deadline);
+    snapshot_ = core_.wake().seq.load(std::memory_order_seq_cst);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Crash recovery
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+LimiterBody& body_at(SegmentState& state, std::uint32_t record) noexcept {
+    return *reinterpret_cast<LimiterBody*>(state.record(record).body);
+}
+
+// Sets the channel's waiter count to the live sleepers registered on `record` (the reaper has
+// made sure no live slot is mid-operation on it, so the slots' fields are exact), and wakes all.
+void recount_waiters(SegmentState& state, std::uint32_t record, WakeChannel& wake,
+                     std::span<const std::uint32_t> dead_slots) noexcept {
+    std::uint32_t waiting = 0;
+    for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+        const SlotHeader& slot = state.slot(i);
+        if (SlotOwner::state(slot.owner.load(std::memory_order_acquire)) != SlotState::live)
+            continue;
+        if (std::find(dead_slots.begin(), dead_slots.end(), i) != dead_slots.end()) continue;
+        if (slot.waiting_record.load(std::memory_order_acquire) == record + 1) ++waiting;
+    }
+    wake.waiters.store(waiting, std::memory_order_seq_cst);
+    wake.seq.fetch_add(1, std::memory_order_seq_cst);
+    futex_wake(wake.seq, INT_MAX);
+}
+
+// Folds the bucket at `now` with `f` in flight, as a return does before its tokens come back.
+void fold_for_return(SegmentState& state, std::uint32_t record, std::int64_t f,
+                     std::int64_t now_ns) noexcept {
+    LimiterBody& body = body_at(state, record);
+    for (;;) {
+        std::uint64_t s = body.bucket.load(std::memory_order_seq_cst);
+        const std::uint32_t gen = BucketWord::gen(s);
+        const LimiterParams p = load_params(body.config[gen & 1]);
+        if (p.rate_infinite || p.target_infinite) return;
+        const std::int64_t t = std::max(now_ns, body.time_ns.load(std::memory_order_relaxed));
+        const std::int64_t x = BucketWord::x(s);
+        const std::int64_t d = p.drip_at(t);
+        const std::int64_t folded = std::max(x, d - p.outside_flight(f));
+        if (folded == x) return;
+        if (d > kRebaseAt) {
+            // Re-anchoring folds too. If the config lock cannot be had, skip the fold: the cost
+            // is at most the allowance since the last fold dripping once the tokens are back.
+            try {
+                FileLock lock = FileLock::lock_exclusive(state.fd(), LockByte::config);
+                switch_locked(body, now_ns, true, nullptr, nullptr);
+            } catch (...) {
+            }
+            return;
+        }
+        if (body.bucket.compare_exchange_strong(s, BucketWord::make(gen, folded),
+                                                std::memory_order_seq_cst)) {
+            return;
+        }
+    }
+}
+
+void limiter_freeze(SegmentState& state, std::uint32_t record) noexcept {
+    body_at(state, record).in_flight.fetch_or(kFrozen, std::memory_order_seq_cst);
+}
+
+void limiter_thaw(SegmentState& state, std::uint32_t record) noexcept {
+    LimiterBody& body = body_at(state, record);
+    body.in_flight.fetch_and(~kFrozen, std::memory_order_seq_cst);
+    wake_all(body.wake);
+}
+
+LiveHoldings limiter_recount(SegmentState& state, std::uint32_t record, const LiveHoldings& live,
+                             std::span<const std::uint32_t> dead_slots, TimePoint now) noexcept {
+    LimiterBody& body = body_at(state, record);
+    const std::int64_t before = value_of(body.in_flight.load(std::memory_order_seq_cst));
+    const std::int64_t now_ns = std::max(to_nanos(now), body.time_ns.load());
+    // What the dead held comes back as return_to_hopper brings tokens back: time advances (the
+    // fold) with them still in flight, then in flight drops to what the living hold.
+    fold_for_return(state, record, before, now_ns);
+    const std::int64_t kept = std::clamp<std::int64_t>(live.held[0], 0, kMaxInFlight);
+    body.in_flight.store(static_cast<std::uint64_t>(kept), std::memory_order_seq_cst);
+    if (now_ns > body.time_ns.load(std::memory_order_relaxed)) {
+        body.time_ns.store(now_ns, std::memory_order_relaxed);
+    }
+    recount_waiters(state, record, body.wake, dead_slots);
+    LiveHoldings given;
+    given.held[0] = before - kept;
+    return given;
+}
+
+void limiter_reset(SegmentState& state, std::uint32_t record, TimePoint now) noexcept {
+    LimiterBody& body = body_at(state, record);
+    // Exclude configuration writers while both blocks may be rewritten. If the lock cannot be
+    // had, go on: reset runs when nobody is attached, or forced by an operator.
+    std::optional<FileLock> lock;
+    try {
+        lock.emplace(FileLock::lock_exclusive(state.fd(), LockByte::config));
+    } catch (...) {
+    }
+    LimiterRecordConfig config{};
+    std::memcpy(&config, state.record(record).config, sizeof config);
+    const std::int64_t t = std::max(to_nanos(now), body.time_ns.load());
+    const LimiterParams p = params_from_config(config, t);
+    const std::uint32_t gen = BucketWord::gen(body.bucket.load(std::memory_order_seq_cst)) + 1;
+    store_params(body.config[gen & 1], p);
+    const std::int64_t x = p.rate_infinite ? 0 : -config.initial_bucket_level;
+    body.bucket.store(BucketWord::make(gen, x), std::memory_order_seq_cst);
+    body.time_ns.store(t, std::memory_order_relaxed);
+    body.in_flight.store(0, std::memory_order_seq_cst);  // clears kFrozen last
+    recount_waiters(state, record, body.wake, {});
+}
+
+}  // namespace
+
+const KindOps kLimiterOps{
+    .freeze = limiter_freeze,
+    .recount = limiter_recount,
+    .thaw = limiter_thaw,
+    .reset = limiter_reset,
+    .layers = 1,
+    .layer_names = {"tokens", nullptr, nullptr},
+};
+
+}  // namespace lim::detail

@@ -1,0 +1,365 @@
+// Jane Street's Limiter in a segment record: the words every process shares, and the lock-free
+// operations on them. docs/design-limiter.md is the argument for every choice made here.
+//
+// The seed's state is (in_bucket, in_hopper, in_flight) plus the configuration (bucket size,
+// hopper-to-bucket rate, token target level). Two observations make it fit 64-bit words:
+//
+//   * The hopper is derived. In Jane Street's Limiter the system total is always
+//     max(target, in_flight), and a system above its target has an empty bucket and hopper. So
+//     in_bucket + in_hopper = max(0, target - in_flight), and only in_flight and in_bucket need
+//     storing. An infinite target means an infinite hopper.
+//   * The bucket is a function of time. With D(t) = floor((t - anchor) x rate) the drip allowance
+//     since the anchor (a pure function of time: no step-by-step accumulation, so no drift),
+//     the bucket holds
+//
+//         b(t) = clamp(min(D(t) - X, bucket_size, max(0, target - in_flight)), 0, ...)
+//
+//     where X is a marker that every take and every "fold" moves forward. Folding at t sets
+//     X = max(X, D(t) - cap), making permanent the allowance the seed loses to a full bucket or
+//     an empty hopper. In infinite-rate mode the bucket is just the cap.
+//
+// Words (one cache line, because every operation touches them together):
+//   in_flight  F: token units in flight; bit 63 is kFrozen (crash recovery recounts this word)
+//   bucket     S: config generation (16 bits) | X (48 bits, signed)
+//   time       L: the limiter's time (CLOCK_MONOTONIC ns), raised after each operation
+// The configuration lives in two blocks; S's generation selects the current one. Changing it
+// (rare) writes the other block under the segment's config lock, then switches with a CAS on S
+// that also folds the bucket at the switch time: every hot-path CAS on S expects a generation,
+// so it fails and retries if the configuration changed under it.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <type_traits>
+
+#include "lim/clock.hpp"
+#include "recovery/kind_ops.hpp"
+#include "shm/layout.hpp"
+#include "shm/ledger.hpp"
+#include "shm/segment_state.hpp"
+#include "sync/wake_channel.hpp"
+
+namespace lim::detail {
+
+// Which facade created a record (RecordHeader::flavor). A Limiter may adopt any of them.
+enum class LimiterFlavor : std::uint16_t {
+    limiter = 0,
+    token_bucket = 1,
+    throttle = 2,
+    throttled_rate_limiter = 3,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Limits. Token amounts are in units (1/10,000 token).
+// ---------------------------------------------------------------------------------------------
+
+// Bucket sizes, target levels and amounts: at most 10^9 tokens (10^13 units, below 2^44).
+inline constexpr std::int64_t kMaxTokenUnits = 10'000'000'000'000;
+inline constexpr double kMaxTokens = 1e9;
+// Finite rates: at most 10^9 tokens per second (one token per nanosecond).
+inline constexpr double kMaxRatePerSec = 1e9;
+// The in-flight word's values stay below 2^62 (bit 63 is kFrozen).
+inline constexpr std::int64_t kMaxInFlight = (std::int64_t{1} << 62) - 1;
+
+// X is stored in 48 bits. An operation that would fold at a drip allowance above kRebaseAt
+// first re-anchors the drip (a configuration switch, under the config lock) so that X returns
+// near zero; kRebaseHard is where it must, even if it has to wait for the lock. Between them
+// lie 2^46 units (7 s at the maximum rate, 8 days at 10,000 tokens/s).
+inline constexpr int kGenBits = 16;
+inline constexpr int kXBits = 48;
+inline constexpr std::int64_t kRebaseAt = std::int64_t{1} << 45;
+inline constexpr std::int64_t kRebaseHard = (std::int64_t{1} << 46) + (std::int64_t{1} << 45);
+static_assert(kRebaseHard + kMaxTokenUnits < (std::int64_t{1} << (kXBits - 1)));
+
+// ---------------------------------------------------------------------------------------------
+// The drip D(t): floor(elapsed_ns x rate_units_per_sec / 10^9), exactly.
+// ---------------------------------------------------------------------------------------------
+
+// The rate in units per second, R = rate_per_sec x 10,000 (one double multiplication, so decimal
+// rates such as 0.5 or 2.7 become whole numbers of units), held exactly as m / 2^shift.
+struct DripRate {
+    std::uint64_t m = 0;
+    std::uint32_t shift = 0;
+    // For a whole R (shift 0): R = per_sec_whole x 10^9 + per_sec_rest, so that the drip needs
+    // no division by anything but a constant.
+    std::uint64_t per_sec_whole = 0;
+    std::uint64_t per_sec_rest = 0;
+
+    // `rate_per_sec` finite, >= 0, <= kMaxRatePerSec.
+    static DripRate from_rate(double rate_per_sec) noexcept;
+
+    // Drip allowance after `elapsed_ns` (<= 0 gives 0), saturating at kMaxInFlight.
+    std::int64_t units_after(std::int64_t elapsed_ns) const noexcept {
+        if (elapsed_ns <= 0 || m == 0) return 0;
+        if (shift == 0) return whole_units_after(static_cast<std::uint64_t>(elapsed_ns));
+        return fractional_units_after(static_cast<std::uint64_t>(elapsed_ns));
+    }
+
+    // The smallest elapsed_ns with units_after(elapsed_ns) >= `units` (> 0), or nullopt if the
+    // rate is zero or the answer does not fit in 63 bits.
+    std::optional<std::int64_t> elapsed_for(std::int64_t units) const noexcept;
+
+  private:
+    // R a whole number of units per second: 64-bit arithmetic only. With e = q s + r ns and
+    // R = a 10^9 + b, floor(e R / 10^9) = q R + r a + floor(r b / 10^9), each product below
+    // 2^64 (or saturating), each division by a constant (a multiplication).
+    std::int64_t whole_units_after(std::uint64_t e) const noexcept {
+        constexpr std::uint64_t kNs = 1'000'000'000;
+        const std::uint64_t q = e / kNs, r = e % kNs;
+        std::uint64_t x = 0, y = 0, sum = 0;
+        if (__builtin_mul_overflow(q, m, &x) || __builtin_mul_overflow(r, per_sec_whole, &y) ||
+            __builtin_add_overflow(x, y, &sum) ||
+            __builtin_add_overflow(sum, r * per_sec_rest / kNs, &sum) ||
+            sum > static_cast<std::uint64_t>(kMaxInFlight)) {
+            return kMaxInFlight;
+        }
+        return static_cast<std::int64_t>(sum);
+    }
+    // R = m / 2^shift, not whole: 128-bit arithmetic.
+    std::int64_t fractional_units_after(std::uint64_t e) const noexcept;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Record::config: what the record was created with (immutable; compared on open, restored by
+// reset, shown by limctl). No padding, so equal configurations are equal bytes.
+// ---------------------------------------------------------------------------------------------
+
+inline constexpr std::uint32_t kRateInfinite = 1;    // hopper_to_bucket_rate_per_sec infinite
+inline constexpr std::uint32_t kTargetInfinite = 2;  // infinite hopper, hence infinite target
+
+struct LimiterRecordConfig {
+    std::uint64_t rate_bits;            // hopper_to_bucket_rate_per_sec (a double), 0 if infinite
+    std::int64_t bucket_size;           // units
+    std::int64_t initial_bucket_level;  // units
+    std::int64_t initial_hopper_level;  // units, 0 if infinite
+    std::uint32_t flags;                // kRateInfinite | kTargetInfinite
+    std::uint32_t reserved;             // 0
+};
+
+// ---------------------------------------------------------------------------------------------
+// The body
+// ---------------------------------------------------------------------------------------------
+
+// One configuration. Written only while inactive (by the config-lock holder), then published by
+// the CAS on S that selects it; read with acquire loads, validated by S's generation.
+struct alignas(kCacheLine) ConfigBlock {
+    std::atomic<std::uint64_t> rate_bits;   // tokens per second, as a double (finite rate)
+    std::atomic<std::uint64_t> drip_m;      // DripRate::m
+    std::atomic<std::uint32_t> drip_shift;  // DripRate::shift
+    std::atomic<std::uint32_t> flags;       // kRateInfinite | kTargetInfinite
+    std::atomic<std::int64_t> bucket_size;  // units
+    std::atomic<std::int64_t> target;       // token target level, units (finite target)
+    std::atomic<std::int64_t> anchor_ns;    // the drip's time origin: D(anchor) = 0
+    std::atomic<std::uint64_t> drip_whole;  // DripRate::per_sec_whole
+    std::atomic<std::uint64_t> drip_rest;   // DripRate::per_sec_rest
+};
+static_assert(sizeof(ConfigBlock) == kCacheLine);
+
+struct LimiterBody {
+    // Line 0: the hot words. Every take and return touches F and (finite rate) S together, so
+    // they share a line: under contention one line moves between cores, not two.
+    alignas(kCacheLine) std::atomic<std::uint64_t> in_flight;  // F, kFrozen in bit 63
+    std::atomic<std::uint64_t> bucket;                         // S = generation | X
+    std::atomic<std::int64_t> time_ns;                         // L
+    std::atomic<std::uint64_t> reserved0[5];
+    // Line 1: sleepers in take/take_until; written only when a thread starts or stops sleeping.
+    WakeChannel wake;
+    // Lines 2-3: the two configuration blocks, read-mostly.
+    ConfigBlock config[2];
+};
+static_assert(sizeof(LimiterBody) == 4 * kCacheLine);
+static_assert(sizeof(LimiterBody) <= kRecordBodySize);
+static_assert(std::atomic<std::int64_t>::is_always_lock_free);
+
+struct BucketWord {
+    static constexpr std::uint64_t kXMask = (std::uint64_t{1} << kXBits) - 1;
+    static constexpr std::uint64_t make(std::uint32_t gen, std::int64_t x) noexcept {
+        return (static_cast<std::uint64_t>(gen & 0xFFFF) << kXBits) |
+               (static_cast<std::uint64_t>(x) & kXMask);
+    }
+    static constexpr std::uint32_t gen(std::uint64_t s) noexcept {
+        return static_cast<std::uint32_t>(s >> kXBits);
+    }
+    static constexpr std::int64_t x(std::uint64_t s) noexcept {
+        return static_cast<std::int64_t>(s << (64 - kXBits)) >> (64 - kXBits);
+    }
+};
+
+// A configuration as read from a block.
+struct LimiterParams {
+    bool rate_infinite = true;
+    bool target_infinite = true;
+    double rate_per_sec = 0;  // finite rate only
+    DripRate drip;
+    std::int64_t bucket_size = 0;
+    std::int64_t target = 0;  // finite target only
+    std::int64_t anchor_ns = 0;
+
+    // What the system leaves for bucket + hopper with `f` units in flight.
+    std::int64_t outside_flight(std::int64_t f) const noexcept {
+        return target > f ? target - f : 0;
+    }
+    // What the bucket may hold given `f` units in flight: min(bucket size, what the system
+    // leaves for bucket + hopper).
+    std::int64_t cap(std::int64_t f) const noexcept {
+        if (target_infinite) return bucket_size;
+        return std::min(bucket_size, outside_flight(f));
+    }
+    // D(t) (finite rate).
+    std::int64_t drip_at(std::int64_t t_ns) const noexcept {
+        return drip.units_after(t_ns - anchor_ns);
+    }
+    // The bucket at `t_ns` with marker `x` and `f` in flight.
+    std::int64_t bucket_at(std::int64_t x, std::int64_t f, std::int64_t t_ns) const noexcept {
+        const std::int64_t c = cap(f);
+        if (rate_infinite) return c;
+        return std::max<std::int64_t>(0, std::min(drip_at(t_ns) - x, c));
+    }
+};
+
+inline LimiterParams load_params(const ConfigBlock& block) noexcept {
+    LimiterParams p;
+    const std::uint32_t flags = block.flags.load(std::memory_order_acquire);
+    p.rate_infinite = (flags & kRateInfinite) != 0;
+    p.target_infinite = (flags & kTargetInfinite) != 0;
+    p.rate_per_sec = std::bit_cast<double>(block.rate_bits.load(std::memory_order_acquire));
+    p.drip.m = block.drip_m.load(std::memory_order_acquire);
+    p.drip.shift = block.drip_shift.load(std::memory_order_acquire);
+    p.drip.per_sec_whole = block.drip_whole.load(std::memory_order_acquire);
+    p.drip.per_sec_rest = block.drip_rest.load(std::memory_order_acquire);
+    p.bucket_size = block.bucket_size.load(std::memory_order_acquire);
+    p.target = block.target.load(std::memory_order_acquire);
+    p.anchor_ns = block.anchor_ns.load(std::memory_order_acquire);
+    return p;
+}
+void store_params(ConfigBlock& block, const LimiterParams& p) noexcept;
+// The configuration a record was created with, anchored at `now_ns`.
+LimiterParams params_from_config(const LimiterRecordConfig& c, std::int64_t now_ns) noexcept;
+
+// ---------------------------------------------------------------------------------------------
+// Operations
+// ---------------------------------------------------------------------------------------------
+
+enum class TakeOutcome { taken, unable, asked_for_more, rebase_needed };
+enum class ReturnOutcome { returned, over_release, rebase_needed };
+
+// A consistent reading of the limiter at a time (docs/design-limiter.md, "Reads").
+struct LimiterReading {
+    LimiterParams params;
+    std::int64_t t_ns = 0;  // max(now, the limiter's time)
+    std::int64_t in_flight = 0;
+    std::int64_t in_bucket = 0;
+    std::int64_t in_hopper = 0;  // meaningless when params.target_infinite
+    std::int64_t x = 0;
+    std::uint64_t bucket_word = 0;
+};
+
+// The limiter operations on one record. Cheap to construct (two references and an index); the
+// public handles make one per call.
+class LimiterCore {
+  public:
+    LimiterCore(SegmentState& state, std::uint32_t record) noexcept
+        : state_(state),
+          body_(*reinterpret_cast<LimiterBody*>(state.record(record).body)),
+          record_(record) {}
+
+    // One attempt, under `hold`. `rebase_at`: the drip allowance above which the operation
+    // asks its caller to re-anchor first (rebase_needed, nothing changed).
+    TakeOutcome try_take(Hold& hold, std::int64_t now_ns, std::int64_t n,
+                         std::int64_t rebase_at) noexcept;
+    // `over_release` changes nothing; *in_flight_seen says what was in flight.
+    ReturnOutcome return_to_hopper(Hold& hold, std::int64_t now_ns, std::int64_t n,
+                                   std::int64_t rebase_at, std::int64_t* in_flight_seen) noexcept;
+
+    // The state at max(now, the limiter's time), raising the limiter's time to it.
+    LimiterReading read(std::int64_t now_ns) const noexcept;
+
+    // The current configuration (validated against concurrent switches).
+    LimiterParams params() const noexcept;
+
+    // Switches to the configuration `change` makes of the current one, folding the bucket at
+    // max(now, the limiter's time) first; re-anchors the drip when `reanchor` (or when the drip
+    // allowance is large). Takes the config lock; throws Error(system_error) if it cannot.
+    template <class Change>
+    void reconfigure(std::int64_t now_ns, bool reanchor, Change&& change);
+    // Re-anchors the drip. With `wait` false, gives up (false) if the config lock is held.
+    bool rebase(std::int64_t now_ns, bool wait);
+
+    // Sleepers: registration recorded in the thread's slot (so a reaper can recount it) and in
+    // the wake channel. See LimiterWaiter.
+    WakeChannel& wake() noexcept { return body_.wake; }
+
+    LimiterBody& body() noexcept { return body_; }
+    SegmentState& state() noexcept { return state_; }
+    std::uint32_t record() const noexcept { return record_; }
+
+  private:
+    // What one attempt of a take or return starts from: S, the configuration its generation
+    // selects, and the operation's time max(now, L).
+    struct Attempt {
+        std::uint64_t s;
+        std::uint32_t gen;
+        LimiterParams p;
+        std::int64_t t;
+    };
+    // Waits aside while F is frozen (updating `fw`), then reads what an attempt starts from.
+    Attempt begin(Hold& hold, std::uint64_t& fw, std::int64_t now_ns) noexcept;
+
+    // A plain store, not a read-modify-write: L only serves "a `now` earlier than the limiter's
+    // time is moved up to it". Two racing raises may leave the smaller one; nothing that admits
+    // tokens depends on L (docs/design-limiter.md, "Time").
+    void raise_time(std::int64_t t_ns) const noexcept {
+        if (state_.read_only()) return;
+        if (t_ns > body_.time_ns.load(std::memory_order_relaxed)) {
+            body_.time_ns.store(t_ns, std::memory_order_relaxed);
+        }
+    }
+    void rollback_tentative(std::int64_t n) noexcept;
+    void switch_config(std::int64_t now_ns, bool reanchor, void (*change)(LimiterParams&, void*),
+                       void* ctx);
+
+    SegmentState& state_;
+    LimiterBody& body_;
+    std::uint32_t record_;
+};
+
+template <class Change>
+void LimiterCore::reconfigure(std::int64_t now_ns, bool reanchor, Change&& change) {
+    switch_config(
+        now_ns, reanchor,
+        [](LimiterParams& p, void* ctx) {
+            (*static_cast<std::remove_reference_t<Change>*>(ctx))(p);
+        },
+        &change);
+}
+
+// A thread registered as sleeping on a limiter, for the lifetime of the object. The registration
+// is written into the thread's slot under a Hold, so a reaper that recounts the channel's waiter
+// count sees it exactly; the sleep itself happens outside any Hold.
+class LimiterWaiter {
+  public:
+    LimiterWaiter(LimiterCore& core, std::int64_t amount);
+    ~LimiterWaiter();
+    LimiterWaiter(const LimiterWaiter&) = delete;
+    LimiterWaiter& operator=(const LimiterWaiter&) = delete;
+
+    // Sleeps until a wake on the channel since the last call, or until `deadline`.
+    void wait(TimePoint deadline) noexcept;
+
+  private:
+    LimiterCore& core_;
+    std::uint32_t snapshot_ = 0;
+};
+
+// Initialises a new record's body from its configuration, at `now_ns`.
+void init_limiter_body(LimiterBody& body, const LimiterRecordConfig& config,
+                       std::int64_t now_ns) noexcept;
+
+// Crash recovery for limiter records (freeze / recount / thaw / reset; layer 0 = "tokens").
+extern const KindOps kLimiterOps;
+
+}  // namespace lim::detail

@@ -1,0 +1,94 @@
+// lim::TokenBucket: Jane Street's Token_bucket, with an explicit clock where time matters.
+#include <doctest/doctest.h>
+
+#include <chrono>
+#include <string>
+
+#include "lim/throttle.hpp"
+#include "lim/token_bucket.hpp"
+#include "support/limiter_time.hpp"
+#include "support/process.hpp"
+
+using namespace lim;
+using lim::test::at;
+using lim::test::t0;
+using namespace std::chrono_literals;
+
+TEST_CASE("a token bucket refills at the sustained rate up to the burst size") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("tb"));
+    auto seg = lim::test::limiter_segment(guard);
+    auto tb = TokenBucket::open(seg, "emails", {.burst_size = 10, .sustained_rate_per_sec = 2}, t0);
+    CHECK(tb.burst_size() == 10);
+    CHECK(tb.bucket_size() == 10);
+    CHECK(tb.sustained_rate_per_sec() == 2);
+    CHECK(tb.in_hopper(t0).is_infinite());
+    CHECK(tb.in_system(t0).is_infinite());
+    CHECK(tb.try_take(t0, 1) == TryTake::unable);  // initial_bucket_level defaults to 0
+    CHECK(tb.tokens_may_be_available_when(t0, 1) == Availability::at(at(0.5)));
+    CHECK(tb.try_take(at(0.5), 1) == TryTake::taken);
+    CHECK(tb.try_take(at(0.5), 0.0001) == TryTake::unable);
+    CHECK(tb.in_bucket(at(100)) == 10);
+    CHECK(tb.try_take(at(100), 10.0001) == TryTake::asked_for_more_than_bucket_size);
+    CHECK(tb.try_take(at(100), 7) == TryTake::taken);
+    CHECK(tb.in_bucket(at(100)) == 3);
+    // Taken tokens are consumed: they stay in flight, as in the seed.
+    CHECK(tb.in_flight(at(100)) == 8);
+    tb.invariant();
+
+    auto full = TokenBucket::open(
+        seg, "full", {.burst_size = 5, .sustained_rate_per_sec = 1, .initial_bucket_level = 5}, t0);
+    CHECK(full.in_bucket(t0) == 5);
+    CHECK(full.try_take(t0, 5) == TryTake::taken);
+    CHECK(full.in_bucket(at(2)) == 2);
+}
+
+TEST_CASE("take_until gives up at its deadline holding nothing; take waits for the refill") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("tb-block"));
+    auto seg = lim::test::limiter_segment(guard);
+    auto slow = TokenBucket::open(seg, "slow", {.burst_size = 1, .sustained_rate_per_sec = 0.001});
+    const TimePoint deadline = Clock::now() + 30ms;
+    CHECK_FALSE(slow.take_until(1, deadline));
+    CHECK(Clock::now() >= deadline);
+    CHECK(slow.in_flight() == 0);
+
+    auto fast = TokenBucket::open(seg, "fast", {.burst_size = 1, .sustained_rate_per_sec = 200});
+    fast.take(1);  // the bucket starts empty: waits ~5 ms for the drip
+    const Availability next = fast.tokens_may_be_available_when(1);
+    REQUIRE(next.kind() == Availability::Kind::at);
+    fast.take(1);
+    // It cannot have succeeded before the drip could bring the token.
+    CHECK(Clock::now() >= next.time());
+    CHECK(fast.in_flight() == 2);
+    CHECK_THROWS_AS(fast.take(1.5), Error);  // more than the burst: could never succeed
+    CHECK_THROWS_AS(fast.take_until(2, Clock::now() + 1s), Error);
+}
+
+TEST_CASE("token bucket configuration: mismatch, adoption, another facade on the key") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("tb-config"));
+    auto seg = lim::test::limiter_segment(guard);
+    auto tb = TokenBucket::open(seg, "api", {.burst_size = 10, .sustained_rate_per_sec = 2});
+    try {
+        TokenBucket::open(seg, "api", {.burst_size = 10, .sustained_rate_per_sec = 3});
+        FAIL("expected config_mismatch");
+    } catch (const Error& e) {
+        CHECK(e.code() == Errc::config_mismatch);
+        const std::string what = e.what();
+        CHECK(what.find("a token bucket (burst_size 10, sustained_rate_per_sec 2") !=
+              std::string::npos);
+        CHECK(what.find("sustained_rate_per_sec 3") != std::string::npos);
+    }
+    try {
+        Throttle::open(seg, "api", {.max_concurrent_jobs = 10});
+        FAIL("expected config_mismatch");
+    } catch (const Error& e) {
+        CHECK(e.code() == Errc::config_mismatch);
+        CHECK(std::string(e.what()).find("a throttle") != std::string::npos);
+    }
+    auto adopted = TokenBucket::open(seg, "api", {.burst_size = 1}, adopt_existing);
+    CHECK(adopted.burst_size() == 10);
+    CHECK(adopted.sustained_rate_per_sec() == 2);
+    // The Limiter underneath, for the seed's Expert operations.
+    auto& expert = adopted.limiter();
+    expert.set_hopper_to_bucket_rate_per_sec(100.0);
+    CHECK(tb.sustained_rate_per_sec() == 100);
+}
