@@ -104,11 +104,36 @@ struct DispatchResource : Resource {
     }
 };
 
+// Jane Street's ThrottledRateLimiter: jobs are tokens in flight; what the system holds (bucket +
+// hopper + in flight) must stay exactly max_concurrent_jobs however many holders die.
+struct LimiterResource : Resource {
+    ThrottledRateLimiter trl;
+    explicit LimiterResource(const Segment& seg)
+        : trl(ThrottledRateLimiter::open(
+              seg, "chaos-jobs",
+              {.burst_size = 3, .sustained_rate_per_sec = 5000, .max_concurrent_jobs = 4})) {
+        name = "throttled_rate_limiter";
+    }
+    std::optional<Amounts> acquire(std::mt19937&, TimePoint deadline) override {
+        if (!trl.start_job_until(deadline)) return std::nullopt;
+        return Amounts{kTokenResolution, 0, 0};  // one token, in units
+    }
+    void release(const Amounts&) override { trl.finish_job(); }
+    Amounts in_use() const override {
+        return {static_cast<std::int64_t>(trl.in_flight() * kTokenResolution + 0.5), 0, 0};
+    }
+    void check_invariants() const override {
+        CHECK(trl.in_flight() <= 4.0);
+        CHECK(trl.in_system().value() == doctest::Approx(4.0));
+    }
+};
+
 inline std::vector<std::unique_ptr<Resource>> make_resources(const Segment& seg) {
     std::vector<std::unique_ptr<Resource>> r;
     r.push_back(std::make_unique<SemaphoreResource>(seg));
     r.push_back(std::make_unique<WeightedResource>(seg));
     r.push_back(std::make_unique<DispatchResource>(seg));
+    r.push_back(std::make_unique<LimiterResource>(seg));
     for (std::size_t i = 0; i < r.size(); ++i)
         r[i]->slot = static_cast<int>(i);
     return r;

@@ -5,7 +5,11 @@
 #include "common.hpp"
 #include "lim/backoff_window.hpp"
 #include "lim/dispatch.hpp"
+#include "lim/limiter.hpp"
 #include "lim/semaphore.hpp"
+#include "lim/throttle.hpp"
+#include "lim/throttled_rate_limiter.hpp"
+#include "lim/token_bucket.hpp"
 #include "lim/weighted_semaphore.hpp"
 
 namespace limctl {
@@ -18,6 +22,12 @@ std::uint64_t require_count(TableReader& r, const std::string& key) {
     return static_cast<std::uint64_t>(*v);
 }
 
+double require_number(TableReader& r, const std::string& key) {
+    const auto v = r.number(key);
+    if (!v) r.fail(key, "missing");
+    return *v;
+}
+
 }  // namespace
 
 LimiterSpec read_limiter(const std::string& key, const std::string& kind, TableReader& r) {
@@ -25,6 +35,34 @@ LimiterSpec read_limiter(const std::string& key, const std::string& kind, TableR
     if (kind == "semaphore") {
         const lim::SemaphoreOptions o{.capacity = require_count(r, "capacity")};
         spec.open = [key, o](const lim::Segment& seg) { lim::Semaphore::open(seg, key, o); };
+    } else if (kind == "token_bucket") {
+        const lim::TokenBucketOptions o{
+            .burst_size = require_number(r, "burst_size"),
+            .sustained_rate_per_sec = require_number(r, "sustained_rate_per_sec"),
+            .initial_bucket_level = r.number("initial_bucket_level").value_or(0)};
+        spec.open = [key, o](const lim::Segment& seg) { lim::TokenBucket::open(seg, key, o); };
+    } else if (kind == "throttle") {
+        const lim::ThrottleOptions o{.max_concurrent_jobs = static_cast<std::int64_t>(
+                                         require_count(r, "max_concurrent_jobs"))};
+        spec.open = [key, o](const lim::Segment& seg) { lim::Throttle::open(seg, key, o); };
+    } else if (kind == "throttled_rate_limiter") {
+        const lim::ThrottledRateLimiterOptions o{
+            .burst_size = require_number(r, "burst_size"),
+            .sustained_rate_per_sec = require_number(r, "sustained_rate_per_sec"),
+            .max_concurrent_jobs =
+                static_cast<std::int64_t>(require_count(r, "max_concurrent_jobs"))};
+        spec.open = [key, o](const lim::Segment& seg) {
+            lim::ThrottledRateLimiter::open(seg, key, o);
+        };
+    } else if (kind == "limiter") {
+        const lim::LimiterConfig o{
+            .hopper_to_bucket_rate_per_sec =
+                r.maybe_infinite("hopper_to_bucket_rate_per_sec").value_or(lim::infinite),
+            .bucket_size = require_number(r, "bucket_size"),
+            .initial_bucket_level = r.number("initial_bucket_level").value_or(0),
+            .initial_hopper_level =
+                r.maybe_infinite("initial_hopper_level").value_or(lim::infinite)};
+        spec.open = [key, o](const lim::Segment& seg) { lim::Limiter::open(seg, key, o); };
     } else if (kind == "weighted_semaphore") {
         const lim::WeightedSemaphoreOptions o{.capacity = require_count(r, "capacity")};
         spec.open = [key, o](const lim::Segment& seg) {

@@ -17,6 +17,7 @@ void inspect_semaphore(const SegmentState&, std::uint32_t, TimePoint, RecordSnap
 void inspect_weighted_semaphore(const SegmentState&, std::uint32_t, TimePoint, RecordSnapshot&);
 void inspect_backoff_window(const SegmentState&, std::uint32_t, TimePoint, RecordSnapshot&);
 void inspect_dispatch(const SegmentState&, std::uint32_t, TimePoint, RecordSnapshot&);
+void inspect_limiter(const SegmentState&, std::uint32_t, TimePoint, RecordSnapshot&);
 
 namespace {
 
@@ -76,6 +77,8 @@ InspectFn kind_inspector(std::uint16_t kind) noexcept {
             return inspect_backoff_window;
         case RecordKind::dispatch:
             return inspect_dispatch;
+        case RecordKind::limiter:
+            return inspect_limiter;
         default:
             return nullptr;
     }

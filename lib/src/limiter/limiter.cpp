@@ -12,6 +12,7 @@
 #include "lim/error.hpp"
 #include "limiter/limiter_open.hpp"
 #include "limiter/limiter_state.hpp"
+#include "recovery/reaper.hpp"
 #include "shm/record_handle.hpp"
 
 namespace lim {
@@ -355,8 +356,11 @@ bool Limiter::take_until_impl(double n, const TimePoint* deadline) {
     LimiterCore core = detail::core_of(ref_);
     // Registered before each re-check, so a return that lands after the check wakes us.
     detail::LimiterWaiter waiter(core, units);
+    // A take that waits on tokens a dead process held in flight reaps it (a throttle's slots).
+    detail::AutoReap auto_reap(*ref_.state, Clock::now());
     for (;;) {
         const TimePoint now = Clock::now();
+        auto_reap.poll(now);
         const TryTake r = try_take(now, n);
         if (r == TryTake::taken) return true;
         if (r == TryTake::asked_for_more_than_bucket_size) never();

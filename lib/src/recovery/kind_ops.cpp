@@ -1,6 +1,7 @@
 #include "recovery/kind_ops.hpp"
 
 #include "dispatch/dispatch_state.hpp"
+#include "limiter/limiter_state.hpp"
 #include "primitives/backoff_window_state.hpp"
 #include "primitives/semaphore_state.hpp"
 #include "primitives/weighted_semaphore_state.hpp"
@@ -18,6 +19,7 @@ const KindOps* kind_ops(RecordKind kind) noexcept {
         case RecordKind::backoff_window:
             return &kBackoffWindowOps;
         case RecordKind::limiter:
+            return &kLimiterOps;
         case RecordKind::none:
             break;
     }
