@@ -9,7 +9,7 @@
 //
 // Each runs uncontended (1 process) and with a second process hammering the same object
 // (2 processes; the figure is the parent's time per acquire+release). Results and the command:
-// docs/benchmarks-dispatch.md.
+// docs/benchmarks.md.
 #include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>

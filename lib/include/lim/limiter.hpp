@@ -20,8 +20,8 @@
 // All state is in the segment and every operation is a compare-and-swap loop on 64-bit words:
 // no lock on try_take, return_to_hopper or the reads. Configuration changes (rare) exclude each
 // other with a lock on the segment file, never excluding takes and returns.
-// docs/design-limiter.md has each operation's linearisation point and the argument that no
-// interleaving of processes admits more than the seed would.
+// docs/design.md ("The Limiter family") has each operation's linearisation point and the argument
+// that no interleaving of processes admits more than the seed would.
 //
 // Handles are cheap to copy and usable from any thread and, after fork(), from the child.
 // Tokens each thread has in flight are recorded in its process slot's ledger, so a dead

@@ -1,6 +1,6 @@
 // The Dispatch's state in its record, and the process-local object its handles share.
 //
-// Body (docs/design-dispatch.md has the table):
+// Body (docs/design.md ("The Dispatch family") has the table):
 //   line 0       concurrency word  (SemaphoreWord; ledger layer 0, "slots")
 //   line 1       throttled word    (SemaphoreWord; ledger layer 1, "throttled")
 //   lines 2..19  byte layer        (WeightedLayer: word, queue control, 128-entry ring; ledger

@@ -1,6 +1,6 @@
 // The lock-free limiter operations on a record's words, the drip arithmetic, and crash recovery.
-// docs/design-limiter.md gives each operation's linearisation point and the argument that no
-// interleaving admits more than the seed would.
+// docs/design.md ("The Limiter family") gives each operation's linearisation point and the argument
+// that no interleaving admits more than the seed would.
 #include <algorithm>
 #include <bit>
 #include <climits>

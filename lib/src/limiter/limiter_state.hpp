@@ -1,5 +1,6 @@
 // Jane Street's Limiter in a segment record: the words every process shares, and the lock-free
-// operations on them. docs/design-limiter.md is the argument for every choice made here.
+// operations on them. docs/design.md ("The Limiter family") is the argument for every choice made
+// here.
 //
 // The seed's state is (in_bucket, in_hopper, in_flight) plus the configuration (bucket size,
 // hopper-to-bucket rate, token target level). Two observations make it fit 64-bit words:
@@ -247,7 +248,7 @@ LimiterParams params_from_config(const LimiterRecordConfig& c, std::int64_t now_
 enum class TakeOutcome { taken, unable, asked_for_more, rebase_needed };
 enum class ReturnOutcome { returned, over_release, rebase_needed };
 
-// A consistent reading of the limiter at a time (docs/design-limiter.md, "Reads").
+// A consistent reading of the limiter at a time (docs/design.md ("The Limiter family"), "Reads").
 struct LimiterReading {
     LimiterParams params;
     std::int64_t t_ns = 0;  // max(now, the limiter's time)
@@ -311,7 +312,7 @@ class LimiterCore {
 
     // A plain store, not a read-modify-write: L only serves "a `now` earlier than the limiter's
     // time is moved up to it". Two racing raises may leave the smaller one; nothing that admits
-    // tokens depends on L (docs/design-limiter.md, "Time").
+    // tokens depends on L (docs/design.md ("The Limiter family"), "Time").
     void raise_time(std::int64_t t_ns) const noexcept {
         if (state_.read_only()) return;
         if (t_ns > body_.time_ns.load(std::memory_order_relaxed)) {

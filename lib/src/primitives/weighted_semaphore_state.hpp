@@ -11,7 +11,7 @@
 // anyone is queued (no jumping the queue, as Go's semaphore.Weighted), and lets release learn in
 // the same CAS whether to wake anyone: an uncontended release makes no system call.
 //
-// Queue (docs/design-dispatch.md, "The FIFO queue"):
+// Queue (docs/design.md ("The Dispatch family"), "The FIFO queue"):
 //   tail  the next ticket to hand out (fetch_add)
 //   head  the ticket whose turn it is: only its owner may take units through the queue
 //   seq   the futex word every queued waiter sleeps on, each with the bit (ticket % 32) as its
