@@ -65,8 +65,7 @@ std::string frame(const lim::detail::SegmentSnapshot& s, const std::map<std::str
         std::string state;
         for (const auto& v : r.values) {
             if (!state.empty()) state += "  ";
-            state += v.name + " " + lim::detail::format_amount(v.value) +
-                     (v.unit.empty() ? "" : " " + v.unit);
+            state += v.name + " " + format_layer(v);
         }
         const auto rate = rates.find(r.kind + "/" + r.key);
         const std::string rate_text =

@@ -122,7 +122,7 @@ std::string render_record_detail(const SegmentSnapshot& s, const std::string& ke
         out += "\n" + layers.render();
         out += fmt::format("\nwaiters {}, admitted {}{}\n", r.waiters, r.admitted_total,
                            r.frozen ? ", being recounted by a reaper" : "");
-        Table holders({"PID>", "TID>", "STATE", "ALIVE", "HOLDS"});
+        Table holders({"PID>", "TID>", "SLOT", "ALIVE", "HOLDS"});
         for (const auto& h : r.holders) {
             holders.add({std::to_string(h.pid), std::to_string(h.tid), h.state,
                          h.alive ? "yes" : "DEAD (reap to recover)", holder_cells(r, h)});
