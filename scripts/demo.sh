@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 cmake -S . -B build/release -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-cmake --build build/release -j"$(nproc)" --target lim-demo
+cmake --build build/release -j"$(nproc)" --target lim-demo limctl
 exec build/release/tools/demo/lim-demo "$@"
