@@ -16,22 +16,13 @@
 #include "support/process.hpp"
 
 using namespace lim;
+using lim::test::eventually;
 using namespace std::chrono_literals;
 
 namespace {
 
 Segment make_segment(lim::test::SegmentGuard& guard) {
     return Segment::open_or_create(guard.name(), {.max_limiters = 16, .max_processes = 64});
-}
-
-template <class Pred>
-bool eventually(Pred pred) {
-    const auto until = std::chrono::steady_clock::now() + 5s;
-    while (!pred()) {
-        if (std::chrono::steady_clock::now() > until) return false;
-        std::this_thread::sleep_for(100us);
-    }
-    return true;
 }
 
 // A clock the test owns, and a sleep that records each interval and advances the clock by it.

@@ -128,5 +128,6 @@ TEST_CASE("guide: forked workers share one Dispatch") {
     // They exited holding nothing: reaping frees their slots and gives nothing back.
     const lim::ReapReport report = seg.reap();
     CHECK(report.reaped.size() == 4);
-    for (const auto& p : report.reaped) CHECK(p.returned.empty());
+    for (const auto& p : report.reaped)
+        CHECK(p.returned.empty());
 }

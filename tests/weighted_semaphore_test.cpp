@@ -13,6 +13,7 @@
 #include "support/process.hpp"
 
 using namespace lim;
+using lim::test::eventually;
 using namespace std::chrono_literals;
 
 namespace {
@@ -21,15 +22,6 @@ Segment make_segment(lim::test::SegmentGuard& guard) {
 }
 
 // Spins until `pred` holds or 5 s pass; returns whether it held.
-template <class Pred>
-bool eventually(Pred pred) {
-    const auto until = std::chrono::steady_clock::now() + 5s;
-    while (!pred()) {
-        if (std::chrono::steady_clock::now() > until) return false;
-        std::this_thread::sleep_for(100us);
-    }
-    return true;
-}
 }  // namespace
 
 TEST_CASE("amounts are taken and given back exactly") {

@@ -22,19 +22,10 @@
 #include "support/process.hpp"
 
 using namespace lim;
+using lim::test::eventually;
 using namespace std::chrono_literals;
 
 namespace {
-
-template <class Pred>
-bool eventually(Pred pred) {
-    const auto until = std::chrono::steady_clock::now() + 5s;
-    while (!pred()) {
-        if (std::chrono::steady_clock::now() > until) return false;
-        std::this_thread::sleep_for(100us);
-    }
-    return true;
-}
 
 // What a reaper does for one record, given the pid it found dead.
 detail::LiveHoldings recover(const Segment& seg, const detail::KindOps& ops, std::uint32_t record,

@@ -14,19 +14,10 @@
 #include "support/process.hpp"
 
 using namespace lim;
+using lim::test::eventually;
 using namespace std::chrono_literals;
 
 namespace {
-template <class Pred>
-bool eventually(Pred pred) {
-    const auto until = std::chrono::steady_clock::now() + 5s;
-    while (!pred()) {
-        if (std::chrono::steady_clock::now() > until) return false;
-        std::this_thread::sleep_for(100us);
-    }
-    return true;
-}
-
 void raise(std::atomic<long>& peak, long v) {
     long p = peak.load();
     while (v > p && !peak.compare_exchange_weak(p, v)) {

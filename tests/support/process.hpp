@@ -4,10 +4,12 @@
 
 #include <sys/types.h>
 
+#include <chrono>
 #include <cstddef>
 #include <functional>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 namespace lim::test {
@@ -44,6 +46,18 @@ void* shared_bytes(std::size_t n);
 template <class T>
 T* shared_array(std::size_t n) {
     return static_cast<T*>(shared_bytes(n * sizeof(T)));
+}
+
+// Polls `pred` every 100 us until it holds (true) or `timeout` passes (false): for waiting on
+// another process or thread to reach a state, never as the assertion itself.
+template <class Pred>
+bool eventually(Pred pred, std::chrono::milliseconds timeout = std::chrono::seconds{5}) {
+    const auto until = std::chrono::steady_clock::now() + timeout;
+    while (!pred()) {
+        if (std::chrono::steady_clock::now() > until) return false;
+        std::this_thread::sleep_for(std::chrono::microseconds{100});
+    }
+    return true;
 }
 
 // The bytes of /dev/shm/lim.<name>, to show that a refused call changed nothing.

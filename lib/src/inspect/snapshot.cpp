@@ -21,24 +21,6 @@ void inspect_limiter(const SegmentState&, std::uint32_t, TimePoint, RecordSnapsh
 
 namespace {
 
-std::string kind_string(std::uint16_t kind) {
-    switch (static_cast<RecordKind>(kind)) {
-        case RecordKind::limiter:
-            return "limiter";
-        case RecordKind::semaphore:
-            return "semaphore";
-        case RecordKind::weighted_semaphore:
-            return "weighted_semaphore";
-        case RecordKind::backoff_window:
-            return "backoff_window";
-        case RecordKind::dispatch:
-            return "dispatch";
-        case RecordKind::none:
-            break;
-    }
-    return fmt::format("unknown({})", kind);
-}
-
 std::string slot_state_string(SlotState st) {
     switch (st) {
         case SlotState::free:
@@ -94,7 +76,7 @@ RecordSnapshot snapshot_record(const SegmentState& state, std::uint32_t record, 
     const Record& r = state.record(record);
     RecordSnapshot out;
     out.index = record;
-    out.kind = kind_string(r.header.kind);
+    out.kind = std::string(kind_name(static_cast<RecordKind>(r.header.kind)));
     out.key = std::string(record_key(r));
     out.created_wall_ns = r.header.created_wall_ns;
     out.creator_pid = r.header.creator_pid;

@@ -137,24 +137,6 @@ void free_slot(SegmentState& state, const DeadSlot& dead) {
         std::memory_order_release, std::memory_order_relaxed);
 }
 
-std::string_view kind_name(RecordKind kind) {
-    switch (kind) {
-        case RecordKind::limiter:
-            return "limiter";
-        case RecordKind::semaphore:
-            return "semaphore";
-        case RecordKind::weighted_semaphore:
-            return "weighted_semaphore";
-        case RecordKind::backoff_window:
-            return "backoff_window";
-        case RecordKind::dispatch:
-            return "dispatch";
-        case RecordKind::none:
-            break;
-    }
-    return "unknown";
-}
-
 double to_report_units(RecordKind kind, std::int64_t amount) {
     return kind == RecordKind::limiter
                ? static_cast<double>(amount) / static_cast<double>(kTokenResolution)

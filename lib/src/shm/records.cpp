@@ -57,6 +57,24 @@ std::uint64_t record_hash(RecordKind kind, std::string_view key) noexcept {
     return h;
 }
 
+std::string_view kind_name(RecordKind kind) noexcept {
+    switch (kind) {
+        case RecordKind::limiter:
+            return "limiter";
+        case RecordKind::semaphore:
+            return "semaphore";
+        case RecordKind::weighted_semaphore:
+            return "weighted_semaphore";
+        case RecordKind::backoff_window:
+            return "backoff_window";
+        case RecordKind::dispatch:
+            return "dispatch";
+        case RecordKind::none:
+            break;
+    }
+    return "unknown";
+}
+
 std::string_view RecordRef::key() const noexcept {
     return record_key(*record);
 }

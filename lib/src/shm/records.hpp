@@ -49,6 +49,10 @@ OpenedRecord find_or_create_record(SegmentState& state, const RecordSpec& spec,
 // Whether `record` was created with exactly the configuration bytes `config`.
 bool same_config(const Record& record, const void* config, std::size_t size) noexcept;
 
+// "semaphore", "weighted_semaphore", "limiter", "backoff_window", "dispatch": what reports,
+// limctl and errors call a kind ("unknown" for anything else, as a corrupt record may hold).
+std::string_view kind_name(RecordKind kind) noexcept;
+
 // The key of a ready record, clamped to the key field.
 std::string_view record_key(const Record& record) noexcept;
 
