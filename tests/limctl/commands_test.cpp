@@ -333,6 +333,28 @@ TEST_CASE("watch without a terminal prints plain frames, as many as asked") {
     CHECK(r.out.find("4 / 8") != std::string::npos);
 }
 
+TEST_CASE("read commands never write to the segment") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("limctl-ro"));
+    {
+        auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 8, .max_processes = 8});
+        auto sem = Semaphore::open(seg, "db", {.capacity = 4});
+        auto tb = TokenBucket::open(seg, "emails", {.burst_size = 5, .sustained_rate_per_sec = 1});
+        auto d = Dispatch::open(seg, {.limiter = BackoffWindow::for_key(seg, "api"), .key = "api"});
+        sem.acquire(2);
+        d.set_backoff(std::chrono::seconds{60});
+    }  // this process detaches; its slot is freed, what it held stays recorded as nobody's
+    const auto before = lim::test::segment_file_bytes(guard.name());
+    for (const std::string& cmd :
+         {std::string("ls"), std::string("ls --json"), "show " + guard.name(),
+          "show -p " + guard.name(), "show " + guard.name() + " db", "show --json " + guard.name(),
+          "stats " + guard.name(), "stats --json " + guard.name(),
+          "watch -n 2 -i 50ms " + guard.name() + " </dev/null"}) {
+        CAPTURE(cmd);
+        CHECK(limctl(cmd).code == 0);
+    }
+    CHECK(lim::test::segment_file_bytes(guard.name()) == before);
+}
+
 TEST_CASE("usage errors exit 2; --help works on every subcommand") {
     CHECK(limctl("").code == 2);
     CHECK(limctl("frobnicate").code == 2);
