@@ -19,8 +19,8 @@ namespace lim::detail {
 // One number a record exposes. `name` is snake_case and, with `unit`, makes the Prometheus metric
 // name (lim_<name>[_<unit>]). A layer also has a capacity, with its own name.
 struct Quantity {
-    std::string name;                // "in_use", "in_flight", "in_bucket", ...
-    std::string unit;                // "", "bytes", "tokens", "seconds", "bool"
+    std::string name;  // "in_use", "in_flight", "in_bucket", ...
+    std::string unit;  // "", "bytes", "tokens", "seconds", "bool"
     double value = 0;
     std::optional<double> capacity;  // for layers: the limit it is held against
     std::string capacity_name;       // "capacity", "concurrency", "budget", ...
