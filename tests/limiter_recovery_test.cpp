@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <optional>
 #include <span>
 #include <string>
 #include <thread>
@@ -16,6 +17,7 @@
 #include "lim/throttle.hpp"
 #include "lim/throttled_rate_limiter.hpp"
 #include "limiter/limiter_state.hpp"
+#include "shm/file_lock.hpp"
 #include "shm/process_table.hpp"
 #include "shm/records.hpp"
 #include "support/limiter_time.hpp"
@@ -91,6 +93,10 @@ TEST_CASE("a frozen limiter holds takes until it is thawed") {
     auto seg = lim::test::limiter_segment(guard);
     auto th = Throttle::open(seg, "db", {.max_concurrent_jobs = 2});
     const std::uint32_t rec = record_of(seg, "db");
+    // As a reaper does: hold the recovery lock while the record is frozen (a holder that finds
+    // a word frozen with the lock free thaws it, taking the reaper for dead).
+    std::optional<lim::detail::FileLock> reaping =
+        lim::detail::FileLock::lock_exclusive(seg.state()->fd(), lim::detail::LockByte::recovery);
     kLimiterOps.freeze(*seg.state(), rec);
     std::atomic<bool> done{false};
     std::thread t([&] {
@@ -101,6 +107,7 @@ TEST_CASE("a frozen limiter holds takes until it is thawed") {
     CHECK_FALSE(done.load());  // no acquisition lands on a frozen word
     CHECK(th.in_flight() == 0);
     kLimiterOps.thaw(*seg.state(), rec);
+    reaping.reset();
     t.join();
     CHECK(done.load());
     CHECK(th.in_flight() == 1);

@@ -39,11 +39,7 @@ bool SemaphoreCore::try_acquire(Hold& hold, const SegmentState& state, std::uint
         registered_for ? SemaphoreWord::waiter_unit(registered_for) : 0;
     std::uint64_t w = word.load(std::memory_order_relaxed);
     for (;;) {
-        if (is_frozen(w)) {
-            hold.wait_while_frozen(word, state);
-            w = word.load(std::memory_order_relaxed);
-            continue;
-        }
+        if (hold.stepped_aside(w, word, state)) continue;
         if (SemaphoreWord::in_use(w) + n > capacity) return false;
         if (word.compare_exchange_weak(w, w + n - deregister, std::memory_order_seq_cst,
                                        std::memory_order_relaxed)) {
@@ -64,11 +60,7 @@ bool SemaphoreCore::register_sleeper(Hold& hold, const SegmentState& state,
     slot.waiting_record.store(hold.record() + 1, std::memory_order_relaxed);
     std::uint64_t w = word.load(std::memory_order_relaxed);
     for (;;) {
-        if (is_frozen(w)) {
-            hold.wait_while_frozen(word, state);
-            w = word.load(std::memory_order_relaxed);
-            continue;
-        }
+        if (hold.stepped_aside(w, word, state)) continue;
         const std::uint64_t count = n == 1 ? SemaphoreWord::single(w) : SemaphoreWord::multi(w);
         if (count >= SemaphoreWord::kWaiterMax) {
             slot.waiting_record.store(0, std::memory_order_relaxed);
@@ -85,11 +77,7 @@ void SemaphoreCore::deregister_sleeper(Hold& hold, const SegmentState& state,
                                        std::uint64_t n) noexcept {
     std::uint64_t w = word.load(std::memory_order_relaxed);
     for (;;) {
-        if (is_frozen(w)) {
-            hold.wait_while_frozen(word, state);
-            w = word.load(std::memory_order_relaxed);
-            continue;
-        }
+        if (hold.stepped_aside(w, word, state)) continue;
         const std::uint64_t next = w - SemaphoreWord::waiter_unit(n);
         if (word.compare_exchange_weak(w, next, std::memory_order_seq_cst,
                                        std::memory_order_relaxed)) {
@@ -104,11 +92,7 @@ void SemaphoreCore::deregister_sleeper(Hold& hold, const SegmentState& state,
 bool SemaphoreCore::release(Hold& hold, const SegmentState& state, std::uint64_t n) noexcept {
     std::uint64_t w = word.load(std::memory_order_relaxed);
     for (;;) {
-        if (is_frozen(w)) {
-            hold.wait_while_frozen(word, state);
-            w = word.load(std::memory_order_relaxed);
-            continue;
-        }
+        if (hold.stepped_aside(w, word, state)) continue;
         if (SemaphoreWord::in_use(w) < n) return false;
         if (word.compare_exchange_weak(w, w - n, std::memory_order_seq_cst,
                                        std::memory_order_relaxed)) {

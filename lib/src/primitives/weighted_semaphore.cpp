@@ -37,11 +37,7 @@ std::atomic<std::uint64_t>& ring_slot(WeightedLayer& l, std::uint64_t ticket) no
 void enter(Hold& hold, const SegmentState& state, std::atomic<std::uint64_t>& word) noexcept {
     std::uint64_t w = word.load(std::memory_order_relaxed);
     for (;;) {
-        if (is_frozen(w)) {
-            hold.wait_while_frozen(word, state);
-            w = word.load(std::memory_order_relaxed);
-            continue;
-        }
+        if (hold.stepped_aside(w, word, state)) continue;
         if (word.compare_exchange_weak(w, w, std::memory_order_seq_cst,
                                        std::memory_order_relaxed)) {
             return;
@@ -102,11 +98,7 @@ enum class Admit { admitted, no_room, retry };
 bool WeightedCore::try_acquire(Hold& hold, const SegmentState& state, std::uint64_t n) noexcept {
     std::uint64_t w = l.word.load(std::memory_order_relaxed);
     for (;;) {
-        if (is_frozen(w)) {
-            hold.wait_while_frozen(l.word, state);
-            w = l.word.load(std::memory_order_relaxed);
-            continue;
-        }
+        if (hold.stepped_aside(w, l.word, state)) continue;
         if (W::queued(w) != 0 || W::in_use(w) + n > capacity) return false;
         if (l.word.compare_exchange_weak(w, w + n, std::memory_order_seq_cst,
                                          std::memory_order_relaxed)) {
@@ -120,11 +112,7 @@ bool WeightedCore::try_acquire(Hold& hold, const SegmentState& state, std::uint6
 bool WeightedCore::release(Hold& hold, const SegmentState& state, std::uint64_t n) noexcept {
     std::uint64_t w = l.word.load(std::memory_order_relaxed);
     for (;;) {
-        if (is_frozen(w)) {
-            hold.wait_while_frozen(l.word, state);
-            w = l.word.load(std::memory_order_relaxed);
-            continue;
-        }
+        if (hold.stepped_aside(w, l.word, state)) continue;
         if (W::in_use(w) < n) return false;
         if (l.word.compare_exchange_weak(w, w - n, std::memory_order_seq_cst,
                                          std::memory_order_relaxed)) {
@@ -151,11 +139,7 @@ bool WeightedCore::acquire_until(SegmentState& state, std::uint32_t record, std:
             Hold hold(state, record);
             std::uint64_t w = l.word.load(std::memory_order_relaxed);
             for (;;) {
-                if (is_frozen(w)) {
-                    hold.wait_while_frozen(l.word, state);
-                    w = l.word.load(std::memory_order_relaxed);
-                    continue;
-                }
+                if (hold.stepped_aside(w, l.word, state)) continue;
                 if (W::queued(w) == 0 && W::in_use(w) + n <= capacity) {
                     if (l.word.compare_exchange_weak(w, w + n, std::memory_order_seq_cst,
                                                      std::memory_order_relaxed)) {

@@ -73,6 +73,17 @@ class Hold {
     // pre-recount value, which is valid.
     void wait_while_frozen(std::atomic<std::uint64_t>& word, const SegmentState& state) noexcept;
 
+    // The first step of every CAS loop that acquires or releases: if `w` (the word's value as
+    // last loaded) is frozen, waits aside as wait_while_frozen does, reloads `w`, and returns
+    // true (the caller retries from the top); otherwise returns false at once.
+    bool stepped_aside(std::uint64_t& w, std::atomic<std::uint64_t>& word,
+                       const SegmentState& state) noexcept {
+        if (!is_frozen(w)) return false;
+        wait_while_frozen(word, state);
+        w = word.load(std::memory_order_relaxed);
+        return true;
+    }
+
     std::uint32_t record() const noexcept { return record_; }
     const Holder& holder_ref() const noexcept { return holder_; }
 
