@@ -31,8 +31,6 @@ std::string_view to_string(Errc code) noexcept {
             return "over_release";
         case Errc::system_error:
             return "system_error";
-        case Errc::timed_out:
-            return "timed_out";
         case Errc::busy:
             return "busy";
     }

@@ -26,7 +26,6 @@ enum class Errc {
     permission_denied,  // the caller may not open or change the segment
     over_release,       // more returned or released than is held
     system_error,       // an operating-system call failed for another reason
-    timed_out,          // a blocking call's deadline passed (only where a value cannot say so)
     busy,               // refused while other processes are attached (reset without force)
 };
 

@@ -73,11 +73,4 @@ inline void wake_all(WakeChannel& channel) noexcept {
     futex_wake(channel.seq, INT_MAX);
 }
 
-// `deadline`, but no later than `now + cap`: how blocking calls bound each sleep so that they
-// re-check even when no wake comes.
-inline TimePoint bounded(std::optional<TimePoint> deadline, TimePoint now, Duration cap) noexcept {
-    const TimePoint limit = now + cap;
-    return deadline && *deadline < limit ? *deadline : limit;
-}
-
 }  // namespace lim::detail
