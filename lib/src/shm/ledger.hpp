@@ -29,6 +29,7 @@
 #include "shm/layout.hpp"
 #include "shm/process_table.hpp"
 #include "shm/segment_state.hpp"
+#include "sync/race_point.hpp"
 
 namespace lim::detail {
 
@@ -45,13 +46,18 @@ class Hold {
     // slot on first use; throws Error(table_full) if there is none to claim).
     Hold(SegmentState& state, std::uint32_t record) : holder_(holder(state)), record_(record) {
         holder_.slot->pending.store(record + 1, std::memory_order_relaxed);
+        LIM_RACE_POINT();
     }
-    ~Hold() { holder_.slot->pending.store(0, std::memory_order_release); }
+    ~Hold() {
+        LIM_RACE_POINT();
+        holder_.slot->pending.store(0, std::memory_order_release);
+    }
     Hold(const Hold&) = delete;
     Hold& operator=(const Hold&) = delete;
 
     // Adds `delta` to this holder's `held[layer]` for the record. Single writer: a plain store.
     void add(int layer, std::int64_t delta) noexcept {
+        LIM_RACE_POINT();
         auto& held = holder_.entry(record_).held[layer];
         held.store(held.load(std::memory_order_relaxed) + delta, std::memory_order_relaxed);
     }
