@@ -133,7 +133,7 @@ static void test_dispatch(lim_segment* seg) {
     OK(lim_dispatch_snapshot_get(d, &s));
     CHECK(s.in_flight == 1 && s.throttled_in_flight == 1 && s.bytes_in_flight == 200 &&
           s.backoff_active && s.backoff_remaining_ns > 0);
-    lim_permit_destroy(a);
+    OK(lim_permit_release(a));
     lim_permit_destroy(c);
     int has = 0;
     int64_t until = 0;
@@ -153,7 +153,12 @@ static void test_dispatch(lim_segment* seg) {
     uint64_t sets = 0;
     OK(lim_backoff_window_sets(w, &sets));
     CHECK(sets >= 2);
+    /* A permit keeps its Dispatch alive: closing the handle first is allowed. */
+    OK(lim_dispatch_acquire(d, 7, a));
     lim_dispatch_close(d);
+    CHECK(lim_permit_held(a) && lim_permit_bytes(a) == 7);
+    OK(lim_permit_release(a));
+    lim_permit_destroy(a);
     lim_backoff_window_close(w);
 }
 

@@ -25,12 +25,11 @@ int run_dispatch(char** argv) {
     auto seg = lim::Segment::open(argv[2]);
     const std::string key = argv[3];
     auto window = lim::BackoffWindow::for_key(seg, key);
-    auto d = lim::Dispatch::open(
-        seg, {.limiter = window,
-              .key = key,
-              .concurrency = std::strtoull(argv[4], nullptr, 10),
-              .throttled_concurrency = std::strtoull(argv[5], nullptr, 10),
-              .byte_budget = std::strtoull(argv[6], nullptr, 10)});
+    auto d = lim::Dispatch::open(seg, {.limiter = window,
+                                       .key = key,
+                                       .concurrency = std::strtoull(argv[4], nullptr, 10),
+                                       .throttled_concurrency = std::strtoull(argv[5], nullptr, 10),
+                                       .byte_budget = std::strtoull(argv[6], nullptr, 10)});
     const long iterations = std::strtol(argv[7], nullptr, 10);
     const std::uint64_t bytes = std::strtoull(argv[8], nullptr, 10);
     const long hold_us = std::strtol(argv[9], nullptr, 10);

@@ -400,3 +400,28 @@ def test_reap_in_process(seg):
     assert seg.reap().reaped == []
     assert lim.now() == pytest.approx(time.monotonic(), abs=0.05)
     assert lim.__version__ and lim.library_path()
+
+
+def test_permit_outlives_its_dispatch_handle(seg, seg_name):
+    api = lim.Dispatch.open(seg, limiter=lim.BackoffWindow.for_key(seg, "o"), key="o",
+                            concurrency=2)
+    p = api.acquire(10)
+    api.close()
+    del api
+    assert p.held and p.bytes == 10
+    p.release()
+    # A script that exits holding a permit: the garbage collector may free the Dispatch first.
+    import subprocess
+    import sys
+    script = (
+        "import lim\n"
+        f"seg = lim.Segment.open({seg_name!r})\n"
+        "api = lim.Dispatch.open(seg, limiter=lim.BackoffWindow.for_key(seg, 'o'), key='o',"
+        " concurrency=2)\n"
+        "p = api.acquire(5)\n")
+    r = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(
+        os.path.dirname(lim.__path__[0]))), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    again = lim.Dispatch.open(seg, limiter=lim.BackoffWindow.for_key(seg, "o"), key="o",
+                              concurrency=2)
+    assert again.snapshot().in_flight == 0  # released at exit

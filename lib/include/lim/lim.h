@@ -236,7 +236,8 @@ int lim_dispatch_backoff_active(const lim_dispatch* d, int* out);
 int lim_dispatch_snapshot_get(const lim_dispatch* d, lim_dispatch_snapshot* out);
 void lim_dispatch_close(lim_dispatch* d);
 
-/* A reusable holder for what one request holds. Never allocates after creation. */
+/* A reusable holder for what one request holds. Never allocates after creation. A permit that
+ * holds something keeps its Dispatch alive: lim_dispatch_close may come first. */
 int lim_permit_create(lim_permit** out);
 /* Gives back everything held (idempotent; never fails on a valid permit). */
 int lim_permit_release(lim_permit* p);

@@ -50,7 +50,11 @@ struct lim_backoff_window {
 struct lim_dispatch {
     lim::Dispatch d;
 };
+// A C++ Permit must not outlive every handle of its Dispatch; a C caller (or a garbage collector
+// at interpreter exit) may free the lim_dispatch first, so the permit holds a handle of its own.
+// Members are destroyed in reverse order: the permit releases before the owner goes.
 struct lim_permit {
+    std::optional<lim::Dispatch> owner;
     lim::Permit p;
 };
 struct lim_limiter {
@@ -525,7 +529,9 @@ lim::Permit& empty_permit(lim_permit* p) {
 int lim_dispatch_acquire(lim_dispatch* d, uint64_t bytes, lim_permit* permit) {
     return guarded([&] {
         auto& p = empty_permit(permit);
-        p = need(d, "dispatch").d.acquire(bytes);
+        auto& disp = need(d, "dispatch").d;
+        p = disp.acquire(bytes);
+        permit->owner = disp;
     });
 }
 
@@ -533,9 +539,13 @@ int lim_dispatch_try_acquire(lim_dispatch* d, uint64_t bytes, lim_permit* permit
     return guarded([&] {
         need(acquired, "acquired");
         auto& p = empty_permit(permit);
-        auto r = need(d, "dispatch").d.try_acquire(bytes);
+        auto& disp = need(d, "dispatch").d;
+        auto r = disp.try_acquire(bytes);
         *acquired = r ? 1 : 0;
-        if (r) p = std::move(*r);
+        if (r) {
+            p = std::move(*r);
+            permit->owner = disp;
+        }
     });
 }
 
@@ -544,9 +554,13 @@ int lim_dispatch_acquire_until(lim_dispatch* d, uint64_t bytes, int64_t deadline
     return guarded([&] {
         need(acquired, "acquired");
         auto& p = empty_permit(permit);
-        auto r = need(d, "dispatch").d.acquire_until(bytes, tp(deadline_ns));
+        auto& disp = need(d, "dispatch").d;
+        auto r = disp.acquire_until(bytes, tp(deadline_ns));
         *acquired = r ? 1 : 0;
-        if (r) p = std::move(*r);
+        if (r) {
+            p = std::move(*r);
+            permit->owner = disp;
+        }
     });
 }
 
