@@ -41,6 +41,8 @@ def at_ns(now_s: Optional[float]) -> int:
 
 
 def u64(n: int, what: str) -> int:
+    if type(n) is int and 0 <= n <= U64_MAX:  # the common case, first and cheap
+        return n
     if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n > U64_MAX:
         raise InvalidArgument(f"{what} must be an integer in 0..2^64-1, not {n!r}")
     return n

@@ -18,6 +18,8 @@ from ._segment import Segment
 from ._semaphore import BackoffWindow
 
 F = TypeVar("F", bound=Callable[..., Any])
+_c_try_acquire = lib.lim_dispatch_try_acquire
+_c_permit_release = lib.lim_permit_release
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,9 @@ class Permit:
 
     def release(self) -> None:
         if self._h:
-            check(lib.lim_permit_release(self._h))
+            rc = _c_permit_release(self._h)
+            if rc:
+                check(rc)
 
     @property
     def held(self) -> bool:
@@ -148,7 +152,9 @@ class Dispatch(Handle):
 
     def _try_into(self, permit: Permit, nbytes: int) -> bool:
         ok = out_int()
-        check(lib.lim_dispatch_try_acquire(self.handle, nbytes, permit._h, ctypes.byref(ok)))
+        rc = _c_try_acquire(self._h, nbytes, permit._h, ctypes.byref(ok))
+        if rc:
+            check(rc)
         return bool(ok.value)
 
     def try_acquire(self, nbytes: int = 0) -> Optional[Permit]:
@@ -164,7 +170,11 @@ class Dispatch(Handle):
         ``timeout`` seconds pass (then None, holding nothing). Waits in 50 ms slices: Ctrl-C
         raises KeyboardInterrupt between them, holding nothing."""
         nbytes = u64(nbytes, "nbytes")
+        if timeout is not None:
+            to_ns(timeout, "timeout")  # refuse NaN and the like before anything is taken
         permit = Permit()  # owns what the C call takes, even if a signal interrupts us
+        if self._try_into(permit, nbytes):  # uncontended: no clock reads, no slices
+            return permit
         h = self.handle
 
         def until(deadline: int) -> bool:

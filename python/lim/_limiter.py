@@ -16,6 +16,9 @@ from ._handle import Handle
 from ._segment import Segment
 
 
+_c_tb_try_take = lib.lim_token_bucket_try_take
+
+
 class TryTake(enum.IntEnum):
     """What try_take did: TAKEN (the tokens are in flight), UNABLE (not enough now),
     ASKED_FOR_MORE_THAN_BUCKET_SIZE (no amount of waiting helps)."""
@@ -23,6 +26,9 @@ class TryTake(enum.IntEnum):
     TAKEN = 0
     UNABLE = 1
     ASKED_FOR_MORE_THAN_BUCKET_SIZE = 2
+
+
+_TRY_TAKE = tuple(TryTake)
 
 
 class AvailabilityKind(enum.IntEnum):
@@ -222,7 +228,12 @@ class TokenBucket(_TakeMixin):
         """Takes ``n`` tokens if the bucket holds them now; never blocks."""
         r = out_int()
         if now is None:  # the common call: one C call, no clock read here
-            check(lib.lim_token_bucket_try_take(self.handle, _tokens(n), ctypes.byref(r)))
+            if type(n) is not float:
+                n = _tokens(n)
+            rc = _c_tb_try_take(self._h, n, ctypes.byref(r))
+            if rc:
+                check(rc)
+            return _TRY_TAKE[r.value]  # a tuple index: calling the enum costs ~1 us
         else:
             check(lib.lim_token_bucket_try_take_at(self.handle, at_ns(now), _tokens(n),
                                                    ctypes.byref(r)))

@@ -14,6 +14,12 @@ from ._segment import Segment
 class _SemaphoreBase(Handle):
     _prefix = ""
 
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        # Bind the C functions once, not per call (a ctypes call costs ~1 us already).
+        cls._c_try = staticmethod(getattr(lib, cls._prefix + "_try_acquire"))
+        cls._c_release = staticmethod(getattr(lib, cls._prefix + "_release"))
+
     @classmethod
     def open(cls, segment: Segment, key: str, capacity: int = 1, *,
              adopt_existing: bool = False):  # type: ignore[no-untyped-def]
@@ -30,14 +36,19 @@ class _SemaphoreBase(Handle):
     def try_acquire(self, n: int = 1) -> bool:
         """Takes ``n`` units if they are free now; never blocks."""
         ok = out_int()
-        check(getattr(lib, self._prefix + "_try_acquire")(self.handle, u64(n, "n"),
-                                                           ctypes.byref(ok)))
+        rc = self._c_try(self._h, u64(n, "n"), ctypes.byref(ok))
+        if rc:
+            check(rc)
         return bool(ok.value)
 
     def acquire(self, n: int = 1, timeout: Optional[float] = None) -> bool:
         """Takes ``n`` units, blocking until they are free (None: no limit) or ``timeout`` seconds
         pass (then False, holding nothing). Waits in 50 ms slices, so Ctrl-C interrupts it."""
         n = u64(n, "n")
+        if timeout is not None:
+            to_ns(timeout, "timeout")  # refuse NaN and the like before anything is taken
+        if self.try_acquire(n):  # uncontended: no clock reads, no slices
+            return True
         fn = getattr(lib, self._prefix + "_acquire_until")
         h = self.handle
 
@@ -51,7 +62,9 @@ class _SemaphoreBase(Handle):
     def release(self, n: int = 1) -> None:
         """Gives back ``n`` units (any thread or process of the holder may). Raises OverRelease if
         fewer are in use."""
-        check(getattr(lib, self._prefix + "_release")(self.handle, u64(n, "n")))
+        rc = self._c_release(self._h, u64(n, "n"))
+        if rc:
+            check(rc)
 
     @contextlib.contextmanager
     def hold(self, n: int = 1, timeout: Optional[float] = None) -> Iterator[None]:
