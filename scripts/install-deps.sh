@@ -13,6 +13,11 @@ packages=(
   libtomlplusplus-dev # limctl create --config
   libbenchmark-dev    # bench/
   tmux                # the limctl watch test drives a terminal
+  python3             # the Python package (python/) and its tests
+  python3-pip         # pip install ./python (offline; tests/python/test_install.py)
+  python3-setuptools  # builds the python/ package (pyproject.toml backend)
+  python3-wheel       # pip builds a wheel of python/ before installing it
+  python3-pytest      # tests/python, run by ctest as the `python` test
 )
 
 missing=()

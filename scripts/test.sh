@@ -24,4 +24,6 @@ if [ "${LIM_SANITIZERS:-1}" != 0 ]; then
 fi
 
 build build/release -DCMAKE_BUILD_TYPE=RelWithDebInfo
+# Includes `c_api` (lim.h from C11) and `python` (pytest over python/ with this build's liblim;
+# the sanitizer builds skip it, as Python cannot load a sanitized liblim without preloading).
 ctest --test-dir build/release --output-on-failure -j"$jobs"
