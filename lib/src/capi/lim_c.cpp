@@ -219,6 +219,23 @@ void put_retry(const std::optional<std::chrono::milliseconds>& r, int* found, in
     need(wait_ms, "wait_ms") = r ? static_cast<int64_t>(r->count()) : 0;
 }
 
+lim::Permit& empty_permit(lim_permit* p) {
+    auto& permit = need(p, "permit").p;
+    if (permit.held()) {
+        throw lim::Error(lim::Errc::invalid_argument, "the permit passed in already holds one");
+    }
+    return permit;
+}
+
+lim::LimiterConfig limiter_config(const lim_limiter_config* c) {
+    const auto& cc = need(c, "config");
+    return lim::LimiterConfig{
+        .hopper_to_bucket_rate_per_sec = to_iof(cc.hopper_to_bucket_rate_per_sec),
+        .bucket_size = cc.bucket_size,
+        .initial_bucket_level = cc.initial_bucket_level,
+        .initial_hopper_level = to_iof(cc.initial_hopper_level)};
+}
+
 }  // namespace
 
 extern "C" {
@@ -516,16 +533,6 @@ int lim_dispatch_open(lim_segment* segment, const lim_dispatch_options* options,
     });
 }
 
-namespace {
-lim::Permit& empty_permit(lim_permit* p) {
-    auto& permit = need(p, "permit").p;
-    if (permit.held()) {
-        throw lim::Error(lim::Errc::invalid_argument, "the permit passed in already holds one");
-    }
-    return permit;
-}
-}  // namespace
-
 int lim_dispatch_acquire(lim_dispatch* d, uint64_t bytes, lim_permit* permit) {
     return guarded([&] {
         auto& p = empty_permit(permit);
@@ -623,17 +630,6 @@ void lim_permit_destroy(lim_permit* p) {
 
 // ---- Limiter family
 // ------------------------------------------------------------------------------
-
-namespace {
-lim::LimiterConfig limiter_config(const lim_limiter_config* c) {
-    const auto& cc = need(c, "config");
-    return lim::LimiterConfig{
-        .hopper_to_bucket_rate_per_sec = to_iof(cc.hopper_to_bucket_rate_per_sec),
-        .bucket_size = cc.bucket_size,
-        .initial_bucket_level = cc.initial_bucket_level,
-        .initial_hopper_level = to_iof(cc.initial_hopper_level)};
-}
-}  // namespace
 
 int lim_limiter_open_at(lim_segment* segment, const char* key, const lim_limiter_config* config,
                         int flags, int64_t now_ns, lim_limiter** out) {
