@@ -289,7 +289,7 @@ def test_token_bucket_take_blocks_until_refill(seg):
 
 
 def test_throttle_and_throttled_rate_limiter(seg):
-    th = lim.Throttle.open(seg, "jobs", max_concurrent_jobs=1)
+    th = lim.Throttle.open(seg, "jobs", max_concurrent_jobs=1, now=5.0)
     assert th.try_start_job()
     r = th.try_start_job()
     assert r.kind is lim.StartJobKind.MAX_CONCURRENT_JOBS_RUNNING and not r

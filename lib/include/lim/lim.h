@@ -357,6 +357,8 @@ void lim_token_bucket_close(lim_token_bucket* tb);
 typedef struct lim_throttle lim_throttle;
 int lim_throttle_open(lim_segment* segment, const char* key, int64_t max_concurrent_jobs, int flags,
                       lim_throttle** out);
+int lim_throttle_open_at(lim_segment* segment, const char* key, int64_t max_concurrent_jobs,
+                         int flags, int64_t now_ns, lim_throttle** out);
 int lim_throttle_try_start_job(lim_throttle* t, lim_start_job* out);
 int lim_throttle_try_start_job_at(lim_throttle* t, int64_t now_ns, lim_start_job* out);
 int lim_throttle_start_job_until(lim_throttle* t, int64_t deadline_ns, int* started);

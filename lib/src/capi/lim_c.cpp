@@ -797,17 +797,22 @@ void lim_token_bucket_close(lim_token_bucket* tb) {
     delete tb;
 }
 
-int lim_throttle_open(lim_segment* segment, const char* key, int64_t max_concurrent_jobs, int flags,
-                      lim_throttle** out) {
+int lim_throttle_open_at(lim_segment* segment, const char* key, int64_t max_concurrent_jobs,
+                         int flags, int64_t now_ns, lim_throttle** out) {
     return guarded([&] {
         need(out, "out");
         const auto& seg = need(segment, "segment").seg;
         const char* k = need_str(key, "key");
         const lim::ThrottleOptions o{.max_concurrent_jobs = max_concurrent_jobs};
-        auto t = adopt(flags) ? lim::Throttle::open(seg, k, o, lim::adopt_existing)
-                              : lim::Throttle::open(seg, k, o);
+        auto t = adopt(flags) ? lim::Throttle::open(seg, k, o, lim::adopt_existing, tp(now_ns))
+                              : lim::Throttle::open(seg, k, o, tp(now_ns));
         *out = new lim_throttle{std::move(t)};
     });
+}
+
+int lim_throttle_open(lim_segment* segment, const char* key, int64_t max_concurrent_jobs, int flags,
+                      lim_throttle** out) {
+    return lim_throttle_open_at(segment, key, max_concurrent_jobs, flags, lim_now_ns(), out);
 }
 
 int lim_throttled_rate_limiter_open_at(lim_segment* segment, const char* key,

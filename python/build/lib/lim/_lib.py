@@ -223,7 +223,7 @@ for _prefix in ("lim_throttle", "lim_throttled_rate_limiter"):
         f"{_prefix}_state_get_at": (_I, [H, _I64, P(LimiterState)]),
         f"{_prefix}_close": (None, [H]),
     })
-_SIGNATURES["lim_throttle_open"] = (_I, [H, c_char_p, _I64, _I, P(H)])
+_SIGNATURES["lim_throttle_open_at"] = (_I, [H, c_char_p, _I64, _I, _I64, P(H)])
 _SIGNATURES["lim_throttled_rate_limiter_open_at"] = (
     _I, [H, c_char_p, P(ThrottledRateLimiterOptions), _I, _I64, P(H)])
 

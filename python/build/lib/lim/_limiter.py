@@ -292,10 +292,10 @@ class Throttle(_JobsMixin):
 
     @classmethod
     def open(cls, segment: Segment, key: str, *, max_concurrent_jobs: int,
-             adopt_existing: bool = False) -> "Throttle":
+             adopt_existing: bool = False, now: Optional[float] = None) -> "Throttle":
         h = ctypes.c_void_p()
-        check(lib.lim_throttle_open(segment.handle, key_bytes(key), int(max_concurrent_jobs),
-                                    1 if adopt_existing else 0, ctypes.byref(h)))
+        check(lib.lim_throttle_open_at(segment.handle, key_bytes(key), int(max_concurrent_jobs),
+                                       1 if adopt_existing else 0, at_ns(now), ctypes.byref(h)))
         return cls(h, segment, key)
 
 
