@@ -40,8 +40,11 @@ def test_pip_install_offline_into_a_venv(tmp_path):
     # The venv has no pip of its own: run the system pip with the venv's interpreter.
     env = dict(os.environ, PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
     env.pop("PYTHONPATH", None)
+    src = tmp_path / "src"  # a copy: setuptools writes build/ and *.egg-info beside the sources
+    shutil.copytree(REPO / "python", src, ignore=shutil.ignore_patterns("build", "*.egg-info",
+                                                                         "__pycache__"))
     r = subprocess.run([py, "-m", "pip", "install", "--no-build-isolation", "--no-index",
-                        str(REPO / "python")],
+                        str(src)],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     check = ("import lim, pathlib; "
