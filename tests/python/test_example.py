@@ -27,9 +27,10 @@ def test_http_workers_example_and_limctl_show(seg_name):
             for rec in json.loads(r.stdout)["records"]:
                 if rec["kind"] == "dispatch":
                     assert rec["config"]["concurrency"] == 3
-                    held = [h for h in rec["holders"] if h["held"]["slots"] > 0]
-                    assert len(held) <= 3
-                    holders_seen.update(h["pid"] for h in held)
+                    # (limctl reads the slots one by one, not atomically: no bound on a count
+                    # here; the example itself checks the peak the server saw.)
+                    holders_seen.update(h["pid"] for h in rec["holders"]
+                                        if h["held"]["slots"] > 0)
         time.sleep(0.02)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, out + err

@@ -609,7 +609,13 @@ int lim_permit_create(lim_permit** out) {
 }
 
 int lim_permit_release(lim_permit* p) {
-    return guarded([&] { need(p, "permit").p.release(); });
+    return guarded([&] {
+        auto& permit = need(p, "permit");
+        permit.p.release();
+        // Drop the Dispatch it kept alive, unless it still holds (a fork child's copy of the
+        // parent's permit, which release leaves alone and which must keep its Dispatch).
+        if (!permit.p.held()) permit.owner.reset();
+    });
 }
 
 int lim_permit_held(const lim_permit* p) {
