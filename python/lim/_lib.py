@@ -146,6 +146,7 @@ _SIGNATURES = {
     "lim_segment_remove": (_I, [c_char_p, P(_I)]),
     "lim_segment_close": (None, [H]),
     "lim_segment_info_get": (_I, [H, P(SegmentInfo)]),
+    "lim_segment_is_creator": (_I, [H, P(_I)]),
     "lim_segment_reap": (_I, [H, P(H)]),
     "lim_reap_report_count": (c_size_t, [H]),
     "lim_reap_report_pid": (_I, [H, c_size_t]),

@@ -113,6 +113,13 @@ class Segment:
             raise ValueError("the segment handle is closed")
         return self._h
 
+    @property
+    def is_creator(self) -> bool:
+        """True when this handle's open_or_create created and initialised the segment."""
+        v = out_int()
+        check(lib.lim_segment_is_creator(self.handle, ctypes.byref(v)))
+        return bool(v.value)
+
     def info(self) -> SegmentInfo:
         """Geometry and counts, read without stopping anyone."""
         i = _lib.SegmentInfo()

@@ -259,6 +259,9 @@ int main(void) {
     lim_segment_info info;
     OK(lim_segment_info_get(seg, &info));
     CHECK(strcmp(info.name, name) == 0 && info.max_limiters == 256 && info.processes == 1);
+    int creator = 0;
+    OK(lim_segment_is_creator(seg, &creator));
+    CHECK(creator == 1);
     test_semaphore(seg);
     test_dispatch(seg);
     test_limiters(seg);

@@ -23,6 +23,7 @@ def test_segment_open_info_remove(seg_name):
     assert abs(info.created - time.time()) < 60
     again = lim.Segment.open(seg_name, reap_after=0.5)
     assert again.info().max_limiters == 8
+    assert s.is_creator and not again.is_creator
     assert lim.Segment.remove(seg_name) is True
     assert lim.Segment.remove(seg_name) is False
 

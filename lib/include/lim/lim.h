@@ -107,6 +107,8 @@ typedef struct lim_segment_info {
 } lim_segment_info;
 
 int lim_segment_info_get(const lim_segment* segment, lim_segment_info* out);
+/* *out = 1 when this handle's open_or_create created and initialised the segment. */
+int lim_segment_is_creator(const lim_segment* segment, int* out);
 
 /* What a reap found: one entry per dead process. Free with lim_reap_report_free. */
 typedef struct lim_reap_report lim_reap_report;

@@ -322,6 +322,10 @@ int lim_segment_info_get(const lim_segment* segment, lim_segment_info* out) {
     });
 }
 
+int lim_segment_is_creator(const lim_segment* segment, int* out) {
+    return guarded([&] { need(out, "out") = need(segment, "segment").seg.is_creator() ? 1 : 0; });
+}
+
 int lim_segment_reap(lim_segment* segment, lim_reap_report** out) {
     return guarded([&] {
         need(out, "out");
