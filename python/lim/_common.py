@@ -74,4 +74,17 @@ def wait_in_slices(until: Callable[[int], bool], timeout: Optional[float]) -> bo
             return True
 
 
+
+def wait_call(fn: Callable[..., int], args: tuple, timeout: Optional[float]) -> bool:
+    """wait_in_slices over a C call ``fn(*args, deadline_ns, int* out)`` that sets *out to 1 on
+    success and 0 at the deadline (the shape of every lim ``_until`` call but Dispatch's)."""
+
+    def until(deadline: int) -> bool:
+        ok = out_int()
+        check(fn(*args, deadline, ctypes.byref(ok)))
+        return bool(ok.value)
+
+    return wait_in_slices(until, timeout)
+
+
 __all__ = ["check", "lib"]

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Callable
 
+from ._owned import Owned
 from ._segment import Segment
 
 
-class Handle:
-    _close: Callable[[Any], None]
-
+class Handle(Owned):
     def __init__(self, handle: ctypes.c_void_p, segment: Segment, key: str) -> None:
         self._h = handle
         self._segment = segment
@@ -29,18 +27,6 @@ class Handle:
         if not self._h:
             raise ValueError(f"the handle of {self._key!r} is closed")
         return self._h
-
-    def close(self) -> None:
-        """Frees this handle (idempotent); the record stays in the segment."""
-        h, self._h = self._h, None
-        if h:
-            type(self)._close(h)
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown
-            pass
 
     def __repr__(self) -> str:
         return f"lim.{type(self).__name__}({self._segment.name!r}, {self._key!r})"

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from . import _lib
-from ._common import NS, at_ns, check, key_bytes, lib, out_int, wait_in_slices
+from ._common import NS, at_ns, check, key_bytes, lib, out_int, wait_call
 from ._errors import InvalidArgument
 from ._handle import Handle
 from ._segment import Segment
@@ -139,16 +139,8 @@ class _TakeMixin(_LimiterBase):
         """Takes ``n`` tokens, blocking until they are there (None: no limit) or ``timeout``
         seconds pass (False, holding nothing). Raises InvalidArgument if n > bucket_size. Waits
         in 50 ms slices, so Ctrl-C interrupts it."""
-        n = _tokens(n)
-        fn = getattr(lib, self._prefix + "_take_until")
-        h = self.handle
-
-        def until(deadline: int) -> bool:
-            ok = out_int()
-            check(fn(h, n, deadline, ctypes.byref(ok)))
-            return bool(ok.value)
-
-        return wait_in_slices(until, timeout)
+        return wait_call(getattr(lib, self._prefix + "_take_until"), (self.handle, _tokens(n)),
+                         timeout)
 
     def tokens_may_be_available_when(self, n: float = 1, *,
                                      now: Optional[float] = None) -> Availability:
@@ -259,15 +251,7 @@ class _JobsMixin(_LimiterBase):
 
     def start_job(self, timeout: Optional[float] = None) -> bool:
         """Blocks until a job may start (True) or ``timeout`` seconds pass (False)."""
-        fn = getattr(lib, self._prefix + "_start_job_until")
-        h = self.handle
-
-        def until(deadline: int) -> bool:
-            ok = out_int()
-            check(fn(h, deadline, ctypes.byref(ok)))
-            return bool(ok.value)
-
-        return wait_in_slices(until, timeout)
+        return wait_call(getattr(lib, self._prefix + "_start_job_until"), (self.handle,), timeout)
 
     def finish_job(self, *, now: Optional[float] = None) -> None:
         """Returns the job's token to the hopper."""

@@ -8,6 +8,7 @@ from typing import List, Optional
 
 from . import _lib
 from ._common import NS, check, key_bytes, lib, out_int, to_ns
+from ._owned import Owned
 
 
 @dataclass(frozen=True)
@@ -53,13 +54,15 @@ class ReapReport:
         return [p.pid for p in self.reaped]
 
 
-class Segment:
+class Segment(Owned):
     """A handle on the shared-memory segment ``/dev/shm/lim.<name>``.
 
     Usable from any thread and, after ``os.fork()``, from the child without reopening (its first
     use registers the child's own process slot). Closing the handle (or letting it be collected)
     leaves the limiters opened from it working.
     """
+
+    _close = staticmethod(lib.lim_segment_close)
 
     def __init__(self, handle: ctypes.c_void_p, name: str) -> None:
         self._h = handle
@@ -153,24 +156,6 @@ class Segment:
         while other live processes are attached unless ``force``; NotFound for an unknown key."""
         check(lib.lim_segment_reset(self.handle, None if key is None else key_bytes(key),
                                     1 if force else 0))
-
-    def close(self) -> None:
-        """Frees this handle (idempotent)."""
-        h, self._h = self._h, None
-        if h:
-            lib.lim_segment_close(h)
-
-    def __enter__(self) -> "Segment":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown
-            pass
 
     def __repr__(self) -> str:
         return f"lim.Segment({self._name!r})"

@@ -6,7 +6,7 @@ import contextlib
 import ctypes
 from typing import Iterator, Optional
 
-from ._common import NS, check, key_bytes, lib, now_ns, out_int, to_ns, u64, wait_in_slices
+from ._common import NS, check, key_bytes, lib, now_ns, out_int, to_ns, u64, wait_call
 from ._handle import Handle
 from ._segment import Segment
 
@@ -49,15 +49,7 @@ class _SemaphoreBase(Handle):
             to_ns(timeout, "timeout")  # refuse NaN and the like before anything is taken
         if self.try_acquire(n):  # uncontended: no clock reads, no slices
             return True
-        fn = getattr(lib, self._prefix + "_acquire_until")
-        h = self.handle
-
-        def until(deadline: int) -> bool:
-            ok = out_int()
-            check(fn(h, n, deadline, ctypes.byref(ok)))
-            return bool(ok.value)
-
-        return wait_in_slices(until, timeout)
+        return wait_call(getattr(lib, self._prefix + "_acquire_until"), (self.handle, n), timeout)
 
     def release(self, n: int = 1) -> None:
         """Gives back ``n`` units (any thread or process of the holder may). Raises OverRelease if
@@ -172,14 +164,7 @@ class BackoffWindow(Handle):
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Sleeps until the backoff is over (True) or ``timeout`` seconds pass (False); honours
         extensions made meanwhile. Waits in slices, so Ctrl-C interrupts it."""
-        h = self.handle
-
-        def until(deadline: int) -> bool:
-            over = out_int()
-            check(lib.lim_backoff_window_wait_until(h, deadline, ctypes.byref(over)))
-            return bool(over.value)
-
-        return wait_in_slices(until, timeout)
+        return wait_call(lib.lim_backoff_window_wait_until, (self.handle,), timeout)
 
     def clear(self) -> None:
         """Removes the deadline and wakes waiters."""

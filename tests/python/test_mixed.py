@@ -7,7 +7,8 @@ import time
 
 import lim
 from conftest import tool
-from workers import bucket_worker, dispatch_worker, peaks, read_bucket_logs, read_intervals
+from workers import (bucket_worker, dispatch_worker, peaks, read_bucket_logs, read_intervals,
+                     run_processes)
 
 CONCURRENCY, THROTTLED, BUDGET = 3, 1, 1000
 
@@ -32,13 +33,7 @@ def test_cpp_and_python_workers_share_one_dispatch_and_one_token_bucket(seg, seg
                       args=(seg_name, "api", CONCURRENCY, THROTTLED, BUDGET, iterations,
                             300 if i % 2 == 0 else 100, 0.002, py_logs[i]))
           for i in range(3)]
-    for p in py:
-        p.start()
-    for c in cpp:
-        assert c.wait(120) == 0
-    for p in py:
-        p.join(120)
-        assert p.exitcode == 0
+    run_processes(py, cpp)
     cpp_intervals = read_intervals(cpp_logs)
     py_intervals = read_intervals(py_logs)
     assert len(cpp_intervals) == len(py_intervals) == 3 * iterations
@@ -64,13 +59,7 @@ def test_cpp_and_python_workers_share_one_dispatch_and_one_token_bucket(seg, seg
                              str(end_ns), log]) for log in cpp_logs]
     py = [ctx.Process(target=bucket_worker, args=(seg_name, "tokens", burst, rate, end_ns, log))
           for log in py_logs]
-    for p in py:
-        p.start()
-    for c in cpp:
-        assert c.wait(120) == 0
-    for p in py:
-        p.join(120)
-        assert p.exitcode == 0
+    run_processes(py, cpp)
     cpp_taken, cpp_last = read_bucket_logs(cpp_logs)
     py_taken, py_last = read_bucket_logs(py_logs)
     taken = cpp_taken + py_taken

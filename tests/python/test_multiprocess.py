@@ -7,7 +7,7 @@ import signal
 import time
 
 import lim
-from workers import dispatch_worker, peaks, read_intervals
+from workers import dispatch_worker, peaks, read_intervals, run_processes
 
 
 def test_multiprocessing_workers_share_one_dispatch(seg, seg_name, tmp_path):
@@ -23,11 +23,7 @@ def test_multiprocessing_workers_share_one_dispatch(seg, seg_name, tmp_path):
                          args=(seg_name, "api", concurrency, throttled, budget, 15,
                                400 if i % 2 else 100, 0.003, logs[i]))
              for i in range(6)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
+    run_processes(procs)
     intervals = read_intervals(logs)
     assert len(intervals) == 6 * 15
     peak_count, peak_bytes = peaks(intervals)
@@ -47,11 +43,7 @@ def test_multiprocessing_workers_under_backoff(seg, seg_name, tmp_path):
     procs = [ctx.Process(target=dispatch_worker,
                          args=(seg_name, "b", 4, 1, 10_000, 8, 10, 0.002, logs[i]))
              for i in range(4)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
+    run_processes(procs)
     intervals = read_intervals(logs)
     assert all(b == 200 for _, _, b in intervals)  # penalised x20
     assert peaks(intervals)[0] == 1  # one throttled slot

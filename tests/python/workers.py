@@ -88,3 +88,15 @@ def wait_all(pids: List[int]) -> None:
     for pid in pids:
         _, status = os.waitpid(pid, 0)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"worker {pid}: {status}"
+
+
+def run_processes(procs, popens=()) -> None:
+    """Starts the multiprocessing workers, then waits for them and for the already started
+    subprocesses; every one must exit 0."""
+    for p in procs:
+        p.start()
+    for c in popens:
+        assert c.wait(120) == 0, c.args
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0, p
