@@ -13,6 +13,11 @@ packages=(
   libtomlplusplus-dev # limctl create --config
   libbenchmark-dev    # bench/
   tmux                # the limctl watch test drives a terminal
+  libhiredis-dev      # bench/: the Redis GCRA baseline's client
+  redis-server        # scripts/bench.sh: the Redis 7 the GCRA baseline runs in
+  gnuplot-nox         # scripts/bench.sh: the plots in docs/plots/
+  valgrind            # scripts/bench.sh: callgrind's instruction counts for the breakdown
+  python3             # scripts/bench.sh: bench/suite/callgrind_breakdown.py
 )
 
 missing=()

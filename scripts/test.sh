@@ -25,3 +25,7 @@ fi
 
 build build/release -DCMAKE_BUILD_TYPE=RelWithDebInfo
 ctest --test-dir build/release --output-on-failure -j"$jobs"
+
+# The regression guard: lim's key ratios to the floor and to a robust mutex, printed so that a
+# slowdown shows in the log. It never fails on a slow figure, only if it cannot run.
+build/release/bench/lim_suite guard

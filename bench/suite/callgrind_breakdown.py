@@ -34,7 +34,7 @@ def per_function(profile):
 def short(name):
     name = name.replace("lim::detail::", "").replace("(anonymous namespace)::", "")
     if "_Function_handler" in name:
-        return "the harness's std::function call"
+        return "the op's lambda (the harness's call, with what it inlines)"
     depth, out = 0, ""
     for ch in name:  # drop argument lists and template arguments
         if ch in "(<":

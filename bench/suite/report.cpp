@@ -9,6 +9,10 @@ namespace lim_bench {
 
 std::string fmt_num(double v, int decimals) {
     char buf[64];
+    if (v > 0 && v < 0.1) {  // small throughputs (Redis) keep two significant digits
+        std::snprintf(buf, sizeof buf, "%.2g", v);
+        return buf;
+    }
     std::snprintf(buf, sizeof buf, "%.*f", decimals, v);
     return buf;
 }
@@ -23,6 +27,11 @@ std::string fmt_ns(double ns) {
 
 std::string fmt_ratio(double r) {
     if (!std::isfinite(r) || r <= 0) return "—";
+    if (r < 0.01) {
+        char buf[32];
+        std::snprintf(buf, sizeof buf, "%.2g×", r);
+        return buf;
+    }
     return fmt_num(r, r >= 10 ? 0 : 2) + "×";
 }
 

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <fstream>
 #include <random>
 #include <stdexcept>
 #include <thread>
@@ -16,6 +17,19 @@
 #include "suite/scenarios.hpp"
 
 namespace lim_bench {
+namespace {
+
+// Whether `pid` is on a CPU now (state R in /proc/<pid>/stat). Only the benchmark's driver reads
+// this, to stop a worker that is running (and so, for the mutex, likely to hold the lock) rather
+// than one the scheduler has already parked; lim itself never parses /proc.
+bool running(pid_t pid) {
+    std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+    std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
+    const auto paren = text.rfind(')');
+    return paren != std::string::npos && paren + 2 < text.size() && text[paren + 2] == 'R';
+}
+
+}  // namespace
 
 void handoff(const Settings& s, lim::Segment& seg) {
     const std::int64_t hold_ns = 200;
@@ -74,14 +88,16 @@ void handoff(const Settings& s, lim::Segment& seg) {
 
 void sigstop(const Settings& s, lim::Segment& seg) {
     const int n = 8;
-    const auto duration = std::chrono::milliseconds{s.quick ? 1000 : 3000};
+    const auto duration = std::chrono::milliseconds{s.quick ? 1000 : 4000};
     Report r(s, "sigstop");
     r.line(std::to_string(n) +
            " processes run the same try operation in a loop (every operation timed) for " +
            std::to_string(duration.count()) +
-           " ms. In the second run, every 150–350 ms (random) a random worker is stopped with "
-           "SIGSTOP for 100 ms: whatever it was doing, lock held or not. Its own stopped "
-           "operation is left out; the percentiles are everyone else's.");
+           " ms. In the second run, every 20–120 ms (random) a worker that is on a CPU at that "
+           "moment (picked at random) is stopped with SIGSTOP for 100 ms, whatever it was doing: "
+           "in the middle of a CAS loop, or holding the mutex. Its own stopped operation is left "
+           "out; the percentiles are everyone else's. A stopped mutex holder stalls every other "
+           "worker for the 100 ms; a process stopped inside a lim operation stalls no one.");
     r.line();
     std::vector<std::vector<std::string>> rows;
     for (const auto& f : try_families({&seg, 0, false})) {
@@ -100,13 +116,15 @@ void sigstop(const Settings& s, lim::Segment& seg) {
             RunOptions stopped = calm;
             stopped.driver = [&](const std::vector<pid_t>& pids) {
                 const auto end = std::chrono::steady_clock::now() + duration;
-                std::uniform_int_distribution<int> gap(150, 350);
+                std::uniform_int_distribution<int> gap(20, 120);
                 std::uniform_int_distribution<std::size_t> who(0, pids.size() - 1);
                 for (;;) {
                     std::this_thread::sleep_for(std::chrono::milliseconds{gap(rng)});
                     if (std::chrono::steady_clock::now() + std::chrono::milliseconds{100} > end)
                         break;
-                    const std::size_t v = who(rng);
+                    std::size_t v = who(rng);
+                    for (int tries = 0; tries < 64 && !running(pids[v]); ++tries)
+                        v = who(rng);
                     stop_marks()[v].fetch_add(1);
                     ::kill(pids[v], SIGSTOP);
                     std::this_thread::sleep_for(std::chrono::milliseconds{100});
