@@ -191,11 +191,14 @@ void records(const Settings& s) {
             xs.push_back(n);
             attach_med.push_back(am / 1e3);
             lookup_med.push_back(lm / 1e3);
-            rows.push_back({std::to_string(n), fmt_ns(am), fmt_ns(a99), fmt_ns(lm), fmt_ns(l99)});
+            rows.push_back({std::to_string(n), fmt_ns(am), fmt_ns(a99), fmt_ns(lm), fmt_ns(l99),
+                            fmt_num(static_cast<double>(seg.info().size_bytes) / (1 << 20), 1)});
         }
         lim::Segment::remove(name);
     }
-    r.table({"records", "attach median", "attach p99", "lookup median", "lookup p99"}, rows);
+    r.table({"records", "attach median", "attach p99", "lookup median", "lookup p99",
+             "segment MiB"},
+            rows);
     r.plot("records", "Attach and key lookup as records grow", "records", "µs (median)", true, true,
            {"attach", "lookup"}, xs, {attach_med, lookup_med});
 
