@@ -66,6 +66,13 @@ std::uint64_t Histogram::total() const noexcept {
     return t;
 }
 
+std::uint64_t Histogram::count_at_least(std::uint64_t ns) const noexcept {
+    std::uint64_t n = 0;
+    for (int i = bucket(ns) + 1; i < kBuckets; ++i)
+        n += counts[i];
+    return n;
+}
+
 std::uint64_t Histogram::percentile(double q) const noexcept {
     const std::uint64_t n = total();
     if (n == 0) return 0;

@@ -40,6 +40,8 @@ struct Histogram {
     void add(std::uint64_t ns) noexcept { ++counts[bucket(ns)]; }
     void merge(const Histogram& other) noexcept;
     std::uint64_t total() const noexcept;
+    // Samples in buckets whose values are all at least `ns` (so within 1/16 of `ns`).
+    std::uint64_t count_at_least(std::uint64_t ns) const noexcept;
     // The latency below which a fraction `q` (0..1) of the samples lie; 0 if there are none.
     std::uint64_t percentile(double q) const noexcept;
 };

@@ -159,6 +159,7 @@ void contended(const Settings& s, lim::Segment& seg) {
            "\"lim ÷ X\" is X's throughput over lim's: below 1 lim does more.");
     r.line();
     std::vector<std::vector<std::string>> over_rows;
+    std::vector<std::vector<std::string>> goal_rows;
     for (const auto& f : families) {
         if (s.quick && f.name != "Semaphore" && f.name != "Dispatch" && f.name != "TokenBucket")
             continue;
@@ -184,6 +185,14 @@ void contended(const Settings& s, lim::Segment& seg) {
                                                  fmt_ns(static_cast<double>(res.p(0.99))) + " / " +
                                                  fmt_ns(static_cast<double>(res.p(0.999))),
                                              j == 0 ? "" : fmt_ratio(res.mops() / lim_mops)};
+                if (n >= 2 && cands[j]->kind == "mutex") {
+                    const double ratio = res.mops() / lim_mops;
+                    goal_rows.push_back(
+                        {"under contention " + f.name + " no slower than its robust-mutex version",
+                         std::to_string(n) + " processes",
+                         fmt_ratio(ratio) + " (mutex Mops/s ÷ lim's)",
+                         ratio <= 1.0 ? "met" : "**missed**"});
+                }
                 if (n == 32) {
                     auto orow = row;
                     orow.insert(orow.begin(), f.name);
@@ -202,6 +211,7 @@ void contended(const Settings& s, lim::Segment& seg) {
         r.plot("contended_" + f.name, f.name + " under contention", "processes",
                "Mops/s (all processes)", true, true, names, xs, mops);
     }
+    Report(s, "goals_contended").table({"goal (issue 11)", "case", "ratio", "verdict"}, goal_rows);
     if (over_rows.empty()) {
         over.line("(Not run in --quick mode.)");
     } else {
