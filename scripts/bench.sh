@@ -23,8 +23,12 @@ scripts/install-deps.sh
 # what distributions build packages with.
 cmake -S . -B build/bench -G Ninja -DCMAKE_BUILD_TYPE=Release "-DCMAKE_CXX_FLAGS_RELEASE=-O2 -DNDEBUG" \
   -DLIM_WERROR=ON -DLIM_BUILD_TESTS=OFF -DLIM_BUILD_TOOLS=OFF -DLIM_BUILD_BENCHMARKS=ON >/dev/null
-cmake --build build/bench -j"$(nproc)" --target lim_suite
+cmake --build build/bench -j"$(nproc)" --target lim_suite recovery_bench
 suite=build/bench/bench/lim_suite
+# The same with liblim static, to price the calls through the shared library.
+cmake -S . -B build/bench-static -G Ninja -DCMAKE_BUILD_TYPE=Release "-DCMAKE_CXX_FLAGS_RELEASE=-O2 -DNDEBUG" \
+  -DLIM_WERROR=ON -DLIM_BUILD_TESTS=OFF -DLIM_BUILD_TOOLS=OFF -DLIM_BUILD_BENCHMARKS=ON -DLIM_SHARED=OFF >/dev/null
+cmake --build build/bench-static -j"$(nproc)" --target lim_suite
 
 out=$(mktemp -d)
 redis_pid=""
@@ -50,6 +54,41 @@ redis_version=$(redis-server --version | sed 's/.*v=\([0-9.]*\).*/\1/')
 "$suite" "${quick[@]}" --out "$out" --redis-port "$port" --command "$command_line" all
 
 kill "$redis_pid"; wait "$redis_pid" 2>/dev/null || true; redis_pid=""
+
+# --- the ledger's own cost (bench/recovery_bench.cpp reaches the internals to run the same CAS
+# loop with and without the ledger protocol) -------------------------------------------------
+build/bench/bench/recovery_bench --benchmark_filter=AcquireRelease --benchmark_repetitions=5 \
+  --benchmark_min_time=$([ "$mode" = quick ] && echo 0.05 || echo 0.3) \
+  --benchmark_report_aggregates_only=true --benchmark_format=csv 2>/dev/null >"$out/ledger.csv"
+{
+  echo "| semaphore acquire + release, one process | CPU ns (median of 5) | ÷ no ledger |"
+  echo "|---|---:|---:|"
+  awk -F, '/_median"?,/ { name=$1; gsub(/"/, "", name); sub(/_median$/, "", name);
+             t[name]=$4; order[n++]=name }
+           END { base=t["BM_AcquireRelease_NoLedger"];
+                 desc["BM_AcquireRelease_NoLedger"]="the CAS loops on the semaphore word, no ledger";
+                 desc["BM_AcquireRelease_WithLedger"]="the same with the ledger protocol (announce, CAS, record, withdraw)";
+                 desc["BM_AcquireRelease_PublicSemaphore"]="the public lim::Semaphore try_acquire + release";
+                 for (i=0; i<n; i++) printf "| %s | %.1f | %.2f× |\n", desc[order[i]], t[order[i]], t[order[i]]/base }' "$out/ledger.csv"
+  echo
+  echo "*Machine: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores, Linux $(uname -r). Command: \`$command_line\` (bench/recovery_bench). Date: $(date -u '+%Y-%m-%d %H:%M UTC').*"
+} >"$out/ledger.md"
+
+# --- shared vs static liblim: the lim rows again, alternating the two builds twice ----------
+mkdir -p "$out/shared1" "$out/static1" "$out/shared2" "$out/static2"
+for i in 1 2; do
+  "$suite" "${quick[@]}" --out "$out/shared$i" lim_only
+  build/bench-static/bench/lim_suite "${quick[@]}" --out "$out/static$i" lim_only
+done
+{
+  echo "| family | liblim shared (PLT) | liblim static | shared ÷ static |"
+  echo "|---|---:|---:|---:|"
+  paste "$out/shared1/lim_only.tsv" "$out/shared2/lim_only.tsv" "$out/static1/lim_only.tsv" "$out/static2/lim_only.tsv" |
+    awk -F'\t' '{ sh = ($2 < $4 ? $2 : $4); st = ($6 < $8 ? $6 : $8);
+                  printf "| %s | %.1f ns | %.1f ns | %.2f× |\n", $1, sh, st, sh / st }'
+  echo
+  echo "*The better of two alternating runs of each build. Machine: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores, Linux $(uname -r). Command: \`$command_line\`. Date: $(date -u '+%Y-%m-%d %H:%M UTC').*"
+} >"$out/libcall.md"
 
 # --- the instruction breakdown: callgrind counts instructions reproducibly (perf's counters are
 # not available in every VM). One op's instructions = (the run of 2N ops - the run of N) / N, in

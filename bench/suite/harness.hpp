@@ -95,7 +95,8 @@ std::atomic<std::uint64_t>* stop_marks();
 // failed to run (its op threw, or it died).
 RunResult run(const OpFactory& factory, const RunOptions& options);
 
-// Uncontended cost in ns of one op, in this process: the median of `rounds` timed batches.
+// Uncontended cost in ns of one op, in this process: the fastest of `rounds` batches, timed by
+// the thread's CPU clock (so time the core spent on other work does not count).
 double ns_per_op(const Op& op, int rounds, std::chrono::milliseconds batch);
 
 // CPU model, cores and kernel, as one line; and the date, UTC.

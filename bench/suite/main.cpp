@@ -2,7 +2,8 @@
 // scripts/bench.sh, which assembles docs/benchmarks.md from the fragments it writes.
 //
 //   lim_suite [--quick] [--out DIR] [--redis-port P] [--command TEXT] SCENARIO...
-//       SCENARIO: uncontended contended handoff sigstop records steps all
+//       SCENARIO: uncontended contended handoff sigstop records steps all, and lim_only (the
+//       lim rows of uncontended as TSV: bench.sh runs it in a shared and a static build)
 //   lim_suite guard                          the CI regression guard: key ratios, printed
 //   lim_suite op FAMILY KIND ITERATIONS      one op in a loop, for callgrind (KIND: lim, floor,
 //                                            mutex)
@@ -95,6 +96,8 @@ int main(int argc, char** argv) {
                 records(s);
             else if (sc == "steps")
                 steps(s, scratch.seg);
+            else if (sc == "lim_only")
+                lim_only(s, scratch.seg);
             else
                 return usage();
         }

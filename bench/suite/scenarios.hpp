@@ -13,6 +13,7 @@ void handoff(const Settings& s, lim::Segment& seg);      // handoff.md
 void sigstop(const Settings& s, lim::Segment& seg);      // sigstop.md
 void records(const Settings& s);                         // records.md: attach, lookup, reap
 void steps(const Settings& s, lim::Segment& seg);        // steps.md: the cost of each step
+void lim_only(const Settings& s, lim::Segment& seg);     // lim_only.tsv: family, ns (no baselines)
 
 // The regression guard: key ratios printed to stdout, never judged.
 void guard(lim::Segment& seg);
