@@ -117,7 +117,7 @@ breakdown="$out/breakdown.md"
 # --- plots ----------------------------------------------------------------------------------
 mkdir -p docs/plots
 rm -f docs/plots/*.png
-( cd docs/plots && gnuplot -e "set terminal pngcairo size 800,480 font 'sans,10'; set key left top; set grid" "$out/plots.gp" )
+( cd docs/plots && gnuplot -e "set terminal pngcairo noenhanced size 800,480 font 'sans,10'; set key left top; set grid" "$out/plots.gp" )
 
 # --- the document ---------------------------------------------------------------------------
 machine=$(lscpu | sed -n 's/^Model name: *//p' | head -1)

@@ -1,6 +1,7 @@
 #include "suite/harness.hpp"
 
 #include <sched.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/utsname.h>
@@ -168,8 +169,18 @@ RunResult run(const OpFactory& factory, const RunOptions& options) {
         if (pid == 0) worker(i, factory, options);
         pids.push_back(pid);
     }
-    while (c.ready.load() < options.processes)
+    // A worker that died before it was ready (a crash in its set-up) must not hang the run.
+    const std::int64_t ready_by = now_ns() + 60'000'000'000;
+    while (c.ready.load() < options.processes) {
+        if (now_ns() > ready_by) {
+            for (pid_t pid : pids) {
+                ::kill(pid, SIGKILL);
+                ::waitpid(pid, nullptr, 0);
+            }
+            throw std::runtime_error("workers did not start within 60 s");
+        }
         std::this_thread::sleep_for(std::chrono::milliseconds{1});
+    }
     const std::int64_t t0 = now_ns();
     c.go.store(1, std::memory_order_release);
     if (options.driver)
