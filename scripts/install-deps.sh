@@ -13,6 +13,8 @@ packages=(
   libtomlplusplus-dev # limctl create --config
   libbenchmark-dev    # bench/
   tmux                # the limctl watch test drives a terminal
+  libhiredis-dev      # lim-feeder's Redis client
+  redis-server        # lim-feeder's global budget; tests/global starts one
 )
 
 missing=()
