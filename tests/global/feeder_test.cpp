@@ -55,8 +55,8 @@ void start_feeder(Host& h) {
 }
 
 // A worker: takes one token at a time every `pace`, logging each admission, until `stop`.
-int worker(const std::string& segment, std::chrono::microseconds pace, Admission* log,
-           std::int64_t* count, const std::atomic<int>* stop) {
+int worker(const std::string& segment, std::chrono::microseconds pace, bool blocking,
+           Admission* log, std::int64_t* count, const std::atomic<int>* stop) {
     std::optional<lim::Segment> seg;
     if (!lim::test::eventually(
             [&] {
@@ -77,9 +77,11 @@ int worker(const std::string& segment, std::chrono::microseconds pace, Admission
     std::int64_t n = 0;
     while (stop->load() == 0 && n < static_cast<std::int64_t>(kPerWorker)) {
         const std::int64_t before = lim::to_nanos(lim::Clock::now());
-        const lim::TryTake r = tb.try_take(1);
+        // Busy workers poll; light ones block, so the feeder's raises must wake them.
+        const bool taken = blocking ? tb.take_until(1, lim::Clock::now() + 300ms)
+                                    : tb.try_take(1) == lim::TryTake::taken;
         const std::int64_t after = lim::to_nanos(lim::Clock::now());
-        if (r == lim::TryTake::taken) log[n++] = Admission{before, after, 10'000};
+        if (taken) log[n++] = Admission{before, after, 10'000};
         std::this_thread::sleep_for(pace);
     }
     *count = n;
@@ -154,8 +156,8 @@ TEST_CASE("lim-feeder: the bound holds over all hosts through feeder and Redis f
             std::int64_t* count = counts + w;
             const std::string segment = hosts[h]->segment;
             const auto pace = pace_of[h];
-            pids.push_back(lim::test::fork_child([segment, pace, part, count, stop] {
-                return worker(segment, pace, part, count, stop);
+            pids.push_back(lim::test::fork_child([segment, pace, h, part, count, stop] {
+                return worker(segment, pace, h == 1, part, count, stop);
             }));
             host_of.push_back(h);
         }
