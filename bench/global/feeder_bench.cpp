@@ -5,7 +5,7 @@
 //          process), the design of redis-cell, Envoy's rate-limit service and bucket4j's backend
 // at 1, 8 and 32 processes. It reports the decision latency p50/p99/p99.9 and Redis's commands
 // per second (INFO commandstats) in both. It starts its own redis-server and lim-feeder.
-//   feeder_bench [--decisions N] [--processes 1,8,32]
+//   feeder_bench [--seconds S (per design and process count, default 2)] [--processes 1,8,32]
 #include <arpa/inet.h>
 #include <fmt/format.h>
 #include <hiredis/hiredis.h>
@@ -107,31 +107,43 @@ struct Result {
     double p50_ns, p99_ns, p999_ns, decisions_per_sec, redis_cmds_per_sec, admitted_share;
 };
 
-// Runs `procs` processes of `n` decisions each; `decide` returns whether one was admitted.
+// Runs `procs` processes deciding for `seconds` each; every 8th decision's latency is recorded
+// (up to kSamples per process). Redis's commands are counted over the same interval.
+constexpr std::size_t kSamples = 200'000;
+constexpr int kEvery = 8;
+
 template <class Setup>
-Result run(int procs, int n, redisContext* admin, Setup setup) {
-    auto* lat = static_cast<std::int64_t*>(::mmap(nullptr, sizeof(std::int64_t) * procs * n + 64,
+Result run(int procs, double seconds, redisContext* admin, Setup setup) {
+    const std::size_t words = static_cast<std::size_t>(procs) * (kSamples + 2);
+    auto* mem = static_cast<std::int64_t*>(::mmap(nullptr, sizeof(std::int64_t) * words,
                                                   PROT_READ | PROT_WRITE,
                                                   MAP_SHARED | MAP_ANONYMOUS, -1, 0));
-    auto* admitted = lat + static_cast<std::size_t>(procs) * n;
-    admitted[0] = 0;
     const long long calls_before = total_calls(admin);
     const auto start = std::chrono::steady_clock::now();
+    const auto until = start + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                   std::chrono::duration<double>(seconds));
     std::vector<pid_t> pids;
     for (int p = 0; p < procs; ++p) {
         const pid_t pid = ::fork();
         if (pid == 0) {
             auto decide = setup();
+            std::int64_t* part = mem + static_cast<std::size_t>(p) * (kSamples + 2);
+            std::int64_t decisions = 0;
             std::int64_t ok = 0;
-            for (int i = 0; i < n; ++i) {
+            std::size_t recorded = 0;
+            for (;;) {
                 const auto t0 = std::chrono::steady_clock::now();
+                if (t0 >= until) break;
                 ok += decide() ? 1 : 0;
                 const auto t1 = std::chrono::steady_clock::now();
-                lat[static_cast<std::size_t>(p) * n + i] =
-                    std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count();
+                if (decisions++ % kEvery == 0 && recorded < kSamples) {
+                    part[2 + recorded++] =
+                        std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count();
+                }
             }
-            __atomic_fetch_add(admitted, ok, __ATOMIC_SEQ_CST);
-            ::_exit(0);
+            part[0] = decisions;
+            part[1] = ok;
+            ::_exit(static_cast<int>(recorded > 0 ? 0 : 1));
         }
         pids.push_back(pid);
     }
@@ -140,7 +152,17 @@ Result run(int procs, int n, redisContext* admin, Setup setup) {
     const double secs =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     const long long calls = total_calls(admin) - calls_before;
-    std::vector<std::int64_t> v(lat, lat + static_cast<std::size_t>(procs) * n);
+    std::vector<std::int64_t> v;
+    double decisions = 0;
+    double admitted = 0;
+    for (int p = 0; p < procs; ++p) {
+        const std::int64_t* part = mem + static_cast<std::size_t>(p) * (kSamples + 2);
+        decisions += static_cast<double>(part[0]);
+        admitted += static_cast<double>(part[1]);
+        const auto recorded = static_cast<std::size_t>(
+            std::min<std::int64_t>((part[0] + kEvery - 1) / kEvery, kSamples));
+        v.insert(v.end(), part + 2, part + 2 + recorded);
+    }
     std::sort(v.begin(), v.end());
     const auto q = [&](double f) {
         return static_cast<double>(
@@ -149,21 +171,21 @@ Result run(int procs, int n, redisContext* admin, Setup setup) {
     Result r{q(0.5),
              q(0.99),
              q(0.999),
-             static_cast<double>(v.size()) / secs,
+             decisions / secs,
              static_cast<double>(calls) / secs,
-             static_cast<double>(admitted[0]) / static_cast<double>(v.size())};
-    ::munmap(lat, sizeof(std::int64_t) * procs * n + 64);
+             admitted / std::max(1.0, decisions)};
+    ::munmap(mem, sizeof(std::int64_t) * words);
     return r;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-    int n = 20'000;
+    double seconds = 2;
     std::vector<int> procs{1, 8, 32};
     for (int i = 1; i + 1 < argc; i += 2) {
         const std::string a = argv[i];
-        if (a == "--decisions") n = std::atoi(argv[i + 1]);
+        if (a == "--seconds") seconds = std::atof(argv[i + 1]);
         if (a == "--processes") {
             procs.clear();
             for (const char* p = argv[i + 1]; *p != 0;) {
@@ -191,7 +213,27 @@ int main(int argc, char** argv) {
         "burst_size = {}\nsustained_rate_per_sec = {}\n",
         segment, port, kBurst, kRate);
     const pid_t feeder_pid = spawn({feeder, "--config", config});
-    std::this_thread::sleep_for(1500ms);  // past the fresh key's fence
+    // Wait for the feeder's segment, then past the fresh key's fence (lease_ttl + grace) until
+    // the feeder holds a lease.
+    bool leased = false;
+    for (int i = 0; i < 100 && !leased; ++i) {
+        std::this_thread::sleep_for(100ms);
+        try {
+            auto seg = lim::Segment::open(segment);
+            if (seg.info().limiters < 3) continue;
+            auto tb = lim::TokenBucket::open(
+                seg, "api", {.burst_size = kBurst, .sustained_rate_per_sec = kRate},
+                lim::adopt_existing);
+            leased = tb.in_bucket() >= 1;
+        } catch (const lim::Error&) {
+        }
+    }
+    if (!leased) {
+        std::fprintf(stderr, "feeder_bench: lim-feeder holds no lease after 10 s\n");
+        ::kill(feeder_pid, SIGKILL);
+        ::kill(redis, SIGKILL);
+        return 1;
+    }
     auto* sha_reply = static_cast<redisReply*>(redisCommand(admin, "SCRIPT LOAD %s", kGcra));
     const std::string sha(sha_reply->str, sha_reply->len);
     freeReplyObject(sha_reply);
@@ -199,13 +241,14 @@ int main(int argc, char** argv) {
     const std::string burst = fmt::format("{}", kBurst);
 
     fmt::print(
-        "one global limit: burst {:g}, {:g}/s; {} decisions per process; 1 redis-server, "
+        "one global limit: burst {:g}, {:g}/s; {:g} s per design and process count; 1 "
+        "redis-server, "
         "1 lim-feeder (refresh 100ms)\n",
-        kBurst, kRate, n);
+        kBurst, kRate, seconds);
     fmt::print("{:<28} {:>5} {:>10} {:>10} {:>10} {:>14} {:>14} {:>9}\n", "design", "procs",
                "p50 ns", "p99 ns", "p99.9 ns", "decisions/s", "redis cmds/s", "admitted");
     for (const int p : procs) {
-        const Result local = run(p, n, admin, [&] {
+        const Result local = run(p, seconds, admin, [&] {
             auto seg = lim::Segment::open(segment);
             auto tb = lim::TokenBucket::open(
                 seg, "api", {.burst_size = kBurst, .sustained_rate_per_sec = kRate},
@@ -214,7 +257,7 @@ int main(int argc, char** argv) {
                 return tb.try_take(1) == lim::TryTake::taken;
             };
         });
-        const Result remote = run(p, n, admin, [&] {
+        const Result remote = run(p, seconds, admin, [&] {
             redisContext* c = connect(port);
             return [c, &sha, &interval, &burst] {
                 auto* r = static_cast<redisReply*>(redisCommand(c, "EVALSHA %s 1 gcra:api %s %s",
