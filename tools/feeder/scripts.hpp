@@ -7,7 +7,7 @@ namespace lim::feeder {
 
 // lease: renew, return, grant, in one step for one host and one global rate.
 // KEYS[1] the rate's state (hash: tokens, ts, fence); KEYS[2] its leases (hash: host ->
-// "amount:expiry"). ARGV: host, held (what the host still holds unspent: it has stopped spending
+// "amount:expiry:want"; a host's last want shares the bucket while several want). ARGV: host, held (what the host still holds unspent: it has stopped spending
 // anything beyond), returned (unspent tokens the host gave up before asking), want, ttl_us,
 // burst (units), rate (units per second), grace_us.
 // Invariant kept: tokens + sum(live leases) <= burst. A lease lives until ttl + grace after its
@@ -39,19 +39,20 @@ else
   fence = tonumber(st[3])
 end
 local outstanding = 0
+local wanted = want
 local mine = nil
 local all = redis.call('HGETALL', KEYS[2])
 for i = 1, #all, 2 do
-  local v = all[i + 1]
-  local sep = string.find(v, ':', 1, true)
-  local amount = tonumber(string.sub(v, 1, sep - 1))
-  local expiry = tonumber(string.sub(v, sep + 1))
+  local a, e, w = string.match(all[i + 1], '^(%d+):(%d+):(%d+)$')
+  local amount = tonumber(a) or 0
+  local expiry = tonumber(e) or 0
   if expiry <= now then
     redis.call('HDEL', KEYS[2], all[i])
   elseif all[i] == host then
     mine = amount
   else
     outstanding = outstanding + amount
+    wanted = wanted + (tonumber(w) or 0)
   end
 end
 if now > ts then
@@ -69,14 +70,17 @@ else
 end
 keep = math.max(0, math.floor(keep))
 tokens = math.max(0, math.min(tokens, burst - outstanding - keep))
+-- While others want too, a host gets its share of the bucket in proportion to its want.
 local granted = 0
-if now > fence then
-  granted = math.max(0, math.min(want, math.floor(tokens)))
+if now > fence and wanted > 0 then
+  granted = math.max(0, math.min(want, math.floor(tokens * want / wanted)))
 end
 tokens = tokens - granted
 local lease = keep + granted
 if lease > 0 then
-  redis.call('HSET', KEYS[2], host, string.format('%d:%d', lease, now + ttl + grace))
+  redis.call('HSET', KEYS[2], host, string.format('%d:%d:%d', lease, now + ttl + grace, want))
+elseif want > 0 then
+  redis.call('HSET', KEYS[2], host, string.format('0:%d:%d', now + ttl + grace, want))
 else
   redis.call('HDEL', KEYS[2], host)
 end
