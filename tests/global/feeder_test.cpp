@@ -278,3 +278,57 @@ TEST_CASE("lim-feeder: the bound holds over all hosts through feeder and Redis f
         std::remove(("/dev/shm/lim-feeder." + h->segment + ".lock").c_str());
     std::remove((dir + "/redis.log").c_str());
 }
+
+TEST_CASE(
+    "lim-feeder: with Redis unreachable, closed admits nothing and open admits the local rate") {
+    char dir_template[] = "/tmp/lim-feeder-down-XXXXXX";
+    REQUIRE(::mkdtemp(dir_template) != nullptr);
+    const std::string dir = dir_template;
+    const int port = lim::test::free_port();  // nothing listens there
+    for (const bool open : {false, true}) {
+        CAPTURE(open);
+        lim::test::SegmentGuard guard(lim::test::unique_name(open ? "down-open" : "down-closed"));
+        const std::string config = dir + (open ? "/open.toml" : "/closed.toml");
+        {
+            std::ofstream out(config);
+            out << "[feeder]\nsegment = \"" << guard.name()
+                << "\"\nredis = \"redis://127.0.0.1:" << port
+                << "\"\nhost = \"h\"\nrefresh = \"50ms\"\nlease_ttl = \"500ms\"\n"
+                << "on_redis_down = \"" << (open ? "open" : "closed") << "\"\n[global." << kKey
+                << "]\nkind = \"rate\"\nburst_size = " << kBurst
+                << "\nsustained_rate_per_sec = " << kRate << "\n";
+        }
+        ChildProcess feeder;
+        feeder.start({FEEDER_PATH, "--config", config}, dir + "/down.log");
+        std::optional<lim::Segment> seg;
+        REQUIRE(lim::test::eventually(
+            [&] {
+                try {
+                    seg.emplace(lim::Segment::open(guard.name()));
+                    return seg->info().limiters >= 3;
+                } catch (const lim::Error&) {
+                    return false;
+                }
+            },
+            10s));
+        auto tb = lim::TokenBucket::open(*seg, kKey,
+                                         {.burst_size = kBurst, .sustained_rate_per_sec = kRate},
+                                         lim::adopt_existing);
+        const auto start = lim::Clock::now();
+        int taken = 0;
+        while (lim::Clock::now() < start + 1500ms) {
+            taken += tb.try_take(1) == lim::TryTake::taken ? 1 : 0;
+            std::this_thread::sleep_for(1ms);
+        }
+        const double seconds = std::chrono::duration<double>(lim::Clock::now() - start).count();
+        MESSAGE(std::string(open ? "open" : "closed") << ": " << taken << " taken in " << seconds << " s");
+        if (open) {
+            CHECK(taken >= 20);  // fed at the global rate by this host alone
+            CHECK(taken <= kBurst + kRate * seconds + 1);
+        } else {
+            CHECK(taken == 0);  // fail-closed: no lease was ever granted
+        }
+        CHECK(WEXITSTATUS(feeder.stop(SIGTERM)) == 0);
+        std::remove(("/dev/shm/lim-feeder." + guard.name() + ".lock").c_str());
+    }
+}
