@@ -7,9 +7,10 @@ namespace lim::feeder {
 
 // lease: renew, return, grant, in one step for one host and one global rate.
 // KEYS[1] the rate's state (hash: tokens, ts, fence); KEYS[2] its leases (hash: host ->
-// "amount:expiry:want"; a host's last want shares the bucket while several want). ARGV: host, held (what the host still holds unspent: it has stopped spending
-// anything beyond), returned (unspent tokens the host gave up before asking), want, ttl_us,
-// burst (units), rate (units per second), grace_us.
+// "amount:expiry:want"; the hosts' last wants share the bucket while several want).
+// ARGV: host, held (what the host still holds unspent: it has stopped spending anything beyond),
+// returned (unspent tokens the host gave up before asking), want, ttl_us, burst (units), rate
+// (units per second), grace_us.
 // Invariant kept: tokens + sum(live leases) <= burst. A lease lives until ttl + grace after its
 // last renewal; the host stops spending at ttl after a time it took before asking.
 // A state that is absent (first use, a restarted or flushed Redis) starts empty and grants
