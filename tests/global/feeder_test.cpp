@@ -321,7 +321,8 @@ TEST_CASE(
             std::this_thread::sleep_for(1ms);
         }
         const double seconds = std::chrono::duration<double>(lim::Clock::now() - start).count();
-        MESSAGE(std::string(open ? "open" : "closed") << ": " << taken << " taken in " << seconds << " s");
+        MESSAGE(std::string(open ? "open" : "closed")
+                << ": " << taken << " taken in " << seconds << " s");
         if (open) {
             CHECK(taken >= 20);  // fed at the global rate by this host alone
             CHECK(taken <= kBurst + kRate * seconds + 1);
