@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <thread>
 
+#include "lim/consumed_limiter.hpp"
 #include "scripts.hpp"
 #include "status.hpp"
 
@@ -52,7 +53,7 @@ Feeder::Feeder(Config config)
     const TimePoint now = Clock::now();
     for (const GlobalRate& g : config_.rates) {
         Rate r{g,
-               Limiter::open(segment_, g.key, local_config(g), adopt_existing, now),
+               open_consumed_limiter(segment_, g.key, local_config(g), now),
                BackoffWindow::for_key(segment_, lease_status_key(g.key)),
                BackoffWindow::for_key(segment_, contact_status_key(g.key)),
                std::nullopt,
@@ -61,6 +62,13 @@ Feeder::Feeder(Config config)
                0,
                1,
                {"lim:global:{" + g.key + "}", "lim:global:{" + g.key + "}:leases"}};
+        if (!is_consumed(r.local)) {
+            fmt::print(stderr,
+                       "lim-feeder: warning: '{}' existed before this feeder made it (a worker "
+                       "opened it first?): a dead worker's tokens will come back to it; "
+                       "stop the workers, limctl rm the segment, start the feeder first\n",
+                       g.key);
+        }
         // A record in another shape (a token bucket some worker created first, another burst)
         // is brought into the feeder's: infinite drip, the burst as bucket, a finite target.
         const double in_flight = r.local.in_flight(now);
