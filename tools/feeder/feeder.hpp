@@ -27,7 +27,7 @@ class Feeder {
     // Runs until `stop` becomes true; then gives every lease back (best effort) and returns.
     void run(const std::atomic<bool>& stop);
 
-    // One refresh (public for tests and --once).
+    // One refresh: every global rate, then every global backoff.
     void tick();
 
     // Removes every local lease and tells Redis (best effort).
