@@ -88,6 +88,17 @@ int worker(const std::string& segment, std::chrono::microseconds pace, bool bloc
     return 0;
 }
 
+std::string run_output(const std::string& command) {
+    std::string out;
+    FILE* p = ::popen(command.c_str(), "r");
+    if (p == nullptr) return out;
+    char buf[4096];
+    while (const std::size_t n = std::fread(buf, 1, sizeof buf, p))
+        out.append(buf, n);
+    ::pclose(p);
+    return out;
+}
+
 std::int64_t now_ns() {
     return lim::to_nanos(lim::Clock::now());
 }
@@ -181,6 +192,16 @@ TEST_CASE("lim-feeder: the bound holds over all hosts through feeder and Redis f
         auto seg1 = lim::Segment::open(hosts[1]->segment);
         auto w0 = lim::BackoffWindow::for_key(seg0, kBackoffKey);
         auto w1 = lim::BackoffWindow::for_key(seg1, kBackoffKey);
+        // limctl shows the lease, its expiry and the last contact with Redis.
+        const std::string leases =
+            run_output(std::string(LIMCTL_PATH) + " leases " + hosts[0]->segment + " --json");
+        CHECK(leases.find("\"key\": \"api\"") != std::string::npos);
+        CHECK(leases.find("\"lease_expires_in_seconds\"") != std::string::npos);
+        CHECK(leases.find("\"last_contact_seconds_ago\": null") == std::string::npos);
+        const std::string stats =
+            run_output(std::string(LIMCTL_PATH) + " stats " + hosts[0]->segment);
+        CHECK(stats.find("lim_feeder_last_contact_seconds{") != std::string::npos);
+        CHECK(stats.find("lim_feeder_lease_held_tokens{") != std::string::npos);
         w0.set(3s);
         CHECK(lim::test::eventually([&] { return w1.should_backoff(); }, 3s));
         CHECK(w1.remaining() <= 3s + 100ms);
