@@ -18,8 +18,8 @@ packages=(
   python3-setuptools  # builds the python/ package (pyproject.toml backend)
   python3-wheel       # pip builds a wheel of python/ before installing it
   python3-pytest      # tests/python, run by ctest as the `python` test
-  libhiredis-dev      # bench/: the Redis GCRA baseline's client
-  redis-server        # scripts/bench.sh: the Redis 7 the GCRA baseline runs in
+  libhiredis-dev      # lim-feeder's Redis client; bench/'s Redis GCRA baseline
+  redis-server        # lim-feeder's global budget (tests/global starts one); bench's GCRA baseline
   gnuplot-nox         # scripts/bench.sh: the plots in docs/plots/
   valgrind            # scripts/bench.sh: callgrind's instruction counts for the breakdown
 )

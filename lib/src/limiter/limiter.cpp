@@ -194,8 +194,10 @@ void throw_bad_parameter(std::string_view what, std::string_view key, std::strin
 }
 
 Limiter open_limiter(const Segment& segment, std::string_view what, std::string_view key,
-                     const LimiterConfig& config, LimiterFlavor flavor, bool adopt, TimePoint now) {
-    const LimiterRecordConfig rc = make_record_config(what, key, config);
+                     const LimiterConfig& config, LimiterFlavor flavor, bool adopt, TimePoint now,
+                     std::uint32_t extra_flags) {
+    LimiterRecordConfig rc = make_record_config(what, key, config);
+    rc.flags |= extra_flags;
     const std::int64_t now_ns = to_nanos(now);
     RecordRef ref = open_record<LimiterRecordConfig>(
         segment, RecordKind::limiter, static_cast<std::uint16_t>(flavor), what, key, rc, adopt,

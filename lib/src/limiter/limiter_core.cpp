@@ -98,7 +98,8 @@ std::optional<std::int64_t> DripRate::elapsed_for(std::int64_t units) const noex
 
 void store_params(ConfigBlock& block, const LimiterParams& p) noexcept {
     const std::uint32_t flags =
-        (p.rate_infinite ? kRateInfinite : 0) | (p.target_infinite ? kTargetInfinite : 0);
+        (p.rate_infinite ? kRateInfinite : 0) | (p.target_infinite ? kTargetInfinite : 0) |
+        (p.consumed ? kConsumed : 0);
     block.flags.store(flags, std::memory_order_release);
     block.rate_bits.store(std::bit_cast<std::uint64_t>(p.rate_per_sec), std::memory_order_release);
     block.drip_m.store(p.drip.m, std::memory_order_release);
@@ -114,6 +115,7 @@ LimiterParams params_from_config(const LimiterRecordConfig& c, std::int64_t now_
     LimiterParams p;
     p.rate_infinite = (c.flags & kRateInfinite) != 0;
     p.target_infinite = (c.flags & kTargetInfinite) != 0;
+    p.consumed = (c.flags & kConsumed) != 0;
     p.rate_per_sec = p.rate_infinite ? 0.0 : std::bit_cast<double>(c.rate_bits);
     p.drip = p.rate_infinite ? DripRate{} : DripRate::from_rate(p.rate_per_sec);
     p.bucket_size = c.bucket_size;
@@ -210,7 +212,7 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
                 fw = in_flight.load(std::memory_order_seq_cst);
                 continue;
             }
-            hold.add(0, n);
+            if (!p.consumed) hold.add(0, n);  // consumed: nothing for recovery to give back
             hold.admitted();
             raise_time(t);
             return TakeOutcome::taken;
@@ -236,7 +238,7 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
             const std::uint64_t next = BucketWord::make(gen, std::max(x, d - cap) + n);
             if (bucket.compare_exchange_weak(s, next, std::memory_order_seq_cst,
                                              std::memory_order_seq_cst)) {
-                hold.add(0, n);
+                if (!p.consumed) hold.add(0, n);
                 hold.admitted();
                 raise_time(t);
                 return TakeOutcome::taken;
@@ -298,7 +300,7 @@ ReturnOutcome LimiterCore::return_to_hopper(Hold& hold, std::int64_t now_ns, std
                                              std::memory_order_seq_cst)) {
             continue;
         }
-        hold.add(0, -n);
+        if (!p.consumed) hold.add(0, -n);
         raise_time(t);
         wake_all(body_.wake);
         return ReturnOutcome::returned;
@@ -511,6 +513,15 @@ void limiter_thaw(SegmentState& state, std::uint32_t record) noexcept {
 LiveHoldings limiter_recount(SegmentState& state, std::uint32_t record, const LiveHoldings& live,
                              std::span<const std::uint32_t> dead_slots, TimePoint now) noexcept {
     LimiterBody& body = body_at(state, record);
+    LimiterRecordConfig config{};
+    std::memcpy(&config, state.record(record).config, sizeof config);
+    if ((config.flags & kConsumed) != 0) {
+        // Consumed takes are in no ledger: what the dead took was spent, and in-flight keeps it
+        // (a take that died between its increment and its rollback leaves its n in, on the safe
+        // side). Thawing clears the frozen bit.
+        recount_waiters(state, record, body.wake, dead_slots);
+        return LiveHoldings{};
+    }
     const std::int64_t before = value_of(body.in_flight.load(std::memory_order_seq_cst));
     const std::int64_t now_ns = std::max(to_nanos(now), body.time_ns.load());
     // What the dead held comes back as return_to_hopper brings tokens back: time advances (the

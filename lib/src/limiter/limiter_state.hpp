@@ -131,13 +131,16 @@ struct DripRate {
 
 inline constexpr std::uint32_t kRateInfinite = 1;    // hopper_to_bucket_rate_per_sec infinite
 inline constexpr std::uint32_t kTargetInfinite = 2;  // infinite hopper, hence infinite target
+// Takes are consumed: never in a ledger, so crash recovery gives nothing back (lim-feeder's
+// global rates, whose taken tokens were spent from a global lease; lim/consumed_limiter.hpp).
+inline constexpr std::uint32_t kConsumed = 4;
 
 struct LimiterRecordConfig {
     std::uint64_t rate_bits;            // hopper_to_bucket_rate_per_sec (a double), 0 if infinite
     std::int64_t bucket_size;           // units
     std::int64_t initial_bucket_level;  // units
     std::int64_t initial_hopper_level;  // units, 0 if infinite
-    std::uint32_t flags;                // kRateInfinite | kTargetInfinite
+    std::uint32_t flags;                // kRateInfinite | kTargetInfinite | kConsumed
     std::uint32_t reserved;             // 0
 };
 
@@ -151,7 +154,7 @@ struct alignas(kCacheLine) ConfigBlock {
     std::atomic<std::uint64_t> rate_bits;   // tokens per second, as a double (finite rate)
     std::atomic<std::uint64_t> drip_m;      // DripRate::m
     std::atomic<std::uint32_t> drip_shift;  // DripRate::shift
-    std::atomic<std::uint32_t> flags;       // kRateInfinite | kTargetInfinite
+    std::atomic<std::uint32_t> flags;       // kRateInfinite | kTargetInfinite | kConsumed
     std::atomic<std::int64_t> bucket_size;  // units
     std::atomic<std::int64_t> target;       // token target level, units (finite target)
     std::atomic<std::int64_t> anchor_ns;    // the drip's time origin: D(anchor) = 0
@@ -194,6 +197,7 @@ struct BucketWord {
 struct LimiterParams {
     bool rate_infinite = true;
     bool target_infinite = true;
+    bool consumed = false;    // kConsumed
     double rate_per_sec = 0;  // finite rate only
     DripRate drip;
     std::int64_t bucket_size = 0;
@@ -227,6 +231,7 @@ inline LimiterParams load_params(const ConfigBlock& block) noexcept {
     const std::uint32_t flags = block.flags.load(std::memory_order_acquire);
     p.rate_infinite = (flags & kRateInfinite) != 0;
     p.target_infinite = (flags & kTargetInfinite) != 0;
+    p.consumed = (flags & kConsumed) != 0;
     p.rate_per_sec = std::bit_cast<double>(block.rate_bits.load(std::memory_order_acquire));
     p.drip.m = block.drip_m.load(std::memory_order_acquire);
     p.drip.shift = block.drip_shift.load(std::memory_order_acquire);
