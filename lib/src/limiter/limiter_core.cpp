@@ -6,6 +6,7 @@
 #include <climits>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <optional>
 
 #include "lim/error.hpp"
@@ -30,6 +31,20 @@ std::int64_t clamp_units(u128 v) noexcept {
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Time
+// ---------------------------------------------------------------------------------------------
+
+std::atomic<std::int64_t> clock_seen_ns{std::numeric_limits<std::int64_t>::min() / 2};
+
+std::int64_t bounded_now_ns_slow(std::int64_t now_ns) noexcept {
+    const std::int64_t real = to_nanos(Clock::now());
+    if (real > clock_seen_ns.load(std::memory_order_relaxed)) {
+        clock_seen_ns.store(real, std::memory_order_relaxed);
+    }
+    return std::min(now_ns, real + kNowSlackNs);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Drip arithmetic
@@ -144,6 +159,7 @@ void LimiterCore::rollback_tentative(std::int64_t n) noexcept {
     // cannot wrap the word into the frozen bit.
     std::uint64_t w = body_.in_flight.load(std::memory_order_relaxed);
     for (;;) {
+        LIM_RACE_POINT();
         const std::uint64_t frozen = w & kFrozen;
         const auto next = static_cast<std::uint64_t>(std::max<std::int64_t>(0, value_of(w) - n));
         if (body_.in_flight.compare_exchange_weak(w, frozen | next, std::memory_order_seq_cst,
@@ -200,11 +216,13 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
                 fw = in_flight.load(std::memory_order_seq_cst);
                 continue;
             }
+            LIM_RACE_POINT();
             if (!in_flight.compare_exchange_weak(fw, fw + static_cast<std::uint64_t>(n),
                                                  std::memory_order_seq_cst,
                                                  std::memory_order_seq_cst)) {
                 continue;
             }
+            LIM_RACE_POINT();
             if (BucketWord::gen(bucket.load(std::memory_order_seq_cst)) != gen) {
                 rollback_tentative(n);
                 fw = in_flight.load(std::memory_order_seq_cst);
@@ -224,6 +242,7 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
         }
         if (d > rebase_at) return TakeOutcome::rebase_needed;
         // Tentatively in flight first, so that a concurrent reader sees fewer tokens, never more.
+        LIM_RACE_POINT();
         if (!in_flight.compare_exchange_weak(fw, fw + static_cast<std::uint64_t>(n),
                                              std::memory_order_seq_cst,
                                              std::memory_order_seq_cst)) {
@@ -233,6 +252,7 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
         // loses it) and move the marker past our n. The CAS expects the generation we read, so
         // it fails if the configuration switched.
         for (;;) {
+            LIM_RACE_POINT();
             const std::uint64_t next = BucketWord::make(gen, std::max(x, d - cap) + n);
             if (bucket.compare_exchange_weak(s, next, std::memory_order_seq_cst,
                                              std::memory_order_seq_cst)) {
@@ -277,6 +297,7 @@ ReturnOutcome LimiterCore::return_to_hopper(Hold& hold, std::int64_t now_ns, std
             const std::int64_t folded = std::max(x, d - p.outside_flight(f));
             if (folded != x) {
                 if (d > rebase_at) return ReturnOutcome::rebase_needed;
+                LIM_RACE_POINT();
                 if (!bucket.compare_exchange_strong(s, BucketWord::make(gen, folded),
                                                     std::memory_order_seq_cst,
                                                     std::memory_order_seq_cst)) {
@@ -293,6 +314,7 @@ ReturnOutcome LimiterCore::return_to_hopper(Hold& hold, std::int64_t now_ns, std
             fw = in_flight.load(std::memory_order_seq_cst);
             continue;
         }
+        LIM_RACE_POINT();
         if (!in_flight.compare_exchange_weak(fw, fw - static_cast<std::uint64_t>(n),
                                              std::memory_order_seq_cst,
                                              std::memory_order_seq_cst)) {
@@ -352,7 +374,11 @@ void switch_locked(LimiterBody& body, std::int64_t now_ns, bool reanchor,
         std::uint64_t s = body.bucket.load(std::memory_order_seq_cst);
         const std::uint32_t gen = BucketWord::gen(s);
         const LimiterParams old = load_params(body.config[gen & 1]);
-        const std::int64_t t = std::max(now_ns, body.time_ns.load(std::memory_order_relaxed));
+        // Never before the current anchor either: D is 0 before it, so a re-anchor there would
+        // count the drip since then again.
+        const std::int64_t t = std::max(
+            {now_ns, body.time_ns.load(std::memory_order_relaxed),
+             old.rate_infinite ? std::numeric_limits<std::int64_t>::min() : old.anchor_ns});
         const std::int64_t f = value_of(body.in_flight.load(std::memory_order_seq_cst));
         const std::int64_t x = BucketWord::x(s);
         LimiterParams next = old;
@@ -360,21 +386,31 @@ void switch_locked(LimiterBody& body, std::int64_t now_ns, bool reanchor,
         std::int64_t next_x = 0;
         if (!next.rate_infinite) {
             const bool large = !old.rate_infinite && old.drip_at(t) > kRebaseAt;
-            if (reanchor || old.rate_infinite || large) {
-                // D(t) = 0 from here: the marker is minus the bucket at t, as the seed leaves it.
+            if (old.rate_infinite) {
+                // The bucket was the cap; it starts the new drip full.
                 next.anchor_ns = t;
-                next_x = -old.bucket_at(x, f, t);
+                next_x = -old.cap(f);
+            } else if (reanchor || large) {
+                // D(t) = 0 from here. The marker becomes X - D(t), folded at t: minus the bucket
+                // at t, or, when takes at times after t have moved X beyond D(t) (t is behind
+                // them: a stale `now` and L not yet raised by their operation), the positive
+                // debt X - D(t), which the new drip must pay before the bucket holds anything.
+                // Dropping that debt would let tokens already taken drip again (issue 9: a
+                // bucket of 10 at 1/s gave 11 at one instant).
+                next.anchor_ns = t;
+                next_x = std::max(x - old.drip_at(t), -old.cap(f));
             } else {
                 next_x = std::max(x, old.drip_at(t) - old.cap(f));
             }
         }
         store_params(body.config[(gen + 1) & 1], next);
+        // L first, then S: an operation that reads the new generation then reads L at or above
+        // the switch time, so none of them uses the new anchor at a time before it.
+        raise_time_ns(body.time_ns, t);
+        LIM_RACE_POINT();
         if (body.bucket.compare_exchange_strong(s, BucketWord::make(gen + 1, next_x),
                                                 std::memory_order_seq_cst,
                                                 std::memory_order_seq_cst)) {
-            if (t > body.time_ns.load(std::memory_order_relaxed)) {
-                body.time_ns.store(t, std::memory_order_relaxed);
-            }
             return;
         }
     }
@@ -414,12 +450,35 @@ bool LimiterCore::rebase(std::int64_t now_ns, bool wait) {
 // Sleepers
 // ---------------------------------------------------------------------------------------------
 
+namespace {
+
+// Waits aside while a reaper recounts the record (its in-flight word frozen), then proves with a
+// CAS (an RMW, so it is ordered against the reaper's freeze) that no recount has begun since.
+// A recount that freezes after this CAS then finds our Hold pending and waits for it, so every
+// change to the waiter count made under a Hold lies wholly before or wholly after a recount.
+void wait_for_no_recount(Hold& hold, LimiterBody& body, const SegmentState& state) noexcept {
+    std::uint64_t fw = body.in_flight.load(std::memory_order_seq_cst);
+    for (;;) {
+        if (hold.stepped_aside(fw, body.in_flight, state)) continue;
+        LIM_RACE_POINT();
+        if (body.in_flight.compare_exchange_weak(fw, fw, std::memory_order_seq_cst,
+                                                 std::memory_order_seq_cst)) {
+            return;
+        }
+    }
+}
+
+}  // namespace
+
 LimiterWaiter::LimiterWaiter(LimiterCore& core, std::int64_t amount) : core_(core) {
     Hold hold(core.state(), core.record());
     SlotHeader& slot = *hold.holder_ref().slot;
+    slot_ = &slot;
+    wait_for_no_recount(hold, core.body(), core.state());
     slot.waiting_layer.store(0, std::memory_order_relaxed);
     slot.waiting_amount.store(static_cast<std::uint64_t>(amount), std::memory_order_relaxed);
     slot.waiting_record.store(core.record() + 1, std::memory_order_relaxed);
+    LIM_RACE_POINT();
     core.wake().waiters.fetch_add(1, std::memory_order_seq_cst);
     snapshot_ = core.wake().seq.load(std::memory_order_seq_cst);
 }
@@ -427,11 +486,16 @@ LimiterWaiter::LimiterWaiter(LimiterCore& core, std::int64_t amount) : core_(cor
 LimiterWaiter::~LimiterWaiter() {
     try {
         Hold hold(core_.state(), core_.record());
+        wait_for_no_recount(hold, core_.body(), core_.state());
         core_.wake().waiters.fetch_sub(1, std::memory_order_seq_cst);
-        hold.holder_ref().slot->waiting_record.store(0, std::memory_order_relaxed);
+        LIM_RACE_POINT();
+        slot_->waiting_record.store(0, std::memory_order_relaxed);
     } catch (...) {
-        // No slot to announce the change in (cannot happen once the constructor had one).
+        // No slot to announce the change in (cannot happen once the constructor had one: the
+        // thread's slot is claimed for its life). Deregister anyway, so that neither the count
+        // nor the slot keeps the registration.
         core_.wake().waiters.fetch_sub(1, std::memory_order_seq_cst);
+        slot_->waiting_record.store(0, std::memory_order_relaxed);
     }
 }
 
@@ -450,8 +514,11 @@ LimiterBody& body_at(SegmentState& state, std::uint32_t record) noexcept {
     return *reinterpret_cast<LimiterBody*>(state.record(record).body);
 }
 
-// Sets the channel's waiter count to the live sleepers registered on `record` (the reaper has
-// made sure no live slot is mid-operation on it, so the slots' fields are exact), and wakes all.
+// Sets the channel's waiter count to the live sleepers registered on `record`, and wakes all.
+// Exact: the caller has frozen the record's in-flight word and seen no live slot pending on it,
+// and a sleeper changes its registration only under a Hold after proving the word not frozen
+// (wait_for_no_recount), so no live registration changes until the caller thaws the word, which
+// it does only after this store.
 void recount_waiters(SegmentState& state, std::uint32_t record, WakeChannel& wake,
                      std::span<const std::uint32_t> dead_slots) noexcept {
     std::uint32_t waiting = 0;
@@ -491,6 +558,7 @@ void fold_for_return(SegmentState& state, std::uint32_t record, std::int64_t f,
             }
             return;
         }
+        LIM_RACE_POINT();
         if (body.bucket.compare_exchange_strong(s, BucketWord::make(gen, folded),
                                                 std::memory_order_seq_cst)) {
             return;
@@ -512,16 +580,19 @@ LiveHoldings limiter_recount(SegmentState& state, std::uint32_t record, const Li
                              std::span<const std::uint32_t> dead_slots, TimePoint now) noexcept {
     LimiterBody& body = body_at(state, record);
     const std::int64_t before = value_of(body.in_flight.load(std::memory_order_seq_cst));
-    const std::int64_t now_ns = std::max(to_nanos(now), body.time_ns.load());
+    const std::int64_t now_ns =
+        std::max(to_nanos(now), body.time_ns.load(std::memory_order_relaxed));
     // What the dead held comes back as return_to_hopper brings tokens back: time advances (the
     // fold) with them still in flight, then in flight drops to what the living hold.
     fold_for_return(state, record, before, now_ns);
     const std::int64_t kept = std::clamp<std::int64_t>(live.held[0], 0, kMaxInFlight);
-    body.in_flight.store(static_cast<std::uint64_t>(kept), std::memory_order_seq_cst);
-    if (now_ns > body.time_ns.load(std::memory_order_relaxed)) {
-        body.time_ns.store(now_ns, std::memory_order_relaxed);
-    }
+    raise_time_ns(body.time_ns, now_ns);
+    // The waiter count while the word is still frozen (see recount_waiters); the store of F
+    // then thaws it.
     recount_waiters(state, record, body.wake, dead_slots);
+    LIM_RACE_POINT();
+    body.in_flight.store(static_cast<std::uint64_t>(kept), std::memory_order_seq_cst);
+    wake_all(body.wake);
     LiveHoldings given;
     given.held[0] = before - kept;
     return given;
@@ -538,15 +609,18 @@ void limiter_reset(SegmentState& state, std::uint32_t record, TimePoint now) noe
     }
     LimiterRecordConfig config{};
     std::memcpy(&config, state.record(record).config, sizeof config);
-    const std::int64_t t = std::max(to_nanos(now), body.time_ns.load());
+    // Re-anchored at the current time, not at max(now, L): a limiter whose time was carried far
+    // ahead (by a `now` from before the clamp, or a corrupt word) drips again from now on.
+    const std::int64_t t = to_nanos(now);
     const LimiterParams p = params_from_config(config, t);
     const std::uint32_t gen = BucketWord::gen(body.bucket.load(std::memory_order_seq_cst)) + 1;
     store_params(body.config[gen & 1], p);
     const std::int64_t x = p.rate_infinite ? 0 : -config.initial_bucket_level;
     body.bucket.store(BucketWord::make(gen, x), std::memory_order_seq_cst);
-    body.time_ns.store(t, std::memory_order_relaxed);
-    body.in_flight.store(0, std::memory_order_seq_cst);  // clears kFrozen last
+    body.time_ns.store(t, std::memory_order_seq_cst);
     recount_waiters(state, record, body.wake, {});
+    body.in_flight.store(0, std::memory_order_seq_cst);  // clears kFrozen last
+    wake_all(body.wake);
 }
 
 }  // namespace

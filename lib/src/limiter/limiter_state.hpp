@@ -42,6 +42,7 @@
 #include "shm/layout.hpp"
 #include "shm/ledger.hpp"
 #include "shm/segment_state.hpp"
+#include "sync/race_point.hpp"
 #include "sync/wake_channel.hpp"
 
 namespace lim::detail {
@@ -242,6 +243,42 @@ void store_params(ConfigBlock& block, const LimiterParams& p) noexcept;
 LimiterParams params_from_config(const LimiterRecordConfig& c, std::int64_t now_ns) noexcept;
 
 // ---------------------------------------------------------------------------------------------
+// Time
+// ---------------------------------------------------------------------------------------------
+
+// Raises the limiter's time L to `t_ns` if it is behind: a CAS-max, so two racing raises leave
+// the larger.
+inline void raise_time_ns(std::atomic<std::int64_t>& time_ns, std::int64_t t_ns) noexcept {
+    std::int64_t l = time_ns.load(std::memory_order_relaxed);
+    while (l < t_ns) {
+        LIM_RACE_POINT();
+        if (time_ns.compare_exchange_weak(l, t_ns, std::memory_order_seq_cst,
+                                          std::memory_order_relaxed)) {
+            break;
+        }
+    }
+}
+
+// How far ahead of this host's CLOCK_MONOTONIC an explicit `now` may be. A later `now` is
+// clamped to Clock::now() + kNowSlack, so that one far-future `now` cannot move a shared
+// limiter's time (and its drip) ahead for every process (docs/design.md, "Time").
+inline constexpr std::int64_t kNowSlackNs = 10'000'000;  // 10 ms
+
+// The latest Clock::now() this process has read for bounding (a cache: any value not above the
+// clock is correct, so racing stores need no order).
+extern std::atomic<std::int64_t> clock_seen_ns;
+
+[[gnu::cold]] std::int64_t bounded_now_ns_slow(std::int64_t now_ns) noexcept;
+
+// `now` in nanoseconds, clamped to at most Clock::now() + kNowSlack. Reads the clock only when
+// `now` is beyond the last reading + kNowSlack (once per 10 ms for a caller passing the clock).
+inline std::int64_t bounded_now_ns(TimePoint now) noexcept {
+    const std::int64_t now_ns = to_nanos(now);
+    if (now_ns <= clock_seen_ns.load(std::memory_order_relaxed) + kNowSlackNs) return now_ns;
+    return bounded_now_ns_slow(now_ns);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Operations
 // ---------------------------------------------------------------------------------------------
 
@@ -310,14 +347,12 @@ class LimiterCore {
     // Waits aside while F is frozen (updating `fw`), then reads what an attempt starts from.
     Attempt begin(Hold& hold, std::uint64_t& fw, std::int64_t now_ns) noexcept;
 
-    // A plain store, not a read-modify-write: L only serves "a `now` earlier than the limiter's
-    // time is moved up to it". Two racing raises may leave the smaller one; nothing that admits
-    // tokens depends on L (docs/design.md ("The Limiter family"), "Time").
+    // Raises L to `t_ns` (a CAS-max: L never moves backwards, whatever raises race). Nothing
+    // that admits depends on L being current (docs/design.md ("The Limiter family"), "Time"),
+    // but a switch re-anchors at max(now, L), so L stays as high as any operation has used.
     void raise_time(std::int64_t t_ns) const noexcept {
         if (state_.read_only()) return;
-        if (t_ns > body_.time_ns.load(std::memory_order_relaxed)) {
-            body_.time_ns.store(t_ns, std::memory_order_relaxed);
-        }
+        raise_time_ns(body_.time_ns, t_ns);
     }
     void rollback_tentative(std::int64_t n) noexcept;
     void switch_config(std::int64_t now_ns, bool reanchor, void (*change)(LimiterParams&, void*),
@@ -339,8 +374,11 @@ void LimiterCore::reconfigure(std::int64_t now_ns, bool reanchor, Change&& chang
 }
 
 // A thread registered as sleeping on a limiter, for the lifetime of the object. The registration
-// is written into the thread's slot under a Hold, so a reaper that recounts the channel's waiter
-// count sees it exactly; the sleep itself happens outside any Hold.
+// is written into the thread's slot, and the channel's count changed, under a Hold and never
+// while a recount runs (both wait aside while the record's in-flight word is frozen), so a
+// reaper that recounts the channel's waiter count sees it exactly; the sleep itself happens
+// outside any Hold. The constructor throws only what Hold's does (table_full); the destructor
+// never throws and always deregisters.
 class LimiterWaiter {
   public:
     LimiterWaiter(LimiterCore& core, std::int64_t amount);
@@ -353,6 +391,7 @@ class LimiterWaiter {
 
   private:
     LimiterCore& core_;
+    SlotHeader* slot_ = nullptr;  // the thread's slot, where the registration is recorded
     std::uint32_t snapshot_ = 0;
 };
 
