@@ -9,6 +9,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <optional>
 #include <random>
 #include <thread>
 #include <vector>
@@ -17,6 +18,7 @@
 #include "lim/throttle.hpp"
 #include "lim/token_bucket.hpp"
 #include "limiter/limiter_state.hpp"
+#include "shm/file_lock.hpp"
 #include "shm/process_table.hpp"
 #include "shm/records.hpp"
 #include "support/limiter_time.hpp"
@@ -37,6 +39,10 @@ std::uint32_t record_of(const Segment& seg, std::string_view key) {
 
 detail::LimiterBody& body_of(const Segment& seg, std::string_view key) {
     return *reinterpret_cast<detail::LimiterBody*>(seg.state()->record(record_of(seg, key)).body);
+}
+
+const detail::KindOps& kLimiterOps() {
+    return detail::kLimiterOps;
 }
 
 constexpr auto kYear = std::chrono::hours{24 * 365};
@@ -236,6 +242,40 @@ TEST_CASE("waiters() returns to 0 after reaps overlapping sleepers that register
     CHECK(registrations.load() > 0);
     CHECK(th.waiters() == 0);  // was 4,294,967,295 or 1 before the fix
     CHECK(th.in_flight() == 1);
+    th.finish_job();
+}
+
+TEST_CASE("a sleeper does not register while a recount runs (so the recount's count is exact)") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("lim-waiters-frozen"));
+    auto seg = lim::test::limiter_segment(guard);
+    auto th = Throttle::open(seg, "db", {.max_concurrent_jobs = 1});
+    const std::uint32_t rec = record_of(seg, "db");
+    th.start_job();
+    // As a reaper does: the recovery lock held, the record frozen.
+    std::optional<detail::FileLock> reaping =
+        detail::FileLock::lock_exclusive(seg.state()->fd(), detail::LockByte::recovery);
+    kLimiterOps().freeze(*seg.state(), rec);
+    std::atomic<std::uint32_t> slot{UINT32_MAX};
+    std::thread sleeper([&] {
+        slot = detail::holder(*seg.state()).slot_index;
+        // What start_job does once its first try found no room (a reap can freeze the record
+        // at that moment): register as a sleeper, sleep, leave.
+        detail::LimiterCore core(*seg.state(), rec);
+        detail::LimiterWaiter waiter(core, 1);
+        waiter.wait(Clock::now() + 100ms);
+    });
+    REQUIRE(lim::test::eventually([&] { return slot.load() != UINT32_MAX; }));
+    std::this_thread::sleep_for(30ms);
+    // The registration waits aside: the count and the slot are as the recount will find them.
+    CHECK(th.waiters() == 0);
+    CHECK(seg.state()->slot(slot.load()).waiting_record.load() == 0);
+    detail::LiveHoldings live;
+    live.held[0] = detail::holder(*seg.state()).entry(rec).held[0].load();
+    kLimiterOps().recount(*seg.state(), rec, live, {}, Clock::now());
+    reaping.reset();
+    CHECK(lim::test::eventually([&] { return th.waiters() == 1; }));  // registers once thawed
+    sleeper.join();
+    CHECK(th.waiters() == 0);
     th.finish_job();
 }
 
