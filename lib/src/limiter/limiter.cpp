@@ -56,31 +56,6 @@ std::string where(const RecordRef& ref) {
     return fmt::format("limiter '{}' in segment '{}'", ref.key(), ref.state->name());
 }
 
-// A token amount that is not a whole number of units, or is out of range: checked and rounded
-// up, or refused.
-[[gnu::noinline, gnu::cold]] std::int64_t amount_units_slow(const RecordRef& ref,
-                                                            std::string_view op, double n) {
-    if (!std::isfinite(n) || n < 0 || n > kMaxTokens * 1e3) {
-        throw Error(Errc::invalid_argument,
-                    fmt::format("{}: {}({}): the amount must be a number of tokens from 0 to 1e12",
-                                where(ref), op, n));
-    }
-    return Tokens::round_up(n).units();
-}
-
-// A token amount passed to an operation, in units (rounded up).
-inline std::int64_t amount_units(const RecordRef& ref, std::string_view op, double n) {
-    // Most amounts are whole tokens: no rounding to do. (The comparison is false for NaN, so the
-    // conversion below only sees numbers in range.) Anything else is rounded up exactly by
-    // Tokens::round_up (a product n x 10^4 that happens to round to a whole number is no proof
-    // that n is a whole number of units).
-    if (n >= 0 && n <= kMaxTokens) {
-        const auto whole = static_cast<std::int64_t>(n);
-        if (static_cast<double>(whole) == n) return whole * kTokenResolution;
-    }
-    return amount_units_slow(ref, op, n);
-}
-
 // A configuration amount (bucket size, target level), in units: finite, > 0 (or >= 0), <= 1e9.
 std::int64_t config_units(std::string_view what, std::string_view key, std::string_view field,
                           double value, bool zero_ok) {
@@ -187,6 +162,17 @@ auto with_rebase(LimiterCore& core, std::int64_t now_ns, Op&& op) {
 }
 
 }  // namespace
+
+// A token amount that is not a whole number of units, or is out of range: checked and rounded
+// up, or refused.
+std::int64_t amount_units_slow(const RecordRef& ref, std::string_view op, double n) {
+    if (!std::isfinite(n) || n < 0 || n > kMaxTokens * 1e3) {
+        throw Error(Errc::invalid_argument,
+                    fmt::format("{}: {}({}): the amount must be a number of tokens from 0 to 1e12",
+                                where(ref), op, n));
+    }
+    return Tokens::round_up(n).units();
+}
 
 void throw_bad_parameter(std::string_view what, std::string_view key, std::string_view field,
                          double value, std::string_view rule) {

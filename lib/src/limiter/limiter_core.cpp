@@ -230,7 +230,8 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
             }
             hold.add(0, n);
             hold.admitted();
-            raise_time(t);
+            // No raise of L: with an infinite rate nothing depends on time (a switch to a
+            // finite rate anchors at max(now, L) and keeps the marker's debt regardless).
             return TakeOutcome::taken;
         }
         const std::int64_t d = p.drip_at(t);
@@ -321,7 +322,7 @@ ReturnOutcome LimiterCore::return_to_hopper(Hold& hold, std::int64_t now_ns, std
             continue;
         }
         hold.add(0, -n);
-        raise_time(t);
+        if (!p.rate_infinite) raise_time(t);
         wake_all(body_.wake);
         return ReturnOutcome::returned;
     }
@@ -348,6 +349,13 @@ LimiterReading LimiterCore::read(std::int64_t now_ns) const noexcept {
     r.in_hopper = r.params.target_infinite
                       ? 0
                       : std::max<std::int64_t>(0, r.params.target - r.in_flight) - r.in_bucket;
+    // A token bucket's own takes are in flight too, recorded in the ledgers rather than in F
+    // (try_take_bucket). Added after the bucket is computed: its cap depends on F alone.
+    if (state_.record(record_).header.flavor ==
+        static_cast<std::uint16_t>(LimiterFlavor::token_bucket)) {
+        const std::int64_t taken = bucket_taken();
+        r.in_flight = taken > kMaxInFlight - r.in_flight ? kMaxInFlight : r.in_flight + taken;
+    }
     return r;
 }
 
@@ -595,6 +603,12 @@ LiveHoldings limiter_recount(SegmentState& state, std::uint32_t record, const Li
     wake_all(body.wake);
     LiveHoldings given;
     given.held[0] = before - kept;
+    // A token bucket's own takes (layer kBucketTakenLayer) are consumed tokens, not in F: the
+    // dead's are dropped from in_flight with their slots, and reported as given back.
+    for (const std::uint32_t d : dead_slots) {
+        given.held[kBucketTakenLayer] +=
+            state.ledger(d, record).held[kBucketTakenLayer].load(std::memory_order_relaxed);
+    }
     return given;
 }
 
@@ -630,8 +644,8 @@ const KindOps kLimiterOps{
     .recount = limiter_recount,
     .thaw = limiter_thaw,
     .reset = limiter_reset,
-    .layers = 1,
-    .layer_names = {"tokens", nullptr, nullptr},
+    .layers = 2,
+    .layer_names = {"tokens", "tokens", nullptr},
 };
 
 }  // namespace lim::detail

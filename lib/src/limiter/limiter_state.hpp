@@ -33,6 +33,7 @@
 #include <atomic>
 #include <bit>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <span>
 #include <type_traits>
@@ -211,9 +212,13 @@ struct LimiterParams {
         if (target_infinite) return bucket_size;
         return std::min(bucket_size, outside_flight(f));
     }
-    // D(t) (finite rate).
+    // D(t) (finite rate). The elapsed time saturates: the anchor comes from the segment.
     std::int64_t drip_at(std::int64_t t_ns) const noexcept {
-        return drip.units_after(t_ns - anchor_ns);
+        std::int64_t elapsed = 0;
+        if (__builtin_sub_overflow(t_ns, anchor_ns, &elapsed)) {
+            elapsed = t_ns > anchor_ns ? std::numeric_limits<std::int64_t>::max() : 0;
+        }
+        return drip.units_after(elapsed);
     }
     // The bucket at `t_ns` with marker `x` and `f` in flight.
     std::int64_t bucket_at(std::int64_t x, std::int64_t f, std::int64_t t_ns) const noexcept {
@@ -282,7 +287,14 @@ inline std::int64_t bounded_now_ns(TimePoint now) noexcept {
 // Operations
 // ---------------------------------------------------------------------------------------------
 
-enum class TakeOutcome { taken, unable, asked_for_more, rebase_needed };
+enum class TakeOutcome { taken, unable, asked_for_more, rebase_needed, not_a_token_bucket };
+
+// The ledger layer in which a TokenBucket's own takes (try_take_bucket) are recorded: tokens that
+// are consumed, counted in in_flight but not in F (layer 0 mirrors F).
+inline constexpr int kBucketTakenLayer = 1;
+
+// The lazy raise of L by a token bucket's take: only once L is this far behind.
+inline constexpr std::int64_t kLazyTimeGrainNs = 1'000'000;  // 1 ms
 enum class ReturnOutcome { returned, over_release, rebase_needed };
 
 // A consistent reading of the limiter at a time (docs/design.md ("The Limiter family"), "Reads").
@@ -309,6 +321,16 @@ class LimiterCore {
     // asks its caller to re-anchor first (rebase_needed, nothing changed).
     TakeOutcome try_take(Hold& hold, std::int64_t now_ns, std::int64_t n,
                          std::int64_t rebase_at) noexcept;
+    // A token bucket's take (docs/design.md ("The Limiter family"), "TokenBucket's take"): with
+    // an infinite target and a finite rate nothing depends on F, so the take is one CAS on S,
+    // recorded in the thread's ledger (`holder`, layer kBucketTakenLayer) after it lands; no Hold,
+    // since a token bucket holds nothing a reap could give back. `not_a_token_bucket` (nothing
+    // changed) when the configuration is not a token bucket's: the caller uses try_take.
+    TakeOutcome try_take_bucket(const Holder& holder, std::int64_t now_ns, std::int64_t n,
+                                std::int64_t rebase_at) noexcept;
+    // What a token bucket's takes have recorded in the ledgers of occupied slots.
+    std::int64_t bucket_taken() const noexcept;
+
     // `over_release` changes nothing; *in_flight_seen says what was in flight.
     ReturnOutcome return_to_hopper(Hold& hold, std::int64_t now_ns, std::int64_t n,
                                    std::int64_t rebase_at, std::int64_t* in_flight_seen) noexcept;
