@@ -36,6 +36,8 @@
 
 namespace {
 
+__extension__ using u128 = unsigned __int128;
+
 void* shared_memory(std::size_t n) {
     void* p = ::mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) std::abort();
@@ -85,7 +87,7 @@ struct MutexBucket {
     bool try_take(std::int64_t now_ns, std::int64_t n) {
         mu.lock();
         if (now_ns > last_ns) {
-            const auto add = static_cast<std::int64_t>(static_cast<__int128>(now_ns - last_ns) *
+            const auto add = static_cast<std::int64_t>(static_cast<u128>(now_ns - last_ns) *
                                                        rate_units_per_sec / 1'000'000'000);
             tokens = std::min(burst, tokens + add);
             last_ns = now_ns;

@@ -174,6 +174,14 @@ std::int64_t amount_units_slow(const RecordRef& ref, std::string_view op, double
     return Tokens::round_up(n).units();
 }
 
+// Out of line and cold, so that return_to_hopper's hot path carries no formatting frame.
+[[noreturn, gnu::noinline, gnu::cold]] void throw_over_release(const RecordRef& ref, double n,
+                                                               std::int64_t seen) {
+    throw Error(Errc::over_release,
+                fmt::format("{}: return_to_hopper({}) but only {} tokens are in flight", where(ref),
+                            n, to_tokens(seen)));
+}
+
 void throw_bad_parameter(std::string_view what, std::string_view key, std::string_view field,
                          double value, std::string_view rule) {
     throw Error(Errc::invalid_argument,
@@ -310,9 +318,7 @@ void Limiter::return_to_hopper(TimePoint now, double n) {
             return std::pair{o, o != detail::ReturnOutcome::rebase_needed};
         });
     if (outcome == detail::ReturnOutcome::over_release) {
-        throw Error(Errc::over_release,
-                    fmt::format("{}: return_to_hopper({}) but only {} tokens are in flight",
-                                detail::where(ref_), n, detail::to_tokens(seen)));
+        detail::throw_over_release(ref_, n, seen);
     }
 }
 

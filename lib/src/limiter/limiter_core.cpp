@@ -171,8 +171,8 @@ void LimiterCore::rollback_tentative(std::int64_t n) noexcept {
     wake_all(body_.wake);
 }
 
-LimiterCore::Attempt LimiterCore::begin(Hold& hold, std::uint64_t& fw,
-                                        std::int64_t now_ns) noexcept {
+[[gnu::always_inline]] inline LimiterCore::Attempt LimiterCore::begin(
+    Hold& hold, std::uint64_t& fw, std::int64_t now_ns) noexcept {
     while (is_frozen(fw)) {
         hold.wait_while_frozen(body_.in_flight, state_);
         fw = body_.in_flight.load(std::memory_order_seq_cst);
