@@ -41,7 +41,11 @@
 //   less than the seed would, never more.
 // - A return of more than is in flight that races a take may go undetected (the take's tokens
 //   are counted in flight from before it succeeds); in flight is then clamped at zero.
-// - A token bucket's tokens are never returned (as in the seed), so in_flight only grows.
+// - A token bucket's tokens are never returned (as in the seed), so in_flight only grows. On a
+//   record a TokenBucket created, TokenBucket::try_take records its tokens in the taking
+//   thread's ledger rather than in the shared in-flight word (lim/token_bucket.hpp): they count
+//   in in_flight(), but a Limiter handle on that record cannot return_to_hopper them
+//   (over_release), nor do they count against a finite token target set later.
 #pragma once
 
 #include <cstdint>

@@ -294,7 +294,7 @@ enum class TakeOutcome { taken, unable, asked_for_more, rebase_needed, not_a_tok
 inline constexpr int kBucketTakenLayer = 1;
 
 // The lazy raise of L by a token bucket's take: only once L is this far behind.
-inline constexpr std::int64_t kLazyTimeGrainNs = 1'000'000;  // 1 ms
+inline constexpr std::int64_t kLazyTimeGrainNs = 10'000;  // 10 us
 enum class ReturnOutcome { returned, over_release, rebase_needed };
 
 // A consistent reading of the limiter at a time (docs/design.md ("The Limiter family"), "Reads").
