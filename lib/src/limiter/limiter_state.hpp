@@ -417,6 +417,14 @@ class LimiterWaiter {
     std::uint32_t snapshot_ = 0;
 };
 
+// A configuration switch, with the segment's config lock held by the caller (so no other writer
+// touches the inactive block): folds the bucket at max(now, L, anchor) under the old
+// configuration, writes the new one (`change` applied to the old, if not null) into the inactive
+// block, raises L, and publishes both with one CAS on S. Re-anchors when `reanchor` or when the
+// drip allowance is large.
+void switch_locked(LimiterBody& body, std::int64_t now_ns, bool reanchor,
+                   void (*change)(LimiterParams&, void*), void* ctx) noexcept;
+
 // Initialises a new record's body from its configuration, at `now_ns`.
 void init_limiter_body(LimiterBody& body, const LimiterRecordConfig& config,
                        std::int64_t now_ns) noexcept;
