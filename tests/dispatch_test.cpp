@@ -698,3 +698,73 @@ TEST_CASE("threads: no layer is ever exceeded, and everything comes back") {
     CHECK(peak_bytes.load() <= 1000);
     check_idle(d);
 }
+
+TEST_CASE("a blocked acquire whose sleep or clock throws gives back every layer (issue 9 item 7)") {
+    struct Thrown : std::runtime_error {
+        Thrown() : std::runtime_error("injected") {}
+    };
+    for (const bool clock_throws : {false, true}) {
+        for (int layer = 0; layer < 3; ++layer) {  // blocked on: slots, throttled, bytes
+            CAPTURE(clock_throws);
+            CAPTURE(layer);
+            lim::test::SegmentGuard guard(lim::test::unique_name("d-throw"));
+            auto seg = make_segment(guard);
+            std::atomic<bool> armed{false};
+            std::atomic<int> sleeps{0};
+            DispatchOptions o{.limiter = BackoffWindow::for_key(seg, "api"),
+                              .key = "api",
+                              .concurrency = layer == 0 ? 1u : 4u,
+                              .throttled_concurrency = 1,
+                              .byte_budget = 1000,
+                              .byte_penalty_multiplier = 1};
+            o.clock = [&armed] {
+                if (armed.load()) throw Thrown();
+                return Clock::now();
+            };
+            o.sleep = [&](Duration) {
+                ++sleeps;
+                if (!clock_throws) throw Thrown();
+                armed = true;  // the next clock read throws
+            };
+            auto d = Dispatch::open(seg, o);
+            if (layer == 1) d.set_backoff(1h);
+            Permit held = d.acquire(layer == 2 ? 800 : 1);
+            CHECK_THROWS_AS(d.acquire(500), Thrown);
+            CHECK(sleeps.load() == 1);  // it blocked before the throw
+            armed = false;
+            DispatchSnapshot s = d.snapshot();
+            CHECK(s.in_flight == 1);  // only `held`
+            CHECK(s.throttled_in_flight == (layer == 1 ? 1u : 0u));
+            CHECK(s.bytes_in_flight == (layer == 2 ? 800u : 1u));
+            CHECK(s.waiters == 0);  // no sleeper registration and no ticket left behind
+            held.release();
+            // Nothing stalls: the whole budget is usable at once.
+            auto all = d.try_acquire(1000);
+            CHECK(all.has_value());
+            all.reset();
+            check_idle(d);
+        }
+    }
+}
+
+TEST_CASE("a huge backoff_window saturates instead of wrapping (issue 9 item 10)") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("d-hugewin"));
+    auto seg = make_segment(guard);
+    FakeTime time;
+    DispatchOptions o{.limiter = BackoffWindow::for_key(seg, "api"),
+                      .key = "api",
+                      .backoff_window = Duration::max()};
+    time.install(o);
+    auto d = Dispatch::open(seg, o);
+    d.set_backoff(1s);
+    DispatchSnapshot s = d.snapshot();
+    CHECK(s.backoff_active);
+    CHECK(s.backoff_remaining == 1s);
+    // until + window is beyond int64: the remaining time saturates, never negative.
+    CHECK(s.throttle_remaining > std::chrono::hours{24 * 365 * 100});
+    time.advance(std::chrono::hours{24 * 365});
+    s = d.snapshot();
+    CHECK(s.backoff_active);
+    CHECK(s.throttle_remaining > std::chrono::hours{24 * 365 * 100});
+    CHECK(d.acquire(1).throttled());
+}

@@ -138,9 +138,10 @@ void inspect_dispatch(const SegmentState& state, std::uint32_t record, TimePoint
     out.values = {
         Quantity::state("backoff_active", active ? 1.0 : 0.0, "bool"),
         Quantity::state("backoff_remaining", seconds_between(now_ns, until), "seconds"),
-        Quantity::state("throttle_remaining",
-                        active ? seconds_between(now_ns, until + c.backoff_window_ns) : 0.0,
-                        "seconds"),
+        Quantity::state(
+            "throttle_remaining",
+            active ? seconds_between(now_ns, saturating_add(until, c.backoff_window_ns)) : 0.0,
+            "seconds"),
     };
     out.waiters =
         static_cast<std::uint32_t>(SemaphoreWord::single(slots) + SemaphoreWord::multi(slots) +
@@ -340,26 +341,42 @@ std::optional<Permit> Dispatch::acquire_impl(std::uint64_t bytes,
             return Permit(&d, charge, backoff, detail::fork_generation());
         }
     }
-    // Some layer is full: wait for each remaining one in order, giving back what was taken if
-    // the deadline passes.
-    const auto give_back = [&] {
-        detail::Hold hold(state, record);
-        if (backoff && throttled) d.throttled().release(hold, state, 1);
-        if (slot) d.slots().release(hold, state, 1);
-        return std::optional<Permit>{};
-    };
+    // Some layer is full: wait for each remaining one in order. Every way out without a permit
+    // (the deadline, or an exception from an injected clock or sleep) gives back the layers
+    // taken so far; each layer's own wait withdraws its sleeper registration or queue ticket.
+    struct Taken {
+        DispatchImpl& d;
+        bool slot;
+        bool throttled;  // a throttled slot is held (only under backoff)
+        bool keep = false;
+        ~Taken() {
+            if (keep || (!slot && !throttled)) return;
+            detail::SegmentState& st = *d.ref.state;
+            try {
+                detail::Hold hold(st, d.ref.index);  // the slot exists: cannot throw here
+                if (throttled) d.throttled().release(hold, st, 1);
+                if (slot) d.slots().release(hold, st, 1);
+            } catch (...) {
+                // Unreachable in practice (see above).
+            }
+        }
+    } taken{d, slot, backoff && throttled};
     if (!slot) {
-        slot = d.slots().acquire_until(state, record, 1, deadline, d.pacing);
-        if (!slot) return std::nullopt;
+        if (!d.slots().acquire_until(state, record, 1, deadline, d.pacing)) return std::nullopt;
+        taken.slot = slot = true;
     }
     if (!throttled) {
-        throttled = d.throttled().acquire_until(state, record, 1, deadline, d.pacing);
-        if (!throttled) return give_back();
+        if (!d.throttled().acquire_until(state, record, 1, deadline, d.pacing)) {
+            return std::nullopt;
+        }
+        taken.throttled = throttled = true;
     }
     if (!budget) {
-        budget = d.bytes().acquire_until(state, record, charge, deadline, d.pacing);
-        if (!budget) return give_back();
+        if (!d.bytes().acquire_until(state, record, charge, deadline, d.pacing)) {
+            return std::nullopt;
+        }
     }
+    taken.keep = true;
     {
         detail::Hold hold(state, record);
         hold.admitted();
@@ -394,9 +411,14 @@ DispatchSnapshot Dispatch::snapshot() const {
     const std::int64_t now = to_nanos(d.now());
     const std::int64_t until = d.window_body->until.load(std::memory_order_acquire);
     s.backoff_active = detail::backoff_active_at(now, until, c.backoff_window_ns);
-    if (until != 0 && now < until) s.backoff_remaining = std::chrono::nanoseconds{until - now};
+    using detail::saturating_add;
+    using detail::saturating_sub;
+    if (until != 0 && now < until) {
+        s.backoff_remaining = std::chrono::nanoseconds{saturating_sub(until, now)};
+    }
     if (s.backoff_active) {
-        s.throttle_remaining = std::chrono::nanoseconds{until + c.backoff_window_ns - now};
+        s.throttle_remaining = std::chrono::nanoseconds{
+            saturating_sub(saturating_add(until, c.backoff_window_ns), now)};
     }
     const std::uint64_t cw = d.body->concurrency.load(std::memory_order_acquire);
     const std::uint64_t tw = d.body->throttled.load(std::memory_order_acquire);

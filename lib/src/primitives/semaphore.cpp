@@ -11,6 +11,7 @@
 #include "recovery/reaper.hpp"
 #include "shm/record_handle.hpp"
 #include "sync/futex.hpp"
+#include "sync/race_point.hpp"
 #include "sync/wake_channel.hpp"
 
 namespace lim::detail {
@@ -41,6 +42,7 @@ bool SemaphoreCore::try_acquire(Hold& hold, const SegmentState& state, std::uint
     for (;;) {
         if (hold.stepped_aside(w, word, state)) continue;
         if (SemaphoreWord::in_use(w) + n > capacity) return false;
+        LIM_RACE_POINT();
         if (word.compare_exchange_weak(w, w + n - deregister, std::memory_order_seq_cst,
                                        std::memory_order_relaxed)) {
             hold.add(layer, static_cast<std::int64_t>(n));
@@ -55,19 +57,23 @@ bool SemaphoreCore::try_acquire(Hold& hold, const SegmentState& state, std::uint
 bool SemaphoreCore::register_sleeper(Hold& hold, const SegmentState& state,
                                      std::uint64_t n) noexcept {
     SlotHeader& slot = *hold.holder_ref().slot;
-    slot.waiting_layer.store(static_cast<std::uint32_t>(layer), std::memory_order_relaxed);
-    slot.waiting_amount.store(n, std::memory_order_relaxed);
-    slot.waiting_record.store(hold.record() + 1, std::memory_order_relaxed);
     std::uint64_t w = word.load(std::memory_order_relaxed);
     for (;;) {
+        // The slot names this registration only once the registering CAS has landed (below): a
+        // recount that runs while we step aside here must not count us, or the CAS that follows
+        // the thaw would count us a second time.
         if (hold.stepped_aside(w, word, state)) continue;
         const std::uint64_t count = n == 1 ? SemaphoreWord::single(w) : SemaphoreWord::multi(w);
-        if (count >= SemaphoreWord::kWaiterMax) {
-            slot.waiting_record.store(0, std::memory_order_relaxed);
-            return false;
-        }
+        if (count >= SemaphoreWord::kWaiterMax) return false;
+        LIM_RACE_POINT();
         if (word.compare_exchange_weak(w, w + SemaphoreWord::waiter_unit(n),
                                        std::memory_order_seq_cst, std::memory_order_relaxed)) {
+            // Still announced (pending) on the record: a reaper that froze the word after our CAS
+            // waits for ~Hold before it counts, and so sees these stores.
+            LIM_RACE_POINT();
+            slot.waiting_layer.store(static_cast<std::uint32_t>(layer), std::memory_order_relaxed);
+            slot.waiting_amount.store(n, std::memory_order_relaxed);
+            slot.waiting_record.store(hold.record() + 1, std::memory_order_relaxed);
             return true;
         }
     }
@@ -79,8 +85,10 @@ void SemaphoreCore::deregister_sleeper(Hold& hold, const SegmentState& state,
     for (;;) {
         if (hold.stepped_aside(w, word, state)) continue;
         const std::uint64_t next = w - SemaphoreWord::waiter_unit(n);
+        LIM_RACE_POINT();
         if (word.compare_exchange_weak(w, next, std::memory_order_seq_cst,
                                        std::memory_order_relaxed)) {
+            LIM_RACE_POINT();
             hold.holder_ref().slot->waiting_record.store(0, std::memory_order_relaxed);
             // We may have been woken for units we are not taking: pass the wake on.
             if (SemaphoreWord::in_use(next) < capacity) wake_after_release(word, next, 1);
@@ -94,6 +102,7 @@ bool SemaphoreCore::release(Hold& hold, const SegmentState& state, std::uint64_t
     for (;;) {
         if (hold.stepped_aside(w, word, state)) continue;
         if (SemaphoreWord::in_use(w) < n) return false;
+        LIM_RACE_POINT();
         if (word.compare_exchange_weak(w, w - n, std::memory_order_seq_cst,
                                        std::memory_order_relaxed)) {
             hold.add(layer, -static_cast<std::int64_t>(n));
@@ -114,23 +123,39 @@ bool SemaphoreCore::acquire_until(SegmentState& state, std::uint32_t record, std
         Hold hold(state, record);
         registered = register_sleeper(hold, state, n);
     }
+    // While registered this call is counted as a sleeper: every way out, an exception thrown by
+    // an injected clock or sleep included, takes the count back (a phantom sleeper would make
+    // every later release wake all). Nothing else is held while we wait.
+    struct Withdraw {
+        SemaphoreCore& core;
+        SegmentState& state;
+        std::uint32_t record;
+        std::uint64_t n;
+        bool& registered;
+        ~Withdraw() {
+            if (!registered) return;
+            try {
+                Hold hold(state, record);  // this thread's slot exists: cannot throw here
+                core.deregister_sleeper(hold, state, n);
+            } catch (...) {
+                // Unreachable in practice (see above); a reap recounts the sleepers anyway.
+            }
+        }
+    } withdraw{*this, state, record, n, registered};
     AutoReap auto_reap(state, pacing.now());
     for (int attempt = 0;; ++attempt) {
         std::uint64_t seen = 0;
         {
             Hold hold(state, record);
-            if (try_acquire(hold, state, n, registered ? n : 0)) return true;
+            if (try_acquire(hold, state, n, registered ? n : 0)) {
+                registered = false;  // the acquiring CAS deregistered us
+                return true;
+            }
             seen = word.load(std::memory_order_seq_cst);
         }
         const TimePoint now = pacing.now();
         auto_reap.poll(now);
-        if (deadline && now >= *deadline) {
-            if (registered) {
-                Hold hold(state, record);
-                deregister_sleeper(hold, state, n);
-            }
-            return false;
-        }
+        if (deadline && now >= *deadline) return false;  // ~Withdraw deregisters
         // Sleep while the units in use stay as we saw them; a release changes them (and wakes
         // us if we are registered). Unregistered (saturated) sleepers just poll.
         const Pacing* p = registered ? &pacing : &kPollPacing;
@@ -158,16 +183,19 @@ std::int64_t recount_semaphore_word(const SegmentState& state, std::uint32_t rec
         (slot.waiting_amount.load(std::memory_order_relaxed) == 1 ? single : multi) += 1;
     }
     std::uint64_t w = word.load(std::memory_order_acquire);
-    const std::int64_t given_back =
-        static_cast<std::int64_t>(SemaphoreWord::in_use(w)) - live_units;
     const std::uint64_t next = SemaphoreWord::make(static_cast<std::uint64_t>(live_units),
                                                    std::min(single, SemaphoreWord::kWaiterMax),
                                                    std::min(multi, SemaphoreWord::kWaiterMax));
+    LIM_RACE_POINT();
     while (!word.compare_exchange_weak(w, next, std::memory_order_seq_cst,
                                        std::memory_order_relaxed)) {
+        LIM_RACE_POINT();
     }
+    // `w` is the value the CAS replaced. The word is frozen and no live slot is pending on the
+    // record, so no live sleeper can change it meanwhile (each steps aside before its CAS), and
+    // the counts computed above stay exact until the recount lands.
     futex_wake(low_half(word), INT_MAX);
-    return given_back;
+    return static_cast<std::int64_t>(SemaphoreWord::in_use(w)) - live_units;
 }
 
 namespace {

@@ -11,6 +11,7 @@
 #include "recovery/reaper.hpp"
 #include "shm/record_handle.hpp"
 #include "sync/futex.hpp"
+#include "sync/race_point.hpp"
 
 namespace lim::detail {
 namespace {
@@ -38,6 +39,7 @@ void enter(Hold& hold, const SegmentState& state, std::atomic<std::uint64_t>& wo
     std::uint64_t w = word.load(std::memory_order_relaxed);
     for (;;) {
         if (hold.stepped_aside(w, word, state)) continue;
+        LIM_RACE_POINT();
         if (word.compare_exchange_weak(w, w, std::memory_order_seq_cst,
                                        std::memory_order_relaxed)) {
             return;
@@ -90,6 +92,24 @@ void clear_waiting(Hold& hold) noexcept {
     hold.holder_ref().slot->waiting_record.store(0, std::memory_order_relaxed);
 }
 
+// Leaves the queue holding ticket `t` without taking units: cancels the ticket and, if it is at
+// the head, passes the turn on, so no one waits behind a ticket whose owner has gone.
+void withdraw_ticket(Hold& hold, const SegmentState& state, WeightedLayer& l,
+                     std::uint64_t t) noexcept {
+    enter(hold, state, l.word);
+    LIM_RACE_POINT();
+    auto& slot = ring_slot(l, t);
+    std::uint64_t e = slot.load(std::memory_order_seq_cst);
+    if (RingEntry::is(e, t, RingState::waiting)) {
+        slot.compare_exchange_strong(e,
+                                     RingEntry::make(t, RingEntry::slot(e), RingState::cancelled),
+                                     std::memory_order_seq_cst);
+    }
+    LIM_RACE_POINT();
+    if (l.queue.head.load(std::memory_order_seq_cst) == t) dequeue_cancelled(l, t);
+    clear_waiting(hold);
+}
+
 enum class Enqueued { took, ticket, ring_full };
 enum class Admit { admitted, no_room, retry };
 
@@ -100,6 +120,7 @@ bool WeightedCore::try_acquire(Hold& hold, const SegmentState& state, std::uint6
     for (;;) {
         if (hold.stepped_aside(w, l.word, state)) continue;
         if (W::queued(w) != 0 || W::in_use(w) + n > capacity) return false;
+        LIM_RACE_POINT();
         if (l.word.compare_exchange_weak(w, w + n, std::memory_order_seq_cst,
                                          std::memory_order_relaxed)) {
             hold.add(ledger_layer, static_cast<std::int64_t>(n));
@@ -114,6 +135,7 @@ bool WeightedCore::release(Hold& hold, const SegmentState& state, std::uint64_t 
     for (;;) {
         if (hold.stepped_aside(w, l.word, state)) continue;
         if (W::in_use(w) < n) return false;
+        LIM_RACE_POINT();
         if (l.word.compare_exchange_weak(w, w - n, std::memory_order_seq_cst,
                                          std::memory_order_relaxed)) {
             break;
@@ -141,6 +163,7 @@ bool WeightedCore::acquire_until(SegmentState& state, std::uint32_t record, std:
             for (;;) {
                 if (hold.stepped_aside(w, l.word, state)) continue;
                 if (W::queued(w) == 0 && W::in_use(w) + n <= capacity) {
+                    LIM_RACE_POINT();
                     if (l.word.compare_exchange_weak(w, w + n, std::memory_order_seq_cst,
                                                      std::memory_order_relaxed)) {
                         hold.add(ledger_layer, static_cast<std::int64_t>(n));
@@ -154,6 +177,7 @@ bool WeightedCore::acquire_until(SegmentState& state, std::uint32_t record, std:
                     got = Enqueued::ring_full;
                     break;
                 }
+                LIM_RACE_POINT();
                 if (l.word.compare_exchange_weak(w, w + W::kQueuedUnit, std::memory_order_seq_cst,
                                                  std::memory_order_relaxed)) {
                     got = Enqueued::ticket;
@@ -161,6 +185,7 @@ bool WeightedCore::acquire_until(SegmentState& state, std::uint32_t record, std:
                 }
             }
             if (got == Enqueued::ticket) {
+                LIM_RACE_POINT();
                 t = l.queue.tail.fetch_add(1, std::memory_order_seq_cst);
                 ring_slot(l, t).store(
                     RingEntry::make(t, hold.holder_ref().slot_index, RingState::waiting),
@@ -177,7 +202,26 @@ bool WeightedCore::acquire_until(SegmentState& state, std::uint32_t record, std:
             continue;
         }
 
-        // Queued with ticket t: wait for our turn, then for room.
+        // Queued with ticket t: wait for our turn, then for room. Every way out but admission
+        // and a dropped queue withdraws the ticket, an exception thrown by an injected clock or
+        // sleep included: a ticket left behind would stall every process's queue when it
+        // reached the head, and no reap helps while its owner lives.
+        struct Queued {
+            SegmentState& state;
+            std::uint32_t record;
+            WeightedLayer& l;
+            std::uint64_t t;
+            bool holds = true;
+            ~Queued() {
+                if (!holds) return;
+                try {
+                    Hold hold(state, record);  // this thread's slot exists: cannot throw here
+                    withdraw_ticket(hold, state, l, t);
+                } catch (...) {
+                    // Unreachable in practice (see above).
+                }
+            }
+        } queued{state, record, l, t};
         bool requeue = false;
         while (!requeue) {
             const std::uint32_t s = l.queue.seq.load(std::memory_order_seq_cst);
@@ -187,6 +231,7 @@ bool WeightedCore::acquire_until(SegmentState& state, std::uint32_t record, std:
                 // again.
                 Hold hold(state, record);
                 clear_waiting(hold);
+                queued.holds = false;
                 requeue = true;
                 continue;
             }
@@ -209,6 +254,7 @@ bool WeightedCore::acquire_until(SegmentState& state, std::uint32_t record, std:
                             a = Admit::no_room;
                             break;
                         }
+                        LIM_RACE_POINT();
                         if (l.word.compare_exchange_weak(w, w + n - W::kQueuedUnit,
                                                          std::memory_order_seq_cst,
                                                          std::memory_order_relaxed)) {
@@ -228,23 +274,13 @@ bool WeightedCore::acquire_until(SegmentState& state, std::uint32_t record, std:
                         pass_turn(l, t);
                     }
                 }
-                if (a == Admit::admitted) return true;
+                if (a == Admit::admitted) {
+                    queued.holds = false;
+                    return true;
+                }
                 if (a == Admit::retry) continue;
             }
-            if (deadline && pacing.now() >= *deadline) {
-                Hold hold(state, record);
-                enter(hold, state, l.word);
-                auto& slot = ring_slot(l, t);
-                std::uint64_t e = slot.load(std::memory_order_seq_cst);
-                if (RingEntry::is(e, t, RingState::waiting)) {
-                    slot.compare_exchange_strong(
-                        e, RingEntry::make(t, RingEntry::slot(e), RingState::cancelled),
-                        std::memory_order_seq_cst);
-                }
-                if (l.queue.head.load(std::memory_order_seq_cst) == t) dequeue_cancelled(l, t);
-                clear_waiting(hold);
-                return false;
-            }
+            if (deadline && pacing.now() >= *deadline) return false;  // ~Queued withdraws
             auto_reap.poll(pacing.now());
             pacing.pause(l.queue.seq, s, deadline, attempt++, bit_of(t));
         }
