@@ -13,6 +13,7 @@
 #include "lim/dispatch.hpp"
 #include "lim/error.hpp"
 #include "lim/segment.hpp"
+#include "shm/segment_state.hpp"
 #include "support/process.hpp"
 
 using namespace lim;
@@ -767,4 +768,89 @@ TEST_CASE("a huge backoff_window saturates instead of wrapping (issue 9 item 10)
     CHECK(s.backoff_active);
     CHECK(s.throttle_remaining > std::chrono::hours{24 * 365 * 100});
     CHECK(d.acquire(1).throttled());
+}
+
+TEST_CASE("limits too wide to pack in one word: each layer in its own word, same behaviour") {
+    // concurrency > 32,767 or byte_budget >= 2^32 cannot share the packed word.
+    for (const bool wide_budget : {false, true}) {
+        CAPTURE(wide_budget);
+        lim::test::SegmentGuard guard(lim::test::unique_name("d-unpacked"));
+        auto seg = make_segment(guard);
+        const std::uint64_t budget = wide_budget ? (std::uint64_t{1} << 40) : 1000;
+        auto d = Dispatch::open(seg, {.limiter = BackoffWindow::for_key(seg, "api"),
+                                      .key = "api",
+                                      .concurrency = wide_budget ? 2u : 40'000u,
+                                      .throttled_concurrency = 1,
+                                      .byte_budget = budget,
+                                      .byte_penalty_multiplier = 2});
+        // Fill the limiting layer, then a blocked request is woken by a release.
+        std::vector<Permit> held;
+        if (wide_budget) {
+            held.push_back(d.acquire(budget - 10));
+            held.push_back(d.acquire(10));
+            CHECK_FALSE(d.try_acquire(0));  // both slots taken
+        } else {
+            held.push_back(d.acquire(800));
+            CHECK_FALSE(d.try_acquire(300));
+        }
+        Permit later;
+        std::thread t([&] { later = d.acquire(wide_budget ? 5 : 300); });
+        REQUIRE(eventually([&] { return d.snapshot().waiters == 1; }));
+        if (!wide_budget) CHECK_FALSE(d.try_acquire(1));  // FIFO: queued first
+        DispatchSnapshot s = d.snapshot();
+        CHECK(s.concurrency_waiters == (wide_budget ? 1u : 0u));
+        CHECK(s.bytes_waiters == (wide_budget ? 0u : 1u));
+        held.back().release();
+        t.join();
+        CHECK(later.held());
+        later.release();
+        held.clear();
+        check_idle(d);
+        // Under backoff: throttled and penalised, given back exactly.
+        d.set_backoff(1h);
+        auto p = d.acquire(100);
+        CHECK(p.throttled());
+        CHECK(p.bytes() == 200);
+        CHECK_FALSE(d.try_acquire(1));  // the throttled layer is full
+        s = d.snapshot();
+        CHECK(s.throttled_in_flight == 1);
+        CHECK(s.bytes_in_flight == 200);
+        p.release();
+        BackoffWindow(d.limiter()).clear();
+        check_idle(d);
+    }
+}
+
+TEST_CASE("packed: a permit without backoff is one word; sleepers and the queue share it") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("d-packed"));
+    auto seg = make_segment(guard);
+    auto d = Dispatch::open(seg, {.limiter = BackoffWindow::for_key(seg, "api"),
+                                  .key = "api",
+                                  .concurrency = 2,
+                                  .byte_budget = 1000});
+    auto a = d.acquire(600);
+    // A byte request queues (holding its slot), then a slot request sleeps: both counted in the
+    // packed word, and each is woken by the release that lets it proceed.
+    Permit b;
+    std::thread tb([&] { b = d.acquire(600); });
+    REQUIRE(eventually([&] { return d.snapshot().bytes_waiters == 1; }));
+    Permit c;
+    std::thread tc([&] { c = d.acquire(0); });
+    REQUIRE(eventually([&] { return d.snapshot().concurrency_waiters == 1; }));
+    DispatchSnapshot s = d.snapshot();
+    CHECK(s.in_flight == 2);
+    CHECK(s.bytes_in_flight == 600);
+    CHECK(s.waiters == 2);
+    CHECK_FALSE(d.try_acquire(1));
+    a.release();  // frees a slot and 600 bytes: the queued request gets its bytes
+    tb.join();
+    CHECK(b.bytes() == 600);
+    s = d.snapshot();
+    CHECK(s.bytes_waiters == 0);
+    CHECK(s.in_flight == 2);
+    b.release();  // frees a slot: the sleeper gets it
+    tc.join();
+    CHECK(c.held());
+    c.release();
+    check_idle(d);
 }

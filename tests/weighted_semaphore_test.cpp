@@ -316,7 +316,9 @@ TEST_CASE("a queued acquire whose clock or sleep throws withdraws its ticket (is
     const std::uint32_t record =
         *detail::find_record(state, detail::RecordKind::weighted_semaphore, "bytes");
     detail::WeightedCore core{
-        reinterpret_cast<detail::WeightedSemaphoreBody*>(state.record(record).body)->layer, 10, 0};
+        reinterpret_cast<detail::WeightedSemaphoreBody*>(state.record(record).body)->layer.word,
+        reinterpret_cast<detail::WeightedSemaphoreBody*>(state.record(record).body)->layer.queue,
+        10, 0};
     struct Thrown : std::runtime_error {
         Thrown() : std::runtime_error("injected") {}
     };
