@@ -224,6 +224,10 @@ class Dispatch {
     explicit Dispatch(std::shared_ptr<detail::DispatchImpl> impl) : impl_(std::move(impl)) {}
     static Dispatch open_impl(const Segment& segment, const DispatchOptions& options, bool adopt);
     std::optional<Permit> acquire_impl(std::uint64_t bytes, std::optional<TimePoint> deadline);
+    // Everything but the packed one-CAS permit: one CAS per layer, then blocking per layer.
+    [[gnu::noinline]] static std::optional<Permit> acquire_general(
+        detail::DispatchImpl& d, bool backoff, std::uint64_t charge,
+        std::optional<TimePoint> deadline);
 
     std::shared_ptr<detail::DispatchImpl> impl_;
 };

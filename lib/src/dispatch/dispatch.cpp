@@ -453,23 +453,33 @@ std::optional<Permit> Dispatch::try_acquire(std::uint64_t bytes) {
 std::optional<Permit> Dispatch::acquire_impl(std::uint64_t bytes,
                                              std::optional<TimePoint> deadline) {
     DispatchImpl& d = *impl_;
-    detail::SegmentState& state = *d.ref.state;
-    const std::uint32_t record = d.ref.index;
     // Decided once, here: whether this request runs under backoff, and so what it is charged.
     const bool backoff = d.backoff_now();
     const std::uint64_t charge = detail::charge_for(
         bytes, backoff, d.config->byte_penalty_multiplier, d.config->byte_budget);
+    if (d.packed && !backoff) {
+        // The common permit: one CAS for the slot and the bytes. Kept apart from the general path
+        // below so that its frame stays small.
+        detail::Hold hold(*d.ref.state, d.ref.index);
+        if (d.take_packed(hold, *d.ref.state, charge)) {
+            hold.admitted();
+            return Permit(&d, charge, false, detail::fork_generation());
+        }
+    }
+    return acquire_general(d, backoff, charge, deadline);
+}
+
+std::optional<Permit> Dispatch::acquire_general(detail::DispatchImpl& d, bool backoff,
+                                                std::uint64_t charge,
+                                                std::optional<TimePoint> deadline) {
+    detail::SegmentState& state = *d.ref.state;
+    const std::uint32_t record = d.ref.index;
     bool slot = false;
     bool throttled = !backoff;  // true: nothing (more) to take from this layer
     bool budget = charge == 0;
     {
-        // The fast path: every layer in one announcement; packed and without backoff, one CAS
-        // for all of them, otherwise one CAS each.
+        // Every layer in one announcement, one CAS each.
         detail::Hold hold(state, record);
-        if (d.packed && !backoff && d.take_packed(hold, state, charge)) {
-            hold.admitted();
-            return Permit(&d, charge, false, detail::fork_generation());
-        }
         slot = d.slots().try_acquire(hold, state, 1);
         if (slot && !throttled) throttled = d.throttled().try_acquire(hold, state, 1);
         if (slot && throttled && !budget) budget = d.bytes().try_acquire(hold, state, charge);
