@@ -118,6 +118,11 @@ bool SemaphoreCore::acquire_until(SegmentState& state, std::uint32_t record, std
         Hold hold(state, record);
         if (try_acquire(hold, state, n)) return true;
     }
+    return acquire_blocking(state, record, n, deadline, pacing);
+}
+
+bool SemaphoreCore::acquire_blocking(SegmentState& state, std::uint32_t record, std::uint64_t n,
+                                     std::optional<TimePoint> deadline, const Pacing& pacing) {
     bool registered = false;
     {
         Hold hold(state, record);

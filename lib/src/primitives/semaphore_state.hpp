@@ -134,6 +134,11 @@ struct SemaphoreCore {
     // own Holds and holds none while it sleeps; `pacing` bounds each sleep.
     bool acquire_until(SegmentState& state, std::uint32_t record, std::uint64_t n,
                        std::optional<TimePoint> deadline, const Pacing& pacing);
+    // acquire_until after its first attempt failed: registers, sleeps, retries. Out of line, so
+    // that the uncontended acquire keeps a small frame.
+    [[gnu::noinline]] bool acquire_blocking(SegmentState& state, std::uint32_t record,
+                                            std::uint64_t n, std::optional<TimePoint> deadline,
+                                            const Pacing& pacing);
 };
 
 // The sleepers registered on `record`'s `layer` by live slots (slots in `dead` do not count),
