@@ -842,15 +842,18 @@ TEST_CASE("packed: a permit without backoff is one word; sleepers and the queue 
     CHECK(s.bytes_in_flight == 600);
     CHECK(s.waiters == 2);
     CHECK_FALSE(d.try_acquire(1));
-    a.release();  // frees a slot and 600 bytes: the queued request gets its bytes
+    // One CAS frees a slot and 600 bytes: the queued request gets its bytes and the slot
+    // sleeper gets the slot, both woken by that one release.
+    a.release();
     tb.join();
-    CHECK(b.bytes() == 600);
-    s = d.snapshot();
-    CHECK(s.bytes_waiters == 0);
-    CHECK(s.in_flight == 2);
-    b.release();  // frees a slot: the sleeper gets it
     tc.join();
+    CHECK(b.bytes() == 600);
     CHECK(c.held());
+    s = d.snapshot();
+    CHECK(s.waiters == 0);
+    CHECK(s.in_flight == 2);
+    CHECK(s.bytes_in_flight == 600);
+    b.release();
     c.release();
     check_idle(d);
 }

@@ -106,7 +106,7 @@ bool SemaphoreCore::release(Hold& hold, const SegmentState& state, std::uint64_t
         if (word.compare_exchange_weak(w, w - n, std::memory_order_seq_cst,
                                        std::memory_order_relaxed)) {
             hold.add(layer, -static_cast<std::int64_t>(n));
-            wake_after_release(word, fmt, w, n);
+            if (fmt.sleepers(w) > 0) wake_after_release(word, fmt, w, n);
             return true;
         }
     }
