@@ -13,6 +13,7 @@
 #include "lim/dispatch.hpp"
 #include "lim/error.hpp"
 #include "lim/segment.hpp"
+#include "shm/segment_state.hpp"
 #include "support/process.hpp"
 
 using namespace lim;
@@ -696,5 +697,163 @@ TEST_CASE("threads: no layer is ever exceeded, and everything comes back") {
     CHECK(peak_in_flight.load() <= 4);
     CHECK(peak_throttled.load() <= 2);
     CHECK(peak_bytes.load() <= 1000);
+    check_idle(d);
+}
+
+TEST_CASE("a blocked acquire whose sleep or clock throws gives back every layer (issue 9 item 7)") {
+    struct Thrown : std::runtime_error {
+        Thrown() : std::runtime_error("injected") {}
+    };
+    for (const bool clock_throws : {false, true}) {
+        for (int layer = 0; layer < 3; ++layer) {  // blocked on: slots, throttled, bytes
+            CAPTURE(clock_throws);
+            CAPTURE(layer);
+            lim::test::SegmentGuard guard(lim::test::unique_name("d-throw"));
+            auto seg = make_segment(guard);
+            std::atomic<bool> armed{false};
+            std::atomic<int> sleeps{0};
+            DispatchOptions o{.limiter = BackoffWindow::for_key(seg, "api"),
+                              .key = "api",
+                              .concurrency = layer == 0 ? 1u : 4u,
+                              .throttled_concurrency = 1,
+                              .byte_budget = 1000,
+                              .byte_penalty_multiplier = 1};
+            o.clock = [&armed] {
+                if (armed.load()) throw Thrown();
+                return Clock::now();
+            };
+            o.sleep = [&](Duration) {
+                ++sleeps;
+                if (!clock_throws) throw Thrown();
+                armed = true;  // the next clock read throws
+            };
+            auto d = Dispatch::open(seg, o);
+            if (layer == 1) d.set_backoff(1h);
+            Permit held = d.acquire(layer == 2 ? 800 : 1);
+            CHECK_THROWS_AS(d.acquire(500), Thrown);
+            CHECK(sleeps.load() == 1);  // it blocked before the throw
+            armed = false;
+            DispatchSnapshot s = d.snapshot();
+            CHECK(s.in_flight == 1);  // only `held`
+            CHECK(s.throttled_in_flight == (layer == 1 ? 1u : 0u));
+            CHECK(s.bytes_in_flight == (layer == 2 ? 800u : 1u));
+            CHECK(s.waiters == 0);  // no sleeper registration and no ticket left behind
+            held.release();
+            // Nothing stalls: the whole budget is usable at once.
+            auto all = d.try_acquire(1000);
+            CHECK(all.has_value());
+            all.reset();
+            check_idle(d);
+        }
+    }
+}
+
+TEST_CASE("a huge backoff_window saturates instead of wrapping (issue 9 item 10)") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("d-hugewin"));
+    auto seg = make_segment(guard);
+    FakeTime time;
+    DispatchOptions o{.limiter = BackoffWindow::for_key(seg, "api"),
+                      .key = "api",
+                      .backoff_window = Duration::max()};
+    time.install(o);
+    auto d = Dispatch::open(seg, o);
+    d.set_backoff(1s);
+    DispatchSnapshot s = d.snapshot();
+    CHECK(s.backoff_active);
+    CHECK(s.backoff_remaining == 1s);
+    // until + window is beyond int64: the remaining time saturates, never negative.
+    CHECK(s.throttle_remaining > std::chrono::hours{24 * 365 * 100});
+    time.advance(std::chrono::hours{24 * 365});
+    s = d.snapshot();
+    CHECK(s.backoff_active);
+    CHECK(s.throttle_remaining > std::chrono::hours{24 * 365 * 100});
+    CHECK(d.acquire(1).throttled());
+}
+
+TEST_CASE("limits too wide to pack in one word: each layer in its own word, same behaviour") {
+    // concurrency > 32,767 or byte_budget >= 2^32 cannot share the packed word.
+    for (const bool wide_budget : {false, true}) {
+        CAPTURE(wide_budget);
+        lim::test::SegmentGuard guard(lim::test::unique_name("d-unpacked"));
+        auto seg = make_segment(guard);
+        const std::uint64_t budget = wide_budget ? (std::uint64_t{1} << 40) : 1000;
+        auto d = Dispatch::open(seg, {.limiter = BackoffWindow::for_key(seg, "api"),
+                                      .key = "api",
+                                      .concurrency = wide_budget ? 2u : 40'000u,
+                                      .throttled_concurrency = 1,
+                                      .byte_budget = budget,
+                                      .byte_penalty_multiplier = 2});
+        // Fill the limiting layer, then a blocked request is woken by a release.
+        std::vector<Permit> held;
+        if (wide_budget) {
+            held.push_back(d.acquire(budget - 10));
+            held.push_back(d.acquire(10));
+            CHECK_FALSE(d.try_acquire(0));  // both slots taken
+        } else {
+            held.push_back(d.acquire(800));
+            CHECK_FALSE(d.try_acquire(300));
+        }
+        Permit later;
+        std::thread t([&] { later = d.acquire(wide_budget ? 5 : 300); });
+        REQUIRE(eventually([&] { return d.snapshot().waiters == 1; }));
+        if (!wide_budget) CHECK_FALSE(d.try_acquire(1));  // FIFO: queued first
+        DispatchSnapshot s = d.snapshot();
+        CHECK(s.concurrency_waiters == (wide_budget ? 1u : 0u));
+        CHECK(s.bytes_waiters == (wide_budget ? 0u : 1u));
+        held.back().release();
+        t.join();
+        CHECK(later.held());
+        later.release();
+        held.clear();
+        check_idle(d);
+        // Under backoff: throttled and penalised, given back exactly.
+        d.set_backoff(1h);
+        auto p = d.acquire(100);
+        CHECK(p.throttled());
+        CHECK(p.bytes() == 200);
+        CHECK_FALSE(d.try_acquire(1));  // the throttled layer is full
+        s = d.snapshot();
+        CHECK(s.throttled_in_flight == 1);
+        CHECK(s.bytes_in_flight == 200);
+        p.release();
+        BackoffWindow(d.limiter()).clear();
+        check_idle(d);
+    }
+}
+
+TEST_CASE("packed: a permit without backoff is one word; sleepers and the queue share it") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("d-packed"));
+    auto seg = make_segment(guard);
+    auto d = Dispatch::open(seg, {.limiter = BackoffWindow::for_key(seg, "api"),
+                                  .key = "api",
+                                  .concurrency = 2,
+                                  .byte_budget = 1000});
+    auto a = d.acquire(600);
+    // A byte request queues (holding its slot), then a slot request sleeps: both counted in the
+    // packed word, and each is woken by the release that lets it proceed.
+    Permit b;
+    std::thread tb([&] { b = d.acquire(600); });
+    REQUIRE(eventually([&] { return d.snapshot().bytes_waiters == 1; }));
+    Permit c;
+    std::thread tc([&] { c = d.acquire(0); });
+    REQUIRE(eventually([&] { return d.snapshot().concurrency_waiters == 1; }));
+    DispatchSnapshot s = d.snapshot();
+    CHECK(s.in_flight == 2);
+    CHECK(s.bytes_in_flight == 600);
+    CHECK(s.waiters == 2);
+    CHECK_FALSE(d.try_acquire(1));
+    // One CAS frees a slot and 600 bytes: the queued request gets its bytes and the slot
+    // sleeper gets the slot, both woken by that one release.
+    a.release();
+    tb.join();
+    tc.join();
+    CHECK(b.bytes() == 600);
+    CHECK(c.held());
+    s = d.snapshot();
+    CHECK(s.waiters == 0);
+    CHECK(s.in_flight == 2);
+    CHECK(s.bytes_in_flight == 600);
+    b.release();
+    c.release();
     check_idle(d);
 }

@@ -3,11 +3,18 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
+#include <optional>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
 #include "lim/lim.hpp"
 #include "lim/semaphore.hpp"
+#include "primitives/semaphore_state.hpp"
+#include "shm/file_lock.hpp"
+#include "shm/ledger.hpp"
+#include "shm/records.hpp"
 #include "support/process.hpp"
 
 using namespace lim;
@@ -17,6 +24,23 @@ namespace {
 Segment make_segment(lim::test::SegmentGuard& guard) {
     return Segment::open_or_create(guard.name(), {.max_limiters = 8, .max_processes = 64});
 }
+
+// The semaphore `key`'s record and its algorithm, for tests that drive the steps themselves.
+struct SemaphoreInternals {
+    detail::SegmentState& state;
+    std::uint32_t record;
+    detail::SemaphoreCore core;
+
+    SemaphoreInternals(const Segment& seg, std::string_view key, std::uint64_t capacity)
+        : state(*seg.state()),
+          record(*detail::find_record(state, detail::RecordKind::semaphore, key)),
+          core{reinterpret_cast<detail::SemaphoreBody*>(state.record(record).body)->word, capacity,
+               0} {}
+};
+
+struct Thrown : std::runtime_error {
+    Thrown() : std::runtime_error("injected") {}
+};
 }  // namespace
 
 TEST_CASE("try_acquire takes up to capacity and release gives back") {
@@ -144,4 +168,112 @@ TEST_CASE("threads never exceed the capacity") {
     CHECK(peak.load() >= 1);
     CHECK(sem.in_use() == 0);
     CHECK(sem.waiters() == 0);
+}
+
+TEST_CASE("a sleeper that registers while a recount runs is counted once (issue 9 item 6)") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("sem-recount"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 1});
+    REQUIRE(sem.try_acquire());
+    SemaphoreInternals in(seg, "db", 1);
+
+    // As a reaper would: hold the recovery lock (so the sleeper cannot take the word for an
+    // abandoned recount and thaw it itself) and freeze the word.
+    auto recovery = detail::FileLock::try_lock_fresh(in.state.fd(), detail::LockByte::recovery);
+    REQUIRE(recovery.has_value());
+    detail::kSemaphoreOps.freeze(in.state, in.record);
+
+    // A sleeper starts registering: it announces itself, then finds the word frozen and steps
+    // aside (its slot's `pending` drops to 0 while it is still inside register_sleeper).
+    std::atomic<int> in_hold{0};
+    std::atomic<std::uint32_t> slot_index{0};
+    std::atomic<bool> registered{false};
+    std::thread sleeper([&] {
+        detail::Hold hold(in.state, in.record);
+        slot_index = hold.holder_ref().slot_index;
+        in_hold = 1;
+        registered = in.core.register_sleeper(hold, in.state, 1);
+    });
+    REQUIRE(lim::test::eventually(
+        [&] { return in_hold.load() == 1 && in.state.slot(slot_index).pending.load() == 0; }));
+
+    // The recount: the live ledgers hold 1 unit; the stepped-aside sleeper must not be counted
+    // yet, because its registering CAS has not landed.
+    detail::recount_semaphore_word(in.state, in.record, 0, in.core.word, 1);
+    detail::kSemaphoreOps.thaw(in.state, in.record);
+    recovery.reset();
+    sleeper.join();
+    REQUIRE(registered.load());
+    CHECK(sem.waiters() == 1);  // counted twice before the fix
+    CHECK(sem.in_use() == 1);
+
+    // Leaving brings the count back to exactly zero.
+    {
+        detail::Hold hold(in.state, in.record);
+        in.core.deregister_sleeper(hold, in.state, 1);
+    }
+    CHECK(sem.waiters() == 0);
+    sem.release();
+    CHECK(sem.in_use() == 0);
+}
+
+TEST_CASE("a recount counts a registered sleeper exactly once, and it leaves at zero") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("sem-recount2"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 1});
+    REQUIRE(sem.try_acquire());
+    SemaphoreInternals in(seg, "db", 1);
+    std::atomic<bool> got{false};
+    std::thread sleeper([&] {
+        sem.acquire();
+        got = true;
+    });
+    REQUIRE(lim::test::eventually([&] { return sem.waiters() == 1; }));
+    // A reap-style recount while it sleeps keeps it counted once.
+    detail::kSemaphoreOps.freeze(in.state, in.record);
+    detail::recount_semaphore_word(in.state, in.record, 0, in.core.word, 1);
+    detail::kSemaphoreOps.thaw(in.state, in.record);
+    CHECK(sem.waiters() == 1);
+    sem.release();
+    sleeper.join();
+    CHECK(got.load());
+    CHECK(sem.waiters() == 0);
+    CHECK(sem.in_use() == 1);
+    sem.release();
+}
+
+TEST_CASE("a blocked acquire whose clock or sleep throws holds nothing (issue 9 item 7)") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("sem-throw"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 2});
+    REQUIRE(sem.try_acquire(2));
+    SemaphoreInternals in(seg, "db", 2);
+    for (const bool clock_throws : {false, true}) {
+        CAPTURE(clock_throws);
+        bool armed = false;
+        int sleeps = 0;
+        const std::function<TimePoint()> clock = [&] {
+            if (armed) throw Thrown();
+            return Clock::now();
+        };
+        const std::function<void(Duration)> sleep = [&](Duration) {
+            ++sleeps;
+            if (!clock_throws) throw Thrown();
+            armed = true;  // the next clock read throws
+        };
+        const detail::Pacing pacing{.clock = &clock, .sleep = &sleep};
+        for (const std::uint64_t n : {std::uint64_t{1}, std::uint64_t{2}}) {
+            CAPTURE(n);
+            armed = false;
+            sleeps = 0;
+            CHECK_THROWS_AS(in.core.acquire_until(in.state, in.record, n, std::nullopt, pacing),
+                            Thrown);
+            CHECK(sleeps == 1);         // it did block (registered) before the throw
+            CHECK(sem.waiters() == 0);  // the registration was withdrawn
+            CHECK(sem.in_use() == 2);   // and nothing was taken
+        }
+    }
+    sem.release(2);
+    CHECK(sem.try_acquire(2));
+    sem.release(2);
 }

@@ -4,12 +4,17 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
+#include <optional>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
 #include "lim/error.hpp"
 #include "lim/segment.hpp"
 #include "lim/weighted_semaphore.hpp"
+#include "primitives/weighted_semaphore_state.hpp"
+#include "shm/records.hpp"
 #include "support/process.hpp"
 
 using namespace lim;
@@ -301,4 +306,68 @@ TEST_CASE("threads never exceed the budget") {
     CHECK(peak.load() <= 100);
     CHECK(ws.in_use() == 0);
     CHECK(ws.waiters() == 0);
+}
+
+TEST_CASE("a queued acquire whose clock or sleep throws withdraws its ticket (issue 9 item 7)") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("ws-throw"));
+    auto seg = make_segment(guard);
+    auto ws = WeightedSemaphore::open(seg, "bytes", {.capacity = 10});
+    detail::SegmentState& state = *seg.state();
+    const std::uint32_t record =
+        *detail::find_record(state, detail::RecordKind::weighted_semaphore, "bytes");
+    detail::WeightedCore core{
+        reinterpret_cast<detail::WeightedSemaphoreBody*>(state.record(record).body)->layer.word,
+        reinterpret_cast<detail::WeightedSemaphoreBody*>(state.record(record).body)->layer.queue,
+        10, 0};
+    struct Thrown : std::runtime_error {
+        Thrown() : std::runtime_error("injected") {}
+    };
+    REQUIRE(ws.try_acquire(8));
+    for (const bool clock_throws : {false, true}) {
+        for (const bool behind_another : {false, true}) {
+            CAPTURE(clock_throws);
+            CAPTURE(behind_another);
+            // Optionally a live request queued first, so the thrower's ticket is not the head.
+            std::optional<std::thread> first;
+            std::atomic<bool> first_got{false};
+            if (behind_another) {
+                first.emplace([&] {
+                    ws.acquire(5);
+                    first_got = true;
+                });
+                REQUIRE(eventually([&] { return ws.waiters() == 1; }));
+            }
+            bool armed = false;
+            int sleeps = 0;
+            const std::function<TimePoint()> clock = [&] {
+                if (armed) throw Thrown();
+                return Clock::now();
+            };
+            const std::function<void(Duration)> sleep = [&](Duration) {
+                ++sleeps;
+                if (!clock_throws) throw Thrown();
+                armed = true;
+            };
+            const detail::Pacing pacing{.clock = &clock, .sleep = &sleep};
+            CHECK_THROWS_AS(core.acquire_until(state, record, 3, std::nullopt, pacing), Thrown);
+            CHECK(sleeps == 1);  // it was queued when it threw
+            CHECK(ws.in_use() == 8);
+            if (behind_another) {
+                // The withdrawn ticket does not stall the queue when the turn reaches it.
+                CHECK(ws.waiters() >= 1);
+                ws.release(8);
+                first->join();
+                CHECK(first_got.load());
+                CHECK(ws.in_use() == 5);
+                ws.release(5);
+                REQUIRE(ws.try_acquire(8));
+            }
+            CHECK(ws.waiters() == 0);  // no ticket left behind
+            ws.release(8);
+            CHECK(ws.try_acquire(10));  // nobody queued: the budget is usable at once
+            ws.release(10);
+            REQUIRE(ws.try_acquire(8));
+        }
+    }
+    ws.release(8);
 }

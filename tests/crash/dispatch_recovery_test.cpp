@@ -55,14 +55,25 @@ detail::LiveHoldings recover(const Segment& seg, const detail::KindOps& ops, std
 }  // namespace
 
 TEST_CASE("a dead process's permits and its place at the head of the byte queue are recovered") {
+    // Both word layouts: slots and bytes packed in one word, and (concurrency too wide to pack)
+    // each layer in its own word.
+    std::uint64_t concurrency = 10;
+    SUBCASE("packed") {
+        concurrency = 10;
+    }
+    SUBCASE("unpacked") {
+        concurrency = 40'000;
+    }
     lim::test::SegmentGuard guard(lim::test::unique_name("crash-dispatch"));
     auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 8, .max_processes = 64});
     auto d = Dispatch::open(seg, {.limiter = BackoffWindow::for_key(seg, "api"),
                                   .key = "api",
-                                  .concurrency = 10,
+                                  .concurrency = concurrency,
                                   .byte_budget = 1000});
     const std::uint32_t record =
         *detail::find_record(*seg.state(), detail::RecordKind::dispatch, "api");
+    CHECK(detail::is_packed(*reinterpret_cast<const detail::DispatchConfig*>(
+              seg.state()->record(record).config)) == (concurrency == 10));
     Permit mine = d.acquire(100);
 
     auto* ready = lim::test::shared_array<std::atomic<int>>(1);
@@ -154,10 +165,19 @@ TEST_CASE("a dead process queued behind a live head is cancelled and skipped") {
 }
 
 TEST_CASE("reset gives a Dispatch its configured state and clears its backoff") {
+    std::uint64_t concurrency = 400;
+    SUBCASE("packed") {
+        concurrency = 400;
+    }
+    SUBCASE("unpacked") {
+        concurrency = 40'000;
+    }
     lim::test::SegmentGuard guard(lim::test::unique_name("reset-dispatch"));
     auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 8, .max_processes = 64});
-    auto d = Dispatch::open(
-        seg, {.limiter = BackoffWindow::for_key(seg, "api"), .key = "api", .byte_budget = 1000});
+    auto d = Dispatch::open(seg, {.limiter = BackoffWindow::for_key(seg, "api"),
+                                  .key = "api",
+                                  .concurrency = concurrency,
+                                  .byte_budget = 1000});
     const std::uint32_t record =
         *detail::find_record(*seg.state(), detail::RecordKind::dispatch, "api");
     const pid_t child = lim::test::fork_child([&] {

@@ -181,16 +181,19 @@ class Dispatch {
 
     // Takes a concurrency slot, then (if backoff is active now) a throttled slot, then `bytes`
     // (x byte_penalty_multiplier under backoff, clamped to byte_budget) from the byte budget,
-    // sleeping as long as it takes. Waits for the byte budget in FIFO order. Throws only
-    // Error(table_full) when this thread cannot get a process slot.
+    // sleeping as long as it takes. Waits for the byte budget in FIFO order. Throws
+    // Error(table_full) when this thread cannot get a process slot, and whatever an injected
+    // `clock` or `sleep` throws. On any exception it holds nothing: the layers taken so far are
+    // given back, its sleeper registration and its place in the byte queue are withdrawn.
     // Memory ordering: happens-after the releases that freed what it takes.
     Permit acquire(std::uint64_t bytes);
 
     // As acquire, but never sleeps: nullopt (holding nothing) if any layer is full now, or if
-    // anyone is queued for the byte budget.
+    // anyone is queued for the byte budget. Throws as acquire (before taking anything).
     std::optional<Permit> try_acquire(std::uint64_t bytes);
 
     // As acquire, but gives up at `deadline` (in the options' clock): nullopt, holding nothing.
+    // Throws as acquire, and then holds nothing either.
     std::optional<Permit> acquire_until(std::uint64_t bytes, TimePoint deadline);
 
     // Runs `fn` holding a permit for `bytes` and returns what it returns; the permit is released
@@ -221,6 +224,10 @@ class Dispatch {
     explicit Dispatch(std::shared_ptr<detail::DispatchImpl> impl) : impl_(std::move(impl)) {}
     static Dispatch open_impl(const Segment& segment, const DispatchOptions& options, bool adopt);
     std::optional<Permit> acquire_impl(std::uint64_t bytes, std::optional<TimePoint> deadline);
+    // Everything but the packed one-CAS permit: one CAS per layer, then blocking per layer.
+    [[gnu::noinline]] static std::optional<Permit> acquire_general(
+        detail::DispatchImpl& d, bool backoff, std::uint64_t charge,
+        std::optional<TimePoint> deadline);
 
     std::shared_ptr<detail::DispatchImpl> impl_;
 };

@@ -40,12 +40,15 @@ class Semaphore {
                           const SemaphoreOptions& options, AdoptExisting);
 
     // Takes `n` units if that many are free now. Never blocks. n == 0 succeeds at once.
-    // Throws Error(invalid_argument) if n > capacity (it could never succeed).
+    // Throws Error(invalid_argument) if n > capacity (it could never succeed), and
+    // Error(table_full) when this thread has no process slot and none is free; either way it
+    // holds nothing.
     // Memory ordering: a successful acquire happens-after the release that freed the units, in
     // whichever process it ran.
     bool try_acquire(std::uint64_t n = 1);
 
     // Takes `n` units, sleeping on a shared futex until they are free. Throws as try_acquire.
+    // Whatever exception leaves it, it holds nothing and no longer counts as a sleeper.
     void acquire(std::uint64_t n = 1);
 
     // Takes `n` units, sleeping until they are free or until `deadline` passes; returns false

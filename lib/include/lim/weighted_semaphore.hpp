@@ -52,17 +52,20 @@ class WeightedSemaphore {
                                   const WeightedSemaphoreOptions& options, AdoptExisting);
 
     // Takes `n` units (clamped to the capacity) if nobody is queued and they are free now.
-    // Never blocks. n == 0 succeeds at once and takes nothing.
+    // Never blocks. n == 0 succeeds at once and takes nothing. Throws only Error(table_full)
+    // when this thread has no process slot and none is free (then it holds nothing).
     // Memory ordering: a successful acquire happens-after the release that freed the units, in
     // whichever process it ran.
     bool try_acquire(std::uint64_t n = 1);
 
     // Takes `n` units (clamped to the capacity), queueing behind every earlier blocked request
     // and sleeping on a shared futex until it is this request's turn and the units are free.
+    // Throws only Error(table_full), as try_acquire. Whatever exception leaves it, it holds
+    // nothing and has left the queue.
     void acquire(std::uint64_t n = 1);
 
     // As acquire, but gives up when `deadline` passes: then leaves the queue (passing its turn
-    // on if it had it), holds nothing, and returns false.
+    // on if it had it), holds nothing, and returns false. Throws as acquire.
     bool acquire_until(std::uint64_t n, TimePoint deadline);
 
     // Gives back `n` units (clamped to the capacity) and wakes the head of the queue. Any thread

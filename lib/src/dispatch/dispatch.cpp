@@ -29,7 +29,54 @@ DispatchImpl::DispatchImpl(RecordRef r, BackoffWindow w, const DispatchOptions& 
              .jitter = o.acquire_backoff.jitter,
              .clock = &clock,
              .sleep = &sleep},
-      default_clock(!o.clock) {}
+      default_clock(!o.clock),
+      packed(is_packed(*config)) {}
+
+bool DispatchImpl::take_packed(Hold& hold, const SegmentState& state,
+                               std::uint64_t charge) noexcept {
+    using P = DispatchPacked;
+    std::atomic<std::uint64_t>& word = body->concurrency;
+    std::uint64_t w = word.load(std::memory_order_relaxed);
+    for (;;) {
+        if (hold.stepped_aside(w, word, state)) continue;
+        if (P::kSlots.in_use(w) >= config->concurrency) return false;
+        if (charge != 0 &&
+            (P::kBytes.queued(w) != 0 || P::kBytes.in_use(w) + charge > config->byte_budget)) {
+            return false;
+        }
+        LIM_RACE_POINT();
+        // Both fields stay within their widths: slots <= concurrency <= kMaxConcurrency, bytes <=
+        // byte_budget <= kMaxBudget.
+        if (word.compare_exchange_weak(w, w + 1 + P::kBytes.units(charge),
+                                       std::memory_order_seq_cst, std::memory_order_relaxed)) {
+            hold.add(kDispatchSlotsLayer, 1);
+            if (charge != 0) hold.add(kDispatchBytesLayer, static_cast<std::int64_t>(charge));
+            return true;
+        }
+    }
+}
+
+bool DispatchImpl::give_packed(Hold& hold, const SegmentState& state,
+                               std::uint64_t charge) noexcept {
+    using P = DispatchPacked;
+    std::atomic<std::uint64_t>& word = body->concurrency;
+    std::uint64_t w = word.load(std::memory_order_relaxed);
+    for (;;) {
+        if (hold.stepped_aside(w, word, state)) continue;
+        if (P::kSlots.in_use(w) < 1 || P::kBytes.in_use(w) < charge) return false;
+        LIM_RACE_POINT();
+        if (word.compare_exchange_weak(w, w - 1 - P::kBytes.units(charge),
+                                       std::memory_order_seq_cst, std::memory_order_relaxed)) {
+            break;
+        }
+    }
+    hold.add(kDispatchSlotsLayer, -1);
+    if (charge != 0) hold.add(kDispatchBytesLayer, -static_cast<std::int64_t>(charge));
+    // `w` is the word the CAS replaced: it tells whether anyone sleeps, at no extra cost.
+    if (P::kSlots.single(w) > 0) wake_after_release(word, P::kSlots, w, 1);
+    if (charge != 0 && P::kBytes.queued(w) > 0) bytes().wake_head();
+    return true;
+}
 
 bool DispatchImpl::backoff_now() {
     const std::int64_t until = window_body->until.load(std::memory_order_acquire);
@@ -65,18 +112,59 @@ void dispatch_thaw(SegmentState& state, std::uint32_t record) noexcept {
     b.bytes.word.fetch_and(~kFrozen, std::memory_order_seq_cst);
 }
 
+// A packed Dispatch's slots and bytes in one step: sleepers from the live registrations, queue
+// recounted, units from the live ledgers, kFrozen cleared, everyone woken.
+void recount_packed(SegmentState& state, std::uint32_t record, DispatchBody& b,
+                    std::int64_t live_slots, std::int64_t live_bytes,
+                    std::span<const std::uint32_t> dead_slots, LiveHoldings& given,
+                    bool reset) noexcept {
+    using P = DispatchPacked;
+    const SleeperCounts sleepers =
+        count_live_sleepers(state, record, kDispatchSlotsLayer, P::kSlots, dead_slots);
+    std::uint64_t queued = 0;
+    if (reset) {
+        reset_weighted_queue(b.bytes.queue);
+    } else {
+        queued =
+            recount_weighted_queue(state, record, kDispatchBytesLayer, b.bytes.queue, dead_slots);
+    }
+    const auto slots =
+        std::min<std::uint64_t>(static_cast<std::uint64_t>(live_slots), P::kSlots.in_use_mask);
+    const auto bytes =
+        std::min<std::uint64_t>(static_cast<std::uint64_t>(live_bytes), P::kBytes.units_mask);
+    const std::uint64_t next = P::kBytes.with(P::kSlots.with(0, slots, sleepers.single, 0), bytes,
+                                              std::min(queued, P::kBytes.queued_max));
+    std::uint64_t w = b.concurrency.load(std::memory_order_acquire);
+    LIM_RACE_POINT();
+    while (!b.concurrency.compare_exchange_weak(w, next, std::memory_order_seq_cst,
+                                                std::memory_order_relaxed)) {
+        LIM_RACE_POINT();
+    }
+    given.held[kDispatchSlotsLayer] = static_cast<std::int64_t>(P::kSlots.in_use(w)) - live_slots;
+    given.held[kDispatchBytesLayer] = static_cast<std::int64_t>(P::kBytes.in_use(w)) - live_bytes;
+    b.bytes.word.store(0, std::memory_order_seq_cst);  // unused when packed: only thawed
+    futex_wake(low_half(b.concurrency), INT_MAX);
+    wake_queue(b.bytes.queue);
+}
+
 LiveHoldings dispatch_recount(SegmentState& state, std::uint32_t record, const LiveHoldings& live,
                               std::span<const std::uint32_t> dead_slots, TimePoint) noexcept {
     DispatchBody& b = body_at(state, record);
     LiveHoldings given;
-    given.held[kDispatchSlotsLayer] =
-        recount_semaphore_word(state, record, kDispatchSlotsLayer, b.concurrency,
-                               live.held[kDispatchSlotsLayer], dead_slots);
+    if (is_packed(config_at(state, record))) {
+        recount_packed(state, record, b, live.held[kDispatchSlotsLayer],
+                       live.held[kDispatchBytesLayer], dead_slots, given, false);
+    } else {
+        given.held[kDispatchSlotsLayer] =
+            recount_semaphore_word(state, record, kDispatchSlotsLayer, b.concurrency,
+                                   live.held[kDispatchSlotsLayer], dead_slots);
+        given.held[kDispatchBytesLayer] =
+            recount_weighted_layer(state, record, kDispatchBytesLayer, b.bytes,
+                                   live.held[kDispatchBytesLayer], dead_slots);
+    }
     given.held[kDispatchThrottledLayer] =
         recount_semaphore_word(state, record, kDispatchThrottledLayer, b.throttled,
                                live.held[kDispatchThrottledLayer], dead_slots);
-    given.held[kDispatchBytesLayer] = recount_weighted_layer(
-        state, record, kDispatchBytesLayer, b.bytes, live.held[kDispatchBytesLayer], dead_slots);
     return given;
 }
 
@@ -84,9 +172,14 @@ LiveHoldings dispatch_recount(SegmentState& state, std::uint32_t record, const L
 // slot layers stay counted (they deregister later); queued byte requests queue again.
 void dispatch_reset(SegmentState& state, std::uint32_t record, TimePoint) noexcept {
     DispatchBody& b = body_at(state, record);
-    recount_semaphore_word(state, record, kDispatchSlotsLayer, b.concurrency, 0);
+    if (is_packed(config_at(state, record))) {
+        LiveHoldings ignored;
+        recount_packed(state, record, b, 0, 0, {}, ignored, true);
+    } else {
+        recount_semaphore_word(state, record, kDispatchSlotsLayer, b.concurrency, 0);
+        reset_weighted_layer(b.bytes);
+    }
     recount_semaphore_word(state, record, kDispatchThrottledLayer, b.throttled, 0);
-    reset_weighted_layer(b.bytes);
     const std::uint32_t window = config_at(state, record).backoff_record;
     if (window < state.records_used() &&
         state.record(window).header.kind ==
@@ -97,6 +190,35 @@ void dispatch_reset(SegmentState& state, std::uint32_t record, TimePoint) noexce
     }
 }
 
+// The layers' fields of a Dispatch, whichever way its words are laid out.
+struct LayerView {
+    std::uint64_t slots, slot_sleepers, throttled, throttled_sleepers, bytes, queued;
+    bool frozen;
+};
+
+LayerView view_layers(const DispatchConfig& c, const DispatchBody& b) noexcept {
+    const std::uint64_t cw = b.concurrency.load(std::memory_order_acquire);
+    const std::uint64_t tw = b.throttled.load(std::memory_order_acquire);
+    LayerView v{};
+    v.throttled = SemaphoreWord::in_use(tw);
+    v.throttled_sleepers = SemaphoreWord::single(tw) + SemaphoreWord::multi(tw);
+    if (is_packed(c)) {
+        v.slots = DispatchPacked::kSlots.in_use(cw);
+        v.slot_sleepers = DispatchPacked::kSlots.sleepers(cw);
+        v.bytes = DispatchPacked::kBytes.in_use(cw);
+        v.queued = DispatchPacked::kBytes.queued(cw);
+        v.frozen = is_frozen(cw) || is_frozen(tw);
+    } else {
+        const std::uint64_t bw = b.bytes.word.load(std::memory_order_acquire);
+        v.slots = SemaphoreWord::in_use(cw);
+        v.slot_sleepers = SemaphoreWord::single(cw) + SemaphoreWord::multi(cw);
+        v.bytes = WeightedWord::in_use(bw);
+        v.queued = WeightedWord::queued(bw);
+        v.frozen = is_frozen(cw) || is_frozen(tw) || is_frozen(bw);
+    }
+    return v;
+}
+
 }  // namespace
 
 void inspect_dispatch(const SegmentState& state, std::uint32_t record, TimePoint now,
@@ -104,9 +226,7 @@ void inspect_dispatch(const SegmentState& state, std::uint32_t record, TimePoint
     const Record& r = state.record(record);
     const auto& c = *reinterpret_cast<const DispatchConfig*>(r.config);
     const auto& b = *reinterpret_cast<const DispatchBody*>(r.body);
-    const std::uint64_t slots = b.concurrency.load(std::memory_order_acquire);
-    const std::uint64_t throttled = b.throttled.load(std::memory_order_acquire);
-    const std::uint64_t bytes = b.bytes.word.load(std::memory_order_acquire);
+    const LayerView v = view_layers(c, b);
     std::int64_t until = 0;
     std::string window_key = "?";
     if (c.backoff_record < state.records_used() &&
@@ -127,26 +247,24 @@ void inspect_dispatch(const SegmentState& state, std::uint32_t record, TimePoint
                   {"limiter", window_key}};
     out.layer_names = {"slots", "throttled", "bytes"};
     out.layers = {
-        Quantity::layer("in_flight", static_cast<double>(SemaphoreWord::in_use(slots)),
+        Quantity::layer("in_flight", static_cast<double>(v.slots),
                         static_cast<double>(c.concurrency), "concurrency"),
-        Quantity::layer(
-            "throttled_in_flight", static_cast<double>(SemaphoreWord::in_use(throttled)),
-            static_cast<double>(c.throttled_concurrency), "throttled_concurrency", "", "throttled"),
-        Quantity::layer("in_flight", static_cast<double>(WeightedWord::in_use(bytes)),
+        Quantity::layer("throttled_in_flight", static_cast<double>(v.throttled),
+                        static_cast<double>(c.throttled_concurrency), "throttled_concurrency", "",
+                        "throttled"),
+        Quantity::layer("in_flight", static_cast<double>(v.bytes),
                         static_cast<double>(c.byte_budget), "budget", "bytes", "bytes"),
     };
     out.values = {
         Quantity::state("backoff_active", active ? 1.0 : 0.0, "bool"),
         Quantity::state("backoff_remaining", seconds_between(now_ns, until), "seconds"),
-        Quantity::state("throttle_remaining",
-                        active ? seconds_between(now_ns, until + c.backoff_window_ns) : 0.0,
-                        "seconds"),
+        Quantity::state(
+            "throttle_remaining",
+            active ? seconds_between(now_ns, saturating_add(until, c.backoff_window_ns)) : 0.0,
+            "seconds"),
     };
-    out.waiters =
-        static_cast<std::uint32_t>(SemaphoreWord::single(slots) + SemaphoreWord::multi(slots) +
-                                   SemaphoreWord::single(throttled) +
-                                   SemaphoreWord::multi(throttled) + WeightedWord::queued(bytes));
-    out.frozen = is_frozen(slots) || is_frozen(throttled) || is_frozen(bytes);
+    out.waiters = static_cast<std::uint32_t>(v.slot_sleepers + v.throttled_sleepers + v.queued);
+    out.frozen = v.frozen;
 }
 
 const KindOps kDispatchOps{
@@ -163,6 +281,8 @@ void release_permit(DispatchImpl& d, std::uint64_t bytes, bool throttled) noexce
     SegmentState& state = *d.ref.state;
     try {
         Hold hold(state, d.ref.index);
+        // The common permit, packed: bytes and slot in one CAS (bytes first in effect, as below).
+        if (d.packed && !throttled && d.give_packed(hold, state, bytes)) return;
         if (bytes != 0) d.bytes().release(hold, state, bytes);
         if (throttled) d.throttled().release(hold, state, 1);
         d.slots().release(hold, state, 1);
@@ -265,13 +385,21 @@ Dispatch Dispatch::open_impl(const Segment& segment, const DispatchOptions& opti
         .backoff_window_ns = options.backoff_window.count(),
         .byte_penalty_multiplier = options.byte_penalty_multiplier,
         .backoff_record = window.record_ref().index,
-        .reserved = 0,
+        .packed = detail::DispatchPacked::fits(options.concurrency, options.byte_budget) ? 1u : 0u,
     };
     const detail::SegmentState& state = *segment.state();
     detail::RecordRef ref = detail::open_record<DispatchConfig>(
         segment, detail::RecordKind::dispatch, 0, "dispatch", options.key, config, adopt, nullptr,
         [&state](const DispatchConfig& c, std::uint16_t) { return describe(state, c); });
     const DispatchConfig& stored = detail::config_of<DispatchConfig>(ref);
+    if (stored.packed > 1 || (stored.packed == 1 && !detail::DispatchPacked::fits(
+                                                        stored.concurrency, stored.byte_budget))) {
+        throw Error(
+            Errc::corrupt_segment,
+            fmt::format("dispatch '{}' in segment '{}' is marked packed, but its limits "
+                        "(concurrency {}, byte_budget {}) do not fit a packed word",
+                        options.key, segment.name(), stored.concurrency, stored.byte_budget));
+    }
     if (stored.backoff_record != window.record_ref().index) {
         // Adopted: the stored configuration names another window.
         if (stored.backoff_record >= state.records_used() ||
@@ -303,6 +431,11 @@ std::optional<Permit> Dispatch::try_acquire(std::uint64_t bytes) {
     const std::uint64_t charge = detail::charge_for(
         bytes, backoff, d.config->byte_penalty_multiplier, d.config->byte_budget);
     detail::Hold hold(state, d.ref.index);
+    if (d.packed && !backoff) {
+        if (!d.take_packed(hold, state, charge)) return std::nullopt;
+        hold.admitted();
+        return Permit(&d, charge, false, detail::fork_generation());
+    }
     if (!d.slots().try_acquire(hold, state, 1)) return std::nullopt;
     if (backoff && !d.throttled().try_acquire(hold, state, 1)) {
         d.slots().release(hold, state, 1);
@@ -320,17 +453,32 @@ std::optional<Permit> Dispatch::try_acquire(std::uint64_t bytes) {
 std::optional<Permit> Dispatch::acquire_impl(std::uint64_t bytes,
                                              std::optional<TimePoint> deadline) {
     DispatchImpl& d = *impl_;
-    detail::SegmentState& state = *d.ref.state;
-    const std::uint32_t record = d.ref.index;
     // Decided once, here: whether this request runs under backoff, and so what it is charged.
     const bool backoff = d.backoff_now();
     const std::uint64_t charge = detail::charge_for(
         bytes, backoff, d.config->byte_penalty_multiplier, d.config->byte_budget);
+    if (d.packed && !backoff) {
+        // The common permit: one CAS for the slot and the bytes. Kept apart from the general path
+        // below so that its frame stays small.
+        detail::Hold hold(*d.ref.state, d.ref.index);
+        if (d.take_packed(hold, *d.ref.state, charge)) {
+            hold.admitted();
+            return Permit(&d, charge, false, detail::fork_generation());
+        }
+    }
+    return acquire_general(d, backoff, charge, deadline);
+}
+
+std::optional<Permit> Dispatch::acquire_general(detail::DispatchImpl& d, bool backoff,
+                                                std::uint64_t charge,
+                                                std::optional<TimePoint> deadline) {
+    detail::SegmentState& state = *d.ref.state;
+    const std::uint32_t record = d.ref.index;
     bool slot = false;
     bool throttled = !backoff;  // true: nothing (more) to take from this layer
     bool budget = charge == 0;
     {
-        // The fast path: every layer in one announcement, one CAS each.
+        // Every layer in one announcement, one CAS each.
         detail::Hold hold(state, record);
         slot = d.slots().try_acquire(hold, state, 1);
         if (slot && !throttled) throttled = d.throttled().try_acquire(hold, state, 1);
@@ -340,26 +488,42 @@ std::optional<Permit> Dispatch::acquire_impl(std::uint64_t bytes,
             return Permit(&d, charge, backoff, detail::fork_generation());
         }
     }
-    // Some layer is full: wait for each remaining one in order, giving back what was taken if
-    // the deadline passes.
-    const auto give_back = [&] {
-        detail::Hold hold(state, record);
-        if (backoff && throttled) d.throttled().release(hold, state, 1);
-        if (slot) d.slots().release(hold, state, 1);
-        return std::optional<Permit>{};
-    };
+    // Some layer is full: wait for each remaining one in order. Every way out without a permit
+    // (the deadline, or an exception from an injected clock or sleep) gives back the layers
+    // taken so far; each layer's own wait withdraws its sleeper registration or queue ticket.
+    struct Taken {
+        DispatchImpl& d;
+        bool slot;
+        bool throttled;  // a throttled slot is held (only under backoff)
+        bool keep = false;
+        ~Taken() {
+            if (keep || (!slot && !throttled)) return;
+            detail::SegmentState& st = *d.ref.state;
+            try {
+                detail::Hold hold(st, d.ref.index);  // the slot exists: cannot throw here
+                if (throttled) d.throttled().release(hold, st, 1);
+                if (slot) d.slots().release(hold, st, 1);
+            } catch (...) {
+                // Unreachable in practice (see above).
+            }
+        }
+    } taken{d, slot, backoff && throttled};
     if (!slot) {
-        slot = d.slots().acquire_until(state, record, 1, deadline, d.pacing);
-        if (!slot) return std::nullopt;
+        if (!d.slots().acquire_until(state, record, 1, deadline, d.pacing)) return std::nullopt;
+        taken.slot = slot = true;
     }
     if (!throttled) {
-        throttled = d.throttled().acquire_until(state, record, 1, deadline, d.pacing);
-        if (!throttled) return give_back();
+        if (!d.throttled().acquire_until(state, record, 1, deadline, d.pacing)) {
+            return std::nullopt;
+        }
+        taken.throttled = throttled = true;
     }
     if (!budget) {
-        budget = d.bytes().acquire_until(state, record, charge, deadline, d.pacing);
-        if (!budget) return give_back();
+        if (!d.bytes().acquire_until(state, record, charge, deadline, d.pacing)) {
+            return std::nullopt;
+        }
     }
+    taken.keep = true;
     {
         detail::Hold hold(state, record);
         hold.admitted();
@@ -386,32 +550,31 @@ bool Dispatch::backoff_active() const {
 }
 
 DispatchSnapshot Dispatch::snapshot() const {
-    using detail::SemaphoreWord;
-    using detail::WeightedWord;
     const DispatchImpl& d = *impl_;
     const DispatchConfig& c = *d.config;
     DispatchSnapshot s;
     const std::int64_t now = to_nanos(d.now());
     const std::int64_t until = d.window_body->until.load(std::memory_order_acquire);
     s.backoff_active = detail::backoff_active_at(now, until, c.backoff_window_ns);
-    if (until != 0 && now < until) s.backoff_remaining = std::chrono::nanoseconds{until - now};
-    if (s.backoff_active) {
-        s.throttle_remaining = std::chrono::nanoseconds{until + c.backoff_window_ns - now};
+    using detail::saturating_add;
+    using detail::saturating_sub;
+    if (until != 0 && now < until) {
+        s.backoff_remaining = std::chrono::nanoseconds{saturating_sub(until, now)};
     }
-    const std::uint64_t cw = d.body->concurrency.load(std::memory_order_acquire);
-    const std::uint64_t tw = d.body->throttled.load(std::memory_order_acquire);
-    const std::uint64_t bw = d.body->bytes.word.load(std::memory_order_acquire);
-    s.in_flight = SemaphoreWord::in_use(cw);
+    if (s.backoff_active) {
+        s.throttle_remaining = std::chrono::nanoseconds{
+            saturating_sub(saturating_add(until, c.backoff_window_ns), now)};
+    }
+    const detail::LayerView v = detail::view_layers(c, *d.body);
+    s.in_flight = v.slots;
     s.concurrency = c.concurrency;
-    s.throttled_in_flight = SemaphoreWord::in_use(tw);
+    s.throttled_in_flight = v.throttled;
     s.throttled_concurrency = c.throttled_concurrency;
-    s.bytes_in_flight = WeightedWord::in_use(bw);
+    s.bytes_in_flight = v.bytes;
     s.byte_budget = c.byte_budget;
-    s.concurrency_waiters =
-        static_cast<std::uint32_t>(SemaphoreWord::single(cw) + SemaphoreWord::multi(cw));
-    s.throttled_waiters =
-        static_cast<std::uint32_t>(SemaphoreWord::single(tw) + SemaphoreWord::multi(tw));
-    s.bytes_waiters = static_cast<std::uint32_t>(WeightedWord::queued(bw));
+    s.concurrency_waiters = static_cast<std::uint32_t>(v.slot_sleepers);
+    s.throttled_waiters = static_cast<std::uint32_t>(v.throttled_sleepers);
+    s.bytes_waiters = static_cast<std::uint32_t>(v.queued);
     s.waiters = s.concurrency_waiters + s.throttled_waiters + s.bytes_waiters;
     return s;
 }

@@ -1,7 +1,8 @@
 // The Dispatch's state in its record, and the process-local object its handles share.
 //
 // Body (docs/design.md ("The Dispatch family") has the table):
-//   line 0       concurrency word  (SemaphoreWord; ledger layer 0, "slots")
+//   line 0       concurrency word  (SemaphoreWord; ledger layer 0, "slots"), or, in a packed
+//                Dispatch, the word shared by the slots and the bytes (DispatchPacked below)
 //   line 1       throttled word    (SemaphoreWord; ledger layer 1, "throttled")
 //   lines 2..19  byte layer        (WeightedLayer: word, queue control, 128-entry ring; ledger
 //                                   layer 2, "bytes", as charged)
@@ -12,6 +13,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <limits>
 
 #include "lim/backoff_window.hpp"
 #include "lim/detail/record_ref.hpp"
@@ -38,9 +40,53 @@ struct DispatchConfig {
     std::int64_t backoff_window_ns;
     std::uint64_t byte_penalty_multiplier;
     std::uint32_t backoff_record;  // record index of the BackoffWindow
-    std::uint32_t reserved;        // zero
+    // 1: the slots and the bytes share the concurrency word (DispatchPacked), chosen at creation
+    // when the limits fit; 0: each layer has its own word. Derived from the options, so two
+    // processes with the same options agree.
+    std::uint32_t packed;
 };
 static_assert(is_record_config_v<DispatchConfig>);
+
+// A packed Dispatch's concurrency word, so that the common permit (no backoff) is one CAS to
+// take a slot and its bytes and one CAS to give them back:
+//
+//   bits  0..14  slots in use            (concurrency <= 32,767)
+//   bits 15..46  bytes in use            (byte_budget <= 2^32 - 1)
+//   bits 47..54  byte requests queued    (<= kRingSize = 128; the byte queue is bytes.queue)
+//   bits 55..62  sleepers waiting for a slot (a 256th polls, as a saturated Semaphore's do)
+//   bit  63      kFrozen
+//
+// The slot count is the lowest field, so every slot release changes the low half, the futex word
+// slot sleepers wait on. The FIFO rule holds as in a WeightedSemaphore: the queued count is in
+// the word a newcomer's CAS compares, so nobody takes bytes while anyone is queued.
+struct DispatchPacked {
+    static constexpr std::uint64_t kMaxConcurrency = (1ULL << 15) - 1;
+    static constexpr std::uint64_t kMaxBudget = (1ULL << 32) - 1;
+    static constexpr SemaphoreFormat kSlots{
+        .in_use_mask = kMaxConcurrency,
+        .single_shift = 55,
+        .single_max = 255,
+        .multi_shift = 55,
+        .multi_max = 0,  // a Dispatch waits for one slot at a time
+    };
+    static constexpr WeightedFormat kBytes{
+        .units_shift = 15,
+        .units_mask = kMaxBudget,
+        .queued_shift = 47,
+        .queued_max = 255,
+    };
+    static_assert(kRingSize <= 255);
+
+    static constexpr bool fits(std::uint64_t concurrency, std::uint64_t byte_budget) noexcept {
+        return concurrency <= kMaxConcurrency && byte_budget <= kMaxBudget;
+    }
+};
+
+// Whether a stored config is packed. A packed flag whose limits do not fit is refused when the
+// record is opened (corrupt_segment); recovery, which cannot refuse, treats it as unpacked.
+constexpr bool is_packed(const DispatchConfig& c) noexcept {
+    return c.packed == 1 && DispatchPacked::fits(c.concurrency, c.byte_budget);
+}
 
 struct DispatchBody {
     alignas(kCacheLine) std::atomic<std::uint64_t> concurrency;
@@ -51,10 +97,25 @@ static_assert(sizeof(DispatchBody) <= kRecordBodySize);
 static_assert(offsetof(DispatchBody, throttled) == kCacheLine);
 static_assert(offsetof(DispatchBody, bytes) == 2 * kCacheLine);
 
+// Saturating arithmetic on nanosecond counts: a deadline read from the segment, a huge
+// backoff_window or an injected clock must never wrap a sum into the past.
+constexpr std::int64_t saturating_add(std::int64_t a, std::int64_t b) noexcept {
+    std::int64_t r = 0;
+    if (!__builtin_add_overflow(a, b, &r)) return r;
+    return b > 0 ? std::numeric_limits<std::int64_t>::max()
+                 : std::numeric_limits<std::int64_t>::min();
+}
+constexpr std::int64_t saturating_sub(std::int64_t a, std::int64_t b) noexcept {
+    std::int64_t r = 0;
+    if (!__builtin_sub_overflow(a, b, &r)) return r;
+    return b < 0 ? std::numeric_limits<std::int64_t>::max()
+                 : std::numeric_limits<std::int64_t>::min();
+}
+
 // Backoff as Foundation defines it: active while now < until, or now - until < window.
 constexpr bool backoff_active_at(std::int64_t now_ns, std::int64_t until_ns,
                                  std::int64_t window_ns) noexcept {
-    return until_ns != 0 && (now_ns < until_ns || now_ns - until_ns < window_ns);
+    return until_ns != 0 && (now_ns < until_ns || saturating_sub(now_ns, until_ns) < window_ns);
 }
 
 // What a request of `bytes` is charged: x penalty under backoff (saturating), clamped to the
@@ -84,6 +145,7 @@ struct DispatchImpl {
     std::function<void(Duration)> sleep;
     Pacing pacing;
     bool default_clock;
+    bool packed;
     // A backoff deadline already seen to be over for good (now - until >= window): with the
     // monotonic clock it stays over until the deadline changes, so the hot path can skip reading
     // the clock. Only used with the default clock.
@@ -95,14 +157,28 @@ struct DispatchImpl {
     bool backoff_now();
 
     SemaphoreCore slots() const noexcept {
-        return {body->concurrency, config->concurrency, kDispatchSlotsLayer, false};
+        return {body->concurrency, config->concurrency, kDispatchSlotsLayer, false,
+                packed ? DispatchPacked::kSlots : kSemaphoreFormat};
     }
     SemaphoreCore throttled() const noexcept {
         return {body->throttled, config->throttled_concurrency, kDispatchThrottledLayer, false};
     }
     WeightedCore bytes() const noexcept {
-        return {body->bytes, config->byte_budget, kDispatchBytesLayer, false};
+        return {packed ? body->concurrency : body->bytes.word,
+                body->bytes.queue,
+                config->byte_budget,
+                kDispatchBytesLayer,
+                false,
+                packed ? DispatchPacked::kBytes : kWeightedFormat};
     }
+
+    // Packed only: a slot and `charge` bytes in one CAS, if both are free and (when charge > 0)
+    // nobody is queued for bytes; false (taking nothing) otherwise. Never sleeps.
+    bool take_packed(Hold& hold, const SegmentState& state, std::uint64_t charge) noexcept;
+    // Packed only: gives back a slot and `charge` bytes in one CAS and wakes a slot sleeper and
+    // the head of the byte queue if there are any. False (changing nothing) if the word does not
+    // hold that much.
+    bool give_packed(Hold& hold, const SegmentState& state, std::uint64_t charge) noexcept;
 };
 
 // Gives back what a Permit holds (bytes, throttled slot, concurrency slot). Never throws.

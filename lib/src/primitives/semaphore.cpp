@@ -11,6 +11,7 @@
 #include "recovery/reaper.hpp"
 #include "shm/record_handle.hpp"
 #include "sync/futex.hpp"
+#include "sync/race_point.hpp"
 #include "sync/wake_channel.hpp"
 
 namespace lim::detail {
@@ -23,24 +24,25 @@ constexpr Pacing kSemaphorePacing{};
 constexpr Pacing kPollPacing{.base = std::chrono::milliseconds{1},
                              .max = std::chrono::milliseconds{1}};
 
-void wake_after_release(std::atomic<std::uint64_t>& word, std::uint64_t before, std::uint64_t n) {
-    if (SemaphoreWord::multi(before) > 0) {
+}  // namespace
+
+void wake_after_release(std::atomic<std::uint64_t>& word, const SemaphoreFormat& fmt,
+                        std::uint64_t before, std::uint64_t n) noexcept {
+    if (fmt.multi(before) > 0) {
         futex_wake(low_half(word), INT_MAX);
-    } else if (const std::uint64_t single = SemaphoreWord::single(before); single > 0) {
+    } else if (const std::uint64_t single = fmt.single(before); single > 0) {
         futex_wake(low_half(word), static_cast<int>(std::min<std::uint64_t>(single, n)));
     }
 }
 
-}  // namespace
-
 bool SemaphoreCore::try_acquire(Hold& hold, const SegmentState& state, std::uint64_t n,
                                 std::uint64_t registered_for) noexcept {
-    const std::uint64_t deregister =
-        registered_for ? SemaphoreWord::waiter_unit(registered_for) : 0;
+    const std::uint64_t deregister = registered_for ? fmt.waiter_unit(registered_for) : 0;
     std::uint64_t w = word.load(std::memory_order_relaxed);
     for (;;) {
         if (hold.stepped_aside(w, word, state)) continue;
-        if (SemaphoreWord::in_use(w) + n > capacity) return false;
+        if (fmt.in_use(w) + n > capacity) return false;
+        LIM_RACE_POINT();
         if (word.compare_exchange_weak(w, w + n - deregister, std::memory_order_seq_cst,
                                        std::memory_order_relaxed)) {
             hold.add(layer, static_cast<std::int64_t>(n));
@@ -55,19 +57,23 @@ bool SemaphoreCore::try_acquire(Hold& hold, const SegmentState& state, std::uint
 bool SemaphoreCore::register_sleeper(Hold& hold, const SegmentState& state,
                                      std::uint64_t n) noexcept {
     SlotHeader& slot = *hold.holder_ref().slot;
-    slot.waiting_layer.store(static_cast<std::uint32_t>(layer), std::memory_order_relaxed);
-    slot.waiting_amount.store(n, std::memory_order_relaxed);
-    slot.waiting_record.store(hold.record() + 1, std::memory_order_relaxed);
     std::uint64_t w = word.load(std::memory_order_relaxed);
     for (;;) {
+        // The slot names this registration only once the registering CAS has landed (below): a
+        // recount that runs while we step aside here must not count us, or the CAS that follows
+        // the thaw would count us a second time.
         if (hold.stepped_aside(w, word, state)) continue;
-        const std::uint64_t count = n == 1 ? SemaphoreWord::single(w) : SemaphoreWord::multi(w);
-        if (count >= SemaphoreWord::kWaiterMax) {
-            slot.waiting_record.store(0, std::memory_order_relaxed);
-            return false;
-        }
-        if (word.compare_exchange_weak(w, w + SemaphoreWord::waiter_unit(n),
-                                       std::memory_order_seq_cst, std::memory_order_relaxed)) {
+        const std::uint64_t count = n == 1 ? fmt.single(w) : fmt.multi(w);
+        if (count >= fmt.waiter_max(n)) return false;
+        LIM_RACE_POINT();
+        if (word.compare_exchange_weak(w, w + fmt.waiter_unit(n), std::memory_order_seq_cst,
+                                       std::memory_order_relaxed)) {
+            // Still announced (pending) on the record: a reaper that froze the word after our CAS
+            // waits for ~Hold before it counts, and so sees these stores.
+            LIM_RACE_POINT();
+            slot.waiting_layer.store(static_cast<std::uint32_t>(layer), std::memory_order_relaxed);
+            slot.waiting_amount.store(n, std::memory_order_relaxed);
+            slot.waiting_record.store(hold.record() + 1, std::memory_order_relaxed);
             return true;
         }
     }
@@ -78,12 +84,14 @@ void SemaphoreCore::deregister_sleeper(Hold& hold, const SegmentState& state,
     std::uint64_t w = word.load(std::memory_order_relaxed);
     for (;;) {
         if (hold.stepped_aside(w, word, state)) continue;
-        const std::uint64_t next = w - SemaphoreWord::waiter_unit(n);
+        const std::uint64_t next = w - fmt.waiter_unit(n);
+        LIM_RACE_POINT();
         if (word.compare_exchange_weak(w, next, std::memory_order_seq_cst,
                                        std::memory_order_relaxed)) {
+            LIM_RACE_POINT();
             hold.holder_ref().slot->waiting_record.store(0, std::memory_order_relaxed);
             // We may have been woken for units we are not taking: pass the wake on.
-            if (SemaphoreWord::in_use(next) < capacity) wake_after_release(word, next, 1);
+            if (fmt.in_use(next) < capacity) wake_after_release(word, fmt, next, 1);
             return;
         }
     }
@@ -93,11 +101,12 @@ bool SemaphoreCore::release(Hold& hold, const SegmentState& state, std::uint64_t
     std::uint64_t w = word.load(std::memory_order_relaxed);
     for (;;) {
         if (hold.stepped_aside(w, word, state)) continue;
-        if (SemaphoreWord::in_use(w) < n) return false;
+        if (fmt.in_use(w) < n) return false;
+        LIM_RACE_POINT();
         if (word.compare_exchange_weak(w, w - n, std::memory_order_seq_cst,
                                        std::memory_order_relaxed)) {
             hold.add(layer, -static_cast<std::int64_t>(n));
-            wake_after_release(word, w, n);
+            if (fmt.sleepers(w) > 0) wake_after_release(word, fmt, w, n);
             return true;
         }
     }
@@ -109,44 +118,67 @@ bool SemaphoreCore::acquire_until(SegmentState& state, std::uint32_t record, std
         Hold hold(state, record);
         if (try_acquire(hold, state, n)) return true;
     }
+    return acquire_blocking(state, record, n, deadline, pacing);
+}
+
+bool SemaphoreCore::acquire_blocking(SegmentState& state, std::uint32_t record, std::uint64_t n,
+                                     std::optional<TimePoint> deadline, const Pacing& pacing) {
     bool registered = false;
     {
         Hold hold(state, record);
         registered = register_sleeper(hold, state, n);
     }
+    // While registered this call is counted as a sleeper: every way out, an exception thrown by
+    // an injected clock or sleep included, takes the count back (a phantom sleeper would make
+    // every later release wake all). Nothing else is held while we wait.
+    struct Withdraw {
+        SemaphoreCore& core;
+        SegmentState& state;
+        std::uint32_t record;
+        std::uint64_t n;
+        bool& registered;
+        ~Withdraw() {
+            if (!registered) return;
+            try {
+                Hold hold(state, record);  // this thread's slot exists: cannot throw here
+                core.deregister_sleeper(hold, state, n);
+            } catch (...) {
+                // Unreachable in practice (see above); a reap recounts the sleepers anyway.
+            }
+        }
+    } withdraw{*this, state, record, n, registered};
     AutoReap auto_reap(state, pacing.now());
     for (int attempt = 0;; ++attempt) {
         std::uint64_t seen = 0;
         {
             Hold hold(state, record);
-            if (try_acquire(hold, state, n, registered ? n : 0)) return true;
+            if (try_acquire(hold, state, n, registered ? n : 0)) {
+                registered = false;  // the acquiring CAS deregistered us
+                return true;
+            }
             seen = word.load(std::memory_order_seq_cst);
         }
         const TimePoint now = pacing.now();
         auto_reap.poll(now);
-        if (deadline && now >= *deadline) {
-            if (registered) {
-                Hold hold(state, record);
-                deregister_sleeper(hold, state, n);
-            }
-            return false;
-        }
+        if (deadline && now >= *deadline) return false;  // ~Withdraw deregisters
         // Sleep while the units in use stay as we saw them; a release changes them (and wakes
         // us if we are registered). Unregistered (saturated) sleepers just poll.
         const Pacing* p = registered ? &pacing : &kPollPacing;
         if (pacing.sleep && *pacing.sleep) p = &pacing;
-        p->pause(low_half(word), static_cast<std::uint32_t>(SemaphoreWord::in_use(seen)), deadline,
+        // The futex compares the whole low half, which holds the units (and, in a packed word,
+        // other fields that may change too: a spurious wake-up, then a re-check).
+        p->pause(low_half(word), static_cast<std::uint32_t>(seen & 0xFFFF'FFFFULL), deadline,
                  attempt);
     }
 }
 
-std::int64_t recount_semaphore_word(const SegmentState& state, std::uint32_t record, int layer,
-                                    std::atomic<std::uint64_t>& word, std::int64_t live_units,
-                                    std::span<const std::uint32_t> dead) noexcept {
-    // Count the live sleepers registered on this word (the reaper has made sure no live slot is
-    // mid-operation on the record, so the slots' waiting fields are exact).
-    std::uint64_t single = 0;
-    std::uint64_t multi = 0;
+SleeperCounts count_live_sleepers(const SegmentState& state, std::uint32_t record, int layer,
+                                  const SemaphoreFormat& fmt,
+                                  std::span<const std::uint32_t> dead) noexcept {
+    // The reaper has made sure no live slot is mid-operation on the record, so the slots' waiting
+    // fields are exact: a sleeper's slot names its registration exactly while the word counts it
+    // (both change under one Hold, the word first on the way in and last on the way out).
+    SleeperCounts c;
     for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
         const SlotHeader& slot = state.slot(i);
         const SlotState st = SlotOwner::state(slot.owner.load(std::memory_order_acquire));
@@ -155,19 +187,30 @@ std::int64_t recount_semaphore_word(const SegmentState& state, std::uint32_t rec
         if (slot.waiting_record.load(std::memory_order_acquire) != record + 1) continue;
         if (slot.waiting_layer.load(std::memory_order_relaxed) != static_cast<std::uint32_t>(layer))
             continue;
-        (slot.waiting_amount.load(std::memory_order_relaxed) == 1 ? single : multi) += 1;
+        (slot.waiting_amount.load(std::memory_order_relaxed) == 1 ? c.single : c.multi) += 1;
     }
+    c.single = std::min(c.single, fmt.single_max);
+    c.multi = std::min(c.multi, fmt.multi_max);
+    return c;
+}
+
+std::int64_t recount_semaphore_word(const SegmentState& state, std::uint32_t record, int layer,
+                                    std::atomic<std::uint64_t>& word, std::int64_t live_units,
+                                    std::span<const std::uint32_t> dead) noexcept {
+    const SleeperCounts c = count_live_sleepers(state, record, layer, kSemaphoreFormat, dead);
     std::uint64_t w = word.load(std::memory_order_acquire);
-    const std::int64_t given_back =
-        static_cast<std::int64_t>(SemaphoreWord::in_use(w)) - live_units;
-    const std::uint64_t next = SemaphoreWord::make(static_cast<std::uint64_t>(live_units),
-                                                   std::min(single, SemaphoreWord::kWaiterMax),
-                                                   std::min(multi, SemaphoreWord::kWaiterMax));
+    const std::uint64_t next =
+        SemaphoreWord::make(static_cast<std::uint64_t>(live_units), c.single, c.multi);
+    LIM_RACE_POINT();
     while (!word.compare_exchange_weak(w, next, std::memory_order_seq_cst,
                                        std::memory_order_relaxed)) {
+        LIM_RACE_POINT();
     }
+    // `w` is the value the CAS replaced. The word is frozen and no live slot is pending on the
+    // record, so no live sleeper can change it meanwhile (each steps aside before its CAS), and
+    // the counts computed above stay exact until the recount lands.
     futex_wake(low_half(word), INT_MAX);
-    return given_back;
+    return static_cast<std::int64_t>(SemaphoreWord::in_use(w)) - live_units;
 }
 
 namespace {

@@ -56,6 +56,54 @@ struct SemaphoreWord {
     }
 };
 
+// Where a slot layer's fields sit in its word. A Semaphore (and a Dispatch's throttled layer, and
+// an unpacked Dispatch's concurrency layer) uses SemaphoreWord's layout; a packed Dispatch keeps
+// its slots and its sleepers in the word it shares with its bytes (dispatch_state.hpp). The units
+// field always starts at bit 0, so every change of the units changes the low half, which is the
+// futex word sleepers wait on.
+struct SemaphoreFormat {
+    std::uint64_t in_use_mask;
+    int single_shift;
+    std::uint64_t single_max;
+    int multi_shift;
+    std::uint64_t multi_max;  // 0: no multi-unit sleeper field (such sleepers poll)
+
+    constexpr std::uint64_t in_use(std::uint64_t w) const noexcept { return w & in_use_mask; }
+    constexpr std::uint64_t single(std::uint64_t w) const noexcept {
+        return (w >> single_shift) & single_max;
+    }
+    constexpr std::uint64_t multi(std::uint64_t w) const noexcept {
+        return multi_max ? (w >> multi_shift) & multi_max : 0;
+    }
+    constexpr std::uint64_t sleepers(std::uint64_t w) const noexcept {
+        return single(w) + multi(w);
+    }
+    constexpr std::uint64_t waiter_unit(std::uint64_t n) const noexcept {
+        return n == 1 ? 1ULL << single_shift : 1ULL << multi_shift;
+    }
+    constexpr std::uint64_t waiter_max(std::uint64_t n) const noexcept {
+        return n == 1 ? single_max : multi_max;
+    }
+    // `w` with its units and sleeper fields replaced (other fields and kFrozen kept).
+    constexpr std::uint64_t with(std::uint64_t w, std::uint64_t in_use, std::uint64_t single_count,
+                                 std::uint64_t multi_count) const noexcept {
+        w &= ~in_use_mask;
+        w &= ~(single_max << single_shift);
+        if (multi_max) w &= ~(multi_max << multi_shift);
+        w |= (in_use & in_use_mask) | ((single_count & single_max) << single_shift);
+        if (multi_max) w |= (multi_count & multi_max) << multi_shift;
+        return w;
+    }
+};
+
+inline constexpr SemaphoreFormat kSemaphoreFormat{
+    .in_use_mask = SemaphoreWord::kInUseMask,
+    .single_shift = SemaphoreWord::kSingleShift,
+    .single_max = SemaphoreWord::kWaiterMax,
+    .multi_shift = SemaphoreWord::kMultiShift,
+    .multi_max = SemaphoreWord::kWaiterMax,
+};
+
 // The semaphore algorithm on a bare word, shared by Semaphore and by Dispatch's two slot
 // layers. `layer` is the ledger layer the units are recorded in.
 struct SemaphoreCore {
@@ -65,6 +113,7 @@ struct SemaphoreCore {
     // Whether a successful acquire counts as an admission in the ledger (Dispatch counts its
     // permits itself, once each, rather than once per layer).
     bool counts_admissions = true;
+    SemaphoreFormat fmt = kSemaphoreFormat;
 
     // One attempt under `hold`; never sleeps (except aside a frozen word). If `registered_for`
     // is non-zero the caller is registered as a sleeper for that many units, and a successful
@@ -85,11 +134,31 @@ struct SemaphoreCore {
     // own Holds and holds none while it sleeps; `pacing` bounds each sleep.
     bool acquire_until(SegmentState& state, std::uint32_t record, std::uint64_t n,
                        std::optional<TimePoint> deadline, const Pacing& pacing);
+    // acquire_until after its first attempt failed: registers, sleeps, retries. Out of line, so
+    // that the uncontended acquire keeps a small frame.
+    [[gnu::noinline]] bool acquire_blocking(SegmentState& state, std::uint32_t record,
+                                            std::uint64_t n, std::optional<TimePoint> deadline,
+                                            const Pacing& pacing);
 };
 
+// The sleepers registered on `record`'s `layer` by live slots (slots in `dead` do not count),
+// as (single-unit, multi-unit) counts, each capped at the format's maximum.
+struct SleeperCounts {
+    std::uint64_t single = 0;
+    std::uint64_t multi = 0;
+};
+SleeperCounts count_live_sleepers(const SegmentState& state, std::uint32_t record, int layer,
+                                  const SemaphoreFormat& fmt,
+                                  std::span<const std::uint32_t> dead = {}) noexcept;
+
+// Wakes the sleepers a change from `before` (units freed: `n`) lets proceed: min(single, n)
+// single-unit sleepers, or all if any multi-unit sleeper waits.
+void wake_after_release(std::atomic<std::uint64_t>& word, const SemaphoreFormat& fmt,
+                        std::uint64_t before, std::uint64_t n) noexcept;
+
 // Crash recovery for a word in this format: set in_use to `live_units` and the sleeper counts to
-// the sleepers registered on `record`'s `layer` by live slots (slots in `dead` do not count);
-// returns the units given back.
+// the sleepers registered on `record`'s `layer` by live slots (slots in `dead` do not count),
+// clear kFrozen, and wake every sleeper; returns the units given back.
 std::int64_t recount_semaphore_word(const SegmentState& state, std::uint32_t record, int layer,
                                     std::atomic<std::uint64_t>& word, std::int64_t live_units,
                                     std::span<const std::uint32_t> dead = {}) noexcept;

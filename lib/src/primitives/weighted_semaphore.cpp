@@ -11,6 +11,7 @@
 #include "recovery/reaper.hpp"
 #include "shm/record_handle.hpp"
 #include "sync/futex.hpp"
+#include "sync/race_point.hpp"
 
 namespace lim::detail {
 namespace {
@@ -27,8 +28,8 @@ constexpr std::uint32_t bit_of(std::uint64_t ticket) noexcept {
     return 1u << (ticket % 32);
 }
 
-std::atomic<std::uint64_t>& ring_slot(WeightedLayer& l, std::uint64_t ticket) noexcept {
-    return l.queue.ring[ticket % kRingSize];
+std::atomic<std::uint64_t>& ring_slot(WeightedQueue& q, std::uint64_t ticket) noexcept {
+    return q.ring[ticket % kRingSize];
 }
 
 // Waits aside while the word is frozen, then performs a compare-and-swap that changes nothing.
@@ -38,6 +39,7 @@ void enter(Hold& hold, const SegmentState& state, std::atomic<std::uint64_t>& wo
     std::uint64_t w = word.load(std::memory_order_relaxed);
     for (;;) {
         if (hold.stepped_aside(w, word, state)) continue;
+        LIM_RACE_POINT();
         if (word.compare_exchange_weak(w, w, std::memory_order_seq_cst,
                                        std::memory_order_relaxed)) {
             return;
@@ -47,36 +49,38 @@ void enter(Hold& hold, const SegmentState& state, std::atomic<std::uint64_t>& wo
 
 // Wakes the owner of ticket `head` (and any sleeper sharing its bit, who re-checks and sleeps
 // again). `seq` changes first, so a waiter between its check and its futex wait cannot miss it.
-void wake_turn(WeightedLayer& l, std::uint64_t head) noexcept {
-    l.queue.seq.fetch_add(1, std::memory_order_seq_cst);
-    futex_wake_bitset(l.queue.seq, INT_MAX, bit_of(head));
+void wake_turn(WeightedQueue& q, std::uint64_t head) noexcept {
+    q.seq.fetch_add(1, std::memory_order_seq_cst);
+    futex_wake_bitset(q.seq, INT_MAX, bit_of(head));
 }
 
 // Called by whoever dequeued ticket `t` (the head): gives the turn to t + 1, dequeuing on the way
 // every cancelled ticket it meets, and wakes the new head. Races with a cancelling owner are
 // settled by the compare-and-swap from `cancelled` to empty: exactly one side dequeues.
-void pass_turn(WeightedLayer& l, std::uint64_t t) noexcept {
+void pass_turn(const WeightedCore& c, std::uint64_t t) noexcept {
     std::uint64_t next = t + 1;
     for (;;) {
-        l.queue.head.store(next, std::memory_order_seq_cst);
-        auto& slot = ring_slot(l, next);
+        c.queue.head.store(next, std::memory_order_seq_cst);
+        auto& slot = ring_slot(c.queue, next);
         std::uint64_t e = slot.load(std::memory_order_seq_cst);
         if (!RingEntry::is(e, next, RingState::cancelled)) break;
+        LIM_RACE_POINT();
         if (!slot.compare_exchange_strong(e, 0, std::memory_order_seq_cst)) break;
-        l.word.fetch_sub(W::kQueuedUnit, std::memory_order_seq_cst);
+        c.word.fetch_sub(c.fmt.queued_unit(), std::memory_order_seq_cst);
         ++next;
     }
-    if (W::queued(l.word.load(std::memory_order_seq_cst)) > 0) wake_turn(l, next);
+    if (c.fmt.queued(c.word.load(std::memory_order_seq_cst)) > 0) wake_turn(c.queue, next);
 }
 
 // Dequeues the cancelled ticket `t`, which is at the head, unless someone else already has.
-void dequeue_cancelled(WeightedLayer& l, std::uint64_t t) noexcept {
-    auto& slot = ring_slot(l, t);
+void dequeue_cancelled(const WeightedCore& c, std::uint64_t t) noexcept {
+    auto& slot = ring_slot(c.queue, t);
     std::uint64_t e = slot.load(std::memory_order_seq_cst);
     if (!RingEntry::is(e, t, RingState::cancelled)) return;
+    LIM_RACE_POINT();
     if (!slot.compare_exchange_strong(e, 0, std::memory_order_seq_cst)) return;
-    l.word.fetch_sub(W::kQueuedUnit, std::memory_order_seq_cst);
-    pass_turn(l, t);
+    c.word.fetch_sub(c.fmt.queued_unit(), std::memory_order_seq_cst);
+    pass_turn(c, t);
 }
 
 void set_waiting(Hold& hold, std::uint32_t layer, std::uint64_t n) noexcept {
@@ -90,18 +94,37 @@ void clear_waiting(Hold& hold) noexcept {
     hold.holder_ref().slot->waiting_record.store(0, std::memory_order_relaxed);
 }
 
+// Leaves the queue holding ticket `t` without taking units: cancels the ticket and, if it is at
+// the head, passes the turn on, so no one waits behind a ticket whose owner has gone.
+void withdraw_ticket(Hold& hold, const SegmentState& state, const WeightedCore& c,
+                     std::uint64_t t) noexcept {
+    enter(hold, state, c.word);
+    LIM_RACE_POINT();
+    auto& slot = ring_slot(c.queue, t);
+    std::uint64_t e = slot.load(std::memory_order_seq_cst);
+    if (RingEntry::is(e, t, RingState::waiting)) {
+        slot.compare_exchange_strong(e,
+                                     RingEntry::make(t, RingEntry::slot(e), RingState::cancelled),
+                                     std::memory_order_seq_cst);
+    }
+    LIM_RACE_POINT();
+    if (c.queue.head.load(std::memory_order_seq_cst) == t) dequeue_cancelled(c, t);
+    clear_waiting(hold);
+}
+
 enum class Enqueued { took, ticket, ring_full };
 enum class Admit { admitted, no_room, retry };
 
 }  // namespace
 
 bool WeightedCore::try_acquire(Hold& hold, const SegmentState& state, std::uint64_t n) noexcept {
-    std::uint64_t w = l.word.load(std::memory_order_relaxed);
+    std::uint64_t w = word.load(std::memory_order_relaxed);
     for (;;) {
-        if (hold.stepped_aside(w, l.word, state)) continue;
-        if (W::queued(w) != 0 || W::in_use(w) + n > capacity) return false;
-        if (l.word.compare_exchange_weak(w, w + n, std::memory_order_seq_cst,
-                                         std::memory_order_relaxed)) {
+        if (hold.stepped_aside(w, word, state)) continue;
+        if (fmt.queued(w) != 0 || fmt.in_use(w) + n > capacity) return false;
+        LIM_RACE_POINT();
+        if (word.compare_exchange_weak(w, w + fmt.units(n), std::memory_order_seq_cst,
+                                       std::memory_order_relaxed)) {
             hold.add(ledger_layer, static_cast<std::int64_t>(n));
             if (counts_admissions) hold.admitted();
             return true;
@@ -110,17 +133,18 @@ bool WeightedCore::try_acquire(Hold& hold, const SegmentState& state, std::uint6
 }
 
 bool WeightedCore::release(Hold& hold, const SegmentState& state, std::uint64_t n) noexcept {
-    std::uint64_t w = l.word.load(std::memory_order_relaxed);
+    std::uint64_t w = word.load(std::memory_order_relaxed);
     for (;;) {
-        if (hold.stepped_aside(w, l.word, state)) continue;
-        if (W::in_use(w) < n) return false;
-        if (l.word.compare_exchange_weak(w, w - n, std::memory_order_seq_cst,
-                                         std::memory_order_relaxed)) {
+        if (hold.stepped_aside(w, word, state)) continue;
+        if (fmt.in_use(w) < n) return false;
+        LIM_RACE_POINT();
+        if (word.compare_exchange_weak(w, w - fmt.units(n), std::memory_order_seq_cst,
+                                       std::memory_order_relaxed)) {
             break;
         }
     }
     hold.add(ledger_layer, -static_cast<std::int64_t>(n));
-    if (W::queued(w) > 0) wake_turn(l, l.queue.head.load(std::memory_order_seq_cst));
+    if (fmt.queued(w) > 0) wake_head();
     return true;
 }
 
@@ -137,12 +161,13 @@ bool WeightedCore::acquire_until(SegmentState& state, std::uint32_t record, std:
         std::uint64_t t = 0;
         {
             Hold hold(state, record);
-            std::uint64_t w = l.word.load(std::memory_order_relaxed);
+            std::uint64_t w = word.load(std::memory_order_relaxed);
             for (;;) {
-                if (hold.stepped_aside(w, l.word, state)) continue;
-                if (W::queued(w) == 0 && W::in_use(w) + n <= capacity) {
-                    if (l.word.compare_exchange_weak(w, w + n, std::memory_order_seq_cst,
-                                                     std::memory_order_relaxed)) {
+                if (hold.stepped_aside(w, word, state)) continue;
+                if (fmt.queued(w) == 0 && fmt.in_use(w) + n <= capacity) {
+                    LIM_RACE_POINT();
+                    if (word.compare_exchange_weak(w, w + fmt.units(n), std::memory_order_seq_cst,
+                                                   std::memory_order_relaxed)) {
                         hold.add(ledger_layer, static_cast<std::int64_t>(n));
                         if (counts_admissions) hold.admitted();
                         got = Enqueued::took;
@@ -150,19 +175,21 @@ bool WeightedCore::acquire_until(SegmentState& state, std::uint32_t record, std:
                     }
                     continue;
                 }
-                if (W::queued(w) >= kRingSize) {
+                if (fmt.queued(w) >= kRingSize) {
                     got = Enqueued::ring_full;
                     break;
                 }
-                if (l.word.compare_exchange_weak(w, w + W::kQueuedUnit, std::memory_order_seq_cst,
-                                                 std::memory_order_relaxed)) {
+                LIM_RACE_POINT();
+                if (word.compare_exchange_weak(w, w + fmt.queued_unit(), std::memory_order_seq_cst,
+                                               std::memory_order_relaxed)) {
                     got = Enqueued::ticket;
                     break;
                 }
             }
             if (got == Enqueued::ticket) {
-                t = l.queue.tail.fetch_add(1, std::memory_order_seq_cst);
-                ring_slot(l, t).store(
+                LIM_RACE_POINT();
+                t = queue.tail.fetch_add(1, std::memory_order_seq_cst);
+                ring_slot(queue, t).store(
                     RingEntry::make(t, hold.holder_ref().slot_index, RingState::waiting),
                     std::memory_order_seq_cst);
                 set_waiting(hold, static_cast<std::uint32_t>(ledger_layer), n);
@@ -171,22 +198,42 @@ bool WeightedCore::acquire_until(SegmentState& state, std::uint32_t record, std:
         if (got == Enqueued::took) return true;
         if (got == Enqueued::ring_full) {
             if (deadline && pacing.now() >= *deadline) return false;
-            const std::uint32_t s = l.queue.seq.load(std::memory_order_seq_cst);
+            const std::uint32_t s = queue.seq.load(std::memory_order_seq_cst);
             auto_reap.poll(pacing.now());
-            overflow.pause(l.queue.seq, s, deadline, attempt++);
+            overflow.pause(queue.seq, s, deadline, attempt++);
             continue;
         }
 
-        // Queued with ticket t: wait for our turn, then for room.
+        // Queued with ticket t: wait for our turn, then for room. Every way out but admission
+        // and a dropped queue withdraws the ticket, an exception thrown by an injected clock or
+        // sleep included: a ticket left behind would stall every process's queue when it
+        // reached the head, and no reap helps while its owner lives.
+        struct Queued {
+            SegmentState& state;
+            std::uint32_t record;
+            const WeightedCore& c;
+            std::uint64_t t;
+            bool holds = true;
+            ~Queued() {
+                if (!holds) return;
+                try {
+                    Hold hold(state, record);  // this thread's slot exists: cannot throw here
+                    withdraw_ticket(hold, state, c, t);
+                } catch (...) {
+                    // Unreachable in practice (see above).
+                }
+            }
+        } queued{state, record, *this, t};
         bool requeue = false;
         while (!requeue) {
-            const std::uint32_t s = l.queue.seq.load(std::memory_order_seq_cst);
-            const std::uint64_t h = l.queue.head.load(std::memory_order_seq_cst);
+            const std::uint32_t s = queue.seq.load(std::memory_order_seq_cst);
+            const std::uint64_t h = queue.head.load(std::memory_order_seq_cst);
             if (static_cast<std::int64_t>(h - t) > 0) {
                 // The turn passed us without our taking it: a reset dropped the queue. Queue
                 // again.
                 Hold hold(state, record);
                 clear_waiting(hold);
+                queued.holds = false;
                 requeue = true;
                 continue;
             }
@@ -194,24 +241,25 @@ bool WeightedCore::acquire_until(SegmentState& state, std::uint32_t record, std:
                 Admit a = Admit::retry;
                 {
                     Hold hold(state, record);
-                    std::uint64_t w = l.word.load(std::memory_order_relaxed);
+                    std::uint64_t w = word.load(std::memory_order_relaxed);
                     for (;;) {
                         if (is_frozen(w)) {
-                            hold.wait_while_frozen(l.word, state);
+                            hold.wait_while_frozen(word, state);
                             a = Admit::retry;
                             break;
                         }
-                        if (l.queue.head.load(std::memory_order_seq_cst) != t) {
+                        if (queue.head.load(std::memory_order_seq_cst) != t) {
                             a = Admit::retry;
                             break;
                         }
-                        if (W::in_use(w) + n > capacity) {
+                        if (fmt.in_use(w) + n > capacity) {
                             a = Admit::no_room;
                             break;
                         }
-                        if (l.word.compare_exchange_weak(w, w + n - W::kQueuedUnit,
-                                                         std::memory_order_seq_cst,
-                                                         std::memory_order_relaxed)) {
+                        LIM_RACE_POINT();
+                        if (word.compare_exchange_weak(w, w + fmt.units(n) - fmt.queued_unit(),
+                                                       std::memory_order_seq_cst,
+                                                       std::memory_order_relaxed)) {
                             a = Admit::admitted;
                             break;
                         }
@@ -219,44 +267,38 @@ bool WeightedCore::acquire_until(SegmentState& state, std::uint32_t record, std:
                     if (a == Admit::admitted) {
                         hold.add(ledger_layer, static_cast<std::int64_t>(n));
                         if (counts_admissions) hold.admitted();
-                        auto& slot = ring_slot(l, t);
+                        auto& slot = ring_slot(queue, t);
                         std::uint64_t e = slot.load(std::memory_order_seq_cst);
                         if (RingEntry::is(e, t, RingState::waiting)) {
                             slot.compare_exchange_strong(e, 0, std::memory_order_seq_cst);
                         }
                         clear_waiting(hold);
-                        pass_turn(l, t);
+                        pass_turn(*this, t);
                     }
                 }
-                if (a == Admit::admitted) return true;
+                if (a == Admit::admitted) {
+                    queued.holds = false;
+                    return true;
+                }
                 if (a == Admit::retry) continue;
             }
-            if (deadline && pacing.now() >= *deadline) {
-                Hold hold(state, record);
-                enter(hold, state, l.word);
-                auto& slot = ring_slot(l, t);
-                std::uint64_t e = slot.load(std::memory_order_seq_cst);
-                if (RingEntry::is(e, t, RingState::waiting)) {
-                    slot.compare_exchange_strong(
-                        e, RingEntry::make(t, RingEntry::slot(e), RingState::cancelled),
-                        std::memory_order_seq_cst);
-                }
-                if (l.queue.head.load(std::memory_order_seq_cst) == t) dequeue_cancelled(l, t);
-                clear_waiting(hold);
-                return false;
-            }
+            if (deadline && pacing.now() >= *deadline) return false;  // ~Queued withdraws
             auto_reap.poll(pacing.now());
-            pacing.pause(l.queue.seq, s, deadline, attempt++, bit_of(t));
+            pacing.pause(queue.seq, s, deadline, attempt++, bit_of(t));
         }
     }
 }
 
 std::uint64_t WeightedCore::in_use() const noexcept {
-    return W::in_use(l.word.load(std::memory_order_acquire));
+    return fmt.in_use(word.load(std::memory_order_acquire));
 }
 
 std::uint64_t WeightedCore::queued() const noexcept {
-    return W::queued(l.word.load(std::memory_order_acquire));
+    return fmt.queued(word.load(std::memory_order_acquire));
+}
+
+void WeightedCore::wake_head() noexcept {
+    wake_turn(queue, queue.head.load(std::memory_order_seq_cst));
 }
 
 namespace {
@@ -282,10 +324,9 @@ bool owner_waits(const SegmentState& state, std::uint64_t e, std::uint32_t recor
 
 }  // namespace
 
-std::int64_t recount_weighted_layer(const SegmentState& state, std::uint32_t record, int layer,
-                                    WeightedLayer& l, std::int64_t live_units,
-                                    std::span<const std::uint32_t> dead_slots) noexcept {
-    auto& q = l.queue;
+std::uint64_t recount_weighted_queue(const SegmentState& state, std::uint32_t record, int layer,
+                                     WeightedQueue& q,
+                                     std::span<const std::uint32_t> dead_slots) noexcept {
     const std::uint64_t tail = q.tail.load(std::memory_order_acquire);
     std::uint64_t head = q.head.load(std::memory_order_acquire);
     // A damaged head (beyond the tail, or further behind than the ring holds) is clamped.
@@ -293,7 +334,7 @@ std::int64_t recount_weighted_layer(const SegmentState& state, std::uint32_t rec
     if (tail - head > kRingSize) head = tail - kRingSize;
     std::uint64_t queued = 0;
     for (std::uint64_t t = head; t != tail; ++t) {
-        auto& slot = ring_slot(l, t);
+        auto& slot = ring_slot(q, t);
         const std::uint64_t e = slot.load(std::memory_order_acquire);
         const bool waiting = RingEntry::is(e, t, RingState::waiting);
         if (!(waiting && owner_waits(state, e, record, layer, dead_slots)) &&
@@ -304,31 +345,45 @@ std::int64_t recount_weighted_layer(const SegmentState& state, std::uint32_t rec
         }
         ++queued;
     }
-    while (head != tail && RingEntry::is(ring_slot(l, head).load(std::memory_order_acquire), head,
+    while (head != tail && RingEntry::is(ring_slot(q, head).load(std::memory_order_acquire), head,
                                          RingState::cancelled)) {
-        ring_slot(l, head).store(0, std::memory_order_relaxed);
+        ring_slot(q, head).store(0, std::memory_order_relaxed);
         ++head;
         --queued;
     }
     q.head.store(head, std::memory_order_seq_cst);
+    return queued;
+}
+
+void wake_queue(WeightedQueue& q) noexcept {
+    q.seq.fetch_add(1, std::memory_order_seq_cst);
+    futex_wake(q.seq, INT_MAX);
+}
+
+void reset_weighted_queue(WeightedQueue& q) noexcept {
+    for (auto& e : q.ring)
+        e.store(0, std::memory_order_relaxed);
+    q.head.store(q.tail.load(std::memory_order_acquire), std::memory_order_seq_cst);
+}
+
+std::int64_t recount_weighted_layer(const SegmentState& state, std::uint32_t record, int layer,
+                                    WeightedLayer& l, std::int64_t live_units,
+                                    std::span<const std::uint32_t> dead_slots) noexcept {
+    const std::uint64_t queued = recount_weighted_queue(state, record, layer, l.queue, dead_slots);
+    // The word is frozen and no live slot is pending on the record: nobody changes it meanwhile.
     const std::uint64_t w = l.word.load(std::memory_order_acquire);
     const std::int64_t given_back = static_cast<std::int64_t>(W::in_use(w)) - live_units;
     l.word.store(W::make(static_cast<std::uint64_t>(std::max<std::int64_t>(live_units, 0)),
                          std::min<std::uint64_t>(queued, W::kQueuedMax)),
                  std::memory_order_seq_cst);
-    q.seq.fetch_add(1, std::memory_order_seq_cst);
-    futex_wake(q.seq, INT_MAX);
+    wake_queue(l.queue);
     return given_back;
 }
 
 void reset_weighted_layer(WeightedLayer& l) noexcept {
-    auto& q = l.queue;
-    for (auto& e : q.ring)
-        e.store(0, std::memory_order_relaxed);
-    q.head.store(q.tail.load(std::memory_order_acquire), std::memory_order_seq_cst);
+    reset_weighted_queue(l.queue);
     l.word.store(0, std::memory_order_seq_cst);
-    q.seq.fetch_add(1, std::memory_order_seq_cst);
-    futex_wake(q.seq, INT_MAX);
+    wake_queue(l.queue);
 }
 
 namespace {
@@ -399,7 +454,8 @@ std::uint64_t capacity_of(const detail::RecordRef& ref) noexcept {
 }
 
 detail::WeightedCore core_of(const detail::RecordRef& ref) noexcept {
-    return {detail::body_of<WeightedSemaphoreBody>(ref).layer, capacity_of(ref), 0};
+    auto& layer = detail::body_of<WeightedSemaphoreBody>(ref).layer;
+    return {layer.word, layer.queue, capacity_of(ref), 0};
 }
 
 detail::RecordRef open_weighted(const Segment& segment, std::string_view key,

@@ -105,14 +105,50 @@ struct WeightedSemaphoreBody {
 };
 static_assert(sizeof(WeightedSemaphoreBody) <= kRecordBodySize);
 
-// The FIFO weighted-semaphore algorithm on a WeightedLayer, shared by WeightedSemaphore and by
+// Where a weighted layer's fields sit in its word: WeightedWord's layout for a WeightedSemaphore
+// and an unpacked Dispatch; a packed Dispatch keeps its bytes and queued count in the word it
+// shares with its slots (dispatch_state.hpp).
+struct WeightedFormat {
+    int units_shift;
+    std::uint64_t units_mask;  // after the shift
+    int queued_shift;
+    std::uint64_t queued_max;  // >= kRingSize
+
+    constexpr std::uint64_t in_use(std::uint64_t w) const noexcept {
+        return (w >> units_shift) & units_mask;
+    }
+    constexpr std::uint64_t queued(std::uint64_t w) const noexcept {
+        return (w >> queued_shift) & queued_max;
+    }
+    constexpr std::uint64_t units(std::uint64_t n) const noexcept { return n << units_shift; }
+    constexpr std::uint64_t queued_unit() const noexcept { return 1ULL << queued_shift; }
+    // `w` with its units and queued fields replaced (other fields and kFrozen kept).
+    constexpr std::uint64_t with(std::uint64_t w, std::uint64_t in_use,
+                                 std::uint64_t queued_count) const noexcept {
+        w &= ~(units_mask << units_shift);
+        w &= ~(queued_max << queued_shift);
+        return w | ((in_use & units_mask) << units_shift) |
+               ((queued_count & queued_max) << queued_shift);
+    }
+};
+
+inline constexpr WeightedFormat kWeightedFormat{
+    .units_shift = 0,
+    .units_mask = WeightedWord::kInUseMask,
+    .queued_shift = WeightedWord::kQueuedShift,
+    .queued_max = WeightedWord::kQueuedMax,
+};
+
+// The FIFO weighted-semaphore algorithm on a word and a queue, shared by WeightedSemaphore and by
 // Dispatch's byte layer. `ledger_layer` is the held[] index the units are recorded in. Amounts
 // passed in are already clamped to 1..capacity by the caller.
 struct WeightedCore {
-    WeightedLayer& l;
+    std::atomic<std::uint64_t>& word;
+    WeightedQueue& queue;
     std::uint64_t capacity;
     int ledger_layer;
     bool counts_admissions = true;  // as SemaphoreCore::counts_admissions
+    WeightedFormat fmt = kWeightedFormat;
 
     // Takes `n` units if nobody is queued and they fit. Never sleeps (except aside a frozen word).
     bool try_acquire(Hold& hold, const SegmentState& state, std::uint64_t n) noexcept;
@@ -128,6 +164,9 @@ struct WeightedCore {
 
     std::uint64_t in_use() const noexcept;
     std::uint64_t queued() const noexcept;
+
+    // Wakes the head of the queue (after a release that found tickets queued).
+    void wake_head() noexcept;
 };
 
 // Crash recovery for a weighted layer (ledger layer `layer` of `record`), with the word frozen
@@ -137,6 +176,17 @@ struct WeightedCore {
 std::int64_t recount_weighted_layer(const SegmentState& state, std::uint32_t record, int layer,
                                     WeightedLayer& l, std::int64_t live_units,
                                     std::span<const std::uint32_t> dead_slots) noexcept;
+
+// The queue half of that recount, for a word that carries more than one layer: cancels the
+// tickets of dead owners, passes the turn over cancelled tickets at the head, and returns the
+// queued count the word must then hold. The caller stores the word, then calls wake_queue.
+std::uint64_t recount_weighted_queue(const SegmentState& state, std::uint32_t record, int layer,
+                                     WeightedQueue& q,
+                                     std::span<const std::uint32_t> dead_slots) noexcept;
+// Empties the queue (reset): head = tail, ring cleared. The caller stores the word, then wakes.
+void reset_weighted_queue(WeightedQueue& q) noexcept;
+// Bumps seq and wakes everyone queued.
+void wake_queue(WeightedQueue& q) noexcept;
 
 // Re-initialises a weighted layer: nothing in use, nothing queued (queued waiters notice that
 // their ticket was dropped and queue again), kFrozen clear, everyone woken.
