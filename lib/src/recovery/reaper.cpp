@@ -14,6 +14,7 @@
 #include "recovery/kind_ops.hpp"
 #include "shm/file_lock.hpp"
 #include "shm/process_identity.hpp"
+#include "shm/process_table.hpp"
 #include "shm/records.hpp"
 
 namespace lim::detail {
@@ -29,36 +30,18 @@ struct DeadSlot {
     std::uint64_t owner;  // the owner word we judged dead; the slot is freed only if unchanged
 };
 
-bool is_occupied(SlotState st) noexcept {
-    return st == SlotState::claiming || st == SlotState::live || st == SlotState::retired;
+bool is_occupied(std::uint64_t owner) noexcept {
+    return slot_is_occupied(owner);
 }
 
-// Whether the owner recorded in `w` (slot `slot`) is dead. A slot still being claimed has no
-// start time yet, so only its pid can be judged.
-bool owner_is_dead(const SlotHeader& slot, std::uint64_t w) {
-    const auto pid = static_cast<pid_t>(SlotOwner::pid(w));
-    if (SlotOwner::state(w) == SlotState::claiming) {
-        const auto stat = read_proc_stat(pid);
-        return !stat || stat->state == 'Z' || stat->state == 'X';
-    }
-    return check_alive(pid, slot.start_time.load(std::memory_order_relaxed),
-                       slot.pidns_inode.load(std::memory_order_relaxed)) == Liveness::dead;
-}
-
+// The slots whose owner is dead (process_table.hpp, judge_slots): occupied, in any state byte
+// (claiming, live, retired, or one no lim writes), with a lock byte nobody holds. A slot whose
+// check failed counts as alive and is left alone.
 std::vector<DeadSlot> find_dead_slots(const SegmentState& state) {
     std::vector<DeadSlot> dead;
-    // A process has one slot per thread that held something: judge each (pid, start time) once.
-    std::map<std::pair<std::uint32_t, std::uint64_t>, bool> judged;
-    for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
-        const SlotHeader& slot = state.slot(i);
-        const std::uint64_t w = slot.owner.load(std::memory_order_acquire);
-        if (!is_occupied(SlotOwner::state(w))) continue;
-        const auto key =
-            std::make_pair(SlotOwner::pid(w),
-                           SlotOwner::state(w) == SlotState::claiming ? 0 : slot.start_time.load());
-        auto it = judged.find(key);
-        if (it == judged.end()) it = judged.emplace(key, owner_is_dead(slot, w)).first;
-        if (it->second) dead.push_back({i, w});
+    const std::vector<SlotJudgement> judged = judge_slots(state);
+    for (std::uint32_t i = 0; i < judged.size(); ++i) {
+        if (judged[i].dead) dead.push_back({i, judged[i].owner});
     }
     return dead;
 }
@@ -76,8 +59,7 @@ bool wait_quiescent(const SegmentState& state, std::uint32_t record,
         bool busy = false;
         for (std::uint32_t i = 0; i < state.geometry().max_processes && !busy; ++i) {
             const SlotHeader& slot = state.slot(i);
-            if (!is_occupied(SlotOwner::state(slot.owner.load(std::memory_order_acquire))))
-                continue;
+            if (!is_occupied(slot.owner.load(std::memory_order_acquire))) continue;
             if (contains(excluded, i)) continue;
             busy = slot.pending.load(std::memory_order_acquire) == record + 1;
         }
@@ -96,7 +78,7 @@ LiveHoldings live_holdings(const SegmentState& state, std::uint32_t record,
                            const std::vector<DeadSlot>& excluded) {
     LiveHoldings live;
     for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
-        if (!is_occupied(SlotOwner::state(state.slot(i).owner.load(std::memory_order_acquire)))) {
+        if (!is_occupied(state.slot(i).owner.load(std::memory_order_acquire))) {
             continue;
         }
         if (contains(excluded, i)) continue;
@@ -307,7 +289,7 @@ void reset(SegmentState& state, const ResetOptions& options) {
     std::vector<std::uint32_t> others;
     for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
         const std::uint64_t w = state.slot(i).owner.load(std::memory_order_acquire);
-        if (!is_occupied(SlotOwner::state(w)) || contains(dead, i)) continue;
+        if (!is_occupied(w) || contains(dead, i)) continue;
         const std::uint32_t pid = SlotOwner::pid(w);
         if (pid != self && std::find(others.begin(), others.end(), pid) == others.end()) {
             others.push_back(pid);

@@ -44,13 +44,18 @@ class Hold {
   public:
     // Announces a holding operation on `record` by the calling thread (claiming the thread's
     // slot on first use; throws Error(table_full) if there is none to claim).
-    Hold(SegmentState& state, std::uint32_t record) : holder_(holder(state)), record_(record) {
+    Hold(SegmentState& state, std::uint32_t record)
+        : state_(state), holder_(holder(state)), record_(record) {
         holder_.slot->pending.store(record + 1, std::memory_order_relaxed);
         LIM_RACE_POINT();
     }
     ~Hold() {
         LIM_RACE_POINT();
         holder_.slot->pending.store(0, std::memory_order_release);
+        // A slot claimed for this one operation by a thread already past its slot registry's
+        // destruction (process_table.hpp, Holder::ephemeral): give it back now.
+        if (holder_.ephemeral) [[unlikely]]
+            release_ephemeral(state_, holder_);
     }
     Hold(const Hold&) = delete;
     Hold& operator=(const Hold&) = delete;
@@ -94,6 +99,7 @@ class Hold {
     const Holder& holder_ref() const noexcept { return holder_; }
 
   private:
+    SegmentState& state_;
     Holder holder_;
     std::uint32_t record_;
 };

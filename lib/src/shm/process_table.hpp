@@ -19,6 +19,10 @@ namespace lim::detail {
 
 struct Holder {
     std::uint32_t slot_index = 0;
+    // Claimed for one holding operation only, by a thread whose thread-local slot registry is
+    // already destroyed (a Permit released by a thread_local or static destructor): ~Hold gives
+    // the slot back (release_ephemeral). Fits in the padding after slot_index.
+    bool ephemeral = false;
     SlotHeader* slot = nullptr;
     LedgerEntry* row = nullptr;  // row[record_index] is what this holder holds in that record
 
@@ -54,10 +58,33 @@ inline Holder holder(SegmentState& state) {
 }
 
 // Frees (or, if its ledger still records holdings, retires) every slot that this process claimed
-// through the mapping `state`. Called when the mapping goes away.
+// through the mapping `state`, then closes the mapping's slot-lock description, which drops the
+// locks of the retired ones (nothing can release what they hold any more: a reap gives it back).
+// Called when the mapping goes away.
 void release_slots_of_mapping(SegmentState& state) noexcept;
 
-// Distinct processes with a live or retired slot that are not known to be dead.
+// Gives back an ephemeral holder's slot after its one operation (free if empty, else retired).
+void release_ephemeral(SegmentState& state, const Holder& h) noexcept;
+
+// Every state but `free` (including state bytes no version of lim writes) is occupied.
+constexpr bool slot_is_occupied(std::uint64_t owner) noexcept {
+    return SlotOwner::state(owner) != SlotState::free;
+}
+
+// One slot as judged now: its owner word, and whether that owner is dead. `dead` is true only
+// when the slot is occupied, its lock byte is held by no description, and the owner word was the
+// same before and after the lock was tested. Any failure to test (an fcntl error of any kind)
+// counts as alive: no failed check reclaims anything.
+struct SlotJudgement {
+    std::uint64_t owner;
+    bool dead;
+};
+std::vector<SlotJudgement> judge_slots(const SegmentState& state);
+
+// The same for one slot (limctl's views).
+bool slot_owner_alive(const SegmentState& state, std::uint32_t index, std::uint64_t owner);
+
+// Distinct processes (by recorded pid) with an occupied slot whose owner is not dead.
 std::uint32_t count_live_processes(const SegmentState& state);
 
 // True when slot `slot_index` records no holdings in any record and no operation in progress.
