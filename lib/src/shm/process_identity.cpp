@@ -60,13 +60,20 @@ int open_private_fd(int fd) {
 }
 
 int open_private_fd_locked(int fd) {
-    char path[64];
-    std::snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
     if (g_private_count == kMaxPrivateFds) {
         throw Error(Errc::system_error,
                     "too many lock descriptions open on lim segments in this process");
     }
-    const int own = ::open(path, O_RDWR | O_CLOEXEC);
+    // /proc/thread-self, not /proc/self: once the main thread has called pthread_exit(),
+    // /proc/self names a zombie thread-group leader whose fd directory cannot be opened, while
+    // the process's other threads still need their own descriptions.
+    char path[64];
+    std::snprintf(path, sizeof path, "/proc/thread-self/fd/%d", fd);
+    int own = ::open(path, O_RDWR | O_CLOEXEC);
+    if (own < 0 && errno == ENOENT) {  // kernels before 3.17 have no /proc/thread-self
+        std::snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+        own = ::open(path, O_RDWR | O_CLOEXEC);
+    }
     if (own < 0) throw_errno(errno, "cannot open a private description of the segment file");
     g_private_fds[g_private_count++] = own;
     return own;
