@@ -320,3 +320,62 @@ TEST_CASE("a release from a thread_local destructor after the thread's slot was 
     CHECK(occupied(seg) == before);  // the retired slot was adopted, emptied and freed
     CHECK(seg.reap().reaped.empty());
 }
+
+TEST_CASE(
+    "units acquired by one process cannot be released by another; by another thread they can") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("live-release-elsewhere"));
+    auto seg = Segment::open_or_create(guard.name(), options(8));
+    auto sem = Semaphore::open(seg, "db", {.capacity = 4});
+    auto bytes = WeightedSemaphore::open(seg, "bytes", {.capacity = 100});
+    sem.acquire(2);
+    bytes.acquire(60);
+    const pid_t worker = lim::test::fork_child([&] {
+        int refused = 0;
+        try {
+            sem.release(2);
+        } catch (const Error& e) {
+            refused += e.code() == Errc::over_release;
+        }
+        try {
+            bytes.release(60);
+        } catch (const Error& e) {
+            refused += e.code() == Errc::over_release;
+        }
+        return refused == 2 && sem.in_use() == 2 && bytes.in_use() == 60 ? 0 : 1;
+    });
+    CHECK(lim::test::wait_child(worker) == 0);
+    // The worker exited (without closing its handles: its slot is reaped) and a reap finds
+    // nothing to give back: the acquirer's units stay.
+    for (const auto& p : seg.reap().reaped)
+        CHECK(p.returned.empty());
+    CHECK(sem.in_use() == 2);
+    CHECK(bytes.in_use() == 60);
+    // Another thread of the acquiring process may release them (the process holds them).
+    std::thread([&] {
+        sem.release(2);
+        bytes.release(60);
+    }).join();
+    CHECK(sem.in_use() == 0);
+    CHECK(bytes.in_use() == 0);
+    CHECK(seg.reap().reaped.empty());
+    CHECK(sem.try_acquire(4));
+    sem.release(4);
+}
+
+TEST_CASE("reap_after = Duration::max() never reaps automatically (no overflow into the past)") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("live-reap-max"));
+    auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 8,
+                                                      .max_processes = 8,
+                                                      .reap_after = Duration::max(),
+                                                      .reap_on_attach = false});
+    auto sem = Semaphore::open(seg, "db", {.capacity = 1});
+    const pid_t dead = child_holding(sem, 1);
+    kill_and_wait(dead);
+    // A blocking acquire may not reap (its reap_after never passes): it times out, and the dead
+    // holder's unit stays until an explicit reap.
+    CHECK_FALSE(sem.acquire_until(1, Clock::now() + 100ms));
+    CHECK(sem.in_use() == 1);
+    REQUIRE(seg.reap().reaped.size() == 1);
+    CHECK(sem.try_acquire(1));
+    sem.release(1);
+}

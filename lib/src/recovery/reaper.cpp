@@ -16,6 +16,7 @@
 #include "shm/process_identity.hpp"
 #include "shm/process_table.hpp"
 #include "shm/records.hpp"
+#include "sync/race_point.hpp"
 
 namespace lim::detail {
 namespace {
@@ -114,6 +115,7 @@ void free_slot(SegmentState& state, const DeadSlot& dead) {
     slot.tid.store(0, std::memory_order_relaxed);
     slot.attach_uid.store(0, std::memory_order_relaxed);
     std::uint64_t expected = dead.owner;
+    LIM_RACE_POINT();  // a claimer must not take the slot before this CAS frees it
     slot.owner.compare_exchange_strong(
         expected, SlotOwner::make(0, SlotOwner::generation(dead.owner), SlotState::free),
         std::memory_order_release, std::memory_order_relaxed);
@@ -176,6 +178,7 @@ ReapReport reap_locked(SegmentState& state) {
         if (ops == nullptr) continue;
 
         ops->freeze(state, r);
+        LIM_RACE_POINT();  // a holder between its CAS and its ledger store sees the freeze late
         if (!wait_quiescent(state, r, dead)) {
             ops->thaw(state, r);
             deferred[r] = true;
@@ -183,6 +186,7 @@ ReapReport reap_locked(SegmentState& state) {
             continue;
         }
         const LiveHoldings live = live_holdings(state, r, dead);
+        LIM_RACE_POINT();  // between the sum of the live ledgers and the store of the recount
         const LiveHoldings given = ops->recount(state, r, live, dead_indexes, Clock::now());
 
         // Attribute what was given back: each dead process its ledger; any remainder (an
@@ -307,6 +311,7 @@ void reset(SegmentState& state, const ResetOptions& options) {
         const KindOps* ops = kind_ops(static_cast<RecordKind>(state.record(r).header.kind));
         if (ops == nullptr) continue;
         ops->freeze(state, r);
+        LIM_RACE_POINT();
         // Forced: live holders may be mid-operation; let them finish (or give up after the
         // timeout and reset regardless: force means force).
         wait_quiescent(state, r, dead);

@@ -277,6 +277,18 @@ void release_slots_of_mapping(SegmentState& state) noexcept {
     locks->mine.clear();
 }
 
+std::int64_t process_holding(SegmentState& state, std::uint32_t record, int layer) {
+    auto lock = lock_private_registry();
+    SegmentState::SlotLocks* locks = current_slot_locks(state);
+    if (locks == nullptr) return 0;
+    std::int64_t sum = 0;
+    for (std::uint32_t i = 0; i < locks->mine.size(); ++i) {
+        if (locks->mine[i] == 0) continue;
+        sum += state.ledger(i, record).held[layer].load(std::memory_order_relaxed);
+    }
+    return sum;
+}
+
 bool slot_is_empty(const SegmentState& state, std::uint32_t slot_index) noexcept {
     if (state.slot(slot_index).pending.load(std::memory_order_acquire) != 0) return false;
     const std::uint32_t used = state.records_used();

@@ -66,6 +66,11 @@ void release_slots_of_mapping(SegmentState& state) noexcept;
 // Gives back an ephemeral holder's slot after its one operation (free if empty, else retired).
 void release_ephemeral(SegmentState& state, const Holder& h) noexcept;
 
+// What this process holds in `record`'s `layer`, summed over every slot it holds locked in this
+// mapping (all its threads, retired slots included). Takes the private-registry mutex: a rare
+// path, for Hold::require_held when the calling thread's own entry is short.
+std::int64_t process_holding(SegmentState& state, std::uint32_t record, int layer);
+
 // Every state but `free` (including state bytes no version of lim writes) is occupied.
 constexpr bool slot_is_occupied(std::uint64_t owner) noexcept {
     return SlotOwner::state(owner) != SlotState::free;
