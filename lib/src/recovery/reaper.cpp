@@ -261,8 +261,8 @@ void reap_quietly(SegmentState& state) noexcept {
     try {
         reap(state, ReapLock::skip);
     } catch (...) {
-        // Automatic reaping is a courtesy to whoever waits; a failure here (an unreadable /proc)
-        // must not fail their call. An explicit reap reports it.
+        // Automatic reaping is a courtesy to whoever waits; a failure here (no descriptor left for
+        // the recovery lock) must not fail their call. An explicit reap reports it.
     }
 }
 

@@ -7,7 +7,7 @@
 // so a creator killed while holding a lock never blocks anyone else. Unlike flock() and classic
 // fcntl locks, an OFD lock taken through a description of its own excludes other threads of the
 // same process and a forked child too, which is why lock_exclusive() opens a fresh description
-// (through /proc/self/fd) for each acquisition.
+// (through /proc/thread-self/fd) for each acquisition.
 //
 // fork() while another thread holds a lock: the description opened for the lock is a *private*
 // one (open_private_fd): the fork hook closes the child's copy before the child runs, so the lock
