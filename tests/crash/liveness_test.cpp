@@ -379,3 +379,48 @@ TEST_CASE("reap_after = Duration::max() never reaps automatically (no overflow i
     CHECK(sem.try_acquire(1));
     sem.release(1);
 }
+
+namespace {
+bool byte_locked(const Segment& seg, std::uint32_t slot) {
+    struct flock fl {};
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = static_cast<off_t>(detail::kSlotLockBase + slot);
+    fl.l_len = 1;
+    REQUIRE(::fcntl(seg.state()->fd(), F_OFD_GETLK, &fl) == 0);
+    return fl.l_type != F_UNLCK;
+}
+}  // namespace
+
+TEST_CASE(
+    "a thread that exits unlocks its freed slot's byte; a retired slot stays locked and alive") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("live-thread-exit"));
+    auto seg = Segment::open_or_create(guard.name(), options(8));
+    auto sem = Semaphore::open(seg, "db", {.capacity = 4});
+    std::uint32_t freed = 0, retired = 0;
+    std::thread([&] {
+        sem.acquire(1);
+        sem.release(1);
+        freed = detail::holder(*seg.state()).slot_index;
+        CHECK(byte_locked(seg, freed));
+    }).join();
+    CHECK_FALSE(detail::slot_is_occupied(seg.state()->slot(freed).owner.load()));
+    CHECK_FALSE(byte_locked(seg, freed));
+
+    std::thread([&] {
+        sem.acquire(2);  // kept: the slot is retired at exit, still this process's
+        retired = detail::holder(*seg.state()).slot_index;
+    }).join();
+    CHECK(detail::SlotOwner::state(seg.state()->slot(retired).owner.load()) ==
+          detail::SlotState::retired);
+    CHECK(byte_locked(seg, retired));
+    // Another process's reap must not take the units of a retired slot of a live process.
+    const pid_t reaper = lim::test::fork_child([&] {
+        auto other = Segment::open(guard.name(), options(8));
+        return other.reap().reaped.empty() ? 0 : 1;
+    });
+    CHECK(lim::test::wait_child(reaper) == 0);
+    CHECK(sem.in_use() == 2);
+    sem.release(2);  // this thread adopts nothing; the process holds the units, so it may
+    CHECK(sem.in_use() == 0);
+}
