@@ -21,6 +21,7 @@
 #include "shm/file_lock.hpp"
 #include "shm/ledger.hpp"
 #include "shm/process_table.hpp"
+#include "shm/records.hpp"
 #include "support/process.hpp"
 
 using namespace lim;
@@ -422,5 +423,64 @@ TEST_CASE(
     CHECK(lim::test::wait_child(reaper) == 0);
     CHECK(sem.in_use() == 2);
     sem.release(2);  // this thread adopts nothing; the process holds the units, so it may
+    CHECK(sem.in_use() == 0);
+}
+
+TEST_CASE("a holding handed off to another process is that process's to release, exactly once") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("live-hand-off"));
+    auto seg = Segment::open_or_create(guard.name(), options(8));
+    auto sem = Semaphore::open(seg, "db", {.capacity = 4});
+    const auto record = *detail::find_record(*seg.state(), detail::RecordKind::semaphore, "db");
+    auto* ticket = lim::test::shared_array<detail::HandOff>(1);
+    sem.acquire(3);
+    *ticket = detail::hand_off_holding(*seg.state(), record, 0, 2);
+    CHECK(detail::process_holding(*seg.state(), record, 0) == 1);
+    CHECK(seg.reap().reaped.empty());
+    CHECK(sem.in_use() == 3);  // nothing changes hands in the shared word
+
+    // The worker takes it (once), and then it may release it; a second receive finds nothing.
+    const pid_t worker = lim::test::fork_child([&] {
+        if (!detail::receive_holding(*seg.state(), *ticket)) return 1;
+        if (detail::receive_holding(*seg.state(), *ticket)) return 2;
+        sem.release(2);
+        return sem.in_use() == 1 ? 0 : 3;
+    });
+    CHECK(lim::test::wait_child(worker) == 0);
+    CHECK(sem.in_use() == 1);
+    for (const auto& p : seg.reap().reaped)
+        CHECK(p.returned.empty());  // the worker's slot held nothing when it exited
+    CHECK(sem.in_use() == 1);
+
+    // A giver that dies before the receiver takes the parcel: the reap returns the units, and
+    // the receiver gets nothing.
+    Flag* offered = make_flag();
+    const pid_t giver = lim::test::fork_child([&] {
+        sem.acquire(2);
+        *ticket = detail::hand_off_holding(*seg.state(), record, 0, 2);
+        offered->set();
+        for (;;)
+            ::pause();
+        return 0;
+    });
+    offered->wait();
+    CHECK(sem.in_use() == 3);
+    kill_and_wait(giver);
+    CHECK_FALSE(detail::receive_holding(*seg.state(), *ticket));
+    REQUIRE(seg.reap().reaped.size() == 1);
+    CHECK(sem.in_use() == 1);
+
+    // A receiver that dies holding a received parcel is reaped like any holder.
+    *ticket = detail::hand_off_holding(*seg.state(), record, 0, 1);
+    const pid_t receiver = lim::test::fork_child([&] {
+        if (!detail::receive_holding(*seg.state(), *ticket)) return 1;
+        offered->value.store(2);
+        for (;;)
+            ::pause();
+        return 0;
+    });
+    REQUIRE(lim::test::eventually([&] { return offered->value.load() == 2; }));
+    CHECK(detail::process_holding(*seg.state(), record, 0) == 0);
+    kill_and_wait(receiver);
+    REQUIRE(seg.reap().reaped.size() == 1);
     CHECK(sem.in_use() == 0);
 }

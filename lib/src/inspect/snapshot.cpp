@@ -31,6 +31,10 @@ std::string slot_state_string(SlotState st) {
             return "live";
         case SlotState::retired:
             return "retired";
+        case SlotState::parcel:
+            return "parcel";
+        case SlotState::taken:
+            return "taken";
     }
     return "unknown";
 }

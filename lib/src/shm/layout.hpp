@@ -194,6 +194,8 @@ enum class SlotState : std::uint8_t {
     live = 2,      // owned by a running thread of `pid`
     retired = 3,   // the owning thread exited while its ledger was not empty; the process still
                    // owns what it records, and another thread of the same process may adopt it
+    parcel = 4,    // a holding offered to another process (hand_off); locked by the giver
+    taken = 5,     // a parcel the receiver has taken; the giver frees it once its row is empty
 };
 
 struct SlotOwner {

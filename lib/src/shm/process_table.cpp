@@ -14,6 +14,7 @@
 
 #include "lim/error.hpp"
 #include "recovery/reaper.hpp"
+#include "shm/file_lock.hpp"
 #include "sync/race_point.hpp"
 
 namespace lim::detail {
@@ -106,6 +107,7 @@ void release_slot_locked(SegmentState& state, std::uint32_t index, std::uint64_t
     SlotHeader& slot = state.slot(index);
     const std::uint32_t pid = SlotOwner::pid(owner);
     const std::uint32_t gen = SlotOwner::generation(owner);
+    if (SlotOwner::state(owner) == SlotState::taken && !slot_is_empty(state, index)) return;
     if (slot_is_empty(state, index)) {
         // Fold this slot's admission counts into the records, so totals outlive the slot.
         const std::uint32_t used = state.records_used();
@@ -154,16 +156,25 @@ ThreadSlots::~ThreadSlots() {
 
 // One pass of claiming: first a retired slot this process holds the lock of (its ledger is the
 // process's anyway), else a free one whose lock byte we can take. nullopt when none is left.
-std::optional<std::pair<Holder, std::uint64_t>> try_claim_slot(SegmentState& state) {
+// With `as` = parcel: no adoption, and the slot is published as a parcel instead of live.
+std::optional<std::pair<Holder, std::uint64_t>> try_claim_slot(SegmentState& state,
+                                                               SlotState as = SlotState::live) {
     const auto pid = static_cast<std::uint32_t>(this_process().pid);
     const pid_t tid = this_thread_id();
     const std::uint32_t n = state.geometry().max_processes;
     auto registry = lock_private_registry();
     SegmentState::SlotLocks& locks = own_slot_locks(state);
 
+    // Parcels a receiver has taken (and emptied) go back to the table first.
+    for (std::uint32_t i = 0; i < n; ++i) {
+        if (locks.mine[i] == 0) continue;
+        const std::uint64_t w = state.slot(i).owner.load(std::memory_order_acquire);
+        if (SlotOwner::state(w) == SlotState::taken) release_slot_locked(state, i, w);
+    }
+
     // Adoption is decided by the lock, not by the pid: only the process whose description holds
     // the byte may adopt, so a process that reuses a dead one's pid can never adopt its slots.
-    for (std::uint32_t i = 0; i < n; ++i) {
+    for (std::uint32_t i = 0; i < n && as == SlotState::live; ++i) {
         if (locks.mine[i] == 0) continue;
         SlotHeader& slot = state.slot(i);
         std::uint64_t w = slot.owner.load(std::memory_order_acquire);
@@ -203,7 +214,7 @@ std::optional<std::pair<Holder, std::uint64_t>> try_claim_slot(SegmentState& sta
         slot.attach_uid.store(state.uid(), std::memory_order_relaxed);
         slot.pending.store(0, std::memory_order_relaxed);
         slot.waiting_record.store(0, std::memory_order_relaxed);
-        const std::uint64_t mine = SlotOwner::make(pid, gen, SlotState::live);
+        const std::uint64_t mine = SlotOwner::make(pid, gen, as);
         slot.owner.store(mine, std::memory_order_release);
         return std::make_pair(make_holder(state, i), mine);
     }
@@ -268,13 +279,63 @@ void release_slots_of_mapping(SegmentState& state) noexcept {
         if (locks->mine[i] == 0) continue;
         const std::uint64_t w = state.slot(i).owner.load(std::memory_order_acquire);
         const SlotState st = SlotOwner::state(w);
-        if (st == SlotState::live || st == SlotState::claiming) release_slot_locked(state, i, w);
+        // Parcels not yet taken are left: closing the description below makes them dead, and
+        // the next reap gives their units back (the receiver then finds nothing to take).
+        if (st == SlotState::live || st == SlotState::claiming || st == SlotState::taken) {
+            release_slot_locked(state, i, w);
+        }
     }
     // Drops the locks of the slots left retired: what they hold can no longer be released by
     // anyone (every handle of the mapping is gone), so the next reap gives it back.
     close_private_fd_locked(locks->fd);
     locks->fd = -1;
     locks->mine.clear();
+}
+
+HandOff hand_off_holding(SegmentState& state, std::uint32_t record, int layer, std::int64_t n) {
+    const Holder me = holder(state);  // before the lock: a claim on a full table reaps
+    // Under the recovery lock: no recount sums the ledgers between the two stores below.
+    const FileLock lock = FileLock::lock_exclusive(state.fd(), LockByte::recovery);
+    if (process_holding(state, record, layer) < n) {
+        throw Error(Errc::over_release,
+                    fmt::format("hand_off({}) but this process holds fewer units", n));
+    }
+    auto parcel = try_claim_slot(state, SlotState::parcel);
+    if (!parcel) {
+        throw Error(Errc::table_full,
+                    fmt::format("no free slot in segment '{}' for a hand-off", state.name()));
+    }
+    auto& mine = me.entry(record).held[layer];
+    mine.store(mine.load(std::memory_order_relaxed) - n, std::memory_order_relaxed);
+    LIM_RACE_POINT();
+    parcel->first.entry(record).held[layer].store(n, std::memory_order_relaxed);
+    return HandOff{parcel->first.slot_index, parcel->second, record, layer, n};
+}
+
+bool receive_holding(SegmentState& state, const HandOff& h) {
+    if (h.slot >= state.geometry().max_processes || h.record >= state.records_used() ||
+        h.layer < 0 || h.layer > 2) {
+        return false;
+    }
+    const Holder me = holder(state);
+    const FileLock lock = FileLock::lock_exclusive(state.fd(), LockByte::recovery);
+    SlotHeader& slot = state.slot(h.slot);
+    std::uint64_t w = slot.owner.load(std::memory_order_acquire);
+    if (w != h.owner || SlotOwner::state(w) != SlotState::parcel) return false;
+    if (!slot_owner_alive(state, h.slot, w)) return false;  // the giver died: a reap returns it
+    LIM_RACE_POINT();
+    if (!slot.owner.compare_exchange_strong(
+            w, SlotOwner::make(SlotOwner::pid(w), SlotOwner::generation(w), SlotState::taken),
+            std::memory_order_acq_rel)) {
+        return false;
+    }
+    auto& from = state.ledger(h.slot, h.record).held[h.layer];
+    auto& to = me.entry(h.record).held[h.layer];
+    const std::int64_t amount = from.load(std::memory_order_relaxed);
+    to.store(to.load(std::memory_order_relaxed) + amount, std::memory_order_relaxed);
+    LIM_RACE_POINT();
+    from.store(0, std::memory_order_release);  // now the giver may free the parcel
+    return true;
 }
 
 std::int64_t process_holding(SegmentState& state, std::uint32_t record, int layer) {
@@ -284,6 +345,9 @@ std::int64_t process_holding(SegmentState& state, std::uint32_t record, int laye
     std::int64_t sum = 0;
     for (std::uint32_t i = 0; i < locks->mine.size(); ++i) {
         if (locks->mine[i] == 0) continue;
+        // A parcel's units are offered to another process: no longer ours to release.
+        const SlotState st = SlotOwner::state(state.slot(i).owner.load(std::memory_order_acquire));
+        if (st == SlotState::parcel || st == SlotState::taken) continue;
         sum += state.ledger(i, record).held[layer].load(std::memory_order_relaxed);
     }
     return sum;

@@ -71,6 +71,24 @@ void release_ephemeral(SegmentState& state, const Holder& h) noexcept;
 // path, for Hold::require_held when the calling thread's own entry is short.
 std::int64_t process_holding(SegmentState& state, std::uint32_t record, int layer);
 
+// Hand-off of a holding between processes (docs/design.md, "Hand-off between processes").
+// hand_off_holding moves `n` units of `layer` in `record` from this process's holdings into a new
+// *parcel* slot, locked by this process, and returns its ticket: send it to the receiver by any
+// means. receive_holding moves a parcel's units into the calling thread's ledger; false if there
+// is no such parcel any more (taken already, or its giver died: then a reap returns the units).
+// Both take the recovery lock (a rare path; blocks while a reap or reset runs), so no recount
+// sees a half-moved holding. The record's shared words never change. hand_off_holding throws
+// Error(over_release) if this process holds fewer than `n`, Error(table_full) if no slot is free.
+struct HandOff {
+    std::uint32_t slot = 0;
+    std::uint64_t owner = 0;  // the parcel slot's owner word when offered
+    std::uint32_t record = 0;
+    int layer = 0;
+    std::int64_t amount = 0;
+};
+HandOff hand_off_holding(SegmentState& state, std::uint32_t record, int layer, std::int64_t n);
+bool receive_holding(SegmentState& state, const HandOff& h);
+
 // Every state but `free` (including state bytes no version of lim writes) is occupied.
 constexpr bool slot_is_occupied(std::uint64_t owner) noexcept {
     return SlotOwner::state(owner) != SlotState::free;
