@@ -145,6 +145,12 @@ TEST_CASE("a reaper out of file descriptors reclaims nothing from live processes
         for (const auto& j : detail::judge_slots(*seg.state()))
             dead += j.dead;
         if (dead != 0) return 11;
+#if defined(__SANITIZE_ADDRESS__)
+        // UBSan's vptr check (on the Error the reap throws) probes memory through a pipe(),
+        // which fails with EMFILE and turns into a false report: give the sanitizer room.
+        for (int fd = 3; fd < 6; ++fd)
+            ::close(static_cast<int>(lim.rlim_cur) - fd);
+#endif
         try {
             if (!seg.reap().reaped.empty()) return 12;
         } catch (const Error&) {
