@@ -111,7 +111,9 @@ class Segment {
     // Throws Error with: invalid_name (bad name), invalid_argument (options out of range, or a
     // segment over 1 GiB), corrupt_segment (an existing object that is not a valid lim segment),
     // version_mismatch (a segment of another layout), permission_denied, table_full (no free
-    // process slot), system_error (the kernel refused memory: /dev/shm full).
+    // process slot even after reaping the dead: a full table reaps before it refuses),
+    // system_error (the kernel refused memory: /dev/shm full; no descriptor left to open the
+    // process's lock description).
     static Segment open_or_create(std::string_view name, const SegmentOptions& options = {});
 
     // Attaches to an existing segment. Throws Error(not_found) if there is none; otherwise as
@@ -136,12 +138,16 @@ class Segment {
     // open_or_create calls sees true).
     bool is_creator() const;
 
-    // Finds processes in the table that are dead (pid gone or reused: start time differs; or a
-    // zombie) and gives back exactly what each held to every limiter: afterwards every shared
-    // counter equals what the live processes hold, including when a process died between
-    // changing a shared counter and recording it in its ledger. Frees their slots.
+    // Finds processes in the table that are dead and gives back exactly what each held to every
+    // limiter: afterwards every shared counter equals what the live processes hold, including
+    // when a process died between changing a shared counter and recording it in its ledger.
+    // Frees their slots. A process is dead when the kernel has dropped the lock it holds on each
+    // of its slots (it holds them for as long as it runs, whatever its threads do); a check that
+    // fails counts as alive, so a reap never reclaims from a live process (docs/design.md,
+    // "Liveness"). Needs no process slot of its own: works on a table full of the dead.
     // Blocks while another reap or reset runs, and briefly (microseconds) stalls acquisitions on
-    // the records it recounts. Throws Error(system_error) if /proc cannot be read.
+    // the records it recounts. Throws Error(system_error) if it cannot open a description of the
+    // segment file for the recovery lock (out of descriptors); it then reclaims nothing.
     ReapReport reap();
 
     // Re-initialises one record (options.key) or every record to its configured state: nothing

@@ -55,9 +55,11 @@ class Semaphore {
     // if the deadline passed first (and then holds nothing). Throws as try_acquire.
     bool acquire_until(std::uint64_t n, TimePoint deadline);
 
-    // Gives back `n` units and wakes sleepers that may now proceed. Any thread may release units
-    // another thread acquired. Throws Error(over_release) if fewer than `n` units are in use
-    // (and then releases nothing).
+    // Gives back `n` units and wakes sleepers that may now proceed. Any thread of the acquiring
+    // process may release units another of its threads acquired; another process may not: it
+    // gets Error(over_release) when it holds fewer than `n` units itself (the acquirer's ledger
+    // would keep them, and a reap would later undo half of the pair). Throws
+    // Error(over_release) also if fewer than `n` units are in use (and then releases nothing).
     // Memory ordering: everything before the release happens-before the acquire that takes the
     // units.
     void release(std::uint64_t n = 1);

@@ -69,8 +69,9 @@ class WeightedSemaphore {
     bool acquire_until(std::uint64_t n, TimePoint deadline);
 
     // Gives back `n` units (clamped to the capacity) and wakes the head of the queue. Any thread
-    // may release units another acquired. Throws Error(over_release) if fewer than `n` units are
-    // in use (and then releases nothing).
+    // of the acquiring process may release units another of its threads acquired; another
+    // process gets Error(over_release) when it holds fewer than `n` units itself. Throws
+    // Error(over_release) also if fewer than `n` units are in use (and then releases nothing).
     // Memory ordering: everything before the release happens-before the acquire that takes the
     // units.
     void release(std::uint64_t n = 1);

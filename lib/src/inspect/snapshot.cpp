@@ -31,15 +31,12 @@ std::string slot_state_string(SlotState st) {
             return "live";
         case SlotState::retired:
             return "retired";
+        case SlotState::parcel:
+            return "parcel";
+        case SlotState::taken:
+            return "taken";
     }
     return "unknown";
-}
-
-bool slot_alive(const SlotHeader& slot, std::uint64_t owner) {
-    const auto pid = static_cast<pid_t>(SlotOwner::pid(owner));
-    if (SlotOwner::state(owner) == SlotState::claiming) return read_proc_stat(pid).has_value();
-    return check_alive(pid, slot.start_time.load(std::memory_order_relaxed),
-                       slot.pidns_inode.load(std::memory_order_relaxed)) != Liveness::dead;
 }
 
 std::string key_of(const SegmentState& state, std::uint32_t record1) {
@@ -103,7 +100,7 @@ RecordSnapshot snapshot_record(const SegmentState& state, std::uint32_t record, 
         row.pid = static_cast<int>(SlotOwner::pid(w));
         row.tid = slot.tid.load(std::memory_order_relaxed);
         row.state = slot_state_string(st);
-        row.alive = slot_alive(slot, w);
+        row.alive = slot_owner_alive(state, i, w);
         out.holders.push_back(std::move(row));
     }
     std::sort(out.holders.begin(), out.holders.end(), [](const HolderRow& a, const HolderRow& b) {
@@ -131,7 +128,7 @@ SegmentSnapshot snapshot_segment(const SegmentState& state, TimePoint now) {
         row.pid = static_cast<int>(SlotOwner::pid(w));
         row.tid = slot.tid.load(std::memory_order_relaxed);
         row.state = slot_state_string(st);
-        row.alive = slot_alive(slot, w);
+        row.alive = slot_owner_alive(state, i, w);
         row.attached_wall_ns = slot.attached_wall_ns.load(std::memory_order_relaxed);
         row.pending_key = key_of(state, slot.pending.load(std::memory_order_relaxed));
         row.waiting_key = key_of(state, slot.waiting_record.load(std::memory_order_relaxed));

@@ -339,6 +339,7 @@ bool Semaphore::acquire_until(std::uint64_t n, TimePoint deadline) {
 void Semaphore::release(std::uint64_t n) {
     if (n == 0) return;
     detail::Hold hold(*ref_.state, ref_.index);
+    hold.require_held(core_of(ref_).layer, n, "semaphore");
     if (!core_of(ref_).release(hold, *ref_.state, n)) {
         throw Error(Errc::over_release,
                     fmt::format("semaphore '{}': release({}) but only {} units are in use",

@@ -509,6 +509,7 @@ void WeightedSemaphore::release(std::uint64_t n) {
     n = std::min(n, capacity_of(ref_));
     if (n == 0) return;
     detail::Hold hold(*ref_.state, ref_.index);
+    hold.require_held(core_of(ref_).ledger_layer, n, "weighted semaphore");
     if (!core_of(ref_).release(hold, *ref_.state, n)) {
         throw Error(Errc::over_release,
                     fmt::format("weighted semaphore '{}': release({}) but only {} units are in use",

@@ -14,7 +14,9 @@
 #include "recovery/kind_ops.hpp"
 #include "shm/file_lock.hpp"
 #include "shm/process_identity.hpp"
+#include "shm/process_table.hpp"
 #include "shm/records.hpp"
+#include "sync/race_point.hpp"
 
 namespace lim::detail {
 namespace {
@@ -29,36 +31,18 @@ struct DeadSlot {
     std::uint64_t owner;  // the owner word we judged dead; the slot is freed only if unchanged
 };
 
-bool is_occupied(SlotState st) noexcept {
-    return st == SlotState::claiming || st == SlotState::live || st == SlotState::retired;
+bool is_occupied(std::uint64_t owner) noexcept {
+    return slot_is_occupied(owner);
 }
 
-// Whether the owner recorded in `w` (slot `slot`) is dead. A slot still being claimed has no
-// start time yet, so only its pid can be judged.
-bool owner_is_dead(const SlotHeader& slot, std::uint64_t w) {
-    const auto pid = static_cast<pid_t>(SlotOwner::pid(w));
-    if (SlotOwner::state(w) == SlotState::claiming) {
-        const auto stat = read_proc_stat(pid);
-        return !stat || stat->state == 'Z' || stat->state == 'X';
-    }
-    return check_alive(pid, slot.start_time.load(std::memory_order_relaxed),
-                       slot.pidns_inode.load(std::memory_order_relaxed)) == Liveness::dead;
-}
-
+// The slots whose owner is dead (process_table.hpp, judge_slots): occupied, in any state byte
+// (claiming, live, retired, or one no lim writes), with a lock byte nobody holds. A slot whose
+// check failed counts as alive and is left alone.
 std::vector<DeadSlot> find_dead_slots(const SegmentState& state) {
     std::vector<DeadSlot> dead;
-    // A process has one slot per thread that held something: judge each (pid, start time) once.
-    std::map<std::pair<std::uint32_t, std::uint64_t>, bool> judged;
-    for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
-        const SlotHeader& slot = state.slot(i);
-        const std::uint64_t w = slot.owner.load(std::memory_order_acquire);
-        if (!is_occupied(SlotOwner::state(w))) continue;
-        const auto key =
-            std::make_pair(SlotOwner::pid(w),
-                           SlotOwner::state(w) == SlotState::claiming ? 0 : slot.start_time.load());
-        auto it = judged.find(key);
-        if (it == judged.end()) it = judged.emplace(key, owner_is_dead(slot, w)).first;
-        if (it->second) dead.push_back({i, w});
+    const std::vector<SlotJudgement> judged = judge_slots(state);
+    for (std::uint32_t i = 0; i < judged.size(); ++i) {
+        if (judged[i].dead) dead.push_back({i, judged[i].owner});
     }
     return dead;
 }
@@ -76,8 +60,7 @@ bool wait_quiescent(const SegmentState& state, std::uint32_t record,
         bool busy = false;
         for (std::uint32_t i = 0; i < state.geometry().max_processes && !busy; ++i) {
             const SlotHeader& slot = state.slot(i);
-            if (!is_occupied(SlotOwner::state(slot.owner.load(std::memory_order_acquire))))
-                continue;
+            if (!is_occupied(slot.owner.load(std::memory_order_acquire))) continue;
             if (contains(excluded, i)) continue;
             busy = slot.pending.load(std::memory_order_acquire) == record + 1;
         }
@@ -96,7 +79,7 @@ LiveHoldings live_holdings(const SegmentState& state, std::uint32_t record,
                            const std::vector<DeadSlot>& excluded) {
     LiveHoldings live;
     for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
-        if (!is_occupied(SlotOwner::state(state.slot(i).owner.load(std::memory_order_acquire)))) {
+        if (!is_occupied(state.slot(i).owner.load(std::memory_order_acquire))) {
             continue;
         }
         if (contains(excluded, i)) continue;
@@ -132,6 +115,7 @@ void free_slot(SegmentState& state, const DeadSlot& dead) {
     slot.tid.store(0, std::memory_order_relaxed);
     slot.attach_uid.store(0, std::memory_order_relaxed);
     std::uint64_t expected = dead.owner;
+    LIM_RACE_POINT();  // a claimer must not take the slot before this CAS frees it
     slot.owner.compare_exchange_strong(
         expected, SlotOwner::make(0, SlotOwner::generation(dead.owner), SlotState::free),
         std::memory_order_release, std::memory_order_relaxed);
@@ -194,6 +178,7 @@ ReapReport reap_locked(SegmentState& state) {
         if (ops == nullptr) continue;
 
         ops->freeze(state, r);
+        LIM_RACE_POINT();  // a holder between its CAS and its ledger store sees the freeze late
         if (!wait_quiescent(state, r, dead)) {
             ops->thaw(state, r);
             deferred[r] = true;
@@ -201,6 +186,7 @@ ReapReport reap_locked(SegmentState& state) {
             continue;
         }
         const LiveHoldings live = live_holdings(state, r, dead);
+        LIM_RACE_POINT();  // between the sum of the live ledgers and the store of the recount
         const LiveHoldings given = ops->recount(state, r, live, dead_indexes, Clock::now());
 
         // Attribute what was given back: each dead process its ledger; any remainder (an
@@ -275,8 +261,8 @@ void reap_quietly(SegmentState& state) noexcept {
     try {
         reap(state, ReapLock::skip);
     } catch (...) {
-        // Automatic reaping is a courtesy to whoever waits; a failure here (an unreadable /proc)
-        // must not fail their call. An explicit reap reports it.
+        // Automatic reaping is a courtesy to whoever waits; a failure here (no descriptor left for
+        // the recovery lock) must not fail their call. An explicit reap reports it.
     }
 }
 
@@ -307,7 +293,7 @@ void reset(SegmentState& state, const ResetOptions& options) {
     std::vector<std::uint32_t> others;
     for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
         const std::uint64_t w = state.slot(i).owner.load(std::memory_order_acquire);
-        if (!is_occupied(SlotOwner::state(w)) || contains(dead, i)) continue;
+        if (!is_occupied(w) || contains(dead, i)) continue;
         const std::uint32_t pid = SlotOwner::pid(w);
         if (pid != self && std::find(others.begin(), others.end(), pid) == others.end()) {
             others.push_back(pid);
@@ -325,6 +311,7 @@ void reset(SegmentState& state, const ResetOptions& options) {
         const KindOps* ops = kind_ops(static_cast<RecordKind>(state.record(r).header.kind));
         if (ops == nullptr) continue;
         ops->freeze(state, r);
+        LIM_RACE_POINT();
         // Forced: live holders may be mid-operation; let them finish (or give up after the
         // timeout and reset regardless: force means force).
         wait_quiescent(state, r, dead);

@@ -38,11 +38,20 @@ void reset(SegmentState& state, const ResetOptions& options);
 class AutoReap {
   public:
     AutoReap(SegmentState& state, TimePoint started) noexcept
-        : state_(state), next_(started + state.reap_after()) {}
+        : state_(state), next_(later(started, state.reap_after())) {}
     void poll(TimePoint now) noexcept {
         if (state_.reap_after() <= Duration::zero() || now < next_) return;
         reap_quietly(state_);
-        next_ = now + state_.reap_after();
+        next_ = later(now, state_.reap_after());
+    }
+
+    // t + d, saturating at TimePoint::max(): reap_after = Duration::max() means "never", and a
+    // wrapped sum would be in the past and reap on every pass. (`t` may be a caller's injected
+    // clock, so it is not assumed small either.)
+    static TimePoint later(TimePoint t, Duration d) noexcept {
+        if (d > Duration::zero() && t > TimePoint::max() - d) return TimePoint::max();
+        if (d < Duration::zero() && t < TimePoint::min() - d) return TimePoint::min();
+        return t + d;
     }
 
   private:

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "lim/error.hpp"
+#include "shm/process_identity.hpp"
 
 namespace lim::detail {
 namespace {
@@ -26,6 +27,9 @@ int set_lock(int fd, LockByte byte, short type, bool wait) {
 }
 
 }  // namespace
+
+FileLock::FileLock(int fd, bool owns_fd, LockByte byte) noexcept
+    : fd_(fd), owns_fd_(owns_fd), byte_(byte), fork_gen_(fork_generation()) {}
 
 std::optional<FileLock> FileLock::try_lock(int fd, LockByte byte) {
     const int err = set_lock(fd, byte, F_WRLCK, false);
@@ -46,12 +50,10 @@ bool FileLock::is_locked(int fd, LockByte byte) {
 }
 
 namespace {
+// A description of our own, registered so that a fork() in another thread while we hold the lock
+// leaves the child without a copy (shm/process_identity.hpp, open_private_fd).
 int reopen(int fd) {
-    char path[64];
-    std::snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
-    const int own = ::open(path, O_RDWR | O_CLOEXEC);
-    if (own < 0) throw_errno(errno, "cannot reopen the segment file to lock it");
-    return own;
+    return open_private_fd(fd);
 }
 }  // namespace
 
@@ -59,7 +61,7 @@ FileLock FileLock::lock_exclusive(int fd, LockByte byte) {
     const int own = reopen(fd);
     const int err = set_lock(own, byte, F_WRLCK, true);
     if (err != 0) {
-        ::close(own);
+        close_private_fd(own);
         throw_errno(err, "cannot lock the segment file");
     }
     return FileLock(own, true, byte);
@@ -69,24 +71,27 @@ std::optional<FileLock> FileLock::try_lock_fresh(int fd, LockByte byte) {
     const int own = reopen(fd);
     const int err = set_lock(own, byte, F_WRLCK, false);
     if (err == 0) return FileLock(own, true, byte);
-    ::close(own);
+    close_private_fd(own);
     if (err == EAGAIN || err == EACCES) return std::nullopt;
     throw_errno(err, "cannot lock the segment file");
 }
 
 FileLock::FileLock(FileLock&& other) noexcept
-    : fd_(other.fd_), owns_fd_(other.owns_fd_), byte_(other.byte_) {
+    : fd_(other.fd_), owns_fd_(other.owns_fd_), byte_(other.byte_), fork_gen_(other.fork_gen_) {
     other.fd_ = -1;
     other.owns_fd_ = false;
 }
 
 FileLock::~FileLock() {
     if (fd_ < 0) return;
-    if (owns_fd_) {
-        ::close(fd_);  // closing the only descriptor of the description drops the lock
-    } else {
-        set_lock(fd_, byte_, F_UNLCK, false);
-    }
+    // In a forked child (a lock object that crossed fork() on the forking thread's stack) the
+    // description is the parent's: unlocking it would release the parent's lock, and our own
+    // descriptor number was closed by the fork hook and may name another file now. Leave both.
+    if (fork_gen_ != fork_generation()) return;
+    // Unlock explicitly before closing: a child forked before the hook could close its copy (or
+    // a description shared with a child for any other reason) must not keep the lock held.
+    set_lock(fd_, byte_, F_UNLCK, false);
+    if (owns_fd_) close_private_fd(fd_);
 }
 
 }  // namespace lim::detail

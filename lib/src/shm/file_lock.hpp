@@ -7,11 +7,18 @@
 // so a creator killed while holding a lock never blocks anyone else. Unlike flock() and classic
 // fcntl locks, an OFD lock taken through a description of its own excludes other threads of the
 // same process and a forked child too, which is why lock_exclusive() opens a fresh description
-// (through /proc/self/fd) for each acquisition.
+// (through /proc/thread-self/fd) for each acquisition.
+//
+// fork() while another thread holds a lock: the description opened for the lock is a *private*
+// one (open_private_fd): the fork hook closes the child's copy before the child runs, so the lock
+// is released when this process releases it, not when the child exits. Every release is an
+// explicit F_UNLCK before the close, which also covers a lock taken through a shared descriptor
+// (try_lock on the segment's own fd).
 #pragma once
 
 #include <sys/types.h>
 
+#include <cstdint>
 #include <optional>
 
 namespace lim::detail {
@@ -47,11 +54,11 @@ class FileLock {
     ~FileLock();
 
   private:
-    FileLock(int fd, bool owns_fd, LockByte byte) noexcept
-        : fd_(fd), owns_fd_(owns_fd), byte_(byte) {}
+    FileLock(int fd, bool owns_fd, LockByte byte) noexcept;
     int fd_;
     bool owns_fd_;
     LockByte byte_;
+    std::uint32_t fork_gen_;  // fork_generation() when taken
 };
 
 }  // namespace lim::detail

@@ -179,12 +179,23 @@ static_assert(kRecordSize % kCacheLine == 0);
 //   bits  0..7   state (SlotState)
 //   bits  8..31  generation (bumped on every claim, so stale references notice reuse)
 //   bits 32..63  pid of the owning process (0 when free)
+// Liveness: while a slot is in any state but `free`, its owning process holds an OFD write lock on
+// byte kSlotLockBase + slot index of the segment file, through an open file description private
+// to that process. The lock is taken before the CAS that claims the slot and released after the
+// CAS that frees it, and the kernel drops it when the process is gone. A slot that is not free and
+// whose byte nobody holds (with its owner word unchanged across the check) belongs to a dead
+// process. Any other state byte than the four below is judged the same way. (docs/design.md,
+// "Liveness".) The bytes lie beyond the end of the file, which POSIX locks allow.
+inline constexpr std::uint64_t kSlotLockBase = 1ULL << 40;
+
 enum class SlotState : std::uint8_t {
     free = 0,
     claiming = 1,  // owner is filling in identity; readers skip it
     live = 2,      // owned by a running thread of `pid`
     retired = 3,   // the owning thread exited while its ledger was not empty; the process still
                    // owns what it records, and another thread of the same process may adopt it
+    parcel = 4,    // a holding offered to another process (hand_off); locked by the giver
+    taken = 5,     // a parcel the receiver has taken; the giver frees it once its row is empty
 };
 
 struct SlotOwner {
@@ -225,8 +236,10 @@ struct alignas(kCacheLine) SlotHeader {
     std::atomic<std::uint64_t> owner;  // SlotOwner
     std::atomic<std::int32_t> tid;     // the owning thread (0 when retired)
     std::atomic<std::uint32_t> reserved0;
-    std::atomic<std::uint64_t> start_time;   // /proc/<pid>/stat field 22: ticks since boot
-    std::atomic<std::uint64_t> pidns_inode;  // st_ino of /proc/<pid>/ns/pid
+    // Layout 1 kept the process's start time and pid namespace here for a /proc-based liveness
+    // check; layout 2 judges liveness by the slot's lock byte alone (kSlotLockBase) and leaves
+    // these zero.
+    std::atomic<std::uint64_t> reserved_identity[2];
     std::atomic<std::int64_t> attached_wall_ns;
     std::atomic<std::uint64_t> attach_uid;  // which mapping of the process claimed it
     std::atomic<std::uint64_t> reserved1[2];
@@ -326,7 +339,8 @@ constexpr std::uint64_t compute_layout_hash() noexcept {
         kRecordConfigSize,
         offsetof(Record, body),
         sizeof(SlotHeader),
-        offsetof(SlotHeader, start_time),
+        offsetof(SlotHeader, reserved_identity),
+        kSlotLockBase,
         offsetof(SlotHeader, pending),
         offsetof(SlotHeader, waiting_amount),
         sizeof(LedgerEntry),

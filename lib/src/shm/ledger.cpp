@@ -3,7 +3,11 @@
 #include <chrono>
 #include <thread>
 
+#include <fmt/format.h>
+
+#include "lim/error.hpp"
 #include "shm/file_lock.hpp"
+#include "shm/records.hpp"
 
 namespace lim::detail {
 
@@ -34,6 +38,18 @@ void Hold::wait_while_frozen(std::atomic<std::uint64_t>& word, const SegmentStat
         }
     }
     holder_.slot->pending.store(record_ + 1, std::memory_order_relaxed);
+}
+
+void Hold::require_held_slow(int layer, std::uint64_t n, const char* what) const {
+    const std::int64_t mine = process_holding(state_, record_, layer);
+    if (mine >= static_cast<std::int64_t>(n)) return;
+    throw Error(
+        Errc::over_release,
+        fmt::format("{} '{}': release({}) but this process holds {} of its units; units "
+                    "acquired by another process can only be released by that process "
+                    "(let the acquirer release them when the worker reports back, or "
+                    "have the worker acquire its own)",
+                    what, record_key(state_.record(record_)), n, std::max<std::int64_t>(mine, 0)));
 }
 
 }  // namespace lim::detail

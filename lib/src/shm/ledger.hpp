@@ -44,13 +44,18 @@ class Hold {
   public:
     // Announces a holding operation on `record` by the calling thread (claiming the thread's
     // slot on first use; throws Error(table_full) if there is none to claim).
-    Hold(SegmentState& state, std::uint32_t record) : holder_(holder(state)), record_(record) {
+    Hold(SegmentState& state, std::uint32_t record)
+        : state_(state), holder_(holder(state)), record_(record) {
         holder_.slot->pending.store(record + 1, std::memory_order_relaxed);
         LIM_RACE_POINT();
     }
     ~Hold() {
         LIM_RACE_POINT();
         holder_.slot->pending.store(0, std::memory_order_release);
+        // A slot claimed for this one operation by a thread already past its slot registry's
+        // destruction (process_table.hpp, Holder::ephemeral): give it back now.
+        if (holder_.ephemeral) [[unlikely]]
+            release_ephemeral(state_, holder_);
     }
     Hold(const Hold&) = delete;
     Hold& operator=(const Hold&) = delete;
@@ -66,6 +71,23 @@ class Hold {
     void admitted() noexcept {
         auto& n = holder_.entry(record_).admitted;
         n.store(n.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+    }
+
+    // Refuses a release of `n` units of `layer` that this process does not hold: throws
+    // Error(over_release), naming the record as `what` (its kind, e.g. "semaphore") and its key.
+    // Every release path of a family whose units a process owns calls it once, inside its Hold and
+    // before its CAS, so that units acquired by one process are never released by another: the
+    // acquirer's ledger would keep +n and the releaser's get -n, and the first of the two to die
+    // would have the next reap undo the wrong half (capacity lost while the acquirer lives, or
+    // doubled). Fast path: the calling thread's own ledger entry holds at least `n` (a plain load
+    // and a compare). Otherwise (another thread of this process acquired them) it sums the ledger
+    // entries of every slot this process holds in this mapping, under a process-local mutex.
+    // Two threads of one process racing to release the same units can both pass the check;
+    // the shared word's own in-use check still refuses the second when nothing is left.
+    void require_held(int layer, std::uint64_t n, const char* what) const {
+        if (held(layer) >= static_cast<std::int64_t>(n)) [[likely]]
+            return;
+        require_held_slow(layer, n, what);
     }
 
     // What this holder holds in the record now.
@@ -94,6 +116,9 @@ class Hold {
     const Holder& holder_ref() const noexcept { return holder_; }
 
   private:
+    void require_held_slow(int layer, std::uint64_t n, const char* what) const;
+
+    SegmentState& state_;
     Holder holder_;
     std::uint32_t record_;
 };

@@ -2,112 +2,117 @@
 
 #include <fcntl.h>
 #include <pthread.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
-#include <array>
 #include <atomic>
 #include <cerrno>
-#include <charconv>
-#include <csignal>
-#include <cstring>
+#include <cstdio>
 #include <mutex>
-#include <string_view>
 
 #include "lim/error.hpp"
 
 namespace lim::detail {
 namespace {
 
+// The registry of private descriptors. A plain array (no allocation: the child handler must not
+// allocate) guarded by a mutex that is held only across open+register, close+unregister, and
+// fork() itself (prepare to parent/child). It is a lock on a rare path (opening a lock's
+// description), never on a hot one.
+std::mutex g_private_mutex;
+int g_private_fds[kMaxPrivateFds];
+int g_private_count = 0;
+
+void on_fork_prepare() {
+    g_private_mutex.lock();
+}
+
+void on_fork_parent() {
+    g_private_mutex.unlock();
+}
+
 void on_fork_child() {
+    // Close the child's copies of the parent's private descriptions without unlocking anything
+    // through them: an F_UNLCK here would release the parent's lock, since the description is
+    // shared. close() only drops the child's reference; the parent's locks stay the parent's.
+    for (int i = 0; i < g_private_count; ++i)
+        ::close(g_private_fds[i]);
+    g_private_count = 0;
     g_fork_generation.fetch_add(1, std::memory_order_relaxed);
-}
-
-std::uint64_t read_pidns_inode(const char* path) {
-    struct stat st {};
-    if (::stat(path, &st) != 0) return 0;
-    return static_cast<std::uint64_t>(st.st_ino);
-}
-
-// Reads a whole small /proc file without allocating. Returns the byte count, or -1.
-long read_small_file(const char* path, char* buf, std::size_t size) {
-    const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return -1;
-    long total = 0;
-    while (static_cast<std::size_t>(total) < size) {
-        const ssize_t n = ::read(fd, buf + total, size - static_cast<std::size_t>(total));
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) break;
-        total += n;
-    }
-    ::close(fd);
-    return total;
+    g_private_mutex.unlock();
 }
 
 }  // namespace
 
 void install_fork_hook() {
     static std::once_flag once;
-    std::call_once(once, [] { ::pthread_atfork(nullptr, nullptr, &on_fork_child); });
+    std::call_once(once,
+                   [] { ::pthread_atfork(&on_fork_prepare, &on_fork_parent, &on_fork_child); });
 }
 
-std::optional<ProcStat> read_proc_stat(pid_t pid) {
-    char path[64];
-    std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
-    std::array<char, 1024> buf{};
-    const long n = read_small_file(path, buf.data(), buf.size() - 1);
-    if (n <= 0) return std::nullopt;
-    std::string_view text(buf.data(), static_cast<std::size_t>(n));
-    // Field 2 (comm) is parenthesised and may itself contain spaces and ')': fields are counted
-    // from the last ')'. After it come field 3 (state) ... field 22 (starttime).
-    const auto close = text.rfind(')');
-    if (close == std::string_view::npos) return std::nullopt;
-    text.remove_prefix(close + 1);
-    ProcStat stat;
-    int field = 2;
-    std::size_t pos = 0;
-    while (pos < text.size()) {
-        while (pos < text.size() && text[pos] == ' ')
-            ++pos;
-        const std::size_t end = text.find(' ', pos);
-        ++field;
-        const std::string_view token =
-            text.substr(pos, end == std::string_view::npos ? text.size() - pos : end - pos);
-        if (field == 3 && !token.empty()) stat.state = token[0];
-        if (field == 22) {
-            const auto [p, ec] =
-                std::from_chars(token.data(), token.data() + token.size(), stat.start_time);
-            if (ec != std::errc{}) return std::nullopt;
-            return stat;
-        }
-        if (end == std::string_view::npos) break;
-        pos = end + 1;
+std::unique_lock<std::mutex> lock_private_registry() {
+    install_fork_hook();
+    return std::unique_lock<std::mutex>(g_private_mutex);
+}
+
+int open_private_fd(int fd) {
+    auto lock = lock_private_registry();
+    return open_private_fd_locked(fd);
+}
+
+int open_private_fd_locked(int fd) {
+    if (g_private_count == kMaxPrivateFds) {
+        throw Error(Errc::system_error,
+                    "too many lock descriptions open on lim segments in this process");
     }
-    return std::nullopt;
+    // /proc/thread-self, not /proc/self: once the main thread has called pthread_exit(),
+    // /proc/self names a zombie thread-group leader whose fd directory cannot be opened, while
+    // the process's other threads still need their own descriptions.
+    char path[64];
+    std::snprintf(path, sizeof path, "/proc/thread-self/fd/%d", fd);
+    int own = ::open(path, O_RDWR | O_CLOEXEC);
+    if (own < 0 && errno == ENOENT) {  // kernels before 3.17 have no /proc/thread-self
+        std::snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+        own = ::open(path, O_RDWR | O_CLOEXEC);
+    }
+    if (own < 0) throw_errno(errno, "cannot open a private description of the segment file");
+    g_private_fds[g_private_count++] = own;
+    return own;
+}
+
+bool close_private_fd(int fd) noexcept {
+    std::lock_guard lock(g_private_mutex);
+    return close_private_fd_locked(fd);
+}
+
+bool close_private_fd_locked(int fd) noexcept {
+    for (int i = 0; i < g_private_count; ++i) {
+        if (g_private_fds[i] != fd) continue;
+        g_private_fds[i] = g_private_fds[--g_private_count];
+        ::close(fd);
+        return true;
+    }
+    return false;
+}
+
+bool is_private_fd(int fd) noexcept {
+    std::lock_guard lock(g_private_mutex);
+    for (int i = 0; i < g_private_count; ++i) {
+        if (g_private_fds[i] == fd) return true;
+    }
+    return false;
 }
 
 const ProcessIdentity& this_process() {
-    struct Cache {
-        std::uint32_t generation = 0;
-        ProcessIdentity identity;
-    };
-    static Cache cache;
-    static std::mutex mutex;
+    // Per thread and per fork generation, like this_thread_id: no lock that a fork could leave
+    // held in the child.
+    thread_local std::uint32_t cached_generation = 0;
+    thread_local ProcessIdentity cached;
     const std::uint32_t gen = fork_generation();
-    // The mutex is taken only to fill the cache (once per process and once more in each forked
-    // child); the hot paths never call this.
-    std::lock_guard lock(mutex);
-    if (cache.generation != gen) {
-        ProcessIdentity id;
-        id.pid = ::getpid();
-        const auto stat = read_proc_stat(id.pid);
-        if (!stat) throw Error(Errc::system_error, "cannot read /proc/self/stat");
-        id.start_time = stat->start_time;
-        id.pidns_inode = read_pidns_inode("/proc/self/ns/pid");
-        cache.identity = id;
-        cache.generation = gen;
+    if (cached_generation != gen) {
+        cached.pid = ::getpid();
+        cached_generation = gen;
     }
-    return cache.identity;
+    return cached;
 }
 
 pid_t this_thread_id() {
@@ -119,20 +124,6 @@ pid_t this_thread_id() {
         cached_generation = gen;
     }
     return cached_tid;
-}
-
-Liveness check_alive(pid_t pid, std::uint64_t start_time, std::uint64_t pidns_inode) {
-    if (pid <= 0) return Liveness::dead;
-    const ProcessIdentity& self = this_process();
-    if (pidns_inode != 0 && self.pidns_inode != 0 && pidns_inode != self.pidns_inode) {
-        return Liveness::unknown;
-    }
-    if (::kill(pid, 0) != 0 && errno == ESRCH) return Liveness::dead;
-    const auto stat = read_proc_stat(pid);
-    if (!stat) return Liveness::dead;  // exited between kill() and the read
-    // A zombie holds nothing and will never act again: its permits are as good as returned.
-    if (stat->state == 'Z' || stat->state == 'X') return Liveness::dead;
-    return stat->start_time == start_time ? Liveness::alive : Liveness::dead;
 }
 
 }  // namespace lim::detail

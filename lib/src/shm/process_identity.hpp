@@ -1,21 +1,22 @@
-// Who a process is, in a way that pid reuse cannot fool: pid, the process's start time (ticks
-// since boot, from /proc/<pid>/stat) and its pid namespace. A slot in the process table records
-// all three; a reaper judges a slot's owner dead only when the pid is gone or now names a process
-// that started at another time.
+// Who the calling process and thread are, and what a fork() changes about that.
+//
+// Liveness is not judged here any more: a slot's owner is alive exactly while it holds the
+// slot's lock byte (shm/process_table.hpp, docs/design.md "Liveness"). The pid recorded in a slot
+// is for people (reports, limctl) and nothing else, so pid reuse and pid namespaces cannot fool
+// recovery. This file also owns the process's *private descriptions*: open file descriptions of
+// the segment file that hold OFD locks and must never be shared with a forked child.
 #pragma once
 
 #include <sys/types.h>
 
 #include <atomic>
 #include <cstdint>
-#include <optional>
+#include <mutex>
 
 namespace lim::detail {
 
 struct ProcessIdentity {
     pid_t pid = 0;
-    std::uint64_t start_time = 0;   // field 22 of /proc/<pid>/stat
-    std::uint64_t pidns_inode = 0;  // st_ino of /proc/<pid>/ns/pid
 };
 
 // The calling process. Cached; re-read in a forked child (see fork_generation).
@@ -26,29 +27,37 @@ pid_t this_thread_id();
 
 // A process-local counter that a pthread_atfork child handler bumps. A handle compares it with
 // the value it cached to learn, without a system call, that it now runs in a forked child.
-// install_fork_hook() registers the handler (idempotent; attach calls it).
+// install_fork_hook() registers the handlers (idempotent; attach calls it).
 inline std::atomic<std::uint32_t> g_fork_generation{1};
 inline std::uint32_t fork_generation() noexcept {
     return g_fork_generation.load(std::memory_order_relaxed);
 }
 void install_fork_hook();
 
-// What /proc/<pid>/stat says of `pid` now: its state letter (field 3: 'R', 'S', 'Z', ...) and its
-// start time (field 22). nullopt when there is no such process or /proc cannot be read.
-struct ProcStat {
-    char state = '?';
-    std::uint64_t start_time = 0;
-};
-std::optional<ProcStat> read_proc_stat(pid_t pid);
+// Opens a new open file description of the file `fd` refers to (read-write, close-on-exec) that
+// belongs to this process alone: the fork hook closes the child's copy of every such descriptor
+// before the child runs, so a lock taken through it is never held by a child (it would outlive
+// this process while the child lives) and never released by one. Open and registration happen
+// under one process-local mutex that the fork hook's prepare handler also takes, so no fork can
+// duplicate a private descriptor that is not yet registered. Throws Error(system_error) if the
+// file cannot be reopened (EMFILE, no /proc) or the registry (kMaxPrivateFds) is full.
+int open_private_fd(int fd);
 
-enum class Liveness {
-    alive,    // the same process still runs
-    dead,     // the pid is gone, is a zombie, or names a process with another start time
-    unknown,  // the slot belongs to another pid namespace: its pid means nothing here
-};
+// Closes a descriptor from open_private_fd and forgets it. A descriptor that is not registered
+// (the fork hook closed it in this child; its number may since name another file) is left alone.
+// Returns whether it was closed.
+bool close_private_fd(int fd) noexcept;
 
-// Judges whether the process that recorded (pid, start_time, pidns_inode) still runs, as seen
-// from the calling process.
-Liveness check_alive(pid_t pid, std::uint64_t start_time, std::uint64_t pidns_inode);
+// Whether `fd` is a private descriptor of this process now (false in a child for the parent's).
+bool is_private_fd(int fd) noexcept;
+
+inline constexpr int kMaxPrivateFds = 1024;
+
+// The registry's mutex, for a caller that must open or close a private descriptor together with
+// other process-local state (the slot locks of a mapping) without a fork() splitting the two;
+// the *_locked variants expect it held. Never held across anything that blocks for long.
+std::unique_lock<std::mutex> lock_private_registry();
+int open_private_fd_locked(int fd);
+bool close_private_fd_locked(int fd) noexcept;
 
 }  // namespace lim::detail

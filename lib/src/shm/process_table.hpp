@@ -19,6 +19,10 @@ namespace lim::detail {
 
 struct Holder {
     std::uint32_t slot_index = 0;
+    // Claimed for one holding operation only, by a thread whose thread-local slot registry is
+    // already destroyed (a Permit released by a thread_local or static destructor): ~Hold gives
+    // the slot back (release_ephemeral). Fits in the padding after slot_index.
+    bool ephemeral = false;
     SlotHeader* slot = nullptr;
     LedgerEntry* row = nullptr;  // row[record_index] is what this holder holds in that record
 
@@ -54,10 +58,56 @@ inline Holder holder(SegmentState& state) {
 }
 
 // Frees (or, if its ledger still records holdings, retires) every slot that this process claimed
-// through the mapping `state`. Called when the mapping goes away.
+// through the mapping `state`, then closes the mapping's slot-lock description, which drops the
+// locks of the retired ones (nothing can release what they hold any more: a reap gives it back).
+// Called when the mapping goes away.
 void release_slots_of_mapping(SegmentState& state) noexcept;
 
-// Distinct processes with a live or retired slot that are not known to be dead.
+// Gives back an ephemeral holder's slot after its one operation (free if empty, else retired).
+void release_ephemeral(SegmentState& state, const Holder& h) noexcept;
+
+// What this process holds in `record`'s `layer`, summed over every slot it holds locked in this
+// mapping (all its threads, retired slots included). Takes the private-registry mutex: a rare
+// path, for Hold::require_held when the calling thread's own entry is short.
+std::int64_t process_holding(SegmentState& state, std::uint32_t record, int layer);
+
+// Hand-off of a holding between processes (docs/design.md, "Hand-off between processes").
+// hand_off_holding moves `n` units of `layer` in `record` from this process's holdings into a new
+// *parcel* slot, locked by this process, and returns its ticket: send it to the receiver by any
+// means. receive_holding moves a parcel's units into the calling thread's ledger; false if there
+// is no such parcel any more (taken already, or its giver died: then a reap returns the units).
+// Both take the recovery lock (a rare path; blocks while a reap or reset runs), so no recount
+// sees a half-moved holding. The record's shared words never change. hand_off_holding throws
+// Error(over_release) if this process holds fewer than `n`, Error(table_full) if no slot is free.
+struct HandOff {
+    std::uint32_t slot = 0;
+    std::uint64_t owner = 0;  // the parcel slot's owner word when offered
+    std::uint32_t record = 0;
+    int layer = 0;
+    std::int64_t amount = 0;
+};
+HandOff hand_off_holding(SegmentState& state, std::uint32_t record, int layer, std::int64_t n);
+bool receive_holding(SegmentState& state, const HandOff& h);
+
+// Every state but `free` (including state bytes no version of lim writes) is occupied.
+constexpr bool slot_is_occupied(std::uint64_t owner) noexcept {
+    return SlotOwner::state(owner) != SlotState::free;
+}
+
+// One slot as judged now: its owner word, and whether that owner is dead. `dead` is true only
+// when the slot is occupied, its lock byte is held by no description, and the owner word was the
+// same before and after the lock was tested. Any failure to test (an fcntl error of any kind)
+// counts as alive: no failed check reclaims anything.
+struct SlotJudgement {
+    std::uint64_t owner;
+    bool dead;
+};
+std::vector<SlotJudgement> judge_slots(const SegmentState& state);
+
+// The same for one slot (limctl's views).
+bool slot_owner_alive(const SegmentState& state, std::uint32_t index, std::uint64_t owner);
+
+// Distinct processes (by recorded pid) with an occupied slot whose owner is not dead.
 std::uint32_t count_live_processes(const SegmentState& state);
 
 // True when slot `slot_index` records no holdings in any record and no operation in progress.

@@ -11,6 +11,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "lim/segment.hpp"
 #include "shm/layout.hpp"
@@ -64,6 +65,17 @@ class SegmentState : public std::enable_shared_from_this<SegmentState> {
         return reinterpret_cast<LedgerEntry*>(row)[record_index];
     }
 
+    // The process-private description through which this process locks the slots it claims in
+    // this mapping (shm/process_table.cpp), and which slots it holds locked. Guarded by the
+    // private-descriptor registry's mutex (lock_private_registry); `fork_gen` tells the
+    // parent's (closed in a child by the fork hook) from this process's own.
+    struct SlotLocks {
+        std::uint32_t fork_gen = 0;
+        int fd = -1;
+        std::vector<std::uint8_t> mine;
+    };
+    SlotLocks& slot_locks() noexcept { return slot_locks_; }
+
     // This handle's reaping policy (SegmentOptions::reap_after); zero: no automatic reaping.
     Duration reap_after() const noexcept { return reap_after_; }
 
@@ -88,6 +100,7 @@ class SegmentState : public std::enable_shared_from_this<SegmentState> {
     std::uint64_t size_ = 0;
     Geometry geometry_{};
     Duration reap_after_{};
+    SlotLocks slot_locks_;
 };
 
 // Throws Error(invalid_argument) unless `options` describe a segment lim can create.
