@@ -29,7 +29,7 @@ int run_reap(const std::string& segment, bool json) {
         fmt::print(
             "{}\n",
             nlohmann::json{{"segment", segment}, {"reaped", reaped}, {"deferred", report.deferred}}
-                .dump(2));
+                .dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
         return kExitOk;
     }
     if (report.reaped.empty() && report.deferred.empty()) {
