@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds lim and runs every test: first under AddressSanitizer+UndefinedBehaviorSanitizer and
 # ThreadSanitizer, then the normal (RelWithDebInfo) build, whose ctest summary ends the output.
-# Warnings are errors in all three. Set LIM_SANITIZERS=0 to run only the normal build.
+# Warnings are errors in all of them. Set LIM_SANITIZERS=0 to skip the sanitizer builds; a clang
+# build (with the fuzz targets) runs before the normal one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -21,6 +22,14 @@ if [ "${LIM_SANITIZERS:-1}" != 0 ]; then
   # own threads. halt_on_error makes a report fail the test.
   TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
     ctest --test-dir build/tsan --output-on-failure -j"$jobs"
+fi
+
+# clang 14 builds the library and runs the suite too, with the libFuzzer targets (tests/fuzz),
+# each of which fuzzes for 20 s from its seed corpus (fuzz.* tests). LIM_CLANG=0 skips this.
+if [ "${LIM_CLANG:-1}" != 0 ]; then
+  CC=clang-14 CXX=clang++-14 build build/clang -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DLIM_BUILD_BENCHMARKS=OFF -DLIM_FUZZ=ON
+  ctest --test-dir build/clang --output-on-failure -j"$jobs"
 fi
 
 build build/release -DCMAKE_BUILD_TYPE=RelWithDebInfo

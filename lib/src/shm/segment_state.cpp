@@ -103,6 +103,14 @@ int open_segment_file(std::string_view name, bool read_write, const unsigned* cr
                         fmt::format("cannot {} segment '{}': permission denied (see the mode of "
                                     "/dev/shm/lim.{})",
                                     action, name, name));
+        case EISDIR:
+        case ENXIO:
+        case ENODEV:
+        case ETXTBSY:
+            throw Error(Errc::permission_denied,
+                        fmt::format("cannot {} segment '{}': /dev/shm/lim.{} is not a regular "
+                                    "file ({}); lim uses only regular files (remove it)",
+                                    action, name, name, std::strerror(err)));
         case ELOOP:
             throw Error(Errc::permission_denied,
                         fmt::format("cannot {} segment '{}': /dev/shm/lim.{} is a symbolic link; "
