@@ -24,12 +24,15 @@ if [ "${LIM_SANITIZERS:-1}" != 0 ]; then
     ctest --test-dir build/tsan --output-on-failure -j"$jobs"
 fi
 
-# clang 14 builds the library and runs the suite too, with the libFuzzer targets (tests/fuzz),
-# each of which fuzzes for 20 s from its seed corpus (fuzz.* tests). LIM_CLANG=0 skips this.
+# clang 14 builds the library and runs the suite too; then a fuzzing build (clang, ASan+UBSan)
+# runs each libFuzzer target of tests/fuzz for 20 s from its seed corpus. LIM_CLANG=0 skips both.
 if [ "${LIM_CLANG:-1}" != 0 ]; then
   CC=clang-14 CXX=clang++-14 build build/clang -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-    -DLIM_BUILD_BENCHMARKS=OFF -DLIM_FUZZ=ON
+    -DLIM_BUILD_BENCHMARKS=OFF
   ctest --test-dir build/clang --output-on-failure -j"$jobs"
+  CC=clang-14 CXX=clang++-14 build build/fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DLIM_BUILD_BENCHMARKS=OFF -DLIM_FUZZ=ON -DLIM_SANITIZE=address,undefined
+  ctest --test-dir build/fuzz --output-on-failure -j"$jobs"
 fi
 
 build build/release -DCMAKE_BUILD_TYPE=RelWithDebInfo
