@@ -15,6 +15,15 @@ packages=(
   tmux                # the limctl watch test drives a terminal
   clang-14            # the clang build and the libFuzzer targets (tests/fuzz)
   libclang-rt-14-dev  # libFuzzer and the sanitizer runtimes for clang
+  python3             # the Python package (python/) and its tests
+  python3-pip         # pip install ./python (offline; tests/python/test_install.py)
+  python3-setuptools  # builds the python/ package (pyproject.toml backend)
+  python3-wheel       # pip builds a wheel of python/ before installing it
+  python3-pytest      # tests/python, run by ctest as the `python` test
+  libhiredis-dev      # lim-feeder's Redis client; bench/'s Redis GCRA baseline
+  redis-server        # lim-feeder's global budget (tests/global starts one); bench's GCRA baseline
+  gnuplot-nox         # scripts/bench.sh: the plots in docs/plots/
+  valgrind            # scripts/bench.sh: callgrind's instruction counts for the breakdown
 )
 
 missing=()

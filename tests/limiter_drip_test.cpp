@@ -73,7 +73,7 @@ TEST_CASE("elapsed_for is the first nanosecond at which the drip reaches an amou
 TEST_CASE("far from the anchor, the drip is re-anchored without creating or losing a unit") {
     lim::test::SegmentGuard guard(lim::test::unique_name("lim-rebase"));
     auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 4, .max_processes = 8});
-    const TimePoint t0 = from_nanos(1'000'000'000'000);
+    const TimePoint t0 = Clock::now() - std::chrono::seconds(100'000);  // in the past: see "Time"
     // 10^9 tokens/s: after 100 s the drip allowance is 10^15 units, past what the marker word
     // holds; the take must re-anchor first.
     auto l = Limiter::open(seg, "fast",

@@ -41,9 +41,10 @@ std::int64_t my_holding(const Segment& seg, std::uint32_t record) {
 }
 }  // namespace
 
-TEST_CASE("kLimiterOps describes one layer of tokens") {
-    CHECK(kLimiterOps.layers == 1);
+TEST_CASE("kLimiterOps describes two layers of tokens: in F, and a token bucket's own takes") {
+    CHECK(kLimiterOps.layers == 2);
     CHECK(std::string(kLimiterOps.layer_names[0]) == "tokens");
+    CHECK(std::string(kLimiterOps.layer_names[1]) == "tokens");
 }
 
 TEST_CASE("a dead process's tokens come back to the hopper as a return at now") {

@@ -4,6 +4,8 @@
 #include <chrono>
 #include <string>
 
+#include "lim/limiter.hpp"
+#include "lim/segment.hpp"
 #include "lim/throttle.hpp"
 #include "lim/token_bucket.hpp"
 #include "support/limiter_time.hpp"
@@ -91,4 +93,69 @@ TEST_CASE("token bucket configuration: mismatch, adoption, another facade on the
     auto& expert = adopted.limiter();
     expert.set_hopper_to_bucket_rate_per_sec(100.0);
     CHECK(tb.sustained_rate_per_sec() == 100);
+}
+
+TEST_CASE("a token bucket's own takes count in flight across processes; a reap drops the dead's") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("tb-ledger"));
+    auto seg = lim::test::limiter_segment(guard);
+    auto tb = TokenBucket::open(
+        seg, "b", {.burst_size = 10, .sustained_rate_per_sec = 0, .initial_bucket_level = 10}, t0);
+    CHECK(tb.try_take(t0, 2) == TryTake::taken);
+    const pid_t child = lim::test::fork_child(
+        [&] { return tb.try_take(t0, 3) == TryTake::taken && tb.in_flight(t0) == 5 ? 0 : 1; });
+    CHECK(lim::test::wait_child(child) == 0);
+    CHECK(tb.in_flight(t0) == 5);
+    CHECK(tb.in_bucket(t0) == 5);
+    const ReapReport report = seg.reap();
+    REQUIRE(report.reaped.size() == 1);
+    CHECK(tb.in_flight(t0) == 2);  // the dead's tokens are no longer in flight...
+    CHECK(tb.in_bucket(t0) == 5);  // ...and were consumed: the bucket does not get them back
+    tb.invariant();
+}
+
+TEST_CASE("a TokenBucket adopting a general Limiter record takes through the general path") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("tb-adopt"));
+    auto seg = lim::test::limiter_segment(guard);
+    // As lim-feeder creates a global rate's local record: infinite rate, a finite hopper that
+    // the feeder fills from the global budget.
+    auto fed = Limiter::open(seg, "global",
+                             {.hopper_to_bucket_rate_per_sec = infinite,
+                              .bucket_size = 100,
+                              .initial_bucket_level = 5,
+                              .initial_hopper_level = 0.0},
+                             t0);
+    auto tb = TokenBucket::open(seg, "global", {.burst_size = 1, .sustained_rate_per_sec = 1},
+                                lim::adopt_existing, t0);
+    CHECK(tb.burst_size() == 100);
+    CHECK(tb.try_take(t0, 3) == TryTake::taken);
+    CHECK(tb.in_flight(t0) == 3);
+    CHECK(fed.in_flight(t0) == 3);  // the general record's F sees the take
+    CHECK(tb.in_bucket(t0) == 2);
+    CHECK(tb.try_take(t0, 3) == TryTake::unable);
+    CHECK(tb.tokens_may_be_available_when(t0, 3) ==
+          Availability::when_return_to_hopper_is_called());
+    fed.set_token_target_level(t0, 10.0);  // the feeder adds to the hopper
+    CHECK(tb.try_take(at(1), 3) == TryTake::taken);
+    tb.take(1);
+    CHECK(tb.take_until(1, Clock::now() + 10ms));
+    CHECK(fed.in_flight(at(1)) == 8);
+    fed.return_to_hopper(at(1), 8);  // the feeder's returns are exact: every take is in F
+    CHECK(fed.in_flight(at(1)) == 0);
+    tb.invariant();
+}
+
+TEST_CASE("a token bucket reconfigured by a Limiter handle into a finite target takes generally") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("tb-reconf"));
+    auto seg = lim::test::limiter_segment(guard);
+    auto tb = TokenBucket::open(
+        seg, "b", {.burst_size = 10, .sustained_rate_per_sec = 1, .initial_bucket_level = 10}, t0);
+    auto l = Limiter::open(seg, "b", {.bucket_size = 1}, lim::adopt_existing, t0);
+    CHECK(tb.try_take(t0, 1) == TryTake::taken);
+    l.set_token_target_level(t0, 4.0);  // the bucket now holds at most 4 - F
+    CHECK(tb.try_take(t0, 5) == TryTake::unable);
+    CHECK(tb.try_take(t0, 4) == TryTake::taken);
+    CHECK(tb.try_take(at(100), 1) == TryTake::unable);  // the target bounds F: 4 in flight
+    CHECK(l.in_flight(at(100)) == 5);                   // 1 consumed before, 4 in F
+    l.return_to_hopper(at(100), 4);
+    CHECK(tb.try_take(at(200), 4) == TryTake::taken);
 }

@@ -9,8 +9,11 @@
 
 namespace lim::test {
 
-// The time base: 1,000 s after boot, so that times before it are still valid.
-inline const TimePoint t0 = from_nanos(1'000'000'000'000);
+// The time base: 100,000 s before the test started (it may be before boot: a negative
+// CLOCK_MONOTONIC reading is still a valid `now`). A limiter clamps a `now` more than a few
+// milliseconds ahead of the real clock (docs/design.md, "Time"), so a test's times must lie in
+// the past: at(x) for any x below 100,000 does.
+inline const TimePoint t0 = Clock::now() - std::chrono::seconds{100'000};
 
 // `seconds` after t0, to the nanosecond.
 inline TimePoint at(double seconds) {

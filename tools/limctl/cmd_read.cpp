@@ -11,6 +11,7 @@
 
 #include "commands.hpp"
 #include "common.hpp"
+#include "feeder_view.hpp"
 #include "inspect/snapshot.hpp"
 #include "lim/error.hpp"
 #include "render.hpp"
@@ -99,6 +100,9 @@ int run_show(const std::string& segment, const std::string& key, bool json, bool
         return kExitOk;
     }
     fmt::print("{}", render_overview(s));
+    if (const auto leases = feeder_leases(s); !leases.empty()) {
+        fmt::print("\n{}", render_feeder_leases(leases));
+    }
     if (processes) fmt::print("\n{}", render_processes(s));
     return kExitOk;
 }
@@ -108,6 +112,7 @@ int run_stats(const std::string& segment, const std::string& format) {
     const auto s = lim::detail::snapshot_segment(*state, lim::Clock::now());
     if (format == "prometheus") {
         fmt::print("{}", render_prometheus(s));
+        fmt::print("{}", render_feeder_prometheus(segment, feeder_leases(s)));
     } else {
         fmt::print("{}\n",
                    to_json(s).dump(2, ' ', false, nlohmann::json::error_handler_t::replace));

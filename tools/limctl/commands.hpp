@@ -16,5 +16,6 @@ void add_watch_command(CLI::App& app, Action& action);    // watch
 void add_repair_commands(CLI::App& app, Action& action);  // reap, reset, rm
 void add_backoff_command(CLI::App& app, Action& action);  // set-backoff
 void add_create_command(CLI::App& app, Action& action);   // create
+void add_feeder_command(CLI::App& app, Action& action);   // leases (feeder_view.cpp)
 
 }  // namespace limctl

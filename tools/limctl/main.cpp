@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
     limctl::add_repair_commands(app, action);
     limctl::add_backoff_command(app, action);
     limctl::add_create_command(app, action);
+    limctl::add_feeder_command(app, action);
     try {
         app.parse(argc, argv);
     } catch (const CLI::CallForHelp& e) {

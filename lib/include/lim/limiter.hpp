@@ -12,7 +12,11 @@
 // Semantics are the seed's, point by point (shared/seeds/janestreet-limiter.txt):
 // - Tokens are divisible into 10,000 pieces; amounts passed in are rounded up to a piece.
 // - Every call whose outcome depends on time takes `now` (the overload without it reads
-//   lim::Clock). A `now` earlier than the limiter's time is moved up to that time.
+//   lim::Clock). A `now` earlier than the limiter's time is moved up to that time. A `now` more
+//   than 10 ms ahead of lim::Clock::now() is clamped to Clock::now() + 10 ms (never an error):
+//   the limiter's time is shared by every process, and one far-future `now` must not stop the
+//   drip for all of them. The limiter's time only moves forward (a compare-and-swap maximum).
+//   Segment::reset re-anchors the drip at the current time.
 // - The tokens that have dripped are counted from the limiter's creation time (or its last rate
 //   change) as floor(elapsed x rate), never step by step, so rounding cannot drift. Drip that
 //   finds the hopper empty or the bucket full is lost.
@@ -37,7 +41,11 @@
 //   less than the seed would, never more.
 // - A return of more than is in flight that races a take may go undetected (the take's tokens
 //   are counted in flight from before it succeeds); in flight is then clamped at zero.
-// - A token bucket's tokens are never returned (as in the seed), so in_flight only grows.
+// - A token bucket's tokens are never returned (as in the seed), so in_flight only grows. On a
+//   record a TokenBucket created, TokenBucket::try_take records its tokens in the taking
+//   thread's ledger rather than in the shared in-flight word (lim/token_bucket.hpp): they count
+//   in in_flight(), but a Limiter handle on that record cannot return_to_hopper them
+//   (over_release), nor do they count against a finite token target set later.
 #pragma once
 
 #include <cstdint>
@@ -205,11 +213,14 @@ class Limiter {
 
     // Takes `n` tokens, sleeping until tokens_may_be_available_when says they may be there, or
     // on the limiter's shared futex until a return or reconfiguration (re-checking at least
-    // every 100 ms, so a waker that died cannot strand it). Throws as try_take, and
-    // Error(invalid_argument) if n > bucket_size() (it could never succeed).
+    // every 100 ms, so a waker that died cannot strand it). Throws as try_take;
+    // Error(invalid_argument) if n > bucket_size() (it could never succeed), also when the
+    // bucket shrinks below n while it sleeps; Error(table_full) if the thread has no process
+    // slot to register its sleep in. Whatever it throws, it holds nothing: no tokens taken, its
+    // sleeper registration withdrawn (waiters() no longer counts it).
     void take(double n);
     // As take, but gives up at `deadline`: returns false if it passed first (and then holds
-    // nothing).
+    // nothing). Throws as take, holding nothing.
     bool take_until(double n, TimePoint deadline);
 
     // Returns `n` tokens from flight to the hopper, from which they drip into the bucket at the

@@ -6,7 +6,7 @@
 // seed, and are never returned). Over any interval, the tokens taken never exceed
 // burst_size + sustained_rate_per_sec x the interval, whatever processes take them.
 //
-// A take is two compare-and-swaps on one cache line of the segment; no lock, no system call.
+// A take is one compare-and-swap on the segment's bucket word; no lock, no system call.
 // Handles are cheap to copy and usable from any thread and, after fork(), from the child.
 #pragma once
 
@@ -39,9 +39,17 @@ class TokenBucket : public LimiterFacade {
                             const TokenBucketOptions& options, AdoptExisting,
                             TimePoint now = Clock::now());
 
-    // Takes `n` tokens iff the bucket holds them at `now`. Never blocks; see Limiter::try_take.
-    TryTake try_take(TimePoint now, double n) { return limiter_.try_take(now, n); }
-    TryTake try_take(double n) { return limiter_.try_take(n); }
+    // Takes `n` tokens iff the bucket holds them at `now`. Never blocks; see Limiter::try_take
+    // (the same contract, `now` rules and rounding). On a record a TokenBucket created, a take
+    // is one compare-and-swap on the bucket word (GCRA: the tokens are consumed, so nothing
+    // depends on what is in flight) plus plain stores to the thread's own ledger entry; on a
+    // general Limiter record it adopted, it is Limiter::try_take. Throws Error(invalid_argument)
+    // for a negative, NaN or infinite `n`, Error(table_full) if the thread has no process slot,
+    // Error(system_error) as Limiter::try_take.
+    // Memory ordering: a successful take happens-after the refill decision or reconfiguration
+    // that made its tokens available, in whichever process it ran.
+    TryTake try_take(TimePoint now, double n);
+    TryTake try_take(double n) { return try_take(Clock::now(), n); }
 
     // Takes `n` tokens, sleeping until the refill brings them (see Limiter::take). Throws
     // Error(invalid_argument) if n > burst_size.
@@ -55,7 +63,8 @@ class TokenBucket : public LimiterFacade {
     }
 
   private:
-    explicit TokenBucket(Limiter limiter) : LimiterFacade(std::move(limiter)) {}
+    explicit TokenBucket(Limiter limiter);
+    bool bucket_take_ = false;  // the record is a TokenBucket's: takes use its own representation
 };
 
 }  // namespace lim

@@ -24,11 +24,15 @@ class Tokens {
     // The exact amount `units / kTokenResolution`.
     static constexpr Tokens from_units(std::int64_t units) noexcept { return Tokens{units}; }
 
-    // `amount` rounded up to a whole piece. A value within floating-point noise of a piece
-    // boundary (1.1 is 10999.999... or 11000.000...01 pieces once scaled) is taken as that
-    // boundary, so decimal literals mean what they say.
-    // Throws Error(invalid_argument) for NaN, infinities, and amounts beyond ±9.2e14 tokens
-    // (the range of 64-bit units).
+    // `amount` rounded up to a whole piece, exactly: the smallest whole number of pieces whose
+    // decimal value, as the nearest double, is not below `amount`. So a decimal literal means
+    // what it says (1.1, the double 1.1000000000000000888, is 11,000 pieces: the amount 1.1000
+    // is that same double), and an amount between two pieces always goes to the upper one
+    // (100000.00005 is 1,000,000,001 pieces, never 1,000,000,000): a caller is never charged
+    // less than it asked for. No tolerance is involved. Beyond 2^53 pieces (9e11 tokens), where
+    // doubles are a piece apart or more, the exact binary value is rounded up.
+    // Throws Error(invalid_argument) for NaN, infinities, and amounts beyond +-4.6e14 tokens
+    // (half the range of 64-bit units).
     static Tokens round_up(double amount);
 
     constexpr std::int64_t units() const noexcept { return units_; }

@@ -56,30 +56,6 @@ std::string where(const RecordRef& ref) {
     return fmt::format("limiter '{}' in segment '{}'", ref.key(), ref.state->name());
 }
 
-// A token amount that is not a whole number of units, or is out of range: checked and rounded
-// up, or refused.
-[[gnu::noinline, gnu::cold]] std::int64_t amount_units_slow(const RecordRef& ref,
-                                                            std::string_view op, double n) {
-    if (!std::isfinite(n) || n < 0 || n > kMaxTokens * 1e3) {
-        throw Error(Errc::invalid_argument,
-                    fmt::format("{}: {}({}): the amount must be a number of tokens from 0 to 1e12",
-                                where(ref), op, n));
-    }
-    return Tokens::round_up(n).units();
-}
-
-// A token amount passed to an operation, in units (rounded up).
-inline std::int64_t amount_units(const RecordRef& ref, std::string_view op, double n) {
-    // Most amounts are whole numbers of units (1, 0.5, 2.5): no rounding to do. (The comparison
-    // is false for NaN, so the conversion below only sees numbers in range.)
-    if (n >= 0 && n <= kMaxTokens) {
-        const double scaled = n * static_cast<double>(kTokenResolution);
-        const auto units = static_cast<std::int64_t>(scaled);
-        if (static_cast<double>(units) == scaled) return units;
-    }
-    return amount_units_slow(ref, op, n);
-}
-
 // A configuration amount (bucket size, target level), in units: finite, > 0 (or >= 0), <= 1e9.
 std::int64_t config_units(std::string_view what, std::string_view key, std::string_view field,
                           double value, bool zero_ok) {
@@ -187,6 +163,25 @@ auto with_rebase(LimiterCore& core, std::int64_t now_ns, Op&& op) {
 
 }  // namespace
 
+// A token amount that is not a whole number of units, or is out of range: checked and rounded
+// up, or refused.
+std::int64_t amount_units_slow(const RecordRef& ref, std::string_view op, double n) {
+    if (!std::isfinite(n) || n < 0 || n > kMaxTokens * 1e3) {
+        throw Error(Errc::invalid_argument,
+                    fmt::format("{}: {}({}): the amount must be a number of tokens from 0 to 1e12",
+                                where(ref), op, n));
+    }
+    return Tokens::round_up(n).units();
+}
+
+// Out of line and cold, so that return_to_hopper's hot path carries no formatting frame.
+[[noreturn, gnu::noinline, gnu::cold]] void throw_over_release(const RecordRef& ref, double n,
+                                                               std::int64_t seen) {
+    throw Error(Errc::over_release,
+                fmt::format("{}: return_to_hopper({}) but only {} tokens are in flight", where(ref),
+                            n, to_tokens(seen)));
+}
+
 void throw_bad_parameter(std::string_view what, std::string_view key, std::string_view field,
                          double value, std::string_view rule) {
     throw Error(Errc::invalid_argument,
@@ -194,9 +189,11 @@ void throw_bad_parameter(std::string_view what, std::string_view key, std::strin
 }
 
 Limiter open_limiter(const Segment& segment, std::string_view what, std::string_view key,
-                     const LimiterConfig& config, LimiterFlavor flavor, bool adopt, TimePoint now) {
-    const LimiterRecordConfig rc = make_record_config(what, key, config);
-    const std::int64_t now_ns = to_nanos(now);
+                     const LimiterConfig& config, LimiterFlavor flavor, bool adopt, TimePoint now,
+                     std::uint32_t extra_flags) {
+    LimiterRecordConfig rc = make_record_config(what, key, config);
+    rc.flags |= extra_flags;
+    const std::int64_t now_ns = detail::bounded_now_ns(now);
     RecordRef ref = open_record<LimiterRecordConfig>(
         segment, RecordKind::limiter, static_cast<std::uint16_t>(flavor), what, key, rc, adopt,
         [&](Record& r) { init_limiter_body(*reinterpret_cast<LimiterBody*>(r.body), rc, now_ns); },
@@ -244,32 +241,32 @@ std::uint32_t Limiter::waiters() const noexcept {
 }
 
 double Limiter::in_bucket(TimePoint now) const noexcept {
-    return detail::to_tokens(detail::core_of(ref_).read(to_nanos(now)).in_bucket);
+    return detail::to_tokens(detail::core_of(ref_).read(detail::bounded_now_ns(now)).in_bucket);
 }
 
 InfiniteOrFinite<double> Limiter::in_hopper(TimePoint now) const noexcept {
-    const detail::LimiterReading r = detail::core_of(ref_).read(to_nanos(now));
+    const detail::LimiterReading r = detail::core_of(ref_).read(detail::bounded_now_ns(now));
     return detail::maybe_infinite(r.params.target_infinite, r.in_hopper);
 }
 
 double Limiter::in_flight(TimePoint now) const noexcept {
-    return detail::to_tokens(detail::core_of(ref_).read(to_nanos(now)).in_flight);
+    return detail::to_tokens(detail::core_of(ref_).read(detail::bounded_now_ns(now)).in_flight);
 }
 
 InfiniteOrFinite<double> Limiter::in_limiter(TimePoint now) const noexcept {
-    const detail::LimiterReading r = detail::core_of(ref_).read(to_nanos(now));
+    const detail::LimiterReading r = detail::core_of(ref_).read(detail::bounded_now_ns(now));
     return detail::maybe_infinite(r.params.target_infinite, r.in_hopper + r.in_bucket);
 }
 
 InfiniteOrFinite<double> Limiter::in_system(TimePoint now) const noexcept {
-    const detail::LimiterReading r = detail::core_of(ref_).read(to_nanos(now));
+    const detail::LimiterReading r = detail::core_of(ref_).read(detail::bounded_now_ns(now));
     return detail::maybe_infinite(r.params.target_infinite,
                                   r.in_hopper + r.in_bucket + r.in_flight);
 }
 
 Availability Limiter::tokens_may_be_available_when(TimePoint now, double n) const {
     const std::int64_t units = detail::amount_units(ref_, "tokens_may_be_available_when", n);
-    const detail::LimiterReading r = detail::core_of(ref_).read(to_nanos(now));
+    const detail::LimiterReading r = detail::core_of(ref_).read(detail::bounded_now_ns(now));
     const detail::LimiterParams& p = r.params;
     if (units > p.bucket_size) return Availability::never_because_greater_than_bucket_size();
     const std::int64_t missing = units - r.in_bucket;
@@ -292,7 +289,7 @@ TryTake Limiter::try_take(TimePoint now, double n) {
     const std::int64_t units = detail::amount_units(ref_, "try_take", n);
     if (units == 0) return TryTake::taken;
     LimiterCore core = detail::core_of(ref_);
-    const std::int64_t now_ns = to_nanos(now);
+    const std::int64_t now_ns = detail::bounded_now_ns(now);
     const detail::TakeOutcome outcome =
         detail::with_rebase(core, now_ns, [&](std::int64_t rebase_at) {
             detail::Hold hold(*ref_.state, ref_.index);
@@ -313,7 +310,7 @@ void Limiter::return_to_hopper(TimePoint now, double n) {
     const std::int64_t units = detail::amount_units(ref_, "return_to_hopper", n);
     if (units == 0) return;
     LimiterCore core = detail::core_of(ref_);
-    const std::int64_t now_ns = to_nanos(now);
+    const std::int64_t now_ns = detail::bounded_now_ns(now);
     std::int64_t seen = 0;
     const detail::ReturnOutcome outcome =
         detail::with_rebase(core, now_ns, [&](std::int64_t rebase_at) {
@@ -323,9 +320,7 @@ void Limiter::return_to_hopper(TimePoint now, double n) {
             return std::pair{o, o != detail::ReturnOutcome::rebase_needed};
         });
     if (outcome == detail::ReturnOutcome::over_release) {
-        throw Error(Errc::over_release,
-                    fmt::format("{}: return_to_hopper({}) but only {} tokens are in flight",
-                                detail::where(ref_), n, detail::to_tokens(seen)));
+        detail::throw_over_release(ref_, n, seen);
     }
 }
 
@@ -382,26 +377,28 @@ void Limiter::set_token_target_level(TimePoint now, InfiniteOrFinite<double> lev
     if (level.is_finite()) {
         units = detail::config_units("limiter", key(), "token_target_level", level.value(), true);
     }
-    detail::core_of(ref_).reconfigure(to_nanos(now), false, [&](detail::LimiterParams& p) {
-        p.target_infinite = level.is_infinite();
-        p.target = units;
-    });
+    detail::core_of(ref_).reconfigure(detail::bounded_now_ns(now), false,
+                                      [&](detail::LimiterParams& p) {
+                                          p.target_infinite = level.is_infinite();
+                                          p.target = units;
+                                      });
 }
 
 void Limiter::set_bucket_size(TimePoint now, double size) {
     const std::int64_t units = detail::config_units("limiter", key(), "bucket_size", size, false);
-    detail::core_of(ref_).reconfigure(to_nanos(now), false,
+    detail::core_of(ref_).reconfigure(detail::bounded_now_ns(now), false,
                                       [&](detail::LimiterParams& p) { p.bucket_size = units; });
 }
 
 void Limiter::set_hopper_to_bucket_rate_per_sec(TimePoint now, InfiniteOrFinite<double> rate) {
     detail::check_rate("limiter", key(), "hopper_to_bucket_rate_per_sec", rate);
-    detail::core_of(ref_).reconfigure(to_nanos(now), true, [&](detail::LimiterParams& p) {
-        p.rate_infinite = rate.is_infinite();
-        p.rate_per_sec = rate.is_infinite() ? 0.0 : rate.value() + 0.0;
-        p.drip =
-            rate.is_infinite() ? detail::DripRate{} : detail::DripRate::from_rate(rate.value());
-    });
+    detail::core_of(ref_).reconfigure(
+        detail::bounded_now_ns(now), true, [&](detail::LimiterParams& p) {
+            p.rate_infinite = rate.is_infinite();
+            p.rate_per_sec = rate.is_infinite() ? 0.0 : rate.value() + 0.0;
+            p.drip =
+                rate.is_infinite() ? detail::DripRate{} : detail::DripRate::from_rate(rate.value());
+        });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-// The lock-free limiter operations on a record's words, the drip arithmetic, and crash recovery.
+// The lock-free limiter operations on a record's words, the drip arithmetic, configuration
+// switches and sleepers. Crash recovery is in limiter_recovery.cpp.
 // docs/design.md ("The Limiter family") gives each operation's linearisation point and the argument
 // that no interleaving admits more than the seed would.
 #include <algorithm>
@@ -6,6 +7,7 @@
 #include <climits>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <optional>
 
 #include "lim/error.hpp"
@@ -30,6 +32,20 @@ std::int64_t clamp_units(u128 v) noexcept {
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Time
+// ---------------------------------------------------------------------------------------------
+
+std::atomic<std::int64_t> clock_seen_ns{std::numeric_limits<std::int64_t>::min() / 2};
+
+std::int64_t bounded_now_ns_slow(std::int64_t now_ns) noexcept {
+    const std::int64_t real = to_nanos(Clock::now());
+    if (real > clock_seen_ns.load(std::memory_order_relaxed)) {
+        clock_seen_ns.store(real, std::memory_order_relaxed);
+    }
+    return std::min(now_ns, real + kNowSlackNs);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Drip arithmetic
@@ -98,7 +114,8 @@ std::optional<std::int64_t> DripRate::elapsed_for(std::int64_t units) const noex
 
 void store_params(ConfigBlock& block, const LimiterParams& p) noexcept {
     const std::uint32_t flags =
-        (p.rate_infinite ? kRateInfinite : 0) | (p.target_infinite ? kTargetInfinite : 0);
+        (p.rate_infinite ? kRateInfinite : 0) | (p.target_infinite ? kTargetInfinite : 0) |
+        (p.consumed ? kConsumed : 0);
     block.flags.store(flags, std::memory_order_release);
     block.rate_bits.store(std::bit_cast<std::uint64_t>(p.rate_per_sec), std::memory_order_release);
     block.drip_m.store(p.drip.m, std::memory_order_release);
@@ -114,6 +131,7 @@ LimiterParams params_from_config(const LimiterRecordConfig& c, std::int64_t now_
     LimiterParams p;
     p.rate_infinite = (c.flags & kRateInfinite) != 0;
     p.target_infinite = (c.flags & kTargetInfinite) != 0;
+    p.consumed = (c.flags & kConsumed) != 0;
     p.rate_per_sec = p.rate_infinite ? 0.0 : std::bit_cast<double>(c.rate_bits);
     p.drip = p.rate_infinite ? DripRate{} : DripRate::from_rate(p.rate_per_sec);
     p.bucket_size = c.bucket_size;
@@ -144,6 +162,7 @@ void LimiterCore::rollback_tentative(std::int64_t n) noexcept {
     // cannot wrap the word into the frozen bit.
     std::uint64_t w = body_.in_flight.load(std::memory_order_relaxed);
     for (;;) {
+        LIM_RACE_POINT();
         const std::uint64_t frozen = w & kFrozen;
         const auto next = static_cast<std::uint64_t>(std::max<std::int64_t>(0, value_of(w) - n));
         if (body_.in_flight.compare_exchange_weak(w, frozen | next, std::memory_order_seq_cst,
@@ -155,8 +174,8 @@ void LimiterCore::rollback_tentative(std::int64_t n) noexcept {
     wake_all(body_.wake);
 }
 
-LimiterCore::Attempt LimiterCore::begin(Hold& hold, std::uint64_t& fw,
-                                        std::int64_t now_ns) noexcept {
+[[gnu::always_inline]] inline LimiterCore::Attempt LimiterCore::begin(
+    Hold& hold, std::uint64_t& fw, std::int64_t now_ns) noexcept {
     while (is_frozen(fw)) {
         hold.wait_while_frozen(body_.in_flight, state_);
         fw = body_.in_flight.load(std::memory_order_seq_cst);
@@ -201,19 +220,22 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
                 fw = in_flight.load(std::memory_order_seq_cst);
                 continue;
             }
+            LIM_RACE_POINT();
             if (!in_flight.compare_exchange_weak(fw, fw + static_cast<std::uint64_t>(n),
                                                  std::memory_order_seq_cst,
                                                  std::memory_order_seq_cst)) {
                 continue;
             }
+            LIM_RACE_POINT();
             if (BucketWord::gen(bucket.load(std::memory_order_seq_cst)) != gen) {
                 rollback_tentative(n);
                 fw = in_flight.load(std::memory_order_seq_cst);
                 continue;
             }
-            hold.add(0, n);
+            if (!p.consumed) hold.add(0, n);  // consumed: nothing for recovery to give back
             hold.admitted();
-            raise_time(t);
+            // No raise of L: with an infinite rate nothing depends on time (a switch to a
+            // finite rate anchors at max(now, L) and keeps the marker's debt regardless).
             return TakeOutcome::taken;
         }
         const std::int64_t d = p.drip_at(t);
@@ -225,6 +247,7 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
         }
         if (d > rebase_at) return TakeOutcome::rebase_needed;
         // Tentatively in flight first, so that a concurrent reader sees fewer tokens, never more.
+        LIM_RACE_POINT();
         if (!in_flight.compare_exchange_weak(fw, fw + static_cast<std::uint64_t>(n),
                                              std::memory_order_seq_cst,
                                              std::memory_order_seq_cst)) {
@@ -234,10 +257,11 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
         // loses it) and move the marker past our n. The CAS expects the generation we read, so
         // it fails if the configuration switched.
         for (;;) {
+            LIM_RACE_POINT();
             const std::uint64_t next = BucketWord::make(gen, std::max(x, d - cap) + n);
             if (bucket.compare_exchange_weak(s, next, std::memory_order_seq_cst,
                                              std::memory_order_seq_cst)) {
-                hold.add(0, n);
+                if (!p.consumed) hold.add(0, n);
                 hold.admitted();
                 raise_time(t);
                 return TakeOutcome::taken;
@@ -278,6 +302,7 @@ ReturnOutcome LimiterCore::return_to_hopper(Hold& hold, std::int64_t now_ns, std
             const std::int64_t folded = std::max(x, d - p.outside_flight(f));
             if (folded != x) {
                 if (d > rebase_at) return ReturnOutcome::rebase_needed;
+                LIM_RACE_POINT();
                 if (!bucket.compare_exchange_strong(s, BucketWord::make(gen, folded),
                                                     std::memory_order_seq_cst,
                                                     std::memory_order_seq_cst)) {
@@ -294,13 +319,14 @@ ReturnOutcome LimiterCore::return_to_hopper(Hold& hold, std::int64_t now_ns, std
             fw = in_flight.load(std::memory_order_seq_cst);
             continue;
         }
+        LIM_RACE_POINT();
         if (!in_flight.compare_exchange_weak(fw, fw - static_cast<std::uint64_t>(n),
                                              std::memory_order_seq_cst,
                                              std::memory_order_seq_cst)) {
             continue;
         }
-        hold.add(0, -n);
-        raise_time(t);
+        if (!p.consumed) hold.add(0, -n);  // consumed: nothing for recovery to give back
+        if (!p.rate_infinite) raise_time(t);
         wake_all(body_.wake);
         return ReturnOutcome::returned;
     }
@@ -327,6 +353,13 @@ LimiterReading LimiterCore::read(std::int64_t now_ns) const noexcept {
     r.in_hopper = r.params.target_infinite
                       ? 0
                       : std::max<std::int64_t>(0, r.params.target - r.in_flight) - r.in_bucket;
+    // A token bucket's own takes are in flight too, recorded in the ledgers rather than in F
+    // (try_take_bucket). Added after the bucket is computed: its cap depends on F alone.
+    if (state_.record(record_).header.flavor ==
+        static_cast<std::uint16_t>(LimiterFlavor::token_bucket)) {
+        const std::int64_t taken = bucket_taken();
+        r.in_flight = taken > kMaxInFlight - r.in_flight ? kMaxInFlight : r.in_flight + taken;
+    }
     return r;
 }
 
@@ -342,8 +375,6 @@ LimiterParams LimiterCore::params() const noexcept {
 // Configuration switches (rare)
 // ---------------------------------------------------------------------------------------------
 
-namespace {
-
 // The switch itself, with the config lock held by the caller (so no other writer touches the
 // inactive block). Folds the bucket at max(now, L) under the old configuration, writes the new
 // configuration into the inactive block, and publishes both with one CAS on S.
@@ -353,7 +384,11 @@ void switch_locked(LimiterBody& body, std::int64_t now_ns, bool reanchor,
         std::uint64_t s = body.bucket.load(std::memory_order_seq_cst);
         const std::uint32_t gen = BucketWord::gen(s);
         const LimiterParams old = load_params(body.config[gen & 1]);
-        const std::int64_t t = std::max(now_ns, body.time_ns.load(std::memory_order_relaxed));
+        // Never before the current anchor either: D is 0 before it, so a re-anchor there would
+        // count the drip since then again.
+        const std::int64_t t = std::max(
+            {now_ns, body.time_ns.load(std::memory_order_relaxed),
+             old.rate_infinite ? std::numeric_limits<std::int64_t>::min() : old.anchor_ns});
         const std::int64_t f = value_of(body.in_flight.load(std::memory_order_seq_cst));
         const std::int64_t x = BucketWord::x(s);
         LimiterParams next = old;
@@ -361,27 +396,35 @@ void switch_locked(LimiterBody& body, std::int64_t now_ns, bool reanchor,
         std::int64_t next_x = 0;
         if (!next.rate_infinite) {
             const bool large = !old.rate_infinite && old.drip_at(t) > kRebaseAt;
-            if (reanchor || old.rate_infinite || large) {
-                // D(t) = 0 from here: the marker is minus the bucket at t, as the seed leaves it.
+            if (old.rate_infinite) {
+                // The bucket was the cap; it starts the new drip full.
                 next.anchor_ns = t;
-                next_x = -old.bucket_at(x, f, t);
+                next_x = -old.cap(f);
+            } else if (reanchor || large) {
+                // D(t) = 0 from here. The marker becomes X - D(t), folded at t: minus the bucket
+                // at t, or, when takes at times after t have moved X beyond D(t) (t is behind
+                // them: a stale `now` and L not yet raised by their operation), the positive
+                // debt X - D(t), which the new drip must pay before the bucket holds anything.
+                // Dropping that debt would let tokens already taken drip again (issue 9: a
+                // bucket of 10 at 1/s gave 11 at one instant).
+                next.anchor_ns = t;
+                next_x = std::max(x - old.drip_at(t), -old.cap(f));
             } else {
                 next_x = std::max(x, old.drip_at(t) - old.cap(f));
             }
         }
         store_params(body.config[(gen + 1) & 1], next);
+        // L first, then S: an operation that reads the new generation then reads L at or above
+        // the switch time, so none of them uses the new anchor at a time before it.
+        raise_time_ns(body.time_ns, t);
+        LIM_RACE_POINT();
         if (body.bucket.compare_exchange_strong(s, BucketWord::make(gen + 1, next_x),
                                                 std::memory_order_seq_cst,
                                                 std::memory_order_seq_cst)) {
-            if (t > body.time_ns.load(std::memory_order_relaxed)) {
-                body.time_ns.store(t, std::memory_order_relaxed);
-            }
             return;
         }
     }
 }
-
-}  // namespace
 
 void LimiterCore::switch_config(std::int64_t now_ns, bool reanchor,
                                 void (*change)(LimiterParams&, void*), void* ctx) {
@@ -415,12 +458,35 @@ bool LimiterCore::rebase(std::int64_t now_ns, bool wait) {
 // Sleepers
 // ---------------------------------------------------------------------------------------------
 
+namespace {
+
+// Waits aside while a reaper recounts the record (its in-flight word frozen), then proves with a
+// CAS (an RMW, so it is ordered against the reaper's freeze) that no recount has begun since.
+// A recount that freezes after this CAS then finds our Hold pending and waits for it, so every
+// change to the waiter count made under a Hold lies wholly before or wholly after a recount.
+void wait_for_no_recount(Hold& hold, LimiterBody& body, const SegmentState& state) noexcept {
+    std::uint64_t fw = body.in_flight.load(std::memory_order_seq_cst);
+    for (;;) {
+        if (hold.stepped_aside(fw, body.in_flight, state)) continue;
+        LIM_RACE_POINT();
+        if (body.in_flight.compare_exchange_weak(fw, fw, std::memory_order_seq_cst,
+                                                 std::memory_order_seq_cst)) {
+            return;
+        }
+    }
+}
+
+}  // namespace
+
 LimiterWaiter::LimiterWaiter(LimiterCore& core, std::int64_t amount) : core_(core) {
     Hold hold(core.state(), core.record());
     SlotHeader& slot = *hold.holder_ref().slot;
+    slot_ = &slot;
+    wait_for_no_recount(hold, core.body(), core.state());
     slot.waiting_layer.store(0, std::memory_order_relaxed);
     slot.waiting_amount.store(static_cast<std::uint64_t>(amount), std::memory_order_relaxed);
     slot.waiting_record.store(core.record() + 1, std::memory_order_relaxed);
+    LIM_RACE_POINT();
     core.wake().waiters.fetch_add(1, std::memory_order_seq_cst);
     snapshot_ = core.wake().seq.load(std::memory_order_seq_cst);
 }
@@ -428,11 +494,16 @@ LimiterWaiter::LimiterWaiter(LimiterCore& core, std::int64_t amount) : core_(cor
 LimiterWaiter::~LimiterWaiter() {
     try {
         Hold hold(core_.state(), core_.record());
+        wait_for_no_recount(hold, core_.body(), core_.state());
         core_.wake().waiters.fetch_sub(1, std::memory_order_seq_cst);
-        hold.holder_ref().slot->waiting_record.store(0, std::memory_order_relaxed);
+        LIM_RACE_POINT();
+        slot_->waiting_record.store(0, std::memory_order_relaxed);
     } catch (...) {
-        // No slot to announce the change in (cannot happen once the constructor had one).
+        // No slot to announce the change in (cannot happen once the constructor had one: the
+        // thread's slot is claimed for its life). Deregister anyway, so that neither the count
+        // nor the slot keeps the registration.
         core_.wake().waiters.fetch_sub(1, std::memory_order_seq_cst);
+        slot_->waiting_record.store(0, std::memory_order_relaxed);
     }
 }
 
@@ -440,125 +511,5 @@ void LimiterWaiter::wait(TimePoint deadline) noexcept {
     futex_wait(core_.wake().seq, snapshot_, deadline);
     snapshot_ = core_.wake().seq.load(std::memory_order_seq_cst);
 }
-
-// ---------------------------------------------------------------------------------------------
-// Crash recovery
-// ---------------------------------------------------------------------------------------------
-
-namespace {
-
-LimiterBody& body_at(SegmentState& state, std::uint32_t record) noexcept {
-    return *reinterpret_cast<LimiterBody*>(state.record(record).body);
-}
-
-// Sets the channel's waiter count to the live sleepers registered on `record` (the reaper has
-// made sure no live slot is mid-operation on it, so the slots' fields are exact), and wakes all.
-void recount_waiters(SegmentState& state, std::uint32_t record, WakeChannel& wake,
-                     std::span<const std::uint32_t> dead_slots) noexcept {
-    std::uint32_t waiting = 0;
-    for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
-        const SlotHeader& slot = state.slot(i);
-        if (SlotOwner::state(slot.owner.load(std::memory_order_acquire)) != SlotState::live)
-            continue;
-        if (std::find(dead_slots.begin(), dead_slots.end(), i) != dead_slots.end()) continue;
-        if (slot.waiting_record.load(std::memory_order_acquire) == record + 1) ++waiting;
-    }
-    wake.waiters.store(waiting, std::memory_order_seq_cst);
-    wake.seq.fetch_add(1, std::memory_order_seq_cst);
-    futex_wake(wake.seq, INT_MAX);
-}
-
-// Folds the bucket at `now` with `f` in flight, as a return does before its tokens come back.
-void fold_for_return(SegmentState& state, std::uint32_t record, std::int64_t f,
-                     std::int64_t now_ns) noexcept {
-    LimiterBody& body = body_at(state, record);
-    for (;;) {
-        std::uint64_t s = body.bucket.load(std::memory_order_seq_cst);
-        const std::uint32_t gen = BucketWord::gen(s);
-        const LimiterParams p = load_params(body.config[gen & 1]);
-        if (p.rate_infinite || p.target_infinite) return;
-        const std::int64_t t = std::max(now_ns, body.time_ns.load(std::memory_order_relaxed));
-        const std::int64_t x = BucketWord::x(s);
-        const std::int64_t d = p.drip_at(t);
-        const std::int64_t folded = std::max(x, d - p.outside_flight(f));
-        if (folded == x) return;
-        if (d > kRebaseAt) {
-            // Re-anchoring folds too. If the config lock cannot be had, skip the fold: the cost
-            // is at most the allowance since the last fold dripping once the tokens are back.
-            try {
-                FileLock lock = FileLock::lock_exclusive(state.fd(), LockByte::config);
-                switch_locked(body, now_ns, true, nullptr, nullptr);
-            } catch (...) {
-            }
-            return;
-        }
-        if (body.bucket.compare_exchange_strong(s, BucketWord::make(gen, folded),
-                                                std::memory_order_seq_cst)) {
-            return;
-        }
-    }
-}
-
-void limiter_freeze(SegmentState& state, std::uint32_t record) noexcept {
-    body_at(state, record).in_flight.fetch_or(kFrozen, std::memory_order_seq_cst);
-}
-
-void limiter_thaw(SegmentState& state, std::uint32_t record) noexcept {
-    LimiterBody& body = body_at(state, record);
-    body.in_flight.fetch_and(~kFrozen, std::memory_order_seq_cst);
-    wake_all(body.wake);
-}
-
-LiveHoldings limiter_recount(SegmentState& state, std::uint32_t record, const LiveHoldings& live,
-                             std::span<const std::uint32_t> dead_slots, TimePoint now) noexcept {
-    LimiterBody& body = body_at(state, record);
-    const std::int64_t before = value_of(body.in_flight.load(std::memory_order_seq_cst));
-    const std::int64_t now_ns = std::max(to_nanos(now), body.time_ns.load());
-    // What the dead held comes back as return_to_hopper brings tokens back: time advances (the
-    // fold) with them still in flight, then in flight drops to what the living hold.
-    fold_for_return(state, record, before, now_ns);
-    const std::int64_t kept = std::clamp<std::int64_t>(live.held[0], 0, kMaxInFlight);
-    body.in_flight.store(static_cast<std::uint64_t>(kept), std::memory_order_seq_cst);
-    if (now_ns > body.time_ns.load(std::memory_order_relaxed)) {
-        body.time_ns.store(now_ns, std::memory_order_relaxed);
-    }
-    recount_waiters(state, record, body.wake, dead_slots);
-    LiveHoldings given;
-    given.held[0] = before - kept;
-    return given;
-}
-
-void limiter_reset(SegmentState& state, std::uint32_t record, TimePoint now) noexcept {
-    LimiterBody& body = body_at(state, record);
-    // Exclude configuration writers while both blocks may be rewritten. If the lock cannot be
-    // had, go on: reset runs when nobody is attached, or forced by an operator.
-    std::optional<FileLock> lock;
-    try {
-        lock.emplace(FileLock::lock_exclusive(state.fd(), LockByte::config));
-    } catch (...) {
-    }
-    LimiterRecordConfig config{};
-    std::memcpy(&config, state.record(record).config, sizeof config);
-    const std::int64_t t = std::max(to_nanos(now), body.time_ns.load());
-    const LimiterParams p = params_from_config(config, t);
-    const std::uint32_t gen = BucketWord::gen(body.bucket.load(std::memory_order_seq_cst)) + 1;
-    store_params(body.config[gen & 1], p);
-    const std::int64_t x = p.rate_infinite ? 0 : -config.initial_bucket_level;
-    body.bucket.store(BucketWord::make(gen, x), std::memory_order_seq_cst);
-    body.time_ns.store(t, std::memory_order_relaxed);
-    body.in_flight.store(0, std::memory_order_seq_cst);  // clears kFrozen last
-    recount_waiters(state, record, body.wake, {});
-}
-
-}  // namespace
-
-const KindOps kLimiterOps{
-    .freeze = limiter_freeze,
-    .recount = limiter_recount,
-    .thaw = limiter_thaw,
-    .reset = limiter_reset,
-    .layers = 1,
-    .layer_names = {"tokens", nullptr, nullptr},
-};
 
 }  // namespace lim::detail

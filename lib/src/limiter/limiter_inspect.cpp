@@ -64,6 +64,11 @@ void inspect_limiter(const SegmentState& state, std::uint32_t record, TimePoint 
     const LimiterParams& p = now_reading.params;
     out.layer_names = {"tokens"};
     out.layer_scale = {1.0 / static_cast<double>(kTokenResolution)};
+    if (flavor == LimiterFlavor::token_bucket) {
+        // A token bucket's own takes are recorded in ledger layer 1 (consumed, not in F).
+        out.layer_names.push_back("consumed");
+        out.layer_scale.push_back(1.0 / static_cast<double>(kTokenResolution));
+    }
     out.layers = {Quantity::layer("tokens_in_bucket", tokens(now_reading.in_bucket),
                                   tokens(p.bucket_size), "token_bucket_size", "tokens",
                                   "in_bucket")};

@@ -17,8 +17,28 @@ struct LimiterAccess {
 // Opens the limiter record `key` of `flavor`, creating it with `config` at `now` if absent.
 // `what` names the family in messages ("token bucket"). Validates `config` first (nothing is
 // created when it is refused).
+// `extra_flags` (kConsumed) is added to the record's configuration when it is created.
 Limiter open_limiter(const Segment& segment, std::string_view what, std::string_view key,
-                     const LimiterConfig& config, LimiterFlavor flavor, bool adopt, TimePoint now);
+                     const LimiterConfig& config, LimiterFlavor flavor, bool adopt, TimePoint now,
+                     std::uint32_t extra_flags = 0);
+
+// A token amount that is not a whole number of tokens, or is out of range: checked (throws
+// Error(invalid_argument) naming the limiter and `op`) and rounded up exactly.
+[[gnu::noinline, gnu::cold]] std::int64_t amount_units_slow(const RecordRef& ref,
+                                                            std::string_view op, double n);
+
+// A token amount passed to an operation, in units (rounded up).
+inline std::int64_t amount_units(const RecordRef& ref, std::string_view op, double n) {
+    // Most amounts are whole tokens: no rounding to do. (The comparison is false for NaN, so the
+    // conversion below only sees numbers in range.) Anything else is rounded up exactly by
+    // Tokens::round_up (a product n x 10^4 that happens to round to a whole number is no proof
+    // that n is a whole number of units).
+    if (n >= 0 && n <= kMaxTokens) {
+        const auto whole = static_cast<std::int64_t>(n);
+        if (static_cast<double>(whole) == n) return whole * kTokenResolution;
+    }
+    return amount_units_slow(ref, op, n);
+}
 
 // Throws Error(invalid_argument): "<what> '<key>': <field> is <value>; it must be <rule>".
 [[noreturn]] void throw_bad_parameter(std::string_view what, std::string_view key,

@@ -33,6 +33,7 @@
 #include <atomic>
 #include <bit>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <span>
 #include <type_traits>
@@ -42,6 +43,7 @@
 #include "shm/layout.hpp"
 #include "shm/ledger.hpp"
 #include "shm/segment_state.hpp"
+#include "sync/race_point.hpp"
 #include "sync/wake_channel.hpp"
 
 namespace lim::detail {
@@ -131,13 +133,16 @@ struct DripRate {
 
 inline constexpr std::uint32_t kRateInfinite = 1;    // hopper_to_bucket_rate_per_sec infinite
 inline constexpr std::uint32_t kTargetInfinite = 2;  // infinite hopper, hence infinite target
+// Takes are consumed: never in a ledger, so crash recovery gives nothing back (lim-feeder's
+// global rates, whose taken tokens were spent from a global lease; lim/consumed_limiter.hpp).
+inline constexpr std::uint32_t kConsumed = 4;
 
 struct LimiterRecordConfig {
     std::uint64_t rate_bits;            // hopper_to_bucket_rate_per_sec (a double), 0 if infinite
     std::int64_t bucket_size;           // units
     std::int64_t initial_bucket_level;  // units
     std::int64_t initial_hopper_level;  // units, 0 if infinite
-    std::uint32_t flags;                // kRateInfinite | kTargetInfinite
+    std::uint32_t flags;                // kRateInfinite | kTargetInfinite | kConsumed
     std::uint32_t reserved;             // 0
 };
 
@@ -151,7 +156,7 @@ struct alignas(kCacheLine) ConfigBlock {
     std::atomic<std::uint64_t> rate_bits;   // tokens per second, as a double (finite rate)
     std::atomic<std::uint64_t> drip_m;      // DripRate::m
     std::atomic<std::uint32_t> drip_shift;  // DripRate::shift
-    std::atomic<std::uint32_t> flags;       // kRateInfinite | kTargetInfinite
+    std::atomic<std::uint32_t> flags;       // kRateInfinite | kTargetInfinite | kConsumed
     std::atomic<std::int64_t> bucket_size;  // units
     std::atomic<std::int64_t> target;       // token target level, units (finite target)
     std::atomic<std::int64_t> anchor_ns;    // the drip's time origin: D(anchor) = 0
@@ -194,6 +199,7 @@ struct BucketWord {
 struct LimiterParams {
     bool rate_infinite = true;
     bool target_infinite = true;
+    bool consumed = false;    // kConsumed
     double rate_per_sec = 0;  // finite rate only
     DripRate drip;
     std::int64_t bucket_size = 0;
@@ -210,9 +216,13 @@ struct LimiterParams {
         if (target_infinite) return bucket_size;
         return std::min(bucket_size, outside_flight(f));
     }
-    // D(t) (finite rate).
+    // D(t) (finite rate). The elapsed time saturates: the anchor comes from the segment.
     std::int64_t drip_at(std::int64_t t_ns) const noexcept {
-        return drip.units_after(t_ns - anchor_ns);
+        std::int64_t elapsed = 0;
+        if (__builtin_sub_overflow(t_ns, anchor_ns, &elapsed)) {
+            elapsed = t_ns > anchor_ns ? std::numeric_limits<std::int64_t>::max() : 0;
+        }
+        return drip.units_after(elapsed);
     }
     // The bucket at `t_ns` with marker `x` and `f` in flight.
     std::int64_t bucket_at(std::int64_t x, std::int64_t f, std::int64_t t_ns) const noexcept {
@@ -227,6 +237,7 @@ inline LimiterParams load_params(const ConfigBlock& block) noexcept {
     const std::uint32_t flags = block.flags.load(std::memory_order_acquire);
     p.rate_infinite = (flags & kRateInfinite) != 0;
     p.target_infinite = (flags & kTargetInfinite) != 0;
+    p.consumed = (flags & kConsumed) != 0;
     p.rate_per_sec = std::bit_cast<double>(block.rate_bits.load(std::memory_order_acquire));
     p.drip.m = block.drip_m.load(std::memory_order_acquire);
     p.drip.shift = block.drip_shift.load(std::memory_order_acquire);
@@ -242,10 +253,53 @@ void store_params(ConfigBlock& block, const LimiterParams& p) noexcept;
 LimiterParams params_from_config(const LimiterRecordConfig& c, std::int64_t now_ns) noexcept;
 
 // ---------------------------------------------------------------------------------------------
+// Time
+// ---------------------------------------------------------------------------------------------
+
+// Raises the limiter's time L to `t_ns` if it is behind: a CAS-max, so two racing raises leave
+// the larger.
+inline void raise_time_ns(std::atomic<std::int64_t>& time_ns, std::int64_t t_ns) noexcept {
+    std::int64_t l = time_ns.load(std::memory_order_relaxed);
+    while (l < t_ns) {
+        LIM_RACE_POINT();
+        if (time_ns.compare_exchange_weak(l, t_ns, std::memory_order_seq_cst,
+                                          std::memory_order_relaxed)) {
+            break;
+        }
+    }
+}
+
+// How far ahead of this host's CLOCK_MONOTONIC an explicit `now` may be. A later `now` is
+// clamped to Clock::now() + kNowSlack, so that one far-future `now` cannot move a shared
+// limiter's time (and its drip) ahead for every process (docs/design.md, "Time").
+inline constexpr std::int64_t kNowSlackNs = 10'000'000;  // 10 ms
+
+// The latest Clock::now() this process has read for bounding (a cache: any value not above the
+// clock is correct, so racing stores need no order).
+extern std::atomic<std::int64_t> clock_seen_ns;
+
+[[gnu::cold]] std::int64_t bounded_now_ns_slow(std::int64_t now_ns) noexcept;
+
+// `now` in nanoseconds, clamped to at most Clock::now() + kNowSlack. Reads the clock only when
+// `now` is beyond the last reading + kNowSlack (once per 10 ms for a caller passing the clock).
+inline std::int64_t bounded_now_ns(TimePoint now) noexcept {
+    const std::int64_t now_ns = to_nanos(now);
+    if (now_ns <= clock_seen_ns.load(std::memory_order_relaxed) + kNowSlackNs) return now_ns;
+    return bounded_now_ns_slow(now_ns);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Operations
 // ---------------------------------------------------------------------------------------------
 
-enum class TakeOutcome { taken, unable, asked_for_more, rebase_needed };
+enum class TakeOutcome { taken, unable, asked_for_more, rebase_needed, not_a_token_bucket };
+
+// The ledger layer in which a TokenBucket's own takes (try_take_bucket) are recorded: tokens that
+// are consumed, counted in in_flight but not in F (layer 0 mirrors F).
+inline constexpr int kBucketTakenLayer = 1;
+
+// The lazy raise of L by a token bucket's take: only once L is this far behind.
+inline constexpr std::int64_t kLazyTimeGrainNs = 10'000;  // 10 us
 enum class ReturnOutcome { returned, over_release, rebase_needed };
 
 // A consistent reading of the limiter at a time (docs/design.md ("The Limiter family"), "Reads").
@@ -272,6 +326,16 @@ class LimiterCore {
     // asks its caller to re-anchor first (rebase_needed, nothing changed).
     TakeOutcome try_take(Hold& hold, std::int64_t now_ns, std::int64_t n,
                          std::int64_t rebase_at) noexcept;
+    // A token bucket's take (docs/design.md ("The Limiter family"), "TokenBucket's take"): with
+    // an infinite target and a finite rate nothing depends on F, so the take is one CAS on S,
+    // recorded in the thread's ledger (`holder`, layer kBucketTakenLayer) after it lands; no Hold,
+    // since a token bucket holds nothing a reap could give back. `not_a_token_bucket` (nothing
+    // changed) when the configuration is not a token bucket's: the caller uses try_take.
+    TakeOutcome try_take_bucket(const Holder& holder, std::int64_t now_ns, std::int64_t n,
+                                std::int64_t rebase_at) noexcept;
+    // What a token bucket's takes have recorded in the ledgers of occupied slots.
+    std::int64_t bucket_taken() const noexcept;
+
     // `over_release` changes nothing; *in_flight_seen says what was in flight.
     ReturnOutcome return_to_hopper(Hold& hold, std::int64_t now_ns, std::int64_t n,
                                    std::int64_t rebase_at, std::int64_t* in_flight_seen) noexcept;
@@ -310,14 +374,12 @@ class LimiterCore {
     // Waits aside while F is frozen (updating `fw`), then reads what an attempt starts from.
     Attempt begin(Hold& hold, std::uint64_t& fw, std::int64_t now_ns) noexcept;
 
-    // A plain store, not a read-modify-write: L only serves "a `now` earlier than the limiter's
-    // time is moved up to it". Two racing raises may leave the smaller one; nothing that admits
-    // tokens depends on L (docs/design.md ("The Limiter family"), "Time").
+    // Raises L to `t_ns` (a CAS-max: L never moves backwards, whatever raises race). Nothing
+    // that admits depends on L being current (docs/design.md ("The Limiter family"), "Time"),
+    // but a switch re-anchors at max(now, L), so L stays as high as any operation has used.
     void raise_time(std::int64_t t_ns) const noexcept {
         if (state_.read_only()) return;
-        if (t_ns > body_.time_ns.load(std::memory_order_relaxed)) {
-            body_.time_ns.store(t_ns, std::memory_order_relaxed);
-        }
+        raise_time_ns(body_.time_ns, t_ns);
     }
     void rollback_tentative(std::int64_t n) noexcept;
     void switch_config(std::int64_t now_ns, bool reanchor, void (*change)(LimiterParams&, void*),
@@ -339,8 +401,11 @@ void LimiterCore::reconfigure(std::int64_t now_ns, bool reanchor, Change&& chang
 }
 
 // A thread registered as sleeping on a limiter, for the lifetime of the object. The registration
-// is written into the thread's slot under a Hold, so a reaper that recounts the channel's waiter
-// count sees it exactly; the sleep itself happens outside any Hold.
+// is written into the thread's slot, and the channel's count changed, under a Hold and never
+// while a recount runs (both wait aside while the record's in-flight word is frozen), so a
+// reaper that recounts the channel's waiter count sees it exactly; the sleep itself happens
+// outside any Hold. The constructor throws only what Hold's does (table_full); the destructor
+// never throws and always deregisters.
 class LimiterWaiter {
   public:
     LimiterWaiter(LimiterCore& core, std::int64_t amount);
@@ -353,8 +418,17 @@ class LimiterWaiter {
 
   private:
     LimiterCore& core_;
+    SlotHeader* slot_ = nullptr;  // the thread's slot, where the registration is recorded
     std::uint32_t snapshot_ = 0;
 };
+
+// A configuration switch, with the segment's config lock held by the caller (so no other writer
+// touches the inactive block): folds the bucket at max(now, L, anchor) under the old
+// configuration, writes the new one (`change` applied to the old, if not null) into the inactive
+// block, raises L, and publishes both with one CAS on S. Re-anchors when `reanchor` or when the
+// drip allowance is large.
+void switch_locked(LimiterBody& body, std::int64_t now_ns, bool reanchor,
+                   void (*change)(LimiterParams&, void*), void* ctx) noexcept;
 
 // Initialises a new record's body from its configuration, at `now_ns`.
 void init_limiter_body(LimiterBody& body, const LimiterRecordConfig& config,

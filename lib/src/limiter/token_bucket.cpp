@@ -1,11 +1,91 @@
-// lim::TokenBucket: Jane Street's Token_bucket.create_exn, on a Limiter record.
+// lim::TokenBucket: Jane Street's Token_bucket.create_exn, on a Limiter record, and its own
+// representation of a take: with an infinite hopper nothing depends on what is in flight, so a
+// take is GCRA on the bucket word alone (docs/design.md ("The Limiter family"), "TokenBucket's
+// take").
 #include "lim/token_bucket.hpp"
 
 #include <cmath>
 
 #include "limiter/limiter_open.hpp"
+#include "shm/process_table.hpp"
+#include "sync/race_point.hpp"
 
 namespace lim {
+
+namespace detail {
+
+TakeOutcome LimiterCore::try_take_bucket(const Holder& holder, std::int64_t now_ns, std::int64_t n,
+                                         std::int64_t rebase_at) noexcept {
+    std::atomic<std::uint64_t>& bucket = body_.bucket;
+    std::uint64_t s = bucket.load(std::memory_order_seq_cst);
+    for (;;) {
+        const std::uint32_t gen = BucketWord::gen(s);
+        const LimiterParams p = load_params(body_.config[gen & 1]);
+        // A decision that changes nothing is only as good as the configuration it read: check
+        // that the generation did not move meanwhile (a seqlock reader's check).
+        const auto settled = [&] {
+            const std::uint64_t again = bucket.load(std::memory_order_seq_cst);
+            if (BucketWord::gen(again) == gen) return true;
+            s = again;
+            return false;
+        };
+        if (p.rate_infinite || !p.target_infinite) {
+            // A Limiter handle reconfigured it into something else: the general take applies.
+            if (settled()) return TakeOutcome::not_a_token_bucket;
+            continue;
+        }
+        if (n > p.bucket_size) {
+            if (settled()) return TakeOutcome::asked_for_more;
+            continue;
+        }
+        const std::int64_t l = body_.time_ns.load(std::memory_order_relaxed);
+        const std::int64_t t = std::max(now_ns, l);
+        const std::int64_t d = p.drip_at(t);
+        const std::int64_t x = BucketWord::x(s);
+        if (std::max<std::int64_t>(0, std::min(d - x, p.bucket_size)) < n) {
+            if (settled()) return TakeOutcome::unable;
+            continue;
+        }
+        if (d > rebase_at) return TakeOutcome::rebase_needed;
+        // Fold at t (the allowance beyond the bucket is lost, as the seed loses it) and move the
+        // marker past our n. The CAS expects the generation we read, so it fails if the
+        // configuration switched; it is the take's linearisation point.
+        LIM_RACE_POINT();
+        if (!bucket.compare_exchange_weak(s,
+                                          BucketWord::make(gen, std::max(x, d - p.bucket_size) + n),
+                                          std::memory_order_seq_cst, std::memory_order_seq_cst)) {
+            continue;
+        }
+        LIM_RACE_POINT();
+        // The thread's own ledger entry (a single writer: plain stores). A process killed before
+        // these stores took the tokens all the same: in_flight then undercounts, and nothing is
+        // owed back, since a token bucket's tokens are consumed.
+        LedgerEntry& e = holder.entry(record_);
+        auto& held = e.held[kBucketTakenLayer];
+        held.store(held.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+        e.admitted.store(e.admitted.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+        // L, lazily: only "a `now` behind the limiter's time is moved up to it" depends on it,
+        // and a lag of at most kLazyTimeGrain is a take at a slightly earlier time (fewer
+        // tokens, never more). Saves a CAS on the hot line per take.
+        if (t - l > kLazyTimeGrainNs) raise_time(t);
+        return TakeOutcome::taken;
+    }
+}
+
+std::int64_t LimiterCore::bucket_taken() const noexcept {
+    std::int64_t sum = 0;
+    for (std::uint32_t i = 0; i < state_.geometry().max_processes; ++i) {
+        const SlotState st = SlotOwner::state(state_.slot(i).owner.load(std::memory_order_acquire));
+        if (st == SlotState::free) continue;
+        const std::int64_t h =
+            state_.ledger(i, record_).held[kBucketTakenLayer].load(std::memory_order_relaxed);
+        if (h > 0) sum = h > kMaxInFlight - sum ? kMaxInFlight : sum + h;
+    }
+    return sum;
+}
+
+}  // namespace detail
+
 namespace {
 
 constexpr std::string_view kWhat = "token bucket";
@@ -44,6 +124,51 @@ TokenBucket TokenBucket::open(const Segment& segment, std::string_view key,
 TokenBucket TokenBucket::open(const Segment& segment, std::string_view key,
                               const TokenBucketOptions& options, AdoptExisting, TimePoint now) {
     return TokenBucket(open_token_bucket(segment, key, options, true, now));
+}
+
+TokenBucket::TokenBucket(Limiter limiter) : LimiterFacade(std::move(limiter)) {
+    // Its own representation of a take only on a record a TokenBucket created: a general
+    // Limiter record it adopted (lim-feeder's global rate) keeps the general take, so that the
+    // Limiter handles on it see every take in F.
+    const detail::RecordRef& ref = detail::LimiterAccess::ref(limiter_);
+    bucket_take_ = !ref.state->read_only() &&
+                   ref.state->record(ref.index).header.flavor ==
+                       static_cast<std::uint16_t>(detail::LimiterFlavor::token_bucket);
+}
+
+TryTake TokenBucket::try_take(TimePoint now, double n) {
+    if (!bucket_take_) return limiter_.try_take(now, n);
+    const detail::RecordRef& ref = detail::LimiterAccess::ref(limiter_);
+    const std::int64_t units = detail::amount_units(ref, "try_take", n);
+    if (units == 0) return TryTake::taken;
+    // The thread's slot first: claiming it is what may throw (table_full), before anything is
+    // taken.
+    const detail::Holder holder = detail::holder(*ref.state);
+    detail::LimiterCore core(*ref.state, ref.index);
+    const std::int64_t now_ns = detail::bounded_now_ns(now);
+    std::int64_t rebase_at = detail::kRebaseAt;
+    for (;;) {
+        switch (core.try_take_bucket(holder, now_ns, units, rebase_at)) {
+            case detail::TakeOutcome::taken:
+                return TryTake::taken;
+            case detail::TakeOutcome::unable:
+                return TryTake::unable;
+            case detail::TakeOutcome::asked_for_more:
+                return TryTake::asked_for_more_than_bucket_size;
+            case detail::TakeOutcome::not_a_token_bucket:
+                return limiter_.try_take(now, n);
+            case detail::TakeOutcome::rebase_needed:
+                // As the general take does (Limiter::try_take): rebase without waiting for the
+                // config lock first; wait for it only if asked again.
+                if (rebase_at == detail::kRebaseAt) {
+                    if (!core.rebase(now_ns, false)) rebase_at = detail::kRebaseHard;
+                } else {
+                    core.rebase(now_ns, true);
+                    rebase_at = detail::kRebaseAt;
+                }
+                break;
+        }
+    }
 }
 
 }  // namespace lim

@@ -1,0 +1,171 @@
+// Crash recovery for limiter records: kLimiterOps (freeze, recount, thaw, reset), which the
+// reaper calls through its kind table. docs/design.md ("The Limiter family", "Crash recovery").
+#include <algorithm>
+#include <climits>
+#include <cstring>
+#include <optional>
+#include <span>
+
+#include "limiter/limiter_state.hpp"
+#include "shm/file_lock.hpp"
+#include "sync/futex.hpp"
+#include "sync/race_point.hpp"
+
+namespace lim::detail {
+namespace {
+
+std::int64_t value_of(std::uint64_t in_flight_word) noexcept {
+    return static_cast<std::int64_t>(in_flight_word & ~kFrozen);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Crash recovery
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+LimiterBody& body_at(SegmentState& state, std::uint32_t record) noexcept {
+    return *reinterpret_cast<LimiterBody*>(state.record(record).body);
+}
+
+// Sets the channel's waiter count to the live sleepers registered on `record`, and wakes all.
+// Exact: the caller has frozen the record's in-flight word and seen no live slot pending on it,
+// and a sleeper changes its registration only under a Hold after proving the word not frozen
+// (wait_for_no_recount), so no live registration changes until the caller thaws the word, which
+// it does only after this store.
+void recount_waiters(SegmentState& state, std::uint32_t record, WakeChannel& wake,
+                     std::span<const std::uint32_t> dead_slots) noexcept {
+    std::uint32_t waiting = 0;
+    for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+        const SlotHeader& slot = state.slot(i);
+        if (SlotOwner::state(slot.owner.load(std::memory_order_acquire)) != SlotState::live)
+            continue;
+        if (std::find(dead_slots.begin(), dead_slots.end(), i) != dead_slots.end()) continue;
+        if (slot.waiting_record.load(std::memory_order_acquire) == record + 1) ++waiting;
+    }
+    wake.waiters.store(waiting, std::memory_order_seq_cst);
+    wake.seq.fetch_add(1, std::memory_order_seq_cst);
+    futex_wake(wake.seq, INT_MAX);
+}
+
+// Folds the bucket at `now` with `f` in flight, as a return does before its tokens come back.
+void fold_for_return(SegmentState& state, std::uint32_t record, std::int64_t f,
+                     std::int64_t now_ns) noexcept {
+    LimiterBody& body = body_at(state, record);
+    for (;;) {
+        std::uint64_t s = body.bucket.load(std::memory_order_seq_cst);
+        const std::uint32_t gen = BucketWord::gen(s);
+        const LimiterParams p = load_params(body.config[gen & 1]);
+        if (p.rate_infinite || p.target_infinite) return;
+        const std::int64_t t = std::max(now_ns, body.time_ns.load(std::memory_order_relaxed));
+        const std::int64_t x = BucketWord::x(s);
+        const std::int64_t d = p.drip_at(t);
+        const std::int64_t folded = std::max(x, d - p.outside_flight(f));
+        if (folded == x) return;
+        if (d > kRebaseAt) {
+            // Re-anchoring folds too. If the config lock cannot be had, skip the fold: the cost
+            // is at most the allowance since the last fold dripping once the tokens are back.
+            try {
+                FileLock lock = FileLock::lock_exclusive(state.fd(), LockByte::config);
+                switch_locked(body, now_ns, true, nullptr, nullptr);
+            } catch (...) {
+            }
+            return;
+        }
+        LIM_RACE_POINT();
+        if (body.bucket.compare_exchange_strong(s, BucketWord::make(gen, folded),
+                                                std::memory_order_seq_cst)) {
+            return;
+        }
+    }
+}
+
+void limiter_freeze(SegmentState& state, std::uint32_t record) noexcept {
+    body_at(state, record).in_flight.fetch_or(kFrozen, std::memory_order_seq_cst);
+}
+
+void limiter_thaw(SegmentState& state, std::uint32_t record) noexcept {
+    LimiterBody& body = body_at(state, record);
+    body.in_flight.fetch_and(~kFrozen, std::memory_order_seq_cst);
+    wake_all(body.wake);
+}
+
+LiveHoldings limiter_recount(SegmentState& state, std::uint32_t record, const LiveHoldings& live,
+                             std::span<const std::uint32_t> dead_slots, TimePoint now) noexcept {
+    LimiterBody& body = body_at(state, record);
+    LimiterRecordConfig config{};
+    std::memcpy(&config, state.record(record).config, sizeof config);
+    if ((config.flags & kConsumed) != 0) {
+        // Consumed takes are in no ledger: what the dead took was spent, and in-flight keeps it
+        // (a take that died between its increment and its rollback leaves its n in, on the safe
+        // side). Only the sleepers are recounted; then the word is thawed unchanged.
+        recount_waiters(state, record, body.wake, dead_slots);
+        LIM_RACE_POINT();
+        body.in_flight.fetch_and(~kFrozen, std::memory_order_seq_cst);
+        wake_all(body.wake);
+        return LiveHoldings{};
+    }
+    const std::int64_t before = value_of(body.in_flight.load(std::memory_order_seq_cst));
+    const std::int64_t now_ns =
+        std::max(to_nanos(now), body.time_ns.load(std::memory_order_relaxed));
+    // What the dead held comes back as return_to_hopper brings tokens back: time advances (the
+    // fold) with them still in flight, then in flight drops to what the living hold.
+    fold_for_return(state, record, before, now_ns);
+    const std::int64_t kept = std::clamp<std::int64_t>(live.held[0], 0, kMaxInFlight);
+    raise_time_ns(body.time_ns, now_ns);
+    // The waiter count while the word is still frozen (see recount_waiters); the store of F
+    // then thaws it.
+    recount_waiters(state, record, body.wake, dead_slots);
+    LIM_RACE_POINT();
+    body.in_flight.store(static_cast<std::uint64_t>(kept), std::memory_order_seq_cst);
+    wake_all(body.wake);
+    LiveHoldings given;
+    given.held[0] = before - kept;
+    // A token bucket's own takes (layer kBucketTakenLayer) are consumed tokens, not in F: the
+    // dead's are dropped from in_flight with their slots, and reported as given back.
+    for (const std::uint32_t d : dead_slots) {
+        given.held[kBucketTakenLayer] +=
+            state.ledger(d, record).held[kBucketTakenLayer].load(std::memory_order_relaxed);
+    }
+    return given;
+}
+
+void limiter_reset(SegmentState& state, std::uint32_t record, TimePoint now) noexcept {
+    LimiterBody& body = body_at(state, record);
+    // Exclude configuration writers while both blocks may be rewritten. If the lock cannot be
+    // had, go on: reset runs when nobody is attached, or forced by an operator.
+    std::optional<FileLock> lock;
+    try {
+        lock.emplace(FileLock::lock_exclusive(state.fd(), LockByte::config));
+    } catch (...) {
+    }
+    LimiterRecordConfig config{};
+    std::memcpy(&config, state.record(record).config, sizeof config);
+    // Re-anchored at the current time, not at max(now, L): a limiter whose time was carried far
+    // ahead (by a `now` from before the clamp, or a corrupt word) drips again from now on.
+    const std::int64_t t = to_nanos(now);
+    const LimiterParams p = params_from_config(config, t);
+    const std::uint32_t gen = BucketWord::gen(body.bucket.load(std::memory_order_seq_cst)) + 1;
+    store_params(body.config[gen & 1], p);
+    const std::int64_t x = p.rate_infinite ? 0 : -config.initial_bucket_level;
+    body.bucket.store(BucketWord::make(gen, x), std::memory_order_seq_cst);
+    body.time_ns.store(t, std::memory_order_seq_cst);
+    recount_waiters(state, record, body.wake, {});
+    body.in_flight.store(0, std::memory_order_seq_cst);  // clears kFrozen last
+    wake_all(body.wake);
+}
+
+}  // namespace
+
+const KindOps kLimiterOps{
+    .freeze = limiter_freeze,
+    .recount = limiter_recount,
+    .thaw = limiter_thaw,
+    .reset = limiter_reset,
+    .layers = 2,
+    .layer_names = {"tokens", "tokens", nullptr},
+};
+
+}  // namespace lim::detail

@@ -1,0 +1,90 @@
+"""Helpers shared by the classes: time conversion, argument checks, waiting in slices."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from typing import Callable, Optional
+
+from ._errors import InvalidArgument
+from ._lib import check, lib
+
+NS = 1_000_000_000
+# A blocking call waits in slices this long, so Python runs signal handlers (Ctrl-C raises
+# KeyboardInterrupt) between them.
+SLICE_NS = 50_000_000
+U64_MAX = 2**64 - 1
+
+
+def now() -> float:
+    """CLOCK_MONOTONIC now in seconds (the same clock as ``time.monotonic()`` on Linux): the
+    clock every ``now=`` argument and every returned time of this package is on."""
+    return lib.lim_now_ns() / NS
+
+
+def now_ns() -> int:
+    return int(lib.lim_now_ns())
+
+
+def to_ns(seconds: float, what: str) -> int:
+    """Seconds (float) to integer nanoseconds; NaN, infinities and values beyond int64 are
+    refused with InvalidArgument."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise InvalidArgument(f"{what} must be a number of seconds, not {seconds!r}")
+    if math.isnan(seconds) or math.isinf(seconds) or abs(seconds) > 9.2e9:
+        raise InvalidArgument(f"{what} must be a finite number of seconds, not {seconds!r}")
+    return int(round(seconds * NS))
+
+
+def at_ns(now_s: Optional[float]) -> int:
+    return now_ns() if now_s is None else to_ns(now_s, "now")
+
+
+def u64(n: int, what: str) -> int:
+    if type(n) is int and 0 <= n <= U64_MAX:  # the common case, first and cheap
+        return n
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n > U64_MAX:
+        raise InvalidArgument(f"{what} must be an integer in 0..2^64-1, not {n!r}")
+    return n
+
+
+def key_bytes(key: str, what: str = "key") -> bytes:
+    if not isinstance(key, str):
+        raise InvalidArgument(f"{what} must be a str, not {key!r}")
+    return key.encode("utf-8")
+
+
+def out_int() -> ctypes.c_int:
+    return ctypes.c_int(0)
+
+
+def wait_in_slices(until: Callable[[int], bool], timeout: Optional[float]) -> bool:
+    """Calls ``until(deadline_ns)`` (a blocking C call that returns True on success, False at the
+    deadline) in slices of at most 50 ms until it succeeds or ``timeout`` seconds pass (None:
+    forever). Between slices Python handles signals, so Ctrl-C interrupts the wait."""
+    if timeout is None:
+        deadline = None
+    else:
+        deadline = now_ns() + max(0, to_ns(timeout, "timeout"))
+    while True:
+        slice_end = now_ns() + SLICE_NS
+        if deadline is not None and deadline <= slice_end:
+            return until(deadline)
+        if until(slice_end):
+            return True
+
+
+
+def wait_call(fn: Callable[..., int], args: tuple, timeout: Optional[float]) -> bool:
+    """wait_in_slices over a C call ``fn(*args, deadline_ns, int* out)`` that sets *out to 1 on
+    success and 0 at the deadline (the shape of every lim ``_until`` call but Dispatch's)."""
+
+    def until(deadline: int) -> bool:
+        ok = out_int()
+        check(fn(*args, deadline, ctypes.byref(ok)))
+        return bool(ok.value)
+
+    return wait_in_slices(until, timeout)
+
+
+__all__ = ["check", "lib"]

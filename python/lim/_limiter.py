@@ -1,0 +1,305 @@
+"""The Jane Street family: Limiter (expert), TokenBucket, Throttle, ThrottledRateLimiter."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import enum
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+from . import _lib
+from ._common import NS, at_ns, check, key_bytes, lib, out_int, wait_call
+from ._errors import InvalidArgument
+from ._handle import Handle
+from ._segment import Segment
+
+
+_c_tb_try_take = lib.lim_token_bucket_try_take
+
+
+class TryTake(enum.IntEnum):
+    """What try_take did: TAKEN (the tokens are in flight), UNABLE (not enough now),
+    ASKED_FOR_MORE_THAN_BUCKET_SIZE (no amount of waiting helps)."""
+
+    TAKEN = 0
+    UNABLE = 1
+    ASKED_FOR_MORE_THAN_BUCKET_SIZE = 2
+
+
+_TRY_TAKE = tuple(TryTake)
+
+
+class AvailabilityKind(enum.IntEnum):
+    AT = 0
+    NEVER_BECAUSE_GREATER_THAN_BUCKET_SIZE = 1
+    WHEN_RETURN_TO_HOPPER_IS_CALLED = 2
+
+
+class StartJobKind(enum.IntEnum):
+    START = 0
+    MAX_CONCURRENT_JOBS_RUNNING = 1
+    UNABLE_UNTIL_AT_LEAST = 2
+
+
+@dataclass(frozen=True)
+class Availability:
+    """When ``n`` tokens may be in the bucket: ``time`` (monotonic seconds, a lower bound) when
+    ``kind`` is AT, else None."""
+
+    kind: AvailabilityKind
+    time: Optional[float]
+
+
+@dataclass(frozen=True)
+class StartJob:
+    """What try_start_job did; ``time`` (monotonic seconds) for UNABLE_UNTIL_AT_LEAST."""
+
+    kind: StartJobKind
+    time: Optional[float]
+
+    def __bool__(self) -> bool:
+        return self.kind == StartJobKind.START
+
+
+@dataclass(frozen=True)
+class LimiterState:
+    """Every read of a limiter at one instant (``math.inf`` where infinite)."""
+
+    bucket_size: float
+    in_bucket: float
+    in_hopper: float
+    in_flight: float
+    in_limiter: float
+    in_system: float
+    hopper_to_bucket_rate_per_sec: float
+    token_target_level: float
+    waiters: int
+
+
+def _state(s: _lib.LimiterState) -> LimiterState:
+    return LimiterState(s.bucket_size, s.in_bucket, s.in_hopper, s.in_flight, s.in_limiter,
+                        s.in_system, s.hopper_to_bucket_rate_per_sec, s.token_target_level,
+                        s.waiters)
+
+
+def _tokens(n: float, what: str = "n") -> float:
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or math.isnan(n):
+        raise InvalidArgument(f"{what} must be a number of tokens, not {n!r}")
+    return float(n)
+
+
+def _availability(a: _lib.Availability) -> Availability:
+    kind = AvailabilityKind(a.kind)
+    return Availability(kind, a.time_ns / NS if kind == AvailabilityKind.AT else None)
+
+
+def _start_job(s: _lib.StartJob) -> StartJob:
+    kind = StartJobKind(s.kind)
+    return StartJob(kind, s.time_ns / NS if kind == StartJobKind.UNABLE_UNTIL_AT_LEAST else None)
+
+
+class _LimiterBase(Handle):
+    _prefix = ""
+
+    def state(self, *, now: Optional[float] = None) -> LimiterState:
+        """Bucket, hopper, in-flight and total tokens at ``now`` (default: the clock)."""
+        s = _lib.LimiterState()
+        check(getattr(lib, self._prefix + "_state_get_at")(self.handle, at_ns(now),
+                                                            ctypes.byref(s)))
+        return _state(s)
+
+    @property
+    def bucket_size(self) -> float:
+        return self.state().bucket_size
+
+    @property
+    def in_bucket(self) -> float:
+        return self.state().in_bucket
+
+    @property
+    def in_flight(self) -> float:
+        return self.state().in_flight
+
+    @property
+    def hopper_to_bucket_rate_per_sec(self) -> float:
+        return self.state().hopper_to_bucket_rate_per_sec
+
+
+class _TakeMixin(_LimiterBase):
+    def try_take(self, n: float = 1, *, now: Optional[float] = None) -> TryTake:
+        """Takes ``n`` tokens if the bucket holds them at ``now``; never blocks."""
+        r = out_int()
+        check(getattr(lib, self._prefix + "_try_take_at")(self.handle, at_ns(now), _tokens(n),
+                                                           ctypes.byref(r)))
+        return TryTake(r.value)
+
+    def take(self, n: float = 1, timeout: Optional[float] = None) -> bool:
+        """Takes ``n`` tokens, blocking until they are there (None: no limit) or ``timeout``
+        seconds pass (False, holding nothing). Raises InvalidArgument if n > bucket_size. Waits
+        in 50 ms slices, so Ctrl-C interrupts it."""
+        return wait_call(getattr(lib, self._prefix + "_take_until"), (self.handle, _tokens(n)),
+                         timeout)
+
+    def tokens_may_be_available_when(self, n: float = 1, *,
+                                     now: Optional[float] = None) -> Availability:
+        a = _lib.Availability()
+        check(getattr(lib, self._prefix + "_tokens_may_be_available_when_at")(
+            self.handle, at_ns(now), _tokens(n), ctypes.byref(a)))
+        return _availability(a)
+
+
+class Limiter(_TakeMixin):
+    """Jane Street's general limiter: a bucket filled from a hopper at a rate; taken tokens are
+    in flight until ``return_to_hopper``. ``math.inf`` stands for infinite."""
+
+    _prefix = "lim_limiter"
+    _close = staticmethod(lib.lim_limiter_close)
+
+    @classmethod
+    def open(cls, segment: Segment, key: str, *, bucket_size: float,
+             hopper_to_bucket_rate_per_sec: float = math.inf, initial_bucket_level: float = 0,
+             initial_hopper_level: float = math.inf, adopt_existing: bool = False,
+             now: Optional[float] = None) -> "Limiter":
+        """Opens (creating if absent) the limiter ``key``; the fill is counted from ``now``."""
+        c = _lib.LimiterConfig(_tokens(hopper_to_bucket_rate_per_sec, "rate"),
+                               _tokens(bucket_size, "bucket_size"),
+                               _tokens(initial_bucket_level, "initial_bucket_level"),
+                               _tokens(initial_hopper_level, "initial_hopper_level"))
+        h = ctypes.c_void_p()
+        check(lib.lim_limiter_open_at(segment.handle, key_bytes(key), ctypes.byref(c),
+                                      1 if adopt_existing else 0, at_ns(now), ctypes.byref(h)))
+        return cls(h, segment, key)
+
+    def return_to_hopper(self, n: float, *, now: Optional[float] = None) -> None:
+        """Returns ``n`` in-flight tokens to the hopper. Raises OverRelease if more than in
+        flight."""
+        check(lib.lim_limiter_return_to_hopper_at(self.handle, at_ns(now), _tokens(n)))
+
+    def set_token_target_level(self, level: float, *, now: Optional[float] = None) -> None:
+        check(lib.lim_limiter_set_token_target_level_at(self.handle, at_ns(now),
+                                                        _tokens(level, "level")))
+
+    def set_bucket_size(self, size: float, *, now: Optional[float] = None) -> None:
+        check(lib.lim_limiter_set_bucket_size_at(self.handle, at_ns(now), _tokens(size, "size")))
+
+    def set_hopper_to_bucket_rate_per_sec(self, rate: float, *,
+                                          now: Optional[float] = None) -> None:
+        check(lib.lim_limiter_set_hopper_to_bucket_rate_per_sec_at(self.handle, at_ns(now),
+                                                                    _tokens(rate, "rate")))
+
+    def invariant(self) -> None:
+        """Raises lim.Error if the shared state is inconsistent."""
+        check(lib.lim_limiter_invariant(self.handle))
+
+
+class TokenBucket(_TakeMixin):
+    """A token bucket of ``burst_size`` filled at ``sustained_rate_per_sec``; tokens taken are
+    gone (an infinite hopper)."""
+
+    _prefix = "lim_token_bucket"
+    _close = staticmethod(lib.lim_token_bucket_close)
+
+    @classmethod
+    def open(cls, segment: Segment, key: str, *, burst_size: float, sustained_rate_per_sec: float,
+             initial_bucket_level: float = 0, adopt_existing: bool = False,
+             now: Optional[float] = None) -> "TokenBucket":
+        """Opens (creating if absent) the bucket ``key``; the fill is counted from ``now``.
+        Raises ConfigMismatch if it exists with other options, unless ``adopt_existing``."""
+        o = _lib.TokenBucketOptions(_tokens(burst_size, "burst_size"),
+                                    _tokens(sustained_rate_per_sec, "sustained_rate_per_sec"),
+                                    _tokens(initial_bucket_level, "initial_bucket_level"))
+        h = ctypes.c_void_p()
+        check(lib.lim_token_bucket_open_at(segment.handle, key_bytes(key), ctypes.byref(o),
+                                           1 if adopt_existing else 0, at_ns(now),
+                                           ctypes.byref(h)))
+        return cls(h, segment, key)
+
+    def try_take(self, n: float = 1, *, now: Optional[float] = None) -> TryTake:
+        """Takes ``n`` tokens if the bucket holds them now; never blocks."""
+        r = out_int()
+        if now is None:  # the common call: one C call, no clock read here
+            if type(n) is not float:
+                n = _tokens(n)
+            rc = _c_tb_try_take(self._h, n, ctypes.byref(r))
+            if rc:
+                check(rc)
+            return _TRY_TAKE[r.value]  # a tuple index: calling the enum costs ~1 us
+        else:
+            check(lib.lim_token_bucket_try_take_at(self.handle, at_ns(now), _tokens(n),
+                                                   ctypes.byref(r)))
+        return TryTake(r.value)
+
+    @property
+    def burst_size(self) -> float:
+        return self.state().bucket_size
+
+    @property
+    def sustained_rate_per_sec(self) -> float:
+        return self.state().hopper_to_bucket_rate_per_sec
+
+
+class _JobsMixin(_LimiterBase):
+    def try_start_job(self, *, now: Optional[float] = None) -> StartJob:
+        """START (then call finish_job once), MAX_CONCURRENT_JOBS_RUNNING, or
+        UNABLE_UNTIL_AT_LEAST (``time``). Never blocks."""
+        s = _lib.StartJob()
+        check(getattr(lib, self._prefix + "_try_start_job_at")(self.handle, at_ns(now),
+                                                                ctypes.byref(s)))
+        return _start_job(s)
+
+    def start_job(self, timeout: Optional[float] = None) -> bool:
+        """Blocks until a job may start (True) or ``timeout`` seconds pass (False)."""
+        return wait_call(getattr(lib, self._prefix + "_start_job_until"), (self.handle,), timeout)
+
+    def finish_job(self, *, now: Optional[float] = None) -> None:
+        """Returns the job's token to the hopper."""
+        check(getattr(lib, self._prefix + "_finish_job_at")(self.handle, at_ns(now)))
+
+    @contextlib.contextmanager
+    def job(self, timeout: Optional[float] = None) -> Iterator[None]:
+        """``with throttle.job():`` start_job, then finish_job on exit (also on exceptions)."""
+        if not self.start_job(timeout):
+            raise TimeoutError(f"{self!r}: no job slot within {timeout} s")
+        try:
+            yield
+        finally:
+            self.finish_job()
+
+
+class Throttle(_JobsMixin):
+    """At most ``max_concurrent_jobs`` jobs at once (infinite rate: a counting semaphore)."""
+
+    _prefix = "lim_throttle"
+    _close = staticmethod(lib.lim_throttle_close)
+
+    @classmethod
+    def open(cls, segment: Segment, key: str, *, max_concurrent_jobs: int,
+             adopt_existing: bool = False, now: Optional[float] = None) -> "Throttle":
+        h = ctypes.c_void_p()
+        check(lib.lim_throttle_open_at(segment.handle, key_bytes(key), int(max_concurrent_jobs),
+                                       1 if adopt_existing else 0, at_ns(now), ctypes.byref(h)))
+        return cls(h, segment, key)
+
+
+class ThrottledRateLimiter(_JobsMixin):
+    """Jobs started at ``sustained_rate_per_sec`` (bursts of ``burst_size``), at most
+    ``max_concurrent_jobs`` at once."""
+
+    _prefix = "lim_throttled_rate_limiter"
+    _close = staticmethod(lib.lim_throttled_rate_limiter_close)
+
+    @classmethod
+    def open(cls, segment: Segment, key: str, *, burst_size: float,
+             sustained_rate_per_sec: float, max_concurrent_jobs: int,
+             adopt_existing: bool = False,
+             now: Optional[float] = None) -> "ThrottledRateLimiter":
+        o = _lib.ThrottledRateLimiterOptions(
+            _tokens(burst_size, "burst_size"),
+            _tokens(sustained_rate_per_sec, "sustained_rate_per_sec"), int(max_concurrent_jobs))
+        h = ctypes.c_void_p()
+        check(lib.lim_throttled_rate_limiter_open_at(segment.handle, key_bytes(key),
+                                                     ctypes.byref(o), 1 if adopt_existing else 0,
+                                                     at_ns(now), ctypes.byref(h)))
+        return cls(h, segment, key)

@@ -1,0 +1,287 @@
+/* tests/c_api/c_api_test.c: lim.h from C: every family, the error path, explicit now, deadlines,
+ * and a handle inherited across fork(). Exits nonzero on the first failed check. */
+#include <lim/lim.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static int failures = 0;
+#define CHECK(cond)                                                                           \
+    do {                                                                                      \
+        if (!(cond)) {                                                                        \
+            fprintf(stderr, "%s:%d: CHECK failed: %s (last error: %s)\n", __FILE__, __LINE__, \
+                    #cond, lim_last_error());                                                 \
+            failures++;                                                                       \
+        }                                                                                     \
+    } while (0)
+#define OK(call) CHECK((call) == LIM_OK)
+
+static const int64_t kSec = 1000000000LL;
+static pid_t forked_child = 0; /* exited after releasing what it took */
+
+static void test_errors(void) {
+    lim_segment* seg = NULL;
+    CHECK(lim_segment_open_or_create("bad/name", NULL, &seg) == LIM_INVALID_NAME);
+    CHECK(seg == NULL);
+    CHECK(strstr(lim_last_error(), "bad/name") != NULL);
+    CHECK(lim_segment_open("c-api-test-absent", NULL, &seg) == LIM_NOT_FOUND);
+    CHECK(lim_semaphore_release(NULL, 1) == LIM_INVALID_ARGUMENT);
+    CHECK(strcmp(lim_errc_name(LIM_TABLE_FULL), "table_full") == 0);
+    CHECK(strcmp(lim_errc_name(0), "ok") == 0);
+    CHECK(strcmp(lim_errc_name(99), "unknown") == 0);
+    CHECK(strlen(lim_version()) >= 5);
+}
+
+static void test_semaphore(lim_segment* seg) {
+    lim_semaphore* sem = NULL;
+    int ok = 0;
+    uint64_t v = 0;
+    OK(lim_semaphore_open(seg, "db", 2, 0, &sem));
+    OK(lim_semaphore_try_acquire(sem, 2, &ok));
+    CHECK(ok == 1);
+    OK(lim_semaphore_try_acquire(sem, 1, &ok));
+    CHECK(ok == 0);
+    OK(lim_semaphore_acquire_until(sem, 1, lim_now_ns() + kSec / 100, &ok));
+    CHECK(ok == 0);
+    OK(lim_semaphore_in_use(sem, &v));
+    CHECK(v == 2);
+    OK(lim_semaphore_release(sem, 2));
+    CHECK(lim_semaphore_release(sem, 1) == LIM_OVER_RELEASE);
+    OK(lim_semaphore_capacity(sem, &v));
+    CHECK(v == 2);
+
+    /* Another capacity for the same key: a mismatch, unless adopted. */
+    lim_semaphore* other = NULL;
+    CHECK(lim_semaphore_open(seg, "db", 3, 0, &other) == LIM_CONFIG_MISMATCH);
+    OK(lim_semaphore_open(seg, "db", 3, LIM_ADOPT_EXISTING, &other));
+    OK(lim_semaphore_capacity(other, &v));
+    CHECK(v == 2);
+    lim_semaphore_close(other);
+
+    /* A forked child uses the inherited handle; what it holds is its own. */
+    OK(lim_semaphore_acquire(sem, 1));
+    pid_t pid = fork();
+    if (pid == 0) {
+        int got = 0;
+        uint64_t used = 0;
+        int rc = lim_semaphore_try_acquire(sem, 1, &got);
+        rc |= lim_semaphore_in_use(sem, &used);
+        rc |= lim_semaphore_release(sem, 1);
+        _exit(rc == 0 && got == 1 && used == 2 ? 0 : 1);
+    }
+    forked_child = pid;
+    int status = 0;
+    CHECK(waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    OK(lim_semaphore_in_use(sem, &v));
+    CHECK(v == 1);
+    OK(lim_semaphore_release(sem, 1));
+    lim_semaphore_close(sem);
+
+    lim_weighted_semaphore* ws = NULL;
+    OK(lim_weighted_semaphore_open(seg, "bytes", 100, 0, &ws));
+    OK(lim_weighted_semaphore_try_acquire(ws, 1000, &ok)); /* clamped to the capacity */
+    CHECK(ok == 1);
+    OK(lim_weighted_semaphore_in_use(ws, &v));
+    CHECK(v == 100);
+    OK(lim_weighted_semaphore_release(ws, 1000));
+    OK(lim_weighted_semaphore_in_use(ws, &v));
+    CHECK(v == 0);
+    lim_weighted_semaphore_close(ws);
+}
+
+static void test_dispatch(lim_segment* seg) {
+    lim_backoff_window* w = NULL;
+    OK(lim_backoff_window_for_key(seg, "api", &w));
+    lim_dispatch_options o;
+    lim_dispatch_options_init(&o);
+    o.limiter = w;
+    o.key = "api";
+    o.concurrency = 2;
+    o.throttled_concurrency = 1;
+    o.byte_budget = 1000;
+    lim_dispatch* d = NULL;
+    OK(lim_dispatch_open(seg, &o, 0, &d));
+    lim_permit* a = NULL;
+    lim_permit* b = NULL;
+    lim_permit* c = NULL;
+    OK(lim_permit_create(&a));
+    OK(lim_permit_create(&b));
+    OK(lim_permit_create(&c));
+    int ok = 0;
+    OK(lim_dispatch_try_acquire(d, 300, a, &ok));
+    CHECK(ok == 1 && lim_permit_held(a) && lim_permit_bytes(a) == 300);
+    CHECK(lim_dispatch_try_acquire(d, 1, a, &ok) == LIM_INVALID_ARGUMENT); /* a holds one */
+    OK(lim_dispatch_acquire(d, 200, b));
+    OK(lim_dispatch_acquire_until(d, 1, lim_now_ns() + kSec / 100, c, &ok));
+    CHECK(ok == 0 && !lim_permit_held(c));
+    lim_dispatch_snapshot s;
+    OK(lim_dispatch_snapshot_get(d, &s));
+    CHECK(s.in_flight == 2 && s.concurrency == 2 && s.bytes_in_flight == 500 &&
+          s.byte_budget == 1000 && !s.backoff_active);
+    OK(lim_permit_release(a));
+    OK(lim_permit_release(a)); /* idempotent */
+    lim_permit_destroy(b);     /* releases */
+    OK(lim_dispatch_set_backoff(d, kSec));
+    OK(lim_dispatch_backoff_active(d, &ok));
+    CHECK(ok == 1);
+    OK(lim_dispatch_try_acquire(d, 10, a, &ok)); /* throttled, x20 bytes */
+    CHECK(ok == 1 && lim_permit_throttled(a) && lim_permit_bytes(a) == 200);
+    OK(lim_dispatch_snapshot_get(d, &s));
+    CHECK(s.in_flight == 1 && s.throttled_in_flight == 1 && s.bytes_in_flight == 200 &&
+          s.backoff_active && s.backoff_remaining_ns > 0);
+    OK(lim_permit_release(a));
+    lim_permit_destroy(c);
+    int has = 0;
+    int64_t until = 0;
+    OK(lim_backoff_window_until(w, &has, &until));
+    CHECK(has == 1 && until > lim_now_ns());
+    OK(lim_backoff_window_clear(w));
+    OK(lim_backoff_window_should_backoff(w, &ok));
+    CHECK(ok == 0);
+    OK(lim_backoff_window_set_at(w, kSec, 5 * kSec));
+    OK(lim_backoff_window_should_backoff_at(w, 5 * kSec + 1, &ok));
+    CHECK(ok == 1);
+    int64_t rem = 0;
+    OK(lim_backoff_window_remaining_at(w, 5 * kSec + kSec / 2, &rem));
+    CHECK(rem == kSec / 2);
+    OK(lim_backoff_window_wait_until(w, lim_now_ns(), &ok)); /* deadline long past: over */
+    CHECK(ok == 1);
+    uint64_t sets = 0;
+    OK(lim_backoff_window_sets(w, &sets));
+    CHECK(sets >= 2);
+    /* A permit keeps its Dispatch alive: closing the handle first is allowed. */
+    OK(lim_dispatch_acquire(d, 7, a));
+    lim_dispatch_close(d);
+    CHECK(lim_permit_held(a) && lim_permit_bytes(a) == 7);
+    OK(lim_permit_release(a));
+    lim_permit_destroy(a);
+    lim_backoff_window_close(w);
+}
+
+static void test_limiters(lim_segment* seg) {
+    const int64_t t0 = 1000 * kSec;
+    lim_token_bucket_options tbo = {
+        .burst_size = 2, .sustained_rate_per_sec = 1, .initial_bucket_level = 2};
+    lim_token_bucket* tb = NULL;
+    int r = -1;
+    OK(lim_token_bucket_open_at(seg, "emails", &tbo, 0, t0, &tb));
+    OK(lim_token_bucket_try_take_at(tb, t0, 2, &r));
+    CHECK(r == LIM_TRY_TAKE_TAKEN);
+    OK(lim_token_bucket_try_take_at(tb, t0, 1, &r));
+    CHECK(r == LIM_TRY_TAKE_UNABLE);
+    OK(lim_token_bucket_try_take_at(tb, t0, 3, &r));
+    CHECK(r == LIM_TRY_TAKE_ASKED_FOR_MORE_THAN_BUCKET_SIZE);
+    lim_availability av;
+    OK(lim_token_bucket_tokens_may_be_available_when_at(tb, t0, 1, &av));
+    CHECK(av.kind == LIM_AVAILABLE_AT && av.time_ns == t0 + kSec);
+    OK(lim_token_bucket_try_take_at(tb, t0 + kSec, 1, &r));
+    CHECK(r == LIM_TRY_TAKE_TAKEN);
+    lim_limiter_state st;
+    OK(lim_token_bucket_state_get_at(tb, t0 + kSec, &st));
+    CHECK(st.bucket_size == 2 && st.in_bucket == 0 && isinf(st.in_hopper) &&
+          st.hopper_to_bucket_rate_per_sec == 1);
+    lim_token_bucket_close(tb);
+
+    lim_throttle* th = NULL;
+    lim_start_job sj;
+    OK(lim_throttle_open(seg, "jobs", 1, 0, &th));
+    OK(lim_throttle_try_start_job(th, &sj));
+    CHECK(sj.kind == LIM_START_JOB_START);
+    OK(lim_throttle_try_start_job(th, &sj));
+    CHECK(sj.kind == LIM_START_JOB_MAX_CONCURRENT_JOBS_RUNNING);
+    int started = 0;
+    OK(lim_throttle_start_job_until(th, lim_now_ns() + kSec / 100, &started));
+    CHECK(started == 0);
+    OK(lim_throttle_finish_job(th));
+    lim_throttle_close(th);
+
+    lim_throttled_rate_limiter_options tro = {
+        .burst_size = 1, .sustained_rate_per_sec = 1, .max_concurrent_jobs = 2};
+    lim_throttled_rate_limiter* trl = NULL;
+    OK(lim_throttled_rate_limiter_open_at(seg, "trl", &tro, 0, t0, &trl));
+    OK(lim_throttled_rate_limiter_try_start_job_at(trl, t0, &sj));
+    CHECK(sj.kind == LIM_START_JOB_START);
+    OK(lim_throttled_rate_limiter_try_start_job_at(trl, t0, &sj));
+    CHECK(sj.kind == LIM_START_JOB_UNABLE_UNTIL_AT_LEAST && sj.time_ns == t0 + kSec);
+    OK(lim_throttled_rate_limiter_finish_job_at(trl, t0));
+    lim_throttled_rate_limiter_close(trl);
+
+    lim_limiter_config lc = {.hopper_to_bucket_rate_per_sec = INFINITY,
+                             .bucket_size = 10,
+                             .initial_bucket_level = 0,
+                             .initial_hopper_level = 4};
+    lim_limiter* l = NULL;
+    OK(lim_limiter_open_at(seg, "raw", &lc, 0, t0, &l));
+    OK(lim_limiter_try_take_at(l, t0, 4, &r));
+    CHECK(r == LIM_TRY_TAKE_TAKEN);
+    OK(lim_limiter_tokens_may_be_available_when_at(l, t0, 1, &av));
+    CHECK(av.kind == LIM_AVAILABLE_WHEN_RETURN_TO_HOPPER_IS_CALLED);
+    CHECK(lim_limiter_return_to_hopper_at(l, t0, 5) == LIM_OVER_RELEASE);
+    OK(lim_limiter_return_to_hopper_at(l, t0, 4));
+    OK(lim_limiter_set_token_target_level_at(l, t0, 6));
+    OK(lim_limiter_state_get_at(l, t0, &st));
+    CHECK(st.in_system == 6 && st.token_target_level == 6 && st.in_flight == 0);
+    OK(lim_limiter_set_bucket_size_at(l, t0, 3));
+    OK(lim_limiter_set_hopper_to_bucket_rate_per_sec_at(l, t0, 2));
+    OK(lim_limiter_state_get_at(l, t0, &st));
+    CHECK(st.bucket_size == 3 && st.hopper_to_bucket_rate_per_sec == 2);
+    OK(lim_limiter_invariant(l));
+    lim_limiter_close(l);
+}
+
+static void test_retry_after(void) {
+    int found = 0;
+    int64_t ms = 0;
+    OK(lim_parse_retry_after("120", &found, &ms));
+    CHECK(found == 1 && ms == 120000);
+    OK(lim_parse_retry_after("soon", &found, &ms));
+    CHECK(found == 0);
+    /* 1994-11-06 08:49:37 UTC is 784111777 s after the epoch. */
+    OK(lim_parse_retry_after_at("Sun, 06 Nov 1994 08:49:37 GMT", 784111767LL * kSec, &found, &ms));
+    CHECK(found == 1 && ms == 10000);
+    const char* names[] = {"Retry-After", "retry-after-MS"};
+    const char* values[] = {"5", " 250 "};
+    OK(lim_parse_retry_after_headers(names, values, 2, &found, &ms));
+    CHECK(found == 1 && ms == 250);
+}
+
+int main(void) {
+    char name[64];
+    snprintf(name, sizeof name, "c-api-test-%d", (int)getpid());
+    test_errors();
+    lim_segment* seg = NULL;
+    OK(lim_segment_open_or_create(name, NULL, &seg));
+    if (seg == NULL) return 1;
+    lim_segment_info info;
+    OK(lim_segment_info_get(seg, &info));
+    CHECK(strcmp(info.name, name) == 0 && info.max_limiters == 256 && info.processes == 1);
+    int creator = 0;
+    OK(lim_segment_is_creator(seg, &creator));
+    CHECK(creator == 1);
+    test_semaphore(seg);
+    test_dispatch(seg);
+    test_limiters(seg);
+    test_retry_after();
+    lim_reap_report* rep = NULL;
+    OK(lim_segment_reap(seg, &rep));
+    /* The forked child's slot is the only dead one (if the library has not freed it already);
+     * it held nothing when it exited. */
+    CHECK(lim_reap_report_count(rep) <= 1 && lim_reap_report_deferred(rep, 0) == NULL);
+    if (lim_reap_report_count(rep) == 1) {
+        CHECK(lim_reap_report_pid(rep, 0) == forked_child);
+        CHECK(lim_reap_report_returned_count(rep, 0) == 0);
+    }
+    lim_reap_report_free(rep);
+    OK(lim_segment_reset(seg, NULL, 0));
+    CHECK(lim_segment_reset(seg, "no-such-key", 0) == LIM_NOT_FOUND);
+    lim_segment_close(seg);
+    int removed = 0;
+    OK(lim_segment_remove(name, &removed));
+    CHECK(removed == 1);
+    if (failures) fprintf(stderr, "%d checks failed\n", failures);
+    return failures ? 1 : 0;
+}

@@ -1,0 +1,127 @@
+// What the global tests run for real: a redis-server on 127.0.0.1 (a free port, persistence
+// off) and lim-feeder processes, each started with fork+exec and stopped at the end.
+#pragma once
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace lim::test {
+
+// The redis-server binary, or "" when it is not installed (the tests then skip, saying so).
+inline std::string find_redis_server() {
+    for (const char* p : {"/usr/bin/redis-server", "/usr/local/bin/redis-server"}) {
+        if (::access(p, X_OK) == 0) return p;
+    }
+    return "";
+}
+
+inline int free_port() {
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = 0;
+    ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+    socklen_t len = sizeof a;
+    ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+    ::close(fd);
+    return ntohs(a.sin_port);
+}
+
+inline bool port_answers(int port) {
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(static_cast<std::uint16_t>(port));
+    const bool ok = ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+    ::close(fd);
+    return ok;
+}
+
+// A child process run by exec, killed (SIGKILL) and reaped when the handle goes.
+class ChildProcess {
+  public:
+    ChildProcess() = default;
+    ChildProcess(const ChildProcess&) = delete;
+    ChildProcess& operator=(const ChildProcess&) = delete;
+    ~ChildProcess() { stop(SIGKILL); }
+
+    void start(const std::vector<std::string>& argv, const std::string& log_path) {
+        pid_ = ::fork();
+        if (pid_ == 0) {
+            std::vector<char*> args;
+            for (const auto& a : argv)
+                args.push_back(const_cast<char*>(a.c_str()));
+            args.push_back(nullptr);
+            if (std::freopen(log_path.c_str(), "a", stderr) == nullptr) ::_exit(126);
+            if (std::freopen("/dev/null", "w", stdout) == nullptr) ::_exit(126);
+            ::execv(args[0], args.data());
+            ::_exit(127);
+        }
+    }
+    void signal(int sig) const {
+        if (pid_ > 0) ::kill(pid_, sig);
+    }
+    // Sends `sig` and waits for the process; returns its wait status.
+    int stop(int sig) {
+        if (pid_ <= 0) return 0;
+        ::kill(pid_, SIGCONT);
+        ::kill(pid_, sig);
+        int status = 0;
+        ::waitpid(pid_, &status, 0);
+        pid_ = -1;
+        return status;
+    }
+    bool running() const { return pid_ > 0; }
+
+  private:
+    pid_t pid_ = -1;
+};
+
+class RedisServer {
+  public:
+    RedisServer(std::string binary, int port, std::string log)
+        : binary_(std::move(binary)), port_(port), log_(std::move(log)) {}
+
+    bool start() {
+        proc_.start({binary_, "--port", std::to_string(port_), "--bind", "127.0.0.1", "--save", "",
+                     "--appendonly", "no", "--daemonize", "no"},
+                    log_);
+        const auto until = std::chrono::steady_clock::now() + std::chrono::seconds{10};
+        while (!port_answers(port_)) {
+            if (std::chrono::steady_clock::now() > until) return false;
+            std::this_thread::sleep_for(std::chrono::milliseconds{20});
+        }
+        return true;
+    }
+    void kill() { proc_.stop(SIGKILL); }
+    int port() const { return port_; }
+
+  private:
+    std::string binary_;
+    int port_;
+    std::string log_;
+    ChildProcess proc_;
+};
+
+inline std::string read_file(const std::string& path) {
+    std::ifstream in(path);
+    std::stringstream s;
+    s << in.rdbuf();
+    return s.str();
+}
+
+}  // namespace lim::test

@@ -1,0 +1,75 @@
+"""The package installs offline with Debian's pip into a venv, finds liblim, and its version is
+the C++ library's."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import venv
+
+import pytest
+
+import lim
+from conftest import REPO
+
+
+def cmake_project_version() -> str:
+    text = (REPO / "CMakeLists.txt").read_text()
+    m = re.search(r"project\(\s*lim\s+VERSION\s+([0-9.]+)", text)
+    assert m, "no project(lim VERSION ...) in CMakeLists.txt"
+    return m.group(1)
+
+
+def test_version_follows_the_library():
+    assert lim.__version__ == cmake_project_version()
+    if os.environ.get("LIM_PROJECT_VERSION"):
+        assert lim.__version__ == os.environ["LIM_PROJECT_VERSION"]
+    from lim import _lib
+    assert _lib.lib.lim_version().decode() == lim.__version__
+
+
+def test_pip_install_offline_into_a_venv(tmp_path):
+    have = subprocess.run([sys.executable, "-c", "import setuptools, wheel, pip"],
+                          capture_output=True, text=True)
+    if have.returncode != 0:
+        pytest.skip(f"python3-pip/-setuptools/-wheel missing: {have.stderr}")
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    py = str(env_dir / "bin" / "python")
+    # The venv has no pip of its own: run the system pip with the venv's interpreter.
+    env = dict(os.environ, PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    env.pop("PYTHONPATH", None)
+    src = tmp_path / "src"  # a copy: setuptools writes build/ and *.egg-info beside the sources
+    shutil.copytree(REPO / "python", src, ignore=shutil.ignore_patterns("build", "*.egg-info",
+                                                                         "__pycache__"))
+    r = subprocess.run([py, "-m", "pip", "install", "--no-build-isolation", "--no-index",
+                        str(src)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    check = ("import lim, pathlib; "
+             "assert 'venv' in lim.__file__, lim.__file__; "
+             "assert pathlib.Path(lim.__file__).with_name('py.typed').exists(); "
+             "print(lim.__version__, lim.parse_retry_after('120'))")
+    r = subprocess.run([py, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [lim.__version__, "120.0"]
+
+
+def test_library_found_beside_the_prefix(tmp_path):
+    """Without LIM_LIBRARY, an installed package finds liblim in its prefix's lib directory."""
+    lib = os.environ.get("LIM_LIBRARY")
+    if not lib:
+        pytest.skip("needs LIM_LIBRARY to know which liblim to copy")
+    prefix = tmp_path / "prefix"
+    site = prefix / "lib" / "python3" / "dist-packages"
+    site.mkdir(parents=True)
+    (prefix / "lib" / "liblim.so").symlink_to(os.path.realpath(lib))
+    shutil.copytree(REPO / "python" / "lim", site / "lim")
+    env = {k: v for k, v in os.environ.items() if k not in ("LIM_LIBRARY", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(site)
+    r = subprocess.run([sys.executable, "-c", "import lim; print(lim.library_path())"],
+                       env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(prefix / "lib" / "liblim.so")

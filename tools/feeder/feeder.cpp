@@ -1,0 +1,278 @@
+#include "feeder.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <thread>
+
+#include "lim/consumed_limiter.hpp"
+#include "scripts.hpp"
+#include "status.hpp"
+
+namespace lim::feeder {
+namespace {
+
+constexpr double kUnitsPerToken = 10'000.0;
+
+long long to_units(double tokens) {
+    return std::llround(std::max(0.0, tokens) * kUnitsPerToken);
+}
+double to_tokens(long long units) {
+    return static_cast<double>(units) / kUnitsPerToken;
+}
+
+double seconds(std::chrono::microseconds d) {
+    return static_cast<double>(d.count()) / 1e6;
+}
+
+// The local record of a global rate: tokens come only from the target the feeder sets (an
+// infinite drip from hopper to bucket, a bucket as big as the burst, nothing at creation).
+LimiterConfig local_config(const GlobalRate& g) {
+    return LimiterConfig{.hopper_to_bucket_rate_per_sec = infinite,
+                         .bucket_size = g.burst_size,
+                         .initial_bucket_level = 0,
+                         .initial_hopper_level = 0.0};
+}
+
+// Sets a BackoffWindow's deadline to exactly `at` (the feeder is its only writer).
+void set_status(BackoffWindow& w, TimePoint at, TimePoint now) {
+    w.clear();
+    w.set(std::max(Duration::zero(), at - now), now);
+}
+
+}  // namespace
+
+Feeder::Feeder(Config config)
+    : config_(std::move(config)),
+      segment_(Segment::open_or_create(config_.segment, SegmentOptions{})),
+      redis_(config_.redis, std::min(config_.refresh, std::chrono::microseconds{500'000})) {
+    lease_script_ = redis_.add_script(kLeaseScript);
+    backoff_script_ = redis_.add_script(kBackoffScript);
+    const TimePoint now = Clock::now();
+    for (const GlobalRate& g : config_.rates) {
+        Rate r{g,
+               open_consumed_limiter(segment_, g.key, local_config(g), now),
+               BackoffWindow::for_key(segment_, lease_status_key(g.key)),
+               BackoffWindow::for_key(segment_, contact_status_key(g.key)),
+               std::nullopt,
+               0,
+               now,
+               0,
+               1,
+               {"lim:global:{" + g.key + "}", "lim:global:{" + g.key + "}:leases"}};
+        if (!is_consumed(r.local)) {
+            fmt::print(stderr,
+                       "lim-feeder: warning: '{}' existed before this feeder made it (a worker "
+                       "opened it first?): a dead worker's tokens will come back to it; "
+                       "stop the workers, limctl rm the segment, start the feeder first\n",
+                       g.key);
+        }
+        // A record in another shape (a token bucket some worker created first, another burst)
+        // is brought into the feeder's: infinite drip, the burst as bucket, a finite target.
+        const double in_flight = r.local.in_flight(now);
+        if (!r.local.hopper_to_bucket_rate_per_sec().is_infinite()) {
+            r.local.set_hopper_to_bucket_rate_per_sec(now, infinite);
+        }
+        if (r.local.bucket_size() != g.burst_size) r.local.set_bucket_size(now, g.burst_size);
+        const InfiniteOrFinite<double> target = r.local.token_target_level();
+        const std::optional<TimePoint> until = r.lease_status.until();
+        if (target.is_finite() && until && *until > now) {
+            // Reconcile: a previous feeder's lease is still live; keep it until its deadline.
+            r.deadline = *until;
+        } else {
+            r.local.set_token_target_level(now, in_flight);
+            r.lease_status.clear();
+        }
+        r.last_in_flight = in_flight;
+        rates_.push_back(std::move(r));
+    }
+    for (const GlobalBackoff& g : config_.backoffs) {
+        backoffs_.push_back(
+            {g, BackoffWindow::for_key(segment_, g.key), {"lim:backoff:{" + g.key + "}"}});
+    }
+}
+
+void Feeder::log_redis(bool ok) {
+    if (redis_up_ == ok) return;
+    redis_up_ = ok;
+    if (ok) {
+        fmt::print(stderr, "lim-feeder: redis {}:{} answers\n", config_.redis.host,
+                   config_.redis.port);
+    } else {
+        fmt::print(stderr, "lim-feeder: redis {}:{} does not answer ({}); {}\n", config_.redis.host,
+                   config_.redis.port, redis_.last_error(),
+                   config_.fail_open ? "leases run out, then admitting at the local rate (open)"
+                                     : "leases run out, then admitting nothing (closed)");
+    }
+    std::fflush(stderr);
+}
+
+void Feeder::set_available(Rate& r, double in_flight, double available) {
+    // Only the feeder writes the target. Lowering it below what is in flight by now is harmless:
+    // the seed empties hopper and bucket; takes racing it are either already in flight (and
+    // counted as spent from the lease) or find nothing.
+    r.local.set_token_target_level(Clock::now(), in_flight + std::max(0.0, available));
+}
+
+void Feeder::note_contact(Rate& r, TimePoint now) {
+    set_status(r.contact_status, now + kContactHorizon, now);
+}
+
+void Feeder::note_lease(Rate& r) {
+    if (r.deadline) {
+        set_status(r.lease_status, *r.deadline, Clock::now());
+    } else {
+        r.lease_status.clear();
+    }
+}
+
+void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
+    double in_flight = r.local.in_flight(now);
+    double target = r.local.token_target_level().value_or(in_flight);
+    // lim's crash recovery gives a dead worker's tokens back to the hopper; for a global rate
+    // they were spent, so take them out again (see docs/global.md, "A worker dies").
+    if (in_flight < r.last_in_flight) {
+        target = std::max(in_flight, target - (r.last_in_flight - in_flight));
+        r.local.set_token_target_level(now, target);
+    }
+    double available = std::max(0.0, target - in_flight);
+    // The lease ran out (no answer from Redis for lease_ttl): what is unspent is removed.
+    if (r.deadline && now >= *r.deadline) {
+        set_available(r, in_flight, 0);
+        available = 0;
+        r.deadline.reset();
+        note_lease(r);
+    }
+    // Demand: what was spent since the last tick; starving doubles what the lease asks for.
+    const double dt = std::max(1e-6, std::chrono::duration<double>(now - r.last_tick).count());
+    const double spent = std::max(0.0, in_flight - r.last_in_flight);
+    r.demand = 0.5 * r.demand + 0.5 * (spent / dt);
+    const bool starved = available < 1 && (spent > 0 || r.local.waiters() > 0);
+    const double horizon = 4 * seconds(config_.refresh);
+    r.desired = std::max({1.0, r.demand * horizon, starved ? 2 * r.desired : 0.0});
+    r.desired = std::min(r.desired, r.g.burst_size);
+    r.last_tick = now;
+    r.last_in_flight = in_flight;
+
+    // What this host holds beyond twice what it needs goes back to the global bucket, removed
+    // locally first (so it is never both here and there).
+    double returned = 0;
+    if (available > 2 * r.desired + 1) {
+        returned = available - r.desired;
+        available = r.desired;
+        set_available(r, in_flight, available);
+    }
+    if (!redis_ok) {
+        if (config_.fail_open && !r.deadline) {
+            // on_redis_down = "open": admit at the global rate on this host alone (the bound
+            // over all hosts does not hold meanwhile; docs/global.md).
+            available = std::min(r.g.burst_size, available + r.g.sustained_rate_per_sec * dt);
+            set_available(r, in_flight, available);
+        }
+        return;
+    }
+    const double want = std::max(0.0, r.desired - available);
+    // The local deadline is taken BEFORE asking: Redis's expiry is later than it in real time.
+    const TimePoint asked = Clock::now();
+    const auto reply = redis_.eval(
+        lease_script_, r.keys,
+        {config_.host, std::to_string(to_units(available)), std::to_string(to_units(returned)),
+         std::to_string(to_units(want)), std::to_string(config_.lease_ttl.count()),
+         std::to_string(to_units(r.g.burst_size)),
+         std::to_string(to_units(r.g.sustained_rate_per_sec)),
+         std::to_string(config_.lease_ttl.count())});
+    if (!reply || reply->size() != 3) {
+        redis_ok = false;
+        log_redis(false);
+        if (config_.fail_open && !r.deadline) {
+            available = std::min(r.g.burst_size, available + r.g.sustained_rate_per_sec * dt);
+            set_available(r, in_flight, available);
+        }
+        return;
+    }
+    log_redis(true);
+    const double keep = to_tokens(std::max(0LL, (*reply)[0]));
+    const double granted = to_tokens(std::max(0LL, (*reply)[1]));
+    const TimePoint answered = Clock::now();
+    // Tokens spent since `in_flight` was read were counted in `available`: they are gone from
+    // the target as they are from the lease. Keep what Redis lets us keep, add the grant.
+    const double now_available = std::min(available, keep) + granted;
+    if (now_available != available) {
+        if (keep < available) {
+            set_available(r, in_flight, now_available);
+        } else {
+            r.local.set_token_target_level(answered,
+                                           r.local.token_target_level().value_or(0) + granted);
+        }
+    }
+    r.deadline = asked + std::chrono::duration_cast<Duration>(config_.lease_ttl);
+    note_lease(r);
+    note_contact(r, answered);
+}
+
+void Feeder::tick_backoff(Backoff& b, bool& redis_ok) {
+    if (!redis_ok) return;
+    const TimePoint now = Clock::now();
+    const auto local_us =
+        std::chrono::duration_cast<std::chrono::microseconds>(b.local.remaining(now));
+    const long long tolerance_us = std::max<long long>(5'000, config_.refresh.count() / 10);
+    const auto reply = redis_.eval(
+        backoff_script_, b.keys,
+        {std::to_string(std::max<long long>(0, local_us.count())), std::to_string(tolerance_us)});
+    if (!reply || reply->size() != 1) {
+        redis_ok = false;
+        log_redis(false);
+        return;
+    }
+    log_redis(true);
+    const long long shared_us = (*reply)[0];
+    const TimePoint after = Clock::now();
+    const auto local_now =
+        std::chrono::duration_cast<std::chrono::microseconds>(b.local.remaining(after));
+    if (shared_us > local_now.count() + tolerance_us) {
+        b.local.set(std::chrono::microseconds{shared_us}, after);  // never shortens (a CAS max)
+    }
+}
+
+void Feeder::tick() {
+    bool redis_ok = true;
+    const TimePoint now = Clock::now();
+    for (Rate& r : rates_)
+        tick_rate(r, now, redis_ok);
+    for (Backoff& b : backoffs_)
+        tick_backoff(b, redis_ok);
+}
+
+void Feeder::give_back() {
+    for (Rate& r : rates_) {
+        const TimePoint now = Clock::now();
+        const double in_flight = r.local.in_flight(now);
+        const double available =
+            std::max(0.0, r.local.token_target_level().value_or(in_flight) - in_flight);
+        set_available(r, in_flight, 0);
+        r.deadline.reset();
+        note_lease(r);
+        redis_.eval(
+            lease_script_, r.keys,
+            {config_.host, "0", std::to_string(to_units(available)), "0",
+             std::to_string(config_.lease_ttl.count()), std::to_string(to_units(r.g.burst_size)),
+             std::to_string(to_units(r.g.sustained_rate_per_sec)),
+             std::to_string(config_.lease_ttl.count())});
+    }
+}
+
+void Feeder::run(const std::atomic<bool>& stop) {
+    auto next = std::chrono::steady_clock::now();
+    while (!stop.load(std::memory_order_relaxed)) {
+        tick();
+        next += config_.refresh;
+        const auto now = std::chrono::steady_clock::now();
+        if (next < now) next = now;
+        std::this_thread::sleep_until(next);
+    }
+    give_back();
+}
+
+}  // namespace lim::feeder

@@ -1,0 +1,72 @@
+// lim-feeder's loop: every refresh, for each global rate, renew this host's lease in Redis, take
+// what demand needs, give back what it does not, and move it into the local record's token target;
+// at the local lease deadline (taken before asking Redis) remove what is unspent. For each global
+// backoff, merge the local BackoffWindow with the shared deadline (max, never shortening).
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "config.hpp"
+#include "lim/backoff_window.hpp"
+#include "lim/limiter.hpp"
+#include "lim/segment.hpp"
+#include "redis_client.hpp"
+
+namespace lim::feeder {
+
+class Feeder {
+  public:
+    // Opens (or creates) the segment and the local records, reconciling with what a previous
+    // feeder left there (a live lease is kept until its deadline; an expired one is removed).
+    explicit Feeder(Config config);
+
+    // Runs until `stop` becomes true; then gives every lease back (best effort) and returns.
+    void run(const std::atomic<bool>& stop);
+
+    // One refresh: every global rate, then every global backoff.
+    void tick();
+
+    // Removes every local lease and tells Redis (best effort).
+    void give_back();
+
+  private:
+    struct Rate {
+        GlobalRate g;
+        Limiter local;
+        BackoffWindow lease_status;
+        BackoffWindow contact_status;
+        std::optional<TimePoint> deadline;  // the local lease deadline, when a lease is held
+        double last_in_flight = 0;
+        TimePoint last_tick{};
+        double demand = 0;   // tokens per second, smoothed
+        double desired = 1;  // tokens the lease should hold
+        std::vector<std::string> keys;
+    };
+    struct Backoff {
+        GlobalBackoff g;
+        BackoffWindow local;
+        std::vector<std::string> keys;
+    };
+
+    void tick_rate(Rate& r, TimePoint now, bool& redis_ok);
+    void tick_backoff(Backoff& b, bool& redis_ok);
+    void set_available(Rate& r, double in_flight, double available);
+    void note_contact(Rate& r, TimePoint now);
+    void note_lease(Rate& r);
+    void log_redis(bool ok);
+
+    Config config_;
+    Segment segment_;
+    RedisClient redis_;
+    std::size_t lease_script_ = 0;
+    std::size_t backoff_script_ = 0;
+    std::vector<Rate> rates_;
+    std::vector<Backoff> backoffs_;
+    std::optional<bool> redis_up_;
+};
+
+}  // namespace lim::feeder

@@ -1,0 +1,87 @@
+// lim-feeder: feeds a host's lim segment from a global budget in Redis. See docs/global.md.
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <atomic>
+#include <csignal>
+#include <cstdio>
+#include <stdexcept>
+
+#include "config.hpp"
+#include "feeder.hpp"
+#include "lim/error.hpp"
+
+namespace {
+
+constexpr int kExitOk = 0;
+constexpr int kExitError = 1;
+constexpr int kExitUsage = 2;
+
+std::atomic<bool> g_stop{false};
+
+extern "C" void on_signal(int) {
+    g_stop.store(true, std::memory_order_relaxed);
+}
+
+// One feeder per segment: an flock the kernel drops when the process dies, however it dies.
+int lock_segment(const std::string& segment) {
+    const std::string path = "/dev/shm/lim-feeder." + segment + ".lock";
+    const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0) throw std::runtime_error("cannot open " + path);
+    if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        ::close(fd);
+        throw std::runtime_error("another lim-feeder feeds segment '" + segment + "' (" + path +
+                                 " is locked)");
+    }
+    return fd;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    CLI::App app{"lim-feeder: feed a host's lim segment from a global budget kept in Redis"};
+    std::string config_path;
+    app.add_option("--config", config_path, "the feeder's TOML configuration")->required();
+    app.set_version_flag("--version", "lim-feeder " LIM_VERSION);
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::CallForHelp& e) {
+        return app.exit(e);
+    } catch (const CLI::CallForVersion& e) {
+        return app.exit(e);
+    } catch (const CLI::ParseError& e) {
+        app.exit(e);
+        return kExitUsage;
+    }
+    try {
+        lim::feeder::Config config = lim::feeder::load_config(config_path);
+        const int lock_fd = lock_segment(config.segment);
+        struct sigaction sa {};
+        sa.sa_handler = on_signal;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGTERM, &sa, nullptr);
+        sigaction(SIGINT, &sa, nullptr);
+        fmt::print(
+            stderr,
+            "lim-feeder: host {} feeds segment {} from redis {}:{} ({} rates, {} backoffs)\n",
+            config.host, config.segment, config.redis.host, config.redis.port, config.rates.size(),
+            config.backoffs.size());
+        std::fflush(stderr);
+        lim::feeder::Feeder feeder(std::move(config));
+        feeder.run(g_stop);
+        ::close(lock_fd);
+        return kExitOk;
+    } catch (const std::invalid_argument& e) {
+        fmt::print(stderr, "lim-feeder: {}\n", e.what());
+        return kExitUsage;
+    } catch (const lim::Error& e) {
+        fmt::print(stderr, "lim-feeder: {} ({})\n", e.what(), lim::to_string(e.code()));
+        return kExitError;
+    } catch (const std::exception& e) {
+        fmt::print(stderr, "lim-feeder: {}\n", e.what());
+        return kExitError;
+    }
+}

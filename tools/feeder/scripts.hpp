@@ -1,0 +1,110 @@
+// The Lua scripts lim-feeder runs in Redis (by EVALSHA). Both read the server's clock (TIME), so
+// the hosts' clocks never matter. Amounts are integer token units (1/10,000 token), as in the
+// segment; times are microseconds of the server's clock. docs/global.md proves the bound.
+#pragma once
+
+namespace lim::feeder {
+
+// lease: renew, return, grant, in one step for one host and one global rate.
+// KEYS[1] the rate's state (hash: tokens, ts, fence); KEYS[2] its leases (hash: host ->
+// "amount:expiry:want"; the hosts' last wants share the bucket while several want).
+// ARGV: host, held (what the host still holds unspent: it has stopped spending anything beyond),
+// returned (unspent tokens the host gave up before asking), want, ttl_us, burst (units), rate
+// (units per second), grace_us.
+// Invariant kept: tokens + sum(live leases) <= burst. A lease lives until ttl + grace after its
+// last renewal; the host stops spending at ttl after a time it took before asking.
+// A state that is absent (first use, a restarted or flushed Redis) starts empty and grants
+// nothing for one ttl + grace (the fence): every lease granted before has ended on its host by
+// then. Returns {keep, granted, server_now_us}: the host may keep `keep` of what it held, plus
+// `granted`.
+inline constexpr const char* kLeaseScript = R"lua(
+local host = ARGV[1]
+local held = tonumber(ARGV[2])
+local returned = tonumber(ARGV[3])
+local want = tonumber(ARGV[4])
+local ttl = tonumber(ARGV[5])
+local burst = tonumber(ARGV[6])
+local rate = tonumber(ARGV[7])
+local grace = tonumber(ARGV[8])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local st = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'fence')
+local tokens, ts, fence
+if not st[2] then
+  tokens = 0
+  ts = now
+  fence = now + ttl + grace
+else
+  tokens = tonumber(st[1])
+  ts = tonumber(st[2])
+  fence = tonumber(st[3])
+end
+local outstanding = 0
+local wanted = want
+local mine = nil
+local all = redis.call('HGETALL', KEYS[2])
+for i = 1, #all, 2 do
+  local a, e, w = string.match(all[i + 1], '^(%d+):(%d+):(%d+)$')
+  local amount = tonumber(a) or 0
+  local expiry = tonumber(e) or 0
+  if expiry <= now then
+    redis.call('HDEL', KEYS[2], all[i])
+  elseif all[i] == host then
+    mine = amount
+  else
+    outstanding = outstanding + amount
+    wanted = wanted + (tonumber(w) or 0)
+  end
+end
+if now > ts then
+  if now > fence then
+    tokens = tokens + (now - math.max(ts, fence)) * rate / 1000000
+  end
+  ts = now
+end
+local keep
+if mine ~= nil then
+  keep = math.min(held, mine)
+  tokens = tokens + math.min(returned, mine - keep)
+else
+  keep = math.min(held, math.max(0, burst - outstanding - tokens))
+end
+keep = math.max(0, math.floor(keep))
+tokens = math.max(0, math.min(tokens, burst - outstanding - keep))
+-- While others want too, a host gets its share of the bucket in proportion to its want.
+local granted = 0
+if now > fence and wanted > 0 then
+  granted = math.max(0, math.min(want, math.floor(tokens * want / wanted)))
+end
+tokens = tokens - granted
+local lease = keep + granted
+if lease > 0 then
+  redis.call('HSET', KEYS[2], host, string.format('%d:%d:%d', lease, now + ttl + grace, want))
+elseif want > 0 then
+  redis.call('HSET', KEYS[2], host, string.format('0:%d:%d', now + ttl + grace, want))
+else
+  redis.call('HDEL', KEYS[2], host)
+end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.4f', tokens), 'ts', string.format('%d', ts),
+           'fence', string.format('%d', fence))
+return {keep, granted, now}
+)lua";
+
+// backoff: merge a host's BackoffWindow with the shared deadline, by max (never shortening).
+// KEYS[1] the deadline (server microseconds). ARGV: the host's remaining backoff (us, 0 if none),
+// tolerance_us (a push that extends by less is dropped, so the round trip cannot ratchet it).
+// Returns the remaining backoff in microseconds as the server sees it (0 if none).
+inline constexpr const char* kBackoffScript = R"lua(
+local remaining = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local d = tonumber(redis.call('GET', KEYS[1]) or '0')
+if remaining > 0 and now + remaining > d + tolerance then
+  d = now + remaining
+  redis.call('SET', KEYS[1], string.format('%d', d), 'PX', math.floor(remaining / 1000) + 60000)
+end
+return math.max(0, d - now)
+)lua";
+
+}  // namespace lim::feeder
