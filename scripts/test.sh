@@ -2,7 +2,7 @@
 # Builds lim and runs every test: first under AddressSanitizer+UndefinedBehaviorSanitizer and
 # ThreadSanitizer, then the normal (RelWithDebInfo) build, whose ctest summary ends the output.
 # Warnings are errors in all of them. Set LIM_SANITIZERS=0 to skip the sanitizer builds; a clang
-# build (with the fuzz targets) runs before the normal one.
+# build and a fuzzing build (LIM_CLANG=0 skips them) run before the normal one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
