@@ -13,6 +13,8 @@ packages=(
   libtomlplusplus-dev # limctl create --config
   libbenchmark-dev    # bench/
   tmux                # the limctl watch test drives a terminal
+  clang-14            # the clang build and the libFuzzer targets (tests/fuzz)
+  libclang-rt-14-dev  # libFuzzer and the sanitizer runtimes for clang
   python3             # the Python package (python/) and its tests
   python3-pip         # pip install ./python (offline; tests/python/test_install.py)
   python3-setuptools  # builds the python/ package (pyproject.toml backend)

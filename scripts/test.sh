@@ -2,7 +2,7 @@
 # Builds lim and runs every test: first under AddressSanitizer+UndefinedBehaviorSanitizer and
 # ThreadSanitizer, then the normal (RelWithDebInfo) build, whose ctest summary ends the output.
 # Warnings are errors in all of them. Set LIM_SANITIZERS=0 to skip the sanitizer builds, and
-# LIM_RACE=0 to skip the race-widening build (build/race) of the multi-process and crash tests.
+# LIM_CLANG=0 to skip the clang builds (race-widening suite and fuzzing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -24,13 +24,18 @@ if [ "${LIM_SANITIZERS:-1}" != 0 ]; then
     ctest --test-dir build/tsan --output-on-failure -j"$jobs"
 fi
 
-# Race widening (lib/src/sync/race_point.hpp): a scheduling point between the steps of the ledger
-# protocol and of every CAS loop, so the multi-process and crash tests reach the narrow
-# interleavings (a reaper between a holder's CAS and its ledger store, a claim between lock and
-# CAS) in seconds. Only those tests: the rest gain nothing from it. LIM_RACE=0 skips it.
-if [ "${LIM_RACE:-1}" != 0 ]; then
-  build build/race -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLIM_RACE_WIDEN=ON -DLIM_BUILD_BENCHMARKS=OFF
-  ctest --test-dir build/race --output-on-failure -j"$jobs" -R 'multiprocess|crash'
+# clang 14 builds the library with race widening (lib/src/sync/race_point.hpp: a scheduling point
+# between the steps of the ledger protocol and of every CAS loop, so the multi-process and crash
+# tests reach the narrow interleavings — a reaper between a holder's CAS and its ledger store, a
+# claim between lock and CAS — in seconds) and runs the whole suite. Then a fuzzing build (clang,
+# ASan+UBSan) runs each libFuzzer target of tests/fuzz for 20 s from its seed corpus.
+if [ "${LIM_CLANG:-1}" != 0 ]; then
+  CC=clang-14 CXX=clang++-14 build build/clang -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DLIM_RACE_WIDEN=ON -DLIM_BUILD_BENCHMARKS=OFF
+  ctest --test-dir build/clang --output-on-failure -j"$jobs"
+  CC=clang-14 CXX=clang++-14 build build/fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DLIM_BUILD_BENCHMARKS=OFF -DLIM_FUZZ=ON -DLIM_SANITIZE=address,undefined
+  ctest --test-dir build/fuzz --output-on-failure -j"$jobs"
 fi
 
 build build/release -DCMAKE_BUILD_TYPE=RelWithDebInfo

@@ -316,3 +316,186 @@ TEST_CASE("another user cannot open a 0600 segment, nor remove it") {
     struct stat st {};
     CHECK(::stat(lim::test::segment_path(guard.name()).c_str(), &st) == 0);  // still there
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hostile neighbours: what another local user can plant under a segment's name in /dev/shm.
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+// Runs `body` in a forked child that SIGALRM kills after 10 s, so that a call that blocks (as
+// opening a FIFO did) fails the test instead of hanging it.
+int in_child_with_alarm(const std::function<int()>& body) {
+    const pid_t child = lim::test::fork_child([&] {
+        ::alarm(10);
+        return body();
+    });
+    return lim::test::wait_child(child);
+}
+
+int expect_code_in_child(Errc code, const std::function<void()>& call) {
+    try {
+        call();
+        return 1;
+    } catch (const Error& e) {
+        return e.code() == code ? 0 : 2;
+    } catch (...) {
+        return 3;  // anything but lim::Error breaks the contract
+    }
+}
+
+// Runs `body` as uid/gid 65534 (nobody) in a forked child; needs root.
+int as_nobody(const std::function<int()>& body) {
+    const pid_t child = lim::test::fork_child([&] {
+        if (::setgid(65534) != 0 || ::setuid(65534) != 0) return 40;
+        return body();
+    });
+    return lim::test::wait_child(child);
+}
+
+}  // namespace
+
+TEST_CASE("a FIFO, symlink or directory under the name is refused at once, never opened") {
+    SegmentGuard guard(unique_name("fifo"));
+    SegmentGuard target(unique_name("target"));
+    const std::string path = lim::test::segment_path(guard.name());
+    SUBCASE("FIFO") {
+        REQUIRE(::mkfifo(path.c_str(), 0666) == 0);
+    }
+    SUBCASE("symlink to a segment") {
+        Segment::open_or_create(target.name());
+        REQUIRE(::symlink(lim::test::segment_path(target.name()).c_str(), path.c_str()) == 0);
+    }
+    SUBCASE("dangling symlink") {
+        REQUIRE(::symlink("/nonexistent", path.c_str()) == 0);
+    }
+    SUBCASE("directory") {
+        REQUIRE(::mkdir(path.c_str(), 0700) == 0);
+    }
+    for (int call = 0; call < 3; ++call) {
+        CAPTURE(call);
+        CHECK(in_child_with_alarm([&] {
+                  return expect_code_in_child(Errc::permission_denied, [&] {
+                      if (call == 0) Segment::open(guard.name());
+                      if (call == 1) Segment::open_or_create(guard.name());
+                      if (call == 2) {
+                          detail::SegmentState::attach(guard.name(), {}, false,
+                                                       detail::Access::read_only);
+                      }
+                  });
+              }) == 0);
+    }
+    struct stat st {};
+    REQUIRE(::lstat(path.c_str(), &st) == 0);
+    CHECK_FALSE(S_ISREG(st.st_mode));  // left as it was
+    ::rmdir(path.c_str());
+}
+
+TEST_CASE("initialising applies the requested mode, whatever the file had") {
+    SegmentGuard guard(unique_name("chmod"));
+    const std::string path = lim::test::segment_path(guard.name());
+    const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    REQUIRE(fd >= 0);
+    REQUIRE(::fchmod(fd, 0640) == 0);  // an abandoned file of our own, group-readable
+    ::close(fd);
+    auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 4, .max_processes = 4});
+    CHECK(seg.is_creator());
+    struct stat st {};
+    REQUIRE(::stat(path.c_str(), &st) == 0);
+    CHECK((st.st_mode & 07777) == 0600);
+}
+
+TEST_CASE("a segment writable by every user is trusted only by a caller who asks for that mode") {
+    SegmentGuard guard(unique_name("wide"));
+    Segment::open_or_create(guard.name(), {.max_limiters = 4, .max_processes = 4});
+    REQUIRE(::chmod(lim::test::segment_path(guard.name()).c_str(), 0666) == 0);
+    const std::string what =
+        expect_error(Errc::permission_denied, [&] { Segment::open(guard.name()); });
+    CHECK(what.find("writable by every user") != std::string::npos);
+    expect_error(Errc::permission_denied, [&] { Segment::open_or_create(guard.name()); });
+    CHECK_NOTHROW(Segment::open(guard.name(), {.mode = 0666}));
+    // A read-only attach trusts nothing it reads (it copies and validates), so it may look.
+    CHECK_NOTHROW(detail::SegmentState::attach(guard.name(), {}, false, detail::Access::read_only));
+}
+
+TEST_CASE("squatting: another user's file under the name is neither initialised nor trusted") {
+    if (::geteuid() != 0) {
+        MESSAGE("not root: cannot switch to another uid, skipping");
+        return;
+    }
+    SegmentGuard guard(unique_name("squat"));
+    const std::string path = lim::test::segment_path(guard.name());
+    // nobody plants an empty 0666 file before the owner starts.
+    REQUIRE(as_nobody([&] {
+                const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL, 0666);
+                if (fd < 0) return 41;
+                ::fchmod(fd, 0666);
+                ::close(fd);
+                return 0;
+            }) == 0);
+    expect_error(Errc::permission_denied, [&] { Segment::open_or_create(guard.name()); });
+    struct stat st {};
+    REQUIRE(::stat(path.c_str(), &st) == 0);
+    CHECK(st.st_size == 0);  // not initialised
+    CHECK(st.st_uid == 65534);
+
+    // Also when the planted file is not writable by others: it is still nobody's, not ours.
+    REQUIRE(::unlink(path.c_str()) == 0);
+    REQUIRE(as_nobody([&] {
+                const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL, 0644);
+                if (fd < 0) return 41;
+                ::close(fd);
+                return 0;
+            }) == 0);
+    const std::string what =
+        expect_error(Errc::permission_denied, [&] { Segment::open_or_create(guard.name()); });
+    CHECK(what.find("uid 65534") != std::string::npos);
+    REQUIRE(::stat(path.c_str(), &st) == 0);
+    CHECK(st.st_size == 0);
+
+    // A ready segment that nobody created 0600: root's private open refuses to trust it; asking
+    // for a shared mode says the caller means to share with that user.
+    REQUIRE(::unlink(path.c_str()) == 0);
+    REQUIRE(as_nobody([&] {
+                Segment::open_or_create(guard.name(), {.max_limiters = 4, .max_processes = 4});
+                return 0;
+            }) == 0);
+    expect_error(Errc::permission_denied, [&] { Segment::open(guard.name()); });
+    CHECK_NOTHROW(Segment::open(guard.name(), {.mode = 0660}));
+}
+
+TEST_CASE("a read-only attach reads a private copy: truncation afterwards cannot hurt it") {
+    SegmentGuard guard(unique_name("trunc"));
+    {
+        auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 4, .max_processes = 4});
+        Semaphore::open(seg, "db", {.capacity = 3});
+    }
+    const auto state =
+        detail::SegmentState::attach(guard.name(), {}, false, detail::Access::read_only);
+    truncate_to(guard.name(), 0);
+    // Reading every record touches every page: a mapping would have raised SIGBUS.
+    CHECK(state->records_used() == 1);
+    CHECK(detail::record_key(state->record(0)) == "db");
+    std::uint64_t sum = 0;
+    for (std::uint64_t i = 0; i < state->size(); i += 4096)
+        sum += static_cast<unsigned char>(state->base()[i]);
+    CHECK(sum > 0);  // the header's magic is in the first page
+    // And attaching again now is an error, not a signal.
+    expect_error(Errc::corrupt_segment, [&] {
+        detail::SegmentState::attach(guard.name(), {}, false, detail::Access::read_only);
+    });
+}
+
+TEST_CASE("a read-only attach never waits for an unready segment") {
+    SegmentGuard guard(unique_name("unready"));
+    write_file(guard.name(), {});
+    // The read-write open waits up to 0.5 s for an initialiser; a read-only attach reports the
+    // unready segment at once with its own type.
+    bool unready = false;
+    try {
+        detail::SegmentState::attach(guard.name(), {}, false, detail::Access::read_only);
+    } catch (const detail::UnreadySegment& e) {
+        unready = e.code() == Errc::corrupt_segment;
+    }
+    CHECK(unready);
+}

@@ -126,3 +126,26 @@ TEST_CASE("header lists: retry-after-ms first, names ignore case, values trimmed
     CHECK(parse_retry_after({{"retry-after-ms", "70"}, {"Retry-After", "7"}}, kNow) ==
           milliseconds{70});
 }
+
+TEST_CASE("dates beyond system_clock's nanosecond range: past ones give zero, far ones saturate") {
+    // system_clock counts nanoseconds in int64: 1677..2262. Dates outside are computed in
+    // seconds, never wrapped.
+    const Case cases[] = {
+        {"Sat, 01 Jan 1600 00:00:00 GMT", milliseconds{0}},
+        {"Mon, 15 Jun 1676 00:00:00 GMT", milliseconds{0}},
+        {"Sat Jan  1 00:00:00 0000", milliseconds{0}},
+        {"Sun, 01 Jan 2062 00:00:00 GMT", seconds{2'119'187'460}},  // just under 2^31 s ahead
+        {"Thu, 01 Jan 2263 00:00:00 GMT", seconds{std::int64_t{1} << 31}},
+        {"Fri, 31 Dec 9999 23:59:59 GMT", seconds{std::int64_t{1} << 31}},
+        {"Fri Dec 31 23:59:60 9999", seconds{std::int64_t{1} << 31}},
+    };
+    for (const Case& c : cases) {
+        CAPTURE(c.value);
+        CHECK(parse_retry_after(c.value, kNow) == c.expected);
+    }
+    // And from a `now` at either end of system_clock's range.
+    CHECK(parse_retry_after("Sat, 01 Jan 1600 00:00:00 GMT", system_clock::time_point::max()) ==
+          milliseconds{0});
+    CHECK(parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", system_clock::time_point::min()) ==
+          seconds{std::int64_t{1} << 31});
+}

@@ -12,6 +12,17 @@ function(run)
 endfunction()
 
 run(${CMAKE_COMMAND} --install ${LIM_BUILD_DIR} --prefix ${prefix})
+# The installed limctl runs from the scratch prefix (its RUNPATH finds the installed liblim), with
+# no LD_LIBRARY_PATH.
+if(EXISTS ${prefix}/bin/limctl)
+  set(ENV{LD_LIBRARY_PATH} "")
+  run(${prefix}/bin/limctl --help)
+  run(${prefix}/bin/limctl ls)
+  execute_process(COMMAND readelf -d ${prefix}/bin/limctl OUTPUT_VARIABLE dyn)
+  if(NOT dyn MATCHES "RUNPATH.*\\$ORIGIN/\\.\\./lib")
+    message(FATAL_ERROR "installed limctl has no $ORIGIN RUNPATH:\n${dyn}")
+  endif()
+endif()
 run(${CMAKE_COMMAND} -S ${CONSUMER_SOURCE_DIR} -B ${SCRATCH_DIR}/build
     -DCMAKE_PREFIX_PATH=${prefix} -DCMAKE_BUILD_TYPE=Release)
 run(${CMAKE_COMMAND} --build ${SCRATCH_DIR}/build)

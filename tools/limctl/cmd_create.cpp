@@ -6,164 +6,141 @@
 
 #include <toml++/toml.h>
 
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <memory>
 #include <set>
+#include <sstream>
 #include <string>
 
 #include "commands.hpp"
 #include "common.hpp"
 #include "create_kinds.hpp"
+#include "inspect/snapshot.hpp"
 #include "lim/error.hpp"
+#include "shm/names.hpp"
 
 namespace limctl {
 namespace {
 
-std::string where(const toml::node& node, const std::string& file) {
-    const auto& src = node.source();
-    return fmt::format("{}:{}", file, src.begin.line);
+std::string slurp_file(const std::string& file) {
+    std::ifstream in(file, std::ios::binary);
+    if (!in) throw UsageError(fmt::format("cannot read {}", file));
+    std::ostringstream text;
+    text << in.rdbuf();
+    return text.str();
 }
 
 }  // namespace
-
-// ---- TableReader ---------------------------------------------------------------------------
-
-TableReader::TableReader(const toml::table& table, std::string file, std::string context)
-    : table_(table), file_(std::move(file)), context_(std::move(context)) {}
-
-[[noreturn]] void TableReader::fail(const std::string& key, const std::string& what) const {
-    const toml::node* node = table_.get(key);
-    if (node == nullptr) {
-        // A required option is missing: a misspelt key is the likelier story, so name it first.
-        for (const auto& [k, v] : table_) {
-            const std::string other(k.str());
-            if (used_.count(other) || other == key) continue;
-            throw UsageError(fmt::format("{}: {}.{}: unknown option ({}.{} is {})", where(v, file_),
-                                         context_, other, context_, key, what));
-        }
-    }
-    throw UsageError(
-        fmt::format("{}: {}.{}: {}", node ? where(*node, file_) : file_, context_, key, what));
-}
-
-std::optional<double> TableReader::number(const std::string& key) {
-    used_.insert(key);
-    const toml::node* node = table_.get(key);
-    if (!node) return std::nullopt;
-    if (auto v = node->value<double>()) return *v;
-    fail(key, "must be a number");
-}
-
-std::optional<std::int64_t> TableReader::integer(const std::string& key) {
-    used_.insert(key);
-    const toml::node* node = table_.get(key);
-    if (!node) return std::nullopt;
-    if (node->is_integer()) return node->value<std::int64_t>();
-    fail(key, "must be an integer");
-}
-
-std::optional<std::string> TableReader::string(const std::string& key) {
-    used_.insert(key);
-    const toml::node* node = table_.get(key);
-    if (!node) return std::nullopt;
-    if (auto v = node->value<std::string>()) return *v;
-    fail(key, "must be a string");
-}
-
-std::optional<lim::InfiniteOrFinite<double>> TableReader::maybe_infinite(const std::string& key) {
-    used_.insert(key);
-    const toml::node* node = table_.get(key);
-    if (!node) return std::nullopt;
-    if (auto s = node->value<std::string>()) {
-        if (*s == "infinite" || *s == "inf") return lim::InfiniteOrFinite<double>(lim::infinite);
-        fail(key, "must be a number or \"infinite\"");
-    }
-    if (auto v = node->value<double>()) return lim::InfiniteOrFinite<double>(*v);
-    fail(key, "must be a number or \"infinite\"");
-}
-
-std::optional<std::chrono::nanoseconds> TableReader::duration(const std::string& key) {
-    used_.insert(key);
-    const toml::node* node = table_.get(key);
-    if (!node) return std::nullopt;
-    if (auto s = node->value<std::string>()) return parse_duration(*s);
-    if (auto v = node->value<double>()) return parse_duration(fmt::format("{}s", *v));
-    fail(key, "must be a duration such as \"10s\" or a number of seconds");
-}
-
-void TableReader::finish() const {
-    for (const auto& [k, v] : table_) {
-        const std::string key(k.str());
-        if (!used_.count(key)) fail(key, "unknown option");
-    }
-}
-
 // ---- the command ---------------------------------------------------------------------------
 
 namespace {
 
+// Removes a segment when it goes out of scope, unless released: the dry run's scratch segment,
+// and a segment this run created if a later step fails.
+class RemoveOnExit {
+  public:
+    explicit RemoveOnExit(std::string name) : name_(std::move(name)) {}
+    ~RemoveOnExit() {
+        if (name_.empty()) return;
+        try {
+            lim::Segment::remove(name_);
+        } catch (const lim::Error&) {
+        }
+    }
+    RemoveOnExit(const RemoveOnExit&) = delete;
+    RemoveOnExit& operator=(const RemoveOnExit&) = delete;
+    void release() { name_.clear(); }
+
+  private:
+    std::string name_;
+};
+
+// Creates every limiter of the plan in a private scratch segment of the same geometry: lim's own
+// validation of every option (ranges, NaN, sizes that do not fit the table) runs before the
+// real segment is touched.
+void dry_run(const std::string& segment, const CreatePlan& plan) {
+    lim::SegmentOptions scratch = plan.options;
+    scratch.mode = 0600;
+    scratch.max_processes = 1;
+    scratch.reap_on_attach = false;
+    const std::string name = fmt::format("limctl-dry-run.{}", ::getpid());
+    lim::Segment::remove(name);
+    RemoveOnExit remove(name);
+    const lim::Segment seg = lim::Segment::open_or_create(name, scratch);
+    for (const LimiterSpec& spec : plan.specs) {
+        try {
+            spec.open(seg);
+        } catch (const lim::Error& e) {
+            throw lim::Error(e.code(), fmt::format("segment '{}': limiter '{}' ({}): {} (nothing "
+                                                   "was created)",
+                                                   segment, spec.key, spec.kind, e.what()));
+        }
+    }
+}
+
+// An existing segment must have the geometry and mode the file asks for: anything else means the
+// file and the segment disagree, which an operator must hear about.
+void check_geometry(const std::string& segment, const lim::Segment& seg, const CreatePlan& plan) {
+    const lim::SegmentInfo info = seg.info();
+    std::vector<std::string> diffs;
+    if (plan.max_limiters_given && info.max_limiters != plan.options.max_limiters)
+        diffs.push_back(fmt::format("max_limiters {} (file: {})", info.max_limiters,
+                                    plan.options.max_limiters));
+    if (plan.max_processes_given && info.max_processes != plan.options.max_processes)
+        diffs.push_back(fmt::format("max_processes {} (file: {})", info.max_processes,
+                                    plan.options.max_processes));
+    if (plan.mode_given) {
+        struct stat st {};
+        if (::fstat(seg.state()->fd(), &st) == 0 && (st.st_mode & 0777u) != plan.options.mode)
+            diffs.push_back(
+                fmt::format("mode {:04o} (file: {:04o})", st.st_mode & 0777u, plan.options.mode));
+    }
+    if (diffs.empty()) return;
+    std::string list;
+    for (const auto& d : diffs)
+        list += (list.empty() ? "" : ", ") + d;
+    throw lim::Error(lim::Errc::config_mismatch,
+                     fmt::format("segment '{}' already exists with {}; remove it (limctl rm) to "
+                                 "create it as the file says",
+                                 segment, list));
+}
+
 int run_create(const std::string& segment, const std::string& file) {
-    toml::table doc;
-    try {
-        doc = toml::parse_file(file);
-    } catch (const toml::parse_error& e) {
-        const auto& src = e.source();
-        throw UsageError(
-            fmt::format("{}:{}:{}: {}", file, src.begin.line, src.begin.column, e.description()));
-    }
-    lim::SegmentOptions options;
-    if (const toml::table* seg = doc["segment"].as_table()) {
-        TableReader r(*seg, file, "segment");
-        if (auto v = r.integer("max_limiters"))
-            options.max_limiters = static_cast<std::uint32_t>(*v);
-        if (auto v = r.integer("max_processes"))
-            options.max_processes = static_cast<std::uint32_t>(*v);
-        if (auto v = r.string("mode")) {
-            try {
-                options.mode = static_cast<unsigned>(std::stoul(*v, nullptr, 8));
-            } catch (const std::exception&) {
-                r.fail("mode", "must be an octal string such as \"0660\"");
-            }
-        }
-        if (auto v = r.duration("reap_after")) options.reap_after = *v;
-        r.finish();
-    }
-    for (const auto& [k, v] : doc) {
-        const std::string section(k.str());
-        if (section != "segment" && section != "limiter") {
-            throw UsageError(
-                fmt::format("{}: unknown section [{}] (expected [segment] and [limiter.<key>])",
-                            where(v, file), section));
+    lim::detail::validate_segment_name(segment);
+    // 1. Read and check the whole file; 2. create it all in a scratch segment; 3. check what
+    // exists already; only then 4. create for real, removing a segment this run created if a
+    // step still fails (another process raced us to a key, /dev/shm filled up).
+    const CreatePlan plan = load_create_plan_text(slurp_file(file), file);
+    dry_run(segment, plan);
+    lim::Segment seg = lim::Segment::open_or_create(segment, plan.options);
+    RemoveOnExit undo(seg.is_creator() ? segment : std::string());
+    if (!seg.is_creator()) {
+        check_geometry(segment, seg, plan);
+        // Limiters that exist already must match the file before any new one is created.
+        const auto existing = lim::detail::snapshot_segment(*seg.state(), lim::Clock::now());
+        for (const LimiterSpec& spec : plan.specs) {
+            const bool exists = std::any_of(existing.records.begin(), existing.records.end(),
+                                            [&](const auto& r) { return r.key == spec.key; });
+            if (exists) spec.open(seg);
         }
     }
-    std::vector<LimiterSpec> specs;
-    if (const toml::table* limiters = doc["limiter"].as_table()) {
-        for (const auto& [k, v] : *limiters) {
-            const std::string key(k.str());
-            const toml::table* t = v.as_table();
-            if (!t)
-                throw UsageError(
-                    fmt::format("{}: limiter.{} must be a table", where(v, file), key));
-            TableReader r(*t, file, "limiter." + key);
-            const auto kind = r.string("kind");
-            if (!kind) {
-                r.fail("kind",
-                       "missing (dispatch, token_bucket, throttle, throttled_rate_limiter, "
-                       "limiter, semaphore, weighted_semaphore)");
-            }
-            specs.push_back(read_limiter(key, *kind, r));
-        }
-    }
-    // The whole file is valid: now create.
-    lim::Segment seg = lim::Segment::open_or_create(segment, options);
-    fmt::print("segment {}: {}\n", segment, seg.is_creator() ? "created" : "already existed");
-    for (const LimiterSpec& spec : specs) {
+    std::vector<std::string> lines;
+    for (const LimiterSpec& spec : plan.specs) {
         const std::uint32_t before = seg.info().limiters;
         spec.open(seg);
-        fmt::print("  {:<24} {:<24} {}\n", spec.key, spec.kind,
-                   seg.info().limiters > before ? "created" : "exists");
+        lines.push_back(fmt::format("  {:<24} {:<24} {}\n", spec.key, spec.kind,
+                                    seg.info().limiters > before ? "created" : "exists"));
     }
+    undo.release();
+    fmt::print("segment {}: {}\n", segment, seg.is_creator() ? "created" : "already existed");
+    for (const auto& line : lines)
+        fmt::print("{}", line);
     return kExitOk;
 }
 

@@ -15,6 +15,7 @@
 #include "inspect/snapshot.hpp"
 #include "lim/error.hpp"
 #include "render.hpp"
+#include "shm/names.hpp"
 
 namespace limctl {
 namespace {
@@ -35,9 +36,12 @@ std::vector<std::string> segment_names() {
 int run_ls(bool json) {
     nlohmann::json out = nlohmann::json::array();
     Table t({"SEGMENT", "SIZE>", "LIMITERS>", "PROCESSES>", "CREATED (UTC)", "STATUS"});
-    for (const std::string& name : segment_names()) {
+    for (const std::string& raw : segment_names()) {
+        // Any user can name a file in /dev/shm: what is printed is escaped (no terminal
+        // sequences, no newlines forging rows, valid UTF-8 for JSON).
+        const std::string name = lim::detail::printable(raw);
         try {
-            const auto state = open_read_only(name);
+            const auto state = open_read_only(raw);
             const lim::SegmentInfo info = state->info();
             const auto created = std::chrono::duration_cast<std::chrono::nanoseconds>(
                                      info.created.time_since_epoch())
@@ -48,6 +52,10 @@ int run_ls(bool json) {
             t.add({name, format_bytes(static_cast<double>(info.size_bytes)),
                    fmt::format("{}/{}", info.limiters, info.max_limiters),
                    std::to_string(info.processes), format_wall_time(created), "ok"});
+        } catch (const lim::detail::UnreadySegment& e) {
+            // Being created, or abandoned half-way: a read command reports it and moves on.
+            out.push_back({{"name", name}, {"status", "unready"}, {"error", e.what()}});
+            t.add({name, "", "", "", "", "unready"});
         } catch (const lim::Error& e) {
             out.push_back(
                 {{"name", name}, {"status", lim::to_string(e.code())}, {"error", e.what()}});
@@ -55,7 +63,7 @@ int run_ls(bool json) {
         }
     }
     if (json) {
-        fmt::print("{}\n", out.dump(2));
+        fmt::print("{}\n", out.dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
     } else if (t.empty()) {
         fmt::print("no lim segments in /dev/shm\n");
     } else {
@@ -79,14 +87,16 @@ int run_show(const std::string& segment, const std::string& key, bool json, bool
             for (const auto& r : s.records) {
                 if (r.key == key) records.push_back(to_json(r));
             }
-            fmt::print("{}\n", nlohmann::json{{"segment", segment}, {"records", records}}.dump(2));
+            fmt::print("{}\n", nlohmann::json{{"segment", segment}, {"records", records}}.dump(
+                                   2, ' ', false, nlohmann::json::error_handler_t::replace));
         } else {
             fmt::print("{}", render_record_detail(s, key));
         }
         return kExitOk;
     }
     if (json) {
-        fmt::print("{}\n", to_json(s).dump(2));
+        fmt::print("{}\n",
+                   to_json(s).dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
         return kExitOk;
     }
     fmt::print("{}", render_overview(s));
@@ -104,7 +114,8 @@ int run_stats(const std::string& segment, const std::string& format) {
         fmt::print("{}", render_prometheus(s));
         fmt::print("{}", render_feeder_prometheus(segment, feeder_leases(s)));
     } else {
-        fmt::print("{}\n", to_json(s).dump(2));
+        fmt::print("{}\n",
+                   to_json(s).dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
     }
     return kExitOk;
 }

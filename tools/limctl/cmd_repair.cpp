@@ -9,6 +9,7 @@
 #include "inspect/snapshot.hpp"
 #include "lim/error.hpp"
 #include "render.hpp"
+#include "shm/names.hpp"
 
 namespace limctl {
 namespace {
@@ -21,15 +22,20 @@ int run_reap(const std::string& segment, bool json) {
         for (const auto& p : report.reaped) {
             nlohmann::json returned = nlohmann::json::array();
             for (const auto& r : p.returned) {
-                returned.push_back(
-                    {{"kind", r.kind}, {"key", r.key}, {"layer", r.layer}, {"amount", r.amount}});
+                returned.push_back({{"kind", r.kind},
+                                    {"key", lim::detail::printable(r.key)},
+                                    {"layer", r.layer},
+                                    {"amount", r.amount}});
             }
             reaped.push_back({{"pid", p.pid}, {"slots", p.slots}, {"returned", returned}});
         }
+        nlohmann::json deferred = nlohmann::json::array();
+        for (const auto& key : report.deferred)
+            deferred.push_back(lim::detail::printable(key));
         fmt::print(
             "{}\n",
-            nlohmann::json{{"segment", segment}, {"reaped", reaped}, {"deferred", report.deferred}}
-                .dump(2));
+            nlohmann::json{{"segment", segment}, {"reaped", reaped}, {"deferred", deferred}}.dump(
+                2, ' ', false, nlohmann::json::error_handler_t::replace));
         return kExitOk;
     }
     if (report.reaped.empty() && report.deferred.empty()) {
@@ -42,7 +48,7 @@ int run_reap(const std::string& segment, bool json) {
         for (const auto& r : p.returned) {
             if (!returned.empty()) returned += ", ";
             returned += fmt::format("{} {} to {} '{}'", lim::detail::format_amount(r.amount),
-                                    r.layer, r.kind, r.key);
+                                    r.layer, r.kind, lim::detail::printable(r.key));
         }
         t.add({std::to_string(p.pid), std::to_string(p.slots),
                returned.empty() ? "nothing held" : returned});
@@ -53,7 +59,7 @@ int run_reap(const std::string& segment, bool json) {
         fmt::print(
             "deferred '{}': a live process is stopped in the middle of an operation on it; "
             "run reap again once it continues\n",
-            key);
+            lim::detail::printable(key));
     }
     return kExitOk;
 }

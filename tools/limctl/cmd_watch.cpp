@@ -5,7 +5,9 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <csignal>
 #include <map>
 #include <memory>
@@ -85,7 +87,7 @@ std::string frame(const lim::detail::SegmentSnapshot& s, const std::map<std::str
 }
 
 int run_watch(const std::string& segment, std::chrono::nanoseconds interval, int iterations) {
-    const auto state = open_read_only(segment);
+    (void)open_read_only(segment);  // a segment that cannot be read fails before the screen opens
     const bool tty = ::isatty(STDOUT_FILENO) && ::isatty(STDIN_FILENO);
     g_quit.store(false);
     std::signal(SIGINT, on_signal);
@@ -95,7 +97,9 @@ int run_watch(const std::string& segment, std::chrono::nanoseconds interval, int
     lim::TimePoint last = lim::Clock::now();
     for (int n = 0; !g_quit.load() && (iterations <= 0 || n < iterations); ++n) {
         const lim::TimePoint now = lim::Clock::now();
-        const auto s = lim::detail::snapshot_segment(*state, now);
+        // Each frame reads a fresh private copy of the segment: what it shows is current, and a
+        // segment truncated or replaced meanwhile is an error, never SIGBUS.
+        const auto s = lim::detail::snapshot_segment(*open_read_only(segment), now);
         std::map<std::string, double> rates;
         const double secs = std::chrono::duration<double>(now - last).count();
         for (const auto& r : s.records) {
@@ -111,13 +115,24 @@ int run_watch(const std::string& segment, std::chrono::nanoseconds interval, int
         if (iterations > 0 && n + 1 >= iterations) break;
         // Sleep until the next frame, waking for a key press (when there is a keyboard: a
         // redirected stdin at EOF would otherwise end every sleep at once) or a signal.
-        pollfd in{STDIN_FILENO, POLLIN, 0};
-        const int ms = static_cast<int>(
-            std::chrono::duration_cast<std::chrono::milliseconds>(interval).count());
-        if (::poll(&in, tty ? 1 : 0, ms) > 0 && (in.revents & POLLIN)) {
-            char c = 0;
-            if (::read(STDIN_FILENO, &c, 1) == 1 && (c == 'q' || c == 'Q' || c == 3)) break;
+        // Polls in steps of at most a minute (an int of milliseconds cannot hold every
+        // interval parse_duration accepts).
+        bool quit = false;
+        const auto until = std::chrono::steady_clock::now() + interval;
+        for (auto left = interval; !quit && !g_quit.load() && left > decltype(left)::zero();
+             left = until - std::chrono::steady_clock::now()) {
+            pollfd in{STDIN_FILENO, POLLIN, 0};
+            const auto step = std::min<std::chrono::nanoseconds>(left, std::chrono::minutes{1});
+            const int ms =
+                static_cast<int>(std::chrono::ceil<std::chrono::milliseconds>(step).count());
+            if (::poll(&in, tty ? 1 : 0, ms) > 0 && (in.revents & POLLIN)) {
+                char c = 0;
+                if (::read(STDIN_FILENO, &c, 1) == 1 && (c == 'q' || c == 'Q' || c == 3)) {
+                    quit = true;
+                }
+            }
         }
+        if (quit) break;
     }
     std::signal(SIGINT, SIG_DFL);
     std::signal(SIGTERM, SIG_DFL);

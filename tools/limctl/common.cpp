@@ -20,7 +20,10 @@ std::shared_ptr<lim::detail::SegmentState> open_read_only(std::string_view name)
 lim::Segment open_read_write(std::string_view name) {
     // Segment has no public constructor from a state; open() with reap_on_attach off is what we
     // need, through the same path the library uses.
-    return lim::Segment::open(name, lim::SegmentOptions{.reap_on_attach = false});
+    // An operator repairs segments that services own: a group mode here accepts a segment owned
+    // by another user (the operator named it), while one writable by every user is still refused
+    // (docs/security.md).
+    return lim::Segment::open(name, lim::SegmentOptions{.mode = 0660, .reap_on_attach = false});
 }
 
 std::chrono::nanoseconds parse_duration(std::string_view text) {

@@ -129,7 +129,8 @@ void add_feeder_command(CLI::App& app, Action& action) {
             const auto s = lim::detail::snapshot_segment(*state, lim::Clock::now());
             const auto l = feeder_leases(s);
             if (a->json) {
-                fmt::print("{}\n", feeder_leases_json(l).dump(2));
+                fmt::print("{}\n", feeder_leases_json(l).dump(
+                                       2, ' ', false, nlohmann::json::error_handler_t::replace));
             } else if (l.empty()) {
                 fmt::print("segment '{}' has no global rate fed by lim-feeder\n", a->segment);
             } else {

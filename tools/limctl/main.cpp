@@ -7,6 +7,7 @@
 #include "commands.hpp"
 #include "common.hpp"
 #include "lim/error.hpp"
+#include "shm/names.hpp"
 
 int main(int argc, char** argv) {
     CLI::App app{"limctl: inspect and repair lim shared-memory segments"};
@@ -34,13 +35,14 @@ int main(int argc, char** argv) {
     try {
         return action ? action() : limctl::kExitUsage;
     } catch (const limctl::UsageError& e) {
-        fmt::print(stderr, "limctl: {}\n", e.what());
+        fmt::print(stderr, "limctl: {}\n", lim::detail::printable(e.what()));
         return limctl::kExitUsage;
     } catch (const lim::Error& e) {
-        fmt::print(stderr, "limctl: {} ({})\n", e.what(), lim::to_string(e.code()));
+        fmt::print(stderr, "limctl: {} ({})\n", lim::detail::printable(e.what()),
+                   lim::to_string(e.code()));
         return limctl::kExitError;
     } catch (const std::exception& e) {
-        fmt::print(stderr, "limctl: {}\n", e.what());
+        fmt::print(stderr, "limctl: {}\n", lim::detail::printable(e.what()));
         return limctl::kExitError;
     }
 }

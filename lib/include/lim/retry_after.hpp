@@ -27,10 +27,10 @@ namespace lim {
 
 // Parses one Retry-After value (surrounding whitespace ignored). Returns the time to wait:
 // delta-seconds as given (values beyond 2^31 s saturate there, as RFC 9111 §1.2.2 says of
-// delta-seconds), an HTTP-date as its distance from `now` rounded up to a millisecond, and zero for
-// a date in the past. Returns nullopt for an empty value, a negative or fractional number, a date
-// that does not exist (30 Feb, 25:00) or whose day name does not match it, and any other garbage.
-// Never throws.
+// delta-seconds), an HTTP-date as its distance from `now` rounded up to a millisecond (saturating
+// at 2^31 s likewise, for dates up to year 9999), and zero for a date in the past (any year).
+// Returns nullopt for an empty value, a negative or fractional number, a date that does not exist
+// (30 Feb, 25:00) or whose day name does not match it, and any other garbage. Never throws.
 std::optional<std::chrono::milliseconds> parse_retry_after(
     std::string_view value,
     std::chrono::system_clock::time_point now = std::chrono::system_clock::now()) noexcept;

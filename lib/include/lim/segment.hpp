@@ -48,7 +48,10 @@ struct SegmentOptions {
     // Process-table slots: one per thread of an attached process that holds something. 1..65536.
     std::uint32_t max_processes = 1024;
     // Permission bits of the shared-memory object (not masked by the umask). 0600 lets only the
-    // creating user attach; 0660 a group.
+    // creating user attach; 0660 a group. Applied whenever this call initialises the segment. On
+    // attach it is also what the caller trusts: a segment writable by every user is refused
+    // unless this mode grants that too, and one owned by a user other than the caller and root
+    // only when this mode shares with group or others (docs/security.md).
     unsigned mode = 0600;
     // A blocking acquire that has waited this long reaps dead processes (and again each time it
     // has waited this long more). Zero turns automatic reaping in blocking calls off.
@@ -110,7 +113,9 @@ class Segment {
     // before giving up with system_error if that process is stopped).
     // Throws Error with: invalid_name (bad name), invalid_argument (options out of range, or a
     // segment over 1 GiB), corrupt_segment (an existing object that is not a valid lim segment),
-    // version_mismatch (a segment of another layout), permission_denied, table_full (no free
+    // version_mismatch (a segment of another layout), permission_denied (also: the name is a
+    // symbolic link, FIFO or other non-regular file; another user's file that `options.mode`
+    // does not share; a file writable by all that it does not ask for), table_full (no free
     // process slot even after reaping the dead: a full table reaps before it refuses),
     // system_error (the kernel refused memory: /dev/shm full; no descriptor left to open the
     // process's lock description).
@@ -121,7 +126,8 @@ class Segment {
     static Segment open(std::string_view name);
 
     // As open(name), with this handle's own reaping policy (`reap_after`, `reap_on_attach`);
-    // the geometry and mode in `options` are ignored (they are the segment's).
+    // the geometry in `options` is ignored (it is the segment's), and `mode` only says what the
+    // caller trusts (see SegmentOptions::mode).
     static Segment open(std::string_view name, const SegmentOptions& options);
 
     // Unlinks the segment's name. Processes already attached keep using the memory; the next

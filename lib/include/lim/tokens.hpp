@@ -7,6 +7,7 @@
 // never takes less than it asked for.
 #pragma once
 
+#include <compare>
 #include <cstdint>
 #include <limits>
 

@@ -9,6 +9,7 @@
 #include "inspect/snapshot.hpp"
 #include "lim/error.hpp"
 #include "shm/ledger.hpp"
+#include "shm/names.hpp"
 #include "shm/process_identity.hpp"
 #include "shm/record_handle.hpp"
 #include "shm/records.hpp"
@@ -235,7 +236,7 @@ void inspect_dispatch(const SegmentState& state, std::uint32_t record, TimePoint
         const Record& wr = state.record(c.backoff_record);
         until = reinterpret_cast<const BackoffWindowBody*>(wr.body)->until.load(
             std::memory_order_acquire);
-        window_key = std::string(record_key(wr));
+        window_key = printable(record_key(wr));
     }
     const std::int64_t now_ns = to_nanos(now);
     const bool active = backoff_active_at(now_ns, until, c.backoff_window_ns);

@@ -173,15 +173,40 @@ std::optional<Fields> asctime_date(std::string_view s) noexcept {
 }
 
 // The instant the fields name, if they name a real one (a real date, a time of day within range
-// — second 60 is a leap second — and the day name that date has).
-std::optional<std::chrono::system_clock::time_point> to_time(const Fields& f) noexcept {
+// — second 60 is a leap second — and the day name that date has). In seconds: a four-digit year
+// (0000..9999) is ~3e11 s from the epoch, well inside int64 seconds, while system_clock's
+// nanoseconds only reach 1677..2262.
+std::optional<std::chrono::sys_seconds> to_time(const Fields& f) noexcept {
     using namespace std::chrono;
     const year_month_day ymd{year{f.year}, month{f.month}, day{static_cast<unsigned>(f.day)}};
     if (!ymd.ok() || f.hour > 23 || f.minute > 59 || f.second > 60) return std::nullopt;
     const sys_days date{ymd};
     if (weekday{date}.c_encoding() != f.weekday) return std::nullopt;
-    return time_point_cast<system_clock::duration>(date + hours{f.hour} + minutes{f.minute} +
-                                                   seconds{f.second});
+    return sys_seconds{date} + hours{f.hour} + minutes{f.minute} + seconds{f.second};
+}
+
+// How long from `now` until `when`, rounded up to a millisecond: zero for a past date, and
+// saturating at 2^31 s as delta-seconds do. Computed in seconds first, so that no date a header
+// can name overflows.
+milliseconds until(std::chrono::sys_seconds when,
+                   std::chrono::system_clock::time_point now) noexcept {
+    using namespace std::chrono;
+    // `now` split into whole seconds and a fraction in [0, 1 s), without converting seconds
+    // back to nanoseconds (which overflows near the ends of system_clock's range).
+    const std::int64_t ns = duration_cast<nanoseconds>(now.time_since_epoch()).count();
+    std::int64_t whole = ns / 1'000'000'000;
+    std::int64_t fraction_ns = ns % 1'000'000'000;
+    if (fraction_ns < 0) {
+        fraction_ns += 1'000'000'000;
+        --whole;
+    }
+    const std::int64_t then = when.time_since_epoch().count();
+    if (then <= whole) return milliseconds{0};
+    const std::int64_t ahead = then - whole;  // >= 1, no overflow: |then| < 4e11
+    if (ahead >= kMaxDeltaSeconds) return milliseconds{kMaxDeltaSeconds * 1000};
+    // ceil(ahead s - fraction) = ahead s - floor(fraction), in milliseconds.
+    const milliseconds fraction{fraction_ns / 1'000'000};
+    return milliseconds{ahead * 1000} - fraction;
 }
 
 std::optional<milliseconds> parse_delta_seconds(std::string_view v) noexcept {
@@ -209,8 +234,7 @@ std::optional<milliseconds> parse_retry_after(std::string_view value,
     if (!f) return std::nullopt;
     const auto when = to_time(*f);
     if (!when) return std::nullopt;
-    if (*when <= now) return milliseconds{0};
-    return ceil<milliseconds>(*when - now);
+    return until(*when, now);
 }
 
 std::optional<milliseconds> parse_retry_after_ms(std::string_view value) noexcept {

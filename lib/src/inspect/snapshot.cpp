@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include "shm/layout.hpp"
+#include "shm/names.hpp"
 #include "shm/process_identity.hpp"
 #include "shm/process_table.hpp"
 #include "shm/records.hpp"
@@ -41,7 +42,7 @@ std::string slot_state_string(SlotState st) {
 
 std::string key_of(const SegmentState& state, std::uint32_t record1) {
     if (record1 == 0 || record1 - 1 >= state.records_used()) return {};
-    return std::string(record_key(state.record(record1 - 1)));
+    return printable(record_key(state.record(record1 - 1)));
 }
 
 }  // namespace
@@ -74,7 +75,9 @@ RecordSnapshot snapshot_record(const SegmentState& state, std::uint32_t record, 
     RecordSnapshot out;
     out.index = record;
     out.kind = std::string(kind_name(static_cast<RecordKind>(r.header.kind)));
-    out.key = std::string(record_key(r));
+    // A valid key is printable ASCII; a damaged one is shown with its other bytes as \xNN, so
+    // that no renderer can be made to print terminal escapes or invalid UTF-8.
+    out.key = printable(record_key(r));
     out.created_wall_ns = r.header.created_wall_ns;
     out.creator_pid = r.header.creator_pid;
     out.admitted_total = r.header.admitted_retired.load(std::memory_order_relaxed);

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 #include <utility>
@@ -103,8 +104,18 @@ RecordSnapshot snapshot_record(const SegmentState& state, std::uint32_t record, 
 SegmentSnapshot snapshot_segment(const SegmentState& state, TimePoint now);
 
 // The CLOCK_MONOTONIC time as seen in a snapshot, for families that read deadlines.
+// In double, so that no pair of values read from a damaged segment can overflow.
 inline double seconds_between(std::int64_t from_ns, std::int64_t to_ns) {
-    return to_ns > from_ns ? static_cast<double>(to_ns - from_ns) / 1e9 : 0.0;
+    return to_ns > from_ns ? (static_cast<double>(to_ns) - static_cast<double>(from_ns)) / 1e9
+                           : 0.0;
+}
+
+// a + b, saturating at the ends of int64 (sums of values read from the segment or options).
+inline std::int64_t saturating_add(std::int64_t a, std::int64_t b) {
+    std::int64_t sum = 0;
+    if (!__builtin_add_overflow(a, b, &sum)) return sum;
+    return b > 0 ? std::numeric_limits<std::int64_t>::max()
+                 : std::numeric_limits<std::int64_t>::min();
 }
 
 // Formats a number as people read it: integers without a fraction, others to 4 decimals.

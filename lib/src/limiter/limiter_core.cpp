@@ -198,9 +198,10 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
         const auto f = static_cast<std::int64_t>(fw);
         // A decision that changes nothing is only as good as the configuration it read: check
         // that the generation did not move meanwhile (as a seqlock reader does).
-        const auto refuse = [&] {
-            if (BucketWord::gen(bucket.load(std::memory_order_seq_cst)) != gen) return false;
-            raise_time(t);
+        // (Copies of the bindings: C++20 lambdas cannot capture structured bindings in clang 14.)
+        const auto refuse = [&, read_gen = gen, read_t = t] {
+            if (BucketWord::gen(bucket.load(std::memory_order_seq_cst)) != read_gen) return false;
+            raise_time(read_t);
             return true;
         };
         if (n > p.bucket_size) {

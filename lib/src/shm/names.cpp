@@ -36,7 +36,7 @@ std::string printable(std::string_view text) {
     std::string out;
     out.reserve(text.size());
     for (unsigned char c : text) {
-        if (c >= 0x20 && c < 0x7F) {
+        if (c >= 0x20 && c < 0x7F && c != '\\') {
             out.push_back(static_cast<char>(c));
         } else {
             out += fmt::format("\\x{:02x}", c);

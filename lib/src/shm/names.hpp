@@ -19,8 +19,9 @@ void validate_key(std::string_view key);
 // so the object appears as /dev/shm/lim.<name>).
 std::string shm_object_name(std::string_view segment_name);
 
-// `text` with every byte outside printable ASCII written as \xNN, for error messages that must
-// stay one readable line whatever the caller passed.
+// `text` with every byte outside printable ASCII (and the backslash) written as \xNN, for error
+// messages and limctl's output, which must stay one readable line of valid UTF-8 whatever the
+// caller or a damaged segment or file name holds.
 std::string printable(std::string_view text);
 
 }  // namespace lim::detail

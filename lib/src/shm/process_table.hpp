@@ -41,7 +41,7 @@ struct HolderCacheEntry {
 // sets aside for libraries loaded with dlopen).
 inline constexpr int kHolderCacheSize = 4;
 inline constinit thread_local HolderCacheEntry tl_holder_cache[kHolderCacheSize]
-    __attribute__((tls_model("initial-exec")));
+    __attribute__((tls_model("initial-exec"))) = {};
 
 // Slow path of holder(): finds this thread's slot in `state` again (after a cache eviction) or
 // claims a new one. Throws Error(table_full) when every slot is taken.

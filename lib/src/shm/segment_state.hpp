@@ -4,15 +4,13 @@
 // long as anything uses it.
 #pragma once
 
-#include <boost/interprocess/mapped_region.hpp>
-#include <boost/interprocess/shared_memory_object.hpp>
-
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "lim/error.hpp"
 #include "lim/segment.hpp"
 #include "shm/layout.hpp"
 
@@ -26,8 +24,13 @@ class SegmentState : public std::enable_shared_from_this<SegmentState> {
     // and the segment does not exist (or was abandoned half-initialised by a creator that died).
     // Validates every header field and every table offset against the mapping before returning.
     // A read-write attach registers the calling thread's slot and, if options.reap_on_attach,
-    // reaps dead processes. A read_only attach maps the segment read-only and registers nothing
-    // (limctl's read commands use it so that they can never write).
+    // reaps dead processes. A read_only attach copies the segment with pread into private memory,
+    // validates the copy and registers nothing (limctl's read commands use it: they can never
+    // write, a file that shrinks meanwhile is an error rather than SIGBUS, and they never wait:
+    // an unready segment throws UnreadySegment at once).
+    // Only regular files are opened (never through a symbolic link, never blocking on a FIFO);
+    // the owner and mode checks are described in docs/security.md. Every failure, including the
+    // operating system's, is thrown as lim::Error.
     static std::shared_ptr<SegmentState> attach(std::string_view name,
                                                 const SegmentOptions& options, bool create,
                                                 Access access);
@@ -87,20 +90,29 @@ class SegmentState : public std::enable_shared_from_this<SegmentState> {
 
   private:
     SegmentState(std::string name, Access access);
-    void validate_and_map(boost::interprocess::shared_memory_object shm);
+    static std::shared_ptr<SegmentState> attach_file(std::string_view name,
+                                                     const SegmentOptions& options, bool create,
+                                                     Access access);
+    void validate_and_map(int fd);
     void release_own_slots() noexcept;
 
     std::string name_;
     Access access_;
     bool created_ = false;
     std::uint64_t uid_;
-    boost::interprocess::shared_memory_object shm_;
-    boost::interprocess::mapped_region region_;
-    std::byte* base_ = nullptr;
+    int fd_ = -1;
+    std::byte* base_ = nullptr;  // MAP_SHARED of fd_ (read_write) or a private copy (read_only)
     std::uint64_t size_ = 0;
     Geometry geometry_{};
     Duration reap_after_{};
     SlotLocks slot_locks_;
+};
+
+// What a read_only attach throws for a segment that is not initialised (being created, or
+// abandoned by a creator that died): code corrupt_segment, so that `limctl ls` can say "unready".
+class UnreadySegment : public Error {
+  public:
+    using Error::Error;
 };
 
 // Throws Error(invalid_argument) unless `options` describe a segment lim can create.
