@@ -25,6 +25,7 @@
 #include "shm/layout.hpp"
 #include "shm/record_handle.hpp"
 #include "sync/pacing.hpp"
+#include "sync/saturating.hpp"
 
 namespace lim::detail {
 
@@ -96,21 +97,6 @@ struct DispatchBody {
 static_assert(sizeof(DispatchBody) <= kRecordBodySize);
 static_assert(offsetof(DispatchBody, throttled) == kCacheLine);
 static_assert(offsetof(DispatchBody, bytes) == 2 * kCacheLine);
-
-// Saturating arithmetic on nanosecond counts: a deadline read from the segment, a huge
-// backoff_window or an injected clock must never wrap a sum into the past.
-constexpr std::int64_t saturating_add(std::int64_t a, std::int64_t b) noexcept {
-    std::int64_t r = 0;
-    if (!__builtin_add_overflow(a, b, &r)) return r;
-    return b > 0 ? std::numeric_limits<std::int64_t>::max()
-                 : std::numeric_limits<std::int64_t>::min();
-}
-constexpr std::int64_t saturating_sub(std::int64_t a, std::int64_t b) noexcept {
-    std::int64_t r = 0;
-    if (!__builtin_sub_overflow(a, b, &r)) return r;
-    return b < 0 ? std::numeric_limits<std::int64_t>::max()
-                 : std::numeric_limits<std::int64_t>::min();
-}
 
 // Backoff as Foundation defines it: active while now < until, or now - until < window.
 constexpr bool backoff_active_at(std::int64_t now_ns, std::int64_t until_ns,

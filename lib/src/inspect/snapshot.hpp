@@ -14,6 +14,7 @@
 
 #include "lim/clock.hpp"
 #include "shm/segment_state.hpp"
+#include "sync/saturating.hpp"
 
 namespace lim::detail {
 
@@ -108,14 +109,6 @@ SegmentSnapshot snapshot_segment(const SegmentState& state, TimePoint now);
 inline double seconds_between(std::int64_t from_ns, std::int64_t to_ns) {
     return to_ns > from_ns ? (static_cast<double>(to_ns) - static_cast<double>(from_ns)) / 1e9
                            : 0.0;
-}
-
-// a + b, saturating at the ends of int64 (sums of values read from the segment or options).
-inline std::int64_t saturating_add(std::int64_t a, std::int64_t b) {
-    std::int64_t sum = 0;
-    if (!__builtin_add_overflow(a, b, &sum)) return sum;
-    return b > 0 ? std::numeric_limits<std::int64_t>::max()
-                 : std::numeric_limits<std::int64_t>::min();
 }
 
 // Formats a number as people read it: integers without a fraction, others to 4 decimals.
