@@ -121,9 +121,9 @@ std::optional<std::int64_t> DripRate::elapsed_for(std::int64_t units) const noex
 // ---------------------------------------------------------------------------------------------
 
 void store_params(ConfigBlock& block, const LimiterParams& p) noexcept {
-    const std::uint32_t flags =
-        (p.rate_infinite ? kRateInfinite : 0) | (p.target_infinite ? kTargetInfinite : 0) |
-        (p.consumed ? kConsumed : 0);
+    const std::uint32_t flags = (p.rate_infinite ? kRateInfinite : 0) |
+                                (p.target_infinite ? kTargetInfinite : 0) |
+                                (p.consumed ? kConsumed : 0);
     block.flags.store(flags, std::memory_order_release);
     block.rate_bits.store(std::bit_cast<std::uint64_t>(p.rate_per_sec), std::memory_order_release);
     block.drip_m.store(p.drip.m, std::memory_order_release);
@@ -203,7 +203,13 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
     std::atomic<std::uint64_t>& bucket = body_.bucket;
     std::uint64_t fw = in_flight.load(std::memory_order_seq_cst);
     for (;;) {
-        auto [s, gen, p, t] = begin(hold, fw, now_ns);
+        // Plain variables, not a structured binding: the lambda below captures them (clang 14
+        // rejects capturing structured bindings).
+        const Attempt a = begin(hold, fw, now_ns);
+        std::uint64_t s = a.s;
+        const std::uint32_t gen = a.gen;
+        const LimiterParams& p = a.p;
+        const std::int64_t t = a.t;
         const auto f = static_cast<std::int64_t>(fw);
         // A decision that changes nothing is only as good as the configuration it read: check
         // that the generation did not move meanwhile (as a seqlock reader does).
