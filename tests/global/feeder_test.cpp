@@ -354,3 +354,167 @@ TEST_CASE(
         std::remove(("/dev/shm/lim-feeder." + guard.name() + ".lock").c_str());
     }
 }
+
+namespace {
+
+// A worker whose pace its host's `mode` sets: 0 idle, 1 every 25 ms, 2 every 1 ms, 3 quit.
+int paced_worker(const std::string& segment, const std::atomic<int>* mode, Admission* log,
+                 std::int64_t* count) {
+    std::optional<lim::Segment> seg;
+    if (!lim::test::eventually(
+            [&] {
+                try {
+                    seg.emplace(lim::Segment::open(segment));
+                    return seg->info().limiters >= 4;
+                } catch (const lim::Error&) {
+                    return false;
+                }
+            },
+            10s)) {
+        return 3;
+    }
+    auto tb = lim::TokenBucket::open(
+        *seg, kKey, {.burst_size = kBurst, .sustained_rate_per_sec = kRate}, lim::adopt_existing);
+    std::int64_t n = 0;
+    for (int m = mode->load(); m != 3 && n < static_cast<std::int64_t>(kPerWorker);
+         m = mode->load()) {
+        if (m == 0) {
+            std::this_thread::sleep_for(2ms);
+            continue;
+        }
+        const std::int64_t before = now_ns();
+        const bool taken = tb.try_take(1) == lim::TryTake::taken;
+        const std::int64_t after = now_ns();
+        if (taken) log[n++] = Admission{before, after, 10'000};
+        std::this_thread::sleep_for(m == 1 ? 25ms : 1ms);
+    }
+    *count = n;
+    return 0;
+}
+
+}  // namespace
+
+// Issue 12's overspend: the lease deadline used to be enforced by the feeder alone, so a host
+// whose feeder was stopped for longer than the grace could spend what was left of its lease after
+// Redis had freed it and let the budget refill for the others. The takers now enforce it.
+TEST_CASE("lim-feeder: a stopped feeder's host spends nothing past its lease deadline") {
+    const std::string redis_bin = lim::test::find_redis_server();
+    if (redis_bin.empty()) {
+        MESSAGE("SKIPPED: redis-server is not installed (apt-get install redis-server)");
+        return;
+    }
+    char dir_template[] = "/tmp/lim-feeder-stop-XXXXXX";
+    REQUIRE(::mkdtemp(dir_template) != nullptr);
+    const std::string dir = dir_template;
+    lim::test::RedisServer redis(redis_bin, lim::test::free_port(), dir + "/redis.log");
+    REQUIRE(redis.start());
+
+    constexpr int kHosts = 2;
+    constexpr int kWorkersPerHost = 2;
+    std::vector<std::unique_ptr<lim::test::SegmentGuard>> guards;
+    std::vector<std::unique_ptr<Host>> hosts;
+    for (int h = 0; h < kHosts; ++h) {
+        guards.push_back(std::make_unique<lim::test::SegmentGuard>(
+            lim::test::unique_name("stop" + std::to_string(h))));
+        auto host = std::make_unique<Host>();
+        host->segment = guards.back()->name();
+        host->config = write_config(dir, h, host->segment, redis.port());
+        host->log = dir + "/feeder" + std::to_string(h) + ".log";
+        start_feeder(*host);
+        hosts.push_back(std::move(host));
+    }
+    constexpr int kWorkers = kHosts * kWorkersPerHost;
+    lim::test::AdmissionLog log(kWorkers, kPerWorker);
+    auto* counts = lim::test::shared_array<std::int64_t>(kWorkers);
+    auto* modes = lim::test::shared_array<std::atomic<int>>(kHosts);
+    for (int h = 0; h < kHosts; ++h)
+        new (modes + h) std::atomic<int>(0);
+    std::vector<pid_t> pids;
+    for (int w = 0; w < kWorkers; ++w) {
+        const int h = w / kWorkersPerHost;
+        Admission* part = log.part(w);
+        std::int64_t* count = counts + w;
+        const std::string segment = hosts[h]->segment;
+        const std::atomic<int>* mode = modes + h;
+        pids.push_back(lim::test::fork_child(
+            [segment, mode, part, count] { return paced_worker(segment, mode, part, count); }));
+    }
+    const auto admissions_of = [&](int h) {
+        std::vector<Admission> out;
+        for (int w = h * kWorkersPerHost; w < (h + 1) * kWorkersPerHost; ++w)
+            out.insert(out.end(), log.part(w), log.part(w) + counts[w]);
+        return out;
+    };
+
+    // Past the fence (lease_ttl + grace = 1 s), host 0 spends 80/s of the 100/s, so its lease
+    // stays well filled (about 4 refreshes of demand: ~16 tokens).
+    std::this_thread::sleep_for(1200ms);
+    modes[0].store(1);
+    std::this_thread::sleep_for(1500ms);
+    // Host 0's workers pause and its feeder stops, with its lease unspent. Host 1 gets busy and
+    // takes what the global bucket has (Redis frees host 0's lease ttl + grace after its last
+    // renewal), then goes idle so that the bucket refills to the burst.
+    modes[0].store(0);
+    hosts[0]->feeder.signal(SIGSTOP);
+    const std::int64_t stopped = now_ns();
+    modes[1].store(2);
+    std::this_thread::sleep_for(1300ms);
+    modes[1].store(0);
+    std::this_thread::sleep_for(700ms);
+    // Both hosts now take as fast as they can, host 0's feeder still stopped: host 1 takes the
+    // full burst and the rate; host 0 must take nothing (its deadline passed ~1.5 s ago). Before
+    // the takers enforced the deadline, host 0 spent what was left of its lease here, on top.
+    const std::int64_t resumed = now_ns();
+    modes[0].store(2);
+    modes[1].store(2);
+    std::this_thread::sleep_for(1000ms);
+    // Host 1 goes idle as host 0's feeder runs again, so that host 0 is surely fed (Redis shares
+    // the bucket as it is at each call: two feeders ticking in phase can starve the one that
+    // always calls second).
+    modes[1].store(0);
+    const std::int64_t continued = now_ns();
+    hosts[0]->feeder.signal(SIGCONT);
+    std::this_thread::sleep_for(1500ms);
+    const std::int64_t end = now_ns();
+    modes[0].store(3);
+    modes[1].store(3);
+    for (const pid_t p : pids)
+        CHECK(lim::test::wait_child(p) == 0);
+    for (auto& h : hosts) {
+        const int status = h->feeder.stop(SIGTERM);
+        CHECK(WIFEXITED(status));
+        CHECK(WEXITSTATUS(status) == 0);
+    }
+    redis.kill();
+
+    const auto busy = admissions_of(0);
+    const auto other = admissions_of(1);
+    std::vector<Admission> all = busy;
+    all.insert(all.end(), other.begin(), other.end());
+    const lim::test::BucketCheck check =
+        lim::test::check_bucket(all, kBurst * 10'000, kRate * 10'000, 10'000, all.size());
+    MESSAGE("host 0: " << count_between(busy, 0, stopped) << " before its feeder stopped, "
+                       << count_between(busy, stopped, continued) << " while stopped, "
+                       << count_between(busy, continued, end)
+                       << " after; host 1: " << count_between(other, stopped, resumed)
+                       << " while host 0 paused, " << count_between(other, resumed, end)
+                       << " after; worst window excess " << check.worst_excess_units / 10'000.0
+                       << " tokens (<= 0 conforms, 1 token of rounding allowed)");
+    // The scenario happened: host 0 held and spent a lease, host 1 took the freed budget.
+    CHECK(count_between(busy, 0, stopped) >= 40);
+    CHECK(count_between(other, stopped, resumed) >= 20);
+    CHECK(count_between(other, resumed, continued) >= 20);
+    // The bound over all hosts, in every window.
+    CHECK(check.worst_excess_units <= 0);
+    // Host 0 admitted nothing from its deadline (at most lease_ttl after its last ask, before
+    // the stop) until its feeder ran again; then it is fed again.
+    CHECK(count_between(busy, stopped + 550'000'000, continued) == 0);
+    CHECK(count_between(busy, continued, end) > 10);
+    if (check.worst_excess_units > 0) {
+        for (auto& h : hosts)
+            MESSAGE(lim::test::read_file(h->log));
+    }
+    for (auto& h : hosts)
+        std::remove(("/dev/shm/lim-feeder." + h->segment + ".lock").c_str());
+    std::remove((dir + "/redis.log").c_str());
+}

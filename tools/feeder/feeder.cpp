@@ -42,6 +42,12 @@ void set_status(BackoffWindow& w, TimePoint at, TimePoint now) {
     w.set(std::max(Duration::zero(), at - now), now);
 }
 
+// The record's lease deadline, which its takers enforce (lim/consumed_limiter.hpp). A record
+// that is not consumed (a worker made it first: warned at start) has none.
+void set_deadline(const Limiter& local, std::optional<TimePoint> deadline) {
+    if (is_consumed(local)) set_lease_deadline(local, deadline);
+}
+
 }  // namespace
 
 Feeder::Feeder(Config config)
@@ -79,10 +85,16 @@ Feeder::Feeder(Config config)
         const InfiniteOrFinite<double> target = r.local.token_target_level();
         const std::optional<TimePoint> until = r.lease_status.until();
         if (target.is_finite() && until && *until > now) {
-            // Reconcile: a previous feeder's lease is still live; keep it until its deadline.
-            r.deadline = *until;
+            // Reconcile: a previous feeder's lease is still live; keep it until its deadline,
+            // which the takers already enforce (the record's own word, if set, is the earlier).
+            const std::optional<TimePoint> word = lease_deadline(r.local);
+            r.deadline = word ? std::min(*word, *until) : *until;
+            if (!word) set_deadline(r.local, r.deadline);
         } else {
+            // No live lease: nothing unspent is ours. Lower the target first, then end the
+            // lease in the record (its takers refuse from now on).
             r.local.set_token_target_level(now, in_flight);
+            set_deadline(r.local, now);
             r.lease_status.clear();
         }
         r.last_in_flight = in_flight;
@@ -116,6 +128,15 @@ void Feeder::set_available(Rate& r, double in_flight, double available) {
     r.local.set_token_target_level(Clock::now(), in_flight + std::max(0.0, available));
 }
 
+void Feeder::feed_open(Rate& r, double in_flight, double& available, double dt) {
+    // on_redis_down = "open": admit at the global rate on this host alone (the bound over all
+    // hosts does not hold meanwhile; docs/global.md). No lease, so no deadline: removed before
+    // the target rises.
+    set_deadline(r.local, std::nullopt);
+    available = std::min(r.g.burst_size, available + r.g.sustained_rate_per_sec * dt);
+    set_available(r, in_flight, available);
+}
+
 void Feeder::note_contact(Rate& r, TimePoint now) {
     set_status(r.contact_status, now + kContactHorizon, now);
 }
@@ -139,6 +160,7 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
     }
     double available = std::max(0.0, target - in_flight);
     // The lease ran out (no answer from Redis for lease_ttl): what is unspent is removed.
+    // The takers have refused since the deadline (the record carries it); this only tidies up.
     if (r.deadline && now >= *r.deadline) {
         set_available(r, in_flight, 0);
         available = 0;
@@ -163,14 +185,14 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
         returned = available - r.desired;
         available = r.desired;
         set_available(r, in_flight, available);
+        // Takes between the read of F and the switch may have eaten beyond `desired` into what
+        // is returned: those were spent, so they are not returned (F read again after the switch
+        // bounds them from above: under-returning is under-use, never over-use).
+        returned -= std::max(0.0, r.local.in_flight(Clock::now()) - in_flight - available);
+        returned = std::max(0.0, returned);
     }
     if (!redis_ok) {
-        if (config_.fail_open && !r.deadline) {
-            // on_redis_down = "open": admit at the global rate on this host alone (the bound
-            // over all hosts does not hold meanwhile; docs/global.md).
-            available = std::min(r.g.burst_size, available + r.g.sustained_rate_per_sec * dt);
-            set_available(r, in_flight, available);
-        }
+        if (config_.fail_open && !r.deadline) feed_open(r, in_flight, available, dt);
         return;
     }
     const double want = std::max(0.0, r.desired - available);
@@ -186,10 +208,7 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
     if (!reply || reply->size() != 3) {
         redis_ok = false;
         log_redis(false);
-        if (config_.fail_open && !r.deadline) {
-            available = std::min(r.g.burst_size, available + r.g.sustained_rate_per_sec * dt);
-            set_available(r, in_flight, available);
-        }
+        if (config_.fail_open && !r.deadline) feed_open(r, in_flight, available, dt);
         return;
     }
     log_redis(true);
@@ -198,6 +217,9 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
     const TimePoint answered = Clock::now();
     // Tokens spent since `in_flight` was read were counted in `available`: they are gone from
     // the target as they are from the lease. Keep what Redis lets us keep, add the grant.
+    // A record with no deadline (fed while Redis was down with on_redis_down = "open", or reset)
+    // gets a past one first, so that nothing raised below is spendable without one.
+    if (is_consumed(r.local) && !lease_deadline(r.local)) set_deadline(r.local, asked);
     const double now_available = std::min(available, keep) + granted;
     if (now_available != available) {
         if (keep < available) {
@@ -207,7 +229,10 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
                                            r.local.token_target_level().value_or(0) + granted);
         }
     }
+    // Only now, with the target what Redis counts, the new deadline: the takers enforce it
+    // themselves, so no token Redis does not count is ever spendable under it (docs/global.md).
     r.deadline = asked + std::chrono::duration_cast<Duration>(config_.lease_ttl);
+    set_deadline(r.local, r.deadline);
     note_lease(r);
     note_contact(r, answered);
 }
@@ -252,11 +277,15 @@ void Feeder::give_back() {
         const double available =
             std::max(0.0, r.local.token_target_level().value_or(in_flight) - in_flight);
         set_available(r, in_flight, 0);
+        set_deadline(r.local, Clock::now());  // after the target: let the lease go
+        // What was taken between the read of F and the switch was spent, not returned.
+        const double spent = std::max(0.0, r.local.in_flight(Clock::now()) - in_flight);
+        const double returned = std::max(0.0, available - spent);
         r.deadline.reset();
         note_lease(r);
         redis_.eval(
             lease_script_, r.keys,
-            {config_.host, "0", std::to_string(to_units(available)), "0",
+            {config_.host, "0", std::to_string(to_units(returned)), "0",
              std::to_string(config_.lease_ttl.count()), std::to_string(to_units(r.g.burst_size)),
              std::to_string(to_units(r.g.sustained_rate_per_sec)),
              std::to_string(config_.lease_ttl.count())});

@@ -55,6 +55,7 @@ class Feeder {
     void tick_rate(Rate& r, TimePoint now, bool& redis_ok);
     void tick_backoff(Backoff& b, bool& redis_ok);
     void set_available(Rate& r, double in_flight, double available);
+    void feed_open(Rate& r, double in_flight, double& available, double dt);
     void note_contact(Rate& r, TimePoint now);
     void note_lease(Rate& r);
     void log_redis(bool ok);

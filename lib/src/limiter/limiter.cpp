@@ -269,6 +269,15 @@ Availability Limiter::tokens_may_be_available_when(TimePoint now, double n) cons
     const detail::LimiterReading r = detail::core_of(ref_).read(detail::bounded_now_ns(now));
     const detail::LimiterParams& p = r.params;
     if (units > p.bucket_size) return Availability::never_because_greater_than_bucket_size();
+    if (p.consumed) {
+        // Past a consumed record's lease deadline nothing is admitted until a new deadline is
+        // set (which wakes sleepers), whatever the bucket holds: no time to wait for.
+        const std::int64_t deadline =
+            detail::core_of(ref_).body().lease_deadline_ns.load(std::memory_order_seq_cst);
+        if (deadline != detail::kNoLeaseDeadline && r.t_ns >= deadline) {
+            return Availability::when_return_to_hopper_is_called();
+        }
+    }
     const std::int64_t missing = units - r.in_bucket;
     if (missing <= 0) return Availability::at(from_nanos(r.t_ns));
     if (p.rate_infinite) return Availability::when_return_to_hopper_is_called();

@@ -31,6 +31,14 @@ std::int64_t clamp_units(u128 v) noexcept {
     return v > static_cast<u128>(kMaxInFlight) ? kMaxInFlight : static_cast<std::int64_t>(v);
 }
 
+// A consumed record's take that landed (its CAS succeeded) is admitted only if CLOCK_MONOTONIC,
+// read after that CAS, is still before the lease deadline `deadline` read before it. Otherwise
+// its tokens stay in flight, consumed and not admitted: the state a taker killed between the CAS
+// and this check leaves (docs/design.md ("The Limiter family"), "Lease deadlines").
+bool landed_before(std::int64_t deadline) noexcept {
+    return to_nanos(Clock::now()) < deadline;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -113,9 +121,9 @@ std::optional<std::int64_t> DripRate::elapsed_for(std::int64_t units) const noex
 // ---------------------------------------------------------------------------------------------
 
 void store_params(ConfigBlock& block, const LimiterParams& p) noexcept {
-    const std::uint32_t flags =
-        (p.rate_infinite ? kRateInfinite : 0) | (p.target_infinite ? kTargetInfinite : 0) |
-        (p.consumed ? kConsumed : 0);
+    const std::uint32_t flags = (p.rate_infinite ? kRateInfinite : 0) |
+                                (p.target_infinite ? kTargetInfinite : 0) |
+                                (p.consumed ? kConsumed : 0);
     block.flags.store(flags, std::memory_order_release);
     block.rate_bits.store(std::bit_cast<std::uint64_t>(p.rate_per_sec), std::memory_order_release);
     block.drip_m.store(p.drip.m, std::memory_order_release);
@@ -149,6 +157,7 @@ void init_limiter_body(LimiterBody& body, const LimiterRecordConfig& config,
     const std::int64_t x = p.rate_infinite ? 0 : -config.initial_bucket_level;
     body.bucket.store(BucketWord::make(0, x), std::memory_order_relaxed);
     body.time_ns.store(now_ns, std::memory_order_relaxed);
+    body.lease_deadline_ns.store(kNoLeaseDeadline, std::memory_order_relaxed);
     body.in_flight.store(0, std::memory_order_release);
 }
 
@@ -194,7 +203,13 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
     std::atomic<std::uint64_t>& bucket = body_.bucket;
     std::uint64_t fw = in_flight.load(std::memory_order_seq_cst);
     for (;;) {
-        auto [s, gen, p, t] = begin(hold, fw, now_ns);
+        // Plain variables, not a structured binding: the lambda below captures them (clang 14
+        // rejects capturing structured bindings).
+        const Attempt a = begin(hold, fw, now_ns);
+        std::uint64_t s = a.s;
+        const std::uint32_t gen = a.gen;
+        const LimiterParams& p = a.p;
+        const std::int64_t t = a.t;
         const auto f = static_cast<std::int64_t>(fw);
         // A decision that changes nothing is only as good as the configuration it read: check
         // that the generation did not move meanwhile (as a seqlock reader does).
@@ -213,6 +228,18 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
         // Checking against it is what bounds what is in flight by the target (see the design).
         const std::int64_t cap = p.cap(f);
         const bool room = f <= kMaxInFlight - n;
+        // A consumed record's lease deadline, read before the CAS that takes (the deadline the
+        // landed take is checked against must be one stored before it: see the design). A
+        // take whose time is already at or past it is refused without taking.
+        std::int64_t deadline = kNoLeaseDeadline;
+        if (p.consumed) [[unlikely]] {
+            deadline = body_.lease_deadline_ns.load(std::memory_order_seq_cst);
+            if (deadline != kNoLeaseDeadline && t >= deadline) {
+                if (refuse()) return TakeOutcome::unable;
+                fw = in_flight.load(std::memory_order_seq_cst);
+                continue;
+            }
+        }
         if (p.rate_infinite) {
             // The bucket is the cap; a take is one CAS on F, validated against a switch.
             if (cap < n || !room) {
@@ -231,6 +258,9 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
                 rollback_tentative(n);
                 fw = in_flight.load(std::memory_order_seq_cst);
                 continue;
+            }
+            if (deadline != kNoLeaseDeadline && !landed_before(deadline)) {
+                return TakeOutcome::unable;  // late: consumed (stays in flight), not admitted
             }
             if (!p.consumed) hold.add(0, n);  // consumed: nothing for recovery to give back
             hold.admitted();
@@ -261,6 +291,11 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
             const std::uint64_t next = BucketWord::make(gen, std::max(x, d - cap) + n);
             if (bucket.compare_exchange_weak(s, next, std::memory_order_seq_cst,
                                              std::memory_order_seq_cst)) {
+                LIM_RACE_POINT();
+                if (deadline != kNoLeaseDeadline && !landed_before(deadline)) {
+                    raise_time(t);
+                    return TakeOutcome::unable;  // late: consumed (in flight), not admitted
+                }
                 if (!p.consumed) hold.add(0, n);
                 hold.admitted();
                 raise_time(t);

@@ -23,6 +23,8 @@
 //   in_flight  F: token units in flight; bit 63 is kFrozen (crash recovery recounts this word)
 //   bucket     S: config generation (16 bits) | X (48 bits, signed)
 //   time       L: the limiter's time (CLOCK_MONOTONIC ns), raised after each operation
+//   lease      the lease deadline (CLOCK_MONOTONIC ns) of a kConsumed record, 0 = none; takes
+//              at or after it are not admitted (lim::set_lease_deadline; docs/global.md)
 // The configuration lives in two blocks; S's generation selects the current one. Changing it
 // (rare) writes the other block under the segment's config lock, then switches with a CAS on S
 // that also folds the bucket at the switch time: every hot-path CAS on S expects a generation,
@@ -171,13 +173,21 @@ struct LimiterBody {
     alignas(kCacheLine) std::atomic<std::uint64_t> in_flight;  // F, kFrozen in bit 63
     std::atomic<std::uint64_t> bucket;                         // S = generation | X
     std::atomic<std::int64_t> time_ns;                         // L
-    std::atomic<std::uint64_t> reserved0[5];
+    // kConsumed records only: no take is admitted at or after this CLOCK_MONOTONIC time
+    // (kNoLeaseDeadline: none). Written by lim::set_lease_deadline (lim-feeder), read by takes
+    // on consumed records before their CAS; ignored on any other record.
+    std::atomic<std::int64_t> lease_deadline_ns;
+    std::atomic<std::uint64_t> reserved0[4];
     // Line 1: sleepers in take/take_until; written only when a thread starts or stops sleeping.
     WakeChannel wake;
     // Lines 2-3: the two configuration blocks, read-mostly.
     ConfigBlock config[2];
 };
 static_assert(sizeof(LimiterBody) == 4 * kCacheLine);
+
+// LimiterBody::lease_deadline_ns when a consumed record has no lease deadline: its target alone
+// bounds it (a record no feeder has set, or lim-feeder's on_redis_down = "open").
+inline constexpr std::int64_t kNoLeaseDeadline = 0;
 static_assert(sizeof(LimiterBody) <= kRecordBodySize);
 static_assert(std::atomic<std::int64_t>::is_always_lock_free);
 
