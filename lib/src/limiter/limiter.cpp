@@ -188,7 +188,7 @@ std::int64_t amount_units_slow(const RecordRef& ref, std::string_view op, double
     throw Error(Errc::over_release,
                 fmt::format("{}: return_to_hopper({}) but this process took {} of the tokens in "
                             "flight; tokens taken by another process can only be returned by that "
-                            "process",
+                            "process (or handed over: hand_off_jobs, receive)",
                             where(ref), n, to_tokens(std::max<std::int64_t>(mine, 0))));
 }
 
@@ -435,6 +435,23 @@ StartJob JobLimiterFacade::try_start_job(TimePoint now) {
     const Availability when = limiter_.tokens_may_be_available_when(now, 1.0);
     if (when.kind() == Availability::Kind::at) return StartJob::unable_until_at_least(when.time());
     return StartJob::max_concurrent_jobs_running();
+}
+
+HandOff JobLimiterFacade::hand_off_jobs(std::int64_t n) {
+    const detail::RecordRef& ref = detail::LimiterAccess::ref(limiter_);
+    if (n < 1 || n > 1'000'000'000) {
+        throw Error(
+            Errc::invalid_argument,
+            fmt::format("{}: hand_off_jobs({}): the count must be 1..1e9", detail::where(ref), n));
+    }
+    return detail::hand_off_units(*ref.state, ref.index, /*layer=*/0,
+                                  static_cast<std::uint64_t>(n * kTokenResolution), "limiter",
+                                  ref.key());
+}
+
+bool JobLimiterFacade::receive(const HandOff& h) {
+    const detail::RecordRef& ref = detail::LimiterAccess::ref(limiter_);
+    return detail::receive_units(*ref.state, ref.index, /*layer=*/0, h, "limiter", ref.key());
 }
 
 std::int64_t JobLimiterFacade::max_concurrent_jobs() const noexcept {
