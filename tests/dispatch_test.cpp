@@ -644,6 +644,31 @@ TEST_CASE("handles work in a forked child; permits stay with the process that to
     check_idle(d);
 }
 
+TEST_CASE("a permit moved to another thread of the acquiring process releases every layer") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("d-moved"));
+    auto seg = make_segment(guard);
+    auto d = Dispatch::open(seg, {.limiter = BackoffWindow::for_key(seg, "api"),
+                                  .key = "api",
+                                  .concurrency = 4,
+                                  .byte_budget = 1000,
+                                  .backoff_window = 1s});
+    Permit plain = d.acquire(100);  // packed: slot and bytes in one word
+    d.set_backoff(1s);
+    Permit throttled = d.acquire(10);  // slot, throttled slot and (penalised) bytes
+    REQUIRE(throttled.throttled());
+    const std::uint64_t bytes = d.snapshot().bytes_in_flight;
+    CHECK(bytes > 100);
+    // The releasing thread's own ledger holds none of it: the process-wide check lets it go.
+    std::thread([&] {
+        plain.release();
+        throttled.release();
+    }).join();
+    CHECK(d.snapshot().in_flight == 0);
+    CHECK(d.snapshot().throttled_in_flight == 0);
+    CHECK(d.snapshot().bytes_in_flight == 0);
+    CHECK(seg.reap().reaped.empty());
+}
+
 TEST_CASE("threads: no layer is ever exceeded, and everything comes back") {
     lim::test::SegmentGuard guard(lim::test::unique_name("d-threads"));
     auto seg = make_segment(guard);

@@ -131,3 +131,37 @@ TEST_CASE("guide: forked workers share one Dispatch") {
     for (const auto& p : report.reaped)
         CHECK(p.returned.empty());
 }
+
+TEST_CASE("guide: handing a holding to another process") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("guide-hand-off"));
+    auto seg = lim::Segment::open_or_create(guard.name());
+    auto db = lim::Semaphore::open(seg, "db", {.capacity = 8});
+    int fds[2];
+    REQUIRE(::pipe(fds) == 0);
+    const int to_worker = fds[1], from_dispatcher = fds[0];
+    int queries = 0;
+    const auto run_query = [&] { ++queries; };
+    const pid_t worker = lim::test::fork_child([&] {
+        // The worker process (same segment, same key): receive, then release as its own.
+        lim::HandOff ticket;
+        if (read(from_dispatcher, &ticket, sizeof ticket) != static_cast<ssize_t>(sizeof ticket))
+            return 1;
+        if (db.receive(ticket)) {
+            run_query();
+            db.release(2);
+        }
+        return queries == 1 && db.in_use() == 0 ? 0 : 2;
+    });
+    {
+        // The dispatcher: acquire, hand off, send the ticket.
+        db.acquire(2);
+        const lim::HandOff ticket = db.hand_off(2);
+        REQUIRE(write(to_worker, &ticket, sizeof ticket) == static_cast<ssize_t>(sizeof ticket));
+    }
+    CHECK(lim::test::wait_child(worker) == 0);
+    ::close(fds[0]);
+    ::close(fds[1]);
+    CHECK(db.in_use() == 0);
+    for (const auto& p : seg.reap().reaped)
+        CHECK(p.returned.empty());
+}

@@ -63,22 +63,31 @@ static void test_semaphore(lim_segment* seg) {
     lim_semaphore_close(other);
 
     /* A forked child uses the inherited handle; what it holds is its own. */
+    /* The parent hands one unit to the child (the struct travels as plain bytes; here, in the
+     * memory fork() copies); the child receives it once and releases it as its own. */
     OK(lim_semaphore_acquire(sem, 1));
+    lim_hand_off parcel;
+    memset(&parcel, 0, sizeof parcel);
+    CHECK(lim_semaphore_hand_off(sem, 2, &parcel) == LIM_OVER_RELEASE);
+    OK(lim_semaphore_hand_off(sem, 1, &parcel));
     pid_t pid = fork();
     if (pid == 0) {
-        int got = 0;
+        int got = 0, received = 0, again = 1;
         uint64_t used = 0;
         int rc = lim_semaphore_try_acquire(sem, 1, &got);
         rc |= lim_semaphore_in_use(sem, &used);
         rc |= lim_semaphore_release(sem, 1);
-        _exit(rc == 0 && got == 1 && used == 2 ? 0 : 1);
+        rc |= lim_semaphore_receive(sem, &parcel, &received);
+        rc |= lim_semaphore_receive(sem, &parcel, &again);
+        rc |= lim_semaphore_release(sem, 1);
+        _exit(rc == 0 && got == 1 && used == 2 && received == 1 && again == 0 ? 0 : 1);
     }
     forked_child = pid;
     int status = 0;
     CHECK(waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0);
     OK(lim_semaphore_in_use(sem, &v));
-    CHECK(v == 1);
-    OK(lim_semaphore_release(sem, 1));
+    CHECK(v == 0);
+    CHECK(lim_semaphore_release(sem, 1) == LIM_OVER_RELEASE); /* handed off: not the parent's */
     lim_semaphore_close(sem);
 
     lim_weighted_semaphore* ws = NULL;
@@ -196,6 +205,17 @@ static void test_limiters(lim_segment* seg) {
     int started = 0;
     OK(lim_throttle_start_job_until(th, lim_now_ns() + kSec / 100, &started));
     CHECK(started == 0);
+    /* A running job handed off and received (here by this process itself) is finished once. */
+    lim_hand_off job;
+    int received = 0;
+    CHECK(lim_throttle_hand_off_jobs(th, 0, &job) == LIM_INVALID_ARGUMENT);
+    CHECK(lim_throttle_hand_off_jobs(th, 2, &job) == LIM_OVER_RELEASE);
+    OK(lim_throttle_hand_off_jobs(th, 1, &job));
+    CHECK(lim_throttle_finish_job(th) == LIM_OVER_RELEASE); /* in the parcel: no one's yet */
+    OK(lim_throttle_receive(th, &job, &received));
+    CHECK(received == 1);
+    OK(lim_throttle_receive(th, &job, &received));
+    CHECK(received == 0);
     OK(lim_throttle_finish_job(th));
     lim_throttle_close(th);
 

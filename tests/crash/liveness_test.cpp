@@ -501,3 +501,49 @@ TEST_CASE("a holding handed off to another process is that process's to release,
     REQUIRE(seg.reap().reaped.size() == 1);
     CHECK(sem.in_use() == 0);
 }
+
+TEST_CASE("a job started by one process cannot be finished by another; by another thread it can") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("live-finish-elsewhere"));
+    auto seg = Segment::open_or_create(guard.name(), options(8));
+    auto th = Throttle::open(seg, "jobs", {.max_concurrent_jobs = 2});
+    auto trl = ThrottledRateLimiter::open(
+        seg, "paced", {.burst_size = 2, .sustained_rate_per_sec = 1, .max_concurrent_jobs = 2});
+    th.start_job();
+    trl.start_job();
+    const pid_t worker = lim::test::fork_child([&] {
+        int refused = 0;
+        try {
+            th.finish_job();
+        } catch (const Error& e) {
+            refused += e.code() == Errc::over_release;
+        }
+        try {
+            trl.finish_job();
+        } catch (const Error& e) {
+            refused += e.code() == Errc::over_release;
+        }
+        try {
+            th.limiter().return_to_hopper(1.0);
+        } catch (const Error& e) {
+            refused += e.code() == Errc::over_release;
+        }
+        return refused == 3 && th.limiter().in_flight() == 1 && trl.limiter().in_flight() == 1 ? 0
+                                                                                               : 1;
+    });
+    CHECK(lim::test::wait_child(worker) == 0);
+    for (const auto& p : seg.reap().reaped)
+        CHECK(p.returned.empty());
+    CHECK(th.limiter().in_flight() == 1);
+    CHECK(trl.limiter().in_flight() == 1);
+    // Another thread of the process that started the jobs may finish them.
+    std::thread([&] {
+        th.finish_job();
+        trl.finish_job();
+    }).join();
+    CHECK(th.limiter().in_flight() == 0);
+    CHECK(trl.limiter().in_flight() == 0);
+    CHECK(seg.reap().reaped.empty());
+    // With nothing in flight the process-wide check refuses too, and nothing changes.
+    CHECK_THROWS_AS(th.finish_job(), Error);
+    CHECK(th.limiter().in_flight() == 0);
+}

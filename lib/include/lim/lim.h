@@ -142,6 +142,24 @@ int lim_segment_reset(lim_segment* segment, const char* key, int force);
  * free or the deadline passes (then holds nothing). lim_semaphore_acquire blocks with no limit.
  * The weighted one is FIFO among waiters, try_acquire fails while anyone is queued, and an amount
  * above the capacity is clamped to it. Release of more than held: LIM_OVER_RELEASE. */
+/* A holding on its way from one process to another (lim/hand_off.hpp): plain bytes, to send by
+ * any means (a pipe, a socket, shared memory) to a process attached to the same segment. The
+ * _hand_off calls move `n` units (jobs for the job limiters) that this process holds into a
+ * parcel owned by this process (LIM_OVER_RELEASE if it holds fewer; LIM_INVALID_ARGUMENT for 0);
+ * they stay in use, and a reap gives them back if this process dies before they are received.
+ * The _receive calls make a parcel's units the calling process's: *received is 1, or 0 if the
+ * parcel is gone (received already, or its giver died); LIM_INVALID_ARGUMENT for a parcel of
+ * another limiter. Both block only briefly, while a reap or reset runs. Units acquired by one
+ * process are released by that process only (LIM_OVER_RELEASE otherwise): hand them off. */
+typedef struct lim_hand_off {
+    uint32_t slot;
+    uint32_t record;
+    uint64_t owner;
+    int64_t amount;
+    int32_t layer;
+    uint32_t reserved;
+} lim_hand_off;
+
 typedef struct lim_semaphore lim_semaphore;
 int lim_semaphore_open(lim_segment* segment, const char* key, uint64_t capacity, int flags,
                        lim_semaphore** out);
@@ -152,6 +170,8 @@ int lim_semaphore_release(lim_semaphore* sem, uint64_t n);
 int lim_semaphore_in_use(const lim_semaphore* sem, uint64_t* out);
 int lim_semaphore_capacity(const lim_semaphore* sem, uint64_t* out);
 int lim_semaphore_waiters(const lim_semaphore* sem, uint32_t* out);
+int lim_semaphore_hand_off(lim_semaphore* sem, uint64_t n, lim_hand_off* out);
+int lim_semaphore_receive(lim_semaphore* sem, const lim_hand_off* h, int* received);
 void lim_semaphore_close(lim_semaphore* sem);
 
 typedef struct lim_weighted_semaphore lim_weighted_semaphore;
@@ -165,6 +185,8 @@ int lim_weighted_semaphore_release(lim_weighted_semaphore* sem, uint64_t n);
 int lim_weighted_semaphore_in_use(const lim_weighted_semaphore* sem, uint64_t* out);
 int lim_weighted_semaphore_capacity(const lim_weighted_semaphore* sem, uint64_t* out);
 int lim_weighted_semaphore_waiters(const lim_weighted_semaphore* sem, uint32_t* out);
+int lim_weighted_semaphore_hand_off(lim_weighted_semaphore* sem, uint64_t n, lim_hand_off* out);
+int lim_weighted_semaphore_receive(lim_weighted_semaphore* sem, const lim_hand_off* h, int* received);
 void lim_weighted_semaphore_close(lim_weighted_semaphore* sem);
 
 /* ---- BackoffWindow ------------------------------------------------------------------------- */
@@ -367,6 +389,8 @@ int lim_throttle_start_job_until(lim_throttle* t, int64_t deadline_ns, int* star
 int lim_throttle_finish_job(lim_throttle* t);
 int lim_throttle_finish_job_at(lim_throttle* t, int64_t now_ns);
 int lim_throttle_state_get_at(const lim_throttle* t, int64_t now_ns, lim_limiter_state* out);
+int lim_throttle_hand_off_jobs(lim_throttle* t, int64_t n, lim_hand_off* out);
+int lim_throttle_receive(lim_throttle* t, const lim_hand_off* h, int* received);
 void lim_throttle_close(lim_throttle* t);
 
 typedef struct lim_throttled_rate_limiter lim_throttled_rate_limiter;
@@ -385,6 +409,8 @@ int lim_throttled_rate_limiter_finish_job(lim_throttled_rate_limiter* t);
 int lim_throttled_rate_limiter_finish_job_at(lim_throttled_rate_limiter* t, int64_t now_ns);
 int lim_throttled_rate_limiter_state_get_at(const lim_throttled_rate_limiter* t, int64_t now_ns,
                                             lim_limiter_state* out);
+int lim_throttled_rate_limiter_hand_off_jobs(lim_throttled_rate_limiter* t, int64_t n, lim_hand_off* out);
+int lim_throttled_rate_limiter_receive(lim_throttled_rate_limiter* t, const lim_hand_off* h, int* received);
 void lim_throttled_rate_limiter_close(lim_throttled_rate_limiter* t);
 
 /* ---- Retry-After ---------------------------------------------------------------------------- */

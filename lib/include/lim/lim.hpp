@@ -5,6 +5,7 @@
 #include "lim/clock.hpp"
 #include "lim/dispatch.hpp"
 #include "lim/error.hpp"
+#include "lim/hand_off.hpp"
 #include "lim/limiter.hpp"
 #include "lim/retry_after.hpp"
 #include "lim/segment.hpp"

@@ -54,6 +54,7 @@
 #include "lim/clock.hpp"
 #include "lim/detail/record_ref.hpp"
 #include "lim/error.hpp"
+#include "lim/hand_off.hpp"
 #include "lim/segment.hpp"
 #include "lim/tokens.hpp"
 
@@ -226,7 +227,11 @@ class Limiter {
     // Returns `n` tokens from flight to the hopper, from which they drip into the bucket at the
     // rate, starting at `now` (time advances first, as in the seed). While more tokens are in
     // the system than the target level, returned tokens are dropped until it matches. Wakes
-    // sleepers. Any thread may return tokens another thread took.
+    // sleepers. Any thread of the taking process may return tokens another of its threads took;
+    // another process may not (its ledger would go negative, and a reap would undo half of the
+    // pair): it gets Error(over_release) unless it took `n` itself, or received them
+    // (JobLimiterFacade::hand_off_jobs, receive). Tokens of a consumed record
+    // (lim/consumed_limiter.hpp) are in no ledger: any process may return them.
     // Throws Error(over_release) if n > in_flight (nothing changes), Error(invalid_argument)
     // for a negative, NaN or infinite `n`, and Error(system_error) as try_take.
     // Memory ordering: everything before the return happens-before a take that gets its tokens.
@@ -334,9 +339,28 @@ class JobLimiterFacade : public LimiterFacade {
     bool start_job_until(TimePoint deadline) { return limiter_.take_until(1.0, deadline); }
 
     // Ends a job: its token goes back to the hopper, and sleepers in start_job wake. Throws
-    // Error(over_release) if no job is running.
+    // Error(over_release) if no job is running, or if this process did not start one (a job
+    // started by another process is finished by that process, or handed over: hand_off_jobs).
     void finish_job(TimePoint now) { limiter_.return_to_hopper(now, 1.0); }
     void finish_job() { limiter_.return_to_hopper(1.0); }
+
+    // Hands `n` running jobs of this process to another process (lim/hand_off.hpp): this process
+    // stops holding their tokens, which sit in a parcel owned by this process until a receive
+    // takes them; then the receiver finishes the jobs (finish_job, once per job). The jobs stay
+    // running throughout; if this process dies before they are received, the next reap returns
+    // their tokens to the hopper. Blocks only briefly, on the segment's recovery lock. Throws
+    // Error(invalid_argument) unless 1 <= n <= 1e9, Error(over_release) if this process runs
+    // fewer than `n` jobs, Error(table_full) if no slot is free for the parcel; either way
+    // nothing changes.
+    // Memory ordering: everything before the hand-off happens-before a receive that takes it.
+    HandOff hand_off_jobs(std::int64_t n = 1);
+
+    // Receives jobs this limiter's hand_off_jobs handed off, in any process: the calling process
+    // now runs them. Returns false, changing nothing, if the parcel is gone (received already,
+    // or its giver died). Throws Error(invalid_argument) if `h` was made by another limiter,
+    // Error(table_full) if this thread has no process slot and none is free.
+    // Memory ordering: a successful receive happens-after the hand-off.
+    bool receive(const HandOff& h);
 
     // The token target level: jobs that may run at once.
     std::int64_t max_concurrent_jobs() const noexcept;

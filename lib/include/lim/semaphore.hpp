@@ -19,6 +19,7 @@
 
 #include "lim/clock.hpp"
 #include "lim/detail/record_ref.hpp"
+#include "lim/hand_off.hpp"
 #include "lim/segment.hpp"
 
 namespace lim {
@@ -58,11 +59,33 @@ class Semaphore {
     // Gives back `n` units and wakes sleepers that may now proceed. Any thread of the acquiring
     // process may release units another of its threads acquired; another process may not: it
     // gets Error(over_release) when it holds fewer than `n` units itself (the acquirer's ledger
-    // would keep them, and a reap would later undo half of the pair). Throws
+    // would keep them, and a reap would later undo half of the pair). To let another process
+    // release them, hand them off (hand_off, receive). Throws
     // Error(over_release) also if fewer than `n` units are in use (and then releases nothing).
     // Memory ordering: everything before the release happens-before the acquire that takes the
     // units.
     void release(std::uint64_t n = 1);
+
+    // Hands `n` of the units this process holds to another process (lim/hand_off.hpp): this
+    // process stops holding them, and they sit in a parcel owned by this process until a
+    // receive takes them; send the returned HandOff to the receiver by any means. If this
+    // process dies before they are received, the next reap gives them back. The units stay in
+    // use throughout (the shared word does not change; nobody else is admitted in between).
+    // Blocks only briefly, on the segment's recovery lock, while a reap or reset runs. Throws
+    // Error(invalid_argument) if n == 0, Error(over_release) if this process holds fewer than
+    // `n` units, Error(table_full) if the process table has no slot free for the parcel;
+    // either way nothing changes.
+    // Memory ordering: everything before the hand-off happens-before a receive that takes it.
+    HandOff hand_off(std::uint64_t n);
+
+    // Receives a parcel this semaphore's hand_off made, in any process: the calling process
+    // now holds its units (and releases them as its own, or hands them on). Returns false,
+    // changing nothing, if the parcel is gone: received already, or its giver died (a reap
+    // gives the units back). Blocks only briefly, as hand_off. Throws Error(invalid_argument)
+    // if `h` was made by another limiter, Error(table_full) if this thread has no process slot
+    // and none is free.
+    // Memory ordering: a successful receive happens-after the hand-off.
+    bool receive(const HandOff& h);
 
     // Units in use now, and the fixed capacity.
     std::uint64_t in_use() const noexcept;

@@ -31,6 +31,7 @@
 
 #include "lim/clock.hpp"
 #include "lim/detail/record_ref.hpp"
+#include "lim/hand_off.hpp"
 #include "lim/segment.hpp"
 
 namespace lim {
@@ -70,11 +71,28 @@ class WeightedSemaphore {
 
     // Gives back `n` units (clamped to the capacity) and wakes the head of the queue. Any thread
     // of the acquiring process may release units another of its threads acquired; another
-    // process gets Error(over_release) when it holds fewer than `n` units itself. Throws
+    // process gets Error(over_release) when it holds fewer than `n` units itself (hand them off
+    // instead: hand_off, receive). Throws
     // Error(over_release) also if fewer than `n` units are in use (and then releases nothing).
     // Memory ordering: everything before the release happens-before the acquire that takes the
     // units.
     void release(std::uint64_t n = 1);
+
+    // Hands `n` of the units this process holds to another process, exactly as
+    // Semaphore::hand_off (lim/hand_off.hpp): they stay in use, in a parcel owned by this
+    // process until received; a reap gives them back if this process dies first. Blocks only
+    // briefly, on the segment's recovery lock. Throws Error(invalid_argument) if n == 0,
+    // Error(over_release) if this process holds fewer than `n` units, Error(table_full) if no
+    // slot is free for the parcel; either way nothing changes.
+    // Memory ordering: everything before the hand-off happens-before a receive that takes it.
+    HandOff hand_off(std::uint64_t n);
+
+    // Receives a parcel this semaphore's hand_off made, in any process: the calling process now
+    // holds its units. Returns false, changing nothing, if the parcel is gone (received
+    // already, or its giver died). Throws Error(invalid_argument) if `h` was made by another
+    // limiter, Error(table_full) if this thread has no process slot and none is free.
+    // Memory ordering: a successful receive happens-after the hand-off.
+    bool receive(const HandOff& h);
 
     // Units in use now, and the fixed capacity.
     std::uint64_t in_use() const noexcept;

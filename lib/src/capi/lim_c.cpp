@@ -7,6 +7,7 @@
 #include "lim/lim.h"
 
 #include <cmath>
+#include <cstddef>
 #include <exception>
 #include <limits>
 #include <new>
@@ -236,6 +237,26 @@ lim::LimiterConfig limiter_config(const lim_limiter_config* c) {
         .initial_hopper_level = to_iof(cc.initial_hopper_level)};
 }
 
+// ---- Hand-off: the C struct is the C++ one, field for field
+static_assert(sizeof(lim_hand_off) == sizeof(lim::HandOff));
+static_assert(offsetof(lim_hand_off, record) == offsetof(lim::HandOff, record));
+static_assert(offsetof(lim_hand_off, owner) == offsetof(lim::HandOff, owner));
+static_assert(offsetof(lim_hand_off, amount) == offsetof(lim::HandOff, amount));
+static_assert(offsetof(lim_hand_off, layer) == offsetof(lim::HandOff, layer));
+
+lim_hand_off to_c(const lim::HandOff& h) noexcept {
+    return {h.slot, h.record, h.owner, h.amount, h.layer, h.reserved};
+}
+
+lim::HandOff from_c(const lim_hand_off& c) noexcept {
+    return {.slot = c.slot,
+            .record = c.record,
+            .owner = c.owner,
+            .amount = c.amount,
+            .layer = c.layer,
+            .reserved = c.reserved};
+}
+
 }  // namespace
 
 extern "C" {
@@ -424,6 +445,18 @@ int lim_segment_reset(lim_segment* segment, const char* key, int force) {
     }                                                                                           \
     int prefix##_waiters(const prefix* sem, uint32_t* out) {                                    \
         return guarded([&] { need(out, "out") = need(sem, "semaphore").sem.waiters(); });       \
+    }                                                                                           \
+    int prefix##_hand_off(prefix* sem, uint64_t n, lim_hand_off* out) {                         \
+        return guarded([&] {                                                                    \
+            lim_hand_off& o = need(out, "out");                                                 \
+            o = to_c(need(sem, "semaphore").sem.hand_off(n));                                   \
+        });                                                                                     \
+    }                                                                                           \
+    int prefix##_receive(prefix* sem, const lim_hand_off* h, int* received) {                   \
+        return guarded([&] {                                                                    \
+            const lim::HandOff ticket = from_c(need(h, "hand_off"));                            \
+            need(received, "received") = need(sem, "semaphore").sem.receive(ticket) ? 1 : 0;    \
+        });                                                                                     \
     }                                                                                           \
     void prefix##_close(prefix* sem) {                                                          \
         delete sem;                                                                             \
@@ -864,6 +897,18 @@ int lim_throttled_rate_limiter_open(lim_segment* segment, const char* key,
         return guarded([&] {                                                                     \
             need(started, "started");                                                            \
             *started = need(t, "limiter").t.start_job_until(tp(deadline_ns)) ? 1 : 0;            \
+        });                                                                                      \
+    }                                                                                            \
+    int prefix##_hand_off_jobs(prefix* t, int64_t n, lim_hand_off* out) {                        \
+        return guarded([&] {                                                                     \
+            lim_hand_off& o = need(out, "out");                                                  \
+            o = to_c(need(t, "limiter").t.hand_off_jobs(n));                                     \
+        });                                                                                      \
+    }                                                                                            \
+    int prefix##_receive(prefix* t, const lim_hand_off* h, int* received) {                      \
+        return guarded([&] {                                                                     \
+            const lim::HandOff ticket = from_c(need(h, "hand_off"));                             \
+            need(received, "received") = need(t, "limiter").t.receive(ticket) ? 1 : 0;           \
         });                                                                                      \
     }                                                                                            \
     int prefix##_finish_job(prefix* t) {                                                         \

@@ -282,17 +282,26 @@ void release_permit(DispatchImpl& d, std::uint64_t bytes, bool throttled) noexce
     SegmentState& state = *d.ref.state;
     try {
         Hold hold(state, d.ref.index);
+        // Units acquired by one process are released by that process (Hold::require_held): every
+        // layer this permit gives back, checked before anything changes. The slot and byte
+        // layers are the same ledger layers whether the words are packed or not. Fast path: a
+        // plain load and a compare per layer.
+        hold.require_held(kDispatchSlotsLayer, 1, "dispatch");
+        if (bytes != 0) hold.require_held(kDispatchBytesLayer, bytes, "dispatch");
+        if (throttled) hold.require_held(kDispatchThrottledLayer, 1, "dispatch");
         // The common permit, packed: bytes and slot in one CAS (bytes first in effect, as below).
         if (d.packed && !throttled && d.give_packed(hold, state, bytes)) return;
         if (bytes != 0) d.bytes().release(hold, state, bytes);
         if (throttled) d.throttled().release(hold, state, 1);
         d.slots().release(hold, state, 1);
     } catch (const std::exception& e) {
-        // Only Hold can throw: this thread has no process slot and none is free. Without a slot
+        // Hold throws when this thread has no process slot and none is free. Without a slot
         // the release cannot be recorded in a ledger, and an unrecorded release would be undone
         // by the next crash-recovery recount; the permit stays held until this process exits
         // and is reaped. (A thread that acquired always has a slot; this needs a permit moved
-        // to a new thread while the process table is full.)
+        // to a new thread while the process table is full.) require_held throws when this
+        // process does not hold what the permit gives back (it was acquired by another process,
+        // which Permit's fork-generation check already rules out): nothing is released.
         std::fprintf(stderr, "lim: cannot release a permit of dispatch '%.*s': %s\n",
                      static_cast<int>(d.ref.key().size()), d.ref.key().data(), e.what());
     }

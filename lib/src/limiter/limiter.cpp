@@ -182,6 +182,16 @@ std::int64_t amount_units_slow(const RecordRef& ref, std::string_view op, double
                             n, to_tokens(seen)));
 }
 
+// A return of tokens this process did not take (docs/design.md, "Hand-off between processes").
+[[noreturn, gnu::noinline, gnu::cold]] void throw_not_held(const RecordRef& ref, double n,
+                                                           std::int64_t mine) {
+    throw Error(Errc::over_release,
+                fmt::format("{}: return_to_hopper({}) but this process took {} of the tokens in "
+                            "flight; tokens taken by another process can only be returned by that "
+                            "process (or handed over: hand_off_jobs, receive)",
+                            where(ref), n, to_tokens(std::max<std::int64_t>(mine, 0))));
+}
+
 void throw_bad_parameter(std::string_view what, std::string_view key, std::string_view field,
                          double value, std::string_view rule) {
     throw Error(Errc::invalid_argument,
@@ -324,8 +334,14 @@ void Limiter::return_to_hopper(TimePoint now, double n) {
     const detail::ReturnOutcome outcome =
         detail::with_rebase(core, now_ns, [&](std::int64_t rebase_at) {
             detail::Hold hold(*ref_.state, ref_.index);
-            const detail::ReturnOutcome o =
-                core.return_to_hopper(hold, now_ns, units, rebase_at, &seen);
+            detail::ReturnOutcome o = core.return_to_hopper(hold, now_ns, units, rebase_at, &seen);
+            if (o == detail::ReturnOutcome::not_held) [[unlikely]] {
+                // The calling thread took fewer: did another thread of this process take them?
+                const std::int64_t mine =
+                    detail::process_holding(*ref_.state, ref_.index, /*layer=*/0);
+                if (mine < units) detail::throw_not_held(ref_, n, mine);
+                o = core.return_to_hopper(hold, now_ns, units, rebase_at, &seen, true);
+            }
             return std::pair{o, o != detail::ReturnOutcome::rebase_needed};
         });
     if (outcome == detail::ReturnOutcome::over_release) {
@@ -428,6 +444,23 @@ StartJob JobLimiterFacade::try_start_job(TimePoint now) {
     const Availability when = limiter_.tokens_may_be_available_when(now, 1.0);
     if (when.kind() == Availability::Kind::at) return StartJob::unable_until_at_least(when.time());
     return StartJob::max_concurrent_jobs_running();
+}
+
+HandOff JobLimiterFacade::hand_off_jobs(std::int64_t n) {
+    const detail::RecordRef& ref = detail::LimiterAccess::ref(limiter_);
+    if (n < 1 || n > 1'000'000'000) {
+        throw Error(
+            Errc::invalid_argument,
+            fmt::format("{}: hand_off_jobs({}): the count must be 1..1e9", detail::where(ref), n));
+    }
+    return detail::hand_off_units(*ref.state, ref.index, /*layer=*/0,
+                                  static_cast<std::uint64_t>(n * kTokenResolution), "limiter",
+                                  ref.key());
+}
+
+bool JobLimiterFacade::receive(const HandOff& h) {
+    const detail::RecordRef& ref = detail::LimiterAccess::ref(limiter_);
+    return detail::receive_units(*ref.state, ref.index, /*layer=*/0, h, "limiter", ref.key());
 }
 
 std::int64_t JobLimiterFacade::max_concurrent_jobs() const noexcept {

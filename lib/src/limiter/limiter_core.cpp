@@ -315,13 +315,16 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
 }
 
 ReturnOutcome LimiterCore::return_to_hopper(Hold& hold, std::int64_t now_ns, std::int64_t n,
-                                            std::int64_t rebase_at,
-                                            std::int64_t* in_flight_seen) noexcept {
+                                            std::int64_t rebase_at, std::int64_t* in_flight_seen,
+                                            bool holding_checked) noexcept {
     std::atomic<std::uint64_t>& in_flight = body_.in_flight;
     std::atomic<std::uint64_t>& bucket = body_.bucket;
     std::uint64_t fw = in_flight.load(std::memory_order_seq_cst);
     for (;;) {
         auto [s, gen, p, t] = begin(hold, fw, now_ns);
+        // Tokens taken by one process are returned by that process (Hold::require_held); a
+        // consumed take is in no ledger, so anyone may return it.
+        if (!holding_checked && !p.consumed && hold.held(0) < n) return ReturnOutcome::not_held;
         const auto f = static_cast<std::int64_t>(fw);
         if (f < n) {
             *in_flight_seen = f;

@@ -310,7 +310,9 @@ inline constexpr int kBucketTakenLayer = 1;
 
 // The lazy raise of L by a token bucket's take: only once L is this far behind.
 inline constexpr std::int64_t kLazyTimeGrainNs = 10'000;  // 10 us
-enum class ReturnOutcome { returned, over_release, rebase_needed };
+// `not_held`: the calling thread's own ledger holds fewer than the return (a check of the whole
+// process, Limiter::return_to_hopper, decides; see Hold::require_held).
+enum class ReturnOutcome { returned, over_release, rebase_needed, not_held };
 
 // A consistent reading of the limiter at a time (docs/design.md ("The Limiter family"), "Reads").
 struct LimiterReading {
@@ -346,9 +348,13 @@ class LimiterCore {
     // What a token bucket's takes have recorded in the ledgers of occupied slots.
     std::int64_t bucket_taken() const noexcept;
 
-    // `over_release` changes nothing; *in_flight_seen says what was in flight.
+    // `over_release` changes nothing; *in_flight_seen says what was in flight. Unless
+    // `holding_checked`, a return of tokens that are in a ledger (not consumed) first checks that
+    // the calling thread's ledger holds `n` (a plain load and a compare) and returns `not_held`,
+    // changing nothing, if it does not: the caller checks the whole process and retries.
     ReturnOutcome return_to_hopper(Hold& hold, std::int64_t now_ns, std::int64_t n,
-                                   std::int64_t rebase_at, std::int64_t* in_flight_seen) noexcept;
+                                   std::int64_t rebase_at, std::int64_t* in_flight_seen,
+                                   bool holding_checked = false) noexcept;
 
     // The state at max(now, the limiter's time), raising the limiter's time to it.
     LimiterReading read(std::int64_t now_ns) const noexcept;

@@ -347,6 +347,16 @@ void Semaphore::release(std::uint64_t n) {
     }
 }
 
+HandOff Semaphore::hand_off(std::uint64_t n) {
+    return detail::hand_off_units(*ref_.state, ref_.index, core_of(ref_).layer, n, "semaphore",
+                                  ref_.key());
+}
+
+bool Semaphore::receive(const HandOff& h) {
+    return detail::receive_units(*ref_.state, ref_.index, core_of(ref_).layer, h, "semaphore",
+                                 ref_.key());
+}
+
 std::uint64_t Semaphore::in_use() const noexcept {
     return detail::SemaphoreWord::in_use(
         detail::body_of<detail::SemaphoreBody>(ref_).word.load(std::memory_order_acquire));

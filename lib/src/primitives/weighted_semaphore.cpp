@@ -517,6 +517,16 @@ void WeightedSemaphore::release(std::uint64_t n) {
     }
 }
 
+HandOff WeightedSemaphore::hand_off(std::uint64_t n) {
+    return detail::hand_off_units(*ref_.state, ref_.index, core_of(ref_).ledger_layer, n,
+                                  "weighted semaphore", ref_.key());
+}
+
+bool WeightedSemaphore::receive(const HandOff& h) {
+    return detail::receive_units(*ref_.state, ref_.index, core_of(ref_).ledger_layer, h,
+                                 "weighted semaphore", ref_.key());
+}
+
 std::uint64_t WeightedSemaphore::in_use() const noexcept {
     return core_of(ref_).in_use();
 }

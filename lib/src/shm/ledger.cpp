@@ -47,8 +47,8 @@ void Hold::require_held_slow(int layer, std::uint64_t n, const char* what) const
         Errc::over_release,
         fmt::format("{} '{}': release({}) but this process holds {} of its units; units "
                     "acquired by another process can only be released by that process "
-                    "(let the acquirer release them when the worker reports back, or "
-                    "have the worker acquire its own)",
+                    "(hand them over with hand_off and receive, let the acquirer release "
+                    "them when the worker reports back, or have the worker acquire its own)",
                     what, record_key(state_.record(record_)), n, std::max<std::int64_t>(mine, 0)));
 }
 

@@ -309,7 +309,11 @@ HandOff hand_off_holding(SegmentState& state, std::uint32_t record, int layer, s
     mine.store(mine.load(std::memory_order_relaxed) - n, std::memory_order_relaxed);
     LIM_RACE_POINT();
     parcel->first.entry(record).held[layer].store(n, std::memory_order_relaxed);
-    return HandOff{parcel->first.slot_index, parcel->second, record, layer, n};
+    return HandOff{.slot = parcel->first.slot_index,
+                   .record = record,
+                   .owner = parcel->second,
+                   .amount = n,
+                   .layer = layer};
 }
 
 bool receive_holding(SegmentState& state, const HandOff& h) {
@@ -336,6 +340,35 @@ bool receive_holding(SegmentState& state, const HandOff& h) {
     LIM_RACE_POINT();
     from.store(0, std::memory_order_release);  // now the giver may free the parcel
     return true;
+}
+
+HandOff hand_off_units(SegmentState& state, std::uint32_t record, int layer, std::uint64_t n,
+                       std::string_view what, std::string_view key) {
+    if (n == 0 || n >= (1ULL << 62)) {
+        throw Error(
+            Errc::invalid_argument,
+            fmt::format("{} '{}': hand_off({}): the amount must be 1..2^62-1", what, key, n));
+    }
+    const auto amount = static_cast<std::int64_t>(n);
+    // A first check without the recovery lock, for the message; hand_off_holding checks again
+    // under it.
+    const std::int64_t mine = process_holding(state, record, layer);
+    if (mine < amount) {
+        throw Error(Errc::over_release,
+                    fmt::format("{} '{}': hand_off({}) but this process holds {} of its units",
+                                what, key, n, std::max<std::int64_t>(mine, 0)));
+    }
+    return hand_off_holding(state, record, layer, amount);
+}
+
+bool receive_units(SegmentState& state, std::uint32_t record, int layer, const HandOff& h,
+                   std::string_view what, std::string_view key) {
+    if (h.record != record || h.layer != layer) {
+        throw Error(
+            Errc::invalid_argument,
+            fmt::format("{} '{}': receive of a hand-off made by another limiter", what, key));
+    }
+    return receive_holding(state, h);
 }
 
 std::int64_t process_holding(SegmentState& state, std::uint32_t record, int layer) {

@@ -10,7 +10,9 @@
 
 #include <atomic>
 #include <cstdint>
+#include <string_view>
 
+#include "lim/hand_off.hpp"
 #include "shm/layout.hpp"
 #include "shm/process_identity.hpp"
 #include "shm/segment_state.hpp"
@@ -79,15 +81,18 @@ std::int64_t process_holding(SegmentState& state, std::uint32_t record, int laye
 // Both take the recovery lock (a rare path; blocks while a reap or reset runs), so no recount
 // sees a half-moved holding. The record's shared words never change. hand_off_holding throws
 // Error(over_release) if this process holds fewer than `n`, Error(table_full) if no slot is free.
-struct HandOff {
-    std::uint32_t slot = 0;
-    std::uint64_t owner = 0;  // the parcel slot's owner word when offered
-    std::uint32_t record = 0;
-    int layer = 0;
-    std::int64_t amount = 0;
-};
+using HandOff = lim::HandOff;
 HandOff hand_off_holding(SegmentState& state, std::uint32_t record, int layer, std::int64_t n);
 bool receive_holding(SegmentState& state, const HandOff& h);
+
+// The public hand_off/receive of a record whose units a process owns, with their checks:
+// hand_off_units refuses n == 0 or n >= 2^62 (invalid_argument), and a process holding fewer
+// than `n` (over_release, naming the record as `what` and `key`); receive_units refuses a
+// HandOff of another record or layer (invalid_argument).
+HandOff hand_off_units(SegmentState& state, std::uint32_t record, int layer, std::uint64_t n,
+                       std::string_view what, std::string_view key);
+bool receive_units(SegmentState& state, std::uint32_t record, int layer, const HandOff& h,
+                   std::string_view what, std::string_view key);
 
 // Every state but `free` (including state bytes no version of lim writes) is occupied.
 constexpr bool slot_is_occupied(std::uint64_t owner) noexcept {
