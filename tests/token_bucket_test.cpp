@@ -144,18 +144,19 @@ TEST_CASE("a TokenBucket adopting a general Limiter record takes through the gen
     tb.invariant();
 }
 
-TEST_CASE("a token bucket reconfigured by a Limiter handle into a finite target takes generally") {
+TEST_CASE("a token bucket cannot be given a finite target: its takes are consumed outside one") {
     lim::test::SegmentGuard guard(lim::test::unique_name("tb-reconf"));
     auto seg = lim::test::limiter_segment(guard);
     auto tb = TokenBucket::open(
         seg, "b", {.burst_size = 10, .sustained_rate_per_sec = 1, .initial_bucket_level = 10}, t0);
     auto l = Limiter::open(seg, "b", {.bucket_size = 1}, lim::adopt_existing, t0);
     CHECK(tb.try_take(t0, 1) == TryTake::taken);
-    l.set_token_target_level(t0, 4.0);  // the bucket now holds at most 4 - F
-    CHECK(tb.try_take(t0, 5) == TryTake::unable);
-    CHECK(tb.try_take(t0, 4) == TryTake::taken);
-    CHECK(tb.try_take(at(100), 1) == TryTake::unable);  // the target bounds F: 4 in flight
-    CHECK(l.in_flight(at(100)) == 5);                   // 1 consumed before, 4 in F
-    l.return_to_hopper(at(100), 4);
-    CHECK(tb.try_take(at(200), 4) == TryTake::taken);
+    // A finite target would not count the consumed token: refused, nothing changed.
+    CHECK_THROWS_AS(l.set_token_target_level(t0, 4.0), lim::Error);
+    CHECK(l.token_target_level().is_infinite());
+    CHECK(tb.try_take(t0, 9) == TryTake::taken);
+    CHECK(tb.try_take(t0, 1) == TryTake::unable);
+    CHECK(l.in_flight(t0) == 10);
+    l.set_token_target_level(t0, lim::infinite);  // an infinite one is what it has: accepted
+    tb.invariant();
 }

@@ -518,3 +518,36 @@ TEST_CASE("lim-feeder: a stopped feeder's host spends nothing past its lease dea
         std::remove(("/dev/shm/lim-feeder." + h->segment + ".lock").c_str());
     std::remove((dir + "/redis.log").c_str());
 }
+
+TEST_CASE("lim-feeder refuses a record a worker created first (it could not bound its takes)") {
+    const std::string redis_bin = lim::test::find_redis_server();
+    if (redis_bin.empty()) {
+        MESSAGE("SKIPPED: redis-server is not installed (apt-get install redis-server)");
+        return;
+    }
+    char dir_template[] = "/tmp/lim-feeder-first-XXXXXX";
+    REQUIRE(::mkdtemp(dir_template) != nullptr);
+    const std::string dir = dir_template;
+    lim::test::RedisServer redis(redis_bin, lim::test::free_port(), dir + "/redis.log");
+    REQUIRE(redis.start());
+    lim::test::SegmentGuard guard(lim::test::unique_name("feeder-first"));
+    {
+        // A worker got there first: a plain token bucket, whose takes are in ledgers.
+        auto seg = lim::Segment::open_or_create(guard.name());
+        auto tb = lim::TokenBucket::open(seg, kKey,
+                                         {.burst_size = kBurst, .sustained_rate_per_sec = kRate});
+        CHECK(tb.try_take(1) == lim::TryTake::unable);
+    }
+    Host host;
+    host.segment = guard.name();
+    host.config = write_config(dir, 0, host.segment, redis.port());
+    host.log = dir + "/feeder-first.log";
+    start_feeder(host);
+    const std::optional<int> status = host.feeder.wait_for(10s);
+    REQUIRE(status.has_value());
+    CHECK(WIFEXITED(*status));
+    CHECK(WEXITSTATUS(*status) == 1);
+    std::ifstream log(host.log);
+    const std::string text((std::istreambuf_iterator<char>(log)), std::istreambuf_iterator<char>());
+    CHECK(text.find("existed before this feeder made it") != std::string::npos);
+}

@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -86,6 +87,21 @@ class ChildProcess {
         return status;
     }
     bool running() const { return pid_ > 0; }
+    // Waits up to `timeout` for the process to exit by itself: its wait status, or nullopt if it
+    // is still running then.
+    std::optional<int> wait_for(std::chrono::milliseconds timeout) {
+        const auto until = std::chrono::steady_clock::now() + timeout;
+        while (pid_ > 0) {
+            int status = 0;
+            if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+                pid_ = -1;
+                return status;
+            }
+            if (std::chrono::steady_clock::now() >= until) break;
+            std::this_thread::sleep_for(std::chrono::milliseconds{10});
+        }
+        return std::nullopt;
+    }
 
   private:
     pid_t pid_ = -1;

@@ -42,8 +42,8 @@ void set_status(BackoffWindow& w, TimePoint at, TimePoint now) {
     w.set(std::max(Duration::zero(), at - now), now);
 }
 
-// The record's lease deadline, which its takers enforce (lim/consumed_limiter.hpp). A record
-// that is not consumed (a worker made it first: warned at start) has none.
+// The record's lease deadline, which its takers enforce (lim/consumed_limiter.hpp). Every record
+// the feeder feeds is consumed (it refuses others at start).
 void set_deadline(const Limiter& local, std::optional<TimePoint> deadline) {
     if (is_consumed(local)) set_lease_deadline(local, deadline);
 }
@@ -69,11 +69,15 @@ Feeder::Feeder(Config config)
                1,
                {"lim:global:{" + g.key + "}", "lim:global:{" + g.key + "}:leases"}};
         if (!is_consumed(r.local)) {
-            fmt::print(stderr,
-                       "lim-feeder: warning: '{}' existed before this feeder made it (a worker "
-                       "opened it first?): a dead worker's tokens will come back to it; "
-                       "stop the workers, limctl rm the segment, start the feeder first\n",
-                       g.key);
+            // A record a worker made (a TokenBucket, a Limiter) counts its takes in ledgers, so a
+            // reap would give a dead worker's spent tokens back, and it has no lease deadline for
+            // its takers to enforce: feeding it could break the global bound. Refuse.
+            throw Error(Errc::config_mismatch,
+                        fmt::format("'{}' existed before this feeder made it (a worker opened it "
+                                    "first?), and only a record the feeder creates can carry a "
+                                    "global lease: stop the workers, `limctl rm {}`, start the "
+                                    "feeder first",
+                                    g.key, config_.segment));
         }
         // A record in another shape (a token bucket some worker created first, another burst)
         // is brought into the feeder's: infinite drip, the burst as bucket, a finite target.

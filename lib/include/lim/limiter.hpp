@@ -247,7 +247,9 @@ class Limiter {
     // Sets the number of tokens in the whole system. Lowering it removes tokens from the hopper,
     // then the bucket; if what is in flight alone exceeds it, hopper and bucket empty and later
     // returns are dropped until the system holds the target. Raising it adds tokens to the
-    // hopper. Infinite makes the hopper infinite. Finite: 0..1e9.
+    // hopper. Infinite makes the hopper infinite. Finite: 0..1e9. A finite target on a record a
+    // TokenBucket created throws Error(invalid_argument): its takes are consumed outside any
+    // target (see TokenBucket), so one could not bound them.
     void set_token_target_level(TimePoint now, InfiniteOrFinite<double> level);
     void set_token_target_level(InfiniteOrFinite<double> level) {
         set_token_target_level(Clock::now(), level);

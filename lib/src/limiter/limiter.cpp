@@ -399,14 +399,25 @@ bool Limiter::take_until_impl(double n, const TimePoint* deadline) {
 
 void Limiter::set_token_target_level(TimePoint now, InfiniteOrFinite<double> level) {
     std::int64_t units = 0;
+    auto core = detail::core_of(ref_);
+    if (level.is_finite() && core.state().record(core.record()).header.flavor ==
+                                 static_cast<std::uint16_t>(detail::LimiterFlavor::token_bucket)) {
+        // A TokenBucket's own takes are consumed outside F (recorded in the takers' ledgers), so
+        // a finite target could not count them and would admit more than it says. The flavor
+        // never changes, so this refusal has no race with those takes.
+        throw Error(Errc::invalid_argument,
+                    fmt::format("limiter '{}': set_token_target_level: a finite target is for "
+                                "records created as a Limiter, not as a TokenBucket (whose taken "
+                                "tokens are consumed outside any target)",
+                                key()));
+    }
     if (level.is_finite()) {
         units = detail::config_units("limiter", key(), "token_target_level", level.value(), true);
     }
-    detail::core_of(ref_).reconfigure(detail::bounded_now_ns(now), false,
-                                      [&](detail::LimiterParams& p) {
-                                          p.target_infinite = level.is_infinite();
-                                          p.target = units;
-                                      });
+    core.reconfigure(detail::bounded_now_ns(now), false, [&](detail::LimiterParams& p) {
+        p.target_infinite = level.is_infinite();
+        p.target = units;
+    });
 }
 
 void Limiter::set_bucket_size(TimePoint now, double size) {

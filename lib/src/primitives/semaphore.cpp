@@ -165,6 +165,10 @@ bool SemaphoreCore::acquire_blocking(SegmentState& state, std::uint32_t record, 
         // us if we are registered). Unregistered (saturated) sleepers just poll.
         const Pacing* p = registered ? &pacing : &kPollPacing;
         if (pacing.sleep && *pacing.sleep) p = &pacing;
+        // A release that landed between the failed try and the load of `seen` has already sent
+        // its wake; a futex wait on the value it left would sleep a whole interval with units
+        // free. So when `seen` shows room, go round at once instead.
+        if (!is_frozen(seen) && fmt.in_use(seen) + n <= capacity) continue;
         // The futex compares the whole low half, which holds the units (and, in a packed word,
         // other fields that may change too: a spurious wake-up, then a re-check).
         p->pause(low_half(word), static_cast<std::uint32_t>(seen & 0xFFFF'FFFFULL), deadline,
