@@ -32,14 +32,27 @@ std::string fresh_key(const char* base) {
     return std::string(base) + "." + std::to_string(++n);
 }
 
+// Where explicit times start: 1,000 s behind the clock, so that advancing 1 us per call never
+// runs ahead of Clock::now() (lim holds an explicit `now` more than 10 ms ahead of the clock to
+// the clock, reading it, which would time the clamp instead of the algorithm). The limiters and
+// their mutex versions are created at this time too.
+std::int64_t epoch_ns() {
+    static const std::int64_t epoch = lim::to_nanos(lim::Clock::now()) - 1'000'000'000'000;
+    return epoch;
+}
+lim::TimePoint epoch() {
+    return lim::from_nanos(epoch_ns());
+}
+
 // A per-process time source for the limiter families: lim::Clock, or (explicit_now) a private
-// time that advances 1 us per call, so the op times the algorithm without the clock read.
+// time that advances 1 us per call from epoch(), so the op times the algorithm without the
+// clock read.
 struct Now {
     bool explicit_now;
     std::int64_t t = 0;
     lim::TimePoint operator()() {
         if (!explicit_now) return lim::Clock::now();
-        if (t == 0) t = lim::to_nanos(lim::Clock::now());
+        if (t == 0) t = epoch_ns();
         t += 1000;
         return lim::from_nanos(t);
     }
@@ -98,8 +111,7 @@ Candidate mutex_semaphore_pair(std::uint64_t capacity, std::uint64_t n) {
 }
 
 Candidate mutex_limiter_pair(const Env& env, double rate) {
-    auto* m = make_shared_object<MutexLimiter>(kBurst, rate, kBurst, -1.0,
-                                               lim::to_nanos(lim::Clock::now()));
+    auto* m = make_shared_object<MutexLimiter>(kBurst, rate, kBurst, -1.0, epoch_ns());
     const bool e = env.explicit_now;
     return {"robust mutex (seed algorithm)", "mutex", [m, e] {
                 return Op([m, now = Now{e}]() mutable {
@@ -176,14 +188,12 @@ std::vector<Family> try_families(const Env& env) {
                          }}}});
     }
     {  // TokenBucket
-        auto tb = std::make_shared<lim::TokenBucket>(
-            lim::TokenBucket::open(seg, fresh_key("tb"),
-                                   {.burst_size = kBurst,
-                                    .sustained_rate_per_sec = kRate,
-                                    .initial_bucket_level = kBurst}));
+        auto tb = std::make_shared<lim::TokenBucket>(lim::TokenBucket::open(
+            seg, fresh_key("tb"),
+            {.burst_size = kBurst, .sustained_rate_per_sec = kRate, .initial_bucket_level = kBurst},
+            epoch()));
         auto* floor = make_shared_object<FloorWord>();
-        auto* m =
-            make_shared_object<MutexTokenBucket>(kBurst, kRate, lim::to_nanos(lim::Clock::now()));
+        auto* m = make_shared_object<MutexTokenBucket>(kBurst, kRate, epoch_ns());
         Family f{"TokenBucket",
                  "try_take(1)",
                  {"lim::TokenBucket", "lim",
@@ -217,8 +227,9 @@ std::vector<Family> try_families(const Env& env) {
         out.push_back(std::move(f));
     }
     {  // Throttle: infinite rate, a counting semaphore of jobs
-        auto th = std::make_shared<lim::Throttle>(lim::Throttle::open(
-            seg, fresh_key("throttle"), {.max_concurrent_jobs = static_cast<std::int64_t>(kBig)}));
+        auto th = std::make_shared<lim::Throttle>(
+            lim::Throttle::open(seg, fresh_key("throttle"),
+                                {.max_concurrent_jobs = static_cast<std::int64_t>(kBig)}, epoch()));
         out.push_back({"Throttle",
                        "try_start_job + finish_job",
                        {"lim::Throttle", "lim",
@@ -238,7 +249,8 @@ std::vector<Family> try_families(const Env& env) {
             seg, fresh_key("trl"),
             {.burst_size = kBurst,
              .sustained_rate_per_sec = kRate,
-             .max_concurrent_jobs = static_cast<std::int64_t>(kBurst)}));
+             .max_concurrent_jobs = static_cast<std::int64_t>(kBurst)},
+            epoch()));
         out.push_back({"ThrottledRateLimiter",
                        "try_start_job + finish_job",
                        {"lim::ThrottledRateLimiter", "lim",
@@ -259,7 +271,8 @@ std::vector<Family> try_families(const Env& env) {
                                {.hopper_to_bucket_rate_per_sec = kRate,
                                 .bucket_size = kBurst,
                                 .initial_bucket_level = kBurst,
-                                .initial_hopper_level = lim::infinite}));
+                                .initial_hopper_level = lim::infinite},
+                               epoch()));
         out.push_back({"Limiter",
                        "try_take(1) + return_to_hopper(1)",
                        {"lim::Limiter", "lim",
