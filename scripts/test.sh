@@ -39,10 +39,12 @@ if [ "${LIM_CLANG:-1}" != 0 ]; then
 fi
 
 build build/release -DCMAKE_BUILD_TYPE=RelWithDebInfo
+
+# The regression guard: lim's key ratios to the floor and to a robust mutex, printed so that a
+# slowdown shows in the log. It never fails on a slow figure, only if it cannot run. It runs
+# before the last suite so that ctest's summary ends the output.
+build/release/bench/lim_suite guard
+
 # Includes `c_api` (lim.h from C11) and `python` (pytest over python/ with this build's liblim;
 # the sanitizer builds skip it, as Python cannot load a sanitized liblim without preloading).
 ctest --test-dir build/release --output-on-failure -j"$jobs"
-
-# The regression guard: lim's key ratios to the floor and to a robust mutex, printed so that a
-# slowdown shows in the log. It never fails on a slow figure, only if it cannot run.
-build/release/bench/lim_suite guard
