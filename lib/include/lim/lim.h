@@ -186,7 +186,8 @@ int lim_weighted_semaphore_in_use(const lim_weighted_semaphore* sem, uint64_t* o
 int lim_weighted_semaphore_capacity(const lim_weighted_semaphore* sem, uint64_t* out);
 int lim_weighted_semaphore_waiters(const lim_weighted_semaphore* sem, uint32_t* out);
 int lim_weighted_semaphore_hand_off(lim_weighted_semaphore* sem, uint64_t n, lim_hand_off* out);
-int lim_weighted_semaphore_receive(lim_weighted_semaphore* sem, const lim_hand_off* h, int* received);
+int lim_weighted_semaphore_receive(lim_weighted_semaphore* sem, const lim_hand_off* h,
+                                   int* received);
 void lim_weighted_semaphore_close(lim_weighted_semaphore* sem);
 
 /* ---- BackoffWindow ------------------------------------------------------------------------- */
@@ -409,8 +410,10 @@ int lim_throttled_rate_limiter_finish_job(lim_throttled_rate_limiter* t);
 int lim_throttled_rate_limiter_finish_job_at(lim_throttled_rate_limiter* t, int64_t now_ns);
 int lim_throttled_rate_limiter_state_get_at(const lim_throttled_rate_limiter* t, int64_t now_ns,
                                             lim_limiter_state* out);
-int lim_throttled_rate_limiter_hand_off_jobs(lim_throttled_rate_limiter* t, int64_t n, lim_hand_off* out);
-int lim_throttled_rate_limiter_receive(lim_throttled_rate_limiter* t, const lim_hand_off* h, int* received);
+int lim_throttled_rate_limiter_hand_off_jobs(lim_throttled_rate_limiter* t, int64_t n,
+                                             lim_hand_off* out);
+int lim_throttled_rate_limiter_receive(lim_throttled_rate_limiter* t, const lim_hand_off* h,
+                                       int* received);
 void lim_throttled_rate_limiter_close(lim_throttled_rate_limiter* t);
 
 /* ---- Retry-After ---------------------------------------------------------------------------- */
