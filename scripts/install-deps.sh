@@ -20,6 +20,7 @@ packages=(
   python3-setuptools  # builds the python/ package (pyproject.toml backend)
   python3-wheel       # pip builds a wheel of python/ before installing it
   python3-pytest      # tests/python, run by ctest as the `python` test
+  python3-venv        # tests/python/test_install.py installs into a venv
   libhiredis-dev      # lim-feeder's Redis client; bench/'s Redis GCRA baseline
   redis-server        # lim-feeder's global budget (tests/global starts one); bench's GCRA baseline
   gnuplot-nox         # scripts/bench.sh: the plots in docs/plots/
