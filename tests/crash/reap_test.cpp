@@ -212,6 +212,31 @@ TEST_CASE("a record a stopped process is in the middle of is deferred, then reap
     CHECK(sem.in_use() == 0);
 }
 
+TEST_CASE("a forced reset of one key keeps a deferred dead slot that still holds in another") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("reset-deferred"));
+    auto seg = make_segment(guard);
+    auto db = Semaphore::open(seg, "db", {.capacity = 4});
+    auto other = Semaphore::open(seg, "other", {.capacity = 4});
+    const auto record = *detail::find_record(*seg.state(), detail::RecordKind::semaphore, "db");
+    const pid_t dead = child_holding([&] {
+        db.acquire(2);
+        other.acquire(1);
+    });
+    kill_and_wait(dead);
+    // Stopped mid-operation on "db": the reap inside the reset defers "db" and keeps the dead
+    // slot, which still holds 2 units there.
+    const pid_t stopped = child_holding([&] { static detail::Hold hold(*seg.state(), record); });
+    ::kill(stopped, SIGSTOP);
+    seg.reset({.key = "other", .force = true});
+    CHECK(other.in_use() == 0);
+    CHECK(db.in_use() == 2);
+    kill_and_wait(stopped);
+    // The dead slot was kept: the next reap gives its 2 units back and reports it.
+    const ReapReport second = seg.reap();
+    CHECK(second.reaped.size() == 2);
+    CHECK(db.in_use() == 0);
+}
+
 TEST_CASE("a word left frozen by a reaper that died is thawed by the next holder") {
     lim::test::SegmentGuard guard(lim::test::unique_name("reap-thaw"));
     auto seg = make_segment(guard);

@@ -315,15 +315,31 @@ void reset(SegmentState& state, const ResetOptions& options) {
         // Forced: live holders may be mid-operation; let them finish (or give up after the
         // timeout and reset regardless: force means force).
         wait_quiescent(state, r, dead);
+        // The reset forgets what anyone held in the record, the dead (whose reap was deferred)
+        // included; a dead slot's registration or unfinished operation on it goes too, so that
+        // the reset's sleeper count (live registrations) does not count a dead sleeper.
         for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
-            if (contains(dead, i)) continue;
             for (auto& h : state.ledger(i, r).held)
                 h.store(0, std::memory_order_relaxed);
         }
+        for (const DeadSlot& d : dead) {
+            SlotHeader& slot = state.slot(d.index);
+            if (slot.waiting_record.load(std::memory_order_relaxed) == r + 1)
+                slot.waiting_record.store(0, std::memory_order_relaxed);
+            if (slot.pending.load(std::memory_order_relaxed) == r + 1)
+                slot.pending.store(0, std::memory_order_relaxed);
+        }
         ops->reset(state, r, Clock::now());
     }
-    for (const DeadSlot& d : dead)
-        free_slot(state, d);
+    // A deferred dead slot that still holds something in a record this reset did not touch (or
+    // is registered or mid-operation there) stays for a later reap to give it back; freeing it
+    // here would lose those units for good.
+    for (const DeadSlot& d : dead) {
+        if (slot_is_empty(state, d.index) &&
+            state.slot(d.index).waiting_record.load(std::memory_order_relaxed) == 0) {
+            free_slot(state, d);
+        }
+    }
     state.header().recovery_epoch.fetch_add(1, std::memory_order_release);
 }
 
