@@ -23,6 +23,7 @@ from ._dispatch import Dispatch, DispatchSnapshot, Permit
 from ._errors import (AlreadyExists, Busy, ConfigMismatch, CorruptSegment, Errc, Error,
                       InvalidArgument, InvalidName, NotFound, OverRelease, PermissionDenied,
                       SystemError, TableFull, VersionMismatch)
+from ._hand_off import HandOff
 from ._lib import library_path
 from ._limiter import (Availability, AvailabilityKind, Limiter, LimiterState, StartJob,
                        StartJobKind, Throttle, ThrottledRateLimiter, TokenBucket, TryTake)
@@ -34,9 +35,10 @@ from ._version import __version__
 __all__ = [
     "AlreadyExists", "Availability", "AvailabilityKind", "BackoffWindow", "Busy",
     "ConfigMismatch", "CorruptSegment", "Dispatch", "DispatchSnapshot", "Errc", "Error",
-    "InvalidArgument", "InvalidName", "Limiter", "LimiterState", "NotFound", "OverRelease",
-    "Permit", "PermissionDenied", "ReapReport", "ReapedProcess", "ReturnedHolding", "Segment",
-    "SegmentInfo", "Semaphore", "StartJob", "StartJobKind", "SystemError", "TableFull",
-    "Throttle", "ThrottledRateLimiter", "TokenBucket", "TryTake", "VersionMismatch",
-    "WeightedSemaphore", "__version__", "library_path", "now", "parse_retry_after",
+    "HandOff", "InvalidArgument", "InvalidName", "Limiter", "LimiterState", "NotFound",
+    "OverRelease", "Permit", "PermissionDenied", "ReapReport", "ReapedProcess",
+    "ReturnedHolding", "Segment", "SegmentInfo", "Semaphore", "StartJob", "StartJobKind",
+    "SystemError", "TableFull", "Throttle", "ThrottledRateLimiter", "TokenBucket", "TryTake",
+    "VersionMismatch", "WeightedSemaphore", "__version__", "library_path", "now",
+    "parse_retry_after",
 ]

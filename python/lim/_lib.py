@@ -124,6 +124,11 @@ class TokenBucketOptions(Structure):
                 ("initial_bucket_level", c_double)]
 
 
+class HandOff(Structure):
+    _fields_ = [("slot", c_uint32), ("record", c_uint32), ("owner", c_uint64), ("amount", c_int64),
+                ("layer", c_int32), ("reserved", c_uint32)]
+
+
 class ThrottledRateLimiterOptions(Structure):
     _fields_ = [("burst_size", c_double), ("sustained_rate_per_sec", c_double),
                 ("max_concurrent_jobs", c_int64)]
@@ -214,6 +219,8 @@ for _prefix in ("lim_semaphore", "lim_weighted_semaphore"):
         f"{_prefix}_in_use": (_I, [H, P(_U64)]),
         f"{_prefix}_capacity": (_I, [H, P(_U64)]),
         f"{_prefix}_waiters": (_I, [H, P(c_uint32)]),
+        f"{_prefix}_hand_off": (_I, [H, _U64, P(HandOff)]),
+        f"{_prefix}_receive": (_I, [H, P(HandOff), P(_I)]),
         f"{_prefix}_close": (None, [H]),
     })
 for _prefix in ("lim_throttle", "lim_throttled_rate_limiter"):
@@ -222,6 +229,8 @@ for _prefix in ("lim_throttle", "lim_throttled_rate_limiter"):
         f"{_prefix}_start_job_until": (_I, [H, _I64, P(_I)]),
         f"{_prefix}_finish_job_at": (_I, [H, _I64]),
         f"{_prefix}_state_get_at": (_I, [H, _I64, P(LimiterState)]),
+        f"{_prefix}_hand_off_jobs": (_I, [H, _I64, P(HandOff)]),
+        f"{_prefix}_receive": (_I, [H, P(HandOff), P(_I)]),
         f"{_prefix}_close": (None, [H]),
     })
 _SIGNATURES["lim_throttle_open_at"] = (_I, [H, c_char_p, _I64, _I, _I64, P(H)])

@@ -7,11 +7,12 @@ import ctypes
 import enum
 import math
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 from . import _lib
 from ._common import NS, at_ns, check, key_bytes, lib, out_int, wait_call
 from ._errors import InvalidArgument
+from ._hand_off import HandOff, hand_off_call, receive_call
 from ._handle import Handle
 from ._segment import Segment
 
@@ -256,6 +257,21 @@ class _JobsMixin(_LimiterBase):
     def finish_job(self, *, now: Optional[float] = None) -> None:
         """Returns the job's token to the hopper."""
         check(getattr(lib, self._prefix + "_finish_job_at")(self.handle, at_ns(now)))
+
+    def hand_off_jobs(self, n: int = 1) -> HandOff:
+        """Moves ``n`` started jobs of this process into a parcel for another process (attached
+        to the same segment) to ``receive`` and later ``finish_job``. The jobs stay running; if
+        this process dies before they are received a reap finishes them. Raises OverRelease if
+        this process runs fewer than ``n``, InvalidArgument for 0."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 2**63:
+            raise InvalidArgument(f"n must be an integer in 0..2^63-1, not {n!r}")
+        return hand_off_call(getattr(lib, self._prefix + "_hand_off_jobs"), self.handle, n)
+
+    def receive(self, ticket: Union[HandOff, bytes]) -> bool:
+        """Makes the jobs of ``ticket`` (a HandOff or its bytes) this process's, to finish as its
+        own: True, or False if the parcel is gone (received already, or its giver died). Raises
+        InvalidArgument for a ticket of another limiter."""
+        return receive_call(getattr(lib, self._prefix + "_receive"), self.handle, ticket)
 
     @contextlib.contextmanager
     def job(self, timeout: Optional[float] = None) -> Iterator[None]:

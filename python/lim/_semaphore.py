@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 from ._common import NS, check, key_bytes, lib, now_ns, out_int, to_ns, u64, wait_call
+from ._hand_off import HandOff, hand_off_call, receive_call
 from ._handle import Handle
 from ._segment import Segment
 
@@ -57,6 +58,20 @@ class _SemaphoreBase(Handle):
         rc = self._c_release(self._h, u64(n, "n"))
         if rc:
             check(rc)
+
+    def hand_off(self, n: int = 1) -> HandOff:
+        """Moves ``n`` units this process holds into a parcel for another process (attached to
+        the same segment) to ``receive``; send it ``bytes(ticket)`` or the pickled ticket. The
+        units stay in use; this process no longer holds them (releasing them here raises
+        OverRelease), and if it dies before they are received a reap gives them back. Raises
+        OverRelease if this process holds fewer than ``n``, InvalidArgument for 0."""
+        return hand_off_call(getattr(lib, self._prefix + "_hand_off"), self.handle, u64(n, "n"))
+
+    def receive(self, ticket: Union[HandOff, bytes]) -> bool:
+        """Makes the units of ``ticket`` (a HandOff or its bytes) this process's, to release as
+        its own: True, or False if the parcel is gone (received already, or its giver died).
+        Raises InvalidArgument for a ticket of another semaphore."""
+        return receive_call(getattr(lib, self._prefix + "_receive"), self.handle, ticket)
 
     @contextlib.contextmanager
     def hold(self, n: int = 1, timeout: Optional[float] = None) -> Iterator[None]:
