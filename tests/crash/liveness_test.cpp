@@ -29,18 +29,8 @@ using namespace std::chrono_literals;
 
 namespace {
 
-struct Flag {
-    std::atomic<int> value{0};
-    void set() { value.store(1); }
-    void wait() const {
-        while (value.load() == 0)
-            ::usleep(100);
-    }
-};
-
-Flag* make_flag() {
-    return new (lim::test::shared_array<Flag>(1)) Flag{};
-}
+using lim::test::Flag;
+using lim::test::make_flag;
 
 void kill_and_wait(pid_t pid) {
     ::kill(pid, SIGKILL);

@@ -22,18 +22,8 @@ using namespace std::chrono_literals;
 
 namespace {
 
-struct Flag {
-    std::atomic<int> value{0};
-    void set() { value.store(1); }
-    void wait() const {
-        while (value.load() == 0)
-            ::usleep(100);
-    }
-};
-
-Flag* make_flag() {
-    return new (lim::test::shared_array<Flag>(1)) Flag{};
-}
+using lim::test::Flag;
+using lim::test::make_flag;
 
 // Forks a child that runs `body`, signals `ready`, and then sleeps until killed.
 pid_t child_holding(const std::function<void()>& body) {

@@ -4,9 +4,11 @@
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <functional>
+#include <new>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -46,6 +48,21 @@ void* shared_bytes(std::size_t n);
 template <class T>
 T* shared_array(std::size_t n) {
     return static_cast<T*>(shared_bytes(n * sizeof(T)));
+}
+
+// A one-shot flag in MAP_SHARED memory: a child sets it, the test waits for it (a child "has
+// reached this point"). Never the assertion itself.
+struct Flag {
+    std::atomic<int> value{0};
+    void set() { value.store(1); }
+    void wait() const {
+        while (value.load() == 0)
+            std::this_thread::sleep_for(std::chrono::microseconds{100});
+    }
+};
+
+inline Flag* make_flag() {
+    return new (shared_array<Flag>(1)) Flag{};
 }
 
 // Polls `pred` every 100 us until it holds (true) or `timeout` passes (false): for waiting on
