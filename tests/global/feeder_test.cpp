@@ -54,26 +54,33 @@ void start_feeder(Host& h) {
     h.feeder.start({FEEDER_PATH, "--config", h.config}, h.log);
 }
 
+// Waits for the feeder to create the segment and its records (the rate, its two status records,
+// the backoff: a worker never creates the rate itself), then opens the global rate as workers do.
+// Nothing if they do not appear within 10 s.
+std::optional<lim::TokenBucket> adopt_global_rate(const std::string& segment,
+                                                  std::optional<lim::Segment>& seg) {
+    const bool ready = lim::test::eventually(
+        [&] {
+            try {
+                seg.emplace(lim::Segment::open(segment));
+                return seg->info().limiters >= 4;
+            } catch (const lim::Error&) {
+                return false;
+            }
+        },
+        10s);
+    if (!ready) return std::nullopt;
+    return lim::TokenBucket::open(
+        *seg, kKey, {.burst_size = kBurst, .sustained_rate_per_sec = kRate}, lim::adopt_existing);
+}
+
 // A worker: takes one token at a time every `pace`, logging each admission, until `stop`.
 int worker(const std::string& segment, std::chrono::microseconds pace, bool blocking,
            Admission* log, std::int64_t* count, const std::atomic<int>* stop) {
     std::optional<lim::Segment> seg;
-    if (!lim::test::eventually(
-            [&] {
-                try {
-                    // The feeder creates the segment and its records first (the rate, its two
-                    // status records, the backoff); a worker never creates the rate itself.
-                    seg.emplace(lim::Segment::open(segment));
-                    return seg->info().limiters >= 4;
-                } catch (const lim::Error&) {
-                    return false;
-                }
-            },
-            10s)) {
-        return 3;
-    }
-    auto tb = lim::TokenBucket::open(
-        *seg, kKey, {.burst_size = kBurst, .sustained_rate_per_sec = kRate}, lim::adopt_existing);
+    std::optional<lim::TokenBucket> global = adopt_global_rate(segment, seg);
+    if (!global) return 3;
+    lim::TokenBucket& tb = *global;
     std::int64_t n = 0;
     while (stop->load() == 0 && n < static_cast<std::int64_t>(kPerWorker)) {
         const std::int64_t before = lim::to_nanos(lim::Clock::now());
@@ -361,20 +368,9 @@ namespace {
 int paced_worker(const std::string& segment, const std::atomic<int>* mode, Admission* log,
                  std::int64_t* count) {
     std::optional<lim::Segment> seg;
-    if (!lim::test::eventually(
-            [&] {
-                try {
-                    seg.emplace(lim::Segment::open(segment));
-                    return seg->info().limiters >= 4;
-                } catch (const lim::Error&) {
-                    return false;
-                }
-            },
-            10s)) {
-        return 3;
-    }
-    auto tb = lim::TokenBucket::open(
-        *seg, kKey, {.burst_size = kBurst, .sustained_rate_per_sec = kRate}, lim::adopt_existing);
+    std::optional<lim::TokenBucket> global = adopt_global_rate(segment, seg);
+    if (!global) return 3;
+    lim::TokenBucket& tb = *global;
     std::int64_t n = 0;
     for (int m = mode->load(); m != 3 && n < static_cast<std::int64_t>(kPerWorker);
          m = mode->load()) {
