@@ -305,18 +305,31 @@ void rebase_after(LimiterCore& core, std::int64_t now_ns, std::int64_t& rebase_a
 
 }  // namespace
 
-// Both try_take overloads: `now_ns` is kClockUnread for the one without a time (the lazy clock:
-// LimiterCore::begin reads it only for a finite rate).
-TryTake take_units(const RecordRef& ref, std::int64_t now_ns, std::int64_t units) {
+namespace {
+
+// Whether the configuration S selects now looks like the infinite-rate fast path's (infinite
+// rate, not consumed): a hint, read without a Hold or a generation check, that only picks which
+// path runs first; the fast path re-reads and validates everything under its Hold. Finite-rate
+// records so go straight to the general operation, paying neither a second Hold nor the fast
+// path's loads.
+bool looks_infinite(const LimiterBody& body) noexcept {
+    const std::uint64_t s = body.bucket.load(std::memory_order_relaxed);
+    const std::uint32_t flags =
+        body.config[BucketWord::gen(s) & 1].flags.load(std::memory_order_relaxed);
+    return (flags & (kRateInfinite | kConsumed)) == kRateInfinite;
+}
+
+// The general take (LimiterCore::try_take) until it is not waiting for a rebase of the drip.
+// Out of line, so that the fast path before it keeps its values in registers.
+[[gnu::noinline]] TryTake take_general(const RecordRef& ref, std::int64_t now_ns,
+                                       std::int64_t units) {
     LimiterCore core(*ref.state, ref.index, *ref.record);
     std::int64_t rebase_at = kRebaseAt;
     for (;;) {
         TakeOutcome outcome;
         {
-            // One announcement for the fast path and, if it declines, the general take (the
-            // Hold must not stay pending across the rebase below, which may wait for a lock).
+            // The Hold must not stay pending across the rebase below (it may wait for a lock).
             Hold hold(*ref.state, ref.index);
-            if (core.try_take_infinite(hold, units) == FastOutcome::done) return TryTake::taken;
             outcome = core.try_take(hold, now_ns, units, rebase_at);
         }
         switch (outcome) {
@@ -333,8 +346,9 @@ TryTake take_units(const RecordRef& ref, std::int64_t now_ns, std::int64_t units
     }
 }
 
-// Both return_to_hopper overloads (`now_ns` as for take_units).
-void return_units(const RecordRef& ref, std::int64_t now_ns, double n, std::int64_t units) {
+// The general return (LimiterCore::return_to_hopper), as take_general.
+[[gnu::noinline]] void return_general(const RecordRef& ref, std::int64_t now_ns, double n,
+                                      std::int64_t units) {
     LimiterCore core(*ref.state, ref.index, *ref.record);
     std::int64_t rebase_at = kRebaseAt;
     std::int64_t seen = 0;
@@ -342,7 +356,6 @@ void return_units(const RecordRef& ref, std::int64_t now_ns, double n, std::int6
         ReturnOutcome o;
         {
             Hold hold(*ref.state, ref.index);
-            if (core.return_infinite(hold, units) == FastOutcome::done) return;
             o = core.return_to_hopper(hold, now_ns, units, rebase_at, &seen);
             if (o == ReturnOutcome::not_held) [[unlikely]] {
                 // The calling thread took fewer: did another thread of this process take them?
@@ -355,6 +368,53 @@ void return_units(const RecordRef& ref, std::int64_t now_ns, double n, std::int6
         if (o != ReturnOutcome::rebase_needed) return;
         rebase_after(core, now_ns, rebase_at);
     }
+}
+
+}  // namespace
+
+namespace {
+
+// The infinite-rate fast path, under its own Hold; if it declines (nothing changed), the general
+// operation from scratch. Out of line from take_units/return_units, so that a finite-rate
+// record's operation does not pay for the registers this one uses.
+[[gnu::noinline]] TryTake take_fast(const RecordRef& ref, std::int64_t now_ns, std::int64_t units) {
+    {
+        LimiterCore core(*ref.state, ref.index, *ref.record);
+        Hold hold(*ref.state, ref.index);
+        if (core.try_take_infinite(hold, units) == FastOutcome::done) [[likely]]
+            return TryTake::taken;
+    }
+    return take_general(ref, now_ns, units);
+}
+
+[[gnu::noinline]] void return_fast(const RecordRef& ref, std::int64_t now_ns, double n,
+                                   std::int64_t units) {
+    {
+        LimiterCore core(*ref.state, ref.index, *ref.record);
+        Hold hold(*ref.state, ref.index);
+        if (core.return_infinite(hold, units) == FastOutcome::done) [[likely]]
+            return;
+    }
+    return_general(ref, now_ns, n, units);
+}
+
+const LimiterBody& body_of(const RecordRef& ref) noexcept {
+    return *reinterpret_cast<const LimiterBody*>(ref.record->body);
+}
+
+}  // namespace
+
+// Both try_take overloads: `now_ns` is kClockUnread for the one without a time (the lazy clock:
+// LimiterCore::begin reads it only for a finite rate, and the fast path never).
+TryTake take_units(const RecordRef& ref, std::int64_t now_ns, std::int64_t units) {
+    if (looks_infinite(body_of(ref))) return take_fast(ref, now_ns, units);
+    return take_general(ref, now_ns, units);
+}
+
+// Both return_to_hopper overloads (`now_ns` as for take_units).
+void return_units(const RecordRef& ref, std::int64_t now_ns, double n, std::int64_t units) {
+    if (looks_infinite(body_of(ref))) return return_fast(ref, now_ns, n, units);
+    return_general(ref, now_ns, n, units);
 }
 
 }  // namespace detail

@@ -166,22 +166,22 @@ void init_limiter_body(LimiterBody& body, const LimiterRecordConfig& config,
 // Hot path
 // ---------------------------------------------------------------------------------------------
 
-void LimiterCore::rollback_tentative(std::int64_t n) noexcept {
+void LimiterCore::rollback_tentative(LimiterBody& body, std::int64_t n) noexcept {
     // Undoing our own tentative increment may proceed on a frozen word (the reaper waits for
     // this operation to finish). Clamped at zero so that a concurrent over-release by a caller
     // cannot wrap the word into the frozen bit.
-    std::uint64_t w = body_.in_flight.load(std::memory_order_relaxed);
+    std::uint64_t w = body.in_flight.load(std::memory_order_relaxed);
     for (;;) {
         LIM_RACE_POINT();
         const std::uint64_t frozen = w & kFrozen;
         const auto next = static_cast<std::uint64_t>(std::max<std::int64_t>(0, value_of(w) - n));
-        if (body_.in_flight.compare_exchange_weak(w, frozen | next, std::memory_order_seq_cst,
-                                                  std::memory_order_relaxed)) {
+        if (body.in_flight.compare_exchange_weak(w, frozen | next, std::memory_order_seq_cst,
+                                                 std::memory_order_relaxed)) {
             break;
         }
     }
     // A sleeper may have found too little because of our tentative tokens.
-    wake_all(body_.wake);
+    wake_all(body.wake);
 }
 
 [[gnu::always_inline]] inline LimiterCore::Attempt LimiterCore::begin(

@@ -290,6 +290,11 @@ inline std::int64_t drip_from_block(const ConfigBlock& block, std::int64_t t_ns)
     const auto e = static_cast<std::uint64_t>(elapsed);
     if (shift != 0) [[unlikely]]
         return DripRate::fractional_units_after(e, m, shift);
+    // The common case of whole_units_after first, so that the fields only its long form uses
+    // are loaded only then.
+    std::uint64_t p = 0;
+    if (!__builtin_mul_overflow(e, m, &p)) [[likely]]
+        return static_cast<std::int64_t>(p / 1'000'000'000);
     return DripRate::whole_units_after(e, m, block.drip_whole.load(std::memory_order_acquire),
                                        block.drip_rest.load(std::memory_order_acquire));
 }
@@ -418,10 +423,11 @@ class LimiterCore {
                          std::int64_t rebase_at) noexcept;
     // A token bucket's take (docs/design.md ("The Limiter family"), "TokenBucket's take"): with
     // an infinite target and a finite rate nothing depends on F, so the take is one CAS on S,
-    // recorded in the thread's ledger (`holder`, layer kBucketTakenLayer) after it lands; no Hold,
-    // since a token bucket holds nothing a reap could give back. `not_a_token_bucket` (nothing
-    // changed) when the configuration is not a token bucket's: the caller uses try_take.
-    TakeOutcome try_take_bucket(const Holder& holder, std::int64_t now_ns, std::int64_t n,
+    // recorded in the thread's ledger (`entry`, the thread's own, layer kBucketTakenLayer) after it
+    // lands; no Hold, since a token bucket holds nothing a reap could give back.
+    // `not_a_token_bucket` (nothing changed) when the configuration is not a token bucket's: the
+    // caller uses try_take.
+    TakeOutcome try_take_bucket(LedgerEntry& entry, std::int64_t now_ns, std::int64_t n,
                                 std::int64_t rebase_at) noexcept;
     // What a token bucket's takes have recorded in the ledgers of occupied slots.
     std::int64_t bucket_taken() const noexcept;
@@ -477,7 +483,9 @@ class LimiterCore {
         if (state_.read_only()) return;
         raise_time_ns(body_.time_ns, t_ns);
     }
-    void rollback_tentative(std::int64_t n) noexcept;
+    void rollback_tentative(std::int64_t n) noexcept { rollback_tentative(body_, n); }
+    // The same on `body`: what the fast path calls, so that it never needs `this` in memory.
+    static void rollback_tentative(LimiterBody& body, std::int64_t n) noexcept;
     void switch_config(std::int64_t now_ns, bool reanchor, void (*change)(LimiterParams&, void*),
                        void* ctx);
 
@@ -526,7 +534,7 @@ inline FastOutcome LimiterCore::try_take_infinite_from(Hold& hold, std::uint64_t
     // Every field read above belongs to the generation in `s`; unchanged now, it was current at
     // the CAS (the general take's check, below its CAS).
     if (BucketWord::gen(body_.bucket.load(std::memory_order_seq_cst)) != gen) [[unlikely]] {
-        rollback_tentative(n);
+        rollback_tentative(body_, n);
         return FastOutcome::general;
     }
     hold.add(0, n);

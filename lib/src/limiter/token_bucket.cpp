@@ -14,11 +14,11 @@ namespace lim {
 
 namespace detail {
 
-// Inlined into TokenBucket::try_take (its only caller), so that the take is one function whose
-// values stay in registers: each configuration field it uses is loaded once, straight from the
-// block, with no LimiterParams gathered in memory.
-[[gnu::always_inline]] inline TakeOutcome LimiterCore::try_take_bucket(
-    const Holder& holder, std::int64_t now_ns, std::int64_t n, std::int64_t rebase_at) noexcept {
+// Each configuration field the take uses is loaded once, straight from the block, with no
+// LimiterParams gathered in memory. (TokenBucket::try_take first makes one attempt of its own,
+// bucket_take_once, and comes here only when that one did not take.)
+TakeOutcome LimiterCore::try_take_bucket(LedgerEntry& entry, std::int64_t now_ns, std::int64_t n,
+                                         std::int64_t rebase_at) noexcept {
     std::atomic<std::uint64_t>& bucket = body_.bucket;
     std::uint64_t s = bucket.load(std::memory_order_seq_cst);
     for (;;) {
@@ -56,7 +56,7 @@ namespace detail {
                 // The thread's own ledger entry (a single writer: plain stores). A process killed
                 // before these stores took the tokens all the same: in_flight then undercounts,
                 // and nothing is owed back, since a token bucket's tokens are consumed.
-                LedgerEntry& e = holder.entry(record_);
+                LedgerEntry& e = entry;
                 auto& held = e.held[kBucketTakenLayer];
                 held.store(held.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
                 e.admitted.store(e.admitted.load(std::memory_order_relaxed) + 1,
@@ -143,16 +143,52 @@ TokenBucket::TokenBucket(Limiter limiter) : LimiterFacade(std::move(limiter)) {
 namespace detail {
 namespace {
 
-// TokenBucket::try_take on a record a TokenBucket created: its own take (try_take_bucket,
-// inlined here), `units` > 0.
-TryTake bucket_take(const RecordRef& ref, std::int64_t now_ns, std::int64_t units) {
-    // The thread's slot first: claiming it is what may throw (table_full), before anything is
-    // taken.
-    const Holder holder = detail::holder(*ref.state);
+// The common case of a token bucket's take, inline in TokenBucket::try_take: one attempt,
+// exactly one iteration of LimiterCore::try_take_bucket's loop where that iteration takes (a
+// token bucket's configuration, the bucket holding `n` at t, no rebase due, the CAS landing).
+// Straight-line code with few live values, so that the take spills nothing to the stack before
+// its CAS (a locked instruction waits for every earlier store to drain). false: nothing changed,
+// and try_take_bucket decides (a refusal, a reconfiguration, a rebase, a lost CAS).
+[[gnu::always_inline]] inline bool bucket_take_once(LimiterBody& body, LedgerEntry& entry,
+                                                    std::int64_t now_ns, std::int64_t n) noexcept {
+    std::uint64_t s = body.bucket.load(std::memory_order_seq_cst);
+    const std::uint32_t gen = BucketWord::gen(s);
+    const ConfigBlock& c = body.config[gen & 1];
+    const std::uint32_t flags = c.flags.load(std::memory_order_acquire);
+    if ((flags & (kRateInfinite | kTargetInfinite)) != kTargetInfinite) return false;
+    const std::int64_t size = c.bucket_size.load(std::memory_order_acquire);
+    if (n > size) return false;
+    const std::int64_t l = body.time_ns.load(std::memory_order_relaxed);
+    const std::int64_t t = std::max(now_ns, l);
+    const std::int64_t d = drip_from_block(c, t);
+    const std::int64_t x = BucketWord::x(s);
+    if (d - x < n || d > kRebaseAt) return false;
+    // The linearisation point, as in try_take_bucket: the CAS expects the generation whose block
+    // was read, so a switch since makes it fail.
+    LIM_RACE_POINT();
+    if (!body.bucket.compare_exchange_strong(s, BucketWord::make(gen, std::max(x, d - size) + n),
+                                             std::memory_order_seq_cst,
+                                             std::memory_order_seq_cst)) {
+        return false;
+    }
+    LIM_RACE_POINT();
+    // The ledger stores and the lazy raise of L, as in try_take_bucket.
+    auto& held = entry.held[kBucketTakenLayer];
+    held.store(held.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+    entry.admitted.store(entry.admitted.load(std::memory_order_relaxed) + 1,
+                         std::memory_order_relaxed);
+    if (t - l > kLazyTimeGrainNs) raise_time_ns(body.time_ns, t);
+    return true;
+}
+
+// TokenBucket::try_take on a record a TokenBucket created, after bucket_take_once declined:
+// its own take's loop (try_take_bucket), `units` > 0, recorded in `entry` (the thread's).
+[[gnu::noinline]] TryTake bucket_take(const RecordRef& ref, LedgerEntry& entry, std::int64_t now_ns,
+                                      std::int64_t units) {
     LimiterCore core(*ref.state, ref.index, *ref.record);
     std::int64_t rebase_at = kRebaseAt;
     for (;;) {
-        switch (core.try_take_bucket(holder, now_ns, units, rebase_at)) {
+        switch (core.try_take_bucket(entry, now_ns, units, rebase_at)) {
             case TakeOutcome::taken:
                 return TryTake::taken;
             case TakeOutcome::unable:
@@ -178,12 +214,28 @@ TryTake bucket_take(const RecordRef& ref, std::int64_t now_ns, std::int64_t unit
 }  // namespace
 }  // namespace detail
 
+namespace {
+
+// A token bucket's own take of `units` (> 0) at `now_ns` (bounded).
+[[gnu::always_inline]] inline TryTake take_bucket(const detail::RecordRef& ref, std::int64_t now_ns,
+                                                  std::int64_t units) {
+    // The thread's slot first: claiming it is what may throw (table_full), before anything is
+    // taken.
+    detail::LedgerEntry& entry = detail::holder(*ref.state).entry(ref.index);
+    auto& body = *reinterpret_cast<detail::LimiterBody*>(ref.record->body);
+    if (detail::bucket_take_once(body, entry, now_ns, units)) [[likely]]
+        return TryTake::taken;
+    return detail::bucket_take(ref, entry, now_ns, units);
+}
+
+}  // namespace
+
 TryTake TokenBucket::try_take(TimePoint now, double n) {
     if (!bucket_take_) return limiter_.try_take(now, n);
     const detail::RecordRef& ref = detail::LimiterAccess::ref(limiter_);
     const std::int64_t units = detail::amount_units(ref, "try_take", n);
     if (units == 0) return TryTake::taken;
-    return detail::bucket_take(ref, detail::bounded_now_ns(now), units);
+    return take_bucket(ref, detail::bounded_now_ns(now), units);
 }
 
 TryTake TokenBucket::try_take(double n) {
@@ -193,7 +245,7 @@ TryTake TokenBucket::try_take(double n) {
     const detail::RecordRef& ref = detail::LimiterAccess::ref(limiter_);
     const std::int64_t units = detail::amount_units(ref, "try_take", n);
     if (units == 0) return TryTake::taken;
-    return detail::bucket_take(ref, to_nanos(Clock::now()), units);
+    return take_bucket(ref, to_nanos(Clock::now()), units);
 }
 
 }  // namespace lim
