@@ -289,8 +289,8 @@ Availability Limiter::tokens_may_be_available_when(TimePoint now, double n) cons
 namespace detail {
 namespace {
 
-// Rebases the drip after a take or return asked for it (rebase_needed: a finite rate, so the
-// operation has read the clock into `now_ns` if its caller gave no time). The first time, try
+// Rebases the drip after a take or return asked for it (rebase_needed: a finite rate; a caller
+// that gave no time has the clock read here, on this rare path). The first time, try
 // without waiting for the config lock; if a configuration change holds it, go on (the marker has
 // room up to kRebaseHard) and wait for the lock only if asked again.
 void rebase_after(LimiterCore& core, std::int64_t now_ns, std::int64_t& rebase_at) {

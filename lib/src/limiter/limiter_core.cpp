@@ -204,7 +204,7 @@ void LimiterCore::rollback_tentative(LimiterBody& body, std::int64_t n) noexcept
     return a;
 }
 
-TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t& now_ns, std::int64_t n,
+TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t n,
                                   std::int64_t rebase_at) noexcept {
     std::atomic<std::uint64_t>& in_flight = body_.in_flight;
     std::atomic<std::uint64_t>& bucket = body_.bucket;
@@ -324,7 +324,7 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t& now_ns, std::int64_t
     }
 }
 
-ReturnOutcome LimiterCore::return_to_hopper(Hold& hold, std::int64_t& now_ns, std::int64_t n,
+ReturnOutcome LimiterCore::return_to_hopper(Hold& hold, std::int64_t now_ns, std::int64_t n,
                                             std::int64_t rebase_at, std::int64_t* in_flight_seen,
                                             bool holding_checked) noexcept {
     std::atomic<std::uint64_t>& in_flight = body_.in_flight;

@@ -418,8 +418,9 @@ class LimiterCore {
 
     // One attempt, under `hold`. `rebase_at`: the drip allowance above which the operation
     // asks its caller to re-anchor first (rebase_needed, nothing changed). `now_ns` may be
-    // kClockUnread: the take then reads the clock into it if (and only if) the rate is finite.
-    TakeOutcome try_take(Hold& hold, std::int64_t& now_ns, std::int64_t n,
+    // kClockUnread: the take then reads the clock if (and only if) the rate is finite (a caller
+    // that rebases reads it for the rebase).
+    TakeOutcome try_take(Hold& hold, std::int64_t now_ns, std::int64_t n,
                          std::int64_t rebase_at) noexcept;
     // A token bucket's take (docs/design.md ("The Limiter family"), "TokenBucket's take"): with
     // an infinite target and a finite rate nothing depends on F, so the take is one CAS on S,
@@ -437,7 +438,7 @@ class LimiterCore {
     // the calling thread's ledger holds `n` (a plain load and a compare) and returns `not_held`,
     // changing nothing, if it does not: the caller checks the whole process and retries.
     // `now_ns` may be kClockUnread, as for try_take.
-    ReturnOutcome return_to_hopper(Hold& hold, std::int64_t& now_ns, std::int64_t n,
+    ReturnOutcome return_to_hopper(Hold& hold, std::int64_t now_ns, std::int64_t n,
                                    std::int64_t rebase_at, std::int64_t* in_flight_seen,
                                    bool holding_checked = false) noexcept;
 
