@@ -303,10 +303,6 @@ void rebase_after(LimiterCore& core, std::int64_t now_ns, std::int64_t& rebase_a
     }
 }
 
-}  // namespace
-
-namespace {
-
 // Whether the configuration S selects now looks like the infinite-rate fast path's (infinite
 // rate, not consumed): a hint, read without a Hold or a generation check, that only picks which
 // path runs first; the fast path re-reads and validates everything under its Hold. Finite-rate
