@@ -209,8 +209,10 @@ class Limiter {
     // the segment's config lock.
     // Memory ordering: a successful take happens-after the return, refill decision or
     // reconfiguration that made its tokens available, in whichever process it ran.
+    // The overload without `now` reads lim::Clock only if the outcome depends on time (a finite
+    // rate); an infinite-rate take (a Throttle's) never reads it.
     TryTake try_take(TimePoint now, double n);
-    TryTake try_take(double n) { return try_take(Clock::now(), n); }
+    TryTake try_take(double n);
 
     // Takes `n` tokens, sleeping until tokens_may_be_available_when says they may be there, or
     // on the limiter's shared futex until a return or reconfiguration (re-checking at least
@@ -235,8 +237,9 @@ class Limiter {
     // Throws Error(over_release) if n > in_flight (nothing changes), Error(invalid_argument)
     // for a negative, NaN or infinite `n`, and Error(system_error) as try_take.
     // Memory ordering: everything before the return happens-before a take that gets its tokens.
+    // The overload without `now` reads lim::Clock only if the rate is finite.
     void return_to_hopper(TimePoint now, double n);
-    void return_to_hopper(double n) { return_to_hopper(Clock::now(), n); }
+    void return_to_hopper(double n);
 
     // ----- Configuration. Each advances time to `now` under the old configuration first, then
     // switches atomically for every process; wakes sleepers. Takes the segment's config lock
@@ -332,8 +335,11 @@ class JobLimiterFacade : public LimiterFacade {
     // a Throttle, whose rate is infinite); `max_concurrent_jobs_running` when only a finish_job
     // can help. Never blocks, never throws.
     // Memory ordering: a start happens-after the finish_job or refill that made room for it.
+    // The overload without `now` reads lim::Clock only if the outcome depends on time: not
+    // for a Throttle's start (an infinite rate), nor for a start that succeeds on an
+    // infinite-rate record; when the job cannot start, to say until when.
     StartJob try_start_job(TimePoint now);
-    StartJob try_start_job() { return try_start_job(Clock::now()); }
+    StartJob try_start_job();
 
     // Starts a job, sleeping on the limiter's shared futex until one may (see Limiter::take).
     void start_job() { limiter_.take(1.0); }
@@ -343,8 +349,9 @@ class JobLimiterFacade : public LimiterFacade {
     // Ends a job: its token goes back to the hopper, and sleepers in start_job wake. Throws
     // Error(over_release) if no job is running, or if this process did not start one (a job
     // started by another process is finished by that process, or handed over: hand_off_jobs).
-    void finish_job(TimePoint now) { limiter_.return_to_hopper(now, 1.0); }
-    void finish_job() { limiter_.return_to_hopper(1.0); }
+    // The overload without `now` reads lim::Clock only if the rate is finite.
+    void finish_job(TimePoint now);
+    void finish_job();
 
     // Hands `n` running jobs of this process to another process (lim/hand_off.hpp): this process
     // stops holding their tokens, which sit in a parcel owned by this process until a receive

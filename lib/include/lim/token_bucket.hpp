@@ -49,7 +49,9 @@ class TokenBucket : public LimiterFacade {
     // Memory ordering: a successful take happens-after the refill decision or reconfiguration
     // that made its tokens available, in whichever process it ran.
     TryTake try_take(TimePoint now, double n);
-    TryTake try_take(double n) { return try_take(Clock::now(), n); }
+    // Reads lim::Clock (a token bucket's rate is finite) unless the record was reconfigured to
+    // an infinite rate by a Limiter handle (see Limiter::try_take(n)).
+    TryTake try_take(double n);
 
     // Takes `n` tokens, sleeping until the refill brings them (see Limiter::take). Throws
     // Error(invalid_argument) if n > burst_size.

@@ -143,24 +143,6 @@ std::string describe(const LimiterRecordConfig& c, std::uint16_t flavor) {
         rate_text, bucket, initial, hopper);
 }
 
-// Runs a take or return until it is not waiting for a rebase of the drip. The first time it
-// asks, try to rebase without waiting for the config lock; if a configuration change holds it,
-// go on (the marker has room up to kRebaseHard) and wait for the lock only if asked again.
-template <class Op>
-auto with_rebase(LimiterCore& core, std::int64_t now_ns, Op&& op) {
-    std::int64_t rebase_at = kRebaseAt;
-    for (;;) {
-        auto outcome = op(rebase_at);
-        if (outcome.second) return outcome.first;
-        if (rebase_at == kRebaseAt) {
-            if (!core.rebase(now_ns, false)) rebase_at = kRebaseHard;
-        } else {
-            core.rebase(now_ns, true);
-            rebase_at = kRebaseAt;
-        }
-    }
-}
-
 }  // namespace
 
 // A token amount that is not a whole number of units, or is out of range: checked and rounded
@@ -304,49 +286,157 @@ Availability Limiter::tokens_may_be_available_when(TimePoint now, double n) cons
     return Availability::at(from_nanos(std::max(at, r.t_ns)));
 }
 
+namespace detail {
+namespace {
+
+// Rebases the drip after a take or return asked for it (rebase_needed: a finite rate; a caller
+// that gave no time has the clock read here, on this rare path). The first time, try
+// without waiting for the config lock; if a configuration change holds it, go on (the marker has
+// room up to kRebaseHard) and wait for the lock only if asked again.
+void rebase_after(LimiterCore& core, std::int64_t now_ns, std::int64_t& rebase_at) {
+    if (now_ns == kClockUnread) now_ns = to_nanos(Clock::now());
+    if (rebase_at == kRebaseAt) {
+        if (!core.rebase(now_ns, false)) rebase_at = kRebaseHard;
+    } else {
+        core.rebase(now_ns, true);
+        rebase_at = kRebaseAt;
+    }
+}
+
+// Whether the configuration S selects now looks like the infinite-rate fast path's (infinite
+// rate, not consumed): a hint, read without a Hold or a generation check, that only picks which
+// path runs first; the fast path re-reads and validates everything under its Hold. Finite-rate
+// records so go straight to the general operation, paying neither a second Hold nor the fast
+// path's loads.
+bool looks_infinite(const LimiterBody& body) noexcept {
+    const std::uint64_t s = body.bucket.load(std::memory_order_relaxed);
+    const std::uint32_t flags =
+        body.config[BucketWord::gen(s) & 1].flags.load(std::memory_order_relaxed);
+    return (flags & (kRateInfinite | kConsumed)) == kRateInfinite;
+}
+
+// The general take (LimiterCore::try_take) until it is not waiting for a rebase of the drip.
+// Out of line, so that the fast path before it keeps its values in registers.
+[[gnu::noinline]] TryTake take_general(const RecordRef& ref, std::int64_t now_ns,
+                                       std::int64_t units) {
+    LimiterCore core(*ref.state, ref.index, *ref.record);
+    std::int64_t rebase_at = kRebaseAt;
+    for (;;) {
+        TakeOutcome outcome;
+        {
+            // The Hold must not stay pending across the rebase below (it may wait for a lock).
+            Hold hold(*ref.state, ref.index);
+            outcome = core.try_take(hold, now_ns, units, rebase_at);
+        }
+        switch (outcome) {
+            case TakeOutcome::taken:
+                return TryTake::taken;
+            case TakeOutcome::asked_for_more:
+                return TryTake::asked_for_more_than_bucket_size;
+            case TakeOutcome::rebase_needed:
+                rebase_after(core, now_ns, rebase_at);
+                break;
+            default:
+                return TryTake::unable;
+        }
+    }
+}
+
+// The general return (LimiterCore::return_to_hopper), as take_general.
+[[gnu::noinline]] void return_general(const RecordRef& ref, std::int64_t now_ns, double n,
+                                      std::int64_t units) {
+    LimiterCore core(*ref.state, ref.index, *ref.record);
+    std::int64_t rebase_at = kRebaseAt;
+    std::int64_t seen = 0;
+    for (;;) {
+        ReturnOutcome o;
+        {
+            Hold hold(*ref.state, ref.index);
+            o = core.return_to_hopper(hold, now_ns, units, rebase_at, &seen);
+            if (o == ReturnOutcome::not_held) [[unlikely]] {
+                // The calling thread took fewer: did another thread of this process take them?
+                const std::int64_t mine = process_holding(*ref.state, ref.index, /*layer=*/0);
+                if (mine < units) throw_not_held(ref, n, mine);
+                o = core.return_to_hopper(hold, now_ns, units, rebase_at, &seen, true);
+            }
+        }
+        if (o == ReturnOutcome::over_release) throw_over_release(ref, n, seen);
+        if (o != ReturnOutcome::rebase_needed) return;
+        rebase_after(core, now_ns, rebase_at);
+    }
+}
+
+}  // namespace
+
+namespace {
+
+// The infinite-rate fast path, under its own Hold; if it declines (nothing changed), the general
+// operation from scratch. Out of line from take_units/return_units, so that a finite-rate
+// record's operation does not pay for the registers this one uses.
+[[gnu::noinline]] TryTake take_fast(const RecordRef& ref, std::int64_t now_ns, std::int64_t units) {
+    {
+        LimiterCore core(*ref.state, ref.index, *ref.record);
+        Hold hold(*ref.state, ref.index);
+        if (core.try_take_infinite(hold, units) == FastOutcome::done) [[likely]]
+            return TryTake::taken;
+    }
+    return take_general(ref, now_ns, units);
+}
+
+[[gnu::noinline]] void return_fast(const RecordRef& ref, std::int64_t now_ns, double n,
+                                   std::int64_t units) {
+    {
+        LimiterCore core(*ref.state, ref.index, *ref.record);
+        Hold hold(*ref.state, ref.index);
+        if (core.return_infinite(hold, units) == FastOutcome::done) [[likely]]
+            return;
+    }
+    return_general(ref, now_ns, n, units);
+}
+
+const LimiterBody& body_of(const RecordRef& ref) noexcept {
+    return *reinterpret_cast<const LimiterBody*>(ref.record->body);
+}
+
+}  // namespace
+
+// Both try_take overloads: `now_ns` is kClockUnread for the one without a time (the lazy clock:
+// LimiterCore::begin reads it only for a finite rate, and the fast path never).
+TryTake take_units(const RecordRef& ref, std::int64_t now_ns, std::int64_t units) {
+    if (looks_infinite(body_of(ref))) return take_fast(ref, now_ns, units);
+    return take_general(ref, now_ns, units);
+}
+
+// Both return_to_hopper overloads (`now_ns` as for take_units).
+void return_units(const RecordRef& ref, std::int64_t now_ns, double n, std::int64_t units) {
+    if (looks_infinite(body_of(ref))) return return_fast(ref, now_ns, n, units);
+    return_general(ref, now_ns, n, units);
+}
+
+}  // namespace detail
+
 TryTake Limiter::try_take(TimePoint now, double n) {
     const std::int64_t units = detail::amount_units(ref_, "try_take", n);
     if (units == 0) return TryTake::taken;
-    LimiterCore core = detail::core_of(ref_);
-    const std::int64_t now_ns = detail::bounded_now_ns(now);
-    const detail::TakeOutcome outcome =
-        detail::with_rebase(core, now_ns, [&](std::int64_t rebase_at) {
-            detail::Hold hold(*ref_.state, ref_.index);
-            const detail::TakeOutcome o = core.try_take(hold, now_ns, units, rebase_at);
-            return std::pair{o, o != detail::TakeOutcome::rebase_needed};
-        });
-    switch (outcome) {
-        case detail::TakeOutcome::taken:
-            return TryTake::taken;
-        case detail::TakeOutcome::asked_for_more:
-            return TryTake::asked_for_more_than_bucket_size;
-        default:
-            return TryTake::unable;
-    }
+    return detail::take_units(ref_, detail::bounded_now_ns(now), units);
+}
+
+TryTake Limiter::try_take(double n) {
+    const std::int64_t units = detail::amount_units(ref_, "try_take", n);
+    if (units == 0) return TryTake::taken;
+    return detail::take_units(ref_, detail::kClockUnread, units);
 }
 
 void Limiter::return_to_hopper(TimePoint now, double n) {
     const std::int64_t units = detail::amount_units(ref_, "return_to_hopper", n);
     if (units == 0) return;
-    LimiterCore core = detail::core_of(ref_);
-    const std::int64_t now_ns = detail::bounded_now_ns(now);
-    std::int64_t seen = 0;
-    const detail::ReturnOutcome outcome =
-        detail::with_rebase(core, now_ns, [&](std::int64_t rebase_at) {
-            detail::Hold hold(*ref_.state, ref_.index);
-            detail::ReturnOutcome o = core.return_to_hopper(hold, now_ns, units, rebase_at, &seen);
-            if (o == detail::ReturnOutcome::not_held) [[unlikely]] {
-                // The calling thread took fewer: did another thread of this process take them?
-                const std::int64_t mine =
-                    detail::process_holding(*ref_.state, ref_.index, /*layer=*/0);
-                if (mine < units) detail::throw_not_held(ref_, n, mine);
-                o = core.return_to_hopper(hold, now_ns, units, rebase_at, &seen, true);
-            }
-            return std::pair{o, o != detail::ReturnOutcome::rebase_needed};
-        });
-    if (outcome == detail::ReturnOutcome::over_release) {
-        detail::throw_over_release(ref_, n, seen);
-    }
+    detail::return_units(ref_, detail::bounded_now_ns(now), n, units);
+}
+
+void Limiter::return_to_hopper(double n) {
+    const std::int64_t units = detail::amount_units(ref_, "return_to_hopper", n);
+    if (units == 0) return;
+    detail::return_units(ref_, detail::kClockUnread, n, units);
 }
 
 void Limiter::take(double n) {
@@ -441,20 +531,47 @@ void Limiter::set_hopper_to_bucket_rate_per_sec(TimePoint now, InfiniteOrFinite<
 // Facades' job operations: Jane Street's Throttled_rate_limiter.try_start_job
 // ---------------------------------------------------------------------------------------------
 
-StartJob JobLimiterFacade::try_start_job(TimePoint now) {
-    switch (limiter_.try_take(now, 1.0)) {
-        case TryTake::taken:
-            return StartJob::start();
-        case TryTake::asked_for_more_than_bucket_size:
-            // Not for a facade's own configuration (burst >= 1); a Limiter handle may have
-            // shrunk the bucket below one token since.
-            return StartJob::max_concurrent_jobs_running();
-        case TryTake::unable:
-            break;
+namespace {
+
+// What try_start_job answers after a take that did not start the job: `now` is read (if the
+// caller gave none) only here, off the hot path.
+StartJob not_started(const Limiter& limiter, TryTake taken, TimePoint now) {
+    if (taken == TryTake::asked_for_more_than_bucket_size) {
+        // Not for a facade's own configuration (burst >= 1); a Limiter handle may have shrunk
+        // the bucket below one token since.
+        return StartJob::max_concurrent_jobs_running();
     }
-    const Availability when = limiter_.tokens_may_be_available_when(now, 1.0);
+    const Availability when = limiter.tokens_may_be_available_when(now, 1.0);
     if (when.kind() == Availability::Kind::at) return StartJob::unable_until_at_least(when.time());
     return StartJob::max_concurrent_jobs_running();
+}
+
+}  // namespace
+
+StartJob JobLimiterFacade::try_start_job(TimePoint now) {
+    const detail::RecordRef& ref = detail::LimiterAccess::ref(limiter_);
+    const TryTake taken = detail::take_units(ref, detail::bounded_now_ns(now), kTokenResolution);
+    if (taken == TryTake::taken) [[likely]]
+        return StartJob::start();
+    return not_started(limiter_, taken, now);
+}
+
+StartJob JobLimiterFacade::try_start_job() {
+    const detail::RecordRef& ref = detail::LimiterAccess::ref(limiter_);
+    const TryTake taken = detail::take_units(ref, detail::kClockUnread, kTokenResolution);
+    if (taken == TryTake::taken) [[likely]]
+        return StartJob::start();
+    return not_started(limiter_, taken, Clock::now());
+}
+
+void JobLimiterFacade::finish_job(TimePoint now) {
+    detail::return_units(detail::LimiterAccess::ref(limiter_), detail::bounded_now_ns(now), 1.0,
+                         kTokenResolution);
+}
+
+void JobLimiterFacade::finish_job() {
+    detail::return_units(detail::LimiterAccess::ref(limiter_), detail::kClockUnread, 1.0,
+                         kTokenResolution);
 }
 
 HandOff JobLimiterFacade::hand_off_jobs(std::int64_t n) {

@@ -83,7 +83,8 @@ DripRate DripRate::from_rate(double rate_per_sec) noexcept {
     return r;
 }
 
-std::int64_t DripRate::fractional_units_after(std::uint64_t e) const noexcept {
+std::int64_t DripRate::fractional_units_after(std::uint64_t e, std::uint64_t m,
+                                              std::uint32_t shift) noexcept {
     if (shift >= 128) return 0;
     return clamp_units((static_cast<u128>(e) * m >> shift) / kNsPerSec);
 }
@@ -165,26 +166,26 @@ void init_limiter_body(LimiterBody& body, const LimiterRecordConfig& config,
 // Hot path
 // ---------------------------------------------------------------------------------------------
 
-void LimiterCore::rollback_tentative(std::int64_t n) noexcept {
+void LimiterCore::rollback_tentative(LimiterBody& body, std::int64_t n) noexcept {
     // Undoing our own tentative increment may proceed on a frozen word (the reaper waits for
     // this operation to finish). Clamped at zero so that a concurrent over-release by a caller
     // cannot wrap the word into the frozen bit.
-    std::uint64_t w = body_.in_flight.load(std::memory_order_relaxed);
+    std::uint64_t w = body.in_flight.load(std::memory_order_relaxed);
     for (;;) {
         LIM_RACE_POINT();
         const std::uint64_t frozen = w & kFrozen;
         const auto next = static_cast<std::uint64_t>(std::max<std::int64_t>(0, value_of(w) - n));
-        if (body_.in_flight.compare_exchange_weak(w, frozen | next, std::memory_order_seq_cst,
-                                                  std::memory_order_relaxed)) {
+        if (body.in_flight.compare_exchange_weak(w, frozen | next, std::memory_order_seq_cst,
+                                                 std::memory_order_relaxed)) {
             break;
         }
     }
     // A sleeper may have found too little because of our tentative tokens.
-    wake_all(body_.wake);
+    wake_all(body.wake);
 }
 
 [[gnu::always_inline]] inline LimiterCore::Attempt LimiterCore::begin(
-    Hold& hold, std::uint64_t& fw, std::int64_t now_ns) noexcept {
+    Hold& hold, std::uint64_t& fw, std::int64_t& now_ns) noexcept {
     while (is_frozen(fw)) {
         hold.wait_while_frozen(body_.in_flight, state_);
         fw = body_.in_flight.load(std::memory_order_seq_cst);
@@ -193,6 +194,12 @@ void LimiterCore::rollback_tentative(std::int64_t n) noexcept {
     a.s = body_.bucket.load(std::memory_order_seq_cst);
     a.gen = BucketWord::gen(a.s);
     a.p = load_params(body_.config[a.gen & 1]);
+    // The lazy clock: a caller that gave no time gets the clock read here, once, and only if the
+    // rate is finite (the drip needs it). With an infinite rate the operation's time is L, which
+    // only a refusal raises L to (a no-op) and a consumed record's pre-CAS deadline check
+    // compares (its post-CAS check reads the clock itself: landed_before).
+    if (now_ns == kClockUnread && !a.p.rate_infinite) [[unlikely]]
+        now_ns = to_nanos(Clock::now());
     a.t = std::max(now_ns, body_.time_ns.load(std::memory_order_relaxed));
     return a;
 }
@@ -230,7 +237,10 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
         const bool room = f <= kMaxInFlight - n;
         // A consumed record's lease deadline, read before the CAS that takes (the deadline the
         // landed take is checked against must be one stored before it: see the design). A
-        // take whose time is already at or past it is refused without taking.
+        // take whose time is already at or past it is refused without taking. A caller that
+        // gave no time on an infinite-rate record has t = L here (the clock unread): the check
+        // then refuses less, and the post-CAS check (landed_before, which reads the clock)
+        // refuses a late take all the same (docs/design.md, "Lease deadlines").
         std::int64_t deadline = kNoLeaseDeadline;
         if (p.consumed) [[unlikely]] {
             deadline = body_.lease_deadline_ns.load(std::memory_order_seq_cst);

@@ -22,6 +22,14 @@ Limiter open_limiter(const Segment& segment, std::string_view what, std::string_
                      const LimiterConfig& config, LimiterFlavor flavor, bool adopt, TimePoint now,
                      std::uint32_t extra_flags = 0);
 
+// The take and the return behind the public overloads, on `units` (> 0) already checked:
+// `now_ns` bounded (bounded_now_ns), or kClockUnread for the overloads without a time (the
+// operation reads the clock only if its outcome depends on it). The infinite-rate fast paths
+// first (LimiterCore::try_take_infinite, return_infinite), then the general operation.
+// return_units throws Error(over_release) naming `n` as try_take's callers do.
+TryTake take_units(const RecordRef& ref, std::int64_t now_ns, std::int64_t units);
+void return_units(const RecordRef& ref, std::int64_t now_ns, double n, std::int64_t units);
+
 // A token amount that is not a whole number of tokens, or is out of range: checked (throws
 // Error(invalid_argument) naming the limiter and `op`) and rounded up exactly.
 [[gnu::noinline, gnu::cold]] std::int64_t amount_units_slow(const RecordRef& ref,

@@ -108,24 +108,40 @@ struct DripRate {
     // rate is zero or the answer does not fit in 63 bits.
     std::optional<std::int64_t> elapsed_for(std::int64_t units) const noexcept;
 
-  private:
-    // R a whole number of units per second: 64-bit arithmetic only. With e = q s + r ns and
-    // R = a 10^9 + b, floor(e R / 10^9) = q R + r a + floor(r b / 10^9), each product below
-    // 2^64 (or saturating), each division by a constant (a multiplication).
-    std::int64_t whole_units_after(std::uint64_t e) const noexcept {
+    // The same on the fields as loaded from a ConfigBlock, so that a hot path need not gather
+    // them into a DripRate in memory (`e` > 0 and m > 0).
+    static std::int64_t whole_units_after(std::uint64_t e, std::uint64_t m, std::uint64_t whole,
+                                          std::uint64_t rest) noexcept {
         constexpr std::uint64_t kNs = 1'000'000'000;
+        // Most drips: e x R fits in 64 bits (R = 10^7 units/s, i.e. 1,000 tokens/s, for 30
+        // minutes after the anchor), and floor(e R / 10^9) is one product and one division by
+        // a constant. The result is below 2^64 / 10^9, far below kMaxInFlight.
+        std::uint64_t p = 0;
+        if (!__builtin_mul_overflow(e, m, &p)) return static_cast<std::int64_t>(p / kNs);
+        // Otherwise, with e = q s + r ns and R = a 10^9 + b, floor(e R / 10^9) =
+        // q R + r a + floor(r b / 10^9), each product below 2^64 (or saturating), each division
+        // by a constant (a multiplication).
         const std::uint64_t q = e / kNs, r = e % kNs;
         std::uint64_t x = 0, y = 0, sum = 0;
-        if (__builtin_mul_overflow(q, m, &x) || __builtin_mul_overflow(r, per_sec_whole, &y) ||
+        if (__builtin_mul_overflow(q, m, &x) || __builtin_mul_overflow(r, whole, &y) ||
             __builtin_add_overflow(x, y, &sum) ||
-            __builtin_add_overflow(sum, r * per_sec_rest / kNs, &sum) ||
+            __builtin_add_overflow(sum, r * rest / kNs, &sum) ||
             sum > static_cast<std::uint64_t>(kMaxInFlight)) {
             return kMaxInFlight;
         }
         return static_cast<std::int64_t>(sum);
     }
-    // R = m / 2^shift, not whole: 128-bit arithmetic.
-    std::int64_t fractional_units_after(std::uint64_t e) const noexcept;
+    // R = m / 2^shift, not whole: 128-bit arithmetic. Out of line (rare rates).
+    static std::int64_t fractional_units_after(std::uint64_t e, std::uint64_t m,
+                                               std::uint32_t shift) noexcept;
+
+  private:
+    std::int64_t whole_units_after(std::uint64_t e) const noexcept {
+        return whole_units_after(e, m, per_sec_whole, per_sec_rest);
+    }
+    std::int64_t fractional_units_after(std::uint64_t e) const noexcept {
+        return fractional_units_after(e, m, shift);
+    }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -258,6 +274,30 @@ inline LimiterParams load_params(const ConfigBlock& block) noexcept {
     p.anchor_ns = block.anchor_ns.load(std::memory_order_acquire);
     return p;
 }
+// D(t) of a finite-rate configuration, read straight from its block (only the fields the drip
+// uses, each once): LimiterParams::drip_at without gathering the parameters first. The caller
+// validates the block against S's generation, as for load_params.
+inline std::int64_t drip_from_block(const ConfigBlock& block, std::int64_t t_ns) noexcept {
+    const std::int64_t anchor = block.anchor_ns.load(std::memory_order_acquire);
+    std::int64_t elapsed = 0;
+    if (__builtin_sub_overflow(t_ns, anchor, &elapsed)) {
+        elapsed = t_ns > anchor ? std::numeric_limits<std::int64_t>::max() : 0;
+    }
+    if (elapsed <= 0) return 0;
+    const std::uint64_t m = block.drip_m.load(std::memory_order_acquire);
+    if (m == 0) return 0;
+    const std::uint32_t shift = block.drip_shift.load(std::memory_order_acquire);
+    const auto e = static_cast<std::uint64_t>(elapsed);
+    if (shift != 0) [[unlikely]]
+        return DripRate::fractional_units_after(e, m, shift);
+    // The common case of whole_units_after first, so that the fields only its long form uses
+    // are loaded only then.
+    std::uint64_t p = 0;
+    if (!__builtin_mul_overflow(e, m, &p)) [[likely]]
+        return static_cast<std::int64_t>(p / 1'000'000'000);
+    return DripRate::whole_units_after(e, m, block.drip_whole.load(std::memory_order_acquire),
+                                       block.drip_rest.load(std::memory_order_acquire));
+}
 void store_params(ConfigBlock& block, const LimiterParams& p) noexcept;
 // The configuration a record was created with, anchored at `now_ns`.
 LimiterParams params_from_config(const LimiterRecordConfig& c, std::int64_t now_ns) noexcept;
@@ -314,6 +354,18 @@ inline constexpr std::int64_t kLazyTimeGrainNs = 10'000;  // 10 us
 // process, Limiter::return_to_hopper, decides; see Hold::require_held).
 enum class ReturnOutcome { returned, over_release, rebase_needed, not_held };
 
+// `now_ns` for a take or return whose caller gave no time (the no-`now` overloads): the
+// operation reads lim::Clock itself, and only if its outcome depends on time (a finite rate),
+// so an infinite-rate take or return never reads the clock (docs/design.md ("The Limiter
+// family"), "Time": the lazy clock). A consumed record's post-CAS deadline check reads the
+// clock regardless ("Lease deadlines").
+inline constexpr std::int64_t kClockUnread = std::numeric_limits<std::int64_t>::min();
+
+// The fast paths' outcomes: done, or nothing changed and the general operation must run (it
+// decides everything the fast path does not: refusals, frozen words, reconfigurations,
+// consumed records).
+enum class FastOutcome { done, general };
+
 // A consistent reading of the limiter at a time (docs/design.md ("The Limiter family"), "Reads").
 struct LimiterReading {
     LimiterParams params;
@@ -333,17 +385,50 @@ class LimiterCore {
         : state_(state),
           body_(*reinterpret_cast<LimiterBody*>(state.record(record).body)),
           record_(record) {}
+    // The same, with the record's address in this mapping already known (RecordRef::record).
+    LimiterCore(SegmentState& state, std::uint32_t record, Record& r) noexcept
+        : state_(state), body_(*reinterpret_cast<LimiterBody*>(r.body)), record_(record) {}
+
+    // The infinite-rate take (a Throttle's start_job; docs/design.md ("The Limiter family"),
+    // "The infinite-rate fast path"), under `hold` (announced): when the configuration S
+    // selects has an infinite rate and takes that are not consumed, the take is one CAS of F
+    // from f to f + n, if the cap (bucket size, or the room the target leaves with f in flight)
+    // has n, validated after it against a switch (S's generation unchanged, else the take is
+    // rolled back), then recorded in the ledger. Needs no time. `general` (nothing changed) for
+    // anything else: a refusal, a frozen F, another configuration; the caller then runs
+    // try_take, which decides those.
+    FastOutcome try_take_infinite(Hold& hold, std::int64_t n) noexcept {
+        return try_take_infinite_from(hold, body_.in_flight.load(std::memory_order_seq_cst),
+                                      body_.bucket.load(std::memory_order_seq_cst), n);
+    }
+    // The same, deciding from F and S as loaded by the caller (`fw`, `s`): tests load them,
+    // interfere (a switch, a freeze), and then call it, to force the interleavings.
+    FastOutcome try_take_infinite_from(Hold& hold, std::uint64_t fw, std::uint64_t s,
+                                       std::int64_t n) noexcept;
+    // The infinite-rate return (a Throttle's finish_job): with an infinite rate nothing needs
+    // folding, so a return that the calling thread's own ledger covers is one CAS of F from f to
+    // f - n (f >= n), after the generation check the general return makes; then the ledger and
+    // the wake. `general` (nothing changed) otherwise: the caller runs return_to_hopper.
+    FastOutcome return_infinite(Hold& hold, std::int64_t n) noexcept {
+        return return_infinite_from(hold, body_.in_flight.load(std::memory_order_seq_cst),
+                                    body_.bucket.load(std::memory_order_seq_cst), n);
+    }
+    FastOutcome return_infinite_from(Hold& hold, std::uint64_t fw, std::uint64_t s,
+                                     std::int64_t n) noexcept;
 
     // One attempt, under `hold`. `rebase_at`: the drip allowance above which the operation
-    // asks its caller to re-anchor first (rebase_needed, nothing changed).
+    // asks its caller to re-anchor first (rebase_needed, nothing changed). `now_ns` may be
+    // kClockUnread: the take then reads the clock if (and only if) the rate is finite (a caller
+    // that rebases reads it for the rebase).
     TakeOutcome try_take(Hold& hold, std::int64_t now_ns, std::int64_t n,
                          std::int64_t rebase_at) noexcept;
     // A token bucket's take (docs/design.md ("The Limiter family"), "TokenBucket's take"): with
     // an infinite target and a finite rate nothing depends on F, so the take is one CAS on S,
-    // recorded in the thread's ledger (`holder`, layer kBucketTakenLayer) after it lands; no Hold,
-    // since a token bucket holds nothing a reap could give back. `not_a_token_bucket` (nothing
-    // changed) when the configuration is not a token bucket's: the caller uses try_take.
-    TakeOutcome try_take_bucket(const Holder& holder, std::int64_t now_ns, std::int64_t n,
+    // recorded in the thread's ledger (`entry`, the thread's own, layer kBucketTakenLayer) after it
+    // lands; no Hold, since a token bucket holds nothing a reap could give back.
+    // `not_a_token_bucket` (nothing changed) when the configuration is not a token bucket's: the
+    // caller uses try_take.
+    TakeOutcome try_take_bucket(LedgerEntry& entry, std::int64_t now_ns, std::int64_t n,
                                 std::int64_t rebase_at) noexcept;
     // What a token bucket's takes have recorded in the ledgers of occupied slots.
     std::int64_t bucket_taken() const noexcept;
@@ -352,6 +437,7 @@ class LimiterCore {
     // `holding_checked`, a return of tokens that are in a ledger (not consumed) first checks that
     // the calling thread's ledger holds `n` (a plain load and a compare) and returns `not_held`,
     // changing nothing, if it does not: the caller checks the whole process and retries.
+    // `now_ns` may be kClockUnread, as for try_take.
     ReturnOutcome return_to_hopper(Hold& hold, std::int64_t now_ns, std::int64_t n,
                                    std::int64_t rebase_at, std::int64_t* in_flight_seen,
                                    bool holding_checked = false) noexcept;
@@ -388,7 +474,8 @@ class LimiterCore {
         std::int64_t t;
     };
     // Waits aside while F is frozen (updating `fw`), then reads what an attempt starts from.
-    Attempt begin(Hold& hold, std::uint64_t& fw, std::int64_t now_ns) noexcept;
+    // Reads the clock into `now_ns` if it is kClockUnread and the rate is finite.
+    Attempt begin(Hold& hold, std::uint64_t& fw, std::int64_t& now_ns) noexcept;
 
     // Raises L to `t_ns` (a CAS-max: L never moves backwards, whatever raises race). Nothing
     // that admits depends on L being current (docs/design.md ("The Limiter family"), "Time"),
@@ -397,7 +484,9 @@ class LimiterCore {
         if (state_.read_only()) return;
         raise_time_ns(body_.time_ns, t_ns);
     }
-    void rollback_tentative(std::int64_t n) noexcept;
+    void rollback_tentative(std::int64_t n) noexcept { rollback_tentative(body_, n); }
+    // The same on `body`: what the fast path calls, so that it never needs `this` in memory.
+    static void rollback_tentative(LimiterBody& body, std::int64_t n) noexcept;
     void switch_config(std::int64_t now_ns, bool reanchor, void (*change)(LimiterParams&, void*),
                        void* ctx);
 
@@ -414,6 +503,71 @@ void LimiterCore::reconfigure(std::int64_t now_ns, bool reanchor, Change&& chang
             (*static_cast<std::remove_reference_t<Change>*>(ctx))(p);
         },
         &change);
+}
+
+inline FastOutcome LimiterCore::try_take_infinite_from(Hold& hold, std::uint64_t fw,
+                                                       std::uint64_t s, std::int64_t n) noexcept {
+    std::atomic<std::uint64_t>& in_flight = body_.in_flight;
+    const std::uint32_t gen = BucketWord::gen(s);
+    const ConfigBlock& c = body_.config[gen & 1];
+    const std::uint32_t flags = c.flags.load(std::memory_order_acquire);
+    if ((flags & (kRateInfinite | kConsumed)) != kRateInfinite) return FastOutcome::general;
+    const std::int64_t size = c.bucket_size.load(std::memory_order_acquire);
+    const bool target_infinite = (flags & kTargetInfinite) != 0;
+    const std::int64_t target = target_infinite ? 0 : c.target.load(std::memory_order_acquire);
+    for (;;) {
+        // A frozen F (a reaper recounting) is the general path's to wait out.
+        if (is_frozen(fw)) return FastOutcome::general;
+        const auto f = static_cast<std::int64_t>(fw);
+        // The cap with f in flight before our increment (LimiterParams::cap): what bounds what
+        // is in flight by the target. n > size falls here too (cap <= size).
+        const std::int64_t cap =
+            target_infinite ? size : std::min(size, target > f ? target - f : 0);
+        if (cap < n || f > kMaxInFlight - n) return FastOutcome::general;
+        LIM_RACE_POINT();
+        if (in_flight.compare_exchange_weak(fw, fw + static_cast<std::uint64_t>(n),
+                                            std::memory_order_seq_cst, std::memory_order_seq_cst)) {
+            break;
+        }
+        // Another take or return landed (or a freeze): decide again on the F it left.
+    }
+    LIM_RACE_POINT();
+    // Every field read above belongs to the generation in `s`; unchanged now, it was current at
+    // the CAS (the general take's check, below its CAS).
+    if (BucketWord::gen(body_.bucket.load(std::memory_order_seq_cst)) != gen) [[unlikely]] {
+        rollback_tentative(body_, n);
+        return FastOutcome::general;
+    }
+    hold.add(0, n);
+    hold.admitted();
+    return FastOutcome::done;
+}
+
+inline FastOutcome LimiterCore::return_infinite_from(Hold& hold, std::uint64_t fw, std::uint64_t s,
+                                                     std::int64_t n) noexcept {
+    // Tokens taken by one process are returned by that process: the thread's own ledger must
+    // cover the return (Hold::require_held's fast path); otherwise the general return checks
+    // the whole process.
+    if (hold.held(0) < n) return FastOutcome::general;
+    std::atomic<std::uint64_t>& in_flight = body_.in_flight;
+    const std::uint32_t gen = BucketWord::gen(s);
+    const std::uint32_t flags = body_.config[gen & 1].flags.load(std::memory_order_acquire);
+    if ((flags & (kRateInfinite | kConsumed)) != kRateInfinite) return FastOutcome::general;
+    for (;;) {
+        if (is_frozen(fw) || static_cast<std::int64_t>(fw) < n) return FastOutcome::general;
+        // With an infinite rate nothing needs folding, if that is still the configuration (the
+        // general return's check before its CAS).
+        if (BucketWord::gen(body_.bucket.load(std::memory_order_seq_cst)) != gen) [[unlikely]]
+            return FastOutcome::general;
+        LIM_RACE_POINT();
+        if (in_flight.compare_exchange_weak(fw, fw - static_cast<std::uint64_t>(n),
+                                            std::memory_order_seq_cst, std::memory_order_seq_cst)) {
+            break;
+        }
+    }
+    hold.add(0, -n);
+    wake_all(body_.wake);
+    return FastOutcome::done;
 }
 
 // A thread registered as sleeping on a limiter, for the lifetime of the object. The registration

@@ -14,61 +14,65 @@ namespace lim {
 
 namespace detail {
 
-TakeOutcome LimiterCore::try_take_bucket(const Holder& holder, std::int64_t now_ns, std::int64_t n,
+// Each configuration field the take uses is loaded once, straight from the block, with no
+// LimiterParams gathered in memory. (TokenBucket::try_take first makes one attempt of its own,
+// bucket_take_once, and comes here only when that one did not take.)
+TakeOutcome LimiterCore::try_take_bucket(LedgerEntry& entry, std::int64_t now_ns, std::int64_t n,
                                          std::int64_t rebase_at) noexcept {
     std::atomic<std::uint64_t>& bucket = body_.bucket;
     std::uint64_t s = bucket.load(std::memory_order_seq_cst);
     for (;;) {
         const std::uint32_t gen = BucketWord::gen(s);
-        const LimiterParams p = load_params(body_.config[gen & 1]);
+        const ConfigBlock& c = body_.config[gen & 1];
+        const std::uint32_t flags = c.flags.load(std::memory_order_acquire);
+        const std::int64_t size = c.bucket_size.load(std::memory_order_acquire);
+        TakeOutcome refusal = TakeOutcome::unable;
+        if ((flags & (kRateInfinite | kTargetInfinite)) != kTargetInfinite) [[unlikely]] {
+            // A Limiter handle reconfigured it into something else: the general take applies.
+            refusal = TakeOutcome::not_a_token_bucket;
+        } else if (n > size) [[unlikely]] {
+            refusal = TakeOutcome::asked_for_more;
+        } else {
+            const std::int64_t l = body_.time_ns.load(std::memory_order_relaxed);
+            const std::int64_t t = std::max(now_ns, l);
+            const std::int64_t d = drip_from_block(c, t);
+            const std::int64_t x = BucketWord::x(s);
+            // The bucket holds clamp(min(d - x, size), 0, ..); with 0 < n <= size that is at
+            // least n iff d - x is (d < 2^62 and |x| < 2^47: no overflow).
+            if (d - x >= n) [[likely]] {
+                if (d > rebase_at) [[unlikely]]
+                    return TakeOutcome::rebase_needed;
+                // Fold at t (the allowance beyond the bucket is lost, as the seed loses it) and
+                // move the marker past our n. The CAS expects the generation we read, so it
+                // fails if the configuration switched (and with it every field read above); it
+                // is the take's linearisation point.
+                LIM_RACE_POINT();
+                if (!bucket.compare_exchange_weak(
+                        s, BucketWord::make(gen, std::max(x, d - size) + n),
+                        std::memory_order_seq_cst, std::memory_order_seq_cst)) {
+                    continue;
+                }
+                LIM_RACE_POINT();
+                // The thread's own ledger entry (a single writer: plain stores). A process killed
+                // before these stores took the tokens all the same: in_flight then undercounts,
+                // and nothing is owed back, since a token bucket's tokens are consumed.
+                LedgerEntry& e = entry;
+                auto& held = e.held[kBucketTakenLayer];
+                held.store(held.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+                e.admitted.store(e.admitted.load(std::memory_order_relaxed) + 1,
+                                 std::memory_order_relaxed);
+                // L, lazily: only "a `now` behind the limiter's time is moved up to it" depends
+                // on it, and a lag of at most kLazyTimeGrain is a take at a slightly earlier time
+                // (fewer tokens, never more). Saves a CAS on the hot line per take.
+                if (t - l > kLazyTimeGrainNs) raise_time(t);
+                return TakeOutcome::taken;
+            }
+        }
         // A decision that changes nothing is only as good as the configuration it read: check
         // that the generation did not move meanwhile (a seqlock reader's check).
-        const auto settled = [&] {
-            const std::uint64_t again = bucket.load(std::memory_order_seq_cst);
-            if (BucketWord::gen(again) == gen) return true;
-            s = again;
-            return false;
-        };
-        if (p.rate_infinite || !p.target_infinite) {
-            // A Limiter handle reconfigured it into something else: the general take applies.
-            if (settled()) return TakeOutcome::not_a_token_bucket;
-            continue;
-        }
-        if (n > p.bucket_size) {
-            if (settled()) return TakeOutcome::asked_for_more;
-            continue;
-        }
-        const std::int64_t l = body_.time_ns.load(std::memory_order_relaxed);
-        const std::int64_t t = std::max(now_ns, l);
-        const std::int64_t d = p.drip_at(t);
-        const std::int64_t x = BucketWord::x(s);
-        if (std::max<std::int64_t>(0, std::min(d - x, p.bucket_size)) < n) {
-            if (settled()) return TakeOutcome::unable;
-            continue;
-        }
-        if (d > rebase_at) return TakeOutcome::rebase_needed;
-        // Fold at t (the allowance beyond the bucket is lost, as the seed loses it) and move the
-        // marker past our n. The CAS expects the generation we read, so it fails if the
-        // configuration switched; it is the take's linearisation point.
-        LIM_RACE_POINT();
-        if (!bucket.compare_exchange_weak(s,
-                                          BucketWord::make(gen, std::max(x, d - p.bucket_size) + n),
-                                          std::memory_order_seq_cst, std::memory_order_seq_cst)) {
-            continue;
-        }
-        LIM_RACE_POINT();
-        // The thread's own ledger entry (a single writer: plain stores). A process killed before
-        // these stores took the tokens all the same: in_flight then undercounts, and nothing is
-        // owed back, since a token bucket's tokens are consumed.
-        LedgerEntry& e = holder.entry(record_);
-        auto& held = e.held[kBucketTakenLayer];
-        held.store(held.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
-        e.admitted.store(e.admitted.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
-        // L, lazily: only "a `now` behind the limiter's time is moved up to it" depends on it,
-        // and a lag of at most kLazyTimeGrain is a take at a slightly earlier time (fewer
-        // tokens, never more). Saves a CAS on the hot line per take.
-        if (t - l > kLazyTimeGrainNs) raise_time(t);
-        return TakeOutcome::taken;
+        const std::uint64_t again = bucket.load(std::memory_order_seq_cst);
+        if (BucketWord::gen(again) == gen) return refusal;
+        s = again;
     }
 }
 
@@ -136,39 +140,112 @@ TokenBucket::TokenBucket(Limiter limiter) : LimiterFacade(std::move(limiter)) {
                        static_cast<std::uint16_t>(detail::LimiterFlavor::token_bucket);
 }
 
+namespace detail {
+namespace {
+
+// The common case of a token bucket's take, inline in TokenBucket::try_take: one attempt,
+// exactly one iteration of LimiterCore::try_take_bucket's loop where that iteration takes (a
+// token bucket's configuration, the bucket holding `n` at t, no rebase due, the CAS landing).
+// Straight-line code with few live values, so that the take spills nothing to the stack before
+// its CAS (a locked instruction waits for every earlier store to drain). false: nothing changed,
+// and try_take_bucket decides (a refusal, a reconfiguration, a rebase, a lost CAS).
+[[gnu::always_inline]] inline bool bucket_take_once(LimiterBody& body, LedgerEntry& entry,
+                                                    std::int64_t now_ns, std::int64_t n) noexcept {
+    std::uint64_t s = body.bucket.load(std::memory_order_seq_cst);
+    const std::uint32_t gen = BucketWord::gen(s);
+    const ConfigBlock& c = body.config[gen & 1];
+    const std::uint32_t flags = c.flags.load(std::memory_order_acquire);
+    if ((flags & (kRateInfinite | kTargetInfinite)) != kTargetInfinite) return false;
+    const std::int64_t size = c.bucket_size.load(std::memory_order_acquire);
+    if (n > size) return false;
+    const std::int64_t l = body.time_ns.load(std::memory_order_relaxed);
+    const std::int64_t t = std::max(now_ns, l);
+    const std::int64_t d = drip_from_block(c, t);
+    const std::int64_t x = BucketWord::x(s);
+    if (d - x < n || d > kRebaseAt) return false;
+    // The linearisation point, as in try_take_bucket: the CAS expects the generation whose block
+    // was read, so a switch since makes it fail.
+    LIM_RACE_POINT();
+    if (!body.bucket.compare_exchange_strong(s, BucketWord::make(gen, std::max(x, d - size) + n),
+                                             std::memory_order_seq_cst,
+                                             std::memory_order_seq_cst)) {
+        return false;
+    }
+    LIM_RACE_POINT();
+    // The ledger stores and the lazy raise of L, as in try_take_bucket.
+    auto& held = entry.held[kBucketTakenLayer];
+    held.store(held.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+    entry.admitted.store(entry.admitted.load(std::memory_order_relaxed) + 1,
+                         std::memory_order_relaxed);
+    if (t - l > kLazyTimeGrainNs) raise_time_ns(body.time_ns, t);
+    return true;
+}
+
+// TokenBucket::try_take on a record a TokenBucket created, after bucket_take_once declined:
+// its own take's loop (try_take_bucket), `units` > 0, recorded in `entry` (the thread's).
+[[gnu::noinline]] TryTake bucket_take(const RecordRef& ref, LedgerEntry& entry, std::int64_t now_ns,
+                                      std::int64_t units) {
+    LimiterCore core(*ref.state, ref.index, *ref.record);
+    std::int64_t rebase_at = kRebaseAt;
+    for (;;) {
+        switch (core.try_take_bucket(entry, now_ns, units, rebase_at)) {
+            case TakeOutcome::taken:
+                return TryTake::taken;
+            case TakeOutcome::unable:
+                return TryTake::unable;
+            case TakeOutcome::asked_for_more:
+                return TryTake::asked_for_more_than_bucket_size;
+            case TakeOutcome::not_a_token_bucket:
+                return take_units(ref, now_ns, units);
+            case TakeOutcome::rebase_needed:
+                // As the general take does (Limiter::try_take): rebase without waiting for the
+                // config lock first; wait for it only if asked again.
+                if (rebase_at == kRebaseAt) {
+                    if (!core.rebase(now_ns, false)) rebase_at = kRebaseHard;
+                } else {
+                    core.rebase(now_ns, true);
+                    rebase_at = kRebaseAt;
+                }
+                break;
+        }
+    }
+}
+
+}  // namespace
+}  // namespace detail
+
+namespace {
+
+// A token bucket's own take of `units` (> 0) at `now_ns` (bounded).
+[[gnu::always_inline]] inline TryTake take_bucket(const detail::RecordRef& ref, std::int64_t now_ns,
+                                                  std::int64_t units) {
+    // The thread's slot first: claiming it is what may throw (table_full), before anything is
+    // taken.
+    detail::LedgerEntry& entry = detail::holder(*ref.state).entry(ref.index);
+    auto& body = *reinterpret_cast<detail::LimiterBody*>(ref.record->body);
+    if (detail::bucket_take_once(body, entry, now_ns, units)) [[likely]]
+        return TryTake::taken;
+    return detail::bucket_take(ref, entry, now_ns, units);
+}
+
+}  // namespace
+
 TryTake TokenBucket::try_take(TimePoint now, double n) {
     if (!bucket_take_) return limiter_.try_take(now, n);
     const detail::RecordRef& ref = detail::LimiterAccess::ref(limiter_);
     const std::int64_t units = detail::amount_units(ref, "try_take", n);
     if (units == 0) return TryTake::taken;
-    // The thread's slot first: claiming it is what may throw (table_full), before anything is
-    // taken.
-    const detail::Holder holder = detail::holder(*ref.state);
-    detail::LimiterCore core(*ref.state, ref.index);
-    const std::int64_t now_ns = detail::bounded_now_ns(now);
-    std::int64_t rebase_at = detail::kRebaseAt;
-    for (;;) {
-        switch (core.try_take_bucket(holder, now_ns, units, rebase_at)) {
-            case detail::TakeOutcome::taken:
-                return TryTake::taken;
-            case detail::TakeOutcome::unable:
-                return TryTake::unable;
-            case detail::TakeOutcome::asked_for_more:
-                return TryTake::asked_for_more_than_bucket_size;
-            case detail::TakeOutcome::not_a_token_bucket:
-                return limiter_.try_take(now, n);
-            case detail::TakeOutcome::rebase_needed:
-                // As the general take does (Limiter::try_take): rebase without waiting for the
-                // config lock first; wait for it only if asked again.
-                if (rebase_at == detail::kRebaseAt) {
-                    if (!core.rebase(now_ns, false)) rebase_at = detail::kRebaseHard;
-                } else {
-                    core.rebase(now_ns, true);
-                    rebase_at = detail::kRebaseAt;
-                }
-                break;
-        }
-    }
+    return take_bucket(ref, detail::bounded_now_ns(now), units);
+}
+
+TryTake TokenBucket::try_take(double n) {
+    // A token bucket's own take needs the time (a finite rate); an adopted record's take reads
+    // it only if it does.
+    if (!bucket_take_) return limiter_.try_take(n);
+    const detail::RecordRef& ref = detail::LimiterAccess::ref(limiter_);
+    const std::int64_t units = detail::amount_units(ref, "try_take", n);
+    if (units == 0) return TryTake::taken;
+    return take_bucket(ref, to_nanos(Clock::now()), units);
 }
 
 }  // namespace lim
