@@ -885,7 +885,11 @@ int lim_throttled_rate_limiter_open(lim_segment* segment, const char* key,
 
 #define LIM_C_JOBS(prefix)                                                                       \
     int prefix##_try_start_job(prefix* t, lim_start_job* out) {                                  \
-        return prefix##_try_start_job_at(t, lim_now_ns(), out);                                  \
+        /* The no-time overload: an infinite-rate Throttle then reads no clock at all. */        \
+        return guarded([&] {                                                                     \
+            need(out, "out");                                                                    \
+            fill_start_job(need(t, "limiter").t.try_start_job(), out);                           \
+        });                                                                                      \
     }                                                                                            \
     int prefix##_try_start_job_at(prefix* t, int64_t now_ns, lim_start_job* out) {               \
         return guarded([&] {                                                                     \
