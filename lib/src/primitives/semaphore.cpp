@@ -12,6 +12,7 @@
 #include "shm/record_handle.hpp"
 #include "sync/futex.hpp"
 #include "sync/race_point.hpp"
+#include "sync/spin.hpp"
 #include "sync/wake_channel.hpp"
 
 namespace lim::detail {
@@ -169,6 +170,24 @@ bool SemaphoreCore::acquire_blocking(SegmentState& state, std::uint32_t record, 
         // its wake; a futex wait on the value it left would sleep a whole interval with units
         // free. So when `seen` shows room, go round at once instead.
         if (!is_frozen(seen) && fmt.in_use(seen) + n <= capacity) continue;
+        // Before sleeping, re-read the word for up to kSpinLimit while the units are likely to
+        // come back soon: a hold of a few hundred ns by a running process ends well within it,
+        // and a futex sleep would cost both sides a context switch. Only a registered sleeper
+        // spins (so the release it waits for still sends its wake: the cost that keeps the
+        // hand-off fair, where an unregistered spinner would lose every race to the releaser
+        // taking the units straight back), only when no other sleeper is registered (with
+        // others asleep ahead, the units freed go to them: spinning would only barge), and
+        // never with an injected sleep (the tests observe each pause). The spin only loads, and
+        // changes nothing a reaper counts. Room seen, or a frozen word (the try steps aside until
+        // the recount is done), goes round at once.
+        const bool injected_sleep = pacing.sleep && *pacing.sleep;
+        if (registered && !injected_sleep && fmt.sleepers(seen) <= 1 && !is_frozen(seen)) {
+            const auto room_or_stop = [&](std::uint64_t w) {
+                return is_frozen(w) || fmt.in_use(w) + n <= capacity || fmt.sleepers(w) > 1;
+            };
+            seen = spin_while_not(word, kSpinLimit, room_or_stop);
+            if (is_frozen(seen) || fmt.in_use(seen) + n <= capacity) continue;
+        }
         // The futex compares the whole low half, which holds the units (and, in a packed word,
         // other fields that may change too: a spurious wake-up, then a re-check).
         p->pause(low_half(word), static_cast<std::uint32_t>(seen & 0xFFFF'FFFFULL), deadline,
