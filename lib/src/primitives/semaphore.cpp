@@ -318,13 +318,14 @@ detail::RecordRef open_semaphore(const Segment& segment, std::string_view key,
         });
 }
 
-void check_amount(const detail::RecordRef& ref, std::uint64_t n) {
-    const std::uint64_t capacity = detail::config_of<detail::SemaphoreConfig>(ref).capacity;
-    if (n > capacity) {
-        throw Error(Errc::invalid_argument,
-                    fmt::format("semaphore '{}': cannot acquire {} units of a capacity of {}",
-                                ref.key(), n, capacity));
-    }
+// Refuses n > capacity (the capacity the caller read once for its operation). Out of line and
+// cold, so the acquire paths keep one compare.
+[[noreturn, gnu::noinline, gnu::cold]] void throw_too_many(const detail::RecordRef& ref,
+                                                           std::uint64_t n,
+                                                           std::uint64_t capacity) {
+    throw Error(Errc::invalid_argument,
+                fmt::format("semaphore '{}': cannot acquire {} units of a capacity of {}",
+                            ref.key(), n, capacity));
 }
 
 }  // namespace
@@ -340,30 +341,45 @@ Semaphore Semaphore::open(const Segment& segment, std::string_view key,
 }
 
 bool Semaphore::try_acquire(std::uint64_t n) {
-    check_amount(ref_, n);
+    detail::SemaphoreCore core = core_of(ref_);
+    if (n > core.capacity) throw_too_many(ref_, n, core.capacity);
     if (n == 0) return true;
     detail::Hold hold(*ref_.state, ref_.index);
-    return core_of(ref_).try_acquire(hold, *ref_.state, n);
+    return core.try_acquire(hold, *ref_.state, n);
 }
 
+// acquire and acquire_until make their first try here, inline, and call the blocking path only
+// when it fails: the uncontended acquire costs what try_acquire does.
 void Semaphore::acquire(std::uint64_t n) {
-    check_amount(ref_, n);
+    detail::SemaphoreCore core = core_of(ref_);
+    if (n > core.capacity) throw_too_many(ref_, n, core.capacity);
     if (n == 0) return;
-    core_of(ref_).acquire_until(*ref_.state, ref_.index, n, std::nullopt, detail::kSemaphorePacing);
+    {
+        detail::Hold hold(*ref_.state, ref_.index);
+        if (core.try_acquire(hold, *ref_.state, n)) [[likely]]
+            return;
+    }
+    core.acquire_blocking(*ref_.state, ref_.index, n, std::nullopt, detail::kSemaphorePacing);
 }
 
 bool Semaphore::acquire_until(std::uint64_t n, TimePoint deadline) {
-    check_amount(ref_, n);
+    detail::SemaphoreCore core = core_of(ref_);
+    if (n > core.capacity) throw_too_many(ref_, n, core.capacity);
     if (n == 0) return true;
-    return core_of(ref_).acquire_until(*ref_.state, ref_.index, n, deadline,
-                                       detail::kSemaphorePacing);
+    {
+        detail::Hold hold(*ref_.state, ref_.index);
+        if (core.try_acquire(hold, *ref_.state, n)) [[likely]]
+            return true;
+    }
+    return core.acquire_blocking(*ref_.state, ref_.index, n, deadline, detail::kSemaphorePacing);
 }
 
 void Semaphore::release(std::uint64_t n) {
     if (n == 0) return;
+    detail::SemaphoreCore core = core_of(ref_);
     detail::Hold hold(*ref_.state, ref_.index);
-    hold.require_held(core_of(ref_).layer, n, "semaphore");
-    if (!core_of(ref_).release(hold, *ref_.state, n)) {
+    hold.require_held(core.layer, n, "semaphore");
+    if (!core.release(hold, *ref_.state, n)) {
         throw Error(Errc::over_release,
                     fmt::format("semaphore '{}': release({}) but only {} units are in use",
                                 ref_.key(), n, in_use()));
