@@ -277,3 +277,59 @@ TEST_CASE("a blocked acquire whose clock or sleep throws holds nothing (issue 9 
     CHECK(sem.try_acquire(2));
     sem.release(2);
 }
+
+TEST_CASE("a recount that lands just after a sleeper registers (in its spin) counts it once") {
+    // Issue 11: a registered sleeper re-reads the word for a short while before its futex wait.
+    // Freeze the word the moment the sleeper's registration shows, so the freeze lands while it
+    // makes its second try or spins (or, rarely, already sleeps): each way it must step aside,
+    // be counted by the recount exactly once, and be woken afterwards.
+    lim::test::SegmentGuard guard(lim::test::unique_name("sem-spin-recount"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 1});
+    SemaphoreInternals in(seg, "db", 1);
+    for (int round = 0; round < 100; ++round) {
+        CAPTURE(round);
+        REQUIRE(sem.try_acquire());
+        // As a reaper would, hold the recovery lock (so the sleeper cannot take the frozen word
+        // for an abandoned recount and thaw it itself); taken first, so the freeze below follows
+        // the registration within a few loads.
+        auto recovery = detail::FileLock::try_lock_fresh(in.state.fd(), detail::LockByte::recovery);
+        REQUIRE(recovery.has_value());
+        std::atomic<std::uint32_t> slot{UINT32_MAX};
+        std::atomic<bool> got{false};
+        std::thread sleeper([&] {
+            {
+                detail::Hold hold(in.state, in.record);
+                slot = hold.holder_ref().slot_index;
+            }
+            sem.acquire();
+            got = true;
+        });
+        while (sem.waiters() == 0) {
+        }
+        // A different delay each round (0 to 4.9 µs): the freeze lands at the sleeper's second
+        // try, during its spin, or once it sleeps. Which one a round hits does not matter; every
+        // round checks the same invariants.
+        const auto until = std::chrono::steady_clock::now() + (round % 50) * 100ns;
+        while (std::chrono::steady_clock::now() < until) {
+        }
+        detail::kSemaphoreOps.freeze(in.state, in.record);
+        // As the reaper: wait until the sleeper is not in the middle of an operation on the
+        // record (it steps aside from the frozen word, or is outside any Hold).
+        while (in.state.slot(slot.load()).pending.load() == in.record + 1) {
+        }
+        detail::recount_semaphore_word(in.state, in.record, 0, in.core.word, 1);
+        detail::kSemaphoreOps.thaw(in.state, in.record);
+        recovery.reset();
+        CHECK(sem.waiters() == 1);
+        CHECK(sem.in_use() == 1);
+        CHECK_FALSE(got.load());
+        sem.release();
+        sleeper.join();
+        CHECK(got.load());
+        CHECK(sem.waiters() == 0);
+        CHECK(sem.in_use() == 1);
+        sem.release();  // the sleeper's unit (same process)
+        CHECK(sem.in_use() == 0);
+    }
+}

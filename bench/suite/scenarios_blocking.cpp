@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <random>
 #include <stdexcept>
@@ -29,10 +31,57 @@ bool running(pid_t pid) {
     return paren != std::string::npos && paren + 2 < text.size() && text[paren + 2] == 'R';
 }
 
+// A quicker measurement of the hand-off goal for one case, for A/B comparisons of builds:
+//
+//   LIM_HANDOFF_CASE=CAP:N [LIM_HANDOFF_REPEAT=R] lim_suite handoff
+//
+// runs only lim::Semaphore and sem_t at capacity CAP with N processes, R times each (default 5),
+// alternating, each run as long as a row of the tables, and prints one line per run and the
+// medians of lim ÷ sem_t throughput and p99.9 (above 1 and below 1 are better, respectively) to
+// stdout. It writes no table: the tables always come from the full scenario.
+bool handoff_case(lim::Segment& seg, std::int64_t hold_ns) {
+    const char* spec = std::getenv("LIM_HANDOFF_CASE");
+    if (spec == nullptr || *spec == '\0') return false;
+    unsigned cap = 0;
+    int n = 0;
+    if (std::sscanf(spec, "%u:%d", &cap, &n) != 2 || cap < 1 || n < 1 || n > 256)
+        throw std::runtime_error("LIM_HANDOFF_CASE must be CAP:N, e.g. 1:2");
+    int reps = 5;
+    if (const char* r = std::getenv("LIM_HANDOFF_REPEAT")) reps = std::clamp(std::atoi(r), 1, 99);
+    const auto cands = blocking_candidates({&seg, 0, false}, cap, hold_ns);
+    const RunOptions o{
+        .processes = n, .duration = std::chrono::milliseconds{400}, .sample_every = 1};
+    std::vector<double> thr, lat;
+    for (int i = 0; i < reps; ++i) {
+        double kops[2], p999[2], blocks[2];
+        for (std::size_t j = 0; j < 2; ++j) {  // 0: lim::Semaphore, 1: sem_t
+            const RunResult res = run(cands[j].make, o);
+            kops[j] = res.mops() * 1e3;
+            p999[j] = static_cast<double>(res.p(0.999));
+            blocks[j] = res.csw_per_op();
+            if (j == 0) seg.reap();
+        }
+        thr.push_back(kops[0] / kops[1]);
+        lat.push_back(p999[0] / p999[1]);
+        std::printf(
+            "cap %u n %d run %d: lim %.0f k/s p99.9 %.0f ns blocks/op %.3f | sem_t %.0f k/s "
+            "p99.9 %.0f ns blocks/op %.3f | thr %.2f p99.9 %.2f\n",
+            cap, n, i, kops[0], p999[0], blocks[0], kops[1], p999[1], blocks[1], thr.back(),
+            lat.back());
+        std::fflush(stdout);
+    }
+    std::sort(thr.begin(), thr.end());
+    std::sort(lat.begin(), lat.end());
+    std::printf("cap %u n %d median of %d: lim/sem_t throughput %.2f  p99.9 %.2f\n", cap, n, reps,
+                thr[thr.size() / 2], lat[lat.size() / 2]);
+    return true;
+}
+
 }  // namespace
 
 void handoff(const Settings& s, lim::Segment& seg) {
     const std::int64_t hold_ns = 200;
+    if (handoff_case(seg, hold_ns)) return;
     const std::vector<int> counts = s.quick ? std::vector<int>{2, 8} : std::vector<int>{2, 8, 32};
     Report r(s, "handoff");
     std::vector<std::vector<std::string>> goal_rows;

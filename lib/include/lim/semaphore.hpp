@@ -50,10 +50,15 @@ class Semaphore {
 
     // Takes `n` units, sleeping on a shared futex until they are free. Throws as try_acquire.
     // Whatever exception leaves it, it holds nothing and no longer counts as a sleeper.
+    // Before each sleep, a waiter that is the only one registered re-reads the word for up to
+    // 2 µs (a unit held briefly by a running process then passes without a context switch);
+    // it counts in waiters() from the moment it registers.
     void acquire(std::uint64_t n = 1);
 
     // Takes `n` units, sleeping until they are free or until `deadline` passes; returns false
-    // if the deadline passed first (and then holds nothing). Throws as try_acquire.
+    // if the deadline passed first (and then holds nothing). Throws as try_acquire. Waits as
+    // acquire does (the short spin included), so it may return up to about 2 µs past the
+    // deadline.
     bool acquire_until(std::uint64_t n, TimePoint deadline);
 
     // Gives back `n` units and wakes sleepers that may now proceed. Any thread of the acquiring
@@ -90,7 +95,8 @@ class Semaphore {
     // Units in use now, and the fixed capacity.
     std::uint64_t in_use() const noexcept;
     std::uint64_t capacity() const noexcept;
-    // Threads sleeping in acquire/acquire_until now, in all processes.
+    // Threads waiting in acquire/acquire_until now (asleep, or spinning before they sleep), in
+    // all processes.
     std::uint32_t waiters() const noexcept;
 
     std::string_view key() const noexcept { return ref_.key(); }

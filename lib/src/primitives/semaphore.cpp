@@ -12,6 +12,7 @@
 #include "shm/record_handle.hpp"
 #include "sync/futex.hpp"
 #include "sync/race_point.hpp"
+#include "sync/spin.hpp"
 #include "sync/wake_channel.hpp"
 
 namespace lim::detail {
@@ -169,6 +170,24 @@ bool SemaphoreCore::acquire_blocking(SegmentState& state, std::uint32_t record, 
         // its wake; a futex wait on the value it left would sleep a whole interval with units
         // free. So when `seen` shows room, go round at once instead.
         if (!is_frozen(seen) && fmt.in_use(seen) + n <= capacity) continue;
+        // Before sleeping, re-read the word for up to kSpinLimit while the units are likely to
+        // come back soon: a hold of a few hundred ns by a running process ends well within it,
+        // and a futex sleep would cost both sides a context switch. Only a registered sleeper
+        // spins (so the release it waits for still sends its wake: the cost that keeps the
+        // hand-off fair, where an unregistered spinner would lose every race to the releaser
+        // taking the units straight back), only when no other sleeper is registered (with
+        // others asleep ahead, the units freed go to them: spinning would only barge), and
+        // never with an injected sleep (the tests observe each pause). The spin only loads, and
+        // changes nothing a reaper counts. Room seen, or a frozen word (the try steps aside until
+        // the recount is done), goes round at once.
+        const bool injected_sleep = pacing.sleep && *pacing.sleep;
+        if (registered && !injected_sleep && fmt.sleepers(seen) <= 1 && !is_frozen(seen)) {
+            const auto room_or_stop = [&](std::uint64_t w) {
+                return is_frozen(w) || fmt.in_use(w) + n <= capacity || fmt.sleepers(w) > 1;
+            };
+            seen = spin_while_not(word, kSpinLimit, room_or_stop);
+            if (is_frozen(seen) || fmt.in_use(seen) + n <= capacity) continue;
+        }
         // The futex compares the whole low half, which holds the units (and, in a packed word,
         // other fields that may change too: a spurious wake-up, then a re-check).
         p->pause(low_half(word), static_cast<std::uint32_t>(seen & 0xFFFF'FFFFULL), deadline,
@@ -299,13 +318,14 @@ detail::RecordRef open_semaphore(const Segment& segment, std::string_view key,
         });
 }
 
-void check_amount(const detail::RecordRef& ref, std::uint64_t n) {
-    const std::uint64_t capacity = detail::config_of<detail::SemaphoreConfig>(ref).capacity;
-    if (n > capacity) {
-        throw Error(Errc::invalid_argument,
-                    fmt::format("semaphore '{}': cannot acquire {} units of a capacity of {}",
-                                ref.key(), n, capacity));
-    }
+// Refuses n > capacity (the capacity the caller read once for its operation). Out of line and
+// cold, so the acquire paths keep one compare.
+[[noreturn, gnu::noinline, gnu::cold]] void throw_too_many(const detail::RecordRef& ref,
+                                                           std::uint64_t n,
+                                                           std::uint64_t capacity) {
+    throw Error(Errc::invalid_argument,
+                fmt::format("semaphore '{}': cannot acquire {} units of a capacity of {}",
+                            ref.key(), n, capacity));
 }
 
 }  // namespace
@@ -321,30 +341,45 @@ Semaphore Semaphore::open(const Segment& segment, std::string_view key,
 }
 
 bool Semaphore::try_acquire(std::uint64_t n) {
-    check_amount(ref_, n);
+    detail::SemaphoreCore core = core_of(ref_);
+    if (n > core.capacity) throw_too_many(ref_, n, core.capacity);
     if (n == 0) return true;
     detail::Hold hold(*ref_.state, ref_.index);
-    return core_of(ref_).try_acquire(hold, *ref_.state, n);
+    return core.try_acquire(hold, *ref_.state, n);
 }
 
+// acquire and acquire_until make their first try here, inline, and call the blocking path only
+// when it fails: the uncontended acquire costs what try_acquire does.
 void Semaphore::acquire(std::uint64_t n) {
-    check_amount(ref_, n);
+    detail::SemaphoreCore core = core_of(ref_);
+    if (n > core.capacity) throw_too_many(ref_, n, core.capacity);
     if (n == 0) return;
-    core_of(ref_).acquire_until(*ref_.state, ref_.index, n, std::nullopt, detail::kSemaphorePacing);
+    {
+        detail::Hold hold(*ref_.state, ref_.index);
+        if (core.try_acquire(hold, *ref_.state, n)) [[likely]]
+            return;
+    }
+    core.acquire_blocking(*ref_.state, ref_.index, n, std::nullopt, detail::kSemaphorePacing);
 }
 
 bool Semaphore::acquire_until(std::uint64_t n, TimePoint deadline) {
-    check_amount(ref_, n);
+    detail::SemaphoreCore core = core_of(ref_);
+    if (n > core.capacity) throw_too_many(ref_, n, core.capacity);
     if (n == 0) return true;
-    return core_of(ref_).acquire_until(*ref_.state, ref_.index, n, deadline,
-                                       detail::kSemaphorePacing);
+    {
+        detail::Hold hold(*ref_.state, ref_.index);
+        if (core.try_acquire(hold, *ref_.state, n)) [[likely]]
+            return true;
+    }
+    return core.acquire_blocking(*ref_.state, ref_.index, n, deadline, detail::kSemaphorePacing);
 }
 
 void Semaphore::release(std::uint64_t n) {
     if (n == 0) return;
+    detail::SemaphoreCore core = core_of(ref_);
     detail::Hold hold(*ref_.state, ref_.index);
-    hold.require_held(core_of(ref_).layer, n, "semaphore");
-    if (!core_of(ref_).release(hold, *ref_.state, n)) {
+    hold.require_held(core.layer, n, "semaphore");
+    if (!core.release(hold, *ref_.state, n)) {
         throw Error(Errc::over_release,
                     fmt::format("semaphore '{}': release({}) but only {} units are in use",
                                 ref_.key(), n, in_use()));
