@@ -16,7 +16,9 @@
 #include <vector>
 
 #include "global/redis_fixture.hpp"
+#include "lim/consumed_limiter.hpp"
 #include "lim/lim.hpp"
+#include "limiter/consumed_rebase.hpp"
 #include "support/admissions.hpp"
 #include "support/process.hpp"
 
@@ -546,4 +548,138 @@ TEST_CASE("lim-feeder refuses a record a worker created first (it could not boun
     std::ifstream log(host.log);
     const std::string text((std::istreambuf_iterator<char>(log)), std::istreambuf_iterator<char>());
     CHECK(text.find("existed before this feeder made it") != std::string::npos);
+}
+
+TEST_CASE("lim-feeder feeds past the old 10^9-token lifetime cap, and repairs a rebase cut short") {
+    // A host spending far more than 10^9 tokens of one global rate: the feeder rebases the record
+    // (target and in_flight lowered together) every 10^8 tokens, and keeps feeding. Then a rebase
+    // is killed between its steps (target lowered, in_flight not: nothing may be taken), and the
+    // restarted feeder repairs it and feeds again.
+    const std::string redis_bin = lim::test::find_redis_server();
+    if (redis_bin.empty()) {
+        MESSAGE("SKIPPED: redis-server is not installed (apt-get install redis-server)");
+        return;
+    }
+    char dir_template[] = "/tmp/lim-feeder-rebase-XXXXXX";
+    REQUIRE(::mkdtemp(dir_template) != nullptr);
+    const std::string dir = dir_template;
+    lim::test::RedisServer redis(redis_bin, lim::test::free_port(), dir + "/redis.log");
+    REQUIRE(redis.start());
+    lim::test::SegmentGuard guard(lim::test::unique_name("feeder-rebase"));
+    constexpr double kBigBurst = 1e8;  // tokens
+    constexpr double kBigRate = 1e9;   // tokens per second, the most a rate may be
+    constexpr double kTake = 1e7;      // tokens per take
+    Host host;
+    host.segment = guard.name();
+    host.config = dir + "/feeder.toml";
+    {
+        std::ofstream out(host.config);
+        out << "[feeder]\nsegment = \"" << host.segment
+            << "\"\nredis = \"redis://127.0.0.1:" << redis.port()
+            << "\"\nhost = \"big\"\nrefresh = \"20ms\"\nlease_ttl = \"500ms\"\n"
+            << "[global.big]\nkind = \"rate\"\nburst_size = " << kBigBurst
+            << "\nsustained_rate_per_sec = " << kBigRate << "\n";
+    }
+    host.log = dir + "/feeder.log";
+    start_feeder(host);
+    REQUIRE(lim::test::eventually(
+        [&] {
+            try {
+                return lim::Segment::open(host.segment).info().limiters >= 3;
+            } catch (const lim::Error&) {
+                return false;
+            }
+        },
+        10s));
+
+    constexpr int kWorkers = 2;
+    auto* admitted = lim::test::shared_array<std::atomic<std::int64_t>>(kWorkers);  // tokens
+    auto* stop = lim::test::make_flag();
+    const std::string segment = host.segment;
+    std::vector<pid_t> pids;
+    for (int w = 0; w < kWorkers; ++w) {
+        pids.push_back(lim::test::fork_child([segment, w, admitted, stop] {
+            auto seg = lim::Segment::open(segment);
+            auto tb = lim::TokenBucket::open(
+                seg, "big", {.burst_size = kBigBurst, .sustained_rate_per_sec = kBigRate},
+                lim::adopt_existing);
+            while (stop->value.load() == 0) {
+                // Blocking: a sleeper is what tells the feeder its host starves (it then doubles
+                // its ask each refresh up to the burst); a refused try_take is not seen.
+                if (tb.take_until(kTake, lim::Clock::now() + 50ms)) {
+                    admitted[w].fetch_add(static_cast<std::int64_t>(kTake));
+                }
+            }
+            return 0;
+        }));
+    }
+    const auto total = [&] {
+        double t = 0;
+        for (int w = 0; w < kWorkers; ++w)
+            t += static_cast<double>(admitted[w].load());
+        return t;
+    };
+    auto seg = lim::Segment::open(host.segment);
+    lim::Limiter local = lim::Limiter::open(seg, "big",
+                                            {.hopper_to_bucket_rate_per_sec = lim::infinite,
+                                             .bucket_size = kBigBurst,
+                                             .initial_bucket_level = 0,
+                                             .initial_hopper_level = 0.0},
+                                            lim::adopt_existing);
+    const std::int64_t start = now_ns();
+    // Phase 1: three times the old cap. The target stays far below its limit all along.
+    double max_target = 0;
+    const bool crossed = lim::test::eventually(
+        [&] {
+            max_target = std::max(max_target, local.token_target_level().value_or(0));
+            return total() >= 3e9;
+        },
+        120s);
+    const double elapsed_s = static_cast<double>(now_ns() - start) / 1e9;
+    MESSAGE("admitted ", total(), " tokens in ", elapsed_s, " s; in_flight now ", local.in_flight(),
+            ", the target never seen above ", max_target);
+    const auto stop_workers = [&] {
+        stop->set();
+        for (const pid_t pid : pids)
+            CHECK(lim::test::wait_child(pid) == 0);
+        pids.clear();
+    };
+    if (!crossed) stop_workers();
+    REQUIRE(crossed);
+    CHECK(host.feeder.running());
+    CHECK(max_target < 1e9);
+    CHECK(local.in_flight() < 1e9);  // rebased: far less than what was spent
+    CHECK(total() <= kBigBurst + kBigRate * elapsed_s);
+
+    // Phase 2: the feeder dies, and a rebase of its record dies between its two steps.
+    host.feeder.stop(SIGKILL);
+    const pid_t rebaser = lim::test::fork_child([segment] {
+        auto s = lim::Segment::open(segment);
+        lim::Limiter l = lim::Limiter::open(s, "big",
+                                            {.hopper_to_bucket_rate_per_sec = lim::infinite,
+                                             .bucket_size = kBigBurst,
+                                             .initial_bucket_level = 0,
+                                             .initial_hopper_level = 0.0},
+                                            lim::adopt_existing);
+        lim::detail::rebase_consumed_units(
+            l, [](void*) { ::raise(SIGKILL); }, nullptr);
+        return 0;
+    });
+    CHECK(lim::test::wait_child(rebaser) == 128 + SIGKILL);
+    CHECK(local.token_target_level().value() < local.in_flight());  // nothing may be taken
+    CHECK(local.try_take(1) == lim::TryTake::unable);
+    const double before_restart = total();
+    std::this_thread::sleep_for(100ms);
+    CHECK(total() == before_restart);  // and nothing is
+    // The restarted feeder repairs the record (target raised to in_flight, then rebased) before
+    // it reports to Redis, and feeds again: the host is not starved.
+    start_feeder(host);
+    const bool fed_again =
+        lim::test::eventually([&] { return total() >= before_restart + 1e9; }, 60s);
+    stop_workers();
+    MESSAGE("after the restart: ", total() - before_restart, " tokens more");
+    CHECK(fed_again);
+    CHECK(host.feeder.running());
+    CHECK(local.token_target_level().value() >= local.in_flight());
+    CHECK(local.in_flight() < 1e9);
 }

@@ -48,6 +48,13 @@ void set_deadline(const Limiter& local, std::optional<TimePoint> deadline) {
     if (is_consumed(local)) set_lease_deadline(local, deadline);
 }
 
+// in_flight (tokens) at which a tick rebases the record: at most 10^8 tokens, and low enough that
+// in_flight plus a lease (at most the burst) stays well within the target's limit of 10^9 tokens.
+// (Every tick, for a burst near that limit.)
+double rebase_threshold(double burst) {
+    return std::clamp((1e9 - 2 * burst) / 2, 1.0, 1e8);
+}
+
 }  // namespace
 
 Feeder::Feeder(Config config)
@@ -162,6 +169,22 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
         target = std::max(in_flight, target - (r.last_in_flight - in_flight));
         r.local.set_token_target_level(now, target);
     }
+    // A target below in_flight leaves nothing to spend; raised to in_flight (still nothing), so
+    // that a grant added to it below is spendable. It is left so by a rebase whose writer was
+    // killed between its two steps (the target lowered, in_flight not yet), or by takes that
+    // raced a lowering of the target.
+    if (target < in_flight) {
+        target = in_flight;
+        r.local.set_token_target_level(now, target);
+    }
+    // Takes stay in flight forever; before in_flight nears the target's limit (10^9 tokens),
+    // lower both by the same amount: what may be spent, target - in_flight, stays as it is.
+    if (in_flight >= rebase_threshold(r.g.burst_size)) {
+        const ConsumedRebase rebased = rebase_consumed(r.local);
+        r.last_in_flight -= rebased.in_flight_lowered;
+        in_flight = r.local.in_flight(now);
+        target = r.local.token_target_level().value_or(in_flight);
+    }
     double available = std::max(0.0, target - in_flight);
     // The lease ran out (no answer from Redis for lease_ttl): what is unspent is removed.
     // The takers have refused since the deadline (the record carries it); this only tidies up.
@@ -175,7 +198,9 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
     const double dt = std::max(1e-6, std::chrono::duration<double>(now - r.last_tick).count());
     const double spent = std::max(0.0, in_flight - r.last_in_flight);
     r.demand = 0.5 * r.demand + 0.5 * (spent / dt);
-    const bool starved = available < 1 && (spent > 0 || r.local.waiters() > 0);
+    // Starving: workers sleep on the record (they want more than it holds, however much that is:
+    // a lease of 1 token never satisfies a take of 10), or it ran dry while being spent.
+    const bool starved = r.local.waiters() > 0 || (available < 1 && spent > 0);
     const double horizon = 4 * seconds(config_.refresh);
     r.desired = std::max({1.0, r.demand * horizon, starved ? 2 * r.desired : 0.0});
     r.desired = std::min(r.desired, r.g.burst_size);
