@@ -683,3 +683,81 @@ TEST_CASE("lim-feeder feeds past the old 10^9-token lifetime cap, and repairs a 
     CHECK(local.token_target_level().value() >= local.in_flight());
     CHECK(local.in_flight() < 1e9);
 }
+
+TEST_CASE("lim-feeder: hosts that all want more than there is share by their waiting workers") {
+    // Both hosts saturated (every worker blocks in take_until, back to back): each host's ask is
+    // capped at the burst, so before, both asked the same and got about equal shares (the demo:
+    // 6 workers 105 tokens, 2 workers 157). Redis now divides by each host's want weighted by
+    // its sleeping workers: the host with three times the workers gets the larger share.
+    const std::string redis_bin = lim::test::find_redis_server();
+    if (redis_bin.empty()) {
+        MESSAGE("SKIPPED: redis-server is not installed (apt-get install redis-server)");
+        return;
+    }
+    char dir_template[] = "/tmp/lim-feeder-share-XXXXXX";
+    REQUIRE(::mkdtemp(dir_template) != nullptr);
+    const std::string dir = dir_template;
+    lim::test::RedisServer redis(redis_bin, lim::test::free_port(), dir + "/redis.log");
+    REQUIRE(redis.start());
+    constexpr int kHosts = 2;
+    const int workers_of[kHosts] = {6, 2};
+    std::vector<std::unique_ptr<lim::test::SegmentGuard>> guards;
+    std::vector<std::unique_ptr<Host>> hosts;
+    for (int h = 0; h < kHosts; ++h) {
+        guards.push_back(std::make_unique<lim::test::SegmentGuard>(
+            lim::test::unique_name("share" + std::to_string(h))));
+        auto host = std::make_unique<Host>();
+        host->segment = guards.back()->name();
+        host->config = write_config(dir, h, host->segment, redis.port());
+        host->log = dir + "/feeder" + std::to_string(h) + ".log";
+        start_feeder(*host);
+        hosts.push_back(std::move(host));
+    }
+    const int total_workers = workers_of[0] + workers_of[1];
+    lim::test::AdmissionLog log(total_workers, kPerWorker);
+    auto* counts = lim::test::shared_array<std::int64_t>(total_workers);
+    auto* stop = new (lim::test::shared_array<std::atomic<int>>(1)) std::atomic<int>(0);
+    std::vector<pid_t> pids;
+    std::vector<int> host_of;
+    for (int h = 0, w = 0; h < kHosts; ++h) {
+        for (int i = 0; i < workers_of[h]; ++i, ++w) {
+            Admission* part = log.part(w);
+            std::int64_t* count = counts + w;
+            const std::string segment = hosts[h]->segment;
+            pids.push_back(lim::test::fork_child([segment, part, count, stop] {
+                return worker(segment, 0us, true, part, count, stop);
+            }));
+            host_of.push_back(h);
+        }
+    }
+    // Past the fence (lease_ttl + grace = 1 s) and the ramp of the asks, measure 4 s.
+    std::this_thread::sleep_for(2000ms);
+    const std::int64_t from = now_ns();
+    std::this_thread::sleep_for(4000ms);
+    const std::int64_t to = now_ns();
+    stop->store(1);
+    for (const pid_t pid : pids)
+        CHECK(lim::test::wait_child(pid) == 0);
+    std::vector<Admission> all;
+    std::size_t of_host[kHosts] = {0, 0};
+    for (int w = 0; w < total_workers; ++w) {
+        const std::vector<Admission> mine(log.part(w), log.part(w) + counts[w]);
+        of_host[host_of[w]] += count_between(mine, from, to);
+        all.insert(all.end(), mine.begin(), mine.end());
+    }
+    const lim::test::BucketCheck check =
+        lim::test::check_bucket(all, kBurst * 10'000, kRate * 10'000, 10'000, all.size());
+    const double seconds = static_cast<double>(to - from) / 1e9;
+    const double offered = kBurst + kRate * seconds;
+    const auto busy = static_cast<double>(of_host[0]);
+    const auto light = static_cast<double>(of_host[1]);
+    MESSAGE("saturated for " << seconds << " s: 6-worker host " << of_host[0] << ", 2-worker host "
+                             << of_host[1] << " (shares " << busy / (busy + light) << " : "
+                             << light / (busy + light) << "); utilisation "
+                             << (busy + light) / offered << "; worst window excess "
+                             << check.worst_excess_units / 10'000.0);
+    CHECK(check.worst_excess_units <= 0);  // the bound, always
+    CHECK(busy > 1.5 * light);  // the busier host gets the larger share (about 3:1 by workers)
+    CHECK(of_host[1] > 0);      // and the other is not starved
+    CHECK(busy + light >= 0.5 * kRate * seconds);
+}

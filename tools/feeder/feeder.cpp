@@ -51,6 +51,9 @@ void set_deadline(const Limiter& local, std::optional<TimePoint> deadline) {
 // in_flight (tokens) at which a tick rebases the record: at most 10^8 tokens, and low enough that
 // in_flight plus a lease (at most the burst) stays well within the target's limit of 10^9 tokens.
 // (Every tick, for a burst near that limit.)
+// Sleeping workers counted in a host's weight, at most (a bound on what is sent to Redis).
+constexpr double kMaxSleepers = 1000;
+
 double rebase_threshold(double burst) {
     return std::clamp((1e9 - 2 * burst) / 2, 1.0, 1e8);
 }
@@ -74,6 +77,7 @@ Feeder::Feeder(Config config)
                now,
                0,
                1,
+               0,
                {"lim:global:{" + g.key + "}", "lim:global:{" + g.key + "}:leases"}};
         if (!is_consumed(r.local)) {
             // A record a worker made (a TokenBucket, a Limiter) counts its takes in ledgers, so a
@@ -200,7 +204,11 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
     r.demand = 0.5 * r.demand + 0.5 * (spent / dt);
     // Starving: workers sleep on the record (they want more than it holds, however much that is:
     // a lease of 1 token never satisfies a take of 10), or it ran dry while being spent.
-    const bool starved = r.local.waiters() > 0 || (available < 1 && spent > 0);
+    const std::uint32_t waiting = r.local.waiters();
+    const bool starved = waiting > 0 || (available < 1 && spent > 0);
+    // Workers asleep on the record, smoothed: how many want more than this host holds. It
+    // weighs this host's share of the global bucket while every host wants more than there is.
+    r.sleepers = 0.5 * r.sleepers + 0.5 * std::min<double>(waiting, kMaxSleepers);
     const double horizon = 4 * seconds(config_.refresh);
     r.desired = std::max({1.0, r.demand * horizon, starved ? 2 * r.desired : 0.0});
     r.desired = std::min(r.desired, r.g.burst_size);
@@ -233,7 +241,8 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
          std::to_string(to_units(want)), std::to_string(config_.lease_ttl.count()),
          std::to_string(to_units(r.g.burst_size)),
          std::to_string(to_units(r.g.sustained_rate_per_sec)),
-         std::to_string(config_.lease_ttl.count())});
+         std::to_string(config_.lease_ttl.count()),
+         std::to_string(std::llround(static_cast<double>(to_units(want)) * (1 + r.sleepers)))});
     if (!reply || reply->size() != 3) {
         redis_ok = false;
         log_redis(false);
