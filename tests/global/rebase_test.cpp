@@ -116,7 +116,9 @@ TEST_CASE("rebase: many rebases under forked takers; admitted <= granted exactly
     // the clamped roll-backs (all under-use, none over).
     CHECK(granted - total == left + gap + clamped);
     CHECK(left < 1);
-    CHECK(total > 0.99 * granted);  // and the takers kept admitting to the end, past 10^9
+    // And the takers kept admitting to the end, past 10^9. (Under-use per rebase is at most the
+    // tentative takes its switch makes roll back: 0.0001% here, 0.3-0.5% with race widening.)
+    CHECK(total > 0.95 * granted);
     CHECK(rebases >= 500);
     CHECK(max_target < 1e9);  // never near the target's limit
     l.invariant();
