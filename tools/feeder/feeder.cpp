@@ -48,6 +48,16 @@ void set_deadline(const Limiter& local, std::optional<TimePoint> deadline) {
     if (is_consumed(local)) set_lease_deadline(local, deadline);
 }
 
+// in_flight (tokens) at which a tick rebases the record: at most 10^8 tokens, and low enough that
+// in_flight plus a lease (at most the burst) stays well within the target's limit of 10^9 tokens.
+// (Every tick, for a burst near that limit.)
+// Sleeping workers counted in a host's weight, at most (a bound on what is sent to Redis).
+constexpr double kMaxSleepers = 1000;
+
+double rebase_threshold(double burst) {
+    return std::clamp((1e9 - 2 * burst) / 2, 1.0, 1e8);
+}
+
 }  // namespace
 
 Feeder::Feeder(Config config)
@@ -67,6 +77,7 @@ Feeder::Feeder(Config config)
                now,
                0,
                1,
+               0,
                {"lim:global:{" + g.key + "}", "lim:global:{" + g.key + "}:leases"}};
         if (!is_consumed(r.local)) {
             // A record a worker made (a TokenBucket, a Limiter) counts its takes in ledgers, so a
@@ -162,6 +173,22 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
         target = std::max(in_flight, target - (r.last_in_flight - in_flight));
         r.local.set_token_target_level(now, target);
     }
+    // A target below in_flight leaves nothing to spend; raised to in_flight (still nothing), so
+    // that a grant added to it below is spendable. It is left so by a rebase whose writer was
+    // killed between its two steps (the target lowered, in_flight not yet), or by takes that
+    // raced a lowering of the target.
+    if (target < in_flight) {
+        target = in_flight;
+        r.local.set_token_target_level(now, target);
+    }
+    // Takes stay in flight forever; before in_flight nears the target's limit (10^9 tokens),
+    // lower both by the same amount: what may be spent, target - in_flight, stays as it is.
+    if (in_flight >= rebase_threshold(r.g.burst_size)) {
+        const ConsumedRebase rebased = rebase_consumed(r.local);
+        r.last_in_flight -= rebased.in_flight_lowered;
+        in_flight = r.local.in_flight(now);
+        target = r.local.token_target_level().value_or(in_flight);
+    }
     double available = std::max(0.0, target - in_flight);
     // The lease ran out (no answer from Redis for lease_ttl): what is unspent is removed.
     // The takers have refused since the deadline (the record carries it); this only tidies up.
@@ -175,7 +202,13 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
     const double dt = std::max(1e-6, std::chrono::duration<double>(now - r.last_tick).count());
     const double spent = std::max(0.0, in_flight - r.last_in_flight);
     r.demand = 0.5 * r.demand + 0.5 * (spent / dt);
-    const bool starved = available < 1 && (spent > 0 || r.local.waiters() > 0);
+    // Starving: workers sleep on the record (they want more than it holds, however much that is:
+    // a lease of 1 token never satisfies a take of 10), or it ran dry while being spent.
+    const std::uint32_t waiting = r.local.waiters();
+    const bool starved = waiting > 0 || (available < 1 && spent > 0);
+    // Workers asleep on the record, smoothed: how many want more than this host holds. It
+    // weighs this host's share of the global bucket while every host wants more than there is.
+    r.sleepers = 0.5 * r.sleepers + 0.5 * std::min<double>(waiting, kMaxSleepers);
     const double horizon = 4 * seconds(config_.refresh);
     r.desired = std::max({1.0, r.demand * horizon, starved ? 2 * r.desired : 0.0});
     r.desired = std::min(r.desired, r.g.burst_size);
@@ -208,7 +241,8 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
          std::to_string(to_units(want)), std::to_string(config_.lease_ttl.count()),
          std::to_string(to_units(r.g.burst_size)),
          std::to_string(to_units(r.g.sustained_rate_per_sec)),
-         std::to_string(config_.lease_ttl.count())});
+         std::to_string(config_.lease_ttl.count()),
+         std::to_string(std::llround(static_cast<double>(to_units(want)) * (1 + r.sleepers)))});
     if (!reply || reply->size() != 3) {
         redis_ok = false;
         log_redis(false);

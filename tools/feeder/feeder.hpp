@@ -44,6 +44,7 @@ class Feeder {
         TimePoint last_tick{};
         double demand = 0;   // tokens per second, smoothed
         double desired = 1;  // tokens the lease should hold
+        double sleepers = 0;  // workers asleep on the record, smoothed (the host's weight)
         std::vector<std::string> keys;
     };
     struct Backoff {

@@ -7,10 +7,11 @@ namespace lim::feeder {
 
 // lease: renew, return, grant, in one step for one host and one global rate.
 // KEYS[1] the rate's state (hash: tokens, ts, fence); KEYS[2] its leases (hash: host ->
-// "amount:expiry:want"; the hosts' last wants share the bucket while several want).
+// "amount:expiry:want:weight"; the hosts' last weights share the bucket while several want).
 // ARGV: host, held (what the host still holds unspent: it has stopped spending anything beyond),
 // returned (unspent tokens the host gave up before asking), want, ttl_us, burst (units), rate
-// (units per second), grace_us.
+// (units per second), grace_us, weight (the host's demand: its want scaled by how many of its
+// workers wait; absent, the want).
 // Invariant kept: tokens + sum(live leases) <= burst. A lease lives until ttl + grace after its
 // last renewal; the host stops spending at ttl after a time it took before asking.
 // A state that is absent (first use, a restarted or flushed Redis) starts empty and grants
@@ -26,6 +27,8 @@ local ttl = tonumber(ARGV[5])
 local burst = tonumber(ARGV[6])
 local rate = tonumber(ARGV[7])
 local grace = tonumber(ARGV[8])
+local weight = tonumber(ARGV[9] or '') or want
+if want <= 0 then weight = 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local st = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'fence')
@@ -40,11 +43,11 @@ else
   fence = tonumber(st[3])
 end
 local outstanding = 0
-local wanted = want
+local weights = weight
 local mine = nil
 local all = redis.call('HGETALL', KEYS[2])
 for i = 1, #all, 2 do
-  local a, e, w = string.match(all[i + 1], '^(%d+):(%d+):(%d+)$')
+  local a, e, w, g = string.match(all[i + 1], '^(%d+):(%d+):(%d+):?(%d*)$')
   local amount = tonumber(a) or 0
   local expiry = tonumber(e) or 0
   if expiry <= now then
@@ -53,7 +56,7 @@ for i = 1, #all, 2 do
     mine = amount
   else
     outstanding = outstanding + amount
-    wanted = wanted + (tonumber(w) or 0)
+    if (tonumber(w) or 0) > 0 then weights = weights + (tonumber(g) or tonumber(w) or 0) end
   end
 end
 if now > ts then
@@ -71,17 +74,19 @@ else
 end
 keep = math.max(0, math.floor(keep))
 tokens = math.max(0, math.min(tokens, burst - outstanding - keep))
--- While others want too, a host gets its share of the bucket in proportion to its want.
+-- While others want too, a host gets its share of the bucket in proportion to its weight (its
+-- demand), never more than it wants. The shares of the hosts that want sum to at most the bucket.
 local granted = 0
-if now > fence and wanted > 0 then
-  granted = math.max(0, math.min(want, math.floor(tokens * want / wanted)))
+if now > fence and weights > 0 then
+  granted = math.max(0, math.min(want, math.floor(tokens * weight / weights)))
 end
 tokens = tokens - granted
 local lease = keep + granted
 if lease > 0 then
-  redis.call('HSET', KEYS[2], host, string.format('%d:%d:%d', lease, now + ttl + grace, want))
+  redis.call('HSET', KEYS[2], host,
+             string.format('%d:%d:%d:%d', lease, now + ttl + grace, want, weight))
 elseif want > 0 then
-  redis.call('HSET', KEYS[2], host, string.format('0:%d:%d', now + ttl + grace, want))
+  redis.call('HSET', KEYS[2], host, string.format('0:%d:%d:%d', now + ttl + grace, want, weight))
 else
   redis.call('HDEL', KEYS[2], host)
 end

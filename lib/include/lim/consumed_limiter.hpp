@@ -46,4 +46,34 @@ void set_lease_deadline(const Limiter& limiter, std::optional<TimePoint> deadlin
 // consumed). Never blocks, never throws. Memory ordering: a sequentially consistent load.
 std::optional<TimePoint> lease_deadline(const Limiter& limiter) noexcept;
 
+// What lim::rebase_consumed did, in tokens.
+struct ConsumedRebase {
+    double target_lowered = 0;     // Δ: the token target was lowered by this much
+    double in_flight_lowered = 0;  // in_flight was lowered by this much (Δ, unless in_flight
+                                   // fell below Δ meanwhile: then what it held, and the rest of Δ
+                                   // is under-use, never over-use)
+};
+
+// Lowers both the token target and in_flight of the consumed record behind `limiter` by the same
+// amount Δ = min(target, in_flight) (both read first), so that a record whose takes stay in flight
+// forever never reaches the target's limit (10^9 tokens): what may still be taken,
+// target - in_flight, is the same after the call, and is never more than before it at any instant
+// in between, whatever takes, returns, reapers or a kill of the caller do meanwhile. Two steps:
+// first the target is lowered by Δ (a configuration switch, under the segment's config lock; every
+// take validates the configuration's generation, so none uses the old target after it), then Δ is
+// subtracted from in_flight by a compare-and-swap loop that steps aside while a reaper has the word
+// frozen. Between the two, takes find Δ less (under-use for microseconds); a caller killed there
+// leaves the record so, which is safe (lim-feeder, restarted, raises a target below in_flight to
+// in_flight before it reports or feeds: docs/global.md). Call it only from the record's one target
+// writer (lim-feeder), never concurrently with another rebase or target change. A later
+// Limiter::return_to_hopper of more than in_flight then holds is `over_release` (consumed tokens
+// are spent: nothing should return them).
+// Wakes sleepers when done. Never blocks except on the config lock and while a reaper recounts.
+// Throws Error(invalid_argument) if the record is not consumed or its target is infinite,
+// Error(permission_denied) if the segment is open read-only, Error(table_full) if the calling
+// thread has no process-table slot (before changing anything), Error(system_error) if the config
+// lock cannot be taken (before changing anything). Memory ordering: the switch and the CAS are
+// sequentially consistent, the switch before the CAS.
+ConsumedRebase rebase_consumed(const Limiter& limiter);
+
 }  // namespace lim

@@ -1,0 +1,21 @@
+// The rebase of a consumed record (lim::rebase_consumed), with the test hook that lets a test stop
+// or kill the rebaser between its two steps. docs/design.md ("Lease deadlines (consumed records)",
+// "Rebasing a consumed record") is the argument.
+#pragma once
+
+#include <cstdint>
+
+#include "lim/limiter.hpp"
+
+namespace lim::detail {
+
+struct RebaseUnits {
+    std::int64_t target_lowered = 0;     // Δ: what the token target was lowered by
+    std::int64_t in_flight_lowered = 0;  // d ≤ Δ: what in_flight was lowered by
+};
+
+// lim::rebase_consumed, with `between(ctx)` called (when not null) after the target is lowered
+// and before in_flight is: the point where a rebaser killed leaves the record under-used.
+RebaseUnits rebase_consumed_units(const Limiter& limiter, void (*between)(void*), void* ctx);
+
+}  // namespace lim::detail
