@@ -103,12 +103,12 @@ class Client {
     // lease(host, held, returned, want) for key `key` in units, as a feeder calls it; {keep,
     // granted, server_now}, or {} on an error.
     std::vector<long long> lease(const std::string& key, const std::string& host, long long held,
-                                 long long returned, long long want, long long ttl_us,
-                                 double burst, double rate) {
+                                 long long returned, long long want, long long ttl_us, double burst,
+                                 double rate) {
         redisReply* r = cmd({"EVAL", lim::feeder::kLeaseScript, "2", "lim:global:{" + key + "}",
                              "lim:global:{" + key + "}:leases", host, std::to_string(held),
-                             std::to_string(returned), std::to_string(want),
-                             std::to_string(ttl_us), std::to_string(std::llround(burst * kUnits)),
+                             std::to_string(returned), std::to_string(want), std::to_string(ttl_us),
+                             std::to_string(std::llround(burst * kUnits)),
                              std::to_string(std::llround(rate * kUnits)), std::to_string(ttl_us)});
         std::vector<long long> out;
         if (r != nullptr && r->type == REDIS_REPLY_ARRAY) {
@@ -140,8 +140,8 @@ class Client {
         if (r != nullptr) freeReplyObject(r);
         redisReply* t = cmd({"TIME"});
         REQUIRE(t != nullptr);
-        const long long now = std::atoll(t->element[0]->str) * 1'000'000 +
-                              std::atoll(t->element[1]->str);
+        const long long now =
+            std::atoll(t->element[0]->str) * 1'000'000 + std::atoll(t->element[1]->str);
         freeReplyObject(t);
         return expiry > now;
     }
@@ -243,9 +243,9 @@ Taken* make_taken() {
 pid_t start_worker(const std::string& segment, const RateCfg& r, Taken* t) {
     return lim::test::fork_child([segment, r, t] {
         auto seg = lim::Segment::open(segment);
-        auto tb = lim::TokenBucket::open(
-            seg, r.key, {.burst_size = r.burst, .sustained_rate_per_sec = r.rate},
-            lim::adopt_existing);
+        auto tb = lim::TokenBucket::open(seg, r.key,
+                                         {.burst_size = r.burst, .sustained_rate_per_sec = r.rate},
+                                         lim::adopt_existing);
         while (t->quit.load() == 0) {
             if (t->go.load() == 1 && tb.try_take(1) == lim::TryTake::taken) {
                 t->note();
@@ -262,9 +262,9 @@ long take_all_now(const std::string& segment, const RateCfg& r, Taken* t) {
     const long before = t->count.load();
     const pid_t pid = lim::test::fork_child([segment, r, t] {
         auto seg = lim::Segment::open(segment);
-        auto tb = lim::TokenBucket::open(
-            seg, r.key, {.burst_size = r.burst, .sustained_rate_per_sec = r.rate},
-            lim::adopt_existing);
+        auto tb = lim::TokenBucket::open(seg, r.key,
+                                         {.burst_size = r.burst, .sustained_rate_per_sec = r.rate},
+                                         lim::adopt_existing);
         while (tb.try_take(1) == lim::TryTake::taken)
             t->note();
         return 0;
@@ -345,9 +345,8 @@ double same_host_excess(bool same_name) {
     const std::int64_t t1 = now_ns();
     const double admitted = c_spent + static_cast<double>(hosts_spent);
     const double bound = rate.burst + rate.rate * secs(t1 - t0);
-    MESSAGE("host C spent " << c_spent << ", the " << kFeeders << " hosts " << hosts_spent
-                            << " in " << secs(t1 - t0) << " s: " << admitted << " against "
-                            << bound);
+    MESSAGE("host C spent " << c_spent << ", the " << kFeeders << " hosts " << hosts_spent << " in "
+                            << secs(t1 - t0) << " s: " << admitted << " against " << bound);
     redis.proc.stop(SIGKILL);
     return admitted - bound;
 }
@@ -380,8 +379,8 @@ TEST_CASE("R2 [over-admission]: Redis restarted from a snapshot forgets live lea
     REQUIRE(redis.start());
     const RateCfg rate{"api", 20, 2};
     lim::test::SegmentGuard guard(lim::test::unique_name("rv2"));
-    const std::string cfg = write_config(dir + "/a.toml", guard.name(), redis.port, "a", "100ms",
-                                         "1s", {rate});
+    const std::string cfg =
+        write_config(dir + "/a.toml", guard.name(), redis.port, "a", "100ms", "1s", {rate});
     const pid_t feeder = start_feeder(cfg, dir + "/a.log");
     Killer feeder_killer{feeder};
     REQUIRE(lim::test::eventually([&] { return record_ready(guard.name(), rate.key); }, 10s));
@@ -418,8 +417,8 @@ TEST_CASE("R2 [over-admission]: Redis restarted from a snapshot forgets live lea
     const std::int64_t t1 = std::max(now_ns(), t->last_ns.load());
     const double admitted = c_spent + static_cast<double>(t->count.load());
     const double bound = rate.burst + rate.rate * secs(t1 - t0);
-    MESSAGE("host C spent " << c_spent << ", host a " << t->count.load() << " in "
-                            << secs(t1 - t0) << " s: " << admitted << " against " << bound);
+    MESSAGE("host C spent " << c_spent << ", host a " << t->count.load() << " in " << secs(t1 - t0)
+                            << " s: " << admitted << " against " << bound);
     CHECK(admitted <= bound + 1);
     redis.proc.stop(SIGKILL);
 }
@@ -628,11 +627,11 @@ TEST_CASE("R4 [over-admission]: a worker first to open a global key admits witho
                                          "100ms", "1s", {rate});
     const pid_t feeder = start_feeder(cfg, dir + "/a.log");
     int st = 0;
-    const bool exited = lim::test::eventually([&] { return ::waitpid(feeder, &st, WNOHANG) == feeder; }, 5s);
+    const bool exited =
+        lim::test::eventually([&] { return ::waitpid(feeder, &st, WNOHANG) == feeder; }, 5s);
     if (!exited) kill_wait(feeder);
-    MESSAGE("admitted with no lease: " << admitted << "; the feeder exited with "
-                                       << WEXITSTATUS(st) << ": "
-                                       << lim::test::read_file(dir + "/a.log"));
+    MESSAGE("admitted with no lease: " << admitted << "; the feeder exited with " << WEXITSTATUS(st)
+                                       << ": " << lim::test::read_file(dir + "/a.log"));
     CHECK(admitted == 0);
 }
 
@@ -657,8 +656,8 @@ TEST_CASE("R5 [availability]: one broken key in Redis starves every later global
     const RateCfg bad{"a_bad", 10, 10};
     const RateCfg good{"b_good", 10, 10};
     lim::test::SegmentGuard guard(lim::test::unique_name("rv5"));
-    const std::string cfg = write_config(dir + "/a.toml", guard.name(), redis.port, "a", "100ms",
-                                         "500ms", {bad, good});
+    const std::string cfg =
+        write_config(dir + "/a.toml", guard.name(), redis.port, "a", "100ms", "500ms", {bad, good});
     const pid_t feeder = start_feeder(cfg, dir + "/a.log");
     Killer feeder_killer{feeder};
     REQUIRE(lim::test::eventually([&] { return record_ready(guard.name(), good.key); }, 10s));

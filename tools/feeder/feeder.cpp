@@ -125,6 +125,23 @@ void Feeder::log_redis(bool ok) {
     std::fflush(stderr);
 }
 
+void Feeder::note_failure(const std::string& key, bool& redis_ok) {
+    if (!redis_.connected()) {
+        // Redis did not answer: skip it for the rest of this tick.
+        redis_ok = false;
+        log_redis(false);
+        return;
+    }
+    // Redis answered with an error for this key alone (a key of another type, a value a script
+    // cannot read): this key's lease runs out as if Redis were down, but the other keys go on
+    // (skipping them too would let one broken key starve every global limit of the host).
+    std::string line = fmt::format("lim-feeder: '{}': {}\n", key, redis_.last_error());
+    if (line == last_key_error_) return;  // said already (once per refresh would flood the log)
+    fmt::print(stderr, "{}", line);
+    std::fflush(stderr);
+    last_key_error_ = std::move(line);
+}
+
 void Feeder::set_available(Rate& r, double in_flight, double available) {
     // Only the feeder writes the target. Lowering it below what is in flight by now is harmless:
     // the seed empties hopper and bucket; takes racing it are either already in flight (and
@@ -199,9 +216,21 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
         if (config_.fail_open && !r.deadline) feed_open(r, in_flight, available, dt);
         return;
     }
-    const double want = std::max(0.0, r.desired - available);
     // The local deadline is taken BEFORE asking: Redis's expiry is later than it in real time.
     const TimePoint asked = Clock::now();
+    // A lease whose local deadline has passed by `asked` is over, whatever the tick's `now` said
+    // (a stop after it, or slow answers for the rates before this one): Redis may have expired
+    // it and given its tokens to another host, and would adopt what we report as held ("no
+    // lease known"), which the fresh deadline below would make spendable again. So report
+    // nothing held: lowered to F first, as at the deadline above. (If `asked` is before the old
+    // deadline, Redis's entry outlives the new deadline `asked + ttl`: see docs/global.md.)
+    if (r.deadline && asked >= *r.deadline) {
+        set_available(r, in_flight, 0);
+        available = 0;
+        r.deadline.reset();
+        note_lease(r);
+    }
+    const double want = std::max(0.0, r.desired - available);
     const auto reply = redis_.eval(
         lease_script_, r.keys,
         {config_.host, std::to_string(to_units(available)), std::to_string(to_units(returned)),
@@ -210,8 +239,7 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
          std::to_string(to_units(r.g.sustained_rate_per_sec)),
          std::to_string(config_.lease_ttl.count())});
     if (!reply || reply->size() != 3) {
-        redis_ok = false;
-        log_redis(false);
+        note_failure(r.g.key, redis_ok);
         if (config_.fail_open && !r.deadline) feed_open(r, in_flight, available, dt);
         return;
     }
@@ -251,8 +279,7 @@ void Feeder::tick_backoff(Backoff& b, bool& redis_ok) {
         backoff_script_, b.keys,
         {std::to_string(std::max<long long>(0, local_us.count())), std::to_string(tolerance_us)});
     if (!reply || reply->size() != 1) {
-        redis_ok = false;
-        log_redis(false);
+        note_failure(b.g.key, redis_ok);
         return;
     }
     log_redis(true);

@@ -13,10 +13,12 @@ namespace lim::feeder {
 // (units per second), grace_us.
 // Invariant kept: tokens + sum(live leases) <= burst. A lease lives until ttl + grace after its
 // last renewal; the host stops spending at ttl after a time it took before asking.
-// A state that is absent (first use, a restarted or flushed Redis) starts empty and grants
+// A state that is absent (first use, a restarted or flushed Redis), or that another server
+// process wrote (its run_id differs: Redis restarted from an RDB snapshot or an AOF, or a
+// replica promoted, any of which forgets the leases granted since), starts empty and grants
 // nothing for one ttl + grace (the fence): every lease granted before has ended on its host by
-// then. Returns {keep, granted, server_now_us}: the host may keep `keep` of what it held, plus
-// `granted`.
+// then. (INFO is allowed in scripts; Redis 7 replicates a script's effects, not the script.)
+// Returns {keep, granted, server_now_us}: the host may keep `keep` of what it held, plus `granted`.
 inline constexpr const char* kLeaseScript = R"lua(
 local host = ARGV[1]
 local held = tonumber(ARGV[2])
@@ -28,9 +30,10 @@ local rate = tonumber(ARGV[7])
 local grace = tonumber(ARGV[8])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local st = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'fence')
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
+local st = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'fence', 'run')
 local tokens, ts, fence
-if not st[2] then
+if not st[2] or st[4] ~= run then
   tokens = 0
   ts = now
   fence = now + ttl + grace
@@ -86,7 +89,7 @@ else
   redis.call('HDEL', KEYS[2], host)
 end
 redis.call('HSET', KEYS[1], 'tokens', string.format('%.4f', tokens), 'ts', string.format('%d', ts),
-           'fence', string.format('%d', fence))
+           'fence', string.format('%d', fence), 'run', run)
 return {keep, granted, now}
 )lua";
 
