@@ -742,3 +742,61 @@ TEST_CASE("R6 [over-admission]: the fence after a Redis restart is the first cal
     CHECK(admitted <= bound + 1);
     redis.proc.stop(SIGKILL);
 }
+
+// ---------------------------------------------------------------------------------------------
+// R7: a blocking take on a consumed record whose lease deadline has passed honours its own
+// timeout (no hang), and wakes and takes when a new deadline comes (no lost wake-up).
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("R7 [hang]: blocking takes past the lease deadline: timeout honoured, new lease wakes") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("rv7"));
+    auto seg = lim::Segment::open_or_create(guard.name(), lim::SegmentOptions{});
+    const RateCfg rate{"api", 10, 5};
+    lim::Limiter l = lim::open_consumed_limiter(
+        seg, rate.key,
+        lim::LimiterConfig{.hopper_to_bucket_rate_per_sec = lim::infinite,
+                           .bucket_size = rate.burst,
+                           .initial_bucket_level = 0,
+                           .initial_hopper_level = 0.0});
+    l.set_token_target_level(5.0);
+    lim::set_lease_deadline(l, lim::Clock::now());  // the lease is over: 5 tokens unspendable
+    auto* result = lim::test::shared_array<std::atomic<std::int64_t>>(4);
+    for (int i = 0; i < 4; ++i)
+        new (&result[i]) std::atomic<std::int64_t>(-1);
+    const std::string name = guard.name();
+    const pid_t timed = lim::test::fork_child([name, rate, result] {
+        auto s = lim::Segment::open(name);
+        auto tb = lim::TokenBucket::open(
+            s, rate.key, {.burst_size = rate.burst, .sustained_rate_per_sec = rate.rate},
+            lim::adopt_existing);
+        const std::int64_t t = now_ns();
+        const bool got = tb.take_until(1, lim::Clock::now() + 300ms);
+        result[0].store(got ? 1 : 0);
+        result[1].store(now_ns() - t);
+        return 0;
+    });
+    CHECK(lim::test::wait_child(timed) == 0);
+    CHECK(result[0].load() == 0);
+    MESSAGE("take_until(300 ms) past the deadline returned after " << secs(result[1].load())
+                                                                   << " s");
+    CHECK(result[1].load() < 3'000'000'000);
+    // A blocking take sleeps; a new lease (deadline in the future, same target) must wake it.
+    auto* slept = lim::test::make_flag();
+    const pid_t blocked = lim::test::fork_child([name, rate, result, slept] {
+        auto s = lim::Segment::open(name);
+        auto tb = lim::TokenBucket::open(
+            s, rate.key, {.burst_size = rate.burst, .sustained_rate_per_sec = rate.rate},
+            lim::adopt_existing);
+        slept->set();
+        const bool got = tb.take_until(1, lim::Clock::now() + 10s);
+        result[2].store(got ? 1 : 0);
+        return 0;
+    });
+    slept->wait();
+    REQUIRE(lim::test::eventually([&] { return l.waiters() > 0; }, 5s));
+    lim::set_lease_deadline(l, lim::Clock::now() + 5s);
+    CHECK(lim::test::wait_child(blocked) == 0);
+    CHECK(result[2].load() == 1);
+    // And what it took is the lease's: target 5, one taken, four left.
+    CHECK(l.token_target_level().value_or(0) - l.in_flight() == doctest::Approx(4.0));
+}
