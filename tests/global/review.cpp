@@ -311,13 +311,18 @@ double same_host_excess(bool same_name) {
         const std::string name = g->name();
         REQUIRE(lim::test::eventually([&] { return record_ready(name, rate.key); }, 10s));
     }
-    // Idle hosts: each tops up to its minimum lease (1 token), after the fence (1 s).
-    for (auto& g : guards) {
-        const std::string name = g->name();
-        const bool ok = lim::test::eventually([&] { return held(name, rate.key) >= 0.99; }, 10s);
-        if (!ok) MESSAGE(name << " holds " << held(name, rate.key));
-        REQUIRE(ok);
-    }
+    // Idle hosts: each tops up to its minimum lease (1 token), after the fence (1 s). (With
+    // feeders that refuse a shared host name, only one of them gets a lease: wait 10 s at most.)
+    const auto total_held = [&] {
+        double sum = 0;
+        for (auto& g : guards)
+            sum += held(g->name(), rate.key);
+        return sum;
+    };
+    const bool all_hold =
+        lim::test::eventually([&] { return total_held() >= kFeeders - 0.01; }, 10s);
+    if (!same_name) REQUIRE(all_hold);
+    REQUIRE(total_held() >= 0.99);
     Client c(redis.port);
     // Redis's bucket refills to what it thinks is free: burst - what it counts in leases.
     double counted = 0;

@@ -237,7 +237,7 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
          std::to_string(to_units(want)), std::to_string(config_.lease_ttl.count()),
          std::to_string(to_units(r.g.burst_size)),
          std::to_string(to_units(r.g.sustained_rate_per_sec)),
-         std::to_string(config_.lease_ttl.count())});
+         std::to_string(config_.lease_ttl.count()), config_.instance});
     if (!reply || reply->size() != 3) {
         note_failure(r.g.key, redis_ok);
         if (config_.fail_open && !r.deadline) feed_open(r, in_flight, available, dt);
@@ -319,7 +319,7 @@ void Feeder::give_back() {
             {config_.host, "0", std::to_string(to_units(returned)), "0",
              std::to_string(config_.lease_ttl.count()), std::to_string(to_units(r.g.burst_size)),
              std::to_string(to_units(r.g.sustained_rate_per_sec)),
-             std::to_string(config_.lease_ttl.count())});
+             std::to_string(config_.lease_ttl.count()), config_.instance});
     }
 }
 

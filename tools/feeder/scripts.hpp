@@ -6,11 +6,14 @@
 namespace lim::feeder {
 
 // lease: renew, return, grant, in one step for one host and one global rate.
-// KEYS[1] the rate's state (hash: tokens, ts, fence); KEYS[2] its leases (hash: host ->
-// "amount:expiry:want"; the hosts' last wants share the bucket while several want).
+// KEYS[1] the rate's state (hash: tokens, ts, fence, run); KEYS[2] its leases (hash: host ->
+// "amount:expiry:want:instance"; the hosts' last wants share the bucket while several want).
 // ARGV: host, held (what the host still holds unspent: it has stopped spending anything beyond),
 // returned (unspent tokens the host gave up before asking), want, ttl_us, burst (units), rate
-// (units per second), grace_us.
+// (units per second), grace_us, instance (optional). A call whose host has a live lease of
+// another instance is refused (an error reply, nothing changed but expired entries): two
+// feeders under one host name would otherwise each keep the one lease Redis counts once.
+
 // Invariant kept: tokens + sum(live leases) <= burst. A lease lives until ttl + grace after its
 // last renewal; the host stops spending at ttl after a time it took before asking.
 // A state that is absent (first use, a restarted or flushed Redis), or that another server
@@ -28,6 +31,7 @@ local ttl = tonumber(ARGV[5])
 local burst = tonumber(ARGV[6])
 local rate = tonumber(ARGV[7])
 local grace = tonumber(ARGV[8])
+local id = ARGV[9] or ''
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
@@ -47,12 +51,15 @@ local wanted = want
 local mine = nil
 local all = redis.call('HGETALL', KEYS[2])
 for i = 1, #all, 2 do
-  local a, e, w = string.match(all[i + 1], '^(%d+):(%d+):(%d+)$')
+  local a, e, w, o = string.match(all[i + 1], '^(%d+):(%d+):(%d+):?(%x*)$')
   local amount = tonumber(a) or 0
   local expiry = tonumber(e) or 0
   if expiry <= now then
     redis.call('HDEL', KEYS[2], all[i])
   elseif all[i] == host then
+    if o ~= '' and id ~= '' and o ~= id then
+      return redis.error_reply('LIMHOST another feeder (instance ' .. o .. ') holds a lease as host ' .. host .. ': give every feeder its own host name')
+    end
     mine = amount
   else
     outstanding = outstanding + amount
@@ -82,9 +89,9 @@ end
 tokens = tokens - granted
 local lease = keep + granted
 if lease > 0 then
-  redis.call('HSET', KEYS[2], host, string.format('%d:%d:%d', lease, now + ttl + grace, want))
+  redis.call('HSET', KEYS[2], host, string.format('%d:%d:%d:%s', lease, now + ttl + grace, want, id))
 elseif want > 0 then
-  redis.call('HSET', KEYS[2], host, string.format('0:%d:%d', now + ttl + grace, want))
+  redis.call('HSET', KEYS[2], host, string.format('0:%d:%d:%s', now + ttl + grace, want, id))
 else
   redis.call('HDEL', KEYS[2], host)
 end
