@@ -192,7 +192,11 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
     const double dt = std::max(1e-6, std::chrono::duration<double>(now - r.last_tick).count());
     const double spent = std::max(0.0, in_flight - r.last_in_flight);
     r.demand = 0.5 * r.demand + 0.5 * (spent / dt);
-    const bool starved = available < 1 && (spent > 0 || r.local.waiters() > 0);
+    // Starving: takes were refused (seen as spending that found too little), or takers sleep:
+    // a sleeper that is still asleep at a tick is one whose n does not fit in what is held,
+    // however much that is (with `available < 1` alone, a take(n > 1) on a host that holds its
+    // 1-token minimum slept forever: global_review R10).
+    const bool starved = r.local.waiters() > 0 || (available < 1 && spent > 0);
     const double horizon = 4 * seconds(config_.refresh);
     r.desired = std::max({1.0, r.demand * horizon, starved ? 2 * r.desired : 0.0});
     r.desired = std::min(r.desired, r.g.burst_size);
