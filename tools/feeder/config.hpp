@@ -23,6 +23,10 @@ struct Config {
     std::string segment;
     RedisAddress redis;
     std::string host;
+    // This feeder's identity beside `host` in Redis (16 hex digits), kept in its segment's lock
+    // file (main.cpp): the same across restarts on one machine, different for another segment or
+    // machine, so that two feeders that share a `host` name are told apart (docs/global.md).
+    std::string instance;
     std::chrono::microseconds refresh{100'000};
     std::chrono::microseconds lease_ttl{1'000'000};
     bool fail_open = false;  // on_redis_down = "open"

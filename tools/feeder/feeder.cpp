@@ -136,6 +136,23 @@ void Feeder::log_redis(bool ok) {
     std::fflush(stderr);
 }
 
+void Feeder::note_failure(const std::string& key, bool& redis_ok) {
+    if (!redis_.connected()) {
+        // Redis did not answer: skip it for the rest of this tick.
+        redis_ok = false;
+        log_redis(false);
+        return;
+    }
+    // Redis answered with an error for this key alone (a key of another type, a value a script
+    // cannot read): this key's lease runs out as if Redis were down, but the other keys go on
+    // (skipping them too would let one broken key starve every global limit of the host).
+    std::string line = fmt::format("lim-feeder: '{}': {}\n", key, redis_.last_error());
+    if (line == last_key_error_) return;  // said already (once per refresh would flood the log)
+    fmt::print(stderr, "{}", line);
+    std::fflush(stderr);
+    last_key_error_ = std::move(line);
+}
+
 void Feeder::set_available(Rate& r, double in_flight, double available) {
     // Only the feeder writes the target. Lowering it below what is in flight by now is harmless:
     // the seed empties hopper and bucket; takes racing it are either already in flight (and
@@ -203,7 +220,9 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
     const double spent = std::max(0.0, in_flight - r.last_in_flight);
     r.demand = 0.5 * r.demand + 0.5 * (spent / dt);
     // Starving: workers sleep on the record (they want more than it holds, however much that is:
-    // a lease of 1 token never satisfies a take of 10), or it ran dry while being spent.
+    // a lease of 1 token never satisfies a take of 10; with `available < 1` alone a take(n > 1)
+    // on a host holding its 1-token minimum slept forever: global_review R10), or it ran dry
+    // while being spent.
     const std::uint32_t waiting = r.local.waiters();
     const bool starved = waiting > 0 || (available < 1 && spent > 0);
     // Workers asleep on the record, smoothed: how many want more than this host holds. It
@@ -232,9 +251,21 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
         if (config_.fail_open && !r.deadline) feed_open(r, in_flight, available, dt);
         return;
     }
-    const double want = std::max(0.0, r.desired - available);
     // The local deadline is taken BEFORE asking: Redis's expiry is later than it in real time.
     const TimePoint asked = Clock::now();
+    // A lease whose local deadline has passed by `asked` is over, whatever the tick's `now` said
+    // (a stop after it, or slow answers for the rates before this one): Redis may have expired
+    // it and given its tokens to another host, and would adopt what we report as held ("no
+    // lease known"), which the fresh deadline below would make spendable again. So report
+    // nothing held: lowered to F first, as at the deadline above. (If `asked` is before the old
+    // deadline, Redis's entry outlives the new deadline `asked + ttl`: see docs/global.md.)
+    if (r.deadline && asked >= *r.deadline) {
+        set_available(r, in_flight, 0);
+        available = 0;
+        r.deadline.reset();
+        note_lease(r);
+    }
+    const double want = std::max(0.0, r.desired - available);
     const auto reply = redis_.eval(
         lease_script_, r.keys,
         {config_.host, std::to_string(to_units(available)), std::to_string(to_units(returned)),
@@ -242,10 +273,10 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
          std::to_string(to_units(r.g.burst_size)),
          std::to_string(to_units(r.g.sustained_rate_per_sec)),
          std::to_string(config_.lease_ttl.count()),
-         std::to_string(std::llround(static_cast<double>(to_units(want)) * (1 + r.sleepers)))});
+         std::to_string(std::llround(static_cast<double>(to_units(want)) * (1 + r.sleepers))),
+         config_.instance});
     if (!reply || reply->size() != 3) {
-        redis_ok = false;
-        log_redis(false);
+        note_failure(r.g.key, redis_ok);
         if (config_.fail_open && !r.deadline) feed_open(r, in_flight, available, dt);
         return;
     }
@@ -285,8 +316,7 @@ void Feeder::tick_backoff(Backoff& b, bool& redis_ok) {
         backoff_script_, b.keys,
         {std::to_string(std::max<long long>(0, local_us.count())), std::to_string(tolerance_us)});
     if (!reply || reply->size() != 1) {
-        redis_ok = false;
-        log_redis(false);
+        note_failure(b.g.key, redis_ok);
         return;
     }
     log_redis(true);
@@ -326,7 +356,7 @@ void Feeder::give_back() {
             {config_.host, "0", std::to_string(to_units(returned)), "0",
              std::to_string(config_.lease_ttl.count()), std::to_string(to_units(r.g.burst_size)),
              std::to_string(to_units(r.g.sustained_rate_per_sec)),
-             std::to_string(config_.lease_ttl.count())});
+             std::to_string(config_.lease_ttl.count()), config_.instance});
     }
 }
 

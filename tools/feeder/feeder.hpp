@@ -60,6 +60,7 @@ class Feeder {
     void note_contact(Rate& r, TimePoint now);
     void note_lease(Rate& r);
     void log_redis(bool ok);
+    void note_failure(const std::string& key, bool& redis_ok);
 
     Config config_;
     Segment segment_;
@@ -69,6 +70,7 @@ class Feeder {
     std::vector<Rate> rates_;
     std::vector<Backoff> backoffs_;
     std::optional<bool> redis_up_;
+    std::string last_key_error_;
 };
 
 }  // namespace lim::feeder

@@ -7,7 +7,9 @@
 #include <CLI/CLI.hpp>
 #include <atomic>
 #include <csignal>
+#include <cstdint>
 #include <cstdio>
+#include <random>
 #include <stdexcept>
 
 #include "config.hpp"
@@ -39,6 +41,24 @@ int lock_segment(const std::string& segment) {
     return fd;
 }
 
+// The feeder's instance id, kept in its lock file (held, so no other feeder writes it): made
+// once at random, then the same for every feeder of this segment on this machine.
+std::string instance_id(int lock_fd) {
+    char buf[17] = {};
+    const ssize_t n = ::pread(lock_fd, buf, 16, 0);
+    bool ok = n == 16;
+    for (int i = 0; ok && i < 16; ++i)
+        ok = (buf[i] >= '0' && buf[i] <= '9') || (buf[i] >= 'a' && buf[i] <= 'f');
+    if (ok) return std::string(buf, 16);
+    std::random_device rd;
+    const std::uint64_t v = (static_cast<std::uint64_t>(rd()) << 32) ^ rd();
+    const std::string id = fmt::format("{:016x}", v);
+    if (::ftruncate(lock_fd, 0) != 0 || ::pwrite(lock_fd, id.data(), id.size(), 0) != 16) {
+        throw std::runtime_error("cannot write the feeder's instance id to its lock file");
+    }
+    return id;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -59,6 +79,7 @@ int main(int argc, char** argv) {
     try {
         lim::feeder::Config config = lim::feeder::load_config(config_path);
         const int lock_fd = lock_segment(config.segment);
+        config.instance = instance_id(lock_fd);
         struct sigaction sa {};
         sa.sa_handler = on_signal;
         sigemptyset(&sa.sa_mask);

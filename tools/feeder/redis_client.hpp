@@ -40,6 +40,10 @@ class RedisClient {
                                                const std::vector<std::string>& keys,
                                                const std::vector<std::string>& args);
 
+    // Whether a connection is open: after eval's failure, false if Redis did not answer (the
+    // connection was dropped), true if it answered with an error or an unexpected reply.
+    bool connected() const noexcept { return ctx_ != nullptr; }
+
     // The last failure, for logs.
     const std::string& last_error() const noexcept { return last_error_; }
 

@@ -6,18 +6,22 @@
 namespace lim::feeder {
 
 // lease: renew, return, grant, in one step for one host and one global rate.
-// KEYS[1] the rate's state (hash: tokens, ts, fence); KEYS[2] its leases (hash: host ->
-// "amount:expiry:want:weight"; the hosts' last weights share the bucket while several want).
-// ARGV: host, held (what the host still holds unspent: it has stopped spending anything beyond),
-// returned (unspent tokens the host gave up before asking), want, ttl_us, burst (units), rate
-// (units per second), grace_us, weight (the host's demand: its want scaled by how many of its
-// workers wait; absent, the want).
+// KEYS[1] the rate's state (hash: tokens, ts, fence, run); KEYS[2] its leases (hash: host ->
+// "amount:expiry:want:weight:instance"; the hosts' last weights share the bucket while several
+// want). ARGV: host, held (what the host still holds unspent: it has stopped spending anything
+// beyond), returned (unspent tokens the host gave up before asking), want, ttl_us, burst (units),
+// rate (units per second), grace_us, weight (the host's demand: its want scaled by how many of its
+// workers wait; absent or empty, the want), instance (optional). A call whose host has a live
+// lease of another instance is refused (an error reply, nothing changed but expired entries): two
+// feeders under one host name would otherwise each keep the one lease Redis counts once.
 // Invariant kept: tokens + sum(live leases) <= burst. A lease lives until ttl + grace after its
 // last renewal; the host stops spending at ttl after a time it took before asking.
-// A state that is absent (first use, a restarted or flushed Redis) starts empty and grants
+// A state that is absent (first use, a restarted or flushed Redis), or that another server
+// process wrote (its run_id differs: Redis restarted from an RDB snapshot or an AOF, or a
+// replica promoted, any of which forgets the leases granted since), starts empty and grants
 // nothing for one ttl + grace (the fence): every lease granted before has ended on its host by
-// then. Returns {keep, granted, server_now_us}: the host may keep `keep` of what it held, plus
-// `granted`.
+// then. (INFO is allowed in scripts; Redis 7 replicates a script's effects, not the script.)
+// Returns {keep, granted, server_now_us}: the host may keep `keep` of what it held, plus `granted`.
 inline constexpr const char* kLeaseScript = R"lua(
 local host = ARGV[1]
 local held = tonumber(ARGV[2])
@@ -29,11 +33,13 @@ local rate = tonumber(ARGV[7])
 local grace = tonumber(ARGV[8])
 local weight = tonumber(ARGV[9] or '') or want
 if want <= 0 then weight = 0 end
+local id = ARGV[10] or ''
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local st = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'fence')
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
+local st = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'fence', 'run')
 local tokens, ts, fence
-if not st[2] then
+if not st[2] or st[4] ~= run then
   tokens = 0
   ts = now
   fence = now + ttl + grace
@@ -47,12 +53,15 @@ local weights = weight
 local mine = nil
 local all = redis.call('HGETALL', KEYS[2])
 for i = 1, #all, 2 do
-  local a, e, w, g = string.match(all[i + 1], '^(%d+):(%d+):(%d+):?(%d*)$')
+  local a, e, w, g, o = string.match(all[i + 1], '^(%d+):(%d+):(%d+):?(%d*):?(%x*)$')
   local amount = tonumber(a) or 0
   local expiry = tonumber(e) or 0
   if expiry <= now then
     redis.call('HDEL', KEYS[2], all[i])
   elseif all[i] == host then
+    if o ~= '' and id ~= '' and o ~= id then
+      return redis.error_reply('LIMHOST another feeder (instance ' .. o .. ') holds a lease as host ' .. host .. ': give every feeder its own host name')
+    end
     mine = amount
   else
     outstanding = outstanding + amount
@@ -84,14 +93,15 @@ tokens = tokens - granted
 local lease = keep + granted
 if lease > 0 then
   redis.call('HSET', KEYS[2], host,
-             string.format('%d:%d:%d:%d', lease, now + ttl + grace, want, weight))
+             string.format('%d:%d:%d:%d:%s', lease, now + ttl + grace, want, weight, id))
 elseif want > 0 then
-  redis.call('HSET', KEYS[2], host, string.format('0:%d:%d:%d', now + ttl + grace, want, weight))
+  redis.call('HSET', KEYS[2], host,
+             string.format('0:%d:%d:%d:%s', now + ttl + grace, want, weight, id))
 else
   redis.call('HDEL', KEYS[2], host)
 end
 redis.call('HSET', KEYS[1], 'tokens', string.format('%.4f', tokens), 'ts', string.format('%d', ts),
-           'fence', string.format('%d', fence))
+           'fence', string.format('%d', fence), 'run', run)
 return {keep, granted, now}
 )lua";
 
