@@ -35,6 +35,9 @@ SegmentGuard::~SegmentGuard() {
         Segment::remove(name_);
     } catch (...) {
     }
+    // A lim-feeder started on this segment leaves its lock file (which keeps its instance id
+    // across restarts, so the feeder never removes it): the test's segment is gone, so is it.
+    ::unlink(("/dev/shm/lim-feeder." + name_ + ".lock").c_str());
 }
 
 pid_t fork_child(const std::function<int()>& body) {
