@@ -5,6 +5,8 @@
 // the other.
 #include <doctest/doctest.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cstdio>
@@ -548,6 +550,42 @@ TEST_CASE("lim-feeder refuses a record a worker created first (it could not boun
     std::ifstream log(host.log);
     const std::string text((std::istreambuf_iterator<char>(log)), std::istreambuf_iterator<char>());
     CHECK(text.find("existed before this feeder made it") != std::string::npos);
+}
+
+TEST_CASE(
+    "lim-feeder refuses a planted lock file (a link or a FIFO) and writes nothing through it") {
+    char dir_template[] = "/tmp/lim-feeder-planted-XXXXXX";
+    REQUIRE(::mkdtemp(dir_template) != nullptr);
+    const std::string dir = dir_template;
+    lim::test::SegmentGuard guard(lim::test::unique_name("feeder-planted"));
+    const std::string lock = "/dev/shm/lim-feeder." + guard.name() + ".lock";
+    const std::string victim = dir + "/victim";
+    std::ofstream(victim) << "precious";
+    for (const bool fifo : {false, true}) {
+        CAPTURE(fifo);
+        ::unlink(lock.c_str());
+        REQUIRE((fifo ? ::mkfifo(lock.c_str(), 0600) : ::symlink(victim.c_str(), lock.c_str())) ==
+                0);
+        Host host;
+        host.segment = guard.name();
+        // No Redis is needed: the lock is taken before the feeder contacts it.
+        host.config = write_config(dir, 0, host.segment, lim::test::free_port());
+        host.log = dir + "/planted.log";
+        start_feeder(host);
+        const std::optional<int> status = host.feeder.wait_for(10s);
+        REQUIRE(status.has_value());  // no hang on a FIFO
+        CHECK(WIFEXITED(*status));
+        CHECK(WEXITSTATUS(*status) == 1);
+        std::ifstream in(victim);
+        const std::string text((std::istreambuf_iterator<char>(in)),
+                               std::istreambuf_iterator<char>());
+        CHECK(text == "precious");  // the link was not followed: no instance id written there
+    }
+    ::unlink(lock.c_str());
+    std::remove(victim.c_str());
+    std::remove((dir + "/planted.log").c_str());
+    std::remove((dir + "/feeder0.toml").c_str());
+    ::rmdir(dir.c_str());
 }
 
 TEST_CASE("lim-feeder feeds past the old 10^9-token lifetime cap, and repairs a rebase cut short") {

@@ -2,13 +2,16 @@
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <atomic>
+#include <cerrno>
 #include <csignal>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <stdexcept>
 
@@ -31,8 +34,16 @@ extern "C" void on_signal(int) {
 // One feeder per segment: an flock the kernel drops when the process dies, however it dies.
 int lock_segment(const std::string& segment) {
     const std::string path = "/dev/shm/lim-feeder." + segment + ".lock";
-    const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-    if (fd < 0) throw std::runtime_error("cannot open " + path);
+    // /dev/shm is world-writable: never follow a planted link, never block on a planted FIFO,
+    // and refuse a file someone else owns (the feeder writes its instance id into it).
+    const int fd =
+        ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK, 0600);
+    if (fd < 0) throw std::runtime_error("cannot open " + path + ": " + std::strerror(errno));
+    struct stat st {};
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_uid != ::geteuid()) {
+        ::close(fd);
+        throw std::runtime_error(path + " is not a regular file of this user: remove it");
+    }
     if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
         ::close(fd);
         throw std::runtime_error("another lim-feeder feeds segment '" + segment + "' (" + path +
