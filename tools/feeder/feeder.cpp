@@ -363,7 +363,7 @@ void Feeder::give_back() {
             {config_.host, "0", std::to_string(to_units(returned)), "0",
              std::to_string(config_.lease_ttl.count()), std::to_string(to_units(r.g.burst_size)),
              std::to_string(to_units(r.g.sustained_rate_per_sec)),
-             std::to_string(config_.lease_ttl.count()), config_.instance});
+             std::to_string(config_.lease_ttl.count()), "0", config_.instance});
     }
 }
 
