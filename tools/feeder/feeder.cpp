@@ -113,6 +113,9 @@ Feeder::Feeder(Config config)
             r.lease_status.clear();
         }
         r.last_in_flight = in_flight;
+        // Refusals counted before this feeder started (while none ran, or by a previous one) are
+        // not demand over the first tick's interval: dropped.
+        (void)take_refused_demand(r.local);
         rates_.push_back(std::move(r));
     }
     for (const GlobalBackoff& g : config_.backoffs) {
@@ -215,16 +218,20 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
         r.deadline.reset();
         note_lease(r);
     }
-    // Demand: what was spent since the last tick; starving doubles what the lease asks for.
+    // Demand: what was spent since the last tick, plus what takes asked for and were refused
+    // (too few tokens, or past the lease deadline): a worker polling with try_take(n) on a host
+    // holding fewer than n spends nothing and never sleeps, so only its refusals show it
+    // (global_review R9). Starving doubles what the lease asks for.
     const double dt = std::max(1e-6, std::chrono::duration<double>(now - r.last_tick).count());
     const double spent = std::max(0.0, in_flight - r.last_in_flight);
-    r.demand = 0.5 * r.demand + 0.5 * (spent / dt);
-    // Starving: workers sleep on the record (they want more than it holds, however much that is:
-    // a lease of 1 token never satisfies a take of 10; with `available < 1` alone a take(n > 1)
-    // on a host holding its 1-token minimum slept forever: global_review R10), or it ran dry
-    // while being spent.
+    const double refused = take_refused_demand(r.local);
+    r.demand = 0.5 * r.demand + 0.5 * ((spent + refused) / dt);
+    // Starving: takes were refused, or workers sleep on the record (they want more than it holds,
+    // however much that is: a lease of 1 token never satisfies a take of 10; with `available < 1`
+    // alone a take(n > 1) on a host holding its 1-token minimum slept forever: global_review
+    // R10), or it ran dry while being spent.
     const std::uint32_t waiting = r.local.waiters();
-    const bool starved = waiting > 0 || (available < 1 && spent > 0);
+    const bool starved = waiting > 0 || refused > 0 || (available < 1 && spent > 0);
     // Workers asleep on the record, smoothed: how many want more than this host holds. It
     // weighs this host's share of the global bucket while every host wants more than there is.
     r.sleepers = 0.5 * r.sleepers + 0.5 * std::min<double>(waiting, kMaxSleepers);
@@ -356,7 +363,7 @@ void Feeder::give_back() {
             {config_.host, "0", std::to_string(to_units(returned)), "0",
              std::to_string(config_.lease_ttl.count()), std::to_string(to_units(r.g.burst_size)),
              std::to_string(to_units(r.g.sustained_rate_per_sec)),
-             std::to_string(config_.lease_ttl.count()), config_.instance});
+             std::to_string(config_.lease_ttl.count()), "0", config_.instance});
     }
 }
 

@@ -6,22 +6,27 @@
 namespace lim::feeder {
 
 // lease: renew, return, grant, in one step for one host and one global rate.
-// KEYS[1] the rate's state (hash: tokens, ts, fence, run); KEYS[2] its leases (hash: host ->
-// "amount:expiry:want:weight:instance"; the hosts' last weights share the bucket while several
-// want). ARGV: host, held (what the host still holds unspent: it has stopped spending anything
-// beyond), returned (unspent tokens the host gave up before asking), want, ttl_us, burst (units),
-// rate (units per second), grace_us, weight (the host's demand: its want scaled by how many of its
-// workers wait; absent or empty, the want), instance (optional). A call whose host has a live
-// lease of another instance is refused (an error reply, nothing changed but expired entries): two
-// feeders under one host name would otherwise each keep the one lease Redis counts once.
-// Invariant kept: tokens + sum(live leases) <= burst. A lease lives until ttl + grace after its
-// last renewal; the host stops spending at ttl after a time it took before asking.
-// A state that is absent (first use, a restarted or flushed Redis), or that another server
-// process wrote (its run_id differs: Redis restarted from an RDB snapshot or an AOF, or a
-// replica promoted, any of which forgets the leases granted since), starts empty and grants
-// nothing for one ttl + grace (the fence): every lease granted before has ended on its host by
-// then. (INFO is allowed in scripts; Redis 7 replicates a script's effects, not the script.)
-// Returns {keep, granted, server_now_us}: the host may keep `keep` of what it held, plus `granted`.
+// KEYS[1] the rate's state (hash: tokens, ts, fence, run, ttl, grace); KEYS[2] its leases (hash:
+// host -> "amount:expiry:want:weight:instance"; the hosts' last weights share the bucket while
+// several want). ARGV: host, held (what the host still holds unspent: it has stopped spending
+// anything beyond), returned (unspent tokens the host gave up before asking), want, ttl_us, burst
+// (units), rate (units per second), grace_us, weight (the host's demand: its want scaled by how
+// many of its workers wait; absent or empty, the want), instance (optional). A call whose host has
+// a live lease of another instance is refused (an error reply, nothing changed but expired
+// entries): two feeders under one host name would otherwise each keep the one lease Redis counts
+// once. Invariant kept: tokens + sum(live leases) <= burst. A lease lives until ttl + grace after
+// its last renewal; the host stops spending at ttl after a time it took before asking. One
+// lease_ttl per global rate: the state keeps the ttl and grace it runs under; a call with another
+// ttl or grace while another host holds a live lease is refused (an error reply starting LIMTTL,
+// nothing changed but expired entries), since the fence after a restart of Redis is the first
+// caller's ttl + grace and must outlast every host's lease. With no other live lease, the call's
+// ttl and grace become the state's (how a ttl is changed: every host in turn). A state that is
+// absent (first use, a restarted or flushed Redis), or that another server process wrote (its
+// run_id differs: Redis restarted from an RDB snapshot or an AOF, or a replica promoted, any of
+// which forgets the leases granted since), starts empty and grants nothing for one ttl + grace (the
+// fence): every lease granted before has ended on its host by then. (INFO is allowed in scripts;
+// Redis 7 replicates a script's effects, not the script.) Returns {keep, granted, server_now_us}:
+// the host may keep `keep` of what it held, plus `granted`.
 inline constexpr const char* kLeaseScript = R"lua(
 local host = ARGV[1]
 local held = tonumber(ARGV[2])
@@ -37,9 +42,10 @@ local id = ARGV[10] or ''
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
-local st = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'fence', 'run')
+local st = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'fence', 'run', 'ttl', 'grace')
+local live = st[2] and st[4] == run
 local tokens, ts, fence
-if not st[2] or st[4] ~= run then
+if not live then
   tokens = 0
   ts = now
   fence = now + ttl + grace
@@ -50,6 +56,7 @@ else
 end
 local outstanding = 0
 local weights = weight
+local others = 0
 local mine = nil
 local all = redis.call('HGETALL', KEYS[2])
 for i = 1, #all, 2 do
@@ -65,8 +72,12 @@ for i = 1, #all, 2 do
     mine = amount
   else
     outstanding = outstanding + amount
+    others = others + 1
     if (tonumber(w) or 0) > 0 then weights = weights + (tonumber(g) or tonumber(w) or 0) end
   end
+end
+if live and others > 0 and st[5] and (tonumber(st[5]) ~= ttl or tonumber(st[6]) ~= grace) then
+  return redis.error_reply('LIMTTL lease_ttl ' .. ttl .. ' us (grace ' .. grace .. ') differs from the ' .. st[5] .. ' us (grace ' .. (st[6] or '?') .. ') the other hosts hold leases under: give every host the same lease_ttl')
 end
 if now > ts then
   if now > fence then
@@ -101,7 +112,8 @@ else
   redis.call('HDEL', KEYS[2], host)
 end
 redis.call('HSET', KEYS[1], 'tokens', string.format('%.4f', tokens), 'ts', string.format('%d', ts),
-           'fence', string.format('%d', fence), 'run', run)
+           'fence', string.format('%d', fence), 'run', run, 'ttl', string.format('%d', ttl),
+           'grace', string.format('%d', grace))
 return {keep, granted, now}
 )lua";
 

@@ -46,6 +46,21 @@ void set_lease_deadline(const Limiter& limiter, std::optional<TimePoint> deadlin
 // consumed). Never blocks, never throws. Memory ordering: a sequentially consistent load.
 std::optional<TimePoint> lease_deadline(const Limiter& limiter) noexcept;
 
+// The tokens of takes the consumed record behind `limiter` refused since the last call (or since
+// its creation), and resets that count to 0: demand its spent tokens do not show (a worker that
+// polls with try_take(n) while the record holds fewer than n is never served, so spends nothing).
+// Counted: every take (try_take, take, take_until, by any handle in any process, TokenBucket's
+// too) that finds too few tokens or is at or past the lease deadline, its `n`, once per call (a
+// blocking take's re-checks while it sleeps are not counted again). Not counted: admitted takes;
+// a take of more than the bucket size (`asked_for_more_than_bucket_size`); a take refused after
+// its compare-and-swap for landing at or past the deadline (its tokens stay in flight, already
+// counted as spent). The count saturates near 10^14 tokens (it never wraps). 0 for a record that
+// is not consumed (its takes are never counted), and on a read-only segment (nothing reset). Never
+// blocks, never throws. Memory ordering: relaxed (the count is a statistic, ordered with nothing
+// else; every refusal is counted by exactly one call: the exchange is atomic). lim-feeder calls it
+// once per refresh (its only caller: another caller would take the counts from it).
+double take_refused_demand(const Limiter& limiter) noexcept;
+
 // What lim::rebase_consumed did, in tokens.
 struct ConsumedRebase {
     double target_lowered = 0;     // Δ: the token target was lowered by this much

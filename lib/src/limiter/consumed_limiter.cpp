@@ -53,6 +53,14 @@ std::optional<TimePoint> lease_deadline(const Limiter& limiter) noexcept {
     return from_nanos(ns);
 }
 
+double take_refused_demand(const Limiter& limiter) noexcept {
+    const detail::RecordRef& ref = detail::LimiterAccess::ref(limiter);
+    detail::LimiterCore core(*ref.state, ref.index);
+    if (!core.params().consumed || ref.state->read_only()) return 0;
+    const std::uint64_t units = core.body().refused.exchange(0, std::memory_order_relaxed);
+    return static_cast<double>(units) / static_cast<double>(kTokenResolution);
+}
+
 }  // namespace lim
 
 // ---------------------------------------------------------------------------------------------

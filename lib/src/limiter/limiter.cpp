@@ -318,7 +318,7 @@ bool looks_infinite(const LimiterBody& body) noexcept {
 // The general take (LimiterCore::try_take) until it is not waiting for a rebase of the drip.
 // Out of line, so that the fast path before it keeps its values in registers.
 [[gnu::noinline]] TryTake take_general(const RecordRef& ref, std::int64_t now_ns,
-                                       std::int64_t units) {
+                                       std::int64_t units, bool count_refused) {
     LimiterCore core(*ref.state, ref.index, *ref.record);
     std::int64_t rebase_at = kRebaseAt;
     for (;;) {
@@ -326,7 +326,7 @@ bool looks_infinite(const LimiterBody& body) noexcept {
         {
             // The Hold must not stay pending across the rebase below (it may wait for a lock).
             Hold hold(*ref.state, ref.index);
-            outcome = core.try_take(hold, now_ns, units, rebase_at);
+            outcome = core.try_take(hold, now_ns, units, rebase_at, count_refused);
         }
         switch (outcome) {
             case TakeOutcome::taken:
@@ -380,7 +380,7 @@ namespace {
         if (core.try_take_infinite(hold, units) == FastOutcome::done) [[likely]]
             return TryTake::taken;
     }
-    return take_general(ref, now_ns, units);
+    return take_general(ref, now_ns, units, true);
 }
 
 [[gnu::noinline]] void return_fast(const RecordRef& ref, std::int64_t now_ns, double n,
@@ -404,7 +404,15 @@ const LimiterBody& body_of(const RecordRef& ref) noexcept {
 // LimiterCore::begin reads it only for a finite rate, and the fast path never).
 TryTake take_units(const RecordRef& ref, std::int64_t now_ns, std::int64_t units) {
     if (looks_infinite(body_of(ref))) return take_fast(ref, now_ns, units);
-    return take_general(ref, now_ns, units);
+    return take_general(ref, now_ns, units, true);
+}
+
+// A blocking take's re-check: the general take (the fast path declined its first attempt, and a
+// consumed record never uses it), not counting a consumed record's refusal again (its first
+// attempt counted the units once; the sleeper itself is visible in the wake channel).
+TryTake retake_units(const RecordRef& ref, std::int64_t now_ns, std::int64_t units) {
+    if (looks_infinite(body_of(ref))) return take_fast(ref, now_ns, units);
+    return take_general(ref, now_ns, units, false);
 }
 
 // Both return_to_hopper overloads (`now_ns` as for take_units).
@@ -471,7 +479,7 @@ bool Limiter::take_until_impl(double n, const TimePoint* deadline) {
     for (;;) {
         const TimePoint now = Clock::now();
         auto_reap.poll(now);
-        const TryTake r = try_take(now, n);
+        const TryTake r = detail::retake_units(ref_, detail::bounded_now_ns(now), units);
         if (r == TryTake::taken) return true;
         if (r == TryTake::asked_for_more_than_bucket_size) never();
         if (deadline && now >= *deadline) return false;

@@ -159,6 +159,7 @@ void init_limiter_body(LimiterBody& body, const LimiterRecordConfig& config,
     body.bucket.store(BucketWord::make(0, x), std::memory_order_relaxed);
     body.time_ns.store(now_ns, std::memory_order_relaxed);
     body.lease_deadline_ns.store(kNoLeaseDeadline, std::memory_order_relaxed);
+    body.refused.store(0, std::memory_order_relaxed);
     body.in_flight.store(0, std::memory_order_release);
 }
 
@@ -205,7 +206,7 @@ void LimiterCore::rollback_tentative(LimiterBody& body, std::int64_t n) noexcept
 }
 
 TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t n,
-                                  std::int64_t rebase_at) noexcept {
+                                  std::int64_t rebase_at, bool count_refused) noexcept {
     std::atomic<std::uint64_t>& in_flight = body_.in_flight;
     std::atomic<std::uint64_t>& bucket = body_.bucket;
     std::uint64_t fw = in_flight.load(std::memory_order_seq_cst);
@@ -226,7 +227,16 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
             raise_time(read_t);
             return true;
         };
+        // A refusal for lack of tokens or past the lease deadline: on a consumed record, its
+        // units are counted as demand the feeder cannot see in what was spent (LimiterBody::
+        // refused). Only here, never on the admit path, and only on consumed records.
+        const auto refuse_unable = [&, consumed = p.consumed] {
+            if (!refuse()) return false;
+            if (consumed && count_refused) note_refused(body_, n);
+            return true;
+        };
         if (n > p.bucket_size) {
+            // Never satisfiable: not demand a lease could serve, so not counted.
             if (refuse()) return TakeOutcome::asked_for_more;
             fw = in_flight.load(std::memory_order_seq_cst);
             continue;
@@ -245,7 +255,7 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
         if (p.consumed) [[unlikely]] {
             deadline = body_.lease_deadline_ns.load(std::memory_order_seq_cst);
             if (deadline != kNoLeaseDeadline && t >= deadline) {
-                if (refuse()) return TakeOutcome::unable;
+                if (refuse_unable()) return TakeOutcome::unable;
                 fw = in_flight.load(std::memory_order_seq_cst);
                 continue;
             }
@@ -253,7 +263,7 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
         if (p.rate_infinite) {
             // The bucket is the cap; a take is one CAS on F, validated against a switch.
             if (cap < n || !room) {
-                if (refuse()) return TakeOutcome::unable;
+                if (refuse_unable()) return TakeOutcome::unable;
                 fw = in_flight.load(std::memory_order_seq_cst);
                 continue;
             }
@@ -270,7 +280,9 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
                 continue;
             }
             if (deadline != kNoLeaseDeadline && !landed_before(deadline)) {
-                return TakeOutcome::unable;  // late: consumed (stays in flight), not admitted
+                // Late: consumed (stays in flight), not admitted. Not counted as refused: its
+                // units are in F, which the feeder already counts as spent.
+                return TakeOutcome::unable;
             }
             if (!p.consumed) hold.add(0, n);  // consumed: nothing for recovery to give back
             hold.admitted();
@@ -281,7 +293,7 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
         const std::int64_t d = p.drip_at(t);
         std::int64_t x = BucketWord::x(s);
         if (std::max<std::int64_t>(0, std::min(d - x, cap)) < n || !room) {
-            if (refuse()) return TakeOutcome::unable;
+            if (refuse_unable()) return TakeOutcome::unable;
             fw = in_flight.load(std::memory_order_seq_cst);
             continue;
         }
@@ -316,6 +328,7 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
             if (std::max<std::int64_t>(0, std::min(d - x, cap)) < n) {
                 rollback_tentative(n);
                 raise_time(t);
+                if (p.consumed && count_refused) note_refused(body_, n);
                 return TakeOutcome::unable;
             }
         }

@@ -28,6 +28,9 @@ Limiter open_limiter(const Segment& segment, std::string_view what, std::string_
 // first (LimiterCore::try_take_infinite, return_infinite), then the general operation.
 // return_units throws Error(over_release) naming `n` as try_take's callers do.
 TryTake take_units(const RecordRef& ref, std::int64_t now_ns, std::int64_t units);
+// The same for a blocking take's re-checks: a consumed record's refusal is not counted again
+// (LimiterBody::refused: the take's first attempt, by take_units, counted it once).
+TryTake retake_units(const RecordRef& ref, std::int64_t now_ns, std::int64_t units);
 void return_units(const RecordRef& ref, std::int64_t now_ns, double n, std::int64_t units);
 
 // A token amount that is not a whole number of tokens, or is out of range: checked (throws

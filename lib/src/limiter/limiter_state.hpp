@@ -25,6 +25,8 @@
 //   time       L: the limiter's time (CLOCK_MONOTONIC ns), raised after each operation
 //   lease      the lease deadline (CLOCK_MONOTONIC ns) of a kConsumed record, 0 = none; takes
 //              at or after it are not admitted (lim::set_lease_deadline; docs/global.md)
+//   refused    (line 4) units of refused takes on a kConsumed record, read and reset by
+//              lim::take_refused_demand (lim-feeder's demand estimate)
 // The configuration lives in two blocks; S's generation selects the current one. Changing it
 // (rare) writes the other block under the segment's config lock, then switches with a CAS on S
 // that also folds the bucket at the switch time: every hot-path CAS on S expects a generation,
@@ -198,8 +200,26 @@ struct LimiterBody {
     WakeChannel wake;
     // Lines 2-3: the two configuration blocks, read-mostly.
     ConfigBlock config[2];
+    // Line 4, kConsumed records only: the token units of takes refused since the last read
+    // (lim::take_refused_demand, by lim-feeder: the demand its spent tokens do not show). Added
+    // to (relaxed) only on a consumed take's refusal path, never past kRefusedCap; its own line,
+    // so that pollers refused in a loop do not contend with the hot line's takes.
+    alignas(kCacheLine) std::atomic<std::uint64_t> refused;
+    std::atomic<std::uint64_t> reserved1[7];
 };
-static_assert(sizeof(LimiterBody) == 4 * kCacheLine);
+static_assert(sizeof(LimiterBody) == 5 * kCacheLine);
+
+// LimiterBody::refused stops growing at this many units (10^14 tokens): an add happens only
+// below it, and each add is at most kMaxTokenUnits, so concurrent adders cannot wrap the word.
+inline constexpr std::uint64_t kRefusedCap = std::uint64_t{1} << 60;
+
+// Counts `n` units refused on a consumed record (LimiterBody::refused). Relaxed: a statistic,
+// ordered with nothing; bounded, not exact, past kRefusedCap.
+inline void note_refused(LimiterBody& body, std::int64_t n) noexcept {
+    if (n <= 0) return;
+    if (body.refused.load(std::memory_order_relaxed) >= kRefusedCap) return;
+    body.refused.fetch_add(static_cast<std::uint64_t>(n), std::memory_order_relaxed);
+}
 
 // LimiterBody::lease_deadline_ns when a consumed record has no lease deadline: its target alone
 // bounds it (a record no feeder has set, or lim-feeder's on_redis_down = "open").
@@ -419,9 +439,11 @@ class LimiterCore {
     // One attempt, under `hold`. `rebase_at`: the drip allowance above which the operation
     // asks its caller to re-anchor first (rebase_needed, nothing changed). `now_ns` may be
     // kClockUnread: the take then reads the clock if (and only if) the rate is finite (a caller
-    // that rebases reads it for the rebase).
-    TakeOutcome try_take(Hold& hold, std::int64_t now_ns, std::int64_t n,
-                         std::int64_t rebase_at) noexcept;
+    // that rebases reads it for the rebase). `count_refused`: on a consumed record, a refusal
+    // for lack of tokens or past the lease deadline adds `n` to LimiterBody::refused (a blocking
+    // take's re-checks pass false: its first attempt counted it once).
+    TakeOutcome try_take(Hold& hold, std::int64_t now_ns, std::int64_t n, std::int64_t rebase_at,
+                         bool count_refused) noexcept;
     // A token bucket's take (docs/design.md ("The Limiter family"), "TokenBucket's take"): with
     // an infinite target and a finite rate nothing depends on F, so the take is one CAS on S,
     // recorded in the thread's ledger (`entry`, the thread's own, layer kBucketTakenLayer) after it
