@@ -42,8 +42,8 @@ class Feeder {
         std::optional<TimePoint> deadline;  // the local lease deadline, when a lease is held
         double last_in_flight = 0;
         TimePoint last_tick{};
-        double demand = 0;   // tokens per second, smoothed
-        double desired = 1;  // tokens the lease should hold
+        double demand = 0;    // tokens per second, smoothed
+        double desired = 1;   // tokens the lease should hold
         double sleepers = 0;  // workers asleep on the record, smoothed (the host's weight)
         std::vector<std::string> keys;
     };
