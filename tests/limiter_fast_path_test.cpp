@@ -24,11 +24,14 @@
 #include "shm/file_lock.hpp"
 #include "shm/process_table.hpp"
 #include "shm/records.hpp"
+#include "support/limiter_records.hpp"
 #include "support/limiter_time.hpp"
 #include "support/process.hpp"
 
 using namespace lim;
 using lim::detail::kLimiterOps;
+using lim::test::my_holding;
+using lim::test::record_of;
 using namespace std::chrono_literals;
 
 // Counts the calling thread's CLOCK_MONOTONIC readings while `counting` is set (lim::Clock::now
@@ -44,16 +47,6 @@ extern "C" int clock_gettime(clockid_t id, struct timespec* ts) noexcept {
 }
 
 namespace {
-
-std::uint32_t record_of(const Segment& seg, std::string_view key) {
-    const auto r = detail::find_record(*seg.state(), detail::RecordKind::limiter, key);
-    REQUIRE(r.has_value());
-    return *r;
-}
-
-std::int64_t my_holding(const Segment& seg, std::uint32_t record) {
-    return detail::holder(*seg.state()).entry(record).held[0].load();
-}
 
 std::uint64_t admitted(const Segment& seg, std::uint32_t record) {
     return detail::holder(*seg.state()).entry(record).admitted.load();
@@ -75,6 +68,24 @@ int clock_reads_of(F&& f) {
 
 constexpr std::int64_t kJob = 10'000;  // one job, in units
 
+// A Throttle "jobs" of `max_jobs` in a segment of its own, and what its fast path works on: the
+// record, the record's body and a LimiterCore over it.
+struct Jobs {
+    explicit Jobs(std::int64_t max_jobs)
+        : seg(lim::test::limiter_segment(guard)),
+          th(Throttle::open(seg, "jobs", {.max_concurrent_jobs = max_jobs})),
+          rec(record_of(seg, "jobs")),
+          body(body_of(seg, rec)),
+          core(*seg.state(), rec) {}
+
+    lim::test::SegmentGuard guard{lim::test::unique_name("lim-fast")};
+    Segment seg;
+    Throttle th;
+    std::uint32_t rec;
+    detail::LimiterBody& body;
+    detail::LimiterCore core;
+};
+
 }  // namespace
 
 TEST_CASE("clock_gettime is interposed: a finite-rate take without now reads the clock") {
@@ -85,141 +96,116 @@ TEST_CASE("clock_gettime is interposed: a finite-rate take without now reads the
 }
 
 TEST_CASE("a switch between the fast take's load and its CAS rolls the take back") {
-    lim::test::SegmentGuard guard(lim::test::unique_name("lim-fast"));
-    auto seg = lim::test::limiter_segment(guard);
-    auto th = Throttle::open(seg, "jobs", {.max_concurrent_jobs = 2});
-    const std::uint32_t rec = record_of(seg, "jobs");
-    detail::LimiterBody& body = body_of(seg, rec);
-    REQUIRE(th.try_start_job() == StartJob::start());  // one job running: F = 1 job
-    const std::uint64_t admitted_before = admitted(seg, rec);
-    detail::LimiterCore core(*seg.state(), rec);
+    Jobs j(2);
+    REQUIRE(j.th.try_start_job() == StartJob::start());  // one job running: F = 1 job
+    const std::uint64_t admitted_before = admitted(j.seg, j.rec);
     {
-        detail::Hold hold(*seg.state(), rec);
+        detail::Hold hold(*j.seg.state(), j.rec);
         // The fast path loads F and S ...
-        const std::uint64_t fw = body.in_flight.load();
-        const std::uint64_t s = body.bucket.load();
+        const std::uint64_t fw = j.body.in_flight.load();
+        const std::uint64_t s = j.body.bucket.load();
         // ... a Limiter handle lowers the target to one job (a switch: S's generation moves) ...
-        th.limiter().set_token_target_level(1.0);
+        j.th.limiter().set_token_target_level(1.0);
         // ... and the CAS, decided under the old target (2 jobs, room for one more), lands: the
         // check of the generation after it must roll it back.
-        CHECK(core.try_take_infinite_from(hold, fw, s, kJob) == detail::FastOutcome::general);
-        CHECK(body.in_flight.load() == static_cast<std::uint64_t>(kJob));
+        CHECK(j.core.try_take_infinite_from(hold, fw, s, kJob) == detail::FastOutcome::general);
+        CHECK(j.body.in_flight.load() == static_cast<std::uint64_t>(kJob));
         CHECK(hold.held(0) == kJob);  // nothing recorded for the rolled-back take
     }
-    CHECK(admitted(seg, rec) == admitted_before);
+    CHECK(admitted(j.seg, j.rec) == admitted_before);
     // The general path decides under the new target: no room.
-    CHECK(th.try_start_job() == StartJob::max_concurrent_jobs_running());
-    CHECK(th.in_flight() == 1);
-    th.invariant();
-    th.finish_job();
-    CHECK(th.in_flight() == 0);
-    CHECK(my_holding(seg, rec) == 0);
+    CHECK(j.th.try_start_job() == StartJob::max_concurrent_jobs_running());
+    CHECK(j.th.in_flight() == 1);
+    j.th.invariant();
+    j.th.finish_job();
+    CHECK(j.th.in_flight() == 0);
+    CHECK(my_holding(j.seg, j.rec) == 0);
 }
 
 TEST_CASE("a switch to a finite rate between the fast take's load and its CAS rolls it back") {
-    lim::test::SegmentGuard guard(lim::test::unique_name("lim-fast"));
-    auto seg = lim::test::limiter_segment(guard);
-    auto th = Throttle::open(seg, "jobs", {.max_concurrent_jobs = 3});
-    const std::uint32_t rec = record_of(seg, "jobs");
-    detail::LimiterBody& body = body_of(seg, rec);
-    detail::LimiterCore core(*seg.state(), rec);
+    Jobs j(3);
     {
-        detail::Hold hold(*seg.state(), rec);
-        const std::uint64_t fw = body.in_flight.load();
-        const std::uint64_t s = body.bucket.load();
-        th.limiter().set_hopper_to_bucket_rate_per_sec(0.0);
-        CHECK(core.try_take_infinite_from(hold, fw, s, kJob) == detail::FastOutcome::general);
-        CHECK(body.in_flight.load() == 0);
+        detail::Hold hold(*j.seg.state(), j.rec);
+        const std::uint64_t fw = j.body.in_flight.load();
+        const std::uint64_t s = j.body.bucket.load();
+        j.th.limiter().set_hopper_to_bucket_rate_per_sec(0.0);
+        CHECK(j.core.try_take_infinite_from(hold, fw, s, kJob) == detail::FastOutcome::general);
+        CHECK(j.body.in_flight.load() == 0);
         CHECK(hold.held(0) == 0);
         // With the finite rate the fast path declines at once, changing nothing.
-        CHECK(core.try_take_infinite(hold, kJob) == detail::FastOutcome::general);
-        CHECK(body.in_flight.load() == 0);
+        CHECK(j.core.try_take_infinite(hold, kJob) == detail::FastOutcome::general);
+        CHECK(j.body.in_flight.load() == 0);
     }
     // The general take: the bucket started the finite drip full (3), the rate is 0.
     for (int i = 0; i < 3; ++i)
-        REQUIRE(th.try_start_job().kind() == StartJob::Kind::start);
-    CHECK(th.try_start_job().kind() != StartJob::Kind::start);
+        REQUIRE(j.th.try_start_job().kind() == StartJob::Kind::start);
+    CHECK(j.th.try_start_job().kind() != StartJob::Kind::start);
     for (int i = 0; i < 3; ++i)
-        th.finish_job();
-    CHECK(my_holding(seg, rec) == 0);
-    th.invariant();
+        j.th.finish_job();
+    CHECK(my_holding(j.seg, j.rec) == 0);
+    j.th.invariant();
 }
 
 TEST_CASE(
     "a reaper's freeze between the fast path's load and its CAS sends it to the general path") {
-    lim::test::SegmentGuard guard(lim::test::unique_name("lim-fast"));
-    auto seg = lim::test::limiter_segment(guard);
-    auto th = Throttle::open(seg, "jobs", {.max_concurrent_jobs = 2});
-    const std::uint32_t rec = record_of(seg, "jobs");
-    detail::LimiterBody& body = body_of(seg, rec);
-    detail::LimiterCore core(*seg.state(), rec);
-    REQUIRE(th.try_start_job() == StartJob::start());
+    Jobs j(2);
+    REQUIRE(j.th.try_start_job() == StartJob::start());
     std::optional<detail::FileLock> reaping =
-        detail::FileLock::lock_exclusive(seg.state()->fd(), detail::LockByte::recovery);
+        detail::FileLock::lock_exclusive(j.seg.state()->fd(), detail::LockByte::recovery);
     {
-        detail::Hold hold(*seg.state(), rec);
-        const std::uint64_t fw = body.in_flight.load();
-        const std::uint64_t s = body.bucket.load();
-        kLimiterOps.freeze(*seg.state(), rec);
+        detail::Hold hold(*j.seg.state(), j.rec);
+        const std::uint64_t fw = j.body.in_flight.load();
+        const std::uint64_t s = j.body.bucket.load();
+        kLimiterOps.freeze(*j.seg.state(), j.rec);
         // Take: the CAS expects the unfrozen word, fails, and finds it frozen.
-        CHECK(core.try_take_infinite_from(hold, fw, s, kJob) == detail::FastOutcome::general);
+        CHECK(j.core.try_take_infinite_from(hold, fw, s, kJob) == detail::FastOutcome::general);
         // Return: the same.
-        CHECK(core.return_infinite_from(hold, fw, s, kJob) == detail::FastOutcome::general);
+        CHECK(j.core.return_infinite_from(hold, fw, s, kJob) == detail::FastOutcome::general);
         // Loaded after the freeze: declined at once.
-        CHECK(core.try_take_infinite(hold, kJob) == detail::FastOutcome::general);
-        CHECK(core.return_infinite(hold, kJob) == detail::FastOutcome::general);
-        CHECK(body.in_flight.load() == (detail::kFrozen | static_cast<std::uint64_t>(kJob)));
+        CHECK(j.core.try_take_infinite(hold, kJob) == detail::FastOutcome::general);
+        CHECK(j.core.return_infinite(hold, kJob) == detail::FastOutcome::general);
+        CHECK(j.body.in_flight.load() == (detail::kFrozen | static_cast<std::uint64_t>(kJob)));
         CHECK(hold.held(0) == kJob);
     }
-    kLimiterOps.thaw(*seg.state(), rec);
+    kLimiterOps.thaw(*j.seg.state(), j.rec);
     reaping.reset();
-    CHECK(th.in_flight() == 1);
-    th.finish_job();
-    CHECK(th.in_flight() == 0);
-    CHECK(my_holding(seg, rec) == 0);
+    CHECK(j.th.in_flight() == 1);
+    j.th.finish_job();
+    CHECK(j.th.in_flight() == 0);
+    CHECK(my_holding(j.seg, j.rec) == 0);
 }
 
 TEST_CASE("a switch between the fast return's load and its CAS sends it to the general path") {
-    lim::test::SegmentGuard guard(lim::test::unique_name("lim-fast"));
-    auto seg = lim::test::limiter_segment(guard);
-    auto th = Throttle::open(seg, "jobs", {.max_concurrent_jobs = 2});
-    const std::uint32_t rec = record_of(seg, "jobs");
-    detail::LimiterBody& body = body_of(seg, rec);
-    detail::LimiterCore core(*seg.state(), rec);
-    REQUIRE(th.try_start_job() == StartJob::start());
+    Jobs j(2);
+    REQUIRE(j.th.try_start_job() == StartJob::start());
     {
-        detail::Hold hold(*seg.state(), rec);
-        const std::uint64_t fw = body.in_flight.load();
-        const std::uint64_t s = body.bucket.load();
-        th.limiter().set_bucket_size(1.0);
-        CHECK(core.return_infinite_from(hold, fw, s, kJob) == detail::FastOutcome::general);
-        CHECK(body.in_flight.load() == static_cast<std::uint64_t>(kJob));
+        detail::Hold hold(*j.seg.state(), j.rec);
+        const std::uint64_t fw = j.body.in_flight.load();
+        const std::uint64_t s = j.body.bucket.load();
+        j.th.limiter().set_bucket_size(1.0);
+        CHECK(j.core.return_infinite_from(hold, fw, s, kJob) == detail::FastOutcome::general);
+        CHECK(j.body.in_flight.load() == static_cast<std::uint64_t>(kJob));
         CHECK(hold.held(0) == kJob);
     }
-    th.finish_job();  // the general return (or the fast one, on the new generation)
-    CHECK(th.in_flight() == 0);
-    CHECK(my_holding(seg, rec) == 0);
-    th.invariant();
+    j.th.finish_job();  // the general return (or the fast one, on the new generation)
+    CHECK(j.th.in_flight() == 0);
+    CHECK(my_holding(j.seg, j.rec) == 0);
+    j.th.invariant();
 }
 
 TEST_CASE("the fast return declines a return this thread's ledger does not cover") {
-    lim::test::SegmentGuard guard(lim::test::unique_name("lim-fast"));
-    auto seg = lim::test::limiter_segment(guard);
-    auto th = Throttle::open(seg, "jobs", {.max_concurrent_jobs = 2});
-    const std::uint32_t rec = record_of(seg, "jobs");
-    detail::LimiterBody& body = body_of(seg, rec);
-    detail::LimiterCore core(*seg.state(), rec);
+    Jobs j(2);
     // A job started by another thread of this process: this thread's own entry holds nothing.
-    std::thread([&] { REQUIRE(th.try_start_job() == StartJob::start()); }).join();
+    std::thread([&] { REQUIRE(j.th.try_start_job() == StartJob::start()); }).join();
     {
-        detail::Hold hold(*seg.state(), rec);
-        CHECK(core.return_infinite(hold, kJob) == detail::FastOutcome::general);
-        CHECK(body.in_flight.load() == static_cast<std::uint64_t>(kJob));
+        detail::Hold hold(*j.seg.state(), j.rec);
+        CHECK(j.core.return_infinite(hold, kJob) == detail::FastOutcome::general);
+        CHECK(j.body.in_flight.load() == static_cast<std::uint64_t>(kJob));
     }
-    th.finish_job();  // the general return checks the whole process: allowed
-    CHECK(th.in_flight() == 0);
+    j.th.finish_job();  // the general return checks the whole process: allowed
+    CHECK(j.th.in_flight() == 0);
     // Nothing in flight: over_release, from the general return.
-    CHECK_THROWS_AS(th.finish_job(), Error);
+    CHECK_THROWS_AS(j.th.finish_job(), Error);
 }
 
 TEST_CASE("a process killed holding jobs it took by the fast path gets them back by a reap") {

@@ -21,6 +21,7 @@
 #include "shm/file_lock.hpp"
 #include "shm/process_table.hpp"
 #include "shm/records.hpp"
+#include "support/limiter_records.hpp"
 #include "support/limiter_time.hpp"
 #include "support/process.hpp"
 
@@ -29,13 +30,9 @@ using lim::test::at;
 using lim::test::t0;
 using namespace std::chrono_literals;
 
-namespace {
+using lim::test::record_of;
 
-std::uint32_t record_of(const Segment& seg, std::string_view key) {
-    const auto r = detail::find_record(*seg.state(), detail::RecordKind::limiter, key);
-    REQUIRE(r.has_value());
-    return *r;
-}
+namespace {
 
 detail::LimiterBody& body_of(const Segment& seg, std::string_view key) {
     return *reinterpret_cast<detail::LimiterBody*>(seg.state()->record(record_of(seg, key)).body);

@@ -20,6 +20,7 @@
 #include "shm/file_lock.hpp"
 #include "shm/process_table.hpp"
 #include "shm/records.hpp"
+#include "support/limiter_records.hpp"
 #include "support/limiter_time.hpp"
 #include "support/process.hpp"
 
@@ -29,17 +30,8 @@ using lim::test::t0;
 using namespace std::chrono_literals;
 using lim::detail::kLimiterOps;
 
-namespace {
-std::uint32_t record_of(const Segment& seg, std::string_view key) {
-    const auto r = detail::find_record(*seg.state(), detail::RecordKind::limiter, key);
-    REQUIRE(r.has_value());
-    return *r;
-}
-// What the calling thread holds in `record`, by its ledger.
-std::int64_t my_holding(const Segment& seg, std::uint32_t record) {
-    return detail::holder(*seg.state()).entry(record).held[0].load();
-}
-}  // namespace
+using lim::test::my_holding;
+using lim::test::record_of;
 
 TEST_CASE("kLimiterOps describes two layers of tokens: in F, and a token bucket's own takes") {
     CHECK(kLimiterOps.layers == 2);

@@ -99,6 +99,74 @@ int worker(const std::string& segment, std::chrono::microseconds pace, bool bloc
     return 0;
 }
 
+// Where a case keeps its configs and logs: a fresh directory /tmp/lim-feeder-<what>-XXXXXX.
+std::string make_dir(const std::string& what) {
+    std::string path = "/tmp/lim-feeder-" + what + "-XXXXXX";
+    REQUIRE(::mkdtemp(path.data()) != nullptr);
+    return path;
+}
+
+// A case's directory (make_dir(what), into `dir`) and a redis-server on a free port logging
+// there (dir/redis.log), started. Null, and no directory, after saying that the case is skipped
+// when redis-server is not installed.
+std::unique_ptr<lim::test::RedisServer> start_redis(const std::string& what, std::string& dir) {
+    const std::string bin = lim::test::find_redis_server();
+    if (bin.empty()) {
+        MESSAGE("SKIPPED: redis-server is not installed (apt-get install redis-server)");
+        return nullptr;
+    }
+    dir = make_dir(what);
+    auto redis =
+        std::make_unique<lim::test::RedisServer>(bin, lim::test::free_port(), dir + "/redis.log");
+    REQUIRE(redis->start());
+    return redis;
+}
+
+// Hosts 0..n-1: each a segment unique_name(prefix + h) (its guard appended to `guards`) and a
+// feeder (dir/feeder<h>.toml, log dir/feeder<h>.log) fed from the Redis at `port`, started.
+std::vector<std::unique_ptr<Host>> start_hosts(
+    int n, const std::string& prefix, const std::string& dir, int port,
+    std::vector<std::unique_ptr<lim::test::SegmentGuard>>& guards) {
+    std::vector<std::unique_ptr<Host>> hosts;
+    for (int h = 0; h < n; ++h) {
+        guards.push_back(std::make_unique<lim::test::SegmentGuard>(
+            lim::test::unique_name(prefix + std::to_string(h))));
+        auto host = std::make_unique<Host>();
+        host->segment = guards.back()->name();
+        host->config = write_config(dir, h, host->segment, port);
+        host->log = dir + "/feeder" + std::to_string(h) + ".log";
+        start_feeder(*host);
+        hosts.push_back(std::move(host));
+    }
+    return hosts;
+}
+
+// Forks workers_of[h] workers on each host h, worker w (counted over all hosts) running
+// worker() on hosts[h] with pace_of(h) and blocking_of(h), into log.part(w) and counts[w], until
+// `stop`; host_of[w] is set to h. Their pids.
+template <class PaceOf, class BlockingOf>
+std::vector<pid_t> fork_workers(const std::vector<std::unique_ptr<Host>>& hosts,
+                                const int* workers_of, PaceOf pace_of, BlockingOf blocking_of,
+                                const lim::test::AdmissionLog& log, std::int64_t* counts,
+                                const std::atomic<int>* stop, std::vector<int>& host_of) {
+    std::vector<pid_t> pids;
+    const int n = static_cast<int>(hosts.size());
+    for (int h = 0, w = 0; h < n; ++h) {
+        for (int i = 0; i < workers_of[h]; ++i, ++w) {
+            Admission* part = log.part(w);
+            std::int64_t* count = counts + w;
+            const std::string segment = hosts[h]->segment;
+            const std::chrono::microseconds pace = pace_of(h);
+            const bool blocking = blocking_of(h);
+            pids.push_back(lim::test::fork_child([segment, pace, blocking, part, count, stop] {
+                return worker(segment, pace, blocking, part, count, stop);
+            }));
+            host_of.push_back(h);
+        }
+    }
+    return pids;
+}
+
 std::string run_output(const std::string& command) {
     std::string out;
     FILE* p = ::popen(command.c_str(), "r");
@@ -124,33 +192,17 @@ std::size_t count_between(const std::vector<Admission>& a, std::int64_t lo, std:
 }  // namespace
 
 TEST_CASE("lim-feeder: the bound holds over all hosts through feeder and Redis failures") {
-    const std::string redis_bin = lim::test::find_redis_server();
-    if (redis_bin.empty()) {
-        MESSAGE("SKIPPED: redis-server is not installed (apt-get install redis-server)");
-        return;
-    }
-    char dir_template[] = "/tmp/lim-feeder-test-XXXXXX";
-    REQUIRE(::mkdtemp(dir_template) != nullptr);
-    const std::string dir = dir_template;
-    lim::test::RedisServer redis(redis_bin, lim::test::free_port(), dir + "/redis.log");
-    REQUIRE(redis.start());
+    std::string dir;
+    const auto redis = start_redis("test", dir);
+    if (!redis) return;
 
     constexpr int kHosts = 2;
     // Host 0 is busy (4 workers, one attempt per ms each); host 1 is light (one worker, 10/s).
     const int workers_of[kHosts] = {4, 1};
     const std::chrono::microseconds pace_of[kHosts] = {1000us, 100'000us};
     std::vector<std::unique_ptr<lim::test::SegmentGuard>> guards;
-    std::vector<std::unique_ptr<Host>> hosts;
-    for (int h = 0; h < kHosts; ++h) {
-        guards.push_back(std::make_unique<lim::test::SegmentGuard>(
-            lim::test::unique_name("feeder" + std::to_string(h))));
-        auto host = std::make_unique<Host>();
-        host->segment = guards.back()->name();
-        host->config = write_config(dir, h, host->segment, redis.port());
-        host->log = dir + "/feeder" + std::to_string(h) + ".log";
-        start_feeder(*host);
-        hosts.push_back(std::move(host));
-    }
+    const std::vector<std::unique_ptr<Host>> hosts =
+        start_hosts(kHosts, "feeder", dir, redis->port(), guards);
 
     // The feeders create the segments and their records (the rate, two status records, the
     // backoff) before any worker or check opens them.
@@ -170,20 +222,10 @@ TEST_CASE("lim-feeder: the bound holds over all hosts through feeder and Redis f
     lim::test::AdmissionLog log(total_workers, kPerWorker);
     auto* counts = lim::test::shared_array<std::int64_t>(total_workers);
     auto* stop = new (lim::test::shared_array<std::atomic<int>>(1)) std::atomic<int>(0);
-    std::vector<pid_t> pids;
     std::vector<int> host_of;
-    for (int h = 0, w = 0; h < kHosts; ++h) {
-        for (int i = 0; i < workers_of[h]; ++i, ++w) {
-            Admission* part = log.part(w);
-            std::int64_t* count = counts + w;
-            const std::string segment = hosts[h]->segment;
-            const auto pace = pace_of[h];
-            pids.push_back(lim::test::fork_child([segment, pace, h, part, count, stop] {
-                return worker(segment, pace, h == 1, part, count, stop);
-            }));
-            host_of.push_back(h);
-        }
-    }
+    const std::vector<pid_t> pids = fork_workers(
+        hosts, workers_of, [&](int h) { return pace_of[h]; }, [](int h) { return h == 1; }, log,
+        counts, stop, host_of);
     const auto admissions_of = [&](int h) {
         std::vector<Admission> out;
         for (int w = 0; w < total_workers; ++w) {
@@ -241,16 +283,16 @@ TEST_CASE("lim-feeder: the bound holds over all hosts through feeder and Redis f
     std::this_thread::sleep_for(1000ms);
 
     // Phase D: Redis killed and restarted empty on the same port.
-    redis.kill();
+    redis->kill();
     const std::int64_t redis_down = now_ns();
     std::this_thread::sleep_for(1000ms);
     const std::int64_t redis_back = now_ns();
-    REQUIRE(redis.start());
+    REQUIRE(redis->start());
     std::this_thread::sleep_for(2000ms);
     // Phase E: Redis killed and restarted at once, while every host still holds a lease: the
     // empty state must not grant a fresh burst on top of what the hosts hold (the fence).
-    redis.kill();
-    REQUIRE(redis.start());
+    redis->kill();
+    REQUIRE(redis->start());
     const std::int64_t redis_quick = now_ns();
     std::this_thread::sleep_for(2000ms);
 
@@ -264,7 +306,7 @@ TEST_CASE("lim-feeder: the bound holds over all hosts through feeder and Redis f
         CHECK(WIFEXITED(status));
         CHECK(WEXITSTATUS(status) == 0);
     }
-    redis.kill();
+    redis->kill();
 
     std::vector<Admission> all = admissions_of(0);
     {
@@ -313,9 +355,7 @@ TEST_CASE("lim-feeder: the bound holds over all hosts through feeder and Redis f
 
 TEST_CASE(
     "lim-feeder: with Redis unreachable, closed admits nothing and open admits the local rate") {
-    char dir_template[] = "/tmp/lim-feeder-down-XXXXXX";
-    REQUIRE(::mkdtemp(dir_template) != nullptr);
-    const std::string dir = dir_template;
+    const std::string dir = make_dir("down");
     const int port = lim::test::free_port();  // nothing listens there
     for (const bool open : {false, true}) {
         CAPTURE(open);
@@ -398,31 +438,15 @@ int paced_worker(const std::string& segment, const std::atomic<int>* mode, Admis
 // whose feeder was stopped for longer than the grace could spend what was left of its lease after
 // Redis had freed it and let the budget refill for the others. The takers now enforce it.
 TEST_CASE("lim-feeder: a stopped feeder's host spends nothing past its lease deadline") {
-    const std::string redis_bin = lim::test::find_redis_server();
-    if (redis_bin.empty()) {
-        MESSAGE("SKIPPED: redis-server is not installed (apt-get install redis-server)");
-        return;
-    }
-    char dir_template[] = "/tmp/lim-feeder-stop-XXXXXX";
-    REQUIRE(::mkdtemp(dir_template) != nullptr);
-    const std::string dir = dir_template;
-    lim::test::RedisServer redis(redis_bin, lim::test::free_port(), dir + "/redis.log");
-    REQUIRE(redis.start());
+    std::string dir;
+    const auto redis = start_redis("stop", dir);
+    if (!redis) return;
 
     constexpr int kHosts = 2;
     constexpr int kWorkersPerHost = 2;
     std::vector<std::unique_ptr<lim::test::SegmentGuard>> guards;
-    std::vector<std::unique_ptr<Host>> hosts;
-    for (int h = 0; h < kHosts; ++h) {
-        guards.push_back(std::make_unique<lim::test::SegmentGuard>(
-            lim::test::unique_name("stop" + std::to_string(h))));
-        auto host = std::make_unique<Host>();
-        host->segment = guards.back()->name();
-        host->config = write_config(dir, h, host->segment, redis.port());
-        host->log = dir + "/feeder" + std::to_string(h) + ".log";
-        start_feeder(*host);
-        hosts.push_back(std::move(host));
-    }
+    const std::vector<std::unique_ptr<Host>> hosts =
+        start_hosts(kHosts, "stop", dir, redis->port(), guards);
     constexpr int kWorkers = kHosts * kWorkersPerHost;
     lim::test::AdmissionLog log(kWorkers, kPerWorker);
     auto* counts = lim::test::shared_array<std::int64_t>(kWorkers);
@@ -485,7 +509,7 @@ TEST_CASE("lim-feeder: a stopped feeder's host spends nothing past its lease dea
         CHECK(WIFEXITED(status));
         CHECK(WEXITSTATUS(status) == 0);
     }
-    redis.kill();
+    redis->kill();
 
     const auto busy = admissions_of(0);
     const auto other = admissions_of(1);
@@ -520,16 +544,9 @@ TEST_CASE("lim-feeder: a stopped feeder's host spends nothing past its lease dea
 }
 
 TEST_CASE("lim-feeder refuses a record a worker created first (it could not bound its takes)") {
-    const std::string redis_bin = lim::test::find_redis_server();
-    if (redis_bin.empty()) {
-        MESSAGE("SKIPPED: redis-server is not installed (apt-get install redis-server)");
-        return;
-    }
-    char dir_template[] = "/tmp/lim-feeder-first-XXXXXX";
-    REQUIRE(::mkdtemp(dir_template) != nullptr);
-    const std::string dir = dir_template;
-    lim::test::RedisServer redis(redis_bin, lim::test::free_port(), dir + "/redis.log");
-    REQUIRE(redis.start());
+    std::string dir;
+    const auto redis = start_redis("first", dir);
+    if (!redis) return;
     lim::test::SegmentGuard guard(lim::test::unique_name("feeder-first"));
     {
         // A worker got there first: a plain token bucket, whose takes are in ledgers.
@@ -540,7 +557,7 @@ TEST_CASE("lim-feeder refuses a record a worker created first (it could not boun
     }
     Host host;
     host.segment = guard.name();
-    host.config = write_config(dir, 0, host.segment, redis.port());
+    host.config = write_config(dir, 0, host.segment, redis->port());
     host.log = dir + "/feeder-first.log";
     start_feeder(host);
     const std::optional<int> status = host.feeder.wait_for(10s);
@@ -554,9 +571,7 @@ TEST_CASE("lim-feeder refuses a record a worker created first (it could not boun
 
 TEST_CASE(
     "lim-feeder refuses a planted lock file (a link or a FIFO) and writes nothing through it") {
-    char dir_template[] = "/tmp/lim-feeder-planted-XXXXXX";
-    REQUIRE(::mkdtemp(dir_template) != nullptr);
-    const std::string dir = dir_template;
+    const std::string dir = make_dir("planted");
     lim::test::SegmentGuard guard(lim::test::unique_name("feeder-planted"));
     const std::string lock = "/dev/shm/lim-feeder." + guard.name() + ".lock";
     const std::string victim = dir + "/victim";
@@ -593,16 +608,9 @@ TEST_CASE("lim-feeder feeds past the old 10^9-token lifetime cap, and repairs a 
     // (target and in_flight lowered together) every 10^8 tokens, and keeps feeding. Then a rebase
     // is killed between its steps (target lowered, in_flight not: nothing may be taken), and the
     // restarted feeder repairs it and feeds again.
-    const std::string redis_bin = lim::test::find_redis_server();
-    if (redis_bin.empty()) {
-        MESSAGE("SKIPPED: redis-server is not installed (apt-get install redis-server)");
-        return;
-    }
-    char dir_template[] = "/tmp/lim-feeder-rebase-XXXXXX";
-    REQUIRE(::mkdtemp(dir_template) != nullptr);
-    const std::string dir = dir_template;
-    lim::test::RedisServer redis(redis_bin, lim::test::free_port(), dir + "/redis.log");
-    REQUIRE(redis.start());
+    std::string dir;
+    const auto redis = start_redis("rebase", dir);
+    if (!redis) return;
     lim::test::SegmentGuard guard(lim::test::unique_name("feeder-rebase"));
     constexpr double kBigBurst = 1e8;  // tokens
     constexpr double kBigRate = 1e9;   // tokens per second, the most a rate may be
@@ -613,7 +621,7 @@ TEST_CASE("lim-feeder feeds past the old 10^9-token lifetime cap, and repairs a 
     {
         std::ofstream out(host.config);
         out << "[feeder]\nsegment = \"" << host.segment
-            << "\"\nredis = \"redis://127.0.0.1:" << redis.port()
+            << "\"\nredis = \"redis://127.0.0.1:" << redis->port()
             << "\"\nhost = \"big\"\nrefresh = \"20ms\"\nlease_ttl = \"500ms\"\n"
             << "[global.big]\nkind = \"rate\"\nburst_size = " << kBigBurst
             << "\nsustained_rate_per_sec = " << kBigRate << "\n";
@@ -727,47 +735,22 @@ TEST_CASE("lim-feeder: hosts that all want more than there is share by their wai
     // capped at the burst, so before, both asked the same and got about equal shares (the demo:
     // 6 workers 105 tokens, 2 workers 157). Redis now divides by each host's want weighted by
     // its sleeping workers: the host with three times the workers gets the larger share.
-    const std::string redis_bin = lim::test::find_redis_server();
-    if (redis_bin.empty()) {
-        MESSAGE("SKIPPED: redis-server is not installed (apt-get install redis-server)");
-        return;
-    }
-    char dir_template[] = "/tmp/lim-feeder-share-XXXXXX";
-    REQUIRE(::mkdtemp(dir_template) != nullptr);
-    const std::string dir = dir_template;
-    lim::test::RedisServer redis(redis_bin, lim::test::free_port(), dir + "/redis.log");
-    REQUIRE(redis.start());
+    std::string dir;
+    const auto redis = start_redis("share", dir);
+    if (!redis) return;
     constexpr int kHosts = 2;
     const int workers_of[kHosts] = {6, 2};
     std::vector<std::unique_ptr<lim::test::SegmentGuard>> guards;
-    std::vector<std::unique_ptr<Host>> hosts;
-    for (int h = 0; h < kHosts; ++h) {
-        guards.push_back(std::make_unique<lim::test::SegmentGuard>(
-            lim::test::unique_name("share" + std::to_string(h))));
-        auto host = std::make_unique<Host>();
-        host->segment = guards.back()->name();
-        host->config = write_config(dir, h, host->segment, redis.port());
-        host->log = dir + "/feeder" + std::to_string(h) + ".log";
-        start_feeder(*host);
-        hosts.push_back(std::move(host));
-    }
+    const std::vector<std::unique_ptr<Host>> hosts =
+        start_hosts(kHosts, "share", dir, redis->port(), guards);
     const int total_workers = workers_of[0] + workers_of[1];
     lim::test::AdmissionLog log(total_workers, kPerWorker);
     auto* counts = lim::test::shared_array<std::int64_t>(total_workers);
     auto* stop = new (lim::test::shared_array<std::atomic<int>>(1)) std::atomic<int>(0);
-    std::vector<pid_t> pids;
     std::vector<int> host_of;
-    for (int h = 0, w = 0; h < kHosts; ++h) {
-        for (int i = 0; i < workers_of[h]; ++i, ++w) {
-            Admission* part = log.part(w);
-            std::int64_t* count = counts + w;
-            const std::string segment = hosts[h]->segment;
-            pids.push_back(lim::test::fork_child([segment, part, count, stop] {
-                return worker(segment, 0us, true, part, count, stop);
-            }));
-            host_of.push_back(h);
-        }
-    }
+    const std::vector<pid_t> pids = fork_workers(
+        hosts, workers_of, [](int) { return 0us; }, [](int) { return true; }, log, counts, stop,
+        host_of);
     // Past the fence (lease_ttl + grace = 1 s) and the ramp of the asks, measure 4 s.
     std::this_thread::sleep_for(2000ms);
     const std::int64_t from = now_ns();

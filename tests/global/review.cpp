@@ -51,8 +51,11 @@ std::string make_dir() {
     return t;
 }
 
-// A redis-server with extra arguments (the fixture's has fixed ones).
+// A redis-server with extra arguments (the fixture's has fixed ones): a free port, its log in
+// dir/redis.log, no snapshots unless `extra_args` asks for them.
 struct Redis {
+    explicit Redis(const std::string& dir, std::vector<std::string> extra_args = {"--save", ""})
+        : port(lim::test::free_port()), extra(std::move(extra_args)), log(dir + "/redis.log") {}
     ChildProcess proc;
     int port = 0;
     std::vector<std::string> extra;
@@ -71,6 +74,12 @@ struct Redis {
         proc.start(argv, log);
         return lim::test::eventually([&] { return lim::test::port_answers(port); }, 10s);
     }
+};
+
+struct RateCfg {
+    std::string key;
+    double burst;
+    double rate;
 };
 
 // The test's own Redis connection ("host C", and inspection).
@@ -121,6 +130,16 @@ class Client {
         if (r != nullptr) freeReplyObject(r);
         return out;
     }
+    // Host C asks for the whole burst of `r` (lease_ttl `ttl_us`): what it is granted, in tokens.
+    double take_burst(const RateCfg& r, long long ttl_us) {
+        const auto g =
+            lease(r.key, "C", 0, 0, std::llround(r.burst * kUnits), ttl_us, r.burst, r.rate);
+        REQUIRE(g.size() == 3);
+        return static_cast<double>(g[1]) / kUnits;
+    }
+    double bucket(const RateCfg& r, long long ttl_us) {
+        return bucket(r.key, ttl_us, r.burst, r.rate);
+    }
     // The global bucket's level in tokens after a no-op call by `host` (it refills it).
     double bucket(const std::string& key, long long ttl_us, double burst, double rate) {
         lease(key, "probe", 0, 0, 0, ttl_us, burst, rate);
@@ -151,12 +170,6 @@ class Client {
 
   private:
     redisContext* c_ = nullptr;
-};
-
-struct RateCfg {
-    std::string key;
-    double burst;
-    double rate;
 };
 
 std::string write_config(const std::string& path, const std::string& segment, int port,
@@ -223,6 +236,48 @@ double held(const std::string& segment, const std::string& key) {
     return l.token_target_level().value_or(0) - l.in_flight();
 }
 
+// Host "a": its own segment (unique_name(`segment`)) and a lim-feeder for `rates` fed from
+// 127.0.0.1:`port` (config dir/a.toml, log dir/a.log). Constructed once the feeder has made the
+// last rate's record; the feeder is killed (SIGKILL) when it goes, unless feeder.pid is cleared.
+struct HostA {
+    HostA(const std::string& dir, const std::string& segment, int port, const std::string& refresh,
+          const std::string& ttl, const std::vector<RateCfg>& rates)
+        : guard(lim::test::unique_name(segment)) {
+        feeder.pid = start_feeder(
+            write_config(dir + "/a.toml", guard.name(), port, "a", refresh, ttl, rates),
+            dir + "/a.log");
+        const std::string& key = rates.back().key;
+        REQUIRE(lim::test::eventually([&] { return record_ready(guard.name(), key); }, 10s));
+    }
+    const std::string& name() const { return guard.name(); }
+
+    lim::test::SegmentGuard guard;
+    Killer feeder;
+};
+
+// Opens the global rate `r` as a worker does (adopting the feeder's record).
+lim::TokenBucket adopt_rate(const lim::Segment& seg, const RateCfg& r) {
+    return lim::TokenBucket::open(
+        seg, r.key, {.burst_size = r.burst, .sustained_rate_per_sec = r.rate}, lim::adopt_existing);
+}
+
+// A std::atomic<T> in MAP_SHARED memory (seen by forked children), holding `v`.
+template <class T>
+std::atomic<T>* shared_atomic(T v) {
+    return new (lim::test::shared_array<std::atomic<T>>(1)) std::atomic<T>(v);
+}
+
+// The over-admission check's two sides, logged: tokens admitted between t0 and t1 by host C
+// (c_spent) and by `who` (others), less burst + rate x (t1 - t0). <= 1 is conformant.
+double excess(const RateCfg& r, double c_spent, long others, const std::string& who,
+              std::int64_t t0, std::int64_t t1) {
+    const double admitted = c_spent + static_cast<double>(others);
+    const double bound = r.burst + r.rate * secs(t1 - t0);
+    MESSAGE("host C spent " << c_spent << ", " << who << " " << others << " in " << secs(t1 - t0)
+                            << " s: " << admitted << " against " << bound);
+    return admitted - bound;
+}
+
 // Admissions in MAP_SHARED memory: count, first and last admission time.
 struct Taken {
     std::atomic<long> count{0};
@@ -246,9 +301,7 @@ Taken* make_taken() {
 pid_t start_worker(const std::string& segment, const RateCfg& r, Taken* t) {
     return lim::test::fork_child([segment, r, t] {
         auto seg = lim::Segment::open(segment);
-        auto tb = lim::TokenBucket::open(seg, r.key,
-                                         {.burst_size = r.burst, .sustained_rate_per_sec = r.rate},
-                                         lim::adopt_existing);
+        auto tb = adopt_rate(seg, r);
         while (t->quit.load() == 0) {
             if (t->go.load() == 1 && tb.try_take(1) == lim::TryTake::taken) {
                 t->note();
@@ -260,14 +313,34 @@ pid_t start_worker(const std::string& segment, const RateCfg& r, Taken* t) {
     });
 }
 
+// A worker (start_worker) on `t`, killed (SIGKILL) when it goes unless stopped.
+struct Worker {
+    Worker(const std::string& segment, const RateCfg& r, Taken* taken)
+        : t(taken), killer{start_worker(segment, r, taken)} {}
+    // Lets it take for `d` (the check is on counts, not on this time), then stops it.
+    void take_for(std::chrono::milliseconds d) {
+        t->go.store(1);
+        std::this_thread::sleep_for(d);
+        t->go.store(0);
+        stop();
+    }
+    // Tells it to quit and checks its exit status.
+    void stop() {
+        t->quit.store(1);
+        CHECK(lim::test::wait_child(killer.pid) == 0);
+        killer.pid = -1;
+    }
+
+    Taken* t;
+    Killer killer;
+};
+
 // Takes from `segment` until refused, in a forked child; how many.
 long take_all_now(const std::string& segment, const RateCfg& r, Taken* t) {
     const long before = t->count.load();
     const pid_t pid = lim::test::fork_child([segment, r, t] {
         auto seg = lim::Segment::open(segment);
-        auto tb = lim::TokenBucket::open(seg, r.key,
-                                         {.burst_size = r.burst, .sustained_rate_per_sec = r.rate},
-                                         lim::adopt_existing);
+        auto tb = adopt_rate(seg, r);
         while (tb.try_take(1) == lim::TryTake::taken)
             t->note();
         return 0;
@@ -283,10 +356,7 @@ long take_all_now(const std::string& segment, const RateCfg& r, Taken* t) {
 // Returns (admitted over all hosts) - (burst + rate x T) for the scenario; <= 1 is conformant.
 double same_host_excess(bool same_name) {
     const std::string dir = make_dir();
-    Redis redis;
-    redis.port = lim::test::free_port();
-    redis.extra = {"--save", ""};
-    redis.log = dir + "/redis.log";
+    Redis redis(dir);
     REQUIRE(redis.start());
     const RateCfg rate{"api", 10, 5};
     constexpr int kFeeders = 4;
@@ -331,7 +401,7 @@ double same_host_excess(bool same_name) {
     double counted = 0;
     REQUIRE(lim::test::eventually(
         [&] {
-            counted = rate.burst - c.bucket(rate.key, 500'000, rate.burst, rate.rate);
+            counted = rate.burst - c.bucket(rate, 500'000);
             return counted <= (same_name ? 1.01 : kFeeders + 0.01);
         },
         10s));
@@ -343,20 +413,15 @@ double same_host_excess(bool same_name) {
     // Now host C takes what Redis gives it and spends it; every host spends what it holds.
     Taken* t = make_taken();
     const std::int64_t t0 = now_ns();
-    const auto g = c.lease(rate.key, "C", 0, 0, std::llround(rate.burst * kUnits), 500'000,
-                           rate.burst, rate.rate);
-    REQUIRE(g.size() == 3);
-    const double c_spent = static_cast<double>(g[1]) / kUnits;
+    const double c_spent = c.take_burst(rate, 500'000);
     long hosts_spent = 0;
     for (auto& gd : guards)
         hosts_spent += take_all_now(gd->name(), rate, t);
     const std::int64_t t1 = now_ns();
-    const double admitted = c_spent + static_cast<double>(hosts_spent);
-    const double bound = rate.burst + rate.rate * secs(t1 - t0);
-    MESSAGE("host C spent " << c_spent << ", the " << kFeeders << " hosts " << hosts_spent << " in "
-                            << secs(t1 - t0) << " s: " << admitted << " against " << bound);
+    const double over =
+        excess(rate, c_spent, hosts_spent, "the " + std::to_string(kFeeders) + " hosts", t0, t1);
     redis.proc.stop(SIGKILL);
-    return admitted - bound;
+    return over;
 }
 
 }  // namespace
@@ -380,54 +445,32 @@ TEST_CASE("R1 [over-admission]: feeders of two segments under one host name shar
 TEST_CASE("R2 [over-admission]: Redis restarted from a snapshot forgets live leases, no fence") {
     if (lim::test::find_redis_server().empty()) return;
     const std::string dir = make_dir();
-    Redis redis;
-    redis.port = lim::test::free_port();
-    redis.extra = {"--save", "", "--dir", dir, "--dbfilename", "dump.rdb"};
-    redis.log = dir + "/redis.log";
+    Redis redis(dir, {"--save", "", "--dir", dir, "--dbfilename", "dump.rdb"});
     REQUIRE(redis.start());
     const RateCfg rate{"api", 20, 2};
-    lim::test::SegmentGuard guard(lim::test::unique_name("rv2"));
-    const std::string cfg =
-        write_config(dir + "/a.toml", guard.name(), redis.port, "a", "100ms", "1s", {rate});
-    const pid_t feeder = start_feeder(cfg, dir + "/a.log");
-    Killer feeder_killer{feeder};
-    REQUIRE(lim::test::eventually([&] { return record_ready(guard.name(), rate.key); }, 10s));
+    HostA host(dir, "rv2", redis.port, "100ms", "1s", {rate});
     Taken* t = make_taken();
-    const pid_t worker = start_worker(guard.name(), rate, t);
-    Killer worker_killer{worker};
+    Worker worker(host.name(), rate, t);
     double c_spent = 0;
     std::int64_t t0 = 0;
     {
         Client c(redis.port);
         // Past the fence (2 s), the bucket refills to nearly full (host a idles with ~1 token).
-        REQUIRE(lim::test::eventually(
-            [&] { return c.bucket(rate.key, 1'000'000, rate.burst, rate.rate) >= rate.burst - 3; },
-            20s));
+        REQUIRE(lim::test::eventually([&] { return c.bucket(rate, 1'000'000) >= rate.burst - 3; },
+                                      20s));
         c.run({"SAVE"});  // the snapshot a restart will load
         // Host C takes the bucket (its lease is good for lease_ttl from before it asked).
         t0 = now_ns();
-        const auto g = c.lease(rate.key, "C", 0, 0, std::llround(rate.burst * kUnits), 1'000'000,
-                               rate.burst, rate.rate);
-        REQUIRE(g.size() == 3);
-        c_spent = static_cast<double>(g[1]) / kUnits;
+        c_spent = c.take_burst(rate, 1'000'000);
         REQUIRE(c_spent >= rate.burst - 4);
         c.run({"SHUTDOWN", "NOSAVE"});
     }
     (void)redis.proc.wait_for(5s);
     REQUIRE(redis.start());  // loads dump.rdb: the bucket as it was before C's grant
     // Host C spends its lease (well within its lease_ttl); host a's workers take as they can.
-    t->go.store(1);
-    std::this_thread::sleep_for(1000ms);  // how long host a takes; the check is on counts
-    t->go.store(0);
-    t->quit.store(1);
-    CHECK(lim::test::wait_child(worker) == 0);
-    worker_killer.pid = -1;
+    worker.take_for(1000ms);  // how long host a takes
     const std::int64_t t1 = std::max(now_ns(), t->last_ns.load());
-    const double admitted = c_spent + static_cast<double>(t->count.load());
-    const double bound = rate.burst + rate.rate * secs(t1 - t0);
-    MESSAGE("host C spent " << c_spent << ", host a " << t->count.load() << " in " << secs(t1 - t0)
-                            << " s: " << admitted << " against " << bound);
-    CHECK(admitted <= bound + 1);
+    CHECK(excess(rate, c_spent, t->count.load(), "host a", t0, t1) <= 1);
     redis.proc.stop(SIGKILL);
 }
 
@@ -539,10 +582,7 @@ int listen_any(int& port) {
 TEST_CASE("R3 [over-admission]: a feeder stopped mid-tick re-offers an expired lease") {
     if (lim::test::find_redis_server().empty()) return;
     const std::string dir = make_dir();
-    Redis redis;
-    redis.port = lim::test::free_port();
-    redis.extra = {"--save", ""};
-    redis.log = dir + "/redis.log";
+    Redis redis(dir);
     REQUIRE(redis.start());
     int proxy_port = 0;
     const int listen_fd = listen_any(proxy_port);
@@ -553,22 +593,17 @@ TEST_CASE("R3 [over-admission]: a feeder stopped mid-tick re-offers an expired l
     // Two global rates; the config's tables are read in key order: a_first, then b_target.
     const RateCfg first{"a_first", 10, 20};
     const RateCfg target{"b_target", 10, 20};
-    lim::test::SegmentGuard guard(lim::test::unique_name("rv3"));
-    const std::string cfg = write_config(dir + "/a.toml", guard.name(), proxy_port, "a", "500ms",
-                                         "1s", {first, target});
-    const pid_t feeder = start_feeder(cfg, dir + "/a.log");
-    Killer feeder_killer{feeder};
+    HostA host(dir, "rv3", proxy_port, "500ms", "1s", {first, target});
+    const pid_t feeder = host.feeder.pid;
     ctl->feeder.store(feeder);
-    REQUIRE(lim::test::eventually([&] { return record_ready(guard.name(), target.key); }, 10s));
     Taken* t = make_taken();
-    const pid_t worker = start_worker(guard.name(), target, t);
-    Killer worker_killer{worker};
+    Worker worker(host.name(), target, t);
     // Host a is busy (its lease grows to the burst), then its workers pause: it holds a lease.
     t->go.store(1);
     REQUIRE(lim::test::eventually([&] { return t->count.load() >= 15; }, 20s));
     t->go.store(0);
-    REQUIRE(lim::test::eventually([&] { return held(guard.name(), target.key) >= 5; }, 5s));
-    const double held_at_stop = held(guard.name(), target.key);
+    REQUIRE(lim::test::eventually([&] { return held(host.name(), target.key) >= 5; }, 5s));
+    const double held_at_stop = held(host.name(), target.key);
     ctl->armed.store(1);
     REQUIRE(lim::test::eventually([&] { return ctl->fired.load() == 1; }, 5s));
     // The feeder is stopped inside a_first's call. Wait until Redis has expired host a's
@@ -576,34 +611,18 @@ TEST_CASE("R3 [over-admission]: a feeder stopped mid-tick re-offers an expired l
     Client c(redis.port);
     REQUIRE(lim::test::eventually([&] { return !c.has_live_entry(target.key, "a"); }, 10s));
     REQUIRE(lim::test::eventually(
-        [&] {
-            return c.bucket(target.key, 1'000'000, target.burst, target.rate) >=
-                   target.burst - 0.01;
-        },
-        10s));
+        [&] { return c.bucket(target, 1'000'000) >= target.burst - 0.01; }, 10s));
     const std::int64_t t0 = now_ns();
-    const auto g = c.lease(target.key, "C", 0, 0, std::llround(target.burst * kUnits), 1'000'000,
-                           target.burst, target.rate);
-    REQUIRE(g.size() == 3);
-    const double c_spent = static_cast<double>(g[1]) / kUnits;
+    const double c_spent = c.take_burst(target, 1'000'000);
     (void)c.lease(target.key, "C", 0, 0, 0, 1'000'000, target.burst, target.rate);  // all spent
     // Host a's feeder runs again; its workers take what it lets them for 200 ms.
     const long before = t->count.load();
     ::kill(feeder, SIGCONT);
-    t->go.store(1);
-    std::this_thread::sleep_for(200ms);  // how long host a takes; the check is on counts
-    t->go.store(0);
-    t->quit.store(1);
-    CHECK(lim::test::wait_child(worker) == 0);
-    worker_killer.pid = -1;
+    worker.take_for(200ms);  // how long host a takes
     const long a_spent = t->count.load() - before;
     const std::int64_t t1 = std::max(now_ns(), t->last_ns.load());
-    const double admitted = c_spent + static_cast<double>(a_spent);
-    const double bound = target.burst + target.rate * secs(t1 - t0);
-    MESSAGE("host a held " << held_at_stop << " when stopped; host C spent " << c_spent
-                           << ", host a " << a_spent << " in " << secs(t1 - t0)
-                           << " s: " << admitted << " against " << bound);
-    CHECK(admitted <= bound + 1);
+    MESSAGE("host a held " << held_at_stop << " when stopped");
+    CHECK(excess(target, c_spent, a_spent, "host a", t0, t1) <= 1);
     redis.proc.stop(SIGKILL);
 }
 
@@ -622,13 +641,10 @@ TEST_CASE("R4 [over-admission]: a worker first to open a global key admits witho
     Taken* t = make_taken();
     // The worker of docs/global.md ("Workers"), started a moment before the feeder; it takes
     // for one second.
-    const pid_t worker = start_worker(guard.name(), rate, t);
-    Killer worker_killer{worker};
+    Worker worker(guard.name(), rate, t);
     t->go.store(1);
     std::this_thread::sleep_for(1000ms);  // how long it takes; the check is on counts
-    t->quit.store(1);
-    CHECK(lim::test::wait_child(worker) == 0);
-    worker_killer.pid = -1;
+    worker.stop();
     const long admitted = t->count.load();
     // No redis-server runs at all: the feeder can never have granted anything.
     const std::string cfg = write_config(dir + "/a.toml", guard.name(), lim::test::free_port(), "a",
@@ -652,10 +668,7 @@ TEST_CASE("R4 [over-admission]: a worker first to open a global key admits witho
 TEST_CASE("R5 [availability]: one broken key in Redis starves every later global rate") {
     if (lim::test::find_redis_server().empty()) return;
     const std::string dir = make_dir();
-    Redis redis;
-    redis.port = lim::test::free_port();
-    redis.extra = {"--save", ""};
-    redis.log = dir + "/redis.log";
+    Redis redis(dir);
     REQUIRE(redis.start());
     {
         Client c(redis.port);
@@ -663,21 +676,13 @@ TEST_CASE("R5 [availability]: one broken key in Redis starves every later global
     }
     const RateCfg bad{"a_bad", 10, 10};
     const RateCfg good{"b_good", 10, 10};
-    lim::test::SegmentGuard guard(lim::test::unique_name("rv5"));
-    const std::string cfg =
-        write_config(dir + "/a.toml", guard.name(), redis.port, "a", "100ms", "500ms", {bad, good});
-    const pid_t feeder = start_feeder(cfg, dir + "/a.log");
-    Killer feeder_killer{feeder};
-    REQUIRE(lim::test::eventually([&] { return record_ready(guard.name(), good.key); }, 10s));
+    HostA host(dir, "rv5", redis.port, "100ms", "500ms", {bad, good});
     Taken* t = make_taken();
-    const pid_t worker = start_worker(guard.name(), good, t);
-    Killer worker_killer{worker};
+    Worker worker(host.name(), good, t);
     t->go.store(1);
     // b_good's fence is 1 s; then it should be fed at 10/s.
     const bool fed = lim::test::eventually([&] { return t->count.load() >= 5; }, 5s);
-    t->quit.store(1);
-    CHECK(lim::test::wait_child(worker) == 0);
-    worker_killer.pid = -1;
+    worker.stop();
     CHECK(fed);
     redis.proc.stop(SIGKILL);
 }
@@ -697,30 +702,20 @@ TEST_CASE("R5 [availability]: one broken key in Redis starves every later global
 TEST_CASE("R6 [over-admission]: the fence after a Redis restart is the first caller's ttl") {
     if (lim::test::find_redis_server().empty()) return;
     const std::string dir = make_dir();
-    Redis redis;
-    redis.port = lim::test::free_port();
-    redis.extra = {"--save", ""};
-    redis.log = dir + "/redis.log";
+    Redis redis(dir);
     REQUIRE(redis.start());
     const RateCfg rate{"api", 10, 5};
     constexpr long long kShortTtl = 500'000;    // host a's lease_ttl (us)
     constexpr long long kLongTtl = 10'000'000;  // host C's lease_ttl (us)
-    lim::test::SegmentGuard guard(lim::test::unique_name("rv6"));
-    const std::string cfg =
-        write_config(dir + "/a.toml", guard.name(), redis.port, "a", "100ms", "500ms", {rate});
-    const pid_t feeder = start_feeder(cfg, dir + "/a.log");
-    Killer feeder_killer{feeder};
-    REQUIRE(lim::test::eventually([&] { return record_ready(guard.name(), rate.key); }, 10s));
+    HostA host(dir, "rv6", redis.port, "100ms", "500ms", {rate});
     Taken* t = make_taken();
-    const pid_t worker = start_worker(guard.name(), rate, t);
-    Killer worker_killer{worker};
+    Worker worker(host.name(), rate, t);
     double c_spent = 0;
     std::int64_t t0 = 0;
     {
         Client c(redis.port);
-        REQUIRE(lim::test::eventually(
-            [&] { return c.bucket(rate.key, kShortTtl, rate.burst, rate.rate) >= rate.burst - 2; },
-            20s));
+        REQUIRE(lim::test::eventually([&] { return c.bucket(rate, kShortTtl) >= rate.burst - 2; },
+                                      20s));
         // Host C (lease_ttl 10 s) asks for the bucket while host a (0.5 s) holds a live lease:
         // refused (LIMTTL), nothing granted. (Before the rule: granted, then over-admission.)
         t0 = now_ns();
@@ -743,25 +738,15 @@ TEST_CASE("R6 [over-admission]: the fence after a Redis restart is the first cal
     {
         Client c(redis.port);
         // Past the fence and the refill (host a idles with its ~1 token).
-        REQUIRE(lim::test::eventually(
-            [&] { return c.bucket(rate.key, kShortTtl, rate.burst, rate.rate) >= rate.burst - 2; },
-            20s));
+        REQUIRE(lim::test::eventually([&] { return c.bucket(rate, kShortTtl) >= rate.burst - 2; },
+                                      20s));
     }
     // Well within C's lease (10 s from t0): C spends it, host a's workers take for 0.6 s.
     const std::int64_t t_spend = now_ns();
     REQUIRE(t_spend - t0 < 8'000'000'000);
-    t->go.store(1);
-    std::this_thread::sleep_for(600ms);  // how long host a takes; the check is on counts
-    t->go.store(0);
-    t->quit.store(1);
-    CHECK(lim::test::wait_child(worker) == 0);
-    worker_killer.pid = -1;
+    worker.take_for(600ms);  // how long host a takes
     const std::int64_t t1 = std::max(now_ns(), t->last_ns.load());
-    const double admitted = c_spent + static_cast<double>(t->count.load());
-    const double bound = rate.burst + rate.rate * secs(t1 - t_spend);
-    MESSAGE("host C spent " << c_spent << ", host a " << t->count.load() << " in "
-                            << secs(t1 - t_spend) << " s: " << admitted << " against " << bound);
-    CHECK(admitted <= bound + 1);
+    CHECK(excess(rate, c_spent, t->count.load(), "host a", t_spend, t1) <= 1);
     redis.proc.stop(SIGKILL);
 }
 
@@ -770,10 +755,7 @@ TEST_CASE("R6 [over-admission]: the fence after a Redis restart is the first cal
 TEST_CASE("R6b: one lease_ttl per global rate: LIMTTL while another host's lease lives") {
     if (lim::test::find_redis_server().empty()) return;
     const std::string dir = make_dir();
-    Redis redis;
-    redis.port = lim::test::free_port();
-    redis.extra = {"--save", ""};
-    redis.log = dir + "/redis.log";
+    Redis redis(dir);
     REQUIRE(redis.start());
     Client c(redis.port);
     const long long one = static_cast<long long>(kUnits);
@@ -817,9 +799,7 @@ TEST_CASE("R7 [hang]: blocking takes past the lease deadline: timeout honoured, 
     const std::string name = guard.name();
     const pid_t timed = lim::test::fork_child([name, rate, result] {
         auto s = lim::Segment::open(name);
-        auto tb = lim::TokenBucket::open(
-            s, rate.key, {.burst_size = rate.burst, .sustained_rate_per_sec = rate.rate},
-            lim::adopt_existing);
+        auto tb = adopt_rate(s, rate);
         const std::int64_t t = now_ns();
         const bool got = tb.take_until(1, lim::Clock::now() + 300ms);
         result[0].store(got ? 1 : 0);
@@ -835,9 +815,7 @@ TEST_CASE("R7 [hang]: blocking takes past the lease deadline: timeout honoured, 
     auto* slept = lim::test::make_flag();
     const pid_t blocked = lim::test::fork_child([name, rate, result, slept] {
         auto s = lim::Segment::open(name);
-        auto tb = lim::TokenBucket::open(
-            s, rate.key, {.burst_size = rate.burst, .sustained_rate_per_sec = rate.rate},
-            lim::adopt_existing);
+        auto tb = adopt_rate(s, rate);
         slept->set();
         const bool got = tb.take_until(1, lim::Clock::now() + 10s);
         result[2].store(got ? 1 : 0);
@@ -863,26 +841,17 @@ TEST_CASE("R7 [hang]: blocking takes past the lease deadline: timeout honoured, 
 TEST_CASE("R8 [crash]: past 1e9 tokens spent in a record's life the feeder exits") {
     if (lim::test::find_redis_server().empty()) return;
     const std::string dir = make_dir();
-    Redis redis;
-    redis.port = lim::test::free_port();
-    redis.extra = {"--save", ""};
-    redis.log = dir + "/redis.log";
+    Redis redis(dir);
     REQUIRE(redis.start());
     const RateCfg rate{"api", 1e8, 1e9};
-    lim::test::SegmentGuard guard(lim::test::unique_name("rv8"));
-    const std::string cfg =
-        write_config(dir + "/a.toml", guard.name(), redis.port, "a", "100ms", "500ms", {rate});
-    const pid_t feeder = start_feeder(cfg, dir + "/a.log");
-    Killer feeder_killer{feeder};
-    REQUIRE(lim::test::eventually([&] { return record_ready(guard.name(), rate.key); }, 10s));
-    auto* spent = new (lim::test::shared_array<std::atomic<double>>(1)) std::atomic<double>(0);
-    auto* quit = new (lim::test::shared_array<std::atomic<int>>(1)) std::atomic<int>(0);
-    const std::string name = guard.name();
+    HostA host(dir, "rv8", redis.port, "100ms", "500ms", {rate});
+    const pid_t feeder = host.feeder.pid;
+    auto* spent = shared_atomic<double>(0);
+    auto* quit = shared_atomic<int>(0);
+    const std::string name = host.name();
     const pid_t worker = lim::test::fork_child([name, rate, spent, quit] {
         auto seg = lim::Segment::open(name);
-        auto tb = lim::TokenBucket::open(
-            seg, rate.key, {.burst_size = rate.burst, .sustained_rate_per_sec = rate.rate},
-            lim::adopt_existing);
+        auto tb = adopt_rate(seg, rate);
         while (quit->load() == 0) {
             // Blocking: a sleeper is what makes the feeder ask for more (see R9).
             if (tb.take_until(1e6, lim::Clock::now() + 200ms)) spent->store(spent->load() + 1e6);
@@ -896,7 +865,7 @@ TEST_CASE("R8 [crash]: past 1e9 tokens spent in a record's life the feeder exits
     int st = 0;
     const bool feeder_exited =
         lim::test::eventually([&] { return ::waitpid(feeder, &st, WNOHANG) == feeder; }, 2s);
-    if (feeder_exited) feeder_killer.pid = -1;
+    if (feeder_exited) host.feeder.pid = -1;
     quit->store(1);
     CHECK(lim::test::wait_child(worker) == 0);
     worker_killer.pid = -1;
@@ -916,26 +885,16 @@ TEST_CASE("R8 [crash]: past 1e9 tokens spent in a record's life the feeder exits
 TEST_CASE("R9 [under-use/liveness]: try_take of a batch on a quiet host is never served") {
     if (lim::test::find_redis_server().empty()) return;
     const std::string dir = make_dir();
-    Redis redis;
-    redis.port = lim::test::free_port();
-    redis.extra = {"--save", ""};
-    redis.log = dir + "/redis.log";
+    Redis redis(dir);
     REQUIRE(redis.start());
     const RateCfg rate{"api", 100, 100};
-    lim::test::SegmentGuard guard(lim::test::unique_name("rv9"));
-    const std::string cfg =
-        write_config(dir + "/a.toml", guard.name(), redis.port, "a", "100ms", "500ms", {rate});
-    const pid_t feeder = start_feeder(cfg, dir + "/a.log");
-    Killer feeder_killer{feeder};
-    REQUIRE(lim::test::eventually([&] { return record_ready(guard.name(), rate.key); }, 10s));
-    auto* batches = new (lim::test::shared_array<std::atomic<long>>(1)) std::atomic<long>(0);
-    auto* quit = new (lim::test::shared_array<std::atomic<int>>(1)) std::atomic<int>(0);
-    const std::string name = guard.name();
+    HostA host(dir, "rv9", redis.port, "100ms", "500ms", {rate});
+    auto* batches = shared_atomic<long>(0);
+    auto* quit = shared_atomic<int>(0);
+    const std::string name = host.name();
     const pid_t worker = lim::test::fork_child([name, rate, batches, quit] {
         auto seg = lim::Segment::open(name);
-        auto tb = lim::TokenBucket::open(
-            seg, rate.key, {.burst_size = rate.burst, .sustained_rate_per_sec = rate.rate},
-            lim::adopt_existing);
+        auto tb = adopt_rate(seg, rate);
         while (quit->load() == 0) {
             if (tb.try_take(5) == lim::TryTake::taken) batches->fetch_add(1);
             std::this_thread::sleep_for(1ms);
@@ -962,29 +921,19 @@ TEST_CASE("R9 [under-use/liveness]: try_take of a batch on a quiet host is never
 TEST_CASE("R10 [hang]: a blocking take of a batch on a quiet host is served") {
     if (lim::test::find_redis_server().empty()) return;
     const std::string dir = make_dir();
-    Redis redis;
-    redis.port = lim::test::free_port();
-    redis.extra = {"--save", ""};
-    redis.log = dir + "/redis.log";
+    Redis redis(dir);
     REQUIRE(redis.start());
     const RateCfg rate{"api", 100, 100};
-    lim::test::SegmentGuard guard(lim::test::unique_name("rv10"));
-    const std::string cfg =
-        write_config(dir + "/a.toml", guard.name(), redis.port, "a", "100ms", "500ms", {rate});
-    const pid_t feeder = start_feeder(cfg, dir + "/a.log");
-    Killer feeder_killer{feeder};
-    REQUIRE(lim::test::eventually([&] { return record_ready(guard.name(), rate.key); }, 10s));
+    HostA host(dir, "rv10", redis.port, "100ms", "500ms", {rate});
     // The host idles at its minimum lease (1 token) first; a sleeper arriving during the fence
     // (when it holds 0) would be seen as starving.
-    REQUIRE(lim::test::eventually([&] { return held(guard.name(), rate.key) >= 0.99; }, 10s));
+    REQUIRE(lim::test::eventually([&] { return held(host.name(), rate.key) >= 0.99; }, 10s));
     std::this_thread::sleep_for(300ms);  // a few refreshes at the minimum; not an assertion
-    auto* got = new (lim::test::shared_array<std::atomic<int>>(1)) std::atomic<int>(-1);
-    const std::string name = guard.name();
+    auto* got = shared_atomic<int>(-1);
+    const std::string name = host.name();
     const pid_t worker = lim::test::fork_child([name, rate, got] {
         auto seg = lim::Segment::open(name);
-        auto tb = lim::TokenBucket::open(
-            seg, rate.key, {.burst_size = rate.burst, .sustained_rate_per_sec = rate.rate},
-            lim::adopt_existing);
+        auto tb = adopt_rate(seg, rate);
         // 100 tokens/s are free: 5 should come well within 5 s.
         got->store(tb.take_until(5, lim::Clock::now() + 5s) ? 1 : 0);
         return 0;
