@@ -189,8 +189,10 @@ _SIGNATURES = {
     "lim_permit_throttled": (_I, [H]),
     "lim_permit_destroy": (None, [H]),
     "lim_limiter_open_at": (_I, [H, c_char_p, P(LimiterConfig), _I, _I64, P(H)]),
+    "lim_limiter_try_take": (_I, [H, _D, P(_I)]),
     "lim_limiter_try_take_at": (_I, [H, _I64, _D, P(_I)]),
     "lim_limiter_take_until": (_I, [H, _D, _I64, P(_I)]),
+    "lim_limiter_return_to_hopper": (_I, [H, _D]),
     "lim_limiter_return_to_hopper_at": (_I, [H, _I64, _D]),
     "lim_limiter_tokens_may_be_available_when_at": (_I, [H, _I64, _D, P(Availability)]),
     "lim_limiter_set_token_target_level_at": (_I, [H, _I64, _D]),
@@ -225,8 +227,10 @@ for _prefix in ("lim_semaphore", "lim_weighted_semaphore"):
     })
 for _prefix in ("lim_throttle", "lim_throttled_rate_limiter"):
     _SIGNATURES.update({
+        f"{_prefix}_try_start_job": (_I, [H, P(StartJob)]),
         f"{_prefix}_try_start_job_at": (_I, [H, _I64, P(StartJob)]),
         f"{_prefix}_start_job_until": (_I, [H, _I64, P(_I)]),
+        f"{_prefix}_finish_job": (_I, [H]),
         f"{_prefix}_finish_job_at": (_I, [H, _I64]),
         f"{_prefix}_state_get_at": (_I, [H, _I64, P(LimiterState)]),
         f"{_prefix}_hand_off_jobs": (_I, [H, _I64, P(HandOff)]),

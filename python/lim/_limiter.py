@@ -132,6 +132,10 @@ class _TakeMixin(_LimiterBase):
     def try_take(self, n: float = 1, *, now: Optional[float] = None) -> TryTake:
         """Takes ``n`` tokens if the bucket holds them at ``now``; never blocks."""
         r = out_int()
+        if now is None:  # the library reads the clock itself, and only if the rate needs it
+            check(getattr(lib, self._prefix + "_try_take")(self.handle, _tokens(n),
+                                                           ctypes.byref(r)))
+            return TryTake(r.value)
         check(getattr(lib, self._prefix + "_try_take_at")(self.handle, at_ns(now), _tokens(n),
                                                            ctypes.byref(r)))
         return TryTake(r.value)
@@ -176,7 +180,10 @@ class Limiter(_TakeMixin):
     def return_to_hopper(self, n: float, *, now: Optional[float] = None) -> None:
         """Returns ``n`` in-flight tokens to the hopper. Raises OverRelease if more than in
         flight."""
-        check(lib.lim_limiter_return_to_hopper_at(self.handle, at_ns(now), _tokens(n)))
+        if now is None:  # the library reads the clock itself, and only if the rate needs it
+            check(lib.lim_limiter_return_to_hopper(self.handle, _tokens(n)))
+        else:
+            check(lib.lim_limiter_return_to_hopper_at(self.handle, at_ns(now), _tokens(n)))
 
     def set_token_target_level(self, level: float, *, now: Optional[float] = None) -> None:
         check(lib.lim_limiter_set_token_target_level_at(self.handle, at_ns(now),
@@ -246,8 +253,11 @@ class _JobsMixin(_LimiterBase):
         """START (then call finish_job once), MAX_CONCURRENT_JOBS_RUNNING, or
         UNABLE_UNTIL_AT_LEAST (``time``). Never blocks."""
         s = _lib.StartJob()
-        check(getattr(lib, self._prefix + "_try_start_job_at")(self.handle, at_ns(now),
-                                                                ctypes.byref(s)))
+        if now is None:  # the library reads the clock itself, and only if the rate needs it
+            check(getattr(lib, self._prefix + "_try_start_job")(self.handle, ctypes.byref(s)))
+        else:
+            check(getattr(lib, self._prefix + "_try_start_job_at")(self.handle, at_ns(now),
+                                                                    ctypes.byref(s)))
         return _start_job(s)
 
     def start_job(self, timeout: Optional[float] = None) -> bool:
@@ -256,7 +266,10 @@ class _JobsMixin(_LimiterBase):
 
     def finish_job(self, *, now: Optional[float] = None) -> None:
         """Returns the job's token to the hopper."""
-        check(getattr(lib, self._prefix + "_finish_job_at")(self.handle, at_ns(now)))
+        if now is None:  # the library reads the clock itself, and only if the rate needs it
+            check(getattr(lib, self._prefix + "_finish_job")(self.handle))
+        else:
+            check(getattr(lib, self._prefix + "_finish_job_at")(self.handle, at_ns(now)))
 
     def hand_off_jobs(self, n: int = 1) -> HandOff:
         """Moves ``n`` started jobs of this process into a parcel for another process (attached

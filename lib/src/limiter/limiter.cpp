@@ -308,11 +308,17 @@ void rebase_after(LimiterCore& core, std::int64_t now_ns, std::int64_t& rebase_a
 // path runs first; the fast path re-reads and validates everything under its Hold. Finite-rate
 // records so go straight to the general operation, paying neither a second Hold nor the fast
 // path's loads.
-bool looks_infinite(const LimiterBody& body) noexcept {
+std::uint32_t hint_flags(const LimiterBody& body) noexcept {
     const std::uint64_t s = body.bucket.load(std::memory_order_relaxed);
-    const std::uint32_t flags =
-        body.config[BucketWord::gen(s) & 1].flags.load(std::memory_order_relaxed);
-    return (flags & (kRateInfinite | kConsumed)) == kRateInfinite;
+    return body.config[BucketWord::gen(s) & 1].flags.load(std::memory_order_relaxed);
+}
+bool looks_infinite(const LimiterBody& body) noexcept {
+    return (hint_flags(body) & (kRateInfinite | kConsumed)) == kRateInfinite;
+}
+// The same hint for the consumed fast take (lim-feeder's records: consumed, infinite rate,
+// finite target).
+bool looks_consumed(std::uint32_t flags) noexcept {
+    return (flags & (kRateInfinite | kTargetInfinite | kConsumed)) == (kRateInfinite | kConsumed);
 }
 
 // The general take (LimiterCore::try_take) until it is not waiting for a rebase of the drip.
@@ -398,12 +404,34 @@ const LimiterBody& body_of(const RecordRef& ref) noexcept {
     return *reinterpret_cast<const LimiterBody*>(ref.record->body);
 }
 
+// A consumed record's take: the consumed fast take, and the general take if it declines. Out of
+// line, as take_fast.
+[[gnu::noinline]] TryTake take_consumed(const RecordRef& ref, std::int64_t now_ns,
+                                        std::int64_t units) {
+    // The thread's slot first: claiming it is what may throw (table_full), before anything is
+    // taken.
+    LedgerEntry& entry = holder(*ref.state).entry(ref.index);
+    LimiterCore core(*ref.state, ref.index, *ref.record);
+    switch (core.try_take_consumed(entry, now_ns, units)) {
+        case ConsumedOutcome::taken:
+            return TryTake::taken;
+        case ConsumedOutcome::late:
+            return TryTake::unable;
+        case ConsumedOutcome::general:
+            break;
+    }
+    return take_general(ref, now_ns, units, true);
+}
+
 }  // namespace
 
 // Both try_take overloads: `now_ns` is kClockUnread for the one without a time (the lazy clock:
-// LimiterCore::begin reads it only for a finite rate, and the fast path never).
+// LimiterCore::begin reads it only for a finite rate, and the fast paths never before their CAS).
 TryTake take_units(const RecordRef& ref, std::int64_t now_ns, std::int64_t units) {
-    if (looks_infinite(body_of(ref))) return take_fast(ref, now_ns, units);
+    const std::uint32_t flags = hint_flags(body_of(ref));
+    if ((flags & (kRateInfinite | kConsumed)) == kRateInfinite)
+        return take_fast(ref, now_ns, units);
+    if (looks_consumed(flags)) return take_consumed(ref, now_ns, units);
     return take_general(ref, now_ns, units, true);
 }
 

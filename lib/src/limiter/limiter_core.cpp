@@ -275,7 +275,12 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
             }
             LIM_RACE_POINT();
             if (BucketWord::gen(bucket.load(std::memory_order_seq_cst)) != gen) {
-                rollback_tentative(n);
+                // Reconfigured under us: retry with the new configuration. A consumed record's
+                // take keeps its n in F, consumed and not admitted (as a late take does): the
+                // switch may be the feeder's "target <- F + a" with F read after our CAS, which
+                // counted our n as spent; taking it back out would leave n more to spend than
+                // Redis counts ("Lease deadlines").
+                if (!p.consumed) rollback_tentative(n);
                 fw = in_flight.load(std::memory_order_seq_cst);
                 continue;
             }
@@ -332,7 +337,9 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
                 return TakeOutcome::unable;
             }
         }
-        rollback_tentative(n);  // reconfigured under us: start over with the new configuration
+        // Reconfigured under us: start over with the new configuration. A consumed record's n
+        // stays in F, as in the infinite-rate branch above.
+        if (!p.consumed) rollback_tentative(n);
         fw = in_flight.load(std::memory_order_seq_cst);
     }
 }

@@ -386,6 +386,12 @@ inline constexpr std::int64_t kClockUnread = std::numeric_limits<std::int64_t>::
 // consumed records).
 enum class FastOutcome { done, general };
 
+// The consumed fast take's outcomes: taken; `late` (its CAS landed, but the clock read after it
+// was at or past the lease deadline: the tokens stay in flight, consumed and not admitted, and
+// the take reports unable); or the general take must decide (nothing changed, or a switch came
+// between the CAS and its check: the tokens stay in flight, consumed and not admitted).
+enum class ConsumedOutcome { taken, late, general };
+
 // A consistent reading of the limiter at a time (docs/design.md ("The Limiter family"), "Reads").
 struct LimiterReading {
     LimiterParams params;
@@ -435,6 +441,30 @@ class LimiterCore {
     }
     FastOutcome return_infinite_from(Hold& hold, std::uint64_t fw, std::uint64_t s,
                                      std::int64_t n) noexcept;
+
+    // A consumed record's take (lim-feeder's global rate; docs/design.md ("The Limiter
+    // family"), "The consumed fast take"): when the configuration S selects is consumed, with an
+    // infinite rate and a finite target, the take is the general take's infinite-rate branch
+    // without its Hold and its LimiterParams: the lease deadline loaded before the CAS (and a
+    // take whose time max(now, L) is at or past it left to the general take, which refuses it),
+    // one CAS of F from f to f + n if the cap has n, the generation check after it (a switch
+    // since: not admitted, the n left in F, `general`), then the post-CAS clock read against the
+    // deadline
+    // (`late`), and the admitted count in `entry`, the calling thread's own ledger entry (no
+    // holding: consumed takes are in no ledger, and a recount leaves F as it is, so nothing
+    // here needs announcing). `now_ns` may be kClockUnread (then the pre-CAS check compares L
+    // alone, as the general take does). `general` (nothing changed) for anything else: a
+    // refusal (which the general take counts as demand), a frozen F, another configuration.
+    [[gnu::always_inline]] ConsumedOutcome try_take_consumed(LedgerEntry& entry,
+                                                             std::int64_t now_ns,
+                                                             std::int64_t n) noexcept {
+        return try_take_consumed_from(entry, body_.in_flight.load(std::memory_order_seq_cst),
+                                      body_.bucket.load(std::memory_order_seq_cst), now_ns, n);
+    }
+    // The same from F and S as loaded by the caller (tests interfere between the loads and the
+    // CAS).
+    ConsumedOutcome try_take_consumed_from(LedgerEntry& entry, std::uint64_t fw, std::uint64_t s,
+                                           std::int64_t now_ns, std::int64_t n) noexcept;
 
     // One attempt, under `hold`. `rebase_at`: the drip allowance above which the operation
     // asks its caller to re-anchor first (rebase_needed, nothing changed). `now_ns` may be
@@ -590,6 +620,53 @@ inline FastOutcome LimiterCore::return_infinite_from(Hold& hold, std::uint64_t f
     hold.add(0, -n);
     wake_all(body_.wake);
     return FastOutcome::done;
+}
+
+[[gnu::always_inline]] inline ConsumedOutcome LimiterCore::try_take_consumed_from(
+    LedgerEntry& entry, std::uint64_t fw, std::uint64_t s, std::int64_t now_ns,
+    std::int64_t n) noexcept {
+    std::atomic<std::uint64_t>& in_flight = body_.in_flight;
+    const std::uint32_t gen = BucketWord::gen(s);
+    const ConfigBlock& c = body_.config[gen & 1];
+    const std::uint32_t flags = c.flags.load(std::memory_order_acquire);
+    if ((flags & (kRateInfinite | kTargetInfinite | kConsumed)) != (kRateInfinite | kConsumed))
+        return ConsumedOutcome::general;
+    const std::int64_t size = c.bucket_size.load(std::memory_order_acquire);
+    const std::int64_t target = c.target.load(std::memory_order_acquire);
+    // The deadline the landed take is checked against must be one stored before its CAS (the
+    // general take's step (1), in the same order: after S, before the CAS).
+    const std::int64_t deadline = body_.lease_deadline_ns.load(std::memory_order_seq_cst);
+    if (deadline != kNoLeaseDeadline &&
+        std::max(now_ns, body_.time_ns.load(std::memory_order_relaxed)) >= deadline) {
+        return ConsumedOutcome::general;  // refused without taking, and counted, by the general
+    }
+    for (;;) {
+        // A frozen F (a reaper recounting the sleepers) is the general path's to wait out.
+        if (is_frozen(fw)) return ConsumedOutcome::general;
+        const auto f = static_cast<std::int64_t>(fw);
+        // The cap with f in flight before our increment (LimiterParams::cap); n > size falls
+        // here too.
+        const std::int64_t cap = std::min(size, target > f ? target - f : 0);
+        if (cap < n || f > kMaxInFlight - n) return ConsumedOutcome::general;
+        LIM_RACE_POINT();
+        if (in_flight.compare_exchange_weak(fw, fw + static_cast<std::uint64_t>(n),
+                                            std::memory_order_seq_cst, std::memory_order_seq_cst)) {
+            break;
+        }
+    }
+    LIM_RACE_POINT();
+    // The target and the cap belong to the generation in `s`; unchanged now, they were current
+    // at the CAS. If a switch came between (a grant, a lease end, a rebase: the feeder's), the
+    // take is not admitted and its n stays in F, consumed, as the general take leaves it (the
+    // feeder may have read F with it and counted it as spent: "Lease deadlines").
+    if (BucketWord::gen(body_.bucket.load(std::memory_order_seq_cst)) != gen) [[unlikely]]
+        return ConsumedOutcome::general;
+    // Step (2) of "Lease deadlines": never skipped, it is what holds under SIGSTOP.
+    if (deadline != kNoLeaseDeadline && to_nanos(Clock::now()) >= deadline) [[unlikely]]
+        return ConsumedOutcome::late;
+    entry.admitted.store(entry.admitted.load(std::memory_order_relaxed) + 1,
+                         std::memory_order_relaxed);
+    return ConsumedOutcome::taken;
 }
 
 // A thread registered as sleeping on a limiter, for the lifetime of the object. The registration
