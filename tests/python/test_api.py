@@ -310,6 +310,27 @@ def test_throttle_and_throttled_rate_limiter(seg):
     assert trl.state(now=t0).in_flight == 0
 
 
+def test_calls_without_now_use_the_library_clock(seg):
+    # Without now= the package calls the C functions that read no time (the library reads the
+    # clock itself, and only if the rate needs it): the same results as with the clock's time.
+    lm = lim.Limiter.open(seg, "no-now", bucket_size=3, initial_bucket_level=3,
+                          initial_hopper_level=0)
+    assert lm.try_take(2) is lim.TryTake.TAKEN
+    assert lm.try_take(2) is lim.TryTake.UNABLE
+    assert lm.try_take(4) is lim.TryTake.ASKED_FOR_MORE_THAN_BUCKET_SIZE
+    with pytest.raises(lim.OverRelease):
+        lm.return_to_hopper(3)
+    lm.return_to_hopper(2)
+    assert lm.in_flight == 0 and lm.in_bucket == 3
+    th = lim.Throttle.open(seg, "no-now-jobs", max_concurrent_jobs=1)
+    assert th.try_start_job()
+    assert th.try_start_job().kind is lim.StartJobKind.MAX_CONCURRENT_JOBS_RUNNING
+    th.finish_job()
+    with pytest.raises(lim.OverRelease):
+        th.finish_job()
+    assert th.in_flight == 0
+
+
 def test_limiter_expert_calls(seg):
     t0 = 10.0
     lm = lim.Limiter.open(seg, "raw", bucket_size=10, initial_hopper_level=4, now=t0)
