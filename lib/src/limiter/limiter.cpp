@@ -410,9 +410,16 @@ const LimiterBody& body_of(const RecordRef& ref) noexcept {
                                         std::int64_t units) {
     // The thread's slot first: claiming it is what may throw (table_full), before anything is
     // taken.
-    LedgerEntry& entry = holder(*ref.state).entry(ref.index);
+    const Holder h = holder(*ref.state);
     LimiterCore core(*ref.state, ref.index, *ref.record);
-    switch (core.try_take_consumed(entry, now_ns, units)) {
+    const ConsumedOutcome outcome = core.try_take_consumed(h.entry(ref.index), now_ns, units);
+    // A slot claimed for this one take, by a thread past its slot registry's destruction (a
+    // take from a thread_local destructor): given back now, as ~Hold does for the general take
+    // (it holds nothing: its admitted count is folded into the record). Kept, every such take
+    // would occupy one slot of the table for the life of the mapping.
+    if (h.ephemeral) [[unlikely]]
+        release_ephemeral(*ref.state, h);
+    switch (outcome) {
         case ConsumedOutcome::taken:
             return TryTake::taken;
         case ConsumedOutcome::late:
