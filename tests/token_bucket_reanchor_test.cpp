@@ -4,6 +4,9 @@
 // many re-anchors and compare every decision with an exact model of the bucket that is never
 // re-anchored, and check the bound burst + rate x T with forked processes racing the re-anchors.
 #include <doctest/doctest.h>
+#include <unistd.h>
+
+#include <csignal>
 
 #include <algorithm>
 #include <atomic>
@@ -16,6 +19,7 @@
 #include "lim/segment.hpp"
 #include "lim/token_bucket.hpp"
 #include "limiter/limiter_state.hpp"
+#include "shm/file_lock.hpp"
 #include "shm/segment_state.hpp"
 #include "support/admissions.hpp"
 #include "support/limiter_records.hpp"
@@ -64,6 +68,38 @@ struct ExactBucket {
     }
 };
 
+struct Run {
+    std::int64_t admitted = 0;  // units
+    long takes = 0;
+    long taken = 0;
+};
+
+// Takes from `tb` at explicit times from `t` to `until` (left in `t`) in steps of up to 50 us
+// (at 10^7 tokens/s up to 500 tokens, so the bucket rarely fills and folds), asking half the time
+// for exactly what the bucket holds (a re-anchor that lost a unit would refuse it) and otherwise
+// for 1 unit to a whole bucket, and requires every decision to be the model's.
+Run run_exact(TokenBucket& tb, ExactBucket& model, std::mt19937_64& rng, std::int64_t& t,
+              std::int64_t until) {
+    Run run;
+    while (t < until) {
+        t += static_cast<std::int64_t>(rng() % 50'001);
+        const std::int64_t level = model.level_at(t);
+        const std::int64_t n =
+            rng() % 2 == 0 && level > 0 ? level : 1 + static_cast<std::int64_t>(rng() % model.size);
+        const bool expect = model.take(t, n);
+        const TryTake got = tb.try_take(from_nanos(t), static_cast<double>(n) / 10'000);
+        ++run.takes;
+        if (got == TryTake::taken) {
+            ++run.taken;
+            run.admitted += n;
+        }
+        REQUIRE_MESSAGE((got == TryTake::taken) == expect, "take " << run.takes << " of " << n
+                                                                   << " units at +"
+                                                                   << t - model.start_ns << " ns");
+    }
+    return run;
+}
+
 }  // namespace
 
 TEST_CASE("many exact re-anchors: every take decided as by a bucket never re-anchored") {
@@ -89,35 +125,16 @@ TEST_CASE("many exact re-anchors: every take decided as by a bucket never re-anc
         ExactBucket model{start, static_cast<std::int64_t>(dr.m), 1000 * 10'000, 0};
         std::mt19937_64 rng(42);
         std::int64_t t = start;
-        std::int64_t admitted = 0;
-        long takes = 0, taken = 0;
-        // 20 s of explicit time in steps of up to 50 us (at 10^7 tokens/s up to 500 tokens, so
-        // the bucket rarely fills and folds), asking half the time for exactly what the bucket
-        // holds (a re-anchor that lost a unit would refuse it) and otherwise for 1 unit to a
-        // whole bucket. The short form's window is 0.15-0.18 s: over 100 re-anchors.
-        while (t - start < 20'000'000'000) {
-            t += static_cast<std::int64_t>(rng() % 50'001);
-            const std::int64_t level = model.level_at(t);
-            const std::int64_t n = rng() % 2 == 0 && level > 0
-                                       ? level
-                                       : 1 + static_cast<std::int64_t>(rng() % (1000 * 10'000));
-            const bool expect = model.take(t, n);
-            const TryTake got = tb.try_take(from_nanos(t), static_cast<double>(n) / 10'000);
-            ++takes;
-            if (got == TryTake::taken) {
-                ++taken;
-                admitted += n;
-            }
-            REQUIRE_MESSAGE((got == TryTake::taken) == expect,
-                            "take " << takes << " of " << n << " units at +" << t - start << " ns");
-        }
+        // 20 s: the short form's window is 0.15-0.18 s, so over 100 re-anchors.
+        const Run run = run_exact(tb, model, rng, t, start + 20'000'000'000);
+        const std::int64_t admitted = run.admitted;
         // burst + rate x T, exactly (the model's drip is the floor of rate x T; the bucket
         // started empty, so the drip alone bounds it): what was admitted and what is left never
         // exceed what dripped.
         CHECK(admitted + model.level <= model.drip(t));
         CHECK(admitted > 0);
         const std::uint32_t switches = (generation(body) - gen0) & 0xFFFF;
-        MESSAGE(takes << " takes, " << taken << " taken, " << switches << " re-anchors");
+        MESSAGE(run.takes << " takes, " << run.taken << " taken, " << switches << " re-anchors");
         if (k.reanchors) {
             CHECK(switches >= 100);
         } else {
@@ -199,4 +216,46 @@ TEST_CASE("4 processes racing takes against re-anchors: never more than burst + 
         total += a.units;
     CHECK(total <= static_cast<std::int64_t>(static_cast<i128>(clock->load() - to_nanos(t0)) *
                                              static_cast<i128>(kRate * 10'000) / 1'000'000'000));
+}
+
+TEST_CASE("the config lock held by a stopped or killed switch: takes stay exact; then re-anchors") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("tb-reanchor-lock"));
+    auto seg = lim::test::limiter_segment(guard);
+    auto tb = TokenBucket::open(seg, "tb", {.burst_size = 1000, .sustained_rate_per_sec = 1e7}, t0);
+    detail::LimiterBody& body = body_of(seg, "tb");
+    const std::uint32_t gen0 = generation(body);
+    const std::int64_t start = to_nanos(t0);
+    ExactBucket model{start, static_cast<std::int64_t>(detail::DripRate::from_rate(1e7).m),
+                      1000 * 10'000, 0};
+    // A child takes the config lock and dies half way through a switch: the inactive block half
+    // written with nonsense, S never CASed. Until it dies it holds the lock (a stopped switch).
+    lim::test::Flag* locked = lim::test::make_flag();
+    const pid_t kid = lim::test::fork_child([&] {
+        detail::FileLock lock =
+            detail::FileLock::lock_exclusive(seg.state()->fd(), detail::LockByte::config);
+        detail::ConfigBlock& inactive = body.config[(generation(body) + 1) & 1];
+        inactive.anchor_ns.store(12345);
+        inactive.drip_m.store(1);
+        inactive.bucket_size.store(1);
+        locked->set();
+        for (;;)
+            ::pause();
+        return 0;
+    });
+    locked->wait();
+    std::mt19937_64 rng(7);
+    std::int64_t t = start;
+    // 2 s: ten windows of the short form, none re-anchored (the lock is held), every take exact
+    // with the long form.
+    Run run = run_exact(tb, model, rng, t, start + 2'000'000'000);
+    CHECK(run.taken > 0);
+    CHECK(generation(body) == gen0);
+    ::kill(kid, SIGKILL);
+    CHECK(lim::test::wait_child(kid) == 128 + SIGKILL);
+    // The kernel dropped the lock with its holder: the next take re-anchors, rewriting the
+    // inactive block whole, and every take stays exact.
+    run = run_exact(tb, model, rng, t, start + 4'000'000'000);
+    CHECK(run.taken > 0);
+    CHECK(((generation(body) - gen0) & 0xFFFF) >= 5);
+    CHECK(std::llround(tb.in_bucket(from_nanos(t)) * 10'000) == model.level);
 }
