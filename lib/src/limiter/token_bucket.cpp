@@ -215,8 +215,9 @@ inline constexpr std::uint64_t kShortDripMaxRate = 184'467'440'737;  // floor(2^
 // reanchor_drip: the config lock, tried without waiting; exact, see exact_anchor) so that the
 // takes that follow have it again. A re-anchor only saves time: if the lock is held or cannot
 // be had, the take goes on with the long form, which is exact at any elapsed time. A thread
-// whose attempt failed with an error skips the next 1,024 chances (no syscall storm while, for
-// example, the process is out of descriptors).
+// whose attempt did not re-anchor (the lock held, or an error) skips the next 1,024 chances, so
+// that a stopped lock holder, or a process out of descriptors, costs its takes no syscalls
+// (three per attempt) but one attempt per 1,024 takes.
 void reanchor_for_short_drip(LimiterCore& core, std::int64_t now_ns) noexcept {
     thread_local std::uint32_t skip = 0;
     const LimiterBody& body = core.body();
@@ -236,7 +237,7 @@ void reanchor_for_short_drip(LimiterCore& core, std::int64_t now_ns) noexcept {
         return;
     }
     try {
-        core.reanchor_drip(now_ns);
+        if (!core.reanchor_drip(now_ns)) skip = 1024;
     } catch (...) {
         skip = 1024;
     }
