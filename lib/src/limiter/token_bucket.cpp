@@ -143,7 +143,7 @@ TokenBucket::TokenBucket(Limiter limiter) : LimiterFacade(std::move(limiter)) {
 namespace detail {
 namespace {
 
-// D(t) of a token bucket's block in its short form only (drip_from_block's first case): *d =
+// D(t) of a token bucket's block in its short form only (drip_from_block's first case): d =
 // floor((t - anchor) x R / 10^9) when R is whole and (t - anchor) x R fits in 64 bits; false
 // otherwise (the drip's long form, out of line in try_take_bucket, and a re-anchor that brings
 // the short form back: reanchor_for_short_drip). Kept apart so that the take's common case
