@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <optional>
 
 #include "lim/error.hpp"
@@ -443,6 +444,28 @@ LimiterParams LimiterCore::params() const noexcept {
 // Configuration switches (rare)
 // ---------------------------------------------------------------------------------------------
 
+// Where a re-anchor at `t` (>= p.anchor_ns, a finite rate) may move the drip's anchor without
+// losing a fraction of a unit to rounding: the latest time `a` in [anchor, t] at which
+// (a - anchor) x R / 10^9 is a whole number. For a whole R (units per second) such times are
+// the anchor plus multiples of step = 10^9 / gcd(R, 10^9) ns (at most 1 s), and D(a + e) =
+// D(a) + floor(e R / 10^9) exactly. `t` itself when R is not whole, or when step x R exceeds
+// 2^62 (so that a short drip after the re-anchor, (t - a) x R < step x R, stays far from
+// 2^64: TokenBucket's take uses that short form). Only for an infinite target, where the fold
+// at `a` rather than `t` changes no future bucket (the cap is the constant bucket size, and a
+// return folds nothing); with a finite target a fold at `t` keeps returned tokens from
+// dripping retroactively (docs/design.md ("The Limiter family"), "The drip, exactly").
+namespace {
+std::int64_t exact_anchor(const LimiterParams& p, std::int64_t t) noexcept {
+    const std::uint64_t r = p.drip.m;
+    if (p.drip.shift != 0 || r == 0 || t <= p.anchor_ns) return t;
+    const std::uint64_t step = kNsPerSec / std::gcd(r, kNsPerSec);
+    std::uint64_t span = 0;
+    if (__builtin_mul_overflow(step, r, &span) || span > (std::uint64_t{1} << 62)) return t;
+    const auto elapsed = static_cast<std::uint64_t>(t) - static_cast<std::uint64_t>(p.anchor_ns);
+    return p.anchor_ns + static_cast<std::int64_t>(elapsed - elapsed % step);
+}
+}  // namespace
+
 // The switch itself, with the config lock held by the caller (so no other writer touches the
 // inactive block). Folds the bucket at max(now, L) under the old configuration, writes the new
 // configuration into the inactive block, and publishes both with one CAS on S.
@@ -475,8 +498,12 @@ void switch_locked(LimiterBody& body, std::int64_t now_ns, bool reanchor,
                 // debt X - D(t), which the new drip must pay before the bucket holds anything.
                 // Dropping that debt would let tokens already taken drip again (issue 9: a
                 // bucket of 10 at 1/s gave 11 at one instant).
-                next.anchor_ns = t;
-                next_x = std::max(x - old.drip_at(t), -old.cap(f));
+                // A pure re-anchor of a token bucket's drip moves the anchor to a time whose
+                // drip has no fraction (exact_anchor), so that it loses nothing to rounding.
+                const std::int64_t at =
+                    change == nullptr && old.target_infinite ? exact_anchor(old, t) : t;
+                next.anchor_ns = at;
+                next_x = std::max(x - old.drip_at(at), -old.cap(f));
             } else {
                 next_x = std::max(x, old.drip_at(t) - old.cap(f));
             }
@@ -518,6 +545,27 @@ bool LimiterCore::rebase(std::int64_t now_ns, bool wait) {
     }
     std::optional<FileLock> lock = FileLock::try_lock_fresh(state_.fd(), LockByte::config);
     if (!lock) return false;
+    switch_locked(body_, now_ns, true, nullptr, nullptr);
+    return true;
+}
+
+bool LimiterCore::reanchor_drip(std::int64_t now_ns) {
+    std::optional<FileLock> lock = FileLock::try_lock_fresh(state_.fd(), LockByte::config);
+    if (!lock) return false;
+    // Under the lock no other switch can run, so what is checked here still holds at
+    // switch_locked's CAS (takes move X, never the block). The lock's last holder may have been
+    // the re-anchor this thread saw was due.
+    const std::uint64_t s = body_.bucket.load(std::memory_order_seq_cst);
+    const LimiterParams p = load_params(body_.config[BucketWord::gen(s) & 1]);
+    if (p.rate_infinite || !p.target_infinite || p.drip.shift != 0 || p.drip.m == 0) return false;
+    const std::int64_t t =
+        std::max({now_ns, body_.time_ns.load(std::memory_order_relaxed), p.anchor_ns});
+    std::uint64_t product = 0;
+    if (!__builtin_mul_overflow(
+            static_cast<std::uint64_t>(t) - static_cast<std::uint64_t>(p.anchor_ns), p.drip.m,
+            &product)) {
+        return false;
+    }
     switch_locked(body_, now_ns, true, nullptr, nullptr);
     return true;
 }

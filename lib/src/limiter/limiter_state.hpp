@@ -507,6 +507,12 @@ class LimiterCore {
     void reconfigure(std::int64_t now_ns, bool reanchor, Change&& change);
     // Re-anchors the drip. With `wait` false, gives up (false) if the config lock is held.
     bool rebase(std::int64_t now_ns, bool wait);
+    // Re-anchors a token bucket's drip (infinite target, whole rate R) when (max(now, L) -
+    // anchor) x R no longer fits in 64 bits, so that the drip has its short form again
+    // (TokenBucket's take; exact, no rounding lost). Gives up (false) if the config lock is held
+    // or the re-anchor is not due (another thread made it). Throws Error(system_error) if the
+    // lock cannot be tried.
+    bool reanchor_drip(std::int64_t now_ns);
 
     // Sleepers: registration recorded in the thread's slot (so a reaper can recount it) and in
     // the wake channel. See LimiterWaiter.

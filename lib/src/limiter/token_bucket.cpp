@@ -143,6 +143,27 @@ TokenBucket::TokenBucket(Limiter limiter) : LimiterFacade(std::move(limiter)) {
 namespace detail {
 namespace {
 
+// D(t) of a token bucket's block in its short form only (drip_from_block's first case): d =
+// floor((t - anchor) x R / 10^9) when R is whole and (t - anchor) x R fits in 64 bits; false
+// otherwise (the drip's long form, out of line in try_take_bucket, and a re-anchor that brings
+// the short form back: reanchor_for_short_drip). Kept apart so that the take's common case
+// holds few values in registers and spills none before its CAS.
+[[gnu::always_inline]] inline bool short_drip(const ConfigBlock& c, std::int64_t t,
+                                              std::int64_t& d) noexcept {
+    std::int64_t elapsed = 0;
+    if (__builtin_sub_overflow(t, c.anchor_ns.load(std::memory_order_acquire), &elapsed))
+        return false;
+    if (elapsed <= 0) return true;  // d = 0: no drip before the anchor
+    if (c.drip_shift.load(std::memory_order_acquire) != 0) return false;
+    std::uint64_t p = 0;
+    if (__builtin_mul_overflow(static_cast<std::uint64_t>(elapsed),
+                               c.drip_m.load(std::memory_order_acquire), &p)) {
+        return false;
+    }
+    d = static_cast<std::int64_t>(p / 1'000'000'000);
+    return true;
+}
+
 // The common case of a token bucket's take, inline in TokenBucket::try_take: one attempt,
 // exactly one iteration of LimiterCore::try_take_bucket's loop where that iteration takes (a
 // token bucket's configuration, the bucket holding `n` at t, no rebase due, the CAS landing).
@@ -160,7 +181,8 @@ namespace {
     if (n > size) return false;
     const std::int64_t l = body.time_ns.load(std::memory_order_relaxed);
     const std::int64_t t = std::max(now_ns, l);
-    const std::int64_t d = drip_from_block(c, t);
+    std::int64_t d = 0;
+    if (!short_drip(c, t, d)) return false;
     const std::int64_t x = BucketWord::x(s);
     if (d - x < n || d > kRebaseAt) return false;
     // The linearisation point, as in try_take_bucket: the CAS expects the generation whose block
@@ -181,11 +203,52 @@ namespace {
     return true;
 }
 
+// Token buckets whose rate is at most this many units per second (1.8 x 10^7 tokens/s) keep
+// their drip in its short form by re-anchoring it: a re-anchor is due 2^64 / R ns after the
+// anchor, at least every 100 ms. (Each is a configuration switch: the generation's 16 bits then
+// wrap in no less than 65,536 x 100 ms, 1.8 hours; docs/design.md, "TokenBucket's take".)
+// Faster rates use the long form, as every rate did before.
+inline constexpr std::uint64_t kShortDripMaxRate = 184'467'440'737;  // floor(2^64 / 10^8 ns)
+
+// When the drip of the token bucket's current configuration no longer has its short form at
+// max(now, L) (and its rate is at most kShortDripMaxRate), re-anchors it (LimiterCore::
+// reanchor_drip: the config lock, tried without waiting; exact, see exact_anchor) so that the
+// takes that follow have it again. A re-anchor only saves time: if the lock is held or cannot
+// be had, the take goes on with the long form, which is exact at any elapsed time. A thread
+// whose attempt did not re-anchor (the lock held, or an error) skips the next 1,024 chances, so
+// that a stopped lock holder, or a process out of descriptors, costs its takes no syscalls
+// (three per attempt) but one attempt per 1,024 takes.
+void reanchor_for_short_drip(LimiterCore& core, std::int64_t now_ns) noexcept {
+    thread_local std::uint32_t skip = 0;
+    const LimiterBody& body = core.body();
+    const std::uint64_t s = body.bucket.load(std::memory_order_seq_cst);
+    const ConfigBlock& c = body.config[BucketWord::gen(s) & 1];
+    if ((c.flags.load(std::memory_order_acquire) & (kRateInfinite | kTargetInfinite)) !=
+            kTargetInfinite ||
+        c.drip_shift.load(std::memory_order_acquire) != 0 ||
+        c.drip_m.load(std::memory_order_acquire) > kShortDripMaxRate) {
+        return;
+    }
+    const std::int64_t t = std::max(now_ns, body.time_ns.load(std::memory_order_relaxed));
+    std::int64_t d = 0;
+    if (short_drip(c, t, d)) return;
+    if (skip != 0) {
+        --skip;
+        return;
+    }
+    try {
+        if (!core.reanchor_drip(now_ns)) skip = 1024;
+    } catch (...) {
+        skip = 1024;
+    }
+}
+
 // TokenBucket::try_take on a record a TokenBucket created, after bucket_take_once declined:
 // its own take's loop (try_take_bucket), `units` > 0, recorded in `entry` (the thread's).
 [[gnu::noinline]] TryTake bucket_take(const RecordRef& ref, LedgerEntry& entry, std::int64_t now_ns,
                                       std::int64_t units) {
     LimiterCore core(*ref.state, ref.index, *ref.record);
+    reanchor_for_short_drip(core, now_ns);
     std::int64_t rebase_at = kRebaseAt;
     for (;;) {
         switch (core.try_take_bucket(entry, now_ns, units, rebase_at)) {
