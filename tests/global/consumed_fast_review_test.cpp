@@ -75,6 +75,32 @@ TEST_CASE("R1: a consumed take from a thread_local destructor gives its ephemera
     CHECK(seg.reap().reaped.empty());
 }
 
+// The same for a TokenBucket's own take (also without a Hold). Its take is recorded in the
+// ledger (layer kBucketTakenLayer), so the slot it gives back is retired rather than freed, and
+// this process's next claim adopts it again: however many such takes, at most one slot stays.
+TEST_CASE("R1: a TokenBucket take from a thread_local destructor gives its ephemeral slot back") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("lim-cfrev-tbtls"));
+    auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 8, .max_processes = 8});
+    auto tb = TokenBucket::open(seg, "tb", {.burst_size = 100, .initial_bucket_level = 100});
+    const std::uint32_t before = occupied(seg);
+    struct LateTake {
+        TokenBucket* tb = nullptr;
+        ~LateTake() {
+            if (tb != nullptr) CHECK(tb->try_take(1) == TryTake::taken);
+        }
+    };
+    for (int k = 0; k < 5; ++k) {
+        std::thread([&] {
+            thread_local LateTake late;
+            CHECK(tb.try_take(1) == TryTake::taken);
+            late.tb = &tb;
+        }).join();
+    }
+    CHECK(tb.in_bucket() == 90);
+    CHECK(occupied(seg) <= before + 1);
+    CHECK(seg.reap().reaped.empty());
+}
+
 namespace {
 
 // A feeder's record and what the fast take works on, as tests/global/consumed_fast_test.cpp has.

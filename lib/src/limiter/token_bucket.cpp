@@ -284,10 +284,25 @@ namespace {
                                                   std::int64_t units) {
     // The thread's slot first: claiming it is what may throw (table_full), before anything is
     // taken.
-    detail::LedgerEntry& entry = detail::holder(*ref.state).entry(ref.index);
+    const detail::Holder h = detail::holder(*ref.state);
+    detail::LedgerEntry& entry = h.entry(ref.index);
     auto& body = *reinterpret_cast<detail::LimiterBody*>(ref.record->body);
-    if (detail::bucket_take_once(body, entry, now_ns, units)) [[likely]]
-        return TryTake::taken;
+    if (!h.ephemeral) [[likely]] {
+        if (detail::bucket_take_once(body, entry, now_ns, units)) [[likely]]
+            return TryTake::taken;
+        return detail::bucket_take(ref, entry, now_ns, units);
+    }
+    // A slot claimed for this one take, by a thread past its slot registry's destruction (a take
+    // from a thread_local destructor): given back after it, as ~Hold does for the general take
+    // (retired if its ledger now records the take, and adopted again by this process's next
+    // claim). Kept, every such take would occupy one slot of the table for the life of the
+    // mapping.
+    struct GiveBack {
+        detail::SegmentState& state;
+        const detail::Holder& h;
+        ~GiveBack() { detail::release_ephemeral(state, h); }
+    } give_back{*ref.state, h};
+    if (detail::bucket_take_once(body, entry, now_ns, units)) return TryTake::taken;
     return detail::bucket_take(ref, entry, now_ns, units);
 }
 
