@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -21,6 +22,7 @@
 #include "lim/lim.hpp"
 #include "limiter/consumed_rebase.hpp"
 #include "limiter/limiter_state.hpp"
+#include "shm/file_lock.hpp"
 #include "shm/records.hpp"
 #include "support/process.hpp"
 
@@ -308,6 +310,48 @@ TEST_CASE("convert: a converter killed after any step leaves a safe state; a sec
         CHECK(tb.try_take(1) == lim::TryTake::unable);
         CHECK(l.in_flight() == 3);
     }
+}
+
+TEST_CASE("convert: in_flight is cleared only once a reaper's recount has thawed the word") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("convfrozen"));
+    auto seg = lim::Segment::open_or_create(guard.name(), lim::SegmentOptions{});
+    auto tb = worker_bucket(seg, "api", 10, 1000, 10);
+    tb.take(3);  // the general take: in flight, and in this thread's ledger (layer 0)
+    lim::Limiter l = lim::open_consumed_limiter(seg, "api", local_config(4));
+    const auto rec =
+        lim::detail::find_record(*seg.state(), lim::detail::RecordKind::limiter, "api");
+    REQUIRE(rec.has_value());
+    // As a reaper does: the recovery lock held (so nobody thaws the word behind its back), the
+    // record's in-flight word frozen.
+    std::optional<lim::detail::FileLock> reaping =
+        lim::detail::FileLock::lock_exclusive(seg.state()->fd(), lim::detail::LockByte::recovery);
+    lim::detail::kLimiterOps.freeze(*seg.state(), *rec);
+    std::atomic<bool> done{false};
+    lim::ConsumedConversion result;
+    std::thread converter([&] {
+        result = lim::convert_to_consumed(l, 4);
+        done = true;
+    });
+    // Step 1 does not wait for a recount; step 2 (clearing in_flight) waits aside.
+    REQUIRE(lim::test::eventually([&] {
+        return flavor_of(seg, "api") ==
+               static_cast<std::uint16_t>(lim::detail::LimiterFlavor::limiter);
+    }));
+    std::this_thread::sleep_for(30ms);
+    CHECK_FALSE(done.load());
+    CHECK_FALSE(lim::is_consumed(l));
+    CHECK(l.in_flight() == 3);
+    // The recount reads the rewritten creation configuration: consumed, so it leaves in_flight
+    // as it is (the live ledger says 3; a consumed record's recount never stores it).
+    lim::detail::LiveHoldings live;
+    live.held[0] = 30'000;
+    lim::detail::kLimiterOps.recount(*seg.state(), *rec, live, {}, lim::Clock::now());
+    reaping.reset();
+    converter.join();
+    CHECK(result.converted);
+    CHECK(result.in_flight == 3);
+    check_converted(seg, "api", l, 4);
+    CHECK(tb.try_take(1) == lim::TryTake::unable);
 }
 
 TEST_CASE("convert: a general Limiter's or a Throttle's record is refused, and left as it was") {
