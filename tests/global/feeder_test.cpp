@@ -543,17 +543,21 @@ TEST_CASE("lim-feeder: a stopped feeder's host spends nothing past its lease dea
     std::remove((dir + "/redis.log").c_str());
 }
 
-TEST_CASE("lim-feeder refuses a record a worker created first (it could not bound its takes)") {
+TEST_CASE("lim-feeder refuses a general Limiter a worker created first (its takers lend tokens)") {
     std::string dir;
     const auto redis = start_redis("first", dir);
     if (!redis) return;
     lim::test::SegmentGuard guard(lim::test::unique_name("feeder-first"));
     {
-        // A worker got there first: a plain token bucket, whose takes are in ledgers.
+        // A worker got there first with a general Limiter, whose takers may return what they
+        // took: after a conversion, a token returned would be spendable with no lease.
         auto seg = lim::Segment::open_or_create(guard.name());
-        auto tb = lim::TokenBucket::open(seg, kKey,
-                                         {.burst_size = kBurst, .sustained_rate_per_sec = kRate});
-        CHECK(tb.try_take(1) == lim::TryTake::unable);
+        auto l = lim::Limiter::open(seg, kKey,
+                                    {.hopper_to_bucket_rate_per_sec = 10,
+                                     .bucket_size = kBurst,
+                                     .initial_bucket_level = 0,
+                                     .initial_hopper_level = lim::infinite});
+        CHECK(l.try_take(1) == lim::TryTake::unable);
     }
     Host host;
     host.segment = guard.name();
@@ -564,9 +568,124 @@ TEST_CASE("lim-feeder refuses a record a worker created first (it could not boun
     REQUIRE(status.has_value());
     CHECK(WIFEXITED(*status));
     CHECK(WEXITSTATUS(*status) == 1);
-    std::ifstream log(host.log);
-    const std::string text((std::istreambuf_iterator<char>(log)), std::istreambuf_iterator<char>());
+    const std::string text = lim::test::read_file(host.log);
     CHECK(text.find("existed before this feeder made it") != std::string::npos);
+    CHECK(text.find("cannot be converted") != std::string::npos);
+}
+
+// R4's boot order: a worker opens the global rate (SPEC's TokenBucket::open(..., adopt_existing))
+// before the feeder has made it, so it creates a plain token bucket and admits at its local rate,
+// with no lease. The feeder, started later, converts that record in place: from the conversion
+// on, every admission (by the handles the workers opened before it, polling and blocking) is
+// within the global bound; a restarted feeder converts nothing again.
+TEST_CASE("lim-feeder converts a token bucket a worker made first: bound from the conversion on") {
+    std::string dir;
+    const auto redis = start_redis("convert", dir);
+    if (!redis) return;
+    lim::test::SegmentGuard guard(lim::test::unique_name("feeder-convert"));
+    (void)lim::Segment::open_or_create(guard.name());
+    constexpr int kWorkers = 2;
+    constexpr std::size_t kMax = 20'000;
+    lim::test::AdmissionLog log(kWorkers, kMax);
+    auto* counts = lim::test::shared_array<std::int64_t>(kWorkers);
+    auto* started = lim::test::shared_array<std::atomic<int>>(1);
+    auto* stop = new (lim::test::shared_array<std::atomic<int>>(1)) std::atomic<int>(0);
+    const std::string segment = guard.name();
+    std::vector<pid_t> pids;
+    for (int w = 0; w < kWorkers; ++w) {
+        Admission* part = log.part(w);
+        std::int64_t* count = counts + w;
+        pids.push_back(lim::test::fork_child([segment, w, part, count, started, stop] {
+            auto seg = lim::Segment::open(segment);
+            // Its own (local) burst and rate, far above the global ones: before the feeder, it
+            // admits at this rate.
+            auto tb = lim::TokenBucket::open(seg, kKey,
+                                             {.burst_size = 200, .sustained_rate_per_sec = 5000},
+                                             lim::adopt_existing);
+            started->fetch_add(1);
+            std::size_t n = 0;
+            while (stop->load() == 0 && n < kMax) {
+                const std::int64_t before = lim::to_nanos(lim::Clock::now());
+                const bool taken = w == 0 ? tb.try_take(1) == lim::TryTake::taken
+                                          : tb.take_until(1, lim::Clock::now() + 300ms);
+                const std::int64_t after = lim::to_nanos(lim::Clock::now());
+                if (taken) part[n++] = Admission{before, after, 10'000};
+                std::this_thread::sleep_for(1ms);
+            }
+            *count = static_cast<std::int64_t>(n);
+            return 0;
+        }));
+    }
+    REQUIRE(lim::test::eventually([&] { return started->load() == kWorkers; }, 10s));
+    std::this_thread::sleep_for(500ms);  // admitting at the local rate, with no feeder
+
+    Host host;
+    host.segment = segment;
+    host.config = write_config(dir, 0, segment, redis->port());
+    host.log = dir + "/feeder-convert.log";
+    const std::int64_t feeder_started = now_ns();
+    start_feeder(host);
+    auto seg = lim::Segment::open(segment);
+    lim::Limiter l = lim::Limiter::open(seg, kKey,
+                                        {.hopper_to_bucket_rate_per_sec = lim::infinite,
+                                         .bucket_size = kBurst,
+                                         .initial_bucket_level = 0,
+                                         .initial_hopper_level = 0.0},
+                                        lim::adopt_existing);
+    REQUIRE(lim::test::eventually([&] { return lim::is_consumed(l); }, 10s));
+    const std::int64_t converted = now_ns();  // the conversion is done by now
+    std::this_thread::sleep_for(2500ms);      // the fence (1 s), then grants
+    // limctl shows the converted record as the feeder's global rate.
+    const std::string leases =
+        run_output(std::string(LIMCTL_PATH) + " leases " + segment + " --json");
+    CHECK(leases.find("\"key\": \"api\"") != std::string::npos);
+
+    // A restarted feeder finds the record consumed: nothing converted again, nothing lost.
+    host.feeder.stop(SIGKILL);
+    const std::string first_log = lim::test::read_file(host.log);
+    host.log = dir + "/feeder-convert2.log";
+    start_feeder(host);
+    std::this_thread::sleep_for(1500ms);
+    stop->store(1);
+    for (const pid_t p : pids)
+        CHECK(lim::test::wait_child(p) == 0);
+    const int status = host.feeder.stop(SIGTERM);
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+    const std::int64_t end = now_ns();
+    redis->kill();
+
+    MESSAGE("first feeder: " << first_log);
+    CHECK(first_log.find("warning: 'api'") != std::string::npos);
+    CHECK(first_log.find("converted in place") != std::string::npos);
+    const std::string second_log = lim::test::read_file(host.log);
+    CHECK(second_log.find("converted") == std::string::npos);
+
+    std::vector<Admission> before, after;
+    for (int w = 0; w < kWorkers; ++w) {
+        for (std::int64_t i = 0; i < counts[w]; ++i) {
+            const Admission& a = log.part(w)[i];
+            (a.before_ns >= converted ? after : before).push_back(a);
+        }
+    }
+    // Before: the local rate, unbounded by the global one (R4: what remains exposed).
+    REQUIRE_FALSE(before.empty());
+    const double pre_seconds = static_cast<double>(feeder_started - before.front().before_ns) / 1e9;
+    MESSAGE(before.size() << " admitted before the conversion (the global bound over the "
+                          << pre_seconds << " s before the feeder started: "
+                          << kBurst + kRate * pre_seconds << ")");
+    CHECK(static_cast<double>(before.size()) > kBurst + kRate * pre_seconds);
+    // After: within the global bound in every window, through the restart.
+    const lim::test::BucketCheck check =
+        lim::test::check_bucket(after, kBurst * 10'000, kRate * 10'000, 10'000, after.size());
+    const double seconds = static_cast<double>(end - converted) / 1e9;
+    MESSAGE(after.size() << " admitted in the " << seconds << " s from the conversion on; bound "
+                         << kBurst + kRate * seconds << "; worst window excess "
+                         << check.worst_excess_units / 10'000.0 << " tokens");
+    CHECK(check.worst_excess_units <= 0);
+    CHECK(after.size() > 0);  // the grants reached the workers' old handles
+    CHECK(static_cast<double>(after.size()) <= kBurst + kRate * seconds);
+    std::remove(("/dev/shm/lim-feeder." + segment + ".lock").c_str());
 }
 
 TEST_CASE(

@@ -630,7 +630,11 @@ TEST_CASE("R3 [over-admission]: a feeder stopped mid-tick re-offers an expired l
 // R4: a worker that opens a global key before the feeder made it (boot order; the segment
 // removed and recreated by `limctl rm` while the feeder runs on the old one) creates a plain
 // TokenBucket with the global burst and rate, exactly as SPEC's worker line does; it admits at
-// the full global rate on its own host, with no Redis at all, and the feeder refuses to start.
+// the full global rate on its own host, with no Redis at all, until a feeder starts. (The feeder
+// no longer refuses to start on it: it converts the record in place, and from then on its takers
+// are bound by the lease: global.feeder and global.convert. What was admitted before the
+// conversion, which this case counts, stays unbounded: red on purpose. Here no Redis runs, so the
+// feeder started afterwards never exits by itself and is killed after 5 s.)
 // ---------------------------------------------------------------------------------------------
 
 TEST_CASE("R4 [over-admission]: a worker first to open a global key admits without any lease") {

@@ -43,7 +43,8 @@ void set_status(BackoffWindow& w, TimePoint at, TimePoint now) {
 }
 
 // The record's lease deadline, which its takers enforce (lim/consumed_limiter.hpp). Every record
-// the feeder feeds is consumed (it refuses others at start).
+// the feeder feeds is consumed (it converts a token bucket a worker made, refuses others, at
+// start).
 void set_deadline(const Limiter& local, std::optional<TimePoint> deadline) {
     if (is_consumed(local)) set_lease_deadline(local, deadline);
 }
@@ -79,16 +80,36 @@ Feeder::Feeder(Config config)
                1,
                0,
                {"lim:global:{" + g.key + "}", "lim:global:{" + g.key + "}:leases"}};
+        // A record a worker made first (SPEC's TokenBucket::open(..., adopt_existing) creates
+        // the key when the feeder has not: boot order) is converted in place into the feeder's,
+        // holding nothing: from the conversion on its takers are bound by the lease (what they
+        // took before is not; docs/global.md, "The local record"). A general Limiter's (or a
+        // Throttle's) takers may give tokens back, so it cannot be converted exactly: refused.
+        bool converted = false;
         if (!is_consumed(r.local)) {
-            // A record a worker made (a TokenBucket, a Limiter) counts its takes in ledgers, so a
-            // reap would give a dead worker's spent tokens back, and it has no lease deadline for
-            // its takers to enforce: feeding it could break the global bound. Refuse.
-            throw Error(Errc::config_mismatch,
-                        fmt::format("'{}' existed before this feeder made it (a worker opened it "
-                                    "first?), and only a record the feeder creates can carry a "
-                                    "global lease: stop the workers, `limctl rm {}`, start the "
-                                    "feeder first",
-                                    g.key, config_.segment));
+            ConsumedConversion c;
+            try {
+                c = convert_to_consumed(r.local, g.burst_size);
+            } catch (const Error& e) {
+                if (e.code() != Errc::invalid_argument) throw;
+                throw Error(Errc::config_mismatch,
+                            fmt::format("'{}' existed before this feeder made it, and cannot carry "
+                                        "a global lease ({}): stop the workers, `limctl rm {}`, "
+                                        "start the feeder first",
+                                        g.key, e.what(), config_.segment));
+            }
+            converted = c.converted;
+            if (converted) {
+                fmt::print(stderr,
+                           "lim-feeder: warning: '{}' was created by a worker as a plain token "
+                           "bucket before this feeder made it; converted in place: from now on "
+                           "its takers are bound by the global lease. Its live workers had taken "
+                           "{:g} tokens locally with no global bound (takes by workers that have "
+                           "exited are not known). Start the feeder before the workers (docs/"
+                           "global.md, \"Known limits\")\n",
+                           g.key, c.bucket_taken + c.in_flight);
+                std::fflush(stderr);
+            }
         }
         // A record in another shape (a token bucket some worker created first, another burst)
         // is brought into the feeder's: infinite drip, the burst as bucket, a finite target.
@@ -99,7 +120,7 @@ Feeder::Feeder(Config config)
         if (r.local.bucket_size() != g.burst_size) r.local.set_bucket_size(now, g.burst_size);
         const InfiniteOrFinite<double> target = r.local.token_target_level();
         const std::optional<TimePoint> until = r.lease_status.until();
-        if (target.is_finite() && until && *until > now) {
+        if (!converted && target.is_finite() && until && *until > now) {
             // Reconcile: a previous feeder's lease is still live; keep it until its deadline,
             // which the takers already enforce (the record's own word, if set, is the earlier).
             const std::optional<TimePoint> word = lease_deadline(r.local);

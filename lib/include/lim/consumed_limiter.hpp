@@ -91,4 +91,47 @@ struct ConsumedRebase {
 // sequentially consistent, the switch before the CAS.
 ConsumedRebase rebase_consumed(const Limiter& limiter);
 
+// What lim::convert_to_consumed did, in tokens.
+struct ConsumedConversion {
+    bool converted = false;   // false: the record was consumed already; nothing was changed
+    double bucket_taken = 0;  // a TokenBucket's own takes (try_take), as recorded in the ledgers
+                              // of the processes attached at the conversion: since each of them
+                              // attached (what processes that exited took is not known)
+    double in_flight = 0;     // in_flight when it was cleared: the blocking takes (take,
+                              // take_until) and Limiter takes, of the processes attached since
+                              // the last reap
+};
+
+// Converts in place the record behind `limiter`, which a TokenBucket created (a worker that opened
+// a global rate with TokenBucket::open before lim-feeder made it), into the record that
+// open_consumed_limiter(segment, key, {.hopper_to_bucket_rate_per_sec = infinite, .bucket_size =
+// bucket_size, .initial_bucket_level = 0, .initial_hopper_level = 0}) creates, holding nothing:
+// consumed, an infinite drip, the bucket `bucket_size`, a token target of 0, in_flight cleared
+// to 0 (what was taken before is forgotten: it was never part of a lease; takes landing between
+// the clear and the switch are in flight again, taken before the conversion: with a target of 0
+// nothing is left to take, whatever in_flight holds), and a past lease deadline. From the
+// configuration switch that makes it consumed on, no take by any handle (a TokenBucket opened
+// before the call included: its own take declines on the new configuration and runs the general
+// one) is admitted unless the record's one target writer grants it, exactly as on a record
+// open_consumed_limiter created; blocking takes are woken and re-check. The creation configuration
+// and the flavor are rewritten too (`limctl` shows the record as the feeder's, a reset restores the
+// consumed configuration, crash recovery treats it as consumed). Idempotent: on a record that is
+// consumed already, changes nothing and returns `converted = false`; a conversion interrupted by
+// the caller's death (any step) is finished by calling it again, and every state it leaves
+// meanwhile admits no more than a token bucket or the consumed record would (docs/design.md,
+// "Converting a token bucket into a consumed record"). Call it only from the record's one target
+// writer (lim-feeder), never concurrently with another conversion, rebase or target change. Blocks
+// only on the segment's config lock and while a reaper recounts the record. Throws
+// Error(invalid_argument) if `bucket_size` is not above 0 and at most 1e9 tokens, or if the record
+// is neither consumed nor created by a TokenBucket: a general Limiter, a Throttle or a
+// ThrottledRateLimiter lends its tokens (return_to_hopper, finish_job), and a token given back
+// after the conversion would be spendable without a lease (nothing is changed);
+// Error(permission_denied) if the segment is open read-only, Error(table_full) if the calling
+// thread has no process-table slot, Error(system_error) if the config lock cannot be taken (each
+// before anything is changed; the last may also come from the final switch, leaving a state a
+// second call finishes). Memory ordering: the creation configuration is stored (sequentially
+// consistent) before in_flight is cleared by a compare-and-swap, which comes before the
+// configuration switch; all sequentially consistent.
+ConsumedConversion convert_to_consumed(const Limiter& limiter, double bucket_size);
+
 }  // namespace lim

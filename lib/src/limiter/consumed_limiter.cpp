@@ -2,13 +2,18 @@
 #include "lim/consumed_limiter.hpp"
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <string>
 
 #include "lim/error.hpp"
 #include "lim/tokens.hpp"
 #include "limiter/consumed_rebase.hpp"
 #include "limiter/limiter_open.hpp"
 #include "limiter/limiter_state.hpp"
+#include "shm/file_lock.hpp"
 #include "shm/ledger.hpp"
+#include "shm/records.hpp"
 
 namespace lim {
 
@@ -137,6 +142,166 @@ ConsumedRebase rebase_consumed(const Limiter& limiter) {
     constexpr double kUnits = static_cast<double>(kTokenResolution);
     return ConsumedRebase{.target_lowered = static_cast<double>(u.target_lowered) / kUnits,
                           .in_flight_lowered = static_cast<double>(u.in_flight_lowered) / kUnits};
+}
+
+}  // namespace lim
+
+// ---------------------------------------------------------------------------------------------
+// Converting a token bucket (docs/design.md, "Converting a token bucket into a consumed record")
+// ---------------------------------------------------------------------------------------------
+
+namespace lim::detail {
+namespace {
+
+const char* flavor_name(std::uint16_t flavor) noexcept {
+    switch (static_cast<LimiterFlavor>(flavor)) {
+        case LimiterFlavor::limiter:
+            return "a general Limiter";
+        case LimiterFlavor::token_bucket:
+            return "a TokenBucket";
+        case LimiterFlavor::throttle:
+            return "a Throttle";
+        case LimiterFlavor::throttled_rate_limiter:
+            return "a ThrottledRateLimiter";
+    }
+    return "an unknown facade";
+}
+
+}  // namespace
+
+ConversionUnits convert_to_consumed_units(const Limiter& limiter, double bucket_size,
+                                          void (*after_step)(int, void*), void* ctx) {
+    const RecordRef& ref = LimiterAccess::ref(limiter);
+    SegmentState& state = *ref.state;
+    LimiterCore core(state, ref.index);
+    const auto step_done = [&](int step) {
+        if (after_step) after_step(step, ctx);
+    };
+    if (!std::isfinite(bucket_size) || bucket_size <= 0 || bucket_size > kMaxTokens) {
+        throw Error(Errc::invalid_argument, "limiter '" + std::string(limiter.key()) +
+                                                "': convert_to_consumed: bucket_size " +
+                                                std::to_string(bucket_size) +
+                                                " must be above 0 and at most 1e9 tokens");
+    }
+    const std::int64_t bucket_units =
+        std::max<std::int64_t>(1, Tokens::round_up(bucket_size).units());
+    ConversionUnits done;
+    // Consumed already (created so, or converted before): nothing to do. The configuration is
+    // the one a switch published last; only this caller switches a record to consumed, and
+    // nothing switches one back.
+    if (core.params().consumed) return done;
+    if (state.read_only()) {
+        throw Error(Errc::permission_denied, "segment '" + state.name() +
+                                                 "' is open read-only; cannot convert '" +
+                                                 std::string(limiter.key()) + "'");
+    }
+    Record& record = state.record(ref.index);
+    std::atomic_ref<std::uint16_t> flavor(record.header.flavor);
+    auto& created = *reinterpret_cast<LimiterRecordConfig*>(record.config);
+    std::atomic_ref<std::uint32_t> created_flags(created.flags);
+    // Which records: one a TokenBucket created (its takes are consumed by contract: never given
+    // back), or one whose conversion was interrupted after its creation configuration was
+    // rewritten (flavor limiter, created consumed, yet not consumed: nothing else leaves that).
+    const std::uint16_t f0 = flavor.load(std::memory_order_seq_cst);
+    const bool interrupted = f0 == static_cast<std::uint16_t>(LimiterFlavor::limiter) &&
+                             (created_flags.load(std::memory_order_seq_cst) & kConsumed) != 0;
+    if (f0 != static_cast<std::uint16_t>(LimiterFlavor::token_bucket) && !interrupted) {
+        throw Error(Errc::invalid_argument,
+                    "limiter '" + std::string(limiter.key()) + "' in segment '" + state.name() +
+                        "' was created as " + flavor_name(f0) +
+                        ", whose takers may give tokens back (return_to_hopper, finish_job): it "
+                        "cannot be converted into a consumed record exactly (a token given back "
+                        "after the conversion would be spendable with no lease); only a record a "
+                        "TokenBucket created can");
+    }
+    // Claim the thread's slot now (Error(table_full) before anything changes).
+    { Hold claim(state, ref.index); }
+
+    // Step 1: the creation configuration becomes the consumed one open_consumed_limiter would
+    // have written, and the flavor `limiter`: crash recovery reads kConsumed there (a recount
+    // that froze in_flight after step 2's CAS sees it), a reset restores it, limctl shows it.
+    // Under the config lock, which a reset holds while it reads them (and so that a second
+    // converter finds the first's work). The flags go last but one, the flavor last: a caller
+    // killed midway leaves a token bucket flavor (converted again from the start) or the
+    // `interrupted` state above; a reset meanwhile restores a token bucket whose rate is 0 (the
+    // rate went first), or the consumed configuration.
+    {
+        FileLock lock = FileLock::lock_exclusive(state.fd(), LockByte::config);
+        if (core.params().consumed) return done;  // converted meanwhile
+        std::atomic_ref<std::uint64_t>(created.rate_bits).store(0, std::memory_order_seq_cst);
+        std::atomic_ref<std::int64_t>(created.bucket_size)
+            .store(bucket_units, std::memory_order_seq_cst);
+        std::atomic_ref<std::int64_t>(created.initial_bucket_level)
+            .store(0, std::memory_order_seq_cst);
+        std::atomic_ref<std::int64_t>(created.initial_hopper_level)
+            .store(0, std::memory_order_seq_cst);
+        std::atomic_ref<std::uint32_t>(created.reserved).store(0, std::memory_order_seq_cst);
+        created_flags.store(kRateInfinite | kConsumed, std::memory_order_seq_cst);
+        flavor.store(static_cast<std::uint16_t>(LimiterFlavor::limiter), std::memory_order_seq_cst);
+    }
+    step_done(1);
+
+    // What the takers took before (the feeder's warning): a TokenBucket's own takes, in ledger
+    // layer kBucketTakenLayer of the occupied slots (outside in_flight).
+    done.bucket_taken = core.bucket_taken();
+
+    // Step 2: clear in_flight (what it holds was taken before any lease; a target-0 record with
+    // anything in flight would need a target that large, and that may exceed the target's limit).
+    // A CAS honouring the ledger protocol: it steps aside while a reaper has the word frozen, so
+    // a recount that read the old creation configuration (and stores the live ledgers' sum) ends
+    // before it, and any recount that freezes after it reads step 1's configuration (its freeze
+    // reads our CAS's value: step 1 happens before it) and leaves the value alone.
+    {
+        Hold hold(state, ref.index);
+        std::atomic<std::uint64_t>& in_flight = core.body().in_flight;
+        std::uint64_t w = in_flight.load(std::memory_order_seq_cst);
+        for (;;) {
+            if (hold.stepped_aside(w, in_flight, state)) continue;
+            LIM_RACE_POINT();
+            if (in_flight.compare_exchange_weak(w, 0, std::memory_order_seq_cst,
+                                                std::memory_order_seq_cst)) {
+                done.in_flight = static_cast<std::int64_t>(w);
+                break;
+            }
+        }
+    }
+    step_done(2);
+
+    // Step 3: a past lease deadline (read only once the record is consumed, step 4): from the
+    // switch on, a take is refused before its CAS, as on a record whose feeder let its lease go.
+    core.body().lease_deadline_ns.store(1, std::memory_order_seq_cst);
+    step_done(3);
+    LIM_RACE_POINT();
+
+    // Step 4: the switch (config lock, generation bump: every take that read the token bucket's
+    // configuration fails its CAS on S or its generation check and re-reads), then a wake of the
+    // sleepers, which re-check against it. Takes between steps 2 and 4 are back in in_flight:
+    // taken before the conversion, and under a target of 0 they leave nothing to take.
+    core.reconfigure(bounded_now_ns(Clock::now()), false, [&](LimiterParams& next) {
+        next.rate_infinite = true;
+        next.rate_per_sec = 0;
+        next.drip = DripRate{};
+        next.bucket_size = bucket_units;
+        next.target_infinite = false;
+        next.target = 0;
+        next.consumed = true;
+    });
+    step_done(4);
+    done.converted = true;
+    return done;
+}
+
+}  // namespace lim::detail
+
+namespace lim {
+
+ConsumedConversion convert_to_consumed(const Limiter& limiter, double bucket_size) {
+    const detail::ConversionUnits u =
+        detail::convert_to_consumed_units(limiter, bucket_size, nullptr, nullptr);
+    constexpr double kUnits = static_cast<double>(kTokenResolution);
+    return ConsumedConversion{.converted = u.converted,
+                              .bucket_taken = static_cast<double>(u.bucket_taken) / kUnits,
+                              .in_flight = static_cast<double>(u.in_flight) / kUnits};
 }
 
 }  // namespace lim

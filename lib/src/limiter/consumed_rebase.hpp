@@ -18,4 +18,17 @@ struct RebaseUnits {
 // and before in_flight is: the point where a rebaser killed leaves the record under-used.
 RebaseUnits rebase_consumed_units(const Limiter& limiter, void (*between)(void*), void* ctx);
 
+// What lim::convert_to_consumed did, in units.
+struct ConversionUnits {
+    bool converted = false;
+    std::int64_t bucket_taken = 0;
+    std::int64_t in_flight = 0;
+};
+
+// The steps of lim::convert_to_consumed, after each of which `after_step(step, ctx)` is called
+// (when not null): a test's kill point. 1: the creation configuration and the flavor rewritten;
+// 2: in_flight cleared; 3: the past lease deadline stored; 4: the switch (done).
+ConversionUnits convert_to_consumed_units(const Limiter& limiter, double bucket_size,
+                                          void (*after_step)(int, void*), void* ctx);
+
 }  // namespace lim::detail

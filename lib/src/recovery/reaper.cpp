@@ -192,6 +192,10 @@ ReapReport reap_locked(SegmentState& state) {
         // Attribute what was given back: each dead process its ledger; any remainder (an
         // operation a process died in the middle of) to the process that had it pending.
         for (int l = 0; l < ops->layers; ++l) {
+            // Nothing given back, nothing to report: the dead's ledger entries were not in the
+            // word (a consumed record's recount gives nothing back, and one converted from a
+            // token bucket keeps its takers' old entries: lim::convert_to_consumed).
+            if (given.held[l] == 0) continue;
             std::int64_t attributed = 0;
             std::uint32_t pending_pid = 0;
             std::map<std::uint32_t, std::int64_t> per_pid;

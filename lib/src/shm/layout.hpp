@@ -164,6 +164,8 @@ struct alignas(kCacheLine) Record {
     RecordHeader header;
     // Lines 2-3: the configuration the record was created with, as the family's plain struct,
     // zero-padded. Immutable: it is what `config_mismatch` compares and what `reset` restores.
+    // (One exception, with `header.flavor`: lim::convert_to_consumed rewrites both once, under
+    // the config lock, to what open_consumed_limiter creates; docs/design.md.)
     alignas(kCacheLine) std::byte config[kRecordConfigSize];
     alignas(kCacheLine) std::byte body[kRecordBodySize];
 };
