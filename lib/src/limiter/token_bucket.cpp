@@ -4,6 +4,7 @@
 // take").
 #include "lim/token_bucket.hpp"
 
+#include <atomic>
 #include <cmath>
 
 #include "limiter/limiter_open.hpp"
@@ -136,7 +137,8 @@ TokenBucket::TokenBucket(Limiter limiter) : LimiterFacade(std::move(limiter)) {
     // Limiter handles on it see every take in F.
     const detail::RecordRef& ref = detail::LimiterAccess::ref(limiter_);
     bucket_take_ = !ref.state->read_only() &&
-                   ref.state->record(ref.index).header.flavor ==
+                   std::atomic_ref<std::uint16_t>(ref.state->record(ref.index).header.flavor)
+                           .load(std::memory_order_relaxed) ==
                        static_cast<std::uint16_t>(detail::LimiterFlavor::token_bucket);
 }
 
@@ -306,11 +308,24 @@ namespace {
     return detail::bucket_take(ref, entry, now_ns, units);
 }
 
+// Whether the record is still a TokenBucket's. lim::convert_to_consumed (lim-feeder adopting a
+// bucket a worker created before it started) rewrites the flavor once; from then on a handle
+// opened before takes as one opened after does — the general take, which reads no clock for an
+// infinite rate — instead of trying the bucket's own take first and paying a clock read and a
+// declined attempt on every call. A hint (relaxed): every take validates the configuration it
+// uses against the record's generation either way.
+bool still_token_bucket(const detail::RecordRef& ref) noexcept {
+    return std::atomic_ref<std::uint16_t>(ref.record->header.flavor)
+               .load(std::memory_order_relaxed) ==
+           static_cast<std::uint16_t>(detail::LimiterFlavor::token_bucket);
+}
+
 }  // namespace
 
 TryTake TokenBucket::try_take(TimePoint now, double n) {
-    if (!bucket_take_) return limiter_.try_take(now, n);
     const detail::RecordRef& ref = detail::LimiterAccess::ref(limiter_);
+    if (!bucket_take_ || !still_token_bucket(ref)) [[unlikely]]
+        return limiter_.try_take(now, n);
     const std::int64_t units = detail::amount_units(ref, "try_take", n);
     if (units == 0) return TryTake::taken;
     return take_bucket(ref, detail::bounded_now_ns(now), units);
@@ -319,8 +334,9 @@ TryTake TokenBucket::try_take(TimePoint now, double n) {
 TryTake TokenBucket::try_take(double n) {
     // A token bucket's own take needs the time (a finite rate); an adopted record's take reads
     // it only if it does.
-    if (!bucket_take_) return limiter_.try_take(n);
     const detail::RecordRef& ref = detail::LimiterAccess::ref(limiter_);
+    if (!bucket_take_ || !still_token_bucket(ref)) [[unlikely]]
+        return limiter_.try_take(n);
     const std::int64_t units = detail::amount_units(ref, "try_take", n);
     if (units == 0) return TryTake::taken;
     return take_bucket(ref, to_nanos(Clock::now()), units);
