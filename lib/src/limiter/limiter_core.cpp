@@ -461,8 +461,11 @@ std::int64_t exact_anchor(const LimiterParams& p, std::int64_t t) noexcept {
     const std::uint64_t step = kNsPerSec / std::gcd(r, kNsPerSec);
     std::uint64_t span = 0;
     if (__builtin_mul_overflow(step, r, &span) || span > (std::uint64_t{1} << 62)) return t;
+    // t - anchor may exceed INT64_MAX (an anchor from a far-past creation `now`, or a corrupt
+    // word): taken in 64 unsigned bits, and the result as t minus the remainder (< step <= 10^9,
+    // and t - remainder >= anchor), so that nothing overflows a signed type.
     const auto elapsed = static_cast<std::uint64_t>(t) - static_cast<std::uint64_t>(p.anchor_ns);
-    return p.anchor_ns + static_cast<std::int64_t>(elapsed - elapsed % step);
+    return t - static_cast<std::int64_t>(elapsed % step);
 }
 }  // namespace
 
