@@ -12,6 +12,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -26,6 +27,7 @@
 #include "lim/token_bucket.hpp"
 #include "limiter/limiter_state.hpp"
 #include "shm/segment_state.hpp"
+#include "support/admissions.hpp"
 #include "support/limiter_records.hpp"
 #include "support/limiter_time.hpp"
 #include "support/process.hpp"
@@ -347,4 +349,75 @@ TEST_CASE(
     MESSAGE("admitted " << admitted << " units over " << (t - start) / 1'000'000'000
                         << " s; burst + rate x T = " << bound);
     CHECK(admitted <= bound);
+}
+
+TEST_CASE(
+    "review: forked takers racing re-anchors and a Limiter handle's reconfigurations: "
+    "never more than the largest burst + the fastest rate x T") {
+    // 3 processes take at a shared explicit clock (each attempt advances it 2 us; times stale by
+    // a few attempts), while a 4th, through a Limiter handle adopting the record, switches the
+    // bucket size between 50 and 30 tokens and the rate between 10^7 tokens/s (exact re-anchors,
+    // step 1 ns) and 12,345,678.9 tokens/s (step 1 ms), at the clock's time: its
+    // switches (config lock waited for) race the takers' re-anchors (tried) and their CASes.
+    constexpr int kTakers = 3;
+    constexpr int kAttempts = 300'000;
+    constexpr double kBurstMax = 50;
+    constexpr double kRateMax = 12'345'678.9;
+    lim::test::SegmentGuard guard(lim::test::unique_name("tb-rv3-mp"));
+    auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 4, .max_processes = 64});
+    auto tb =
+        TokenBucket::open(seg, "tb", {.burst_size = kBurstMax, .sustained_rate_per_sec = 1e7}, t0);
+    const detail::LimiterBody& body = body_of(seg, "tb");
+    const std::uint32_t gen0 = generation(body);
+    auto* clock = new (lim::test::shared_array<std::atomic<std::int64_t>>(1))
+        std::atomic<std::int64_t>(to_nanos(t0));
+    auto* done = new (lim::test::shared_array<std::atomic<int>>(1)) std::atomic<int>(0);
+    const lim::test::AdmissionLog log(kTakers, kAttempts);
+    std::vector<pid_t> kids;
+    for (int p = 0; p < kTakers; ++p) {
+        kids.push_back(lim::test::fork_child([&, p] {
+            const double n = p % 2 == 0 ? 40.0 : 25.0;
+            lim::test::Admission* mine = log.part(p);
+            std::int64_t k = 0;
+            for (int i = 0; i < kAttempts; ++i) {
+                const std::int64_t now = clock->fetch_add(2'000) + 2'000;
+                if (tb.try_take(from_nanos(now), n) != TryTake::taken) continue;
+                mine[k++] = {now, clock->load(), static_cast<std::int64_t>(n * 10'000)};
+            }
+            log.set_count(p, k);
+            done->fetch_add(1);
+            return 0;
+        }));
+    }
+    const pid_t switcher = lim::test::fork_child([&] {
+        auto l = Limiter::open(seg, "tb", {.bucket_size = 1}, lim::adopt_existing, t0);
+        std::uint64_t i = 0;
+        while (done->load() < kTakers) {
+            const TimePoint now = from_nanos(clock->load());
+            if (i % 2 == 0) {
+                l.set_bucket_size(now, i % 4 == 0 ? 30 : kBurstMax);
+            } else {
+                l.set_hopper_to_bucket_rate_per_sec(now, i % 4 == 1 ? kRateMax : 1e7);
+            }
+            ++i;
+            // Not too often: the takers' own re-anchors must get the lock too.
+            for (int spin = 0; spin < 20'000; ++spin)
+                (void)clock->load();
+        }
+        return 0;
+    });
+    for (pid_t k : kids)
+        CHECK(lim::test::wait_child(k) == 0);
+    CHECK(lim::test::wait_child(switcher) == 0);
+
+    const std::vector<lim::test::Admission> all = log.all();
+    REQUIRE(all.size() > 1000);
+    // Slack: one unit, the drip's floor over a window (a rate switch re-anchors at its time and
+    // only loses; an exact re-anchor neither loses nor gains).
+    const auto check = lim::test::check_bucket(all, kBurstMax * 10'000, kRateMax * 10'000, 1, 256);
+    const std::uint32_t switches = (generation(body) - gen0) & 0xFFFF;
+    MESSAGE(all.size() << " admissions, " << check.windows << " windows, worst excess "
+                       << check.worst_excess_units << " units, " << switches << " switches");
+    CHECK(check.worst_excess_units <= 0);
+    CHECK(switches >= 10);
 }
