@@ -561,6 +561,9 @@ bool LimiterCore::reanchor_drip(std::int64_t now_ns) {
     const std::uint64_t s = body_.bucket.load(std::memory_order_seq_cst);
     const LimiterParams p = load_params(body_.config[BucketWord::gen(s) & 1]);
     if (p.rate_infinite || !p.target_infinite || p.drip.shift != 0 || p.drip.m == 0) return false;
+    // A block no configuration can produce (a corrupt segment) is not re-anchored here: the
+    // take's own checks refuse it, and switch_locked negates the bucket size.
+    if (p.bucket_size <= 0 || p.bucket_size > kMaxTokenUnits) return false;
     const std::int64_t t =
         std::max({now_ns, body_.time_ns.load(std::memory_order_relaxed), p.anchor_ns});
     std::uint64_t product = 0;

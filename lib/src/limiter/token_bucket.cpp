@@ -65,7 +65,10 @@ TakeOutcome LimiterCore::try_take_bucket(LedgerEntry& entry, std::int64_t now_ns
                 // L, lazily: only "a `now` behind the limiter's time is moved up to it" depends
                 // on it, and a lag of at most kLazyTimeGrain is a take at a slightly earlier time
                 // (fewer tokens, never more). Saves a CAS on the hot line per take.
-                if (t - l > kLazyTimeGrainNs) raise_time(t);
+                // (t >= l: their difference in unsigned 64 bits, exact even for a corrupt L.)
+                if (static_cast<std::uint64_t>(t) - static_cast<std::uint64_t>(l) >
+                    static_cast<std::uint64_t>(kLazyTimeGrainNs))
+                    raise_time(t);
                 return TakeOutcome::taken;
             }
         }
@@ -201,7 +204,9 @@ namespace {
     held.store(held.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
     entry.admitted.store(entry.admitted.load(std::memory_order_relaxed) + 1,
                          std::memory_order_relaxed);
-    if (t - l > kLazyTimeGrainNs) raise_time_ns(body.time_ns, t);
+    if (static_cast<std::uint64_t>(t) - static_cast<std::uint64_t>(l) >
+        static_cast<std::uint64_t>(kLazyTimeGrainNs))
+        raise_time_ns(body.time_ns, t);
     return true;
 }
 
