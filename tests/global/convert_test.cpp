@@ -54,7 +54,7 @@ lim::detail::Record& record_of(const lim::Segment& seg, const std::string& key) 
 }
 
 std::uint16_t flavor_of(const lim::Segment& seg, const std::string& key) {
-    return record_of(seg, key).header.flavor;
+    return lim::detail::load_flavor(record_of(seg, key).header);
 }
 
 std::uint32_t created_flags(const lim::Segment& seg, const std::string& key) {

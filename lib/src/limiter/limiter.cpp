@@ -533,7 +533,7 @@ bool Limiter::take_until_impl(double n, const TimePoint* deadline) {
 void Limiter::set_token_target_level(TimePoint now, InfiniteOrFinite<double> level) {
     std::int64_t units = 0;
     auto core = detail::core_of(ref_);
-    if (level.is_finite() && core.state().record(core.record()).header.flavor ==
+    if (level.is_finite() && load_flavor(core.state().record(core.record()).header) ==
                                  static_cast<std::uint16_t>(detail::LimiterFlavor::token_bucket)) {
         // A TokenBucket's own takes are consumed outside F (recorded in the takers' ledgers), so
         // a finite target could not count them and would admit more than it says. The flavor

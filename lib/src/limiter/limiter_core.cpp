@@ -424,7 +424,7 @@ LimiterReading LimiterCore::read(std::int64_t now_ns) const noexcept {
                       : std::max<std::int64_t>(0, r.params.target - r.in_flight) - r.in_bucket;
     // A token bucket's own takes are in flight too, recorded in the ledgers rather than in F
     // (try_take_bucket). Added after the bucket is computed: its cap depends on F alone.
-    if (state_.record(record_).header.flavor ==
+    if (load_flavor(state_.record(record_).header) ==
         static_cast<std::uint16_t>(LimiterFlavor::token_bucket)) {
         const std::int64_t taken = bucket_taken();
         r.in_flight = taken > kMaxInFlight - r.in_flight ? kMaxInFlight : r.in_flight + taken;

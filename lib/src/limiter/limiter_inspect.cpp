@@ -25,7 +25,7 @@ void inspect_limiter(const SegmentState& state, std::uint32_t record, TimePoint 
                      RecordSnapshot& out) {
     const Record& r = state.record(record);
     const auto& c = *reinterpret_cast<const LimiterRecordConfig*>(r.config);
-    const auto flavor = static_cast<LimiterFlavor>(r.header.flavor);
+    const auto flavor = static_cast<LimiterFlavor>(load_flavor(r.header));
     const bool rate_infinite = (c.flags & kRateInfinite) != 0;
     const bool hopper_infinite = (c.flags & kTargetInfinite) != 0;
     const std::string rate = rate_infinite ? "inf" : text(std::bit_cast<double>(c.rate_bits));

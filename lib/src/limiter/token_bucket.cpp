@@ -140,8 +140,7 @@ TokenBucket::TokenBucket(Limiter limiter) : LimiterFacade(std::move(limiter)) {
     // Limiter handles on it see every take in F.
     const detail::RecordRef& ref = detail::LimiterAccess::ref(limiter_);
     bucket_take_ = !ref.state->read_only() &&
-                   std::atomic_ref<std::uint16_t>(ref.state->record(ref.index).header.flavor)
-                           .load(std::memory_order_relaxed) ==
+                   detail::load_flavor(ref.state->record(ref.index).header) ==
                        static_cast<std::uint16_t>(detail::LimiterFlavor::token_bucket);
 }
 
@@ -320,8 +319,7 @@ namespace {
 // declined attempt on every call. A hint (relaxed): every take validates the configuration it
 // uses against the record's generation either way.
 bool still_token_bucket(const detail::RecordRef& ref) noexcept {
-    return std::atomic_ref<std::uint16_t>(ref.record->header.flavor)
-               .load(std::memory_order_relaxed) ==
+    return detail::load_flavor(ref.record->header) ==
            static_cast<std::uint16_t>(detail::LimiterFlavor::token_bucket);
 }
 

@@ -152,6 +152,15 @@ struct alignas(kCacheLine) RecordHeader {
 };
 static_assert(sizeof(RecordHeader) == 2 * kCacheLine);
 
+// RecordHeader::flavor, read atomically: written before the record is published, and rewritten
+// once afterwards by lim::convert_to_consumed (an atomic store), which handles and tools may read
+// concurrently. Relaxed: what a flavor decides is validated against the record's configuration
+// generation, or is a statistic.
+inline std::uint16_t load_flavor(const RecordHeader& h) noexcept {
+    return std::atomic_ref<std::uint16_t>(const_cast<std::uint16_t&>(h.flavor))
+        .load(std::memory_order_relaxed);
+}
+
 inline constexpr std::uint32_t kRecordEmpty = 0;
 inline constexpr std::uint32_t kRecordReady = 0x4C494D52;  // "RMIL"
 

@@ -61,16 +61,16 @@ RecordRef open_record(const Segment& segment, RecordKind kind, std::uint16_t fla
                                                       init_body);
     RecordRef ref{state, opened.index, opened.record};
     if (!opened.created && !adopt &&
-        (opened.record->header.flavor != flavor ||
+        (load_flavor(opened.record->header) != flavor ||
          !same_config(*opened.record, &wanted, sizeof(Config)))) {
         Config stored;
         std::memcpy(&stored, opened.record->config, sizeof(Config));
-        throw Error(
-            Errc::config_mismatch,
-            fmt::format("{} '{}' in segment '{}' exists as {}; asked for {} (pass "
-                        "lim::adopt_existing to attach with the stored configuration)",
-                        what, key, state->name(), describe(stored, opened.record->header.flavor),
-                        describe(wanted, flavor)));
+        throw Error(Errc::config_mismatch,
+                    fmt::format("{} '{}' in segment '{}' exists as {}; asked for {} (pass "
+                                "lim::adopt_existing to attach with the stored configuration)",
+                                what, key, state->name(),
+                                describe(stored, load_flavor(opened.record->header)),
+                                describe(wanted, flavor)));
     }
     return ref;
 }
