@@ -537,7 +537,11 @@ void Limiter::set_token_target_level(TimePoint now, InfiniteOrFinite<double> lev
                                  static_cast<std::uint16_t>(detail::LimiterFlavor::token_bucket)) {
         // A TokenBucket's own takes are consumed outside F (recorded in the takers' ledgers), so
         // a finite target could not count them and would admit more than it says. The flavor
-        // never changes, so this refusal has no race with those takes.
+        // changes only once, token_bucket -> limiter (lim::convert_to_consumed's step 1); a
+        // target set after it, on a live configuration still the token bucket's (a converter
+        // killed before its switch), bounds takes not yet bound by any lease (its count
+        // misses the token bucket's own takes, as before the conversion), and the
+        // conversion's switch replaces it with 0.
         throw Error(Errc::invalid_argument,
                     fmt::format("limiter '{}': set_token_target_level: a finite target is for "
                                 "records created as a Limiter, not as a TokenBucket (whose taken "

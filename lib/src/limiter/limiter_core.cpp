@@ -186,6 +186,20 @@ void LimiterCore::rollback_tentative(LimiterBody& body, std::int64_t n) noexcept
     wake_all(body.wake);
 }
 
+void LimiterCore::rollback_unless_consumed(LimiterBody& body, std::int64_t n) noexcept {
+    // The configuration S selects now (its flags alone: a later switch rewriting this block can
+    // only leave it consumed too). Read after the CAS that found the switch, or the shortage.
+    const std::uint64_t s = body.bucket.load(std::memory_order_seq_cst);
+    const std::uint32_t flags =
+        body.config[BucketWord::gen(s) & 1].flags.load(std::memory_order_seq_cst);
+    if ((flags & kConsumed) != 0) return;  // n stays in F: consumed, not admitted
+    LIM_RACE_POINT();
+    // Residual: a switch to consumed, the feeder's grant and takes spending it all between this
+    // read and the roll-back's CAS (a taker stopped exactly here) still give n back; see
+    // docs/design.md, "Converting a token bucket into a consumed record".
+    rollback_tentative(body, n);
+}
+
 [[gnu::always_inline]] inline LimiterCore::Attempt LimiterCore::begin(
     Hold& hold, std::uint64_t& fw, std::int64_t& now_ns) noexcept {
     while (is_frozen(fw)) {
@@ -281,7 +295,7 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
                 // switch may be the feeder's "target <- F + a" with F read after our CAS, which
                 // counted our n as spent; taking it back out would leave n more to spend than
                 // Redis counts ("Lease deadlines").
-                if (!p.consumed) rollback_tentative(n);
+                if (!p.consumed) rollback_unless_consumed(body_, n);
                 fw = in_flight.load(std::memory_order_seq_cst);
                 continue;
             }
@@ -332,7 +346,13 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
             if (BucketWord::gen(s) != gen) break;
             x = BucketWord::x(s);
             if (std::max<std::int64_t>(0, std::min(d - x, cap)) < n) {
-                rollback_tentative(n);
+                // Too few now, under the same generation; but the switch to consumed may come
+                // before the roll-back lands (as above).
+                if (p.consumed) {
+                    rollback_tentative(n);
+                } else {
+                    rollback_unless_consumed(body_, n);
+                }
                 raise_time(t);
                 if (p.consumed && count_refused) note_refused(body_, n);
                 return TakeOutcome::unable;
@@ -340,7 +360,7 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
         }
         // Reconfigured under us: start over with the new configuration. A consumed record's n
         // stays in F, as in the infinite-rate branch above.
-        if (!p.consumed) rollback_tentative(n);
+        if (!p.consumed) rollback_unless_consumed(body_, n);
         fw = in_flight.load(std::memory_order_seq_cst);
     }
 }

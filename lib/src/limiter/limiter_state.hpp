@@ -545,6 +545,14 @@ class LimiterCore {
     void rollback_tentative(std::int64_t n) noexcept { rollback_tentative(body_, n); }
     // The same on `body`: what the fast path calls, so that it never needs `this` in memory.
     static void rollback_tentative(LimiterBody& body, std::int64_t n) noexcept;
+    // The roll-back of a take that read a configuration that was not consumed: skipped (its n
+    // stays in F, not admitted: under-use) if the record is consumed now. lim::convert_to_consumed
+    // switches a token bucket to consumed; a take that CASed F under the old configuration and
+    // finds the switch only after it may have had its n counted by the feeder (target <- F + a),
+    // so taking it back out of F would leave n spendable with no lease (global.convert_review
+    // R1). Nothing makes a consumed record not consumed (a reset restores a creation configuration
+    // that the conversion rewrote first), so a record found consumed stays so.
+    static void rollback_unless_consumed(LimiterBody& body, std::int64_t n) noexcept;
     void switch_config(std::int64_t now_ns, bool reanchor, void (*change)(LimiterParams&, void*),
                        void* ctx);
 
@@ -593,7 +601,7 @@ inline FastOutcome LimiterCore::try_take_infinite_from(Hold& hold, std::uint64_t
     // Every field read above belongs to the generation in `s`; unchanged now, it was current at
     // the CAS (the general take's check, below its CAS).
     if (BucketWord::gen(body_.bucket.load(std::memory_order_seq_cst)) != gen) [[unlikely]] {
-        rollback_tentative(body_, n);
+        rollback_unless_consumed(body_, n);
         return FastOutcome::general;
     }
     hold.add(0, n);

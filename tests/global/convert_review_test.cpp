@@ -1,0 +1,201 @@
+// Adversarial review of lim::convert_to_consumed (docs/design.md, "Converting a token bucket into a
+// consumed record"). Each case is a finding: a state the conversion leaves, reached by real
+// processes, that admits more than the lease grants.
+//
+// R1: a general take (a TokenBucket's take(), or a Limiter handle's try_take, on the worker's token
+// bucket) adds its n to in_flight (F) tentatively, then CASes the bucket word expecting the
+// generation it read. Caught between the two (preempted, SIGSTOPped) while the conversion switches
+// the record, its bucket CAS fails on the generation and it rolls its n back out of F: the
+// configuration it read was not consumed. But by then F may be counted by the feeder ("target <-
+// F + a") and spent up to the target: the roll-back lowers F under the target, n tokens
+// spendable with no lease. The design's "a roll-back that lands after step 2 clamps F at 0: F
+// only ends higher than the truth" holds only while nothing was granted.
+#include <sched.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+#include "lim/consumed_limiter.hpp"
+#include "lim/lim.hpp"
+#include "limiter/consumed_rebase.hpp"
+#include "limiter/limiter_state.hpp"
+#include "shm/records.hpp"
+#include "support/process.hpp"
+
+using namespace std::chrono_literals;
+
+namespace {
+
+lim::LimiterConfig local_config(double burst) {
+    return lim::LimiterConfig{.hopper_to_bucket_rate_per_sec = lim::infinite,
+                              .bucket_size = burst,
+                              .initial_bucket_level = 0,
+                              .initial_hopper_level = 0.0};
+}
+
+lim::TokenBucket worker_bucket(const lim::Segment& seg, const std::string& key, double burst,
+                               double rate, double initial) {
+    return lim::TokenBucket::open(
+        seg, key,
+        {.burst_size = burst, .sustained_rate_per_sec = rate, .initial_bucket_level = initial},
+        lim::adopt_existing);
+}
+
+lim::detail::LimiterBody& body_of(const lim::Segment& seg, const std::string& key) {
+    const auto r = lim::detail::find_record(*seg.state(), lim::detail::RecordKind::limiter, key);
+    REQUIRE(r.has_value());
+    return *reinterpret_cast<lim::detail::LimiterBody*>(seg.state()->record(*r).body);
+}
+
+// F - X, in units: each general take on a finite-rate record adds n to F (tentatively) and then n
+// to the bucket marker X (no fold: the bucket is never near full, see below). Between the two
+// CASes, F - X is n above its resting value.
+std::int64_t f_minus_x(lim::detail::LimiterBody& b) {
+    const auto f = static_cast<std::int64_t>(b.in_flight.load() & ~lim::detail::kFrozen);
+    return f - lim::detail::BucketWord::x(b.bucket.load());
+}
+
+// A worker process that takes 1 token at a time by the general take (a Limiter handle on the
+// token bucket it opens) until refused, counting what it was admitted.
+pid_t general_taker(const lim::Segment& seg, std::atomic<long>* count, lim::test::Flag* ready) {
+    return lim::test::fork_child([&seg, count, ready] {
+        auto tb = worker_bucket(seg, "api", 1e9, 1e-3, 1e9 - 1);
+        lim::Limiter& l = tb.limiter();
+        ready->set();
+        for (;;) {
+            if (l.try_take(1) != lim::TryTake::taken) return 0;
+            count->fetch_add(1);
+        }
+    });
+}
+
+// Stops `child` (SIGSTOP) at random points until F - X is `want` above `rest`: one token above, it
+// is stopped between its take's CAS on F and its CAS on the bucket word; 0 above, it is not
+// inside a take's two CASes. Returns whether it was caught; the child stays stopped if so,
+// running otherwise.
+bool stop_when(pid_t child, lim::detail::LimiterBody& b, std::int64_t rest, std::int64_t want) {
+    for (int i = 0; i < 200000; ++i) {
+        REQUIRE(kill(child, SIGSTOP) == 0);
+        int st = 0;
+        REQUIRE(waitpid(child, &st, WUNTRACED) == child);
+        REQUIRE(WIFSTOPPED(st));
+        const std::int64_t d = f_minus_x(b) - rest;
+        REQUIRE((d == 0 || d == lim::kTokenResolution));
+        if (d == want) return true;
+        REQUIRE(kill(child, SIGCONT) == 0);
+        sched_yield();  // let it run a little (not a timing assertion)
+    }
+    return false;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "R1: a general take caught between its two CASes by the conversion, then granted, rolls "
+    "its tentative n out of a consumed F: n spendable with no lease") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("convrev1"));
+    auto seg = lim::Segment::open_or_create(guard.name(), lim::SegmentOptions{});
+    // The worker's bucket: huge and one token short of full, a rate so low that no take folds
+    // the drip (X moves by exactly n per take).
+    (void)worker_bucket(seg, "api", 1e9, 1e-3, 1e9 - 1);
+    lim::detail::LimiterBody& b = body_of(seg, "api");
+    const std::int64_t rest = f_minus_x(b);
+    auto* count = lim::test::shared_array<std::atomic<long>>(1);
+    auto* ready = lim::test::make_flag();
+    const pid_t child = general_taker(seg, count, ready);
+    ready->wait();
+    const bool caught = stop_when(child, b, rest, lim::kTokenResolution);
+    if (!caught) kill(child, SIGKILL);
+    REQUIRE(caught);
+
+    // lim-feeder starts: converts, grants 5 with a live lease; the host spends them.
+    lim::Limiter l = lim::open_consumed_limiter(seg, "api", local_config(10));
+    REQUIRE(lim::convert_to_consumed(l, 10).converted);
+    l.set_token_target_level(l.in_flight() + 5);
+    lim::set_lease_deadline(l, lim::Clock::now() + 30s);
+    int admitted = 0;
+    while (l.try_take(1) == lim::TryTake::taken)
+        ++admitted;
+    CHECK(admitted == 5);
+
+    // The stopped take resumes: its bucket CAS fails on the switch's generation. Nothing more
+    // may be admitted by it or after it: the lease was 5.
+    const long before = count->load();
+    REQUIRE(kill(child, SIGCONT) == 0);
+    CHECK(lim::test::wait_child(child) == 0);
+    const long child_admitted = count->load() - before;
+    CHECK(admitted + child_admitted <= 5);
+    CHECK(l.try_take(1) == lim::TryTake::unable);
+    CHECK(l.in_flight() >= l.token_target_level().value_or(0));
+}
+
+namespace {
+struct Hunt {
+    pid_t child;
+    lim::detail::LimiterBody* b;
+    std::int64_t rest;
+    bool caught = false;
+};
+}  // namespace
+
+TEST_CASE(
+    "R1b: the same take caught after step 2 (F cleared) and before the switch: the feeder "
+    "counts its tentative n in F, the roll-back gives it back as spendable") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("convrev1b"));
+    auto seg = lim::Segment::open_or_create(guard.name(), lim::SegmentOptions{});
+    (void)worker_bucket(seg, "api", 1e9, 1e-3, 1e9 - 1);
+    lim::detail::LimiterBody& b = body_of(seg, "api");
+    const std::int64_t rest = f_minus_x(b);
+    auto* count = lim::test::shared_array<std::atomic<long>>(1);
+    auto* ready = lim::test::make_flag();
+    const pid_t child = general_taker(seg, count, ready);
+    ready->wait();
+
+    lim::Limiter l = lim::open_consumed_limiter(seg, "api", local_config(10));
+    Hunt hunt{child, &b, rest};
+    lim::detail::convert_to_consumed_units(
+        l, 10,
+        [](int step, void* ctx) {
+            auto& h = *static_cast<Hunt*>(ctx);
+            if (step == 1) {
+                // Stop the child outside its take's two CASes, so that F - X rests while step 2
+                // changes F alone.
+                h.caught = stop_when(h.child, *h.b, h.rest, 0);
+                REQUIRE(h.caught);
+                h.caught = false;
+            }
+            if (step == 2) {
+                // F was cleared: F - X rests at -X now; catch the child's next take between its
+                // CASes (its F CAS lands on the cleared F, under the token bucket's
+                // configuration: the switch is step 4).
+                REQUIRE(h.b->in_flight.load() == 0);
+                h.rest = -lim::detail::BucketWord::x(h.b->bucket.load());
+                REQUIRE(kill(h.child, SIGCONT) == 0);
+                h.caught = stop_when(h.child, *h.b, h.rest, lim::kTokenResolution);
+            }
+        },
+        &hunt);
+    if (!hunt.caught) kill(child, SIGKILL);
+    REQUIRE(hunt.caught);
+    // The child's tentative n is in F (with its takes since step 2, taken before the switch);
+    // the feeder counts them all: target <- F + 5.
+    CHECK(l.in_flight() >= 1);
+    l.set_token_target_level(l.in_flight() + 5);
+    lim::set_lease_deadline(l, lim::Clock::now() + 30s);
+    int admitted = 0;
+    while (l.try_take(1) == lim::TryTake::taken)
+        ++admitted;
+    CHECK(admitted == 5);
+    const long before = count->load();
+    REQUIRE(kill(child, SIGCONT) == 0);
+    CHECK(lim::test::wait_child(child) == 0);
+    const long child_admitted = count->load() - before;
+    CHECK(admitted + child_admitted <= 5);
+    CHECK(l.try_take(1) == lim::TryTake::unable);
+}
