@@ -8,6 +8,8 @@
 #include "lim/segment.hpp"
 #include "lim/throttle.hpp"
 #include "lim/token_bucket.hpp"
+#include "limiter/limiter_state.hpp"
+#include "shm/records.hpp"
 #include "support/limiter_time.hpp"
 #include "support/process.hpp"
 
@@ -159,4 +161,43 @@ TEST_CASE("a token bucket cannot be given a finite target: its takes are consume
     CHECK(l.in_flight(t0) == 10);
     l.set_token_target_level(t0, lim::infinite);  // an infinite one is what it has: accepted
     tb.invariant();
+}
+
+TEST_CASE("a token bucket re-anchors its drip at most every 6 minutes, and above 5,124/s never") {
+    // Re-anchoring keeps the take's drip arithmetic short, but each re-anchor is a configuration
+    // switch and the generation has 16 bits: at most one per 6 minutes keeps a wrap 273 days of
+    // one taker's stop away (docs/design.md, "TokenBucket's take"). Explicit times over hours.
+    REQUIRE(lim::detail::short_drip_max_rate.load() == lim::detail::kShortDripMaxRate);
+    lim::test::SegmentGuard guard(lim::test::unique_name("tb-window"));
+    auto seg = lim::test::limiter_segment(guard);
+    const auto generation = [&](const char* key) {
+        const auto r =
+            lim::detail::find_record(*seg.state(), lim::detail::RecordKind::limiter, key);
+        REQUIRE(r.has_value());
+        const auto& body =
+            *reinterpret_cast<const lim::detail::LimiterBody*>(seg.state()->record(*r).body);
+        return lim::detail::BucketWord::gen(body.bucket.load());
+    };
+    const TimePoint start = lim::test::t0;
+    auto slow =
+        TokenBucket::open(seg, "slow", {.burst_size = 10, .sustained_rate_per_sec = 5'000}, start);
+    auto fast =
+        TokenBucket::open(seg, "fast", {.burst_size = 10, .sustained_rate_per_sec = 1e7}, start);
+    const std::uint32_t slow0 = generation("slow");
+    const std::uint32_t fast0 = generation("fast");
+    // One take a second for 2 hours: the 5,000/s bucket's window is 2^64 / (5 x 10^7) ns = 369 s.
+    std::int64_t taken = 0;
+    for (int s = 1; s <= 7'200; ++s) {
+        const TimePoint t = start + std::chrono::seconds(s);
+        taken += slow.try_take(t, 1) == TryTake::taken;
+        // (The first 300 s only: past 2^45 units of drip, 351 s at 10^7/s, any record rebases.)
+        if (s <= 300) taken += fast.try_take(t, 1) == TryTake::taken;
+    }
+    CHECK(taken == 7'200 + 300);
+    const std::uint32_t slow_switches = (generation("slow") - slow0) & 0xFFFF;
+    MESSAGE("5,000/s: " << slow_switches << " re-anchors in 2 h");
+    CHECK(slow_switches >= 15);          // 7,200 s / 369 s, less the first window's remainder
+    CHECK(slow_switches <= 20);          // never more than one per 6 minutes
+    CHECK(generation("fast") == fast0);  // 10^7/s: the long form, never re-anchored (the short
+                                         // form's window there is 0.18 s)
 }

@@ -368,6 +368,12 @@ enum class TakeOutcome { taken, unable, asked_for_more, rebase_needed, not_a_tok
 // are consumed, counted in in_flight but not in F (layer 0 mirrors F).
 inline constexpr int kBucketTakenLayer = 1;
 
+// The fastest drip (units per second) a token bucket re-anchors to keep its short form: one whose
+// window 2^64 / R ns is at least 6 minutes (token_bucket.cpp). short_drip_max_rate holds it; tests
+// raise it to exercise many re-anchors in little time.
+inline constexpr std::uint64_t kShortDripMaxRate = 51'240'955;  // floor(2^64 / (3.6 x 10^11 ns))
+extern std::atomic<std::uint64_t> short_drip_max_rate;
+
 // The lazy raise of L by a token bucket's take: only once L is this far behind.
 inline constexpr std::int64_t kLazyTimeGrainNs = 10'000;  // 10 us
 // `not_held`: the calling thread's own ledger holds fewer than the return (a check of the whole

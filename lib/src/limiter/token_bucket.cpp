@@ -209,15 +209,23 @@ namespace {
     return true;
 }
 
-// Token buckets whose rate is at most this many units per second (1.8 x 10^7 tokens/s) keep
-// their drip in its short form by re-anchoring it: a re-anchor is due 2^64 / R ns after the
-// anchor, at least every 100 ms. (Each is a configuration switch: the generation's 16 bits then
-// wrap in no less than 65,536 x 100 ms, 1.8 hours; docs/design.md, "TokenBucket's take".)
-// Faster rates use the long form, as every rate did before.
-inline constexpr std::uint64_t kShortDripMaxRate = 184'467'440'737;  // floor(2^64 / 10^8 ns)
+}  // namespace
+
+// Token buckets whose rate is at most this many units per second (5,124 tokens/s: every vendor
+// API limit we know of) keep their drip in its short form by re-anchoring it: a re-anchor is
+// due 2^64 / R ns after the anchor, at least 6 minutes. Each is a configuration switch, and the
+// generation has 16 bits: a taker stopped between its load of S and its CAS across 65,536
+// switches could land on a recycled word (docs/design.md, "TokenBucket's take", generation
+// wrap). Six minutes makes that a stop of 273 days, no nearer than the rebases every record
+// already has (266 days at 10^7 tokens/s); a 100 ms window made it 1.8 hours. Faster rates use
+// the long form, as every rate did before. A variable only so that tests can exercise many
+// re-anchors in little time (token_bucket_reanchor_test); nothing else writes it.
+std::atomic<std::uint64_t> short_drip_max_rate{kShortDripMaxRate};
+
+namespace {
 
 // When the drip of the token bucket's current configuration no longer has its short form at
-// max(now, L) (and its rate is at most kShortDripMaxRate), re-anchors it (LimiterCore::
+// max(now, L) (and its rate is at most short_drip_max_rate), re-anchors it (LimiterCore::
 // reanchor_drip: the config lock, tried without waiting; exact, see exact_anchor) so that the
 // takes that follow have it again. A re-anchor only saves time: if the lock is held or cannot
 // be had, the take goes on with the long form, which is exact at any elapsed time. A thread
@@ -232,7 +240,8 @@ void reanchor_for_short_drip(LimiterCore& core, std::int64_t now_ns) noexcept {
     if ((c.flags.load(std::memory_order_acquire) & (kRateInfinite | kTargetInfinite)) !=
             kTargetInfinite ||
         c.drip_shift.load(std::memory_order_acquire) != 0 ||
-        c.drip_m.load(std::memory_order_acquire) > kShortDripMaxRate) {
+        c.drip_m.load(std::memory_order_acquire) >
+            short_drip_max_rate.load(std::memory_order_relaxed)) {
         return;
     }
     const std::int64_t t = std::max(now_ns, body.time_ns.load(std::memory_order_relaxed));
