@@ -199,3 +199,51 @@ TEST_CASE(
     CHECK(admitted + child_admitted <= 5);
     CHECK(l.try_take(1) == lim::TryTake::unable);
 }
+
+TEST_CASE(
+    "R1c: a conversion that catches a take in the middle reports it unsettled; it settles when "
+    "the take ends, or when its process dies") {
+    // What closes what R1's fix leaves open (a take stopped after deciding to roll back, before
+    // its roll-back): the conversion waits for every take in progress on the record to end, and
+    // the feeder grants nothing until they have. Caught between its two CASes, the child's slot
+    // announces its take (its Hold) until it resumes.
+    for (const bool kill_it : {false, true}) {
+        CAPTURE(kill_it);
+        lim::test::SegmentGuard guard(lim::test::unique_name("convrev1c"));
+        auto seg = lim::Segment::open_or_create(guard.name(), lim::SegmentOptions{});
+        (void)worker_bucket(seg, "api", 1e9, 1e-3, 1e9 - 1);
+        lim::detail::LimiterBody& b = body_of(seg, "api");
+        const std::int64_t rest = f_minus_x(b);
+        auto* count = lim::test::shared_array<std::atomic<long>>(1);
+        auto* ready = lim::test::make_flag();
+        const pid_t child = general_taker(seg, count, ready);
+        ready->wait();
+        const bool caught = stop_when(child, b, rest, lim::kTokenResolution);
+        if (!caught) kill(child, SIGKILL);
+        REQUIRE(caught);
+
+        lim::Limiter l = lim::open_consumed_limiter(seg, "api", local_config(10));
+        const lim::ConsumedConversion c = lim::convert_to_consumed(l, 10);
+        CHECK(c.converted);
+        CHECK_FALSE(c.settled);  // the stopped take read the token bucket's configuration
+        CHECK_FALSE(lim::settle_conversion(l, 20ms));
+        if (kill_it) {
+            REQUIRE(kill(child, SIGKILL) == 0);
+            lim::test::wait_child(child);
+            // Its slot still announces the take; its lock is gone, so it is skipped.
+            CHECK(lim::settle_conversion(l, 5s));
+        } else {
+            REQUIRE(kill(child, SIGCONT) == 0);
+            CHECK(lim::test::wait_child(child) == 0);
+            CHECK(lim::settle_conversion(l, lim::Duration::zero()));
+        }
+        // Settled: a grant now is exact.
+        l.set_token_target_level(l.in_flight() + 5);
+        lim::set_lease_deadline(l, lim::Clock::now() + 30s);
+        int admitted = 0;
+        while (l.try_take(1) == lim::TryTake::taken)
+            ++admitted;
+        CHECK(admitted == 5);
+        CHECK(l.in_flight() >= l.token_target_level().value_or(0));
+    }
+}

@@ -99,6 +99,15 @@ Feeder::Feeder(Config config)
                                         g.key, e.what(), config_.segment));
             }
             converted = c.converted;
+            r.settling = !c.settled;
+            if (r.settling) {
+                fmt::print(stderr,
+                           "lim-feeder: '{}': a worker stopped in the middle of a take on it "
+                           "(SIGSTOP, a debugger?); nothing is granted to this key until that take "
+                           "ends or its process dies\n",
+                           g.key);
+                std::fflush(stderr);
+            }
             if (converted) {
                 fmt::print(stderr,
                            "lim-feeder: warning: '{}' was created by a worker as a plain token "
@@ -206,6 +215,16 @@ void Feeder::note_lease(Rate& r) {
 }
 
 void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
+    // A conversion at start some of whose takers had not left the token bucket's take: a grant
+    // now could count a take's tentative tokens as spent that it then takes back out of
+    // in_flight (lim::settle_conversion). The record holds nothing meanwhile (target = in_flight,
+    // a past deadline): fail-closed.
+    if (r.settling) {
+        if (!settle_conversion(r.local, Duration::zero())) return;
+        r.settling = false;
+        fmt::print(stderr, "lim-feeder: '{}': the stopped take has ended; feeding it\n", r.g.key);
+        std::fflush(stderr);
+    }
     double in_flight = r.local.in_flight(now);
     double target = r.local.token_target_level().value_or(in_flight);
     // lim's crash recovery gives a dead worker's tokens back to the hopper; for a global rate

@@ -46,6 +46,9 @@ class Feeder {
         double desired = 1;   // tokens the lease should hold
         double sleepers = 0;  // workers asleep on the record, smoothed (the host's weight)
         std::vector<std::string> keys;
+        // Converted at start while a take that read the token bucket's configuration had not
+        // ended (a stopped worker): nothing is granted until lim::settle_conversion says so.
+        bool settling = false;
     };
     struct Backoff {
         GlobalBackoff g;

@@ -100,6 +100,9 @@ struct ConsumedConversion {
     double in_flight = 0;     // in_flight when it was cleared: the blocking takes (take,
                               // take_until) and Limiter takes, of the processes attached since
                               // the last reap
+    bool settled = true;      // false: some take that read the token bucket's configuration had
+                              // not ended within 100 ms of the switch (a stopped taker); grant
+                              // nothing until settle_conversion says true
 };
 
 // Converts in place the record behind `limiter`, which a TokenBucket created (a worker that opened
@@ -133,5 +136,20 @@ struct ConsumedConversion {
 // consistent) before in_flight is cleared by a compare-and-swap, which comes before the
 // configuration switch; all sequentially consistent.
 ConsumedConversion convert_to_consumed(const Limiter& limiter, double bucket_size);
+
+// Whether every take and return that was in the middle of its operation on the record behind
+// `limiter` when this call began has ended, waiting up to `wait` for them. convert_to_consumed
+// calls it for 100 ms after its switch: a take that read the token bucket's configuration before
+// the switch may still, when it ends, take its tentative tokens back out of in_flight (it decided
+// so before the switch), and a grant made before then would count them as spent and leave them
+// spendable again with no lease. So the target writer grants nothing on a converted record
+// until a conversion or a later call of this function has said true (lim-feeder asks at each
+// refresh). An operation counts as in progress while its thread's process slot announces it
+// (the ledger's Hold); slots whose process is dead are skipped (they never end theirs), so only
+// a stopped live process keeps the answer false. Never throws; blocks up to `wait` (yielding,
+// then sleeping 50 us between looks). Memory ordering: an ended operation's announcement is
+// withdrawn with a release store that this call reads with acquire, so everything the operation
+// did happens before a true answer.
+bool settle_conversion(const Limiter& limiter, Duration wait);
 
 }  // namespace lim

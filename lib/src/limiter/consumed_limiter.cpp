@@ -3,8 +3,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "lim/error.hpp"
 #include "lim/tokens.hpp"
@@ -13,6 +16,7 @@
 #include "limiter/limiter_state.hpp"
 #include "shm/file_lock.hpp"
 #include "shm/ledger.hpp"
+#include "shm/process_table.hpp"
 #include "shm/records.hpp"
 
 namespace lim {
@@ -288,7 +292,49 @@ ConversionUnits convert_to_consumed_units(const Limiter& limiter, double bucket_
     });
     step_done(4);
     done.converted = true;
+    // Step 5: let the takes that read the token bucket's configuration end (see
+    // settle_conversion): until they have, the caller must grant nothing.
+    done.settled = settle_operations(state, ref.index, std::chrono::milliseconds{100});
     return done;
+}
+
+bool settle_operations(SegmentState& state, std::uint32_t record, Duration wait) {
+    const auto deadline = std::chrono::steady_clock::now() + wait;
+    const std::uint32_t announced = record + 1;  // what Hold stores in a slot's `pending`
+    // The slots in the middle of an operation on the record now. Each does one operation at a
+    // time, so once a slot is seen out of it (not announcing the record, or freed) the operation
+    // it was in has ended, whatever it does next.
+    std::vector<std::uint32_t> busy;
+    for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+        const SlotHeader& slot = state.slot(i);
+        if (slot_is_occupied(slot.owner.load(std::memory_order_acquire)) &&
+            slot.pending.load(std::memory_order_acquire) == announced) {
+            busy.push_back(i);
+        }
+    }
+    for (int pass = 0; !busy.empty(); ++pass) {
+        std::erase_if(busy, [&](std::uint32_t i) {
+            const SlotHeader& slot = state.slot(i);
+            return !slot_is_occupied(slot.owner.load(std::memory_order_acquire)) ||
+                   slot.pending.load(std::memory_order_acquire) != announced;
+        });
+        if (busy.empty()) break;
+        // A dead process never ends its operation: judged by its slot's lock (a syscall per
+        // slot, so only now and then), and skipped. (Doubt means alive: judge_slots.)
+        if (pass % 64 == 63) {
+            const std::vector<SlotJudgement> judged = judge_slots(state);
+            std::erase_if(busy,
+                          [&](std::uint32_t i) { return i < judged.size() && judged[i].dead; });
+            if (busy.empty()) break;
+        }
+        if (std::chrono::steady_clock::now() >= deadline) return false;
+        if (pass < 64) {
+            std::this_thread::yield();
+        } else {
+            std::this_thread::sleep_for(std::chrono::microseconds{50});
+        }
+    }
+    return true;
 }
 
 }  // namespace lim::detail
@@ -301,7 +347,13 @@ ConsumedConversion convert_to_consumed(const Limiter& limiter, double bucket_siz
     constexpr double kUnits = static_cast<double>(kTokenResolution);
     return ConsumedConversion{.converted = u.converted,
                               .bucket_taken = static_cast<double>(u.bucket_taken) / kUnits,
-                              .in_flight = static_cast<double>(u.in_flight) / kUnits};
+                              .in_flight = static_cast<double>(u.in_flight) / kUnits,
+                              .settled = u.settled};
+}
+
+bool settle_conversion(const Limiter& limiter, Duration wait) {
+    const detail::RecordRef& ref = detail::LimiterAccess::ref(limiter);
+    return detail::settle_operations(*ref.state, ref.index, std::max(Duration::zero(), wait));
 }
 
 }  // namespace lim

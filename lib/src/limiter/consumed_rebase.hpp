@@ -9,6 +9,8 @@
 
 namespace lim::detail {
 
+class SegmentState;
+
 struct RebaseUnits {
     std::int64_t target_lowered = 0;     // Δ: what the token target was lowered by
     std::int64_t in_flight_lowered = 0;  // d ≤ Δ: what in_flight was lowered by
@@ -23,6 +25,7 @@ struct ConversionUnits {
     bool converted = false;
     std::int64_t bucket_taken = 0;
     std::int64_t in_flight = 0;
+    bool settled = true;
 };
 
 // The steps of lim::convert_to_consumed, after each of which `after_step(step, ctx)` is called
@@ -30,5 +33,9 @@ struct ConversionUnits {
 // 2: in_flight cleared; 3: the past lease deadline stored; 4: the switch (done).
 ConversionUnits convert_to_consumed_units(const Limiter& limiter, double bucket_size,
                                           void (*after_step)(int, void*), void* ctx);
+
+// lim::settle_conversion on `record`: every live slot that announces an operation on it now has
+// been seen out of that operation, within `wait`.
+bool settle_operations(SegmentState& state, std::uint32_t record, Duration wait);
 
 }  // namespace lim::detail
