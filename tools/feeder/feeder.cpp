@@ -220,7 +220,9 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
     // in_flight (lim::settle_conversion). The record holds nothing meanwhile (target = in_flight,
     // a past deadline): fail-closed.
     if (r.settling) {
-        if (!settle_conversion(r.local, Duration::zero())) return;
+        // (Up to 5 ms of looking: busy workers announce a take most of the time, and each slot
+        // only has to be seen out of its take once.)
+        if (!settle_conversion(r.local, std::chrono::milliseconds{5})) return;
         r.settling = false;
         fmt::print(stderr, "lim-feeder: '{}': the stopped take has ended; feeding it\n", r.g.key);
         std::fflush(stderr);
