@@ -124,7 +124,8 @@ struct ConsumedConversion {
 // meanwhile admits no more than a token bucket or the consumed record would (docs/design.md,
 // "Converting a token bucket into a consumed record"). Call it only from the record's one target
 // writer (lim-feeder), never concurrently with another conversion, rebase or target change. Blocks
-// only on the segment's config lock and while a reaper recounts the record. Throws
+// on the segment's config lock, while a reaper recounts the record, and up to 100 ms after the
+// switch for the takes in progress on the record to end (`settled`; see settle_conversion). Throws
 // Error(invalid_argument) if `bucket_size` is not above 0 and at most 1e9 tokens, or if the record
 // is neither consumed nor created by a TokenBucket: a general Limiter, a Throttle or a
 // ThrottledRateLimiter lends its tokens (return_to_hopper, finish_job), and a token given back
