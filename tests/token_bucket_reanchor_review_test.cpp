@@ -30,33 +30,18 @@
 #include "support/admissions.hpp"
 #include "support/limiter_records.hpp"
 #include "support/limiter_time.hpp"
+#include "support/many_reanchors.hpp"
 #include "support/process.hpp"
 
 using namespace lim;
+using lim::test::body_of;
+using lim::test::generation;
 using lim::test::t0;
 
 namespace {
 
-// This file exercises the re-anchoring itself, so it lets buckets up to 1.8 x 10^7 tokens/s
-// re-anchor (a window of 100 ms: many re-anchors in a second of explicit time) instead of the
-// library's 5,124 tokens/s (a window of 6 minutes; docs/design.md, "TokenBucket's take"). Set
-// before any test runs, in this process and so in every child it forks.
-[[maybe_unused]] const bool many_reanchors = [] {
-    detail::short_drip_max_rate.store(184'467'440'737);  // floor(2^64 / 10^8 ns)
-    return true;
-}();
-
 __extension__ using i128 = __int128;
 __extension__ using u128 = unsigned __int128;
-
-detail::LimiterBody& body_of(const Segment& seg, std::string_view key) {
-    return *reinterpret_cast<detail::LimiterBody*>(
-        seg.state()->record(lim::test::record_of(seg, key)).body);
-}
-
-std::uint32_t generation(const detail::LimiterBody& body) {
-    return detail::BucketWord::gen(body.bucket.load());
-}
 
 std::int64_t current_anchor(const detail::LimiterBody& body) {
     return body.config[generation(body) & 1].anchor_ns.load();
@@ -303,7 +288,7 @@ bool land(detail::LimiterBody& body, StaleTake st) {
 
 }  // namespace
 
-// The 16-bit generation's limit, shown with this file's 100 ms windows (many_reanchors, above):
+// The 16-bit generation's limit, shown with this file's 100 ms windows (many_reanchors.hpp):
 // the library keeps re-anchors at least 6 minutes apart (kShortDripMaxRate), so that the same
 // wrap needs a stop of 273 days, no nearer than the rebases every record already makes
 // (docs/design.md, "TokenBucket's take", generation wrap). should_fail keeps the suite green
@@ -381,22 +366,13 @@ TEST_CASE(
         TokenBucket::open(seg, "tb", {.burst_size = kBurstMax, .sustained_rate_per_sec = 1e7}, t0);
     const detail::LimiterBody& body = body_of(seg, "tb");
     const std::uint32_t gen0 = generation(body);
-    auto* clock = new (lim::test::shared_array<std::atomic<std::int64_t>>(1))
-        std::atomic<std::int64_t>(to_nanos(t0));
+    auto* clock = lim::test::shared_clock(t0);
     auto* done = new (lim::test::shared_array<std::atomic<int>>(1)) std::atomic<int>(0);
     const lim::test::AdmissionLog log(kTakers, kAttempts);
     std::vector<pid_t> kids;
     for (int p = 0; p < kTakers; ++p) {
         kids.push_back(lim::test::fork_child([&, p] {
-            const double n = p % 2 == 0 ? 40.0 : 25.0;
-            lim::test::Admission* mine = log.part(p);
-            std::int64_t k = 0;
-            for (int i = 0; i < kAttempts; ++i) {
-                const std::int64_t now = clock->fetch_add(2'000) + 2'000;
-                if (tb.try_take(from_nanos(now), n) != TryTake::taken) continue;
-                mine[k++] = {now, clock->load(), static_cast<std::int64_t>(n * 10'000)};
-            }
-            log.set_count(p, k);
+            lim::test::take_on_clock(tb, clock, log, p, kAttempts);
             done->fetch_add(1);
             return 0;
         }));

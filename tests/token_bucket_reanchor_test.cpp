@@ -24,32 +24,17 @@
 #include "support/admissions.hpp"
 #include "support/limiter_records.hpp"
 #include "support/limiter_time.hpp"
+#include "support/many_reanchors.hpp"
 #include "support/process.hpp"
 
 using namespace lim;
+using lim::test::body_of;
+using lim::test::generation;
 using lim::test::t0;
 
 namespace {
 
-// This file exercises the re-anchoring itself, so it lets buckets up to 1.8 x 10^7 tokens/s
-// re-anchor (a window of 100 ms: many re-anchors in a second of explicit time) instead of the
-// library's 5,124 tokens/s (a window of 6 minutes; docs/design.md, "TokenBucket's take"). Set
-// before any test runs, in this process and so in every child it forks.
-[[maybe_unused]] const bool many_reanchors = [] {
-    detail::short_drip_max_rate.store(184'467'440'737);  // floor(2^64 / 10^8 ns)
-    return true;
-}();
-
 __extension__ using i128 = __int128;
-
-detail::LimiterBody& body_of(const Segment& seg, std::string_view key) {
-    return *reinterpret_cast<detail::LimiterBody*>(
-        seg.state()->record(lim::test::record_of(seg, key)).body);
-}
-
-std::uint32_t generation(const detail::LimiterBody& body) {
-    return detail::BucketWord::gen(body.bucket.load());
-}
 
 // The bucket of a TokenBucket created at `start` with `initial` units, as the seed defines it and
 // never re-anchored: D(t) = floor((t - start) x R / 10^9) in 128 bits; between operations the
@@ -187,23 +172,14 @@ TEST_CASE("4 processes racing takes against re-anchors: never more than burst + 
     // A shared explicit clock: each attempt advances it 2 us (20 tokens of drip) and takes at the
     // time it read, so takes race each other and the re-anchors with times that may be stale by
     // a few attempts. 1.2 x 10^6 attempts span 2.4 s: about 13 re-anchors.
-    auto* clock = new (lim::test::shared_array<std::atomic<std::int64_t>>(1))
-        std::atomic<std::int64_t>(to_nanos(t0));
+    auto* clock = lim::test::shared_clock(t0);
     const lim::test::AdmissionLog log(kProcs, kAttempts);
     std::vector<pid_t> kids;
     for (int p = 0; p < kProcs; ++p) {
         kids.push_back(lim::test::fork_child([&, p] {
             // Asking for more than drips (32.5 tokens per 2 us on average, against 20): the
             // bucket runs near empty, so the bound is approached.
-            const double n = p % 2 == 0 ? 40.0 : 25.0;
-            lim::test::Admission* mine = log.part(p);
-            std::int64_t k = 0;
-            for (int i = 0; i < kAttempts; ++i) {
-                const std::int64_t now = clock->fetch_add(2'000) + 2'000;
-                if (tb.try_take(from_nanos(now), n) != TryTake::taken) continue;
-                mine[k++] = {now, clock->load(), static_cast<std::int64_t>(n * 10'000)};
-            }
-            log.set_count(p, k);
+            lim::test::take_on_clock(tb, clock, log, p, kAttempts);
             return 0;
         }));
     }

@@ -9,7 +9,7 @@
 #include "lim/throttle.hpp"
 #include "lim/token_bucket.hpp"
 #include "limiter/limiter_state.hpp"
-#include "shm/records.hpp"
+#include "support/limiter_records.hpp"
 #include "support/limiter_time.hpp"
 #include "support/process.hpp"
 
@@ -171,12 +171,7 @@ TEST_CASE("a token bucket re-anchors its drip at most every 6 minutes, and above
     lim::test::SegmentGuard guard(lim::test::unique_name("tb-window"));
     auto seg = lim::test::limiter_segment(guard);
     const auto generation = [&](const char* key) {
-        const auto r =
-            lim::detail::find_record(*seg.state(), lim::detail::RecordKind::limiter, key);
-        REQUIRE(r.has_value());
-        const auto& body =
-            *reinterpret_cast<const lim::detail::LimiterBody*>(seg.state()->record(*r).body);
-        return lim::detail::BucketWord::gen(body.bucket.load());
+        return lim::test::generation(lim::test::body_of(seg, key));
     };
     const TimePoint start = lim::test::t0;
     auto slow =

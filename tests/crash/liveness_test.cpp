@@ -22,6 +22,7 @@
 #include "shm/ledger.hpp"
 #include "shm/process_table.hpp"
 #include "shm/records.hpp"
+#include "support/limiter_records.hpp"
 #include "support/process.hpp"
 
 using namespace lim;
@@ -31,6 +32,7 @@ namespace {
 
 using lim::test::Flag;
 using lim::test::make_flag;
+using lim::test::occupied;
 
 void kill_and_wait(pid_t pid) {
     ::kill(pid, SIGKILL);
@@ -42,14 +44,6 @@ SegmentOptions options(std::uint32_t max_processes = 32) {
             .max_processes = max_processes,
             .reap_after = 1s,
             .reap_on_attach = false};
-}
-
-std::uint32_t occupied(const Segment& seg) {
-    std::uint32_t n = 0;
-    const auto& s = *seg.state();
-    for (std::uint32_t i = 0; i < s.geometry().max_processes; ++i)
-        n += detail::slot_is_occupied(s.slot(i).owner.load());
-    return n;
 }
 
 // Forks a child that holds `n` units of `sem` and then sleeps until killed.

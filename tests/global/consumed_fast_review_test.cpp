@@ -10,37 +10,14 @@
 #include "lim/lim.hpp"
 #include "limiter/limiter_state.hpp"
 #include "shm/process_table.hpp"
+#include "support/consumed_records.hpp"
 #include "support/limiter_records.hpp"
 #include "support/limiter_time.hpp"
 #include "support/process.hpp"
 
 using namespace lim;
+using lim::test::occupied;
 using namespace std::chrono_literals;
-
-namespace {
-
-std::uint32_t occupied(const Segment& seg) {
-    std::uint32_t n = 0;
-    const auto& s = *seg.state();
-    for (std::uint32_t i = 0; i < s.geometry().max_processes; ++i)
-        n += detail::slot_is_occupied(s.slot(i).owner.load());
-    return n;
-}
-
-// lim-feeder's record (infinite drip, finite target), with `grant` tokens granted and a lease
-// deadline an hour away.
-Limiter global_record(const Segment& seg, double grant) {
-    Limiter lm = open_consumed_limiter(seg, "global",
-                                       {.hopper_to_bucket_rate_per_sec = lim::infinite,
-                                        .bucket_size = 10,
-                                        .initial_bucket_level = 0,
-                                        .initial_hopper_level = 0.0});
-    lm.set_token_target_level(grant);
-    set_lease_deadline(lm, Clock::now() + 1h);
-    return lm;
-}
-
-}  // namespace
 
 // A take from a thread_local destructor that runs after the thread's slot registry was destroyed
 // gets an ephemeral slot (process_table.hpp, Holder::ephemeral), claimed for that one operation:
@@ -50,7 +27,7 @@ Limiter global_record(const Segment& seg, double grant) {
 TEST_CASE("R1: a consumed take from a thread_local destructor gives its ephemeral slot back") {
     lim::test::SegmentGuard guard(lim::test::unique_name("lim-cfrev-tls"));
     auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 8, .max_processes = 8});
-    Limiter lm = global_record(seg, 100);
+    Limiter lm = lim::test::feeder_record(seg, 100);
     const std::uint32_t before = occupied(seg);
     struct LateTake {
         Limiter* lm = nullptr;
@@ -104,28 +81,8 @@ TEST_CASE("R1: a TokenBucket take from a thread_local destructor gives its ephem
 namespace {
 
 // A feeder's record and what the fast take works on, as tests/global/consumed_fast_test.cpp has.
-struct Fixture {
-    explicit Fixture(double grant)
-        : seg(lim::test::limiter_segment(guard)),
-          lm(global_record(seg, grant)),
-          rec(lim::test::record_of(seg, "global")),
-          body(*reinterpret_cast<detail::LimiterBody*>(seg.state()->record(rec).body)),
-          core(*seg.state(), rec),
-          entry(detail::holder(*seg.state()).entry(rec)) {}
-
-    std::int64_t now_ns() const { return to_nanos(Clock::now()); }
-    // What may still be taken: target - F (never below 0).
-    double left() const {
-        return std::max(0.0, lm.token_target_level().value_or(0.0) - lm.in_flight());
-    }
-
-    lim::test::SegmentGuard guard{lim::test::unique_name("lim-cfrev")};
-    Segment seg;
-    Limiter lm;
-    std::uint32_t rec;
-    detail::LimiterBody& body;
-    detail::LimiterCore core;
-    detail::LedgerEntry& entry;
+struct Fixture : lim::test::FeederRecord {
+    explicit Fixture(double grant) : FeederRecord(grant, "lim-cfrev") {}
 };
 
 constexpr std::int64_t kUnit = kTokenResolution;

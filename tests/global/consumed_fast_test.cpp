@@ -14,12 +14,12 @@
 #include "limiter/limiter_state.hpp"
 #include "shm/file_lock.hpp"
 #include "shm/process_table.hpp"
+#include "support/consumed_records.hpp"
 #include "support/limiter_records.hpp"
 #include "support/limiter_time.hpp"
 #include "support/process.hpp"
 
 using namespace lim;
-using lim::test::record_of;
 using namespace std::chrono_literals;
 
 namespace {
@@ -29,32 +29,8 @@ constexpr auto kUnitWord = static_cast<std::uint64_t>(kTokenResolution);
 
 // A consumed record as lim-feeder makes it (infinite drip, the burst as bucket, target 0), with
 // `grant` tokens granted and a lease deadline an hour away; and what the fast take works on.
-struct Global {
-    explicit Global(double grant)
-        : seg(lim::test::limiter_segment(guard)),
-          lm(open_consumed_limiter(seg, "global",
-                                   {.hopper_to_bucket_rate_per_sec = lim::infinite,
-                                    .bucket_size = 10,
-                                    .initial_bucket_level = 0,
-                                    .initial_hopper_level = 0.0})),
-          rec(record_of(seg, "global")),
-          body(*reinterpret_cast<detail::LimiterBody*>(seg.state()->record(rec).body)),
-          core(*seg.state(), rec),
-          entry(detail::holder(*seg.state()).entry(rec)) {
-        lm.set_token_target_level(grant);
-        set_lease_deadline(lm, Clock::now() + 1h);
-    }
-
-    std::uint64_t admitted() const { return entry.admitted.load(); }
-    std::int64_t now_ns() const { return to_nanos(Clock::now()); }
-
-    lim::test::SegmentGuard guard{lim::test::unique_name("lim-cfast")};
-    Segment seg;
-    Limiter lm;
-    std::uint32_t rec;
-    detail::LimiterBody& body;
-    detail::LimiterCore core;
-    detail::LedgerEntry& entry;
+struct Global : lim::test::FeederRecord {
+    explicit Global(double grant) : FeederRecord(grant, "lim-cfast") {}
 };
 
 }  // namespace

@@ -26,32 +26,13 @@
 #include "limiter/consumed_rebase.hpp"
 #include "limiter/limiter_state.hpp"
 #include "shm/records.hpp"
+#include "support/consumed_records.hpp"
+#include "support/limiter_records.hpp"
 #include "support/process.hpp"
 
 using namespace std::chrono_literals;
 
 namespace {
-
-lim::LimiterConfig local_config(double burst) {
-    return lim::LimiterConfig{.hopper_to_bucket_rate_per_sec = lim::infinite,
-                              .bucket_size = burst,
-                              .initial_bucket_level = 0,
-                              .initial_hopper_level = 0.0};
-}
-
-lim::TokenBucket worker_bucket(const lim::Segment& seg, const std::string& key, double burst,
-                               double rate, double initial) {
-    return lim::TokenBucket::open(
-        seg, key,
-        {.burst_size = burst, .sustained_rate_per_sec = rate, .initial_bucket_level = initial},
-        lim::adopt_existing);
-}
-
-lim::detail::LimiterBody& body_of(const lim::Segment& seg, const std::string& key) {
-    const auto r = lim::detail::find_record(*seg.state(), lim::detail::RecordKind::limiter, key);
-    REQUIRE(r.has_value());
-    return *reinterpret_cast<lim::detail::LimiterBody*>(seg.state()->record(*r).body);
-}
 
 // F - X, in units: each general take on a finite-rate record adds n to F (tentatively) and then n
 // to the bucket marker X (no fold: the bucket is never near full, see below). Between the two
@@ -65,7 +46,7 @@ std::int64_t f_minus_x(lim::detail::LimiterBody& b) {
 // token bucket it opens) until refused, counting what it was admitted.
 pid_t general_taker(const lim::Segment& seg, std::atomic<long>* count, lim::test::Flag* ready) {
     return lim::test::fork_child([&seg, count, ready] {
-        auto tb = worker_bucket(seg, "api", 1e9, 1e-3, 1e9 - 1);
+        auto tb = lim::test::worker_bucket(seg, "api", 1e9, 1e-3, 1e9 - 1);
         lim::Limiter& l = tb.limiter();
         ready->set();
         for (;;) {
@@ -94,42 +75,75 @@ bool stop_when(pid_t child, lim::detail::LimiterBody& b, std::int64_t rest, std:
     return false;
 }
 
+// The worker's bucket "api", created: huge and one token short of full, a rate so low that no take
+// folds the drip (X moves by exactly n per take). Returns its body.
+lim::detail::LimiterBody& worker_body(const lim::Segment& seg) {
+    (void)lim::test::worker_bucket(seg, "api", 1e9, 1e-3, 1e9 - 1);
+    return lim::test::body_of(seg, "api");
+}
+
+// R1's setup: a segment with worker_body, F - X at rest, and general_taker running on it.
+struct Taker {
+    explicit Taker(const char* stem)
+        : guard(lim::test::unique_name(stem)),
+          seg(lim::Segment::open_or_create(guard.name(), lim::SegmentOptions{})),
+          b(worker_body(seg)),
+          rest(f_minus_x(b)),
+          count(lim::test::shared_array<std::atomic<long>>(1)),
+          ready(lim::test::make_flag()),
+          child(general_taker(seg, count, ready)) {
+        ready->wait();
+    }
+
+    // Stops the child between its take's two CASes (REQUIRE: caught; killed if not).
+    void catch_mid_take() {
+        const bool caught = stop_when(child, b, rest, lim::kTokenResolution);
+        if (!caught) kill(child, SIGKILL);
+        REQUIRE(caught);
+    }
+
+    // Lets the (stopped) child run to its end; returns what it was admitted meanwhile.
+    long resume_and_count() {
+        const long before = count->load();
+        REQUIRE(kill(child, SIGCONT) == 0);
+        CHECK(lim::test::wait_child(child) == 0);
+        return count->load() - before;
+    }
+
+    lim::test::SegmentGuard guard;
+    lim::Segment seg;
+    lim::detail::LimiterBody& b;
+    std::int64_t rest;
+    std::atomic<long>* count;
+    lim::test::Flag* ready;
+    pid_t child;
+};
+
+// As lim-feeder grants 5 with a live lease (30 s); the host spends them: returns how many it was
+// admitted.
+int grant_5_and_take_all(lim::Limiter& l) {
+    lim::test::grant(l, 5, 30s);
+    return lim::test::take_all(l);
+}
+
 }  // namespace
 
 TEST_CASE(
     "R1: a general take caught between its two CASes by the conversion, then granted, rolls "
     "its tentative n out of a consumed F: n spendable with no lease") {
-    lim::test::SegmentGuard guard(lim::test::unique_name("convrev1"));
-    auto seg = lim::Segment::open_or_create(guard.name(), lim::SegmentOptions{});
-    // The worker's bucket: huge and one token short of full, a rate so low that no take folds
-    // the drip (X moves by exactly n per take).
-    (void)worker_bucket(seg, "api", 1e9, 1e-3, 1e9 - 1);
-    lim::detail::LimiterBody& b = body_of(seg, "api");
-    const std::int64_t rest = f_minus_x(b);
-    auto* count = lim::test::shared_array<std::atomic<long>>(1);
-    auto* ready = lim::test::make_flag();
-    const pid_t child = general_taker(seg, count, ready);
-    ready->wait();
-    const bool caught = stop_when(child, b, rest, lim::kTokenResolution);
-    if (!caught) kill(child, SIGKILL);
-    REQUIRE(caught);
+    // The worker's bucket (worker_body), its child caught between its take's two CASes.
+    Taker t("convrev1");
+    t.catch_mid_take();
 
     // lim-feeder starts: converts, grants 5 with a live lease; the host spends them.
-    lim::Limiter l = lim::open_consumed_limiter(seg, "api", local_config(10));
+    lim::Limiter l = lim::open_consumed_limiter(t.seg, "api", lim::test::feeder_config(10));
     REQUIRE(lim::convert_to_consumed(l, 10).converted);
-    l.set_token_target_level(l.in_flight() + 5);
-    lim::set_lease_deadline(l, lim::Clock::now() + 30s);
-    int admitted = 0;
-    while (l.try_take(1) == lim::TryTake::taken)
-        ++admitted;
+    const int admitted = grant_5_and_take_all(l);
     CHECK(admitted == 5);
 
     // The stopped take resumes: its bucket CAS fails on the switch's generation. Nothing more
     // may be admitted by it or after it: the lease was 5.
-    const long before = count->load();
-    REQUIRE(kill(child, SIGCONT) == 0);
-    CHECK(lim::test::wait_child(child) == 0);
-    const long child_admitted = count->load() - before;
+    const long child_admitted = t.resume_and_count();
     CHECK(admitted + child_admitted <= 5);
     CHECK(l.try_take(1) == lim::TryTake::unable);
     CHECK(l.in_flight() >= l.token_target_level().value_or(0));
@@ -147,18 +161,11 @@ struct Hunt {
 TEST_CASE(
     "R1b: the same take caught after step 2 (F cleared) and before the switch: the feeder "
     "counts its tentative n in F, the roll-back gives it back as spendable") {
-    lim::test::SegmentGuard guard(lim::test::unique_name("convrev1b"));
-    auto seg = lim::Segment::open_or_create(guard.name(), lim::SegmentOptions{});
-    (void)worker_bucket(seg, "api", 1e9, 1e-3, 1e9 - 1);
-    lim::detail::LimiterBody& b = body_of(seg, "api");
-    const std::int64_t rest = f_minus_x(b);
-    auto* count = lim::test::shared_array<std::atomic<long>>(1);
-    auto* ready = lim::test::make_flag();
-    const pid_t child = general_taker(seg, count, ready);
-    ready->wait();
+    Taker t("convrev1b");
+    const pid_t child = t.child;
 
-    lim::Limiter l = lim::open_consumed_limiter(seg, "api", local_config(10));
-    Hunt hunt{child, &b, rest};
+    lim::Limiter l = lim::open_consumed_limiter(t.seg, "api", lim::test::feeder_config(10));
+    Hunt hunt{child, &t.b, t.rest};
     lim::detail::convert_to_consumed_units(
         l, 10,
         [](int step, void* ctx) {
@@ -186,16 +193,9 @@ TEST_CASE(
     // The child's tentative n is in F (with its takes since step 2, taken before the switch);
     // the feeder counts them all: target <- F + 5.
     CHECK(l.in_flight() >= 1);
-    l.set_token_target_level(l.in_flight() + 5);
-    lim::set_lease_deadline(l, lim::Clock::now() + 30s);
-    int admitted = 0;
-    while (l.try_take(1) == lim::TryTake::taken)
-        ++admitted;
+    const int admitted = grant_5_and_take_all(l);
     CHECK(admitted == 5);
-    const long before = count->load();
-    REQUIRE(kill(child, SIGCONT) == 0);
-    CHECK(lim::test::wait_child(child) == 0);
-    const long child_admitted = count->load() - before;
+    const long child_admitted = t.resume_and_count();
     CHECK(admitted + child_admitted <= 5);
     CHECK(l.try_take(1) == lim::TryTake::unable);
 }
@@ -209,20 +209,11 @@ TEST_CASE(
     // announces its take (its Hold) until it resumes.
     for (const bool kill_it : {false, true}) {
         CAPTURE(kill_it);
-        lim::test::SegmentGuard guard(lim::test::unique_name("convrev1c"));
-        auto seg = lim::Segment::open_or_create(guard.name(), lim::SegmentOptions{});
-        (void)worker_bucket(seg, "api", 1e9, 1e-3, 1e9 - 1);
-        lim::detail::LimiterBody& b = body_of(seg, "api");
-        const std::int64_t rest = f_minus_x(b);
-        auto* count = lim::test::shared_array<std::atomic<long>>(1);
-        auto* ready = lim::test::make_flag();
-        const pid_t child = general_taker(seg, count, ready);
-        ready->wait();
-        const bool caught = stop_when(child, b, rest, lim::kTokenResolution);
-        if (!caught) kill(child, SIGKILL);
-        REQUIRE(caught);
+        Taker t("convrev1c");
+        const pid_t child = t.child;
+        t.catch_mid_take();
 
-        lim::Limiter l = lim::open_consumed_limiter(seg, "api", local_config(10));
+        lim::Limiter l = lim::open_consumed_limiter(t.seg, "api", lim::test::feeder_config(10));
         const lim::ConsumedConversion c = lim::convert_to_consumed(l, 10);
         CHECK(c.converted);
         CHECK_FALSE(c.settled);  // the stopped take read the token bucket's configuration
@@ -238,11 +229,7 @@ TEST_CASE(
             CHECK(lim::settle_conversion(l, lim::Duration::zero()));
         }
         // Settled: a grant now is exact.
-        l.set_token_target_level(l.in_flight() + 5);
-        lim::set_lease_deadline(l, lim::Clock::now() + 30s);
-        int admitted = 0;
-        while (l.try_take(1) == lim::TryTake::taken)
-            ++admitted;
+        const int admitted = grant_5_and_take_all(l);
         CHECK(admitted == 5);
         CHECK(l.in_flight() >= l.token_target_level().value_or(0));
     }

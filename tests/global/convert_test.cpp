@@ -24,33 +24,19 @@
 #include "limiter/limiter_state.hpp"
 #include "shm/file_lock.hpp"
 #include "shm/records.hpp"
+#include "support/consumed_records.hpp"
+#include "support/limiter_records.hpp"
 #include "support/process.hpp"
 
+using lim::test::feeder_config;
+using lim::test::grant;
+using lim::test::worker_bucket;
 using namespace std::chrono_literals;
 
 namespace {
 
-// lim-feeder's local configuration for a global burst of `burst`.
-lim::LimiterConfig local_config(double burst) {
-    return lim::LimiterConfig{.hopper_to_bucket_rate_per_sec = lim::infinite,
-                              .bucket_size = burst,
-                              .initial_bucket_level = 0,
-                              .initial_hopper_level = 0.0};
-}
-
-// What a worker opens (SPEC: adopting, creating if absent).
-lim::TokenBucket worker_bucket(const lim::Segment& seg, const std::string& key, double burst,
-                               double rate, double initial = 0) {
-    return lim::TokenBucket::open(
-        seg, key,
-        {.burst_size = burst, .sustained_rate_per_sec = rate, .initial_bucket_level = initial},
-        lim::adopt_existing);
-}
-
 lim::detail::Record& record_of(const lim::Segment& seg, const std::string& key) {
-    const auto r = lim::detail::find_record(*seg.state(), lim::detail::RecordKind::limiter, key);
-    REQUIRE(r.has_value());
-    return seg.state()->record(*r);
+    return seg.state()->record(lim::test::record_of(seg, key));
 }
 
 std::uint16_t flavor_of(const lim::Segment& seg, const std::string& key) {
@@ -64,13 +50,7 @@ std::uint32_t created_flags(const lim::Segment& seg, const std::string& key) {
 }
 
 std::uint64_t bucket_word(const lim::Segment& seg, const std::string& key) {
-    return reinterpret_cast<lim::detail::LimiterBody*>(record_of(seg, key).body)->bucket.load();
-}
-
-// As lim-feeder grants `g`: the target raised to in_flight + g, then a lease deadline `ttl` ahead.
-void grant(lim::Limiter& l, double g, lim::Duration ttl = 10s) {
-    l.set_token_target_level(l.in_flight() + g);
-    lim::set_lease_deadline(l, lim::Clock::now() + ttl);
+    return lim::test::body_of(seg, key).bucket.load();
 }
 
 // The state a finished conversion leaves, with at most `extra` tokens back in flight (takes that
@@ -124,7 +104,7 @@ TEST_CASE("convert: a worker's token bucket becomes the feeder's record; twice i
           static_cast<std::uint16_t>(lim::detail::LimiterFlavor::token_bucket));
 
     // lim-feeder adopts it (open_consumed_limiter adopts what exists), finds it not consumed.
-    lim::Limiter l = lim::open_consumed_limiter(seg, "api", local_config(10));
+    lim::Limiter l = lim::open_consumed_limiter(seg, "api", feeder_config(10));
     REQUIRE_FALSE(lim::is_consumed(l));
     const lim::ConsumedConversion c = lim::convert_to_consumed(l, 10);
     CHECK(c.converted);
@@ -182,7 +162,7 @@ TEST_CASE("convert: a take() asleep on the record is woken, re-checks, and waits
         admitted->store(1);
         return 0;
     });
-    lim::Limiter l = lim::open_consumed_limiter(seg, "api", local_config(5));
+    lim::Limiter l = lim::open_consumed_limiter(seg, "api", feeder_config(5));
     REQUIRE(lim::test::eventually([&] { return l.waiters() == 1; }));
     REQUIRE(lim::convert_to_consumed(l, 5).converted);
     // Tokens, but no lease (the deadline is past): the switch woke the sleeper, which re-checked
@@ -232,7 +212,7 @@ TEST_CASE("convert: forked takers on handles opened before it admit exactly what
     }
     REQUIRE(lim::test::eventually([&] { return ready->load() == kTakers; }));
     std::this_thread::sleep_for(50ms);  // they take at the token bucket's rate meanwhile
-    lim::Limiter l = lim::open_consumed_limiter(seg, "api", local_config(kGrant));
+    lim::Limiter l = lim::open_consumed_limiter(seg, "api", feeder_config(kGrant));
     const lim::ConsumedConversion c = lim::convert_to_consumed(l, kGrant);
     converted->set();
     REQUIRE(c.converted);
@@ -277,7 +257,7 @@ TEST_CASE("convert: a converter killed after any step leaves a safe state; a sec
         auto tb = worker_bucket(seg, "api", 10, 1000, 10);
         REQUIRE(tb.try_take(2) == lim::TryTake::taken);
         tb.take(1);  // in flight (the general take)
-        lim::Limiter l = lim::open_consumed_limiter(seg, "api", local_config(4));
+        lim::Limiter l = lim::open_consumed_limiter(seg, "api", feeder_config(4));
         struct Ctx {
             int step;
         } ctx{step};
@@ -317,7 +297,7 @@ TEST_CASE("convert: in_flight is cleared only once a reaper's recount has thawed
     auto seg = lim::Segment::open_or_create(guard.name(), lim::SegmentOptions{});
     auto tb = worker_bucket(seg, "api", 10, 1000, 10);
     tb.take(3);  // the general take: in flight, and in this thread's ledger (layer 0)
-    lim::Limiter l = lim::open_consumed_limiter(seg, "api", local_config(4));
+    lim::Limiter l = lim::open_consumed_limiter(seg, "api", feeder_config(4));
     const auto rec =
         lim::detail::find_record(*seg.state(), lim::detail::RecordKind::limiter, "api");
     REQUIRE(rec.has_value());
@@ -357,13 +337,13 @@ TEST_CASE("convert: in_flight is cleared only once a reaper's recount has thawed
 TEST_CASE("convert: a general Limiter's or a Throttle's record is refused, and left as it was") {
     lim::test::SegmentGuard guard(lim::test::unique_name("convrefuse"));
     auto seg = lim::Segment::open_or_create(guard.name(), lim::SegmentOptions{});
-    lim::Limiter general = lim::Limiter::open(seg, "lent", local_config(10));
+    lim::Limiter general = lim::Limiter::open(seg, "lent", feeder_config(10));
     general.set_token_target_level(10.0);
     REQUIRE(general.try_take(4) == lim::TryTake::taken);  // lent: may be returned
     auto throttle = lim::Throttle::open(seg, "jobs", {.max_concurrent_jobs = 3});
     for (const std::string key : {"lent", "jobs"}) {
         CAPTURE(key);
-        lim::Limiter l = lim::open_consumed_limiter(seg, key, local_config(10));
+        lim::Limiter l = lim::open_consumed_limiter(seg, key, feeder_config(10));
         const std::uint64_t s = bucket_word(seg, key);
         const std::uint16_t flavor = flavor_of(seg, key);
         const std::uint32_t flags = created_flags(seg, key);
@@ -381,7 +361,7 @@ TEST_CASE("convert: a general Limiter's or a Throttle's record is refused, and l
     }
     general.return_to_hopper(4);
     CHECK(general.in_flight() == 0);
-    lim::Limiter l = lim::open_consumed_limiter(seg, "lent", local_config(10));
+    lim::Limiter l = lim::open_consumed_limiter(seg, "lent", feeder_config(10));
     CHECK_THROWS_AS(lim::convert_to_consumed(l, 0), lim::Error);
     CHECK_THROWS_AS(lim::convert_to_consumed(l, 2e9), lim::Error);
 }

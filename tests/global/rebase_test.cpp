@@ -19,27 +19,17 @@
 #include "shm/file_lock.hpp"
 #include "shm/process_table.hpp"
 #include "shm/records.hpp"
+#include "support/consumed_records.hpp"
+#include "support/limiter_records.hpp"
 #include "support/process.hpp"
 
+using lim::test::feeder_config;
 using namespace std::chrono_literals;
 
 namespace {
 
-lim::LimiterConfig local_config(double burst) {
-    return lim::LimiterConfig{.hopper_to_bucket_rate_per_sec = lim::infinite,
-                              .bucket_size = burst,
-                              .initial_bucket_level = 0,
-                              .initial_hopper_level = 0.0};
-}
-
 double target_of(const lim::Limiter& l) {
     return l.token_target_level().value();
-}
-
-std::uint32_t record_of(const lim::Segment& seg, std::string_view key) {
-    const auto r = lim::detail::find_record(*seg.state(), lim::detail::RecordKind::limiter, key);
-    REQUIRE(r.has_value());
-    return *r;
 }
 
 }  // namespace
@@ -49,7 +39,7 @@ TEST_CASE("rebase: many rebases under forked takers; admitted <= granted exactly
     auto seg = lim::Segment::open_or_create(guard.name(), lim::SegmentOptions{});
     constexpr double kGrant = 1e6;  // tokens per grant, and the bucket (burst)
     constexpr double kTotal = 3e9;  // granted over the run: three times the old lifetime cap
-    lim::Limiter l = lim::open_consumed_limiter(seg, "global", local_config(kGrant));
+    lim::Limiter l = lim::open_consumed_limiter(seg, "global", feeder_config(kGrant));
 
     constexpr int kTakers = 4;
     auto* admitted = lim::test::shared_array<std::atomic<std::int64_t>>(kTakers);  // tokens
@@ -127,7 +117,7 @@ TEST_CASE("rebase: many rebases under forked takers; admitted <= granted exactly
 TEST_CASE("rebase: a rebaser killed between its steps leaves the record under-used, never over") {
     lim::test::SegmentGuard guard(lim::test::unique_name("rebase-kill"));
     auto seg = lim::Segment::open_or_create(guard.name(), lim::SegmentOptions{});
-    lim::Limiter l = lim::open_consumed_limiter(seg, "global", local_config(1000));
+    lim::Limiter l = lim::open_consumed_limiter(seg, "global", feeder_config(1000));
     l.set_token_target_level(1000.0);
     for (int i = 0; i < 9; ++i)
         REQUIRE(l.try_take(100) == lim::TryTake::taken);
@@ -168,10 +158,10 @@ TEST_CASE("rebase: a rebaser killed between its steps leaves the record under-us
 TEST_CASE("rebase: in_flight is lowered only once a reaper's recount has thawed the word") {
     lim::test::SegmentGuard guard(lim::test::unique_name("rebase-frozen"));
     auto seg = lim::Segment::open_or_create(guard.name(), lim::SegmentOptions{});
-    lim::Limiter l = lim::open_consumed_limiter(seg, "global", local_config(100));
+    lim::Limiter l = lim::open_consumed_limiter(seg, "global", feeder_config(100));
     l.set_token_target_level(100.0);
     REQUIRE(l.try_take(60) == lim::TryTake::taken);
-    const std::uint32_t rec = record_of(seg, "global");
+    const std::uint32_t rec = lim::test::record_of(seg, "global");
     // As a reaper does: the recovery lock held (so nobody thaws the word behind its back), the
     // record's in-flight word frozen.
     std::optional<lim::detail::FileLock> reaping =
@@ -207,9 +197,9 @@ TEST_CASE("rebase: in_flight is lowered only once a reaper's recount has thawed 
 TEST_CASE("rebase: refused on a record that is not consumed, or has an infinite target") {
     lim::test::SegmentGuard guard(lim::test::unique_name("rebase-refused"));
     auto seg = lim::Segment::open_or_create(guard.name(), lim::SegmentOptions{});
-    lim::Limiter ordinary = lim::Limiter::open(seg, "ordinary", local_config(10));
+    lim::Limiter ordinary = lim::Limiter::open(seg, "ordinary", feeder_config(10));
     CHECK_THROWS_AS(lim::rebase_consumed(ordinary), lim::Error);
-    lim::Limiter consumed = lim::open_consumed_limiter(seg, "global", local_config(10));
+    lim::Limiter consumed = lim::open_consumed_limiter(seg, "global", feeder_config(10));
     consumed.set_token_target_level(lim::infinite);
     CHECK_THROWS_AS(lim::rebase_consumed(consumed), lim::Error);
     consumed.set_token_target_level(0.0);

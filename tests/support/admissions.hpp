@@ -16,6 +16,8 @@
 #include <limits>
 #include <vector>
 
+#include "lim/clock.hpp"
+#include "lim/token_bucket.hpp"
 #include "support/process.hpp"
 
 namespace lim::test {
@@ -73,6 +75,28 @@ class AdmissionLog {
     std::int64_t* counts_;
     int processes_;
 };
+
+// An explicit clock in shared memory at `start`, for forked takers to advance (take_on_clock).
+inline std::atomic<std::int64_t>* shared_clock(TimePoint start) {
+    return new (shared_array<std::atomic<std::int64_t>>(1))
+        std::atomic<std::int64_t>(to_nanos(start));
+}
+
+// Forked taker p's loop: `attempts` times, advances `clock` 2 us and tries to take n tokens from
+// `tb` at the time it read (n = 40 for an even p, 25 for an odd one: more than 20 tokens of drip
+// at 10^7/s), logging each admission in log.part(p); then sets its count.
+inline void take_on_clock(TokenBucket& tb, std::atomic<std::int64_t>* clock,
+                          const AdmissionLog& log, int p, int attempts) {
+    const double n = p % 2 == 0 ? 40.0 : 25.0;
+    Admission* mine = log.part(p);
+    std::int64_t k = 0;
+    for (int i = 0; i < attempts; ++i) {
+        const std::int64_t now = clock->fetch_add(2'000) + 2'000;
+        if (tb.try_take(from_nanos(now), n) != TryTake::taken) continue;
+        mine[k++] = {now, clock->load(), static_cast<std::int64_t>(n * 10'000)};
+    }
+    log.set_count(p, k);
+}
 
 inline BucketCheck check_bucket(std::vector<Admission> a, double burst_units,
                                 double rate_units_per_sec, double slack_units,
