@@ -194,9 +194,10 @@ void LimiterCore::rollback_unless_consumed(LimiterBody& body, std::int64_t n) no
         body.config[BucketWord::gen(s) & 1].flags.load(std::memory_order_seq_cst);
     if ((flags & kConsumed) != 0) return;  // n stays in F: consumed, not admitted
     LIM_RACE_POINT();
-    // Residual: a switch to consumed, the feeder's grant and takes spending it all between this
-    // read and the roll-back's CAS (a taker stopped exactly here) still give n back; see
-    // docs/design.md, "Converting a token bucket into a consumed record".
+    // A switch to consumed between this read and the roll-back's CAS (a taker stopped exactly
+    // here) is why the conversion waits for every operation in progress on the record to end
+    // before the feeder grants (its step 5; docs/design.md, "Converting a token bucket into a
+    // consumed record").
     rollback_tentative(body, n);
 }
 
