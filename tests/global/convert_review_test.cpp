@@ -28,96 +28,15 @@
 #include "shm/records.hpp"
 #include "support/consumed_records.hpp"
 #include "support/limiter_records.hpp"
+#include "support/mid_take.hpp"
 #include "support/process.hpp"
 
 using namespace std::chrono_literals;
+using lim::test::f_minus_x;
+using lim::test::stop_when;
+using lim::test::Taker;
 
 namespace {
-
-// F - X, in units: each general take on a finite-rate record adds n to F (tentatively) and then n
-// to the bucket marker X (no fold: the bucket is never near full, see below). Between the two
-// CASes, F - X is n above its resting value.
-std::int64_t f_minus_x(lim::detail::LimiterBody& b) {
-    const auto f = static_cast<std::int64_t>(b.in_flight.load() & ~lim::detail::kFrozen);
-    return f - lim::detail::BucketWord::x(b.bucket.load());
-}
-
-// A worker process that takes 1 token at a time by the general take (a Limiter handle on the
-// token bucket it opens) until refused, counting what it was admitted.
-pid_t general_taker(const lim::Segment& seg, std::atomic<long>* count, lim::test::Flag* ready) {
-    return lim::test::fork_child([&seg, count, ready] {
-        auto tb = lim::test::worker_bucket(seg, "api", 1e9, 1e-3, 1e9 - 1);
-        lim::Limiter& l = tb.limiter();
-        ready->set();
-        for (;;) {
-            if (l.try_take(1) != lim::TryTake::taken) return 0;
-            count->fetch_add(1);
-        }
-    });
-}
-
-// Stops `child` (SIGSTOP) at random points until F - X is `want` above `rest`: one token above, it
-// is stopped between its take's CAS on F and its CAS on the bucket word; 0 above, it is not
-// inside a take's two CASes. Returns whether it was caught; the child stays stopped if so,
-// running otherwise.
-bool stop_when(pid_t child, lim::detail::LimiterBody& b, std::int64_t rest, std::int64_t want) {
-    for (int i = 0; i < 200000; ++i) {
-        REQUIRE(kill(child, SIGSTOP) == 0);
-        int st = 0;
-        REQUIRE(waitpid(child, &st, WUNTRACED) == child);
-        REQUIRE(WIFSTOPPED(st));
-        const std::int64_t d = f_minus_x(b) - rest;
-        REQUIRE((d == 0 || d == lim::kTokenResolution));
-        if (d == want) return true;
-        REQUIRE(kill(child, SIGCONT) == 0);
-        sched_yield();  // let it run a little (not a timing assertion)
-    }
-    return false;
-}
-
-// The worker's bucket "api", created: huge and one token short of full, a rate so low that no take
-// folds the drip (X moves by exactly n per take). Returns its body.
-lim::detail::LimiterBody& worker_body(const lim::Segment& seg) {
-    (void)lim::test::worker_bucket(seg, "api", 1e9, 1e-3, 1e9 - 1);
-    return lim::test::body_of(seg, "api");
-}
-
-// R1's setup: a segment with worker_body, F - X at rest, and general_taker running on it.
-struct Taker {
-    explicit Taker(const char* stem)
-        : guard(lim::test::unique_name(stem)),
-          seg(lim::Segment::open_or_create(guard.name(), lim::SegmentOptions{})),
-          b(worker_body(seg)),
-          rest(f_minus_x(b)),
-          count(lim::test::shared_array<std::atomic<long>>(1)),
-          ready(lim::test::make_flag()),
-          child(general_taker(seg, count, ready)) {
-        ready->wait();
-    }
-
-    // Stops the child between its take's two CASes (REQUIRE: caught; killed if not).
-    void catch_mid_take() {
-        const bool caught = stop_when(child, b, rest, lim::kTokenResolution);
-        if (!caught) kill(child, SIGKILL);
-        REQUIRE(caught);
-    }
-
-    // Lets the (stopped) child run to its end; returns what it was admitted meanwhile.
-    long resume_and_count() {
-        const long before = count->load();
-        REQUIRE(kill(child, SIGCONT) == 0);
-        CHECK(lim::test::wait_child(child) == 0);
-        return count->load() - before;
-    }
-
-    lim::test::SegmentGuard guard;
-    lim::Segment seg;
-    lim::detail::LimiterBody& b;
-    std::int64_t rest;
-    std::atomic<long>* count;
-    lim::test::Flag* ready;
-    pid_t child;
-};
 
 // As lim-feeder grants 5 with a live lease (30 s); the host spends them: returns how many it was
 // admitted.

@@ -22,6 +22,8 @@
 #include "lim/lim.hpp"
 #include "limiter/consumed_rebase.hpp"
 #include "support/admissions.hpp"
+#include "support/consumed_records.hpp"
+#include "support/mid_take.hpp"
 #include "support/process.hpp"
 
 namespace {
@@ -571,6 +573,56 @@ TEST_CASE("lim-feeder refuses a general Limiter a worker created first (its take
     const std::string text = lim::test::read_file(host.log);
     CHECK(text.find("existed before this feeder made it") != std::string::npos);
     CHECK(text.find("cannot be converted") != std::string::npos);
+}
+
+// The conversion's step 5, end to end: a worker stopped in the middle of a take on the bucket it
+// made (between its take's two CASes) when lim-feeder converts the record. Until that take ends,
+// the feeder grants the key nothing (a grant could count the take's tentative token as spent,
+// which the take would then give back); it says so, and feeds the key once the take has ended.
+TEST_CASE("lim-feeder grants a converted key nothing while a take on it is stopped half-way") {
+    std::string dir;
+    const auto redis = start_redis("settle", dir);
+    if (!redis) return;
+    lim::test::Taker worker("feeder-settle");  // the worker's bucket "api" (kKey), and its taker
+    worker.catch_mid_take();
+    Host host;
+    host.segment = worker.guard.name();
+    host.config = write_config(dir, 0, host.segment, redis->port());
+    host.log = dir + "/feeder-settle.log";
+    start_feeder(host);
+    auto seg = lim::Segment::open(host.segment);
+    lim::Limiter l =
+        lim::Limiter::open(seg, kKey, lim::test::feeder_config(kBurst), lim::adopt_existing);
+    REQUIRE(lim::test::eventually([&] { return lim::is_consumed(l); }, 10s));
+    REQUIRE(lim::test::eventually(
+        [&] {
+            return lim::test::read_file(host.log).find("stopped in the middle of a take") !=
+                   std::string::npos;
+        },
+        10s));
+    // Past the fence after a fresh key (lease_ttl 500 ms + grace) and many refreshes (50 ms):
+    // nothing to take, whoever asks (these refusals are demand the feeder sees).
+    const lim::TimePoint until = lim::Clock::now() + 1500ms;
+    int refused = 0;
+    while (lim::Clock::now() < until) {
+        CHECK(l.try_take(1) == lim::TryTake::unable);
+        ++refused;
+        std::this_thread::sleep_for(10ms);
+    }
+    CHECK(refused > 0);
+    CHECK(l.in_bucket() == 0);
+    // The take resumes: its bucket CAS fails on the switch, its token stays in flight (consumed,
+    // not admitted), and its next take is refused: it ends having been admitted nothing.
+    CHECK(worker.resume_and_count() == 0);
+    REQUIRE(lim::test::eventually(
+        [&] {
+            return lim::test::read_file(host.log).find("the stopped take has ended") !=
+                   std::string::npos;
+        },
+        10s));
+    // Fed from now on.
+    CHECK(lim::test::eventually([&] { return l.try_take(1) == lim::TryTake::taken; }, 10s));
+    MESSAGE(lim::test::read_file(host.log));
 }
 
 // R4's boot order: a worker opens the global rate (SPEC's TokenBucket::open(..., adopt_existing))
