@@ -312,8 +312,8 @@ std::uint32_t hint_flags(const LimiterBody& body) noexcept {
     const std::uint64_t s = body.bucket.load(std::memory_order_relaxed);
     return body.config[BucketWord::gen(s) & 1].flags.load(std::memory_order_relaxed);
 }
-bool looks_infinite(const LimiterBody& body) noexcept {
-    return (hint_flags(body) & (kRateInfinite | kConsumed)) == kRateInfinite;
+bool looks_infinite(std::uint32_t flags) noexcept {
+    return (flags & (kRateInfinite | kConsumed)) == kRateInfinite;
 }
 // The same hint for the consumed fast take (lim-feeder's records: consumed, infinite rate,
 // finite target).
@@ -436,8 +436,7 @@ const LimiterBody& body_of(const RecordRef& ref) noexcept {
 // LimiterCore::begin reads it only for a finite rate, and the fast paths never before their CAS).
 TryTake take_units(const RecordRef& ref, std::int64_t now_ns, std::int64_t units) {
     const std::uint32_t flags = hint_flags(body_of(ref));
-    if ((flags & (kRateInfinite | kConsumed)) == kRateInfinite)
-        return take_fast(ref, now_ns, units);
+    if (looks_infinite(flags)) return take_fast(ref, now_ns, units);
     if (looks_consumed(flags)) return take_consumed(ref, now_ns, units);
     return take_general(ref, now_ns, units, true);
 }
@@ -446,13 +445,13 @@ TryTake take_units(const RecordRef& ref, std::int64_t now_ns, std::int64_t units
 // consumed record never uses it), not counting a consumed record's refusal again (its first
 // attempt counted the units once; the sleeper itself is visible in the wake channel).
 TryTake retake_units(const RecordRef& ref, std::int64_t now_ns, std::int64_t units) {
-    if (looks_infinite(body_of(ref))) return take_fast(ref, now_ns, units);
+    if (looks_infinite(hint_flags(body_of(ref)))) return take_fast(ref, now_ns, units);
     return take_general(ref, now_ns, units, false);
 }
 
 // Both return_to_hopper overloads (`now_ns` as for take_units).
 void return_units(const RecordRef& ref, std::int64_t now_ns, double n, std::int64_t units) {
-    if (looks_infinite(body_of(ref))) return return_fast(ref, now_ns, n, units);
+    if (looks_infinite(hint_flags(body_of(ref)))) return return_fast(ref, now_ns, n, units);
     return_general(ref, now_ns, n, units);
 }
 
