@@ -33,8 +33,8 @@ DispatchImpl::DispatchImpl(RecordRef r, BackoffWindow w, const DispatchOptions& 
       default_clock(!o.clock),
       packed(is_packed(*config)) {}
 
-bool DispatchImpl::take_packed(Hold& hold, const SegmentState& state,
-                               std::uint64_t charge) noexcept {
+inline bool DispatchImpl::take_packed(Hold& hold, const SegmentState& state,
+                                      std::uint64_t charge) noexcept {
     using P = DispatchPacked;
     std::atomic<std::uint64_t>& word = body->concurrency;
     std::uint64_t w = word.load(std::memory_order_relaxed);
@@ -57,8 +57,8 @@ bool DispatchImpl::take_packed(Hold& hold, const SegmentState& state,
     }
 }
 
-bool DispatchImpl::give_packed(Hold& hold, const SegmentState& state,
-                               std::uint64_t charge) noexcept {
+inline bool DispatchImpl::give_packed(Hold& hold, const SegmentState& state,
+                                      std::uint64_t charge) noexcept {
     using P = DispatchPacked;
     std::atomic<std::uint64_t>& word = body->concurrency;
     std::uint64_t w = word.load(std::memory_order_relaxed);
@@ -79,9 +79,7 @@ bool DispatchImpl::give_packed(Hold& hold, const SegmentState& state,
     return true;
 }
 
-bool DispatchImpl::backoff_now() {
-    const std::int64_t until = window_body->until.load(std::memory_order_acquire);
-    if (until == 0) return false;
+bool DispatchImpl::backoff_at(std::int64_t until) {
     if (default_clock && until == expired_until.load(std::memory_order_relaxed)) return false;
     const std::int64_t now_ns = to_nanos(now());
     if (backoff_active_at(now_ns, until, config->backoff_window_ns)) return true;
@@ -278,7 +276,7 @@ const KindOps kDispatchOps{
 };
 
 // Gives back what a Permit holds: bytes, then the throttled slot, then the concurrency slot.
-void release_permit(DispatchImpl& d, std::uint64_t bytes, bool throttled) noexcept {
+inline void release_permit(DispatchImpl& d, std::uint64_t bytes, bool throttled) noexcept {
     SegmentState& state = *d.ref.state;
     try {
         Hold hold(state, d.ref.index);

@@ -139,8 +139,16 @@ struct DispatchImpl {
 
     TimePoint now() const { return default_clock ? Clock::now() : clock(); }
     // Whether a request starting now runs under backoff. Reads the clock only when a deadline
-    // exists and has not been seen to be over.
-    bool backoff_now();
+    // exists and has not been seen to be over. The common case (no deadline was ever set, or it
+    // was cleared) is one acquire load, inline in the caller.
+    bool backoff_now() {
+        const std::int64_t until = window_body->until.load(std::memory_order_acquire);
+        if (until == 0) [[likely]]
+            return false;
+        return backoff_at(until);
+    }
+    // backoff_now's slow path: a deadline `until` exists.
+    bool backoff_at(std::int64_t until);
 
     SemaphoreCore slots() const noexcept {
         return {body->concurrency, config->concurrency, kDispatchSlotsLayer, false,
@@ -159,16 +167,22 @@ struct DispatchImpl {
     }
 
     // Packed only: a slot and `charge` bytes in one CAS, if both are free and (when charge > 0)
-    // nobody is queued for bytes; false (taking nothing) otherwise. Never sleeps.
-    bool take_packed(Hold& hold, const SegmentState& state, std::uint64_t charge) noexcept;
+    // nobody is queued for bytes; false (taking nothing) otherwise. Never sleeps. Defined in
+    // dispatch.cpp, its only user, and inlined into each caller there: the common permit's two
+    // CASes then run with the Hold in registers, not behind a call and a spilled frame.
+    [[gnu::always_inline]] inline bool take_packed(Hold& hold, const SegmentState& state,
+                                                   std::uint64_t charge) noexcept;
     // Packed only: gives back a slot and `charge` bytes in one CAS and wakes a slot sleeper and
     // the head of the byte queue if there are any. False (changing nothing) if the word does not
-    // hold that much.
-    bool give_packed(Hold& hold, const SegmentState& state, std::uint64_t charge) noexcept;
+    // hold that much. Inlined as take_packed is.
+    [[gnu::always_inline]] inline bool give_packed(Hold& hold, const SegmentState& state,
+                                                   std::uint64_t charge) noexcept;
 };
 
 // Gives back what a Permit holds (bytes, throttled slot, concurrency slot). Never throws.
-void release_permit(DispatchImpl& d, std::uint64_t bytes, bool throttled) noexcept;
+// Defined in dispatch.cpp and inlined into Permit::release, its only caller.
+[[gnu::always_inline]] inline void release_permit(DispatchImpl& d, std::uint64_t bytes,
+                                                  bool throttled) noexcept;
 
 extern const KindOps kDispatchOps;
 
