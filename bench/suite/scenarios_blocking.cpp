@@ -31,6 +31,50 @@ bool running(pid_t pid) {
     return paren != std::string::npos && paren + 2 < text.size() && text[paren + 2] == 'R';
 }
 
+// lim::Semaphore against sem_t (cands[0] and cands[1]) at one case, `reps` times alternating:
+// the ratios lim ÷ sem_t of throughput and of p99.9, each run as long as a row of the tables.
+// `first`, when given, is a run of the pair already made (the table's), counted as the first.
+struct PairRatios {
+    std::vector<double> throughput, p999;
+    double median_throughput() const { return median(throughput); }
+    double median_p999() const { return median(p999); }
+    static double median(std::vector<double> v) {
+        std::sort(v.begin(), v.end());
+        return v.empty() ? 0.0 : v[v.size() / 2];
+    }
+};
+
+PairRatios alternate_pair(lim::Segment& seg, const std::vector<Candidate>& cands, int n,
+                          std::chrono::milliseconds duration, int reps, unsigned cap, bool print,
+                          const double* first = nullptr) {
+    const RunOptions o{.processes = n, .duration = duration, .sample_every = 1};
+    PairRatios out;
+    if (first != nullptr) {
+        out.throughput.push_back(first[0]);
+        out.p999.push_back(first[1]);
+    }
+    for (int i = static_cast<int>(out.throughput.size()); i < reps; ++i) {
+        double kops[2], p999[2], blocks[2];
+        for (std::size_t j = 0; j < 2; ++j) {  // 0: lim::Semaphore, 1: sem_t
+            const RunResult res = run(cands[j].make, o);
+            kops[j] = res.mops() * 1e3;
+            p999[j] = static_cast<double>(res.p(0.999));
+            blocks[j] = res.csw_per_op();
+            if (j == 0) seg.reap();
+        }
+        out.throughput.push_back(kops[0] / kops[1]);
+        out.p999.push_back(p999[0] / p999[1]);
+        if (!print) continue;
+        std::printf(
+            "cap %u n %d run %d: lim %.0f k/s p99.9 %.0f ns blocks/op %.3f | sem_t %.0f k/s "
+            "p99.9 %.0f ns blocks/op %.3f | thr %.2f p99.9 %.2f\n",
+            cap, n, i, kops[0], p999[0], blocks[0], kops[1], p999[1], blocks[1],
+            out.throughput.back(), out.p999.back());
+        std::fflush(stdout);
+    }
+    return out;
+}
+
 // A quicker measurement of the hand-off goal for one case, for A/B comparisons of builds:
 //
 //   LIM_HANDOFF_CASE=CAP:N [LIM_HANDOFF_REPEAT=R] lim_suite handoff
@@ -49,31 +93,10 @@ bool handoff_case(lim::Segment& seg, std::int64_t hold_ns) {
     int reps = 5;
     if (const char* r = std::getenv("LIM_HANDOFF_REPEAT")) reps = std::clamp(std::atoi(r), 1, 99);
     const auto cands = blocking_candidates({&seg, 0, false}, cap, hold_ns);
-    const RunOptions o{
-        .processes = n, .duration = std::chrono::milliseconds{400}, .sample_every = 1};
-    std::vector<double> thr, lat;
-    for (int i = 0; i < reps; ++i) {
-        double kops[2], p999[2], blocks[2];
-        for (std::size_t j = 0; j < 2; ++j) {  // 0: lim::Semaphore, 1: sem_t
-            const RunResult res = run(cands[j].make, o);
-            kops[j] = res.mops() * 1e3;
-            p999[j] = static_cast<double>(res.p(0.999));
-            blocks[j] = res.csw_per_op();
-            if (j == 0) seg.reap();
-        }
-        thr.push_back(kops[0] / kops[1]);
-        lat.push_back(p999[0] / p999[1]);
-        std::printf(
-            "cap %u n %d run %d: lim %.0f k/s p99.9 %.0f ns blocks/op %.3f | sem_t %.0f k/s "
-            "p99.9 %.0f ns blocks/op %.3f | thr %.2f p99.9 %.2f\n",
-            cap, n, i, kops[0], p999[0], blocks[0], kops[1], p999[1], blocks[1], thr.back(),
-            lat.back());
-        std::fflush(stdout);
-    }
-    std::sort(thr.begin(), thr.end());
-    std::sort(lat.begin(), lat.end());
+    const PairRatios r =
+        alternate_pair(seg, cands, n, std::chrono::milliseconds{400}, reps, cap, true);
     std::printf("cap %u n %d median of %d: lim/sem_t throughput %.2f  p99.9 %.2f\n", cap, n, reps,
-                thr[thr.size() / 2], lat[lat.size() / 2]);
+                r.median_throughput(), r.median_p999());
     return true;
 }
 
@@ -81,6 +104,7 @@ bool handoff_case(lim::Segment& seg, std::int64_t hold_ns) {
 
 void handoff(const Settings& s, lim::Segment& seg) {
     const std::int64_t hold_ns = 200;
+    const int kGoalRepeats = s.quick ? 1 : 3;
     if (handoff_case(seg, hold_ns)) return;
     const std::vector<int> counts = s.quick ? std::vector<int>{2, 8} : std::vector<int>{2, 8, 32};
     Report r(s, "handoff");
@@ -114,13 +138,22 @@ void handoff(const Settings& s, lim::Segment& seg) {
                 }
                 kops[j].push_back(k);
                 if (cands[j].kind == "sem_t") {
-                    const bool thr = lim_kops >= k;
-                    const bool lat = lim_p999 <= p999;
+                    // The verdict is the median of kGoalRepeats alternating runs of the pair
+                    // (this row's and more): one run's p99.9 at these sub-microsecond hand-offs
+                    // is one scheduler tick more or less, and flipped verdicts from run to run.
+                    const double first[2] = {lim_kops / k, lim_p999 / p999};
+                    const PairRatios pr =
+                        alternate_pair(seg, cands, n, o.duration, kGoalRepeats,
+                                       static_cast<unsigned>(capacity), false, first);
+                    const double thr_ratio = pr.median_throughput();
+                    const double lat_ratio = pr.median_p999();
+                    const bool thr = thr_ratio >= 1.0;
+                    const bool lat = lat_ratio <= 1.0;
                     goal_rows.push_back(
                         {"blocking: lim::Semaphore ≥ sem_t throughput, p99.9 no worse",
                          "capacity " + std::to_string(capacity) + ", " + std::to_string(n) +
                              " processes",
-                         fmt_ratio(lim_kops / k) + " / " + fmt_ratio(lim_p999 / p999),
+                         fmt_ratio(thr_ratio) + " / " + fmt_ratio(lat_ratio),
                          thr && lat ? "met"
                                     : std::string("**missed**") + (thr   ? " (p99.9)"
                                                                    : lat ? " (throughput)"
