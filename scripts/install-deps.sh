@@ -23,6 +23,7 @@ packages=(
   python3-venv        # tests/python/test_install.py installs into a venv
   libhiredis-dev      # lim-feeder's Redis client; bench/'s Redis GCRA baseline
   redis-server        # lim-feeder's global budget (tests/global starts one); bench's GCRA baseline
+  faketime            # libfaketime: tests/global/clock_step_test.cpp steps Redis's clock (TIME)
   gnuplot-nox         # scripts/bench.sh: the plots in docs/plots/
   valgrind            # scripts/bench.sh: callgrind's instruction counts for the breakdown
 )

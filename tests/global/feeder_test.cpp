@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "global/feeder_harness.hpp"
 #include "global/redis_fixture.hpp"
 #include "lim/consumed_limiter.hpp"
 #include "lim/lim.hpp"
@@ -29,167 +30,9 @@
 namespace {
 
 using namespace std::chrono_literals;
+using namespace lim::test::multihost;
 using lim::test::Admission;
 using lim::test::ChildProcess;
-
-constexpr double kBurst = 20;
-constexpr double kRate = 100;  // tokens per second, over all hosts
-constexpr const char* kKey = "api";
-constexpr const char* kBackoffKey = "api_backoff";
-constexpr std::size_t kPerWorker = 4000;
-
-struct Host {
-    std::string segment;
-    std::string config;
-    std::string log;
-    ChildProcess feeder;
-};
-
-std::string write_config(const std::string& dir, int index, const std::string& segment, int port) {
-    const std::string path = dir + "/feeder" + std::to_string(index) + ".toml";
-    std::ofstream out(path);
-    out << "[feeder]\nsegment = \"" << segment << "\"\nredis = \"redis://127.0.0.1:" << port
-        << "\"\nhost = \"host" << index << "\"\nrefresh = \"50ms\"\nlease_ttl = \"500ms\"\n"
-        << "[global." << kKey << "]\nkind = \"rate\"\nburst_size = " << kBurst
-        << "\nsustained_rate_per_sec = " << kRate << "\n[global." << kBackoffKey
-        << "]\nkind = \"backoff\"\n";
-    return path;
-}
-
-void start_feeder(Host& h) {
-    h.feeder.start({FEEDER_PATH, "--config", h.config}, h.log);
-}
-
-// Waits for the feeder to create the segment and its records (the rate, its two status records,
-// the backoff: a worker never creates the rate itself), then opens the global rate as workers do.
-// Nothing if they do not appear within 10 s.
-std::optional<lim::TokenBucket> adopt_global_rate(const std::string& segment,
-                                                  std::optional<lim::Segment>& seg) {
-    const bool ready = lim::test::eventually(
-        [&] {
-            try {
-                seg.emplace(lim::Segment::open(segment));
-                return seg->info().limiters >= 4;
-            } catch (const lim::Error&) {
-                return false;
-            }
-        },
-        10s);
-    if (!ready) return std::nullopt;
-    return lim::TokenBucket::open(
-        *seg, kKey, {.burst_size = kBurst, .sustained_rate_per_sec = kRate}, lim::adopt_existing);
-}
-
-// A worker: takes one token at a time every `pace`, logging each admission, until `stop`.
-int worker(const std::string& segment, std::chrono::microseconds pace, bool blocking,
-           Admission* log, std::int64_t* count, const std::atomic<int>* stop) {
-    std::optional<lim::Segment> seg;
-    std::optional<lim::TokenBucket> global = adopt_global_rate(segment, seg);
-    if (!global) return 3;
-    lim::TokenBucket& tb = *global;
-    std::int64_t n = 0;
-    while (stop->load() == 0 && n < static_cast<std::int64_t>(kPerWorker)) {
-        const std::int64_t before = lim::to_nanos(lim::Clock::now());
-        // Busy workers poll; light ones block, so the feeder's raises must wake them.
-        const bool taken = blocking ? tb.take_until(1, lim::Clock::now() + 300ms)
-                                    : tb.try_take(1) == lim::TryTake::taken;
-        const std::int64_t after = lim::to_nanos(lim::Clock::now());
-        if (taken) log[n++] = Admission{before, after, 10'000};
-        std::this_thread::sleep_for(pace);
-    }
-    *count = n;
-    return 0;
-}
-
-// Where a case keeps its configs and logs: a fresh directory /tmp/lim-feeder-<what>-XXXXXX.
-std::string make_dir(const std::string& what) {
-    std::string path = "/tmp/lim-feeder-" + what + "-XXXXXX";
-    REQUIRE(::mkdtemp(path.data()) != nullptr);
-    return path;
-}
-
-// A case's directory (make_dir(what), into `dir`) and a redis-server on a free port logging
-// there (dir/redis.log), started. Null, and no directory, after saying that the case is skipped
-// when redis-server is not installed.
-std::unique_ptr<lim::test::RedisServer> start_redis(const std::string& what, std::string& dir) {
-    const std::string bin = lim::test::find_redis_server();
-    if (bin.empty()) {
-        MESSAGE("SKIPPED: redis-server is not installed (apt-get install redis-server)");
-        return nullptr;
-    }
-    dir = make_dir(what);
-    auto redis =
-        std::make_unique<lim::test::RedisServer>(bin, lim::test::free_port(), dir + "/redis.log");
-    REQUIRE(redis->start());
-    return redis;
-}
-
-// Hosts 0..n-1: each a segment unique_name(prefix + h) (its guard appended to `guards`) and a
-// feeder (dir/feeder<h>.toml, log dir/feeder<h>.log) fed from the Redis at `port`, started.
-std::vector<std::unique_ptr<Host>> start_hosts(
-    int n, const std::string& prefix, const std::string& dir, int port,
-    std::vector<std::unique_ptr<lim::test::SegmentGuard>>& guards) {
-    std::vector<std::unique_ptr<Host>> hosts;
-    for (int h = 0; h < n; ++h) {
-        guards.push_back(std::make_unique<lim::test::SegmentGuard>(
-            lim::test::unique_name(prefix + std::to_string(h))));
-        auto host = std::make_unique<Host>();
-        host->segment = guards.back()->name();
-        host->config = write_config(dir, h, host->segment, port);
-        host->log = dir + "/feeder" + std::to_string(h) + ".log";
-        start_feeder(*host);
-        hosts.push_back(std::move(host));
-    }
-    return hosts;
-}
-
-// Forks workers_of[h] workers on each host h, worker w (counted over all hosts) running
-// worker() on hosts[h] with pace_of(h) and blocking_of(h), into log.part(w) and counts[w], until
-// `stop`; host_of[w] is set to h. Their pids.
-template <class PaceOf, class BlockingOf>
-std::vector<pid_t> fork_workers(const std::vector<std::unique_ptr<Host>>& hosts,
-                                const int* workers_of, PaceOf pace_of, BlockingOf blocking_of,
-                                const lim::test::AdmissionLog& log, std::int64_t* counts,
-                                const std::atomic<int>* stop, std::vector<int>& host_of) {
-    std::vector<pid_t> pids;
-    const int n = static_cast<int>(hosts.size());
-    for (int h = 0, w = 0; h < n; ++h) {
-        for (int i = 0; i < workers_of[h]; ++i, ++w) {
-            Admission* part = log.part(w);
-            std::int64_t* count = counts + w;
-            const std::string segment = hosts[h]->segment;
-            const std::chrono::microseconds pace = pace_of(h);
-            const bool blocking = blocking_of(h);
-            pids.push_back(lim::test::fork_child([segment, pace, blocking, part, count, stop] {
-                return worker(segment, pace, blocking, part, count, stop);
-            }));
-            host_of.push_back(h);
-        }
-    }
-    return pids;
-}
-
-std::string run_output(const std::string& command) {
-    std::string out;
-    FILE* p = ::popen(command.c_str(), "r");
-    if (p == nullptr) return out;
-    char buf[4096];
-    while (const std::size_t n = std::fread(buf, 1, sizeof buf, p))
-        out.append(buf, n);
-    ::pclose(p);
-    return out;
-}
-
-std::int64_t now_ns() {
-    return lim::to_nanos(lim::Clock::now());
-}
-
-std::size_t count_between(const std::vector<Admission>& a, std::int64_t lo, std::int64_t hi) {
-    std::size_t n = 0;
-    for (const Admission& x : a)
-        n += (x.before_ns >= lo && x.after_ns <= hi) ? 1 : 0;
-    return n;
-}
 
 }  // namespace
 
@@ -407,34 +250,6 @@ TEST_CASE(
         std::remove(("/dev/shm/lim-feeder." + guard.name() + ".lock").c_str());
     }
 }
-
-namespace {
-
-// A worker whose pace its host's `mode` sets: 0 idle, 1 every 25 ms, 2 every 1 ms, 3 quit.
-int paced_worker(const std::string& segment, const std::atomic<int>* mode, Admission* log,
-                 std::int64_t* count) {
-    std::optional<lim::Segment> seg;
-    std::optional<lim::TokenBucket> global = adopt_global_rate(segment, seg);
-    if (!global) return 3;
-    lim::TokenBucket& tb = *global;
-    std::int64_t n = 0;
-    for (int m = mode->load(); m != 3 && n < static_cast<std::int64_t>(kPerWorker);
-         m = mode->load()) {
-        if (m == 0) {
-            std::this_thread::sleep_for(2ms);
-            continue;
-        }
-        const std::int64_t before = now_ns();
-        const bool taken = tb.try_take(1) == lim::TryTake::taken;
-        const std::int64_t after = now_ns();
-        if (taken) log[n++] = Admission{before, after, 10'000};
-        std::this_thread::sleep_for(m == 1 ? 25ms : 1ms);
-    }
-    *count = n;
-    return 0;
-}
-
-}  // namespace
 
 // Issue 12's overspend: the lease deadline used to be enforced by the feeder alone, so a host
 // whose feeder was stopped for longer than the grace could spend what was left of its lease after

@@ -60,9 +60,17 @@ class ChildProcess {
     ChildProcess& operator=(const ChildProcess&) = delete;
     ~ChildProcess() { stop(SIGKILL); }
 
-    void start(const std::vector<std::string>& argv, const std::string& log_path) {
+    // `env`: "NAME=value" entries added to the child's environment (e.g. an LD_PRELOAD).
+    void start(const std::vector<std::string>& argv, const std::string& log_path,
+               const std::vector<std::string>& env = {}) {
         pid_ = ::fork();
         if (pid_ == 0) {
+            for (const auto& e : env) {
+                const std::size_t eq = e.find('=');
+                if (eq == std::string::npos ||
+                    ::setenv(e.substr(0, eq).c_str(), e.c_str() + eq + 1, 1) != 0)
+                    ::_exit(126);
+            }
             std::vector<char*> args;
             for (const auto& a : argv)
                 args.push_back(const_cast<char*>(a.c_str()));
@@ -109,13 +117,15 @@ class ChildProcess {
 
 class RedisServer {
   public:
-    RedisServer(std::string binary, int port, std::string log)
-        : binary_(std::move(binary)), port_(port), log_(std::move(log)) {}
+    // `env`: added to the server's environment (ChildProcess::start), e.g. to run it under
+    // libfaketime (tests/global/clock_step_test.cpp).
+    RedisServer(std::string binary, int port, std::string log, std::vector<std::string> env = {})
+        : binary_(std::move(binary)), port_(port), log_(std::move(log)), env_(std::move(env)) {}
 
     bool start() {
         proc_.start({binary_, "--port", std::to_string(port_), "--bind", "127.0.0.1", "--save", "",
                      "--appendonly", "no", "--daemonize", "no"},
-                    log_);
+                    log_, env_);
         const auto until = std::chrono::steady_clock::now() + std::chrono::seconds{10};
         while (!port_answers(port_)) {
             if (std::chrono::steady_clock::now() > until) return false;
@@ -130,6 +140,7 @@ class RedisServer {
     std::string binary_;
     int port_;
     std::string log_;
+    std::vector<std::string> env_;
     ChildProcess proc_;
 };
 
