@@ -109,7 +109,29 @@ std::uint64_t voluntary_switches() {
     return static_cast<std::uint64_t>(u.ru_nvcsw);
 }
 
+// LIM_SUITE_PIN=1: worker i runs on the (i mod n)-th of the n CPUs it may use, so that on a
+// machine shared with other work the scheduler cannot stack two contenders on one CPU (which
+// measures time slicing, not contention) for part of a run. For A/B runs; unset by bench.sh.
+void pin_if_asked(int index) {
+    const char* e = std::getenv("LIM_SUITE_PIN");
+    if (e == nullptr || std::strcmp(e, "1") != 0) return;
+    cpu_set_t allowed;
+    if (::sched_getaffinity(0, sizeof allowed, &allowed) != 0) return;
+    const int n = CPU_COUNT(&allowed);
+    if (n <= 0) return;
+    int want = index % n;
+    for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+        if (!CPU_ISSET(cpu, &allowed) || want-- != 0) continue;
+        cpu_set_t one;
+        CPU_ZERO(&one);
+        CPU_SET(cpu, &one);
+        ::sched_setaffinity(0, sizeof one, &one);
+        return;
+    }
+}
+
 [[noreturn]] void worker(int index, const OpFactory& factory, const RunOptions& options) {
+    pin_if_asked(index);
     Control& c = *control();
     WorkerStats& me = c.workers[index];
     try {

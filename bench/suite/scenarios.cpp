@@ -1,6 +1,8 @@
 // Uncontended cost, the goals of issue 11, contention from 1 to 32 processes, the regression
 // guard and the single-op runner for callgrind.
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <map>
 #include <stdexcept>
@@ -10,6 +12,35 @@
 
 namespace lim_bench {
 namespace {
+
+// LIM_SUITE_FAMILIES="Limiter,ThrottledRateLimiter" limits uncontended and contended to those
+// families (in --quick mode too), and LIM_SUITE_PROCS="2,4,8,32" sets contended's process
+// counts: for A/B runs of one family on a noisy machine. Unset: every family, the usual counts.
+std::vector<std::string> env_list(const char* name) {
+    std::vector<std::string> out;
+    const char* e = std::getenv(name);
+    if (e == nullptr) return out;
+    std::string cur;
+    for (const char* c = e;; ++c) {
+        if (*c == ',' || *c == '\0') {
+            if (!cur.empty()) out.push_back(cur);
+            cur.clear();
+            if (*c == '\0') break;
+        } else {
+            cur += *c;
+        }
+    }
+    return out;
+}
+
+std::vector<Family> selected(std::vector<Family> families) {
+    const auto names = env_list("LIM_SUITE_FAMILIES");
+    if (names.empty()) return families;
+    std::erase_if(families, [&](const Family& f) {
+        return std::find(names.begin(), names.end(), f.name) == names.end();
+    });
+    return families;
+}
 
 struct Uncontended {
     std::string family;
@@ -56,7 +87,7 @@ constexpr Goal kGoals[] = {
 }  // namespace
 
 void uncontended(const Settings& s, lim::Segment& seg) {
-    const auto families = try_families({&seg, s.redis_port, true});
+    const auto families = selected(try_families({&seg, s.redis_port, true}));
     const auto results = measure_uncontended(families, s.quick ? 3 : 7,
                                              std::chrono::milliseconds{s.quick ? 30 : 100});
     Report r(s, "uncontended");
@@ -157,9 +188,15 @@ void run_op(lim::Segment& seg, const std::string& family, const std::string& kin
 }
 
 void contended(const Settings& s, lim::Segment& seg) {
-    const auto families = try_families({&seg, s.redis_port, false});
-    const std::vector<int> counts =
+    const auto families = selected(try_families({&seg, s.redis_port, false}));
+    const bool filtered = !env_list("LIM_SUITE_FAMILIES").empty();
+    std::vector<int> counts =
         s.quick ? std::vector<int>{1, 2, 8} : std::vector<int>{1, 2, 4, 8, 32};
+    if (const auto procs = env_list("LIM_SUITE_PROCS"); !procs.empty()) {
+        counts.clear();
+        for (const auto& p : procs)
+            counts.push_back(std::max(1, std::atoi(p.c_str())));
+    }
     const RunOptions base{.duration = std::chrono::milliseconds{s.quick ? 100 : 300},
                           .sample_every = 8};
     Report r(s, "contended");
@@ -174,7 +211,8 @@ void contended(const Settings& s, lim::Segment& seg) {
     std::vector<std::vector<std::string>> over_rows;
     std::vector<std::vector<std::string>> goal_rows;
     for (const auto& f : families) {
-        if (s.quick && f.name != "Semaphore" && f.name != "Dispatch" && f.name != "TokenBucket")
+        if (s.quick && !filtered && f.name != "Semaphore" && f.name != "Dispatch" &&
+            f.name != "TokenBucket")
             continue;
         std::vector<const Candidate*> cands{&f.lim};
         for (const auto& b : f.baselines)

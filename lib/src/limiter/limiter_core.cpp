@@ -16,6 +16,7 @@
 #include "limiter/limiter_state.hpp"
 #include "shm/file_lock.hpp"
 #include "sync/futex.hpp"
+#include "sync/spin.hpp"
 
 namespace lim::detail {
 namespace {
@@ -39,6 +40,29 @@ std::int64_t clamp_units(u128 v) noexcept {
 bool landed_before(std::int64_t deadline) noexcept {
     return to_nanos(Clock::now()) < deadline;
 }
+
+// A bounded spin after a lost CAS on the record's hot line (F and S), per call: the first lost
+// CAS waits kFirstSpins relaxations (x86 `pause`, about 15-20 ns each on the benchmark VM), each
+// further one twice as many, never more than kMaxSpins (a few microseconds). Losing means another
+// core wrote the line between our load and our CAS; retrying at once takes the line back while
+// that core is between its own steps, so both keep losing it (a take + return is 3-4 CASes on
+// the line). Waiting lets the winner finish its operation, and usually its next ones, with the
+// line to itself. Only relaxations: no syscall, no sleep, no store, nothing shared is read, so
+// it changes no state and no ordering; the call is as lock-free as before (docs/design.md ("The
+// Limiter family"), "Backoff after a lost CAS").
+class CasBackoff {
+  public:
+    void pause() noexcept {
+        for (std::uint32_t i = 0; i < spins_; ++i)
+            cpu_relax();
+        spins_ = std::min(spins_ * 2, kMaxSpins);
+    }
+
+  private:
+    static constexpr std::uint32_t kFirstSpins = 4;
+    static constexpr std::uint32_t kMaxSpins = 256;
+    std::uint32_t spins_ = kFirstSpins;
+};
 
 }  // namespace
 
@@ -225,6 +249,7 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
                                   std::int64_t rebase_at, bool count_refused) noexcept {
     std::atomic<std::uint64_t>& in_flight = body_.in_flight;
     std::atomic<std::uint64_t>& bucket = body_.bucket;
+    CasBackoff backoff;
     std::uint64_t fw = in_flight.load(std::memory_order_seq_cst);
     for (;;) {
         // Plain variables, not a structured binding: the lambda below captures them (clang 14
@@ -324,6 +349,7 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
         if (!in_flight.compare_exchange_weak(fw, fw + static_cast<std::uint64_t>(n),
                                              std::memory_order_seq_cst,
                                              std::memory_order_seq_cst)) {
+            backoff.pause();
             continue;
         }
         // Take from the bucket: fold at t (the allowance beyond the cap is lost, as the seed
@@ -358,6 +384,10 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
                 if (p.consumed && count_refused) note_refused(body_, n);
                 return TakeOutcome::unable;
             }
+            // Lost to another take or return under the same generation: let it finish before
+            // retrying. Our n is tentatively in F meanwhile (readers and other takers see fewer
+            // tokens, never more; docs/design.md, "Backoff after a lost CAS").
+            backoff.pause();
         }
         // Reconfigured under us: start over with the new configuration. A consumed record's n
         // stays in F, as in the infinite-rate branch above.
@@ -371,6 +401,7 @@ ReturnOutcome LimiterCore::return_to_hopper(Hold& hold, std::int64_t now_ns, std
                                             bool holding_checked) noexcept {
     std::atomic<std::uint64_t>& in_flight = body_.in_flight;
     std::atomic<std::uint64_t>& bucket = body_.bucket;
+    CasBackoff backoff;
     std::uint64_t fw = in_flight.load(std::memory_order_seq_cst);
     for (;;) {
         auto [s, gen, p, t] = begin(hold, fw, now_ns);
@@ -396,6 +427,7 @@ ReturnOutcome LimiterCore::return_to_hopper(Hold& hold, std::int64_t now_ns, std
                 if (!bucket.compare_exchange_strong(s, BucketWord::make(gen, folded),
                                                     std::memory_order_seq_cst,
                                                     std::memory_order_seq_cst)) {
+                    backoff.pause();
                     fw = in_flight.load(std::memory_order_seq_cst);
                     continue;
                 }
@@ -413,6 +445,7 @@ ReturnOutcome LimiterCore::return_to_hopper(Hold& hold, std::int64_t now_ns, std
         if (!in_flight.compare_exchange_weak(fw, fw - static_cast<std::uint64_t>(n),
                                              std::memory_order_seq_cst,
                                              std::memory_order_seq_cst)) {
+            backoff.pause();
             continue;
         }
         if (!p.consumed) hold.add(0, -n);  // consumed: nothing for recovery to give back
