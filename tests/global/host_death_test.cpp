@@ -29,25 +29,33 @@ using namespace std::chrono_literals;
 using namespace lim::test::multihost;
 using lim::test::Admission;
 
-// A dead host's lease entry as Redis holds it, read with the server's clock in one script.
+// A dead host's lease entry as Redis holds it, with the protocol clock p now (docs/global.md,
+// "The protocol clock": lease expiries are in p, which the lease script advances at each call by
+// at most what TIME advanced, up to grace), read in one script: the p of the last call plus what
+// TIME advanced since (at most grace), i.e. the most a call now could make it.
 struct DeadLease {
-    std::int64_t server_now_us = 0;
-    std::int64_t amount_units = 0;  // 0 and expiry 0: no entry
+    std::int64_t server_now_us = 0;  // p as a call now would make it, at most
+    std::int64_t amount_units = 0;   // 0 and expiry 0: no entry
     std::int64_t expiry_us = 0;
 };
 
 DeadLease read_lease(redisContext* c, const std::string& host) {
     DeadLease out;
     auto* r = static_cast<redisReply*>(
-        redisCommand(c, "EVAL %s 1 %s %s",
+        redisCommand(c, "EVAL %s 2 %s %s %s",
                      "local t = redis.call('TIME') "
-                     "return {t[1], t[2], redis.call('HGET', KEYS[1], ARGV[1]) or ''}",
-                     ("lim:global:{" + std::string(kKey) + "}:leases").c_str(), host.c_str()));
+                     "local now = tonumber(t[1]) * 1000000 + tonumber(t[2]) "
+                     "local s = redis.call('HMGET', KEYS[1], 'p', 'last', 'grace') "
+                     "local p = tonumber(s[1]) + math.max(0, math.min(now - tonumber(s[2]), "
+                     "tonumber(s[3]))) "
+                     "return {string.format('%d', p), redis.call('HGET', KEYS[2], ARGV[1]) or ''}",
+                     ("lim:global2:{" + std::string(kKey) + "}").c_str(),
+                     ("lim:global2:{" + std::string(kKey) + "}:leases").c_str(), host.c_str()));
     REQUIRE(r != nullptr);
     REQUIRE(r->type == REDIS_REPLY_ARRAY);
-    REQUIRE(r->elements == 3);
-    out.server_now_us = std::stoll(r->element[0]->str) * 1'000'000 + std::stoll(r->element[1]->str);
-    const std::string entry = r->element[2]->str;
+    REQUIRE(r->elements == 2);
+    out.server_now_us = std::stoll(r->element[0]->str);
+    const std::string entry = r->element[1]->str;
     freeReplyObject(r);
     long long amount = 0, expiry = 0;
     if (std::sscanf(entry.c_str(), "%lld:%lld", &amount, &expiry) == 2) {

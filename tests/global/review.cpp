@@ -19,12 +19,14 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "global/lease_v1.hpp"
 #include "global/redis_fixture.hpp"
 #include "lim/consumed_limiter.hpp"
 #include "lim/lim.hpp"
@@ -110,11 +112,39 @@ class Client {
         if (r != nullptr) freeReplyObject(r);
     }
     // lease(host, held, returned, want) for key `key` in units, as a feeder calls it; {keep,
-    // granted, server_now}, or {} on an error.
+    // granted, p}, or {} on an error. Like a feeder, each host passes its own CLOCK_MONOTONIC time
+    // since its previous call (since this client was made, for its first).
     std::vector<long long> lease(const std::string& key, const std::string& host, long long held,
                                  long long returned, long long want, long long ttl_us, double burst,
                                  double rate) {
-        redisReply* r = cmd({"EVAL", lim::feeder::kLeaseScript, "2", "lim:global:{" + key + "}",
+        const std::int64_t t = now_ns();
+        const auto it = last_call_.try_emplace(host, made_).first;
+        const std::int64_t elapsed_us = (t - it->second) / 1000;
+        it->second = t;
+        redisReply* r =
+            cmd({"EVAL", lim::feeder::kLeaseScript, "3", "lim:global2:{" + key + "}",
+                 "lim:global2:{" + key + "}:leases", "lim:global:{" + key + "}:leases", host,
+                 std::to_string(held), std::to_string(returned), std::to_string(want),
+                 std::to_string(ttl_us), std::to_string(std::llround(burst * kUnits)),
+                 std::to_string(std::llround(rate * kUnits)), std::to_string(ttl_us), "", "",
+                 std::to_string(elapsed_us)});
+        std::vector<long long> out;
+        if (r != nullptr && r->type == REDIS_REPLY_ARRAY) {
+            for (std::size_t i = 0; i < r->elements; ++i)
+                out.push_back(r->element[i]->integer);
+        } else if (r != nullptr && r->type == REDIS_REPLY_ERROR) {
+            MESSAGE("lease script error: " << std::string(r->str));
+            last_error = r->str;
+        }
+        if (r != nullptr) freeReplyObject(r);
+        return out;
+    }
+    // The same call through the previous protocol's script (lim:global:{K}, TIME), as a feeder
+    // of the previous version makes it during a rolling upgrade.
+    std::vector<long long> lease_v1(const std::string& key, const std::string& host, long long held,
+                                    long long returned, long long want, long long ttl_us,
+                                    double burst, double rate) {
+        redisReply* r = cmd({"EVAL", lim::test::kLeaseScriptV1, "2", "lim:global:{" + key + "}",
                              "lim:global:{" + key + "}:leases", host, std::to_string(held),
                              std::to_string(returned), std::to_string(want), std::to_string(ttl_us),
                              std::to_string(std::llround(burst * kUnits)),
@@ -123,9 +153,6 @@ class Client {
         if (r != nullptr && r->type == REDIS_REPLY_ARRAY) {
             for (std::size_t i = 0; i < r->elements; ++i)
                 out.push_back(r->element[i]->integer);
-        } else if (r != nullptr && r->type == REDIS_REPLY_ERROR) {
-            MESSAGE("lease script error: " << std::string(r->str));
-            last_error = r->str;
         }
         if (r != nullptr) freeReplyObject(r);
         return out;
@@ -143,32 +170,37 @@ class Client {
     // The global bucket's level in tokens after a no-op call by `host` (it refills it).
     double bucket(const std::string& key, long long ttl_us, double burst, double rate) {
         lease(key, "probe", 0, 0, 0, ttl_us, burst, rate);
-        redisReply* r = cmd({"HGET", "lim:global:{" + key + "}", "tokens"});
+        redisReply* r = cmd({"HGET", "lim:global2:{" + key + "}", "tokens"});
         double v = 0;
         if (r != nullptr && r->type == REDIS_REPLY_STRING) v = std::atof(r->str) / kUnits;
         if (r != nullptr) freeReplyObject(r);
         return v;
     }
-    // Whether `host` has a live lease entry for `key` (expiry in server microseconds > TIME).
-    bool has_live_entry(const std::string& key, const std::string& host) {
-        redisReply* r = cmd({"HGET", "lim:global:{" + key + "}:leases", host});
+    // Whether `host` has a live lease entry for `key`: after a no-op call by "probe" (which
+    // advances the protocol clock p and deletes the entries it has passed, as any call does),
+    // an entry whose expiry (in p) is past the state's p.
+    bool has_live_entry(const std::string& key, const std::string& host, long long ttl_us,
+                        double burst, double rate) {
+        lease(key, "probe", 0, 0, 0, ttl_us, burst, rate);
+        redisReply* r = cmd({"HGET", "lim:global2:{" + key + "}:leases", host});
         long long expiry = 0;
         if (r != nullptr && r->type == REDIS_REPLY_STRING) {
             long long a = 0, w = 0;
             std::sscanf(r->str, "%lld:%lld:%lld", &a, &expiry, &w);
         }
         if (r != nullptr) freeReplyObject(r);
-        redisReply* t = cmd({"TIME"});
-        REQUIRE(t != nullptr);
-        const long long now =
-            std::atoll(t->element[0]->str) * 1'000'000 + std::atoll(t->element[1]->str);
-        freeReplyObject(t);
+        redisReply* p = cmd({"HGET", "lim:global2:{" + key + "}", "p"});
+        REQUIRE(p != nullptr);
+        const long long now = p->type == REDIS_REPLY_STRING ? std::atoll(p->str) : 0;
+        freeReplyObject(p);
         return expiry > now;
     }
 
     std::string last_error;  // the last error reply of lease()
 
   private:
+    std::int64_t made_ = now_ns();
+    std::map<std::string, std::int64_t> last_call_;  // host -> its last lease() call (ns)
     redisContext* c_ = nullptr;
 };
 
@@ -587,7 +619,7 @@ TEST_CASE("R3 [over-admission]: a feeder stopped mid-tick re-offers an expired l
     int proxy_port = 0;
     const int listen_fd = listen_any(proxy_port);
     auto* ctl = new (lim::test::shared_array<ProxyCtl>(1)) ProxyCtl{};
-    const pid_t proxy = start_proxy(listen_fd, redis.port, "lim:global:{a_first}", ctl);
+    const pid_t proxy = start_proxy(listen_fd, redis.port, "lim:global2:{a_first}", ctl);
     Killer proxy_killer{proxy};
     ::close(listen_fd);
     // Two global rates; the config's tables are read in key order: a_first, then b_target.
@@ -611,7 +643,9 @@ TEST_CASE("R3 [over-admission]: a feeder stopped mid-tick re-offers an expired l
     // The feeder is stopped inside a_first's call. Wait until Redis has expired host a's
     // b_target lease and refilled the bucket, then host C takes it all, spends it, and says so.
     Client c(redis.port);
-    REQUIRE(lim::test::eventually([&] { return !c.has_live_entry(target.key, "a"); }, 10s));
+    REQUIRE(lim::test::eventually(
+        [&] { return !c.has_live_entry(target.key, "a", 1'000'000, target.burst, target.rate); },
+        10s));
     REQUIRE(lim::test::eventually(
         [&] { return c.bucket(target, 1'000'000) >= target.burst - 0.01; }, 10s));
     const std::int64_t t0 = now_ns();
@@ -681,7 +715,7 @@ TEST_CASE("R5 [availability]: one broken key in Redis starves every later global
     REQUIRE(redis.start());
     {
         Client c(redis.port);
-        c.run({"SET", "lim:global:{a_bad}", "not a hash"});
+        c.run({"SET", "lim:global2:{a_bad}", "not a hash"});
     }
     const RateCfg bad{"a_bad", 10, 10};
     const RateCfg good{"b_good", 10, 10};
@@ -774,7 +808,8 @@ TEST_CASE("R6b: one lease_ttl per global rate: LIMTTL while another host's lease
     c.last_error.clear();
     CHECK(c.lease("k", "Y", 0, 0, one, 2'000'000, 10, 5).empty());
     CHECK(c.last_error.rfind("LIMTTL", 0) == 0);
-    CHECK_FALSE(c.has_live_entry("k", "Y"));  // nothing written for the refused call
+    CHECK_FALSE(
+        c.has_live_entry("k", "Y", 1'000'000, 10, 5));  // nothing written for the refused call
     CHECK(c.lease("k", "X", 0, 0, one, 1'000'000, 10, 5).size() == 3);
     // X alone changes to 2 s (no other host holds a lease): accepted, and now binding for Y = 1 s.
     CHECK(c.lease("k", "X", 0, 0, one, 2'000'000, 10, 5).size() == 3);
@@ -789,6 +824,66 @@ TEST_CASE("R6b: one lease_ttl per global rate: LIMTTL while another host's lease
 // R7: a blocking take on a consumed record whose lease deadline has passed honours its own
 // timeout (no hang), and wakes and takes when a new deadline comes (no lost wake-up).
 // ---------------------------------------------------------------------------------------------
+
+// R11: a rolling upgrade. A feeder of the previous protocol (its state under lim:global:{K}, in
+// TIME) and one of the protocol clock (lim:global2:{K}) call one Redis for one global rate: the
+// new script counts the old protocol's live leases, and fences the old script (an entry of the
+// whole burst in its leases), so that the two never grant one burst twice.
+TEST_CASE("R11 [over-admission]: feeders of both protocol versions against one Redis") {
+    if (lim::test::find_redis_server().empty()) return;
+    const std::string dir = make_dir();
+    Redis redis(dir);
+    REQUIRE(redis.start());
+    Client c(redis.port);
+    constexpr double kB = 10;
+    constexpr double kR = 5;
+    constexpr long long kTtl = 200'000;  // fence: ttl + grace = 400 ms
+    const long long burst = std::llround(kB * kUnits);
+    // O (previous version) creates its state, waits out the fence and the refill, takes the burst.
+    REQUIRE(c.lease_v1("k", "O", 0, 0, burst, kTtl, kB, kR).size() == 3);
+    std::this_thread::sleep_for(2700ms);
+    const auto o1 = c.lease_v1("k", "O", 0, 0, burst, kTtl, kB, kR);
+    REQUIRE(o1.size() == 3);
+    CHECK(o1[1] == burst);
+    // N (this version) arrives; O keeps renewing its whole-burst lease every 100 ms for 1 s, and N
+    // asks for the burst each time: N gets nothing while O's lease lives, and O nothing more.
+    long long n_granted = 0;
+    long long o_more = 0;
+    std::int64_t last_n = 0;
+    for (int i = 0; i < 10; ++i) {
+        last_n = now_ns();
+        const auto n = c.lease("k", "N", 0, 0, burst, kTtl, kB, kR);
+        REQUIRE(n.size() == 3);
+        n_granted += n[1];
+        const auto o = c.lease_v1("k", "O", burst, 0, burst, kTtl, kB, kR);
+        REQUIRE(o.size() == 3);
+        CHECK(o[0] == burst);  // O keeps what it holds
+        o_more += o[1];
+        std::this_thread::sleep_for(100ms);
+    }
+    CHECK(n_granted == 0);
+    CHECK(o_more == 0);
+    // O gives its lease back (as a stopping feeder does) and asks again: the old script's bucket
+    // stays empty (the fence entry holds the burst), so nothing.
+    REQUIRE(c.lease_v1("k", "O", 0, burst, 0, kTtl, kB, kR).size() == 3);
+    const auto o2 = c.lease_v1("k", "O", 0, 0, burst, kTtl, kB, kR);
+    REQUIRE(o2.size() == 3);
+    CHECK(o2[1] == 0);
+    // N is then fed from its own bucket, which was empty while O held the burst: at most the
+    // refill since N's last call (O's return went to the old bucket, and is not spent twice). (The
+    // protocol clock advances at most grace, 200 ms, per call: 1 token of refill here.)
+    std::this_thread::sleep_for(600ms);
+    const auto n2 = c.lease("k", "N", 0, 0, burst, kTtl, kB, kR);
+    const std::int64_t asked_at = now_ns();
+    REQUIRE(n2.size() == 3);
+    const double bound = kR * secs(asked_at - last_n) + 0.01;
+    MESSAGE("R11: N granted " << static_cast<double>(n2[1]) / kUnits << " tokens "
+                              << secs(asked_at - last_n)
+                              << " s after its previous call (the rate's refill: " << bound << ")");
+    CHECK(n2[1] > 0);
+    CHECK(static_cast<double>(n2[1]) / kUnits <= bound);
+    redis.proc.stop(SIGKILL);
+}
 
 TEST_CASE("R7 [hang]: blocking takes past the lease deadline: timeout honoured, new lease wakes") {
     lim::test::SegmentGuard guard(lim::test::unique_name("rv7"));

@@ -65,6 +65,7 @@ Feeder::Feeder(Config config)
     : config_(std::move(config)),
       segment_(Segment::open_or_create(config_.segment, SegmentOptions{})),
       redis_(config_.redis, std::min(config_.refresh, std::chrono::microseconds{500'000})) {
+    started_ = Clock::now();
     lease_script_ = redis_.add_script(kLeaseScript);
     backoff_script_ = redis_.add_script(kBackoffScript);
     const TimePoint now = Clock::now();
@@ -79,7 +80,9 @@ Feeder::Feeder(Config config)
                0,
                1,
                0,
-               {"lim:global:{" + g.key + "}", "lim:global:{" + g.key + "}:leases"}};
+               {"lim:global2:{" + g.key + "}", "lim:global2:{" + g.key + "}:leases",
+                "lim:global:{" + g.key + "}:leases"},
+               std::nullopt};
         // A record a worker made first (SPEC's TokenBucket::open(..., adopt_existing) creates
         // the key when the feeder has not: boot order) is converted in place into the feeder's,
         // holding nothing: from the conversion on its takers are bound by the lease (what they
@@ -152,6 +155,19 @@ Feeder::Feeder(Config config)
         backoffs_.push_back(
             {g, BackoffWindow::for_key(segment_, g.key), {"lim:backoff:{" + g.key + "}"}});
     }
+}
+
+// The lease script's `elapsed_us`: this feeder's CLOCK_MONOTONIC time since its previous lease
+// call for the key (sent, whether or not Redis ran it: if it did not, the real time since this
+// feeder's last call Redis ran is longer, so this is never more than it). Before this process's
+// first call, the time since it started: its previous life's last call came before that, so this
+// is a lower bound too (0 would be as safe, but a feeder restarting in a loop as the only caller
+// would then stop the protocol clock). Records `at` as the last call.
+std::string Feeder::elapsed_since_last_call(Rate& r, TimePoint at) const {
+    const TimePoint from = r.last_call.value_or(started_);
+    r.last_call = at;
+    const auto us = std::chrono::duration_cast<std::chrono::microseconds>(at - from).count();
+    return std::to_string(std::max<long long>(0, us));
 }
 
 void Feeder::log_redis(bool ok) {
@@ -323,7 +339,7 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
          std::to_string(to_units(r.g.sustained_rate_per_sec)),
          std::to_string(config_.lease_ttl.count()),
          std::to_string(std::llround(static_cast<double>(to_units(want)) * (1 + r.sleepers))),
-         config_.instance});
+         config_.instance, elapsed_since_last_call(r, asked)});
     if (!reply || reply->size() != 3) {
         note_failure(r.g.key, redis_ok);
         if (config_.fail_open && !r.deadline) feed_open(r, in_flight, available, dt);
@@ -405,7 +421,8 @@ void Feeder::give_back() {
             {config_.host, "0", std::to_string(to_units(returned)), "0",
              std::to_string(config_.lease_ttl.count()), std::to_string(to_units(r.g.burst_size)),
              std::to_string(to_units(r.g.sustained_rate_per_sec)),
-             std::to_string(config_.lease_ttl.count()), "0", config_.instance});
+             std::to_string(config_.lease_ttl.count()), "0", config_.instance,
+             elapsed_since_last_call(r, Clock::now())});
     }
 }
 

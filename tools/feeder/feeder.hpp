@@ -46,6 +46,9 @@ class Feeder {
         double desired = 1;   // tokens the lease should hold
         double sleepers = 0;  // workers asleep on the record, smoothed (the host's weight)
         std::vector<std::string> keys;
+        // When this feeder last sent a lease call for this key (answered or not): the lease
+        // script's protocol clock advances by at most the time since (docs/global.md).
+        std::optional<TimePoint> last_call;
         // Converted at start while a take that read the token bucket's configuration had not
         // ended (a stopped worker): nothing is granted until lim::settle_conversion says so.
         bool settling = false;
@@ -63,11 +66,13 @@ class Feeder {
     void note_contact(Rate& r, TimePoint now);
     void note_lease(Rate& r);
     void log_redis(bool ok);
+    std::string elapsed_since_last_call(Rate& r, TimePoint at) const;
     void note_failure(const std::string& key, bool& redis_ok);
 
     Config config_;
     Segment segment_;
     RedisClient redis_;
+    TimePoint started_;  // CLOCK_MONOTONIC at construction
     std::size_t lease_script_ = 0;
     std::size_t backoff_script_ = 0;
     std::vector<Rate> rates_;

@@ -1,32 +1,52 @@
 // The Lua scripts lim-feeder runs in Redis (by EVALSHA). Both read the server's clock (TIME), so
-// the hosts' clocks never matter. Amounts are integer token units (1/10,000 token), as in the
-// segment; times are microseconds of the server's clock. docs/global.md proves the bound.
+// the hosts' clocks never matter; the lease script runs its own protocol clock over it, so that a
+// step of the server's clock does not either. Amounts are integer token units (1/10,000 token), as
+// in the segment; times are microseconds of the server's clock. docs/global.md proves the bound.
 #pragma once
 
 namespace lim::feeder {
 
 // lease: renew, return, grant, in one step for one host and one global rate.
-// KEYS[1] the rate's state (hash: tokens, ts, fence, run, ttl, grace); KEYS[2] its leases (hash:
-// host -> "amount:expiry:want:weight:instance"; the hosts' last weights share the bucket while
-// several want). ARGV: host, held (what the host still holds unspent: it has stopped spending
-// anything beyond), returned (unspent tokens the host gave up before asking), want, ttl_us, burst
-// (units), rate (units per second), grace_us, weight (the host's demand: its want scaled by how
-// many of its workers wait; absent or empty, the want), instance (optional). A call whose host has
-// a live lease of another instance is refused (an error reply, nothing changed but expired
-// entries): two feeders under one host name would otherwise each keep the one lease Redis counts
-// once. Invariant kept: tokens + sum(live leases) <= burst. A lease lives until ttl + grace after
-// its last renewal; the host stops spending at ttl after a time it took before asking. One
-// lease_ttl per global rate: the state keeps the ttl and grace it runs under; a call with another
-// ttl or grace while another host holds a live lease is refused (an error reply starting LIMTTL,
-// nothing changed but expired entries), since the fence after a restart of Redis is the first
-// caller's ttl + grace and must outlast every host's lease. With no other live lease, the call's
-// ttl and grace become the state's (how a ttl is changed: every host in turn). A state that is
-// absent (first use, a restarted or flushed Redis), or that another server process wrote (its
-// run_id differs: Redis restarted from an RDB snapshot or an AOF, or a replica promoted, any of
-// which forgets the leases granted since), starts empty and grants nothing for one ttl + grace (the
-// fence): every lease granted before has ended on its host by then. (INFO is allowed in scripts;
-// Redis 7 replicates a script's effects, not the script.) Returns {keep, granted, server_now_us}:
-// the host may keep `keep` of what it held, plus `granted`.
+// KEYS[1] the rate's state (hash: tokens, ts, fence, run, ttl, grace, p, last); KEYS[2] its leases
+// (hash: host -> "amount:expiry:want:weight:instance", expiry in protocol-clock microseconds; the
+// hosts' last weights share the bucket while several want); KEYS[3] (optional) the leases of the
+// previous protocol (lim:global:{K}:leases, whose expiries are in TIME), for a rolling upgrade.
+// ARGV: host, held (what the host still holds unspent: it has stopped spending anything beyond),
+// returned (unspent tokens the host gave up before asking), want, ttl_us, burst (units), rate
+// (units per second), grace_us, weight (the host's demand: its want scaled by how many of its
+// workers wait; absent or empty, the want), instance (optional), elapsed_us (the caller's own
+// CLOCK_MONOTONIC time since its previous call for this key: a lower bound of the real time
+// between them; absent or empty, a hand call: bounded by grace alone).
+//
+// The protocol clock p (docs/global.md, "The protocol clock"): every time this script reads TIME
+// it advances p by clamp(TIME - last, 0, min(grace, elapsed_us)) and stores TIME as last. Refill,
+// lease expiry and the restart fence are in p, never in TIME: p runs no faster than Redis's clock
+// and no faster than the caller's, so a forward step of Redis's clock adds at most min(grace,
+// elapsed_us) to p (and leases expire no earlier than their hosts' local deadlines), and a backward
+// step stops p for one call.
+//
+// A call whose host has a live lease of another instance is refused (an error reply, nothing
+// changed but expired entries): two feeders under one host name would otherwise each keep the
+// one lease Redis counts once. Invariant kept: tokens + sum(live leases) + sum(live leases of the
+// previous protocol) <= burst. A lease lives until ttl + grace of p after its last renewal; the
+// host stops spending at ttl after a time it took before asking. One lease_ttl per global rate:
+// the state keeps the ttl and grace it runs under; a call with another ttl or grace while another
+// host holds a live lease is refused (an error reply starting LIMTTL, nothing changed but expired
+// entries), since the fence after a restart of Redis is the first caller's ttl + grace and must
+// outlast every host's lease. With no other live lease, the call's ttl and grace become the
+// state's (how a ttl is changed: every host in turn). A state that is absent (first use, a
+// restarted or flushed Redis), or that another server process wrote (its run_id differs: Redis
+// restarted from an RDB snapshot or an AOF, or a replica promoted, any of which forgets the leases
+// granted since), starts empty and grants nothing for one ttl + grace of p (the fence): every
+// lease granted before has ended on its host by then. (INFO is allowed in scripts; Redis 7
+// replicates a script's effects, not the script.)
+//
+// Rolling upgrade: feeders of the previous protocol keep their state under lim:global:{K} and never
+// read this one. So this script counts their live leases (expiry in TIME, as they wrote it) as
+// outstanding, and writes one entry there, host "~lim-protocol-2", holding the whole burst until
+// TIME + ttl + grace: the previous script then grants nothing and adopts nothing (its bucket is
+// clamped to burst - outstanding), while its hosts run down the leases they hold.
+// Returns {keep, granted, p}: the host may keep `keep` of what it held, plus `granted`.
 inline constexpr const char* kLeaseScript = R"lua(
 local host = ARGV[1]
 local held = tonumber(ARGV[2])
@@ -39,31 +59,45 @@ local grace = tonumber(ARGV[8])
 local weight = tonumber(ARGV[9] or '') or want
 if want <= 0 then weight = 0 end
 local id = ARGV[10] or ''
+local elapsed = tonumber(ARGV[11] or '') or grace
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
-local st = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'fence', 'run', 'ttl', 'grace')
-local live = st[2] and st[4] == run
-local tokens, ts, fence
+local st = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'fence', 'run', 'ttl', 'grace', 'p', 'last')
+local live = st[2] and st[4] == run and st[7] and st[8]
+local tokens, ts, fence, p
 if not live then
+  p = now
   tokens = 0
-  ts = now
-  fence = now + ttl + grace
+  ts = p
+  fence = p + ttl + grace
 else
   tokens = tonumber(st[1])
   ts = tonumber(st[2])
   fence = tonumber(st[3])
+  p = tonumber(st[7]) + math.max(0, math.min(now - tonumber(st[8]), grace, math.max(0, elapsed)))
 end
 local outstanding = 0
 local weights = weight
 local others = 0
 local mine = nil
+local legacy = '~lim-protocol-2'
+if KEYS[3] then
+  local old = redis.call('HGETALL', KEYS[3])
+  for i = 1, #old, 2 do
+    local a, e = string.match(old[i + 1], '^(%d+):(%d+):')
+    if old[i] ~= legacy and (tonumber(e) or 0) > now then
+      outstanding = outstanding + (tonumber(a) or 0)
+    end
+  end
+  redis.call('HSET', KEYS[3], legacy, string.format('%d:%d:0:0:', burst, now + ttl + grace))
+end
 local all = redis.call('HGETALL', KEYS[2])
 for i = 1, #all, 2 do
   local a, e, w, g, o = string.match(all[i + 1], '^(%d+):(%d+):(%d+):?(%d*):?(%x*)$')
   local amount = tonumber(a) or 0
   local expiry = tonumber(e) or 0
-  if expiry <= now then
+  if expiry <= p then
     redis.call('HDEL', KEYS[2], all[i])
   elseif all[i] == host then
     if o ~= '' and id ~= '' and o ~= id then
@@ -79,11 +113,11 @@ end
 if live and others > 0 and st[5] and (tonumber(st[5]) ~= ttl or tonumber(st[6]) ~= grace) then
   return redis.error_reply('LIMTTL lease_ttl ' .. ttl .. ' us (grace ' .. grace .. ') differs from the ' .. st[5] .. ' us (grace ' .. (st[6] or '?') .. ') the other hosts hold leases under: give every host the same lease_ttl')
 end
-if now > ts then
-  if now > fence then
-    tokens = tokens + (now - math.max(ts, fence)) * rate / 1000000
+if p > ts then
+  if p > fence then
+    tokens = tokens + (p - math.max(ts, fence)) * rate / 1000000
   end
-  ts = now
+  ts = p
 end
 local keep
 if mine ~= nil then
@@ -97,24 +131,25 @@ tokens = math.max(0, math.min(tokens, burst - outstanding - keep))
 -- While others want too, a host gets its share of the bucket in proportion to its weight (its
 -- demand), never more than it wants. The shares of the hosts that want sum to at most the bucket.
 local granted = 0
-if now > fence and weights > 0 then
+if p > fence and weights > 0 then
   granted = math.max(0, math.min(want, math.floor(tokens * weight / weights)))
 end
 tokens = tokens - granted
 local lease = keep + granted
 if lease > 0 then
   redis.call('HSET', KEYS[2], host,
-             string.format('%d:%d:%d:%d:%s', lease, now + ttl + grace, want, weight, id))
+             string.format('%d:%d:%d:%d:%s', lease, p + ttl + grace, want, weight, id))
 elseif want > 0 then
   redis.call('HSET', KEYS[2], host,
-             string.format('0:%d:%d:%d:%s', now + ttl + grace, want, weight, id))
+             string.format('0:%d:%d:%d:%s', p + ttl + grace, want, weight, id))
 else
   redis.call('HDEL', KEYS[2], host)
 end
 redis.call('HSET', KEYS[1], 'tokens', string.format('%.4f', tokens), 'ts', string.format('%d', ts),
            'fence', string.format('%d', fence), 'run', run, 'ttl', string.format('%d', ttl),
-           'grace', string.format('%d', grace))
-return {keep, granted, now}
+           'grace', string.format('%d', grace), 'p', string.format('%d', p),
+           'last', string.format('%d', now))
+return {keep, granted, p}
 )lua";
 
 // backoff: merge a host's BackoffWindow with the shared deadline, by max (never shortening).
