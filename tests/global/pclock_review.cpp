@@ -357,3 +357,65 @@ TEST_CASE("P3 [over-admission]: a longer-ttl caller after a forward step deletes
         static_cast<double>(rate) * (static_cast<double>(c_at - a_asked) / 1e6 + 0.25);
     CHECK(static_cast<double>(a_held + c_granted) <= allowed);
 }
+
+// P1e: P1 end to end, with the real lim-feeder. One host; its feeder holds a lease, is killed
+// (SIGKILL) and its lock file removed (what a reboot does to /dev/shm, where the feeder keeps its
+// instance id; a container's own /dev/shm on each start), then started again: a new instance id
+// under the same host name while the previous one's entry lives. It is refused (LIMHOST) until
+// that entry expires, ttl + grace = 1 s after its last renewal; before the fix, forever: the host
+// never admitted again.
+TEST_CASE("P1e [liveness]: a lone host's feeder restarted with a new instance id feeds again") {
+    if (lim::test::find_redis_server().empty()) {
+        MESSAGE("SKIPPED: redis-server is not installed");
+        return;
+    }
+    const std::string dir = make_dir();
+    PlainRedis redis(dir);
+    REQUIRE(redis.server.start());
+    lim::test::SegmentGuard guard(lim::test::unique_name("pc1e"));
+    const std::string config = dir + "/feeder.toml";
+    {
+        std::ofstream out(config);
+        out << "[feeder]\nsegment = \"" << guard.name()
+            << "\"\nredis = \"redis://127.0.0.1:" << redis.server.port()
+            << "\"\nhost = \"h\"\nrefresh = \"50ms\"\nlease_ttl = \"500ms\"\n"
+               "[global.api]\nkind = \"rate\"\nburst_size = 20\nsustained_rate_per_sec = 100\n";
+    }
+    const std::string log = dir + "/feeder.log";
+    lim::test::ChildProcess feeder;
+    feeder.start({FEEDER_PATH, "--config", config}, log);
+    std::optional<lim::Segment> seg;
+    REQUIRE(lim::test::eventually(
+        [&] {
+            try {
+                seg.emplace(lim::Segment::open(guard.name()));
+                return seg->info().limiters >= 3;
+            } catch (const lim::Error&) {
+                return false;
+            }
+        },
+        10s));
+    auto tb = lim::TokenBucket::open(*seg, "api", {.burst_size = 20, .sustained_rate_per_sec = 100},
+                                     lim::adopt_existing);
+    // Fed: a take succeeds (past the fence).
+    REQUIRE(lim::test::eventually([&] { return tb.try_take(1) == lim::TryTake::taken; }, 10s));
+    feeder.stop(SIGKILL);
+    const std::int64_t killed = mono_us();
+    REQUIRE(::unlink(("/dev/shm/lim-feeder." + guard.name() + ".lock").c_str()) == 0);
+    feeder.start({FEEDER_PATH, "--config", config}, log);
+    // Its previous lease's deadline (<= 500 ms after the kill) passes: nothing is admitted then
+    // until the new instance is served. Served within 4 s (4 x ttl + grace)?
+    std::this_thread::sleep_for(600ms);
+    const bool fed = lim::test::eventually(
+        [&] {
+            std::this_thread::sleep_for(5ms);
+            return tb.try_take(1) == lim::TryTake::taken;
+        },
+        4s);
+    const std::string text = lim::test::read_file(log);
+    MESSAGE("P1e: the feeder's log:\n" << text);
+    CHECK(text.find("LIMHOST") != std::string::npos);  // refused while the old entry lived
+    CHECK_MESSAGE(fed, "the host never admitted again: its restarted feeder is refused forever");
+    MESSAGE("P1e: fed again " << (mono_us() - killed) / 1000 << " ms after the kill");
+    feeder.stop(SIGTERM);
+}
