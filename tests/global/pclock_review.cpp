@@ -13,6 +13,8 @@
 //   forward step of Redis's clock with an elapsed longer than the state's grace, moved p past the
 //   live leases of the other hosts, deleted them before their local deadlines, and was granted the
 //   bucket while they still spent theirs.
+// All four fail against the script of commit ba5225e and pass with the fix (the state's grace
+// caps the advance; a refused call saves p and last).
 #include <doctest/doctest.h>
 #include <glob.h>
 #include <hiredis/hiredis.h>
@@ -257,8 +259,8 @@ TEST_CASE("P2 [liveness]: LIMTTL behind a dead host's entry lasts forever") {
 
 // P3: Redis's clock steps 10 s forward just after host a (lease_ttl 250 ms) was granted the
 // burst. Host c, configured with lease_ttl 5 s (a ttl change in progress; refused LIMTTL while a
-// holds a lease), calls next; its previous call was ~1 s ago, so its honest elapsed is ~1 s, more
-// than the state's grace (250 ms). Capped by c's own grace (5 s), p advanced ~1 s, past a's
+// holds a lease), calls next; its previous call was ~1.5 s ago, so its honest elapsed is ~1.5 s,
+// more than the state's grace (250 ms). Capped by c's own grace (5 s), p advanced ~1.5 s, past a's
 // expiry (p + 500 ms): a's entry was deleted 1-2 ms after a's ask, long before a's local
 // deadline (ask + 250 ms); then c, alone, was accepted and granted the refilled bucket while a
 // may still spend the burst: 2 x burst within a few ms, over burst + rate x T plus the step's
