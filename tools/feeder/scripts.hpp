@@ -19,27 +19,29 @@ namespace lim::feeder {
 // between them; absent or empty, a hand call: bounded by grace alone).
 //
 // The protocol clock p (docs/global.md, "The protocol clock"): every time this script reads TIME
-// it advances p by clamp(TIME - last, 0, min(grace, elapsed_us)) and stores TIME as last. Refill,
+// it advances p by clamp(TIME - last, 0, min(grace, the state's grace, elapsed_us)) and stores TIME
+// as last, on a refused call too (else a refusal could last forever: p would never reach the
+// expiry of the entry that causes it). Refill,
 // lease expiry and the restart fence are in p, never in TIME: p runs no faster than Redis's clock
 // and no faster than the caller's, so a forward step of Redis's clock adds at most min(grace,
 // elapsed_us) to p (and leases expire no earlier than their hosts' local deadlines), and a backward
 // step stops p for one call.
 //
 // A call whose host has a live lease of another instance is refused (an error reply, nothing
-// changed but expired entries): two feeders under one host name would otherwise each keep the
-// one lease Redis counts once. Invariant kept: tokens + sum(live leases) + sum(live leases of the
-// previous protocol) <= burst. A lease lives until ttl + grace of p after its last renewal; the
-// host stops spending at ttl after a time it took before asking. One lease_ttl per global rate:
-// the state keeps the ttl and grace it runs under; a call with another ttl or grace while another
-// host holds a live lease is refused (an error reply starting LIMTTL, nothing changed but expired
-// entries), since the fence after a restart of Redis is the first caller's ttl + grace and must
-// outlast every host's lease. With no other live lease, the call's ttl and grace become the
-// state's (how a ttl is changed: every host in turn). A state that is absent (first use, a
-// restarted or flushed Redis), or that another server process wrote (its run_id differs: Redis
-// restarted from an RDB snapshot or an AOF, or a replica promoted, any of which forgets the leases
-// granted since), starts empty and grants nothing for one ttl + grace of p (the fence): every
-// lease granted before has ended on its host by then. (INFO is allowed in scripts; Redis 7
-// replicates a script's effects, not the script.)
+// changed but expired entries and the clock's p and last): two feeders under one host name would
+// otherwise each keep the one lease Redis counts once. Invariant kept: tokens + sum(live leases) +
+// sum(live leases of the previous protocol) <= burst. A lease lives until ttl + grace of p after
+// its last renewal; the host stops spending at ttl after a time it took before asking. One
+// lease_ttl per global rate: the state keeps the ttl and grace it runs under; a call with another
+// ttl or grace while another host holds a live lease is refused (an error reply starting LIMTTL,
+// nothing changed but expired entries and p and last), since the fence after a restart of Redis is
+// the first caller's ttl + grace and must outlast every host's lease. With no other live lease, the
+// call's ttl and grace become the state's (how a ttl is changed: every host in turn). A state that
+// is absent (first use, a restarted or flushed Redis), or that another server process wrote (its
+// run_id differs: Redis restarted from an RDB snapshot or an AOF, or a replica promoted, any of
+// which forgets the leases granted since), starts empty and grants nothing for one ttl + grace of p
+// (the fence): every lease granted before has ended on its host by then. (INFO is allowed in
+// scripts; Redis 7 replicates a script's effects, not the script.)
 //
 // Rolling upgrade: feeders of the previous protocol keep their state under lim:global:{K} and never
 // read this one. So this script counts their live leases (expiry in TIME, as they wrote it) as
@@ -75,7 +77,20 @@ else
   tokens = tonumber(st[1])
   ts = tonumber(st[2])
   fence = tonumber(st[3])
-  p = tonumber(st[7]) + math.max(0, math.min(now - tonumber(st[8]), grace, math.max(0, elapsed)))
+  -- Capped by the state's grace too, not the caller's alone: the live leases' expiries are in
+  -- the state's ttl + grace, and a caller with a longer one (refused LIMTTL below) must not move
+  -- p past them at a forward step (global.pclock_review P3).
+  local cap = math.min(grace, tonumber(st[6]) or grace)
+  p = tonumber(st[7]) + math.max(0, math.min(now - tonumber(st[8]), cap, math.max(0, elapsed)))
+end
+-- A refused call saves the clock's advance (p and last) and nothing else: p must advance while
+-- every caller is refused, or the entry that causes the refusal never expires
+-- (global.pclock_review P1, P2).
+local function refuse(msg)
+  if live then
+    redis.call('HSET', KEYS[1], 'p', string.format('%d', p), 'last', string.format('%d', now))
+  end
+  return redis.error_reply(msg)
 end
 local outstanding = 0
 local weights = weight
@@ -101,7 +116,7 @@ for i = 1, #all, 2 do
     redis.call('HDEL', KEYS[2], all[i])
   elseif all[i] == host then
     if o ~= '' and id ~= '' and o ~= id then
-      return redis.error_reply('LIMHOST another feeder (instance ' .. o .. ') holds a lease as host ' .. host .. ': give every feeder its own host name')
+      return refuse('LIMHOST another feeder (instance ' .. o .. ') holds a lease as host ' .. host .. ': give every feeder its own host name')
     end
     mine = amount
   else
@@ -111,7 +126,7 @@ for i = 1, #all, 2 do
   end
 end
 if live and others > 0 and st[5] and (tonumber(st[5]) ~= ttl or tonumber(st[6]) ~= grace) then
-  return redis.error_reply('LIMTTL lease_ttl ' .. ttl .. ' us (grace ' .. grace .. ') differs from the ' .. st[5] .. ' us (grace ' .. (st[6] or '?') .. ') the other hosts hold leases under: give every host the same lease_ttl')
+  return refuse('LIMTTL lease_ttl ' .. ttl .. ' us (grace ' .. grace .. ') differs from the ' .. st[5] .. ' us (grace ' .. (st[6] or '?') .. ') the other hosts hold leases under: give every host the same lease_ttl')
 end
 if p > ts then
   if p > fence then
