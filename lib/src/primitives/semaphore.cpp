@@ -36,23 +36,58 @@ void wake_after_release(std::atomic<std::uint64_t>& word, const SemaphoreFormat&
     }
 }
 
-bool SemaphoreCore::try_acquire(Hold& hold, const SegmentState& state, std::uint64_t n,
-                                std::uint64_t registered_for) noexcept {
+namespace {
+
+// The bodies of SemaphoreCore::try_acquire and release, inlined into lim::Semaphore's own entry
+// points (the member functions, out of line, serve the other families): the uncontended acquire
+// and release then run with the Hold and the core in registers and the word's format folded to
+// constants, rather than behind a call that copies both into a frame.
+[[gnu::always_inline]] inline bool try_acquire_inline(const SemaphoreCore& c, Hold& hold,
+                                                      const SegmentState& state, std::uint64_t n,
+                                                      std::uint64_t registered_for) noexcept {
+    const SemaphoreFormat& fmt = c.fmt;
+    std::atomic<std::uint64_t>& word = c.word;
     const std::uint64_t deregister = registered_for ? fmt.waiter_unit(registered_for) : 0;
     std::uint64_t w = word.load(std::memory_order_relaxed);
     for (;;) {
         if (hold.stepped_aside(w, word, state)) continue;
-        if (fmt.in_use(w) + n > capacity) return false;
+        if (fmt.in_use(w) + n > c.capacity) return false;
         LIM_RACE_POINT();
         if (word.compare_exchange_weak(w, w + n - deregister, std::memory_order_seq_cst,
                                        std::memory_order_relaxed)) {
-            hold.add(layer, static_cast<std::int64_t>(n));
-            if (counts_admissions) hold.admitted();
+            hold.add(c.layer, static_cast<std::int64_t>(n));
+            if (c.counts_admissions) hold.admitted();
             if (registered_for)
                 hold.holder_ref().slot->waiting_record.store(0, std::memory_order_relaxed);
             return true;
         }
     }
+}
+
+[[gnu::always_inline]] inline bool release_inline(const SemaphoreCore& c, Hold& hold,
+                                                  const SegmentState& state,
+                                                  std::uint64_t n) noexcept {
+    const SemaphoreFormat& fmt = c.fmt;
+    std::atomic<std::uint64_t>& word = c.word;
+    std::uint64_t w = word.load(std::memory_order_relaxed);
+    for (;;) {
+        if (hold.stepped_aside(w, word, state)) continue;
+        if (fmt.in_use(w) < n) return false;
+        LIM_RACE_POINT();
+        if (word.compare_exchange_weak(w, w - n, std::memory_order_seq_cst,
+                                       std::memory_order_relaxed)) {
+            hold.add(c.layer, -static_cast<std::int64_t>(n));
+            if (fmt.sleepers(w) > 0) wake_after_release(word, fmt, w, n);
+            return true;
+        }
+    }
+}
+
+}  // namespace
+
+bool SemaphoreCore::try_acquire(Hold& hold, const SegmentState& state, std::uint64_t n,
+                                std::uint64_t registered_for) noexcept {
+    return try_acquire_inline(*this, hold, state, n, registered_for);
 }
 
 bool SemaphoreCore::register_sleeper(Hold& hold, const SegmentState& state,
@@ -99,18 +134,7 @@ void SemaphoreCore::deregister_sleeper(Hold& hold, const SegmentState& state,
 }
 
 bool SemaphoreCore::release(Hold& hold, const SegmentState& state, std::uint64_t n) noexcept {
-    std::uint64_t w = word.load(std::memory_order_relaxed);
-    for (;;) {
-        if (hold.stepped_aside(w, word, state)) continue;
-        if (fmt.in_use(w) < n) return false;
-        LIM_RACE_POINT();
-        if (word.compare_exchange_weak(w, w - n, std::memory_order_seq_cst,
-                                       std::memory_order_relaxed)) {
-            hold.add(layer, -static_cast<std::int64_t>(n));
-            if (fmt.sleepers(w) > 0) wake_after_release(word, fmt, w, n);
-            return true;
-        }
-    }
+    return release_inline(*this, hold, state, n);
 }
 
 bool SemaphoreCore::acquire_until(SegmentState& state, std::uint32_t record, std::uint64_t n,
@@ -345,7 +369,7 @@ bool Semaphore::try_acquire(std::uint64_t n) {
     if (n > core.capacity) throw_too_many(ref_, n, core.capacity);
     if (n == 0) return true;
     detail::Hold hold(*ref_.state, ref_.index);
-    return core.try_acquire(hold, *ref_.state, n);
+    return detail::try_acquire_inline(core, hold, *ref_.state, n, 0);
 }
 
 // acquire and acquire_until make their first try here, inline, and call the blocking path only
@@ -356,7 +380,7 @@ void Semaphore::acquire(std::uint64_t n) {
     if (n == 0) return;
     {
         detail::Hold hold(*ref_.state, ref_.index);
-        if (core.try_acquire(hold, *ref_.state, n)) [[likely]]
+        if (detail::try_acquire_inline(core, hold, *ref_.state, n, 0)) [[likely]]
             return;
     }
     core.acquire_blocking(*ref_.state, ref_.index, n, std::nullopt, detail::kSemaphorePacing);
@@ -368,7 +392,7 @@ bool Semaphore::acquire_until(std::uint64_t n, TimePoint deadline) {
     if (n == 0) return true;
     {
         detail::Hold hold(*ref_.state, ref_.index);
-        if (core.try_acquire(hold, *ref_.state, n)) [[likely]]
+        if (detail::try_acquire_inline(core, hold, *ref_.state, n, 0)) [[likely]]
             return true;
     }
     return core.acquire_blocking(*ref_.state, ref_.index, n, deadline, detail::kSemaphorePacing);
@@ -379,7 +403,7 @@ void Semaphore::release(std::uint64_t n) {
     detail::SemaphoreCore core = core_of(ref_);
     detail::Hold hold(*ref_.state, ref_.index);
     hold.require_held(core.layer, n, "semaphore");
-    if (!core.release(hold, *ref_.state, n)) {
+    if (!detail::release_inline(core, hold, *ref_.state, n)) {
         throw Error(Errc::over_release,
                     fmt::format("semaphore '{}': release({}) but only {} units are in use",
                                 ref_.key(), n, in_use()));
