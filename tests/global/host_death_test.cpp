@@ -222,6 +222,15 @@ TEST_CASE("a host dies holding a lease: counted until its expiry, then the survi
     CHECK(static_cast<double>(count_between(live_host, gone, end)) >= 0.4 * kDeathRate * after_s);
 
     if (check.worst_excess_units > 0) {
+        // Where it happened, for the report: the worst set's interval, relative to the kill and
+        // to the dead lease's expiry, and each host's admissions inside it.
+        const std::int64_t lo = check.worst_lo_ns;
+        const std::int64_t hi = check.worst_hi_ns;
+        MESSAGE("worst set: from " << ms(lo - killed) << " to " << ms(hi - killed)
+                                   << " ms after the kill (the dead lease expired at "
+                                   << ms(expires_local - killed) << " ms); host 0 admitted "
+                                   << count_between(dead_host, lo, hi + 1) << " in it, host 1 "
+                                   << count_between(live_host, lo, hi + 1));
         for (auto& h : hosts)
             MESSAGE(lim::test::read_file(h->log));
     }

@@ -32,6 +32,9 @@ struct BucketCheck {
     double worst_excess_units = -std::numeric_limits<double>::infinity();  // <= 0: conformant
     std::size_t windows = 0;                                               // sets checked
     std::int64_t total_units = 0;
+    // The interval of the worst set: [earliest before, latest after] (for a failure's report).
+    std::int64_t worst_lo_ns = 0;
+    std::int64_t worst_hi_ns = 0;
 };
 
 // How much is held at once, counted by the holders themselves. Lives in shared memory:
@@ -109,8 +112,12 @@ inline BucketCheck check_bucket(std::vector<Admission> a, double burst_units,
         return burst_units + rate_units_per_sec * static_cast<double>(hi - lo) / 1e9 + slack_units;
     };
     const auto consider = [&](std::int64_t sum, std::int64_t lo, std::int64_t hi) {
-        out.worst_excess_units =
-            std::max(out.worst_excess_units, static_cast<double>(sum) - allowed(lo, hi));
+        const double excess = static_cast<double>(sum) - allowed(lo, hi);
+        if (excess > out.worst_excess_units) {
+            out.worst_excess_units = excess;
+            out.worst_lo_ns = lo;
+            out.worst_hi_ns = hi;
+        }
         ++out.windows;
     };
     for (std::size_t i = 0; i < n; ++i) {
