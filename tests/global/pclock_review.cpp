@@ -93,13 +93,27 @@ class Conn {
     std::vector<long long> lease(const std::string& key, const std::string& host,
                                  const std::string& instance, long long held, long long want,
                                  long long ttl_us, long long burst, long long rate,
-                                 long long elapsed_us, std::string& error) {
-        redisReply* r =
-            cmd({"EVAL", lim::feeder::kLeaseScript, "3", "lim:global2:{" + key + "}",
-                 "lim:global2:{" + key + "}:leases", "lim:global:{" + key + "}:leases", host,
-                 std::to_string(held), "0", std::to_string(want), std::to_string(ttl_us),
-                 std::to_string(burst), std::to_string(rate), std::to_string(ttl_us),
-                 std::to_string(want), instance, std::to_string(elapsed_us)});
+                                 long long elapsed_us, std::string& error,
+                                 const std::string& seq = "") {
+        std::vector<std::string> args{"EVAL",
+                                      lim::feeder::kLeaseScript,
+                                      "3",
+                                      "lim:global2:{" + key + "}",
+                                      "lim:global2:{" + key + "}:leases",
+                                      "lim:global:{" + key + "}:leases",
+                                      host,
+                                      std::to_string(held),
+                                      "0",
+                                      std::to_string(want),
+                                      std::to_string(ttl_us),
+                                      std::to_string(burst),
+                                      std::to_string(rate),
+                                      std::to_string(ttl_us),
+                                      std::to_string(want),
+                                      instance,
+                                      std::to_string(elapsed_us)};
+        if (!seq.empty()) args.push_back(seq);
+        redisReply* r = cmd(args);
         std::vector<long long> out;
         error.clear();
         if (r != nullptr && r->type == REDIS_REPLY_ARRAY) {
@@ -420,4 +434,65 @@ TEST_CASE("P1e [liveness]: a lone host's feeder restarted with a new instance id
     CHECK_MESSAGE(fed, "the host never admitted again: its restarted feeder is refused forever");
     MESSAGE("P1e: fed again " << (mono_us() - killed) / 1000 << " ms after the kill");
     feeder.stop(SIGTERM);
+}
+
+// S1: a call Redis runs after a newer call of the same host. lim-feeder gives a call up after its
+// timeout (min(refresh, 500 ms)), drops the connection and asks again on a new one; if Redis was
+// stalled (a slow command, a fork, the machine), the old call may still be in the old socket and
+// run after the new one. Run, it would count what the host held when it asked long ago, not what
+// the newer call left it: here the newer call was granted 8 tokens the host now holds, and the
+// stale call (held 0, asking for nothing) would shrink the host's entry to 0 while the host can
+// still spend the 8 (Redis then grants them again to another host). With `seq` (the caller's
+// monotonic time when it asked) the script refuses it (LIMSTALE), changing nothing but p.
+TEST_CASE("S1 [over-admission]: a lease call Redis runs after a newer one of the same host") {
+    if (lim::test::find_redis_server().empty()) {
+        MESSAGE("SKIPPED: redis-server is not installed");
+        return;
+    }
+    const std::string dir = make_dir();
+    PlainRedis redis(dir);
+    REQUIRE(redis.server.start());
+    Conn c(redis.server.port());
+    constexpr long long kTtl = 250'000;
+    const long long burst = 10 * kUnits;
+    const long long rate = 10 * kUnits;
+    const std::string inst = "00000000000000aa";
+    std::string error;
+    // Past the fence, the host renews every 50 ms until it holds 8 tokens (the bucket refills
+    // at 10/s from the fence on).
+    std::int64_t last = mono_us();
+    long long lease = 0;
+    std::int64_t stale_seq = 0;
+    for (int i = 0; i < 60 && lease < 8 * kUnits; ++i) {
+        std::this_thread::sleep_for(50ms);
+        const std::int64_t now = mono_us();
+        // The call that will be given up on is asked first (its seq), then the newer one runs.
+        stale_seq = now;
+        const auto g = c.lease("s", "h", inst, lease, 8 * kUnits - lease, kTtl, burst, rate,
+                               now - last, error, std::to_string(now + 1));
+        last = now;
+        REQUIRE(g.size() == 3);
+        lease = g[0] + g[1];
+    }
+    REQUIRE(lease == 8 * kUnits);
+    const auto entry = [&] { return c.hget("lim:global2:{s}:leases", "h").value_or(""); };
+    const std::string before = entry();
+    REQUIRE(before.rfind("80000:", 0) == 0);
+    // The stale call: asked before the newer one (a lower seq), held 0, wanting nothing.
+    const auto stale =
+        c.lease("s", "h", inst, 0, 0, kTtl, burst, rate, 0, error, std::to_string(stale_seq));
+    CHECK(stale.empty());
+    CHECK(error.rfind("LIMSTALE", 0) == 0);
+    MESSAGE("S1: the stale call: " << error);
+    // The host's entry still counts the 8 tokens it holds.
+    CHECK(entry() == before);
+    // A newer call of the same host (a higher seq) is run as usual.
+    const std::int64_t now = mono_us();
+    const auto next = c.lease("s", "h", inst, 8 * kUnits, 8 * kUnits, kTtl, burst, rate, now - last,
+                              error, std::to_string(now + 2));
+    REQUIRE(next.size() == 3);
+    CHECK(next[0] == 8 * kUnits);
+    // Without a seq (a hand call) nothing is compared.
+    const auto hand = c.lease("s", "h", inst, 8 * kUnits, 8 * kUnits, kTtl, burst, rate, 0, error);
+    CHECK(hand.size() == 3);
 }

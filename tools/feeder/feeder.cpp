@@ -170,6 +170,15 @@ std::string Feeder::elapsed_since_last_call(Rate& r, TimePoint at) const {
     return std::to_string(std::max<long long>(0, us));
 }
 
+// The lease script's `seq`: CLOCK_MONOTONIC microseconds when this call was asked. It increases
+// from call to call of one instance, across its restarts too (the instance id lives in the lock
+// file, in /dev/shm, which a reboot empties along with the clock), so Redis can refuse a call it
+// runs after a newer one of the same host (docs/global.md, "A call Redis runs late").
+std::string Feeder::call_seq(TimePoint at) {
+    return std::to_string(
+        std::chrono::duration_cast<std::chrono::microseconds>(at.time_since_epoch()).count());
+}
+
 void Feeder::log_redis(bool ok) {
     if (redis_up_ == ok) return;
     redis_up_ = ok;
@@ -339,7 +348,7 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
          std::to_string(to_units(r.g.sustained_rate_per_sec)),
          std::to_string(config_.lease_ttl.count()),
          std::to_string(std::llround(static_cast<double>(to_units(want)) * (1 + r.sleepers))),
-         config_.instance, elapsed_since_last_call(r, asked)});
+         config_.instance, elapsed_since_last_call(r, asked), call_seq(asked)});
     if (!reply || reply->size() != 3) {
         note_failure(r.g.key, redis_ok);
         if (config_.fail_open && !r.deadline) feed_open(r, in_flight, available, dt);
@@ -422,7 +431,7 @@ void Feeder::give_back() {
              std::to_string(config_.lease_ttl.count()), std::to_string(to_units(r.g.burst_size)),
              std::to_string(to_units(r.g.sustained_rate_per_sec)),
              std::to_string(config_.lease_ttl.count()), "0", config_.instance,
-             elapsed_since_last_call(r, Clock::now())});
+             elapsed_since_last_call(r, now), call_seq(now)});
     }
 }
 

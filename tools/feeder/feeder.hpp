@@ -67,6 +67,7 @@ class Feeder {
     void note_lease(Rate& r);
     void log_redis(bool ok);
     std::string elapsed_since_last_call(Rate& r, TimePoint at) const;
+    static std::string call_seq(TimePoint at);
     void note_failure(const std::string& key, bool& redis_ok);
 
     Config config_;

@@ -8,7 +8,7 @@ namespace lim::feeder {
 
 // lease: renew, return, grant, in one step for one host and one global rate.
 // KEYS[1] the rate's state (hash: tokens, ts, fence, run, ttl, grace, p, last); KEYS[2] its leases
-// (hash: host -> "amount:expiry:want:weight:instance", expiry in protocol-clock microseconds; the
+// (hash: host -> "amount:expiry:want:weight:instance:seq", expiry in protocol-clock microseconds; the
 // hosts' last weights share the bucket while several want); KEYS[3] (optional) the leases of the
 // previous protocol (lim:global:{K}:leases, whose expiries are in TIME), for a rolling upgrade.
 // ARGV: host, held (what the host still holds unspent: it has stopped spending anything beyond),
@@ -16,7 +16,12 @@ namespace lim::feeder {
 // (units per second), grace_us, weight (the host's demand: its want scaled by how many of its
 // workers wait; absent or empty, the want), instance (optional), elapsed_us (the caller's own
 // CLOCK_MONOTONIC time since its previous call for this key: a lower bound of the real time
-// between them; absent or empty, a hand call: bounded by grace alone).
+// between them; absent or empty, a hand call: bounded by grace alone), seq (optional: the
+// caller's CLOCK_MONOTONIC microseconds when it asked, so increasing across an instance's calls
+// and restarts). A call older than the last call of the same host and instance that Redis ran
+// (its seq is lower) is refused (LIMSTALE): it is one the caller gave up on (a timeout, then a
+// new connection) and Redis ran late, after a newer one; run, it would count what the host held
+// then, not what the newer call left it (docs/global.md, "A call Redis runs late").
 //
 // The protocol clock p (docs/global.md, "The protocol clock"): every time this script reads TIME
 // it advances p by clamp(TIME - last, 0, min(grace, the state's grace, elapsed_us)) and stores TIME
@@ -62,6 +67,7 @@ local weight = tonumber(ARGV[9] or '') or want
 if want <= 0 then weight = 0 end
 local id = ARGV[10] or ''
 local elapsed = tonumber(ARGV[11] or '') or grace
+local seq = tonumber(ARGV[12] or '')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
@@ -109,7 +115,7 @@ if KEYS[3] then
 end
 local all = redis.call('HGETALL', KEYS[2])
 for i = 1, #all, 2 do
-  local a, e, w, g, o = string.match(all[i + 1], '^(%d+):(%d+):(%d+):?(%d*):?(%x*)$')
+  local a, e, w, g, o, q = string.match(all[i + 1], '^(%d+):(%d+):(%d+):?(%d*):?(%x*):?(%d*)$')
   local amount = tonumber(a) or 0
   local expiry = tonumber(e) or 0
   if expiry <= p then
@@ -117,6 +123,9 @@ for i = 1, #all, 2 do
   elseif all[i] == host then
     if o ~= '' and id ~= '' and o ~= id then
       return refuse('LIMHOST another feeder (instance ' .. o .. ') holds a lease as host ' .. host .. ': give every feeder its own host name')
+    end
+    if seq and tonumber(q) and seq < tonumber(q) then
+      return refuse('LIMSTALE a newer call of this host ran already (seq ' .. q .. ' > ' .. seq .. ')')
     end
     mine = amount
   else
@@ -151,12 +160,13 @@ if p > fence and weights > 0 then
 end
 tokens = tokens - granted
 local lease = keep + granted
+local seqs = seq and string.format('%d', seq) or ''
 if lease > 0 then
   redis.call('HSET', KEYS[2], host,
-             string.format('%d:%d:%d:%d:%s', lease, p + ttl + grace, want, weight, id))
+             string.format('%d:%d:%d:%d:%s:%s', lease, p + ttl + grace, want, weight, id, seqs))
 elseif want > 0 then
   redis.call('HSET', KEYS[2], host,
-             string.format('0:%d:%d:%d:%s', p + ttl + grace, want, weight, id))
+             string.format('0:%d:%d:%d:%s:%s', p + ttl + grace, want, weight, id, seqs))
 else
   redis.call('HDEL', KEYS[2], host)
 end
