@@ -15,6 +15,9 @@
 //   bucket while they still spent theirs.
 // All four fail against the script of commit ba5225e and pass with the fix (the state's grace
 // caps the advance; a refused call saves p and last).
+// S1 [over-admission]: a call the feeder gave up on (a timeout) that Redis runs after a newer call
+//   of the same host: it reported what the host held long ago, and shrank (here deleted) the entry
+//   of a host that holds and may spend 8 tokens. Fails without the `seq` check (LIMSTALE).
 #include <doctest/doctest.h>
 #include <glob.h>
 #include <hiredis/hiredis.h>
