@@ -8,9 +8,9 @@ namespace lim::feeder {
 
 // lease: renew, return, grant, in one step for one host and one global rate.
 // KEYS[1] the rate's state (hash: tokens, ts, fence, run, ttl, grace, p, last); KEYS[2] its leases
-// (hash: host -> "amount:expiry:want:weight:instance:seq", expiry in protocol-clock microseconds; the
-// hosts' last weights share the bucket while several want); KEYS[3] (optional) the leases of the
-// previous protocol (lim:global:{K}:leases, whose expiries are in TIME), for a rolling upgrade.
+// (hash: host -> "amount:expiry:want:weight:instance:seq", expiry in protocol-clock microseconds;
+// the hosts' last weights share the bucket while several want); KEYS[3] (optional) the leases of
+// the previous protocol (lim:global:{K}:leases, whose expiries are in TIME), for a rolling upgrade.
 // ARGV: host, held (what the host still holds unspent: it has stopped spending anything beyond),
 // returned (unspent tokens the host gave up before asking), want, ttl_us, burst (units), rate
 // (units per second), grace_us, weight (the host's demand: its want scaled by how many of its
