@@ -2,16 +2,9 @@
 // with TIME) steps forward and backward while two hosts (two segments, each with its lim-feeder
 // and forked workers) take from one global rate. The hosts' clocks never enter (their lease
 // deadlines are CLOCK_MONOTONIC); Redis's does, and it is stepped here by running redis-server
-// under libfaketime with an offset read from a file (FAKETIME_TIMESTAMP_FILE, re-read at every
-// call with FAKETIME_NO_CACHE=1; its monotonic clock left alone, as an NTP step leaves it).
-//
-// libfaketime 0.9.10 alone hangs Debian's redis-server at start: redis-server links jemalloc,
-// whose initialisation calls clock_gettime while libfaketime is initialising ("libfaketime:
-// Unexpected recursive calls to clock_gettime() without proper initialization"; libfaketime
-// issues #130 and #327, open upstream). Preloading glibc's libc_malloc_debug.so.0 first routes
-// Redis's malloc to glibc's allocator, so jemalloc never initialises its clock, and TIME (in
-// scripts too) follows the offset. The test checks that it does before relying on it, and
-// prints "SKIPPED: ..." (ctest reports it skipped) where it does not.
+// under libfaketime (tests/global/stepped_redis.hpp: how, and why glibc's malloc is preloaded).
+// The test checks that TIME follows the offset before relying on it, and prints "SKIPPED: ..."
+// (ctest reports it skipped) where it does not.
 //
 // What it shows (docs/global.md, "Failure behaviour", "clocks"): the lease script runs on its
 // protocol clock p, which advances at each call by what TIME advanced, at most min(grace, the
@@ -23,7 +16,6 @@
 #include <doctest/doctest.h>
 
 #if LIM_TEST_HIREDIS
-#include <glob.h>
 #include <hiredis/hiredis.h>
 #include <time.h>
 
@@ -37,6 +29,7 @@
 
 #include "global/feeder_harness.hpp"
 #include "global/redis_fixture.hpp"
+#include "global/stepped_redis.hpp"
 #include "lim/lim.hpp"
 #include "support/admissions.hpp"
 #include "support/process.hpp"
@@ -46,29 +39,6 @@ namespace {
 using namespace std::chrono_literals;
 using namespace lim::test::multihost;
 using lim::test::Admission;
-
-// The first file matching one of `patterns`, or "".
-std::string find_first(const std::vector<std::string>& patterns) {
-    for (const auto& p : patterns) {
-        glob_t g{};
-        const bool found = ::glob(p.c_str(), 0, nullptr, &g) == 0 && g.gl_pathc > 0;
-        std::string path = found ? g.gl_pathv[0] : "";
-        ::globfree(&g);
-        if (found) return path;
-    }
-    return "";
-}
-
-// Sets libfaketime's offset (seconds, "+10" / "-3" / "+0"): written aside, then renamed over the
-// file, so that Redis never reads half a line.
-void set_offset(const std::string& file, int seconds) {
-    const std::string tmp = file + ".tmp";
-    {
-        std::ofstream out(tmp);
-        out << (seconds >= 0 ? "+" : "") << seconds << "\n";
-    }
-    REQUIRE(std::rename(tmp.c_str(), file.c_str()) == 0);
-}
 
 std::int64_t realtime_us() {
     timespec ts{};
@@ -120,38 +90,11 @@ bool near(std::optional<double> offset, double expected) {
 
 TEST_CASE(
     "Redis's clock steps forward and back: at most rate x one refresh more per forward step") {
-    const std::string redis_bin = lim::test::find_redis_server();
-    if (redis_bin.empty()) {
-        MESSAGE("SKIPPED: redis-server is not installed (apt-get install redis-server)");
-        return;
-    }
-    const std::string faketime =
-        find_first({"/usr/lib/*/faketime/libfaketime.so.1", "/usr/lib/faketime/libfaketime.so.1",
-                    "/usr/local/lib/faketime/libfaketime.so.1"});
-    if (faketime.empty()) {
-        MESSAGE("SKIPPED: libfaketime is not installed (apt-get install faketime)");
-        return;
-    }
-    const std::string glibc_malloc =
-        find_first({"/lib/*/libc_malloc_debug.so.0", "/usr/lib/*/libc_malloc_debug.so.0",
-                    "/lib64/libc_malloc_debug.so.0", "/usr/lib64/libc_malloc_debug.so.0"});
-    if (glibc_malloc.empty()) {
-        MESSAGE(
-            "SKIPPED: glibc's libc_malloc_debug.so.0 (glibc >= 2.34) is not here: "
-            "libfaketime alone hangs a redis-server that links jemalloc");
-        return;
-    }
     const std::string dir = make_dir("clock");
-    const std::string offset_file = dir + "/faketime.rc";
-    set_offset(offset_file, 0);
-    auto redis = std::make_unique<lim::test::RedisServer>(
-        redis_bin, lim::test::free_port(), dir + "/redis.log",
-        std::vector<std::string>{"LD_PRELOAD=" + glibc_malloc + " " + faketime,
-                                 "FAKETIME_TIMESTAMP_FILE=" + offset_file, "FAKETIME_NO_CACHE=1",
-                                 "FAKETIME_DONT_FAKE_MONOTONIC=1"});
-    if (!redis->start()) {
-        MESSAGE("SKIPPED: redis-server under libfaketime did not answer within 10 s; its log:\n"
-                << lim::test::read_file(dir + "/redis.log"));
+    std::string why_not;
+    const auto redis = lim::test::SteppedRedis::start(dir, why_not);
+    if (!redis) {
+        MESSAGE(why_not);
         return;
     }
     const timeval tv{2, 0};
@@ -160,9 +103,9 @@ TEST_CASE(
     REQUIRE(c->err == 0);
     // Does a script's TIME follow the offset? +10 s, then back to +0 (before any state exists).
     const std::optional<double> at_zero = redis_clock_offset(c);
-    set_offset(offset_file, 10);
+    redis->set_offset(10);
     const std::optional<double> at_ten = redis_clock_offset(c);
-    set_offset(offset_file, 0);
+    redis->set_offset(0);
     const std::optional<double> back_at_zero = redis_clock_offset(c);
     if (!near(at_zero, 0) || !near(at_ten, 10) || !near(back_at_zero, 0)) {
         MESSAGE("SKIPPED: libfaketime does not shift Redis's TIME: offsets seen "
@@ -207,7 +150,7 @@ TEST_CASE(
     std::this_thread::sleep_for(400ms);
     const std::optional<std::int64_t> p_before1 = protocol_clock(c);
     const std::int64_t step1 = now_ns();
-    set_offset(offset_file, 10);
+    redis->set_offset(10);
     const std::optional<double> after_step1 = redis_clock_offset(c);
     std::this_thread::sleep_for(300ms);
     const std::optional<std::int64_t> p_after1 = protocol_clock(c);
@@ -219,7 +162,7 @@ TEST_CASE(
     // for the one call that straddles the step, and the rate goes on.
     constexpr int kBack = 3;
     const std::int64_t step2 = now_ns();
-    set_offset(offset_file, 10 - kBack);
+    redis->set_offset(10 - kBack);
     const std::optional<double> after_step2 = redis_clock_offset(c);
     std::this_thread::sleep_for(std::chrono::seconds{kBack} + 800ms);
 
@@ -232,7 +175,7 @@ TEST_CASE(
     std::this_thread::sleep_for(1000ms);
     const std::optional<std::int64_t> p_before3 = protocol_clock(c);
     const std::int64_t step3 = now_ns();
-    set_offset(offset_file, 20 - kBack);
+    redis->set_offset(20 - kBack);
     set_modes(2, 2);
     const std::optional<double> after_step3 = redis_clock_offset(c);
     std::this_thread::sleep_for(300ms);
@@ -250,7 +193,7 @@ TEST_CASE(
         CHECK(WEXITSTATUS(status) == 0);
     }
     redisFree(c);
-    redis->kill();
+    redis->server().kill();
 
     // The steps happened as Redis's scripts see them.
     CHECK(near(after_step1, 10));
@@ -337,7 +280,7 @@ TEST_CASE(
     for (auto& h : hosts)
         std::remove(("/dev/shm/lim-feeder." + h->segment + ".lock").c_str());
     std::remove((dir + "/redis.log").c_str());
-    std::remove(offset_file.c_str());
+    std::remove((dir + "/faketime.rc").c_str());
 }
 
 #endif  // LIM_TEST_HIREDIS

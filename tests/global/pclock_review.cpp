@@ -19,7 +19,6 @@
 //   of the same host: it reported what the host held long ago, and shrank (here deleted) the entry
 //   of a host that holds and may spend 8 tokens. Fails without the `seq` check (LIMSTALE).
 #include <doctest/doctest.h>
-#include <glob.h>
 #include <hiredis/hiredis.h>
 #include <time.h>
 
@@ -35,6 +34,7 @@
 #include <vector>
 
 #include "global/redis_fixture.hpp"
+#include "global/stepped_redis.hpp"
 #include "lim/lim.hpp"
 #include "scripts.hpp"  // tools/feeder: the lease script the feeders run
 #include "support/process.hpp"
@@ -55,18 +55,6 @@ std::string make_dir() {
     char t[] = "/tmp/lim-pclock-XXXXXX";
     REQUIRE(::mkdtemp(t) != nullptr);
     return t;
-}
-
-// The first file matching one of `patterns`, or "".
-std::string find_first(const std::vector<std::string>& patterns) {
-    for (const auto& p : patterns) {
-        glob_t g{};
-        const bool found = ::glob(p.c_str(), 0, nullptr, &g) == 0 && g.gl_pathc > 0;
-        std::string path = found ? g.gl_pathv[0] : "";
-        ::globfree(&g);
-        if (found) return path;
-    }
-    return "";
 }
 
 // A connection, and one lease caller per host: each remembers when it last called (its elapsed
@@ -166,9 +154,8 @@ struct Host {
 };
 
 struct PlainRedis {
-    explicit PlainRedis(const std::string& dir, std::vector<std::string> env = {})
-        : server(lim::test::find_redis_server(), lim::test::free_port(), dir + "/redis.log",
-                 std::move(env)) {}
+    explicit PlainRedis(const std::string& dir)
+        : server(lim::test::find_redis_server(), lim::test::free_port(), dir + "/redis.log") {}
     lim::test::RedisServer server;
 };
 
@@ -283,42 +270,15 @@ TEST_CASE("P2 [liveness]: LIMTTL behind a dead host's entry lasts forever") {
 // may still spend the burst: 2 x burst within a few ms, over burst + rate x T plus the step's
 // allowance rate x min(grace, e) (docs/global.md, the proof).
 TEST_CASE("P3 [over-admission]: a longer-ttl caller after a forward step deletes live leases") {
-    const std::string redis_bin = lim::test::find_redis_server();
-    if (redis_bin.empty()) {
-        MESSAGE("SKIPPED: redis-server is not installed");
-        return;
-    }
-    const std::string faketime =
-        find_first({"/usr/lib/*/faketime/libfaketime.so.1", "/usr/lib/faketime/libfaketime.so.1",
-                    "/usr/local/lib/faketime/libfaketime.so.1"});
-    const std::string glibc_malloc =
-        find_first({"/lib/*/libc_malloc_debug.so.0", "/usr/lib/*/libc_malloc_debug.so.0",
-                    "/lib64/libc_malloc_debug.so.0", "/usr/lib64/libc_malloc_debug.so.0"});
-    if (faketime.empty() || glibc_malloc.empty()) {
-        MESSAGE(
-            "SKIPPED: libfaketime or glibc's libc_malloc_debug.so.0 is not installed "
-            "(see tests/global/clock_step_test.cpp)");
-        return;
-    }
     const std::string dir = make_dir();
-    const std::string offset_file = dir + "/faketime.rc";
-    const auto set_offset = [&](int seconds) {
-        const std::string tmp = offset_file + ".tmp";
-        {
-            std::ofstream out(tmp);
-            out << (seconds >= 0 ? "+" : "") << seconds << "\n";
-        }
-        REQUIRE(std::rename(tmp.c_str(), offset_file.c_str()) == 0);
-    };
-    set_offset(0);
-    PlainRedis redis(dir, {"LD_PRELOAD=" + glibc_malloc + " " + faketime,
-                           "FAKETIME_TIMESTAMP_FILE=" + offset_file, "FAKETIME_NO_CACHE=1",
-                           "FAKETIME_DONT_FAKE_MONOTONIC=1"});
-    if (!redis.server.start()) {
-        MESSAGE("SKIPPED: redis-server under libfaketime did not start");
+    std::string why_not;
+    const auto redis = lim::test::SteppedRedis::start(dir, why_not);
+    if (!redis) {
+        MESSAGE(why_not);
         return;
     }
-    Conn c(redis.server.port());
+    const auto set_offset = [&](int seconds) { redis->set_offset(seconds); };
+    Conn c(redis->port());
     const auto redis_time_s = [&]() -> long long {
         redisReply* r = c.cmd({"EVAL", "return redis.call('TIME')[1]", "0"});
         long long v = 0;
