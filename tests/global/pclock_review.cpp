@@ -33,6 +33,7 @@
 #include <utility>
 #include <vector>
 
+#include "global/redis_client.hpp"
 #include "global/redis_fixture.hpp"
 #include "global/stepped_redis.hpp"
 #include "lim/lim.hpp"
@@ -59,27 +60,9 @@ std::string make_dir() {
 
 // A connection, and one lease caller per host: each remembers when it last called (its elapsed
 // is the real time since, as a feeder's; since it was made, for its first call).
-class Conn {
+class Conn : public lim::test::RedisTestClient {
   public:
-    explicit Conn(int port) {
-        const timeval tv{2, 0};
-        c_ = redisConnectWithTimeout("127.0.0.1", port, tv);
-        REQUIRE(c_ != nullptr);
-        REQUIRE(c_->err == 0);
-    }
-    ~Conn() { redisFree(c_); }
-    Conn(const Conn&) = delete;
-    Conn& operator=(const Conn&) = delete;
-    redisReply* cmd(const std::vector<std::string>& args) {
-        std::vector<const char*> argv;
-        std::vector<std::size_t> lens;
-        for (const auto& a : args) {
-            argv.push_back(a.data());
-            lens.push_back(a.size());
-        }
-        return static_cast<redisReply*>(
-            redisCommandArgv(c_, static_cast<int>(argv.size()), argv.data(), lens.data()));
-    }
+    using RedisTestClient::RedisTestClient;
     // The raw EVAL of the lease script for key `key`: {keep, granted, p}, or {} with `error` set.
     std::vector<long long> lease(const std::string& key, const std::string& host,
                                  const std::string& instance, long long held, long long want,
@@ -118,16 +101,6 @@ class Conn {
         if (r != nullptr) freeReplyObject(r);
         return out;
     }
-    std::optional<std::string> hget(const std::string& key, const std::string& field) {
-        redisReply* r = cmd({"HGET", key, field});
-        std::optional<std::string> out;
-        if (r != nullptr && r->type == REDIS_REPLY_STRING) out = std::string(r->str, r->len);
-        if (r != nullptr) freeReplyObject(r);
-        return out;
-    }
-
-  private:
-    redisContext* c_ = nullptr;
 };
 
 // A host speaking the protocol as a feeder does: its ttl (= grace), its instance id, and its own

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "global/lease_v1.hpp"
+#include "global/redis_client.hpp"
 #include "global/redis_fixture.hpp"
 #include "lim/consumed_limiter.hpp"
 #include "lim/lim.hpp"
@@ -85,32 +86,9 @@ struct RateCfg {
 };
 
 // The test's own Redis connection ("host C", and inspection).
-class Client {
+class Client : public lim::test::RedisTestClient {
   public:
-    explicit Client(int port) {
-        const timeval tv{2, 0};
-        c_ = redisConnectWithTimeout("127.0.0.1", port, tv);
-        REQUIRE(c_ != nullptr);
-        REQUIRE(c_->err == 0);
-    }
-    ~Client() { redisFree(c_); }
-    Client(const Client&) = delete;
-    Client& operator=(const Client&) = delete;
-
-    redisReply* cmd(const std::vector<std::string>& args) {
-        std::vector<const char*> argv;
-        std::vector<std::size_t> lens;
-        for (const auto& a : args) {
-            argv.push_back(a.data());
-            lens.push_back(a.size());
-        }
-        return static_cast<redisReply*>(
-            redisCommandArgv(c_, static_cast<int>(argv.size()), argv.data(), lens.data()));
-    }
-    void run(const std::vector<std::string>& args) {
-        redisReply* r = cmd(args);
-        if (r != nullptr) freeReplyObject(r);
-    }
+    explicit Client(int port) : RedisTestClient(port) {}
     // lease(host, held, returned, want) for key `key` in units, as a feeder calls it; {keep,
     // granted, p}, or {} on an error. Like a feeder, each host passes its own CLOCK_MONOTONIC time
     // since its previous call (since this client was made, for its first).
@@ -201,7 +179,6 @@ class Client {
   private:
     std::int64_t made_ = now_ns();
     std::map<std::string, std::int64_t> last_call_;  // host -> its last lease() call (ns)
-    redisContext* c_ = nullptr;
 };
 
 std::string write_config(const std::string& path, const std::string& segment, int port,
