@@ -8,6 +8,7 @@
 #include <CLI/CLI.hpp>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <csignal>
 #include <cstdint>
 #include <cstdio>
@@ -70,6 +71,14 @@ std::string instance_id(int lock_fd) {
     return id;
 }
 
+// A configured duration as the config file writes it: 100ms, 1s, 250us.
+std::string show_duration(std::chrono::microseconds d) {
+    const long long us = d.count();
+    if (us % 1'000'000 == 0) return fmt::format("{}s", us / 1'000'000);
+    if (us % 1'000 == 0) return fmt::format("{}ms", us / 1'000);
+    return fmt::format("{}us", us);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -96,11 +105,12 @@ int main(int argc, char** argv) {
         sigemptyset(&sa.sa_mask);
         sigaction(SIGTERM, &sa, nullptr);
         sigaction(SIGINT, &sa, nullptr);
-        fmt::print(
-            stderr,
-            "lim-feeder: host {} feeds segment {} from redis {}:{} ({} rates, {} backoffs)\n",
-            config.host, config.segment, config.redis.host, config.redis.port, config.rates.size(),
-            config.backoffs.size());
+        fmt::print(stderr,
+                   "lim-feeder: host {} feeds segment {} from redis {}:{} ({} rates, {} backoffs; "
+                   "refresh {}, lease_ttl {}, on_redis_down {})\n",
+                   config.host, config.segment, config.redis.host, config.redis.port,
+                   config.rates.size(), config.backoffs.size(), show_duration(config.refresh),
+                   show_duration(config.lease_ttl), config.fail_open ? "open" : "closed");
         std::fflush(stderr);
         lim::feeder::Feeder feeder(std::move(config));
         feeder.run(g_stop);
