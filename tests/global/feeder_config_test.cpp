@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <csignal>
+#include <cstdio>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -161,6 +162,22 @@ TEST_CASE(
         if (exists(lim::test::segment_path(segment))) lim::Segment::remove(segment);
         ::unlink(("/dev/shm/lim-feeder." + segment + ".lock").c_str());
     }
+}
+
+TEST_CASE("lim-feeder --help names the docs and the exit statuses") {
+    const std::string cmd = std::string(FEEDER_PATH) + " --help";
+    FILE* p = ::popen(cmd.c_str(), "r");
+    REQUIRE(p != nullptr);
+    std::string out;
+    char buf[512];
+    while (std::fgets(buf, sizeof buf, p) != nullptr)
+        out += buf;
+    const int status = ::pclose(p);
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+    CHECK_MESSAGE(out.find("--config") != std::string::npos, out);
+    CHECK_MESSAGE(out.find("docs/global.md") != std::string::npos, out);
+    CHECK_MESSAGE(out.find("2 usage or a bad configuration") != std::string::npos, out);
 }
 
 #else

@@ -86,6 +86,11 @@ int main(int argc, char** argv) {
     std::string config_path;
     app.add_option("--config", config_path, "the feeder's TOML configuration")->required();
     app.set_version_flag("--version", "lim-feeder " LIM_VERSION);
+    app.footer(
+        "Runs in the foreground until SIGTERM or SIGINT. The config's keys, the workers' side and\n"
+        "the unit file: docs/global.md. Exit status: 0 stopped, 1 error (another lim-feeder on\n"
+        "the segment, a record it cannot adopt), 2 usage or a bad configuration. An unreachable\n"
+        "Redis is no exit: it runs on, fail-closed (or open), and retries every refresh.");
     try {
         app.parse(argc, argv);
     } catch (const CLI::CallForHelp& e) {
