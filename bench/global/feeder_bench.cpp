@@ -256,8 +256,21 @@ Breakdown breakdown() {
 int main(int argc, char** argv) {
     double seconds = 2;
     std::vector<int> procs{1, 8, 32};
-    for (int i = 1; i + 1 < argc; i += 2) {
+    const char* usage =
+        "feeder_bench [--seconds S] [--processes 1,8,32]\n"
+        "  one global limit, decided by a local take fed by lim-feeder and by a GCRA per request\n"
+        "  in Redis, side by side; S seconds per design and process count (default 2), after a\n"
+        "  3 s warm-up. Starts its own redis-server and lim-feeder (docs/global.md).\n";
+    for (int i = 1; i < argc; i += 2) {
         const std::string a = argv[i];
+        if (a == "--help" || a == "-h") {
+            std::fputs(usage, stdout);
+            return 0;
+        }
+        if ((a != "--seconds" && a != "--processes") || i + 1 >= argc) {
+            std::fprintf(stderr, "feeder_bench: bad argument '%s'\n%s", a.c_str(), usage);
+            return 2;
+        }
         if (a == "--seconds") seconds = std::atof(argv[i + 1]);
         if (a == "--processes") {
             procs.clear();

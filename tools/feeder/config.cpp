@@ -3,9 +3,13 @@
 #include <toml++/toml.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
+#include <initializer_list>
+#include <optional>
 #include <stdexcept>
+#include <string_view>
 #include <utility>
 
 namespace lim::feeder {
@@ -23,6 +27,32 @@ bool valid_key(const std::string& k) {
         if (!ok) return false;
     }
     return true;
+}
+
+// A key this file does not know (`refesh`) would otherwise be ignored and leave the default in
+// force, silently: refused, naming the keys the table may hold.
+void only_known_keys(const toml::table& t, const std::string& where,
+                     std::initializer_list<std::string_view> known) {
+    for (const auto& [k, node] : t) {
+        if (std::find(known.begin(), known.end(), k.str()) != known.end()) continue;
+        std::string list;
+        for (const std::string_view name : known) {
+            list += list.empty() ? "" : ", ";
+            list += name;
+        }
+        bad((where.empty() ? "" : where + ".") + std::string(k.str()) + " is not a known key (" +
+            (where.empty() ? "the file holds " : where + " holds ") + list + ")");
+    }
+}
+
+// A string key, or nothing when absent. A value of another type (`refresh = 100`, `lease_ttl =
+// 5`) is refused: value_or would replace it by the default without a word.
+std::optional<std::string> string_key(const toml::table& t, const std::string& where,
+                                      const char* name, const char* example) {
+    const toml::node* n = t.get(name);
+    if (n == nullptr) return std::nullopt;
+    if (const auto s = n->value_exact<std::string>()) return *s;
+    bad(where + "." + name + " must be a string in quotes (e.g. " + name + " = " + example + ")");
 }
 
 double positive_number(const toml::table& t, const std::string& where, const char* name,
@@ -58,7 +88,7 @@ std::chrono::microseconds parse_duration(const std::string& text) {
             return std::chrono::microseconds{static_cast<long long>(std::llround(v))};
         }
     }
-    bad("'" + text + "' has no unit (us, ms, s, m, h)");
+    bad("'" + text + "' is not a duration: a number then a unit (us, ms, s, m, h), no space");
 }
 
 Config load_config(const std::string& path) {
@@ -69,13 +99,17 @@ Config load_config(const std::string& path) {
         bad(path + ": " + std::string(e.description()));
     }
     Config c;
+    only_known_keys(root, "", {"feeder", "global"});
     const toml::table* f = root["feeder"].as_table();
     if (f == nullptr) bad(path + ": no [feeder] table");
-    const auto segment = (*f)["segment"].value<std::string>();
+    only_known_keys(*f, "feeder",
+                    {"segment", "redis", "host", "refresh", "lease_ttl", "on_redis_down"});
+    const auto segment = string_key(*f, "feeder", "segment", "\"myapp\"");
     if (!segment || segment->empty()) bad("feeder.segment is missing");
     c.segment = *segment;
-    c.redis = parse_redis_url((*f)["redis"].value_or(std::string("redis://127.0.0.1:6379")));
-    if (const auto h = (*f)["host"].value<std::string>()) {
+    c.redis = parse_redis_url(string_key(*f, "feeder", "redis", "\"redis://127.0.0.1:6379\"")
+                                  .value_or("redis://127.0.0.1:6379"));
+    if (const auto h = string_key(*f, "feeder", "host", "\"web-1\"")) {
         c.host = *h;
     } else {
         std::array<char, 256> name{};
@@ -85,14 +119,18 @@ Config load_config(const std::string& path) {
     if (c.host.empty() || c.host.size() > 200 || c.host.find(':') != std::string::npos) {
         bad("feeder.host must be 1..200 characters without ':'");
     }
-    c.refresh = parse_duration((*f)["refresh"].value_or(std::string("100ms")));
-    c.lease_ttl = parse_duration((*f)["lease_ttl"].value_or(std::string("1s")));
+    c.refresh = parse_duration(string_key(*f, "feeder", "refresh", "\"100ms\"").value_or("100ms"));
+    c.lease_ttl = parse_duration(string_key(*f, "feeder", "lease_ttl", "\"1s\"").value_or("1s"));
     if (c.lease_ttl < 2 * c.refresh) bad("feeder.lease_ttl must be at least twice feeder.refresh");
-    const std::string down = (*f)["on_redis_down"].value_or(std::string("closed"));
+    const std::string down =
+        string_key(*f, "feeder", "on_redis_down", "\"closed\"").value_or("closed");
     if (down != "closed" && down != "open")
         bad("feeder.on_redis_down must be \"closed\" or \"open\"");
     c.fail_open = down == "open";
 
+    if (root.contains("global") && root["global"].as_table() == nullptr) {
+        bad(path + ": global must hold tables, [global.<key>]");
+    }
     if (const toml::table* g = root["global"].as_table()) {
         for (const auto& [k, node] : *g) {
             const std::string key(k.str());
@@ -100,12 +138,14 @@ Config load_config(const std::string& path) {
             if (!valid_key(key)) bad(where + ": a key is 1..64 of [A-Za-z0-9._:-]");
             const toml::table* t = node.as_table();
             if (t == nullptr) bad(where + " is not a table");
-            const std::string kind = (*t)["kind"].value_or(std::string());
+            const std::string kind = string_key(*t, where, "kind", "\"rate\"").value_or("");
             if (kind == "rate") {
+                only_known_keys(*t, where, {"kind", "burst_size", "sustained_rate_per_sec"});
                 if (key.size() > 49) bad(where + ": a global rate's key is at most 49 characters");
                 c.rates.push_back({key, positive_number(*t, where, "burst_size", false),
                                    positive_number(*t, where, "sustained_rate_per_sec", true)});
             } else if (kind == "backoff") {
+                only_known_keys(*t, where, {"kind"});
                 c.backoffs.push_back({key});
             } else {
                 bad(where + ".kind must be \"rate\" or \"backoff\"");

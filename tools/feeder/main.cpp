@@ -8,6 +8,7 @@
 #include <CLI/CLI.hpp>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <csignal>
 #include <cstdint>
 #include <cstdio>
@@ -70,6 +71,14 @@ std::string instance_id(int lock_fd) {
     return id;
 }
 
+// A configured duration as the config file writes it: 100ms, 1s, 250us.
+std::string show_duration(std::chrono::microseconds d) {
+    const long long us = d.count();
+    if (us % 1'000'000 == 0) return fmt::format("{}s", us / 1'000'000);
+    if (us % 1'000 == 0) return fmt::format("{}ms", us / 1'000);
+    return fmt::format("{}us", us);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -77,6 +86,11 @@ int main(int argc, char** argv) {
     std::string config_path;
     app.add_option("--config", config_path, "the feeder's TOML configuration")->required();
     app.set_version_flag("--version", "lim-feeder " LIM_VERSION);
+    app.footer(
+        "Runs in the foreground until SIGTERM or SIGINT. The config's keys, the workers' side and\n"
+        "the unit file: docs/global.md. Exit status: 0 stopped, 1 error (another lim-feeder on\n"
+        "the segment, a record it cannot adopt), 2 usage or a bad configuration. An unreachable\n"
+        "Redis is no exit: it runs on, fail-closed (or open), and retries every refresh.");
     try {
         app.parse(argc, argv);
     } catch (const CLI::CallForHelp& e) {
@@ -96,11 +110,12 @@ int main(int argc, char** argv) {
         sigemptyset(&sa.sa_mask);
         sigaction(SIGTERM, &sa, nullptr);
         sigaction(SIGINT, &sa, nullptr);
-        fmt::print(
-            stderr,
-            "lim-feeder: host {} feeds segment {} from redis {}:{} ({} rates, {} backoffs)\n",
-            config.host, config.segment, config.redis.host, config.redis.port, config.rates.size(),
-            config.backoffs.size());
+        fmt::print(stderr,
+                   "lim-feeder: host {} feeds segment {} from redis {}:{} ({} rates, {} backoffs; "
+                   "refresh {}, lease_ttl {}, on_redis_down {})\n",
+                   config.host, config.segment, config.redis.host, config.redis.port,
+                   config.rates.size(), config.backoffs.size(), show_duration(config.refresh),
+                   show_duration(config.lease_ttl), config.fail_open ? "open" : "closed");
         std::fflush(stderr);
         lim::feeder::Feeder feeder(std::move(config));
         feeder.run(g_stop);
