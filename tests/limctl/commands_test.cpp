@@ -319,6 +319,26 @@ capacity = 5000
     CHECK(limctl("set-backoff " + guard.name() + " my_api soon").code == 2);
 }
 
+TEST_CASE("set-backoff refuses lim-feeder's status records of a rate, and nothing else") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("limctl-feeder-status"));
+    auto seg = Segment::open_or_create(guard.name());
+    (void)TokenBucket::open(seg, "api", {.burst_size = 10, .sustained_rate_per_sec = 1});
+    auto lease = BackoffWindow::for_key(seg, "feeder.api.lease");
+    auto contact = BackoffWindow::for_key(seg, "feeder.api.contact");
+    // The same shape with no rate record behind it is an ordinary window.
+    auto plain = BackoffWindow::for_key(seg, "feeder.other.lease");
+    for (const char* key : {"feeder.api.lease", "feeder.api.contact"}) {
+        const auto r = limctl("set-backoff " + guard.name() + " " + key + " 60s");
+        CHECK(r.code == 1);
+        CHECK(r.err.find("lim-feeder's status record") != std::string::npos);
+        CHECK(limctl("set-backoff " + guard.name() + " " + key + " --clear").code == 1);
+    }
+    CHECK_FALSE(lease.should_backoff());
+    CHECK_FALSE(contact.should_backoff());
+    CHECK(limctl("set-backoff " + guard.name() + " feeder.other.lease 60s").code == 0);
+    CHECK(plain.should_backoff());
+}
+
 TEST_CASE("watch without a terminal prints plain frames, as many as asked") {
     Prepared p;
     const auto r = limctl("watch " + p.name() + " --iterations 3 --interval 50ms </dev/null");

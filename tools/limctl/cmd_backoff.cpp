@@ -5,6 +5,7 @@
 #include <memory>
 #include <string>
 
+#include "../feeder/status.hpp"
 #include "commands.hpp"
 #include "common.hpp"
 #include "lim/backoff_window.hpp"
@@ -13,6 +14,24 @@
 
 namespace limctl {
 namespace {
+
+// Whether `key` is one of lim-feeder's status records (status.hpp) of a record `K` that exists:
+// feeder.K.lease or feeder.K.contact. They are BackoffWindows only as a carrier; a deadline set on
+// one would make `limctl leases` show a lease that is not there.
+bool is_feeder_status(const lim::detail::SegmentState& state, const std::string& key) {
+    constexpr std::string_view kPrefix = "feeder.";
+    if (key.rfind(kPrefix, 0) != 0) return false;
+    for (const std::string_view suffix : {".lease", ".contact"}) {
+        if (key.size() <= kPrefix.size() + suffix.size() ||
+            key.compare(key.size() - suffix.size(), suffix.size(), suffix) != 0) {
+            continue;
+        }
+        const std::string rate =
+            key.substr(kPrefix.size(), key.size() - kPrefix.size() - suffix.size());
+        if (lim::detail::find_record(state, lim::detail::RecordKind::limiter, rate)) return true;
+    }
+    return false;
+}
 
 int run_set_backoff(const std::string& segment, const std::string& key, const std::string& duration,
                     bool clear) {
@@ -26,6 +45,13 @@ int run_set_backoff(const std::string& segment, const std::string& key, const st
             fmt::format("segment '{}' has no backoff window '{}' (limctl show {} lists "
                         "them)",
                         segment, key, segment));
+    }
+    if (is_feeder_status(*seg.state(), key)) {
+        throw lim::Error(lim::Errc::invalid_argument,
+                         fmt::format("'{}' in segment '{}' is lim-feeder's status record, not a "
+                                     "backoff: set the global backoff's own key (limctl leases {} "
+                                     "shows the leases)",
+                                     key, segment, segment));
     }
     auto window = lim::BackoffWindow::for_key(seg, key);
     if (clear) {
