@@ -100,6 +100,14 @@ TEST_CASE("lim-feeder: the bound holds over all hosts through feeder and Redis f
             run_output(std::string(LIMCTL_PATH) + " stats " + hosts[0]->segment);
         CHECK(stats.find("lim_feeder_last_contact_seconds{") != std::string::npos);
         CHECK(stats.find("lim_feeder_lease_held_tokens{") != std::string::npos);
+        // So does the key's own view, in text and JSON.
+        const std::string shown =
+            run_output(std::string(LIMCTL_PATH) + " show " + hosts[0]->segment + " api");
+        CHECK(shown.find("LAST REDIS CONTACT") != std::string::npos);
+        const std::string shown_json =
+            run_output(std::string(LIMCTL_PATH) + " show --json " + hosts[0]->segment + " api");
+        CHECK(shown_json.find("\"global_lease\"") != std::string::npos);
+        CHECK(shown_json.find("\"lease_held_tokens\"") != std::string::npos);
         w0.set(3s);
         CHECK(lim::test::eventually([&] { return w1.should_backoff(); }, 3s));
         CHECK(w1.remaining() <= 3s + 100ms);

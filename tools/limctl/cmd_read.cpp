@@ -82,15 +82,25 @@ int run_show(const std::string& segment, const std::string& key, bool json, bool
             throw lim::Error(lim::Errc::not_found,
                              fmt::format("segment '{}' has no limiter '{}'", segment, key));
         }
+        // A global rate's lease (held, expiry, the feeder's last contact), as `limctl leases`
+        // shows it, so that the key's own view answers "why does this worker stall?" too.
+        std::vector<FeederLease> lease = feeder_leases(s);
+        std::erase_if(lease, [&](const FeederLease& l) { return l.key != key; });
         if (json) {
             nlohmann::json records = nlohmann::json::array();
             for (const auto& r : s.records) {
-                if (r.key == key) records.push_back(to_json(r));
+                if (r.key != key) continue;
+                nlohmann::json j = to_json(r);
+                if (!lease.empty() && r.kind == "limiter") {
+                    j["global_lease"] = feeder_leases_json(lease).at(0);
+                }
+                records.push_back(std::move(j));
             }
             fmt::print("{}\n", nlohmann::json{{"segment", segment}, {"records", records}}.dump(
                                    2, ' ', false, nlohmann::json::error_handler_t::replace));
         } else {
             fmt::print("{}", render_record_detail(s, key));
+            if (!lease.empty()) fmt::print("\n{}", render_feeder_leases(lease));
         }
         return kExitOk;
     }
