@@ -27,6 +27,10 @@ class TryTake(enum.IntEnum):
     TAKEN = 0
     UNABLE = 1
     ASKED_FOR_MORE_THAN_BUCKET_SIZE = 2
+    # C++'s spellings (lim::TryTake::taken), as aliases.
+    taken = 0
+    unable = 1
+    asked_for_more_than_bucket_size = 2
 
 
 _TRY_TAKE = tuple(TryTake)

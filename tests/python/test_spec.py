@@ -31,6 +31,20 @@ def test_spec_signatures_and_defaults():
     assert [t.name for t in lim.TryTake] == ["TAKEN", "UNABLE", "ASKED_FOR_MORE_THAN_BUCKET_SIZE"]
 
 
+def test_cpp_spellings_of_errc_and_try_take_are_aliases(seg):
+    # SPEC names lim::Errc::not_found etc.; in Python both spellings name the same member.
+    assert lim.Errc.not_found is lim.Errc.NOT_FOUND and lim.Errc.busy is lim.Errc.BUSY
+    assert len(lim.Errc) == 12  # aliases are not extra members
+    assert lim.TryTake.taken is lim.TryTake.TAKEN
+    assert lim.TryTake.asked_for_more_than_bucket_size is \
+        lim.TryTake.ASKED_FOR_MORE_THAN_BUCKET_SIZE
+    with pytest.raises(lim.NotFound) as e:
+        lim.Segment.open(seg.name + "-absent")
+    assert e.value.code == lim.Errc.not_found
+    tb = lim.TokenBucket.open(seg, "tb", burst_size=2, sustained_rate_per_sec=1)
+    assert tb.try_take(3) is lim.TryTake.asked_for_more_than_bucket_size
+
+
 @pytest.mark.parametrize("suffix", ["-cut\0cd", "-cut\0", "-cut\udc80"])
 def test_nul_or_unencodable_names_and_keys_are_invalid_names(seg, seg_name, suffix):
     # A NUL would cut the C string short: "<name>-cut\0cd" must not open "<name>-cut".
