@@ -40,7 +40,10 @@ int main(int argc, char** argv) {
     } catch (const lim::Error& e) {
         fmt::print(stderr, "limctl: {} ({})\n", lim::detail::printable(e.what()),
                    lim::to_string(e.code()));
-        return limctl::kExitError;
+        // A segment name or key outside the alphabet can only come from the command line (names
+        // read from /dev/shm are reported per file by ls; keys of a TOML file are checked as
+        // usage before anything opens): a bad command line, as a bad duration is.
+        return e.code() == lim::Errc::invalid_name ? limctl::kExitUsage : limctl::kExitError;
     } catch (const std::exception& e) {
         fmt::print(stderr, "limctl: {}\n", lim::detail::printable(e.what()));
         return limctl::kExitError;
