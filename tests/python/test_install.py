@@ -105,3 +105,28 @@ def test_pip_prefix_finds_cmake_prefix(tmp_path):
                        env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(prefix / "lib" / "liblim.so")
+
+
+def test_documented_pip_commands_install_offline(tmp_path):
+    """Every `pip install ... ./python` line of README.md and docs/python.md works with no
+    network: run as written (into a scratch --prefix), with pip's index switched off."""
+    have = subprocess.run([sys.executable, "-c", "import setuptools, wheel, pip"],
+                          capture_output=True, text=True)
+    if have.returncode != 0:
+        pytest.skip(f"python3-pip/-setuptools/-wheel missing: {have.stderr}")
+    commands = []
+    for page in (REPO / "README.md", REPO / "docs" / "python.md"):
+        for line in page.read_text().splitlines():
+            m = re.search(r"pip install ((?:--?[\w-]+ )*)\./python\b", line)
+            if m:
+                commands.append((page.name, m.group(1).split()))
+    assert len(commands) >= 3, commands
+    shutil.copytree(REPO / "python", tmp_path / "python",
+                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    for i, (page, flags) in enumerate(commands):
+        r = subprocess.run([sys.executable, "-m", "pip", "install", *flags, "--prefix",
+                            str(tmp_path / f"prefix{i}"), "./python"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"{page}: pip install {' '.join(flags)} ./python\n" + r.stderr
