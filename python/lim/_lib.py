@@ -48,7 +48,10 @@ def _beside_prefix() -> Iterator[Path]:
 def _load() -> ctypes.CDLL:
     env = os.environ.get("LIM_LIBRARY")
     if env:
-        return ctypes.CDLL(env)
+        try:
+            return ctypes.CDLL(env)
+        except OSError as e:  # `import lim` fails as an import, naming the variable
+            raise ImportError(f"lim: cannot load LIM_LIBRARY={env!r}: {e}") from e
     for candidate in _beside_prefix():
         if candidate.exists():
             return ctypes.CDLL(str(candidate))

@@ -130,3 +130,12 @@ def test_documented_pip_commands_install_offline(tmp_path):
                             str(tmp_path / f"prefix{i}"), "./python"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, f"{page}: pip install {' '.join(flags)} ./python\n" + r.stderr
+
+
+def test_a_bad_lim_library_fails_the_import_naming_it(tmp_path):
+    env = dict(os.environ, LIM_LIBRARY=str(tmp_path / "no-such-liblim.so"),
+               PYTHONPATH=str(REPO / "python"))
+    r = subprocess.run([sys.executable, "-c", "import lim"], env=env, capture_output=True,
+                       text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode != 0
+    assert "ImportError" in r.stderr and "LIM_LIBRARY" in r.stderr, r.stderr
