@@ -256,6 +256,15 @@ capacity = 8
         limctl("create " + guard.name() + " --config " + write_toml("[limiter.x\n"));
     CHECK(syntax.code == 2);
     CHECK(syntax.err.find(".toml:1:") != std::string::npos);
+    // The parser's own "'\n'" reaches the operator as written, not escaped twice ("\x5cx5cn").
+    CHECK(syntax.err.find("x5c") == std::string::npos);
+    CHECK(syntax.err.find("'\\n'") != std::string::npos);
+    // A key with a control byte is still shown escaped, once.
+    const auto control = limctl("create " + guard.name() + " --config " +
+                                write_toml("[limiter.\"a\\u001bb\"]\nkind = \"semaphore\"\n"));
+    CHECK(control.code == 2);
+    CHECK(control.err.find("'a\\x1bb'") != std::string::npos);
+    CHECK(control.err.find('\x1b') == std::string::npos);
 }
 
 TEST_CASE("create makes a Dispatch from TOML; set-backoff backs it off; show and stats tell") {

@@ -286,8 +286,10 @@ CreatePlan load_create_plan_text(std::string_view text, const std::string& file)
         doc = toml::parse(text, file);
     } catch (const toml::parse_error& e) {
         const auto& src = e.source();
-        throw UsageError(fmt::format("{}:{}:{}: {}", file, src.begin.line, src.begin.column,
-                                     lim::detail::printable(e.description())));
+        // The parser's description escapes what it quotes ("saw '\\n'"); main() escapes any
+        // control byte left when it prints the line.
+        throw UsageError(
+            fmt::format("{}:{}:{}: {}", file, src.begin.line, src.begin.column, e.description()));
     }
     return load_create_plan(doc, file);
 }
