@@ -91,10 +91,10 @@ std::string frame(const lim::detail::SegmentSnapshot& s, const std::map<std::str
 std::string json_frame(const lim::detail::SegmentSnapshot& s,
                        const std::map<std::string, double>& rates) {
     nlohmann::json j = to_json(s);
-    for (auto& r : j["records"]) {
-        const auto rate =
-            rates.find(r["kind"].get<std::string>() + "/" + r["key"].get<std::string>());
-        if (rate != rates.end()) r["admitted_per_second"] = rate->second;
+    auto& records = j["records"];  // in the order of s.records; keys there are escaped
+    for (std::size_t i = 0; i < s.records.size() && i < records.size(); ++i) {
+        const auto rate = rates.find(s.records[i].kind + "/" + s.records[i].key);
+        if (rate != rates.end()) records[i]["admitted_per_second"] = rate->second;
     }
     return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
 }
