@@ -100,3 +100,10 @@ def test_a_handle_of_the_wrong_kind_is_refused_not_misread(seg):
     with pytest.raises(lim.InvalidArgument):
         lim.BackoffWindow.for_key("not a segment", "x")
     assert lim.Dispatch.open(seg, limiter=window, key="d").snapshot().concurrency == 400
+
+
+def test_parse_retry_after_headers_as_raw_byte_pairs():
+    # Raw headers from h11 / ASGI are (bytes, bytes) pairs; str(b"x") would be "b'x'".
+    assert lim.parse_retry_after([(b"Retry-After", b"7")]) == 7.0
+    assert lim.parse_retry_after([(b"retry-after", b"7"), (b"retry-after-ms", b"250")]) == 0.25
+    assert lim.parse_retry_after([(b"content-type", b"text/plain")]) is None
