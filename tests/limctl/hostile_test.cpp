@@ -129,6 +129,20 @@ TEST_CASE("a damaged key is escaped in text, JSON and Prometheus output") {
     }
 }
 
+TEST_CASE("a record whose state word is damaged is not silently dropped from show") {
+    SegmentGuard guard(unique_name("limctl-state"));
+    {
+        auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 4, .max_processes = 4});
+        Semaphore::open(seg, "db", {.capacity = 2});
+        Semaphore::open(seg, "idle", {.capacity = 2});
+        seg.state()->record(0).header.state.store(0xDEADBEEF);  // neither empty nor ready
+    }
+    const auto r = bounded("show " + guard.name());
+    CHECK(r.code == 0);
+    CHECK(r.out.find("1 of 2 records not shown") != std::string::npos);
+    CHECK(r.out.find("idle") != std::string::npos);
+}
+
 TEST_CASE("a segment truncated while watched ends watch with an error, not SIGBUS") {
     SegmentGuard guard(unique_name("limctl-trunc"));
     {
