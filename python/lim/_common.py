@@ -6,7 +6,7 @@ import ctypes
 import math
 from typing import Callable, Optional
 
-from ._errors import InvalidArgument
+from ._errors import InvalidArgument, InvalidName
 from ._lib import check, lib
 
 NS = 1_000_000_000
@@ -48,10 +48,49 @@ def u64(n: int, what: str) -> int:
     return n
 
 
+U32_MAX = 2**32 - 1
+I64_MAX = 2**63 - 1
+
+
+def u32(n: int, what: str) -> int:
+    """An option the C ABI takes as uint32_t: refused (InvalidArgument) unless an int in range,
+    so that ctypes never wraps it (2**32 + 8 must not become 8)."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= U32_MAX:
+        raise InvalidArgument(f"{what} must be an integer in 0..2^32-1, not {n!r}")
+    return n
+
+
+def i64(n: int, what: str) -> int:
+    """A count the C ABI takes as int64_t (negative ones are refused there, with the key named):
+    refused here unless an int that fits, so that ctypes never wraps or truncates it."""
+    if isinstance(n, bool) or not isinstance(n, int) or not -I64_MAX - 1 <= n <= I64_MAX:
+        raise InvalidArgument(f"{what} must be an integer in -2^63..2^63-1, not {n!r}")
+    return n
+
+
 def key_bytes(key: str, what: str = "key") -> bytes:
+    """A name or key as the C ABI's NUL-terminated string. A NUL inside would silently cut it
+    short there ("ab\\0cd" would name "ab"), and a str that is not valid Unicode cannot be
+    encoded: both are InvalidName, as any other character outside the alphabet is."""
     if not isinstance(key, str):
         raise InvalidArgument(f"{what} must be a str, not {key!r}")
-    return key.encode("utf-8")
+    if "\0" in key:
+        raise InvalidName(f"{what} {key!r} contains a NUL character; allowed are letters, digits "
+                          f"and {'._-' if what == 'name' else '._:-'}")
+    try:
+        return key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidName(f"{what} {key!r} is not valid Unicode text") from None
+
+
+def segment_handle(segment: object) -> ctypes.c_void_p:
+    """The C handle of a lim.Segment. Anything else is refused here: the C ABI cannot tell one
+    opaque pointer from another, so a limiter handle passed as a segment would be misread."""
+    from ._segment import Segment  # here: _segment imports this module
+
+    if not isinstance(segment, Segment):
+        raise InvalidArgument(f"segment must be a lim.Segment, not {segment!r}")
+    return segment.handle
 
 
 def out_int() -> ctypes.c_int:

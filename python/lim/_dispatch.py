@@ -12,7 +12,9 @@ from typing import (Any, AsyncIterator, Awaitable, Callable, Iterator, Optional,
                     cast)
 
 from . import _lib
-from ._common import NS, check, key_bytes, lib, now_ns, out_int, to_ns, u64, wait_in_slices
+from ._common import (NS, check, key_bytes, lib, now_ns, out_int, segment_handle, to_ns, u64,
+                      wait_in_slices)
+from ._errors import InvalidArgument
 from ._handle import Handle
 from ._segment import Segment
 from ._semaphore import BackoffWindow
@@ -141,6 +143,9 @@ class Dispatch(Handle):
         """Opens (creating if absent) the Dispatch ``key``. Raises ConfigMismatch if it exists
         with other options (unless ``adopt_existing``), InvalidArgument, InvalidName, TableFull.
         """
+        seg_h = segment_handle(segment)
+        if not isinstance(limiter, BackoffWindow):  # C cannot tell one handle from another
+            raise InvalidArgument(f"limiter must be a lim.BackoffWindow, not {limiter!r}")
         o = _lib.DispatchOptions()
         lib.lim_dispatch_options_init(ctypes.byref(o))
         o.limiter = limiter.handle
@@ -154,7 +159,7 @@ class Dispatch(Handle):
         o.acquire_backoff_max_ns = to_ns(acquire_backoff_max, "acquire_backoff_max")
         o.acquire_backoff_jitter = float(acquire_backoff_jitter)
         h = ctypes.c_void_p()
-        check(lib.lim_dispatch_open(segment.handle, ctypes.byref(o), 1 if adopt_existing else 0,
+        check(lib.lim_dispatch_open(seg_h, ctypes.byref(o), 1 if adopt_existing else 0,
                                     ctypes.byref(h)))
         return cls(h, segment, key, limiter)
 

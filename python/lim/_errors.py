@@ -22,6 +22,19 @@ class Errc(enum.IntEnum):
     OVER_RELEASE = 10
     SYSTEM_ERROR = 11
     BUSY = 12
+    # C++'s spellings (lim::Errc::not_found), as aliases: lim.Errc.not_found is lim.Errc.NOT_FOUND.
+    invalid_name = 1
+    invalid_argument = 2
+    not_found = 3
+    already_exists = 4
+    corrupt_segment = 5
+    version_mismatch = 6
+    config_mismatch = 7
+    table_full = 8
+    permission_denied = 9
+    over_release = 10
+    system_error = 11
+    busy = 12
 
 
 class Error(Exception):

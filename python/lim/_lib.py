@@ -28,6 +28,10 @@ def _beside_prefix() -> Iterator[Path]:
     for parent in here.parents:
         if parent.name in ("site-packages", "dist-packages") and len(parent.parents) >= 3:
             prefixes.append(parent.parents[2])
+            # Debian's pip puts `pip install --prefix P` under P/local/lib/python3.X/dist-packages
+            # (its posix_local scheme), while `cmake --install --prefix P` puts liblim in P/lib.
+            if parent.parents[2].name == "local" and len(parent.parents) >= 4:
+                prefixes.append(parent.parents[3])
             break
     # A source checkout: python/lim next to build trees of the repository.
     repo = here.parent.parent
@@ -44,7 +48,10 @@ def _beside_prefix() -> Iterator[Path]:
 def _load() -> ctypes.CDLL:
     env = os.environ.get("LIM_LIBRARY")
     if env:
-        return ctypes.CDLL(env)
+        try:
+            return ctypes.CDLL(env)
+        except OSError as e:  # `import lim` fails as an import, naming the variable
+            raise ImportError(f"lim: cannot load LIM_LIBRARY={env!r}: {e}") from e
     for candidate in _beside_prefix():
         if candidate.exists():
             return ctypes.CDLL(str(candidate))

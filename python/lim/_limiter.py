@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
 from . import _lib
-from ._common import NS, at_ns, check, key_bytes, lib, out_int, wait_call
+from ._common import NS, at_ns, check, i64, key_bytes, lib, out_int, segment_handle, wait_call
 from ._errors import InvalidArgument
 from ._hand_off import HandOff, hand_off_call, receive_call
 from ._handle import Handle
@@ -27,6 +27,10 @@ class TryTake(enum.IntEnum):
     TAKEN = 0
     UNABLE = 1
     ASKED_FOR_MORE_THAN_BUCKET_SIZE = 2
+    # C++'s spellings (lim::TryTake::taken), as aliases.
+    taken = 0
+    unable = 1
+    asked_for_more_than_bucket_size = 2
 
 
 _TRY_TAKE = tuple(TryTake)
@@ -173,7 +177,7 @@ class Limiter(_TakeMixin):
                                _tokens(initial_bucket_level, "initial_bucket_level"),
                                _tokens(initial_hopper_level, "initial_hopper_level"))
         h = ctypes.c_void_p()
-        check(lib.lim_limiter_open_at(segment.handle, key_bytes(key), ctypes.byref(c),
+        check(lib.lim_limiter_open_at(segment_handle(segment), key_bytes(key), ctypes.byref(c),
                                       1 if adopt_existing else 0, at_ns(now), ctypes.byref(h)))
         return cls(h, segment, key)
 
@@ -219,9 +223,9 @@ class TokenBucket(_TakeMixin):
                                     _tokens(sustained_rate_per_sec, "sustained_rate_per_sec"),
                                     _tokens(initial_bucket_level, "initial_bucket_level"))
         h = ctypes.c_void_p()
-        check(lib.lim_token_bucket_open_at(segment.handle, key_bytes(key), ctypes.byref(o),
-                                           1 if adopt_existing else 0, at_ns(now),
-                                           ctypes.byref(h)))
+        check(lib.lim_token_bucket_open_at(segment_handle(segment), key_bytes(key),
+                                           ctypes.byref(o), 1 if adopt_existing else 0,
+                                           at_ns(now), ctypes.byref(h)))
         return cls(h, segment, key)
 
     def try_take(self, n: float = 1, *, now: Optional[float] = None) -> TryTake:
@@ -307,7 +311,8 @@ class Throttle(_JobsMixin):
     def open(cls, segment: Segment, key: str, *, max_concurrent_jobs: int,
              adopt_existing: bool = False, now: Optional[float] = None) -> "Throttle":
         h = ctypes.c_void_p()
-        check(lib.lim_throttle_open_at(segment.handle, key_bytes(key), int(max_concurrent_jobs),
+        check(lib.lim_throttle_open_at(segment_handle(segment), key_bytes(key),
+                                       i64(max_concurrent_jobs, "max_concurrent_jobs"),
                                        1 if adopt_existing else 0, at_ns(now), ctypes.byref(h)))
         return cls(h, segment, key)
 
@@ -326,9 +331,10 @@ class ThrottledRateLimiter(_JobsMixin):
              now: Optional[float] = None) -> "ThrottledRateLimiter":
         o = _lib.ThrottledRateLimiterOptions(
             _tokens(burst_size, "burst_size"),
-            _tokens(sustained_rate_per_sec, "sustained_rate_per_sec"), int(max_concurrent_jobs))
+            _tokens(sustained_rate_per_sec, "sustained_rate_per_sec"),
+            i64(max_concurrent_jobs, "max_concurrent_jobs"))
         h = ctypes.c_void_p()
-        check(lib.lim_throttled_rate_limiter_open_at(segment.handle, key_bytes(key),
+        check(lib.lim_throttled_rate_limiter_open_at(segment_handle(segment), key_bytes(key),
                                                      ctypes.byref(o), 1 if adopt_existing else 0,
                                                      at_ns(now), ctypes.byref(h)))
         return cls(h, segment, key)

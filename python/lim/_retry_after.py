@@ -31,8 +31,10 @@ def parse_retry_after(value: Optional[Headers], now: Optional[float] = None) -> 
                                                ctypes.byref(ms)))
         return ms.value / 1000.0 if found.value else None
     items = value.items() if isinstance(value, Mapping) else value
-    pairs = [(str(k), str(v)) for k, v in items
-             if str(k).strip().lower() in ("retry-after", "retry-after-ms")]
+    # Raw headers (h11, httpx's .raw, ASGI scopes) are (bytes, bytes) pairs.
+    text = [(k.decode("latin-1") if isinstance(k, bytes) else str(k),
+             v.decode("latin-1") if isinstance(v, bytes) else str(v)) for k, v in items]
+    pairs = [(k, v) for k, v in text if k.strip().lower() in ("retry-after", "retry-after-ms")]
     ms_value = next((v for k, v in pairs if k.strip().lower() == "retry-after-ms"), None)
     if ms_value is not None:
         names = (ctypes.c_char_p * 1)(b"retry-after-ms")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from . import _lib
-from ._common import NS, check, key_bytes, lib, out_int, to_ns
+from ._common import NS, check, key_bytes, lib, out_int, to_ns, u32
 from ._owned import Owned
 
 
@@ -75,7 +75,9 @@ class Segment(Owned):
         """Attaches to segment ``name``, creating it with these options if it does not exist
         (safe to race: exactly one creator initialises it). Raises InvalidName, InvalidArgument,
         CorruptSegment, VersionMismatch, PermissionDenied, TableFull, SystemError."""
-        opts = _lib.SegmentOptions(max_limiters, max_processes, mode, 1 if reap_on_attach else 0,
+        opts = _lib.SegmentOptions(u32(max_limiters, "max_limiters"),
+                                   u32(max_processes, "max_processes"), u32(mode, "mode"),
+                                   1 if reap_on_attach else 0,
                                    to_ns(reap_after, "reap_after"))
         h = ctypes.c_void_p()
         check(lib.lim_segment_open_or_create(key_bytes(name, "name"), ctypes.byref(opts),

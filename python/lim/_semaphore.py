@@ -6,7 +6,8 @@ import contextlib
 import ctypes
 from typing import Iterator, Optional, Union
 
-from ._common import NS, check, key_bytes, lib, now_ns, out_int, to_ns, u64, wait_call
+from ._common import (NS, check, key_bytes, lib, now_ns, out_int, segment_handle, to_ns, u64,
+                      wait_call)
 from ._hand_off import HandOff, hand_off_call, receive_call
 from ._handle import Handle
 from ._segment import Segment
@@ -29,7 +30,7 @@ class _SemaphoreBase(Handle):
         ``adopt_existing`` (then the stored capacity is used); InvalidName, InvalidArgument,
         TableFull."""
         h = ctypes.c_void_p()
-        check(getattr(lib, cls._prefix + "_open")(segment.handle, key_bytes(key),
+        check(getattr(lib, cls._prefix + "_open")(segment_handle(segment), key_bytes(key),
                                                     u64(capacity, "capacity"),
                                                     1 if adopt_existing else 0, ctypes.byref(h)))
         return cls(h, segment, key)
@@ -133,7 +134,8 @@ class BackoffWindow(Handle):
     def for_key(cls, segment: Segment, key: str) -> "BackoffWindow":
         """Opens (creating if absent) the window ``key``."""
         h = ctypes.c_void_p()
-        check(lib.lim_backoff_window_for_key(segment.handle, key_bytes(key), ctypes.byref(h)))
+        check(lib.lim_backoff_window_for_key(segment_handle(segment), key_bytes(key),
+                                             ctypes.byref(h)))
         return cls(h, segment, key)
 
     def set(self, seconds: float, *, now: Optional[float] = None) -> None:

@@ -57,6 +57,11 @@ static void test_semaphore(lim_segment* seg) {
     /* Another capacity for the same key: a mismatch, unless adopted. */
     lim_semaphore* other = NULL;
     CHECK(lim_semaphore_open(seg, "db", 3, 0, &other) == LIM_CONFIG_MISMATCH);
+    /* An unknown flag is refused, not ignored (a later flag must not be lost on an older lib). */
+    CHECK(lim_semaphore_open(seg, "db", 2, 2, &other) == LIM_INVALID_ARGUMENT);
+    CHECK(strstr(lim_last_error(), "flags") != NULL);
+    CHECK(lim_semaphore_open(seg, "db", 2, LIM_ADOPT_EXISTING | 64, &other) ==
+          LIM_INVALID_ARGUMENT);
     OK(lim_semaphore_open(seg, "db", 3, LIM_ADOPT_EXISTING, &other));
     OK(lim_semaphore_capacity(other, &v));
     CHECK(v == 2);

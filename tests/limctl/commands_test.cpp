@@ -11,6 +11,7 @@
 #include <fstream>
 #include <regex>
 #include <string>
+#include <vector>
 
 #include "lim/lim.hpp"
 #include "limctl/run.hpp"
@@ -255,6 +256,15 @@ capacity = 8
         limctl("create " + guard.name() + " --config " + write_toml("[limiter.x\n"));
     CHECK(syntax.code == 2);
     CHECK(syntax.err.find(".toml:1:") != std::string::npos);
+    // The parser's own "'\n'" reaches the operator as written, not escaped twice ("\x5cx5cn").
+    CHECK(syntax.err.find("x5c") == std::string::npos);
+    CHECK(syntax.err.find("'\\n'") != std::string::npos);
+    // A key with a control byte is still shown escaped, once.
+    const auto control = limctl("create " + guard.name() + " --config " +
+                                write_toml("[limiter.\"a\\u001bb\"]\nkind = \"semaphore\"\n"));
+    CHECK(control.code == 2);
+    CHECK(control.err.find("'a\\x1bb'") != std::string::npos);
+    CHECK(control.err.find('\x1b') == std::string::npos);
 }
 
 TEST_CASE("create makes a Dispatch from TOML; set-backoff backs it off; show and stats tell") {
@@ -351,6 +361,42 @@ TEST_CASE("watch without a terminal prints plain frames, as many as asked") {
     CHECK(frames == 3);
     CHECK(r.out.find("\x1b[") == std::string::npos);  // no terminal control sequences
     CHECK(r.out.find("4 / 8") != std::string::npos);
+}
+
+TEST_CASE("watch --json prints one JSON document per frame, as show --json shapes it") {
+    // SPEC: every read command has --json; watch is one.
+    Prepared p;
+    const auto r =
+        limctl("watch " + p.name() + " --json --iterations 2 --interval 50ms </dev/null");
+    CHECK(r.code == 0);
+    std::vector<nlohmann::json> frames;
+    std::size_t start = 0;
+    for (std::size_t nl = r.out.find('\n'); nl != std::string::npos;
+         start = nl + 1, nl = r.out.find('\n', start)) {
+        frames.push_back(nlohmann::json::parse(r.out.substr(start, nl - start)));
+    }
+    REQUIRE(frames.size() == 2);
+    CHECK(r.out.find("\x1b[") == std::string::npos);
+    for (const auto& f : frames) {
+        CHECK(f["segment"]["name"] == p.name());
+        REQUIRE(f["records"].size() == 2);
+        CHECK(f["records"][0]["key"] == "db");
+        CHECK(f["records"][0]["layers"][0]["value"] == 4);
+    }
+    CHECK_FALSE(frames[0]["records"][0].contains("admitted_per_second"));
+    CHECK(frames[1]["records"][0]["admitted_per_second"] == 0.0);
+}
+
+TEST_CASE("a segment name outside the alphabet is a usage error (exit 2), named clearly") {
+    for (const std::string cmd : {"show 'bad/name'", "stats 'bad name'", "reap ''", "rm 'a:b'",
+                                  "watch -n 1 'bad/name'", "set-backoff 'x/y' k 1s"}) {
+        CAPTURE(cmd);
+        const auto r = limctl(cmd);
+        CHECK(r.code == 2);
+        CHECK(r.err.find("invalid_name") != std::string::npos);
+    }
+    CHECK(limctl("show " + std::string(201, 'a')).code == 2);
+    CHECK(limctl("show " + std::string(200, 'a')).code == 1);  // valid, absent: not_found
 }
 
 TEST_CASE("read commands never write to the segment") {

@@ -129,6 +129,20 @@ TEST_CASE("a damaged key is escaped in text, JSON and Prometheus output") {
     }
 }
 
+TEST_CASE("a record whose state word is damaged is not silently dropped from show") {
+    SegmentGuard guard(unique_name("limctl-state"));
+    {
+        auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 4, .max_processes = 4});
+        Semaphore::open(seg, "db", {.capacity = 2});
+        Semaphore::open(seg, "idle", {.capacity = 2});
+        seg.state()->record(0).header.state.store(0xDEADBEEF);  // neither empty nor ready
+    }
+    const auto r = bounded("show " + guard.name());
+    CHECK(r.code == 0);
+    CHECK(r.out.find("1 of 2 records not shown") != std::string::npos);
+    CHECK(r.out.find("idle") != std::string::npos);
+}
+
 TEST_CASE("a segment truncated while watched ends watch with an error, not SIGBUS") {
     SegmentGuard guard(unique_name("limctl-trunc"));
     {
@@ -236,6 +250,9 @@ TEST_CASE("create: integers that do not fit, loose modes, non-tables and missing
         {"[segment]\nmode = \"0600junk\"\n", "segment.mode: must be octal"},
         {"[segment]\nmode = \"0o600\"\n", "segment.mode: must be octal"},
         {"[segment]\nmode = \"0400\"\n", "mode is 0400"},
+        {"[segment]\nmode = 660\n", "segment.mode: 660 is a decimal integer"},
+        {"[segment]\nmode = 0o17777\n", "segment.mode: must be octal"},
+        {"[segment]\nmode = 1.5\n", "segment.mode: must be octal"},
         {"segment = 5\n", "'segment' must be a table"},
         {"limiter = \"x\"\n", "'limiter' must be a table"},
         {"[limiter]\nx = 5\n", "limiter.x must be a table"},
@@ -252,6 +269,21 @@ TEST_CASE("create: integers that do not fit, loose modes, non-tables and missing
         CHECK_MESSAGE(r.err.find(c.message) != std::string::npos, r.err);
         CHECK_FALSE(exists(guard.name()));
     }
+}
+
+TEST_CASE("create: mode as a TOML octal integer (0o640), as TOML suggests for file modes") {
+    SegmentGuard guard(unique_name("limctl-octal"));
+    const auto r = bounded("create " + guard.name() + " --config " +
+                           write_toml("[segment]\nmode = 0o640\n[limiter.db]\nkind = "
+                                      "\"semaphore\"\ncapacity = 1\n"));
+    CHECK(r.code == 0);
+    struct stat st {};
+    REQUIRE(::stat(("/dev/shm/lim." + guard.name()).c_str(), &st) == 0);
+    CHECK((st.st_mode & 07777) == 0640);
+    // The same mode written as a string is the same file: create is idempotent across spellings.
+    const auto again = bounded("create " + guard.name() + " --config " +
+                               write_toml("[segment]\nmode = \"0640\"\n"));
+    CHECK(again.code == 0);
 }
 
 TEST_CASE("create: an existing segment of another geometry or mode is reported, not ignored") {

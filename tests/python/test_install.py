@@ -73,3 +73,69 @@ def test_library_found_beside_the_prefix(tmp_path):
                        env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(prefix / "lib" / "liblim.so")
+
+
+def test_pip_prefix_finds_cmake_prefix(tmp_path):
+    """docs/python.md: `cmake --install --prefix P` plus `pip install --prefix P` find each other,
+    with no LIM_LIBRARY. Debian's pip puts the package under P/local/lib/python3.X/dist-packages
+    while CMake puts liblim in P/lib."""
+    lib = os.environ.get("LIM_LIBRARY")
+    if not lib:
+        pytest.skip("needs LIM_LIBRARY to know which liblim to copy")
+    have = subprocess.run([sys.executable, "-c", "import setuptools, wheel, pip"],
+                          capture_output=True, text=True)
+    if have.returncode != 0:
+        pytest.skip(f"python3-pip/-setuptools/-wheel missing: {have.stderr}")
+    prefix = tmp_path / "prefix"
+    (prefix / "lib").mkdir(parents=True)
+    (prefix / "lib" / "liblim.so").symlink_to(os.path.realpath(lib))  # where CMake installs it
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "python", src, ignore=shutil.ignore_patterns("build", "*.egg-info",
+                                                                         "__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k not in ("LIM_LIBRARY", "PYTHONPATH")}
+    env.update(PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-build-isolation",
+                        "--no-index", "--no-deps", "--prefix", str(prefix), str(src)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    inits = list(prefix.rglob("lim/__init__.py"))
+    assert len(inits) == 1, inits
+    env["PYTHONPATH"] = str(inits[0].parent.parent)
+    r = subprocess.run([sys.executable, "-c", "import lim; print(lim.library_path())"],
+                       env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(prefix / "lib" / "liblim.so")
+
+
+def test_documented_pip_commands_install_offline(tmp_path):
+    """Every `pip install ... ./python` line of README.md and docs/python.md works with no
+    network: run as written (into a scratch --prefix), with pip's index switched off."""
+    have = subprocess.run([sys.executable, "-c", "import setuptools, wheel, pip"],
+                          capture_output=True, text=True)
+    if have.returncode != 0:
+        pytest.skip(f"python3-pip/-setuptools/-wheel missing: {have.stderr}")
+    commands = []
+    for page in (REPO / "README.md", REPO / "docs" / "python.md"):
+        for line in page.read_text().splitlines():
+            m = re.search(r"pip install ((?:--?[\w-]+ )*)\./python\b", line)
+            if m:
+                commands.append((page.name, m.group(1).split()))
+    assert len(commands) >= 3, commands
+    shutil.copytree(REPO / "python", tmp_path / "python",
+                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    for i, (page, flags) in enumerate(commands):
+        r = subprocess.run([sys.executable, "-m", "pip", "install", *flags, "--prefix",
+                            str(tmp_path / f"prefix{i}"), "./python"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"{page}: pip install {' '.join(flags)} ./python\n" + r.stderr
+
+
+def test_a_bad_lim_library_fails_the_import_naming_it(tmp_path):
+    env = dict(os.environ, LIM_LIBRARY=str(tmp_path / "no-such-liblim.so"),
+               PYTHONPATH=str(REPO / "python"))
+    r = subprocess.run([sys.executable, "-c", "import lim"], env=env, capture_output=True,
+                       text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode != 0
+    assert "ImportError" in r.stderr and "LIM_LIBRARY" in r.stderr, r.stderr

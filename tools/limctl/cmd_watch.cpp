@@ -86,9 +86,24 @@ std::string frame(const lim::detail::SegmentSnapshot& s, const std::map<std::str
     return out + t.render();
 }
 
-int run_watch(const std::string& segment, std::chrono::nanoseconds interval, int iterations) {
+// One frame of `watch --json`: show --json's document on one line, each record with its
+// admissions per second since the previous frame (absent in the first).
+std::string json_frame(const lim::detail::SegmentSnapshot& s,
+                       const std::map<std::string, double>& rates) {
+    nlohmann::json j = to_json(s);
+    auto& records = j["records"];  // in the order of s.records; keys there are escaped
+    for (std::size_t i = 0; i < s.records.size() && i < records.size(); ++i) {
+        const auto rate = rates.find(s.records[i].kind + "/" + s.records[i].key);
+        if (rate != rates.end()) records[i]["admitted_per_second"] = rate->second;
+    }
+    return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+}
+
+int run_watch(const std::string& segment, std::chrono::nanoseconds interval, int iterations,
+              bool json) {
     (void)open_read_only(segment);  // a segment that cannot be read fails before the screen opens
-    const bool tty = ::isatty(STDOUT_FILENO) && ::isatty(STDIN_FILENO);
+    // --json prints one JSON document per line (no screen handling), for scripts and pipes.
+    const bool tty = !json && ::isatty(STDOUT_FILENO) && ::isatty(STDIN_FILENO);
     g_quit.store(false);
     std::signal(SIGINT, on_signal);
     std::signal(SIGTERM, on_signal);
@@ -110,7 +125,12 @@ int run_watch(const std::string& segment, std::chrono::nanoseconds interval, int
             last_admitted[id] = r.admitted_total;
         }
         last = now;
-        fmt::print("{}{}", tty ? "\x1b[H\x1b[2J" : (n > 0 ? "\n" : ""), frame(s, rates, interval));
+        if (json) {
+            fmt::print("{}", json_frame(s, rates));
+        } else {
+            fmt::print("{}{}", tty ? "\x1b[H\x1b[2J" : (n > 0 ? "\n" : ""),
+                       frame(s, rates, interval));
+        }
         std::fflush(stdout);
         if (iterations > 0 && n + 1 >= iterations) break;
         // Sleep until the next frame, waking for a key press (when there is a keyboard: a
@@ -146,18 +166,21 @@ void add_watch_command(CLI::App& app, Action& action) {
         std::string segment;
         std::string interval = "1s";
         int iterations = 0;
+        bool json = false;
     };
     auto a = std::make_shared<Args>();
     auto* watch = app.add_subcommand("watch", "Live view of a segment (q or Ctrl-C to quit)");
     watch->add_option("segment", a->segment, "Segment name")->required();
     watch->add_option("-i,--interval", a->interval, "Refresh interval (default 1s)");
     watch->add_option("-n,--iterations", a->iterations, "Stop after this many frames (0: until q)");
+    watch->add_flag("--json", a->json,
+                    "Print each frame as one line of JSON (show --json's shape)");
     watch->callback([&action, a] {
         action = [a] {
             const auto interval = parse_duration(a->interval);
             if (interval < std::chrono::milliseconds{50})
                 throw UsageError("--interval must be at least 50ms");
-            return run_watch(a->segment, interval, a->iterations);
+            return run_watch(a->segment, interval, a->iterations, a->json);
         };
     });
 }

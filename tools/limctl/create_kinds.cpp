@@ -90,6 +90,31 @@ std::optional<std::chrono::nanoseconds> TableReader::duration(const std::string&
     fail(key, "must be a duration such as \"10s\" or a number of seconds");
 }
 
+std::optional<unsigned> TableReader::mode(const std::string& key) {
+    used_.insert(key);
+    const toml::node* node = table_.get(key);
+    if (!node) return std::nullopt;
+    const char* const how = "must be octal: 0o660 (a TOML octal integer) or \"0660\"";
+    if (const auto* i = node->as_integer()) {
+        if ((i->flags() & toml::value_flags::format_as_octal) == toml::value_flags::none) {
+            fail(key, fmt::format("{} is a decimal integer; {}", i->get(), how));
+        }
+        if (i->get() < 0 || i->get() > 07777) fail(key, how);
+        return static_cast<unsigned>(i->get());
+    }
+    const auto text = node->value<std::string>();
+    if (!text) fail(key, how);
+    // "0660", "660", "0600": octal digits, nothing else.
+    const std::string digits = text->size() > 1 && (*text)[0] == '0' ? text->substr(1) : *text;
+    if (digits.empty() || digits.size() > 4) fail(key, how);
+    unsigned mode = 0;
+    for (char c : digits) {
+        if (c < '0' || c > '7') fail(key, how);
+        mode = mode * 8 + static_cast<unsigned>(c - '0');
+    }
+    return mode;
+}
+
 void TableReader::missing(const std::string& key) {
     missing_.push_back(key);
 }
@@ -201,23 +226,6 @@ LimiterSpec read_limiter(const std::string& key, const std::string& kind, TableR
 
 // ---- the whole file ------------------------------------------------------------------------
 
-namespace {
-
-// "0660", "660", "0600": permission bits as octal digits, nothing else.
-unsigned parse_mode(TableReader& r, const std::string& text) {
-    const std::string digits = text.size() > 1 && text[0] == '0' ? text.substr(1) : text;
-    if (digits.empty() || digits.size() > 4)
-        r.fail("mode", "must be octal digits such as \"0660\"");
-    unsigned mode = 0;
-    for (char c : digits) {
-        if (c < '0' || c > '7') r.fail("mode", "must be octal digits such as \"0660\"");
-        mode = mode * 8 + static_cast<unsigned>(c - '0');
-    }
-    return mode;
-}
-
-}  // namespace
-
 CreatePlan load_create_plan(const toml::table& doc, const std::string& file) {
     CreatePlan plan;
     for (const auto& [k, v] : doc) {
@@ -242,8 +250,8 @@ CreatePlan load_create_plan(const toml::table& doc, const std::string& file) {
             plan.options.max_processes = static_cast<std::uint32_t>(*v);
             plan.max_processes_given = true;
         }
-        if (auto v = r.string("mode")) {
-            plan.options.mode = parse_mode(r, *v);
+        if (auto v = r.mode("mode")) {
+            plan.options.mode = *v;
             plan.mode_given = true;
         }
         if (auto v = r.duration("reap_after")) plan.options.reap_after = *v;
@@ -286,8 +294,10 @@ CreatePlan load_create_plan_text(std::string_view text, const std::string& file)
         doc = toml::parse(text, file);
     } catch (const toml::parse_error& e) {
         const auto& src = e.source();
-        throw UsageError(fmt::format("{}:{}:{}: {}", file, src.begin.line, src.begin.column,
-                                     lim::detail::printable(e.description())));
+        // The parser's description escapes what it quotes ("saw '\\n'"); main() escapes any
+        // control byte left when it prints the line.
+        throw UsageError(
+            fmt::format("{}:{}:{}: {}", file, src.begin.line, src.begin.column, e.description()));
     }
     return load_create_plan(doc, file);
 }

@@ -29,6 +29,9 @@ class TableReader {
     std::optional<std::string> string(const std::string& key);
     std::optional<lim::InfiniteOrFinite<double>> maybe_infinite(const std::string& key);
     std::optional<std::chrono::nanoseconds> duration(const std::string& key);
+    // Permission bits: a TOML octal integer (0o660, as TOML suggests for file modes) or octal
+    // digits in a string ("0660"). A decimal integer is refused (660 is not 0660).
+    std::optional<unsigned> mode(const std::string& key);
     [[noreturn]] void fail(const std::string& key, const std::string& what) const;
     // Notes a required option that is absent; finish() reports it (named as missing).
     void missing(const std::string& key);

@@ -75,6 +75,12 @@ std::string render_overview(const SegmentSnapshot& s) {
             std::chrono::duration_cast<std::chrono::nanoseconds>(s.info.created.time_since_epoch())
                 .count()),
         s.reaps_total);
+    // Records counted in the header but not shown: being created right now, left half-made by a
+    // creator that died, or with a damaged state word. Said, so a damaged table is not silent.
+    if (s.info.limiters > s.records.size()) {
+        out += fmt::format("{} of {} records not shown: being created, abandoned or damaged\n\n",
+                           s.info.limiters - s.records.size(), s.info.limiters);
+    }
     if (s.records.empty()) return out + "no limiters\n";
     Table t({"KEY", "KIND", "LAYER", "IN USE>", "", "WAITERS>", "ADMITTED>", "STATE"});
     for (const RecordSnapshot& r : s.records) {

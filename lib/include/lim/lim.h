@@ -66,7 +66,7 @@ const char* lim_version(void);
 /* CLOCK_MONOTONIC now, in nanoseconds: the clock every deadline and `now` here is read on. */
 int64_t lim_now_ns(void);
 
-/* Flags for the open calls. */
+/* Flags for the open calls (0 or LIM_ADOPT_EXISTING; any other bit is LIM_INVALID_ARGUMENT). */
 #define LIM_ADOPT_EXISTING 1 /* on a configuration mismatch, attach with the stored one */
 
 /* ---- Segment --------------------------------------------------------------------------------- */

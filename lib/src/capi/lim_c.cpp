@@ -193,7 +193,14 @@ int try_take_code(lim::TryTake t) {
     return LIM_TRY_TAKE_UNABLE;
 }
 
+// Unknown bits are refused, so that a flag added later cannot be silently ignored by an older
+// liblim (a caller asking for it learns that this library does not have it).
 bool adopt(int flags) {
+    if ((flags & ~LIM_ADOPT_EXISTING) != 0) {
+        throw lim::Error(
+            lim::Errc::invalid_argument,
+            "flags is " + std::to_string(flags) + "; the only flag is LIM_ADOPT_EXISTING (1)");
+    }
     return (flags & LIM_ADOPT_EXISTING) != 0;
 }
 
