@@ -122,6 +122,8 @@ TEST_CASE(
         const char* what;
         std::string feeder_lines;
         const char* in_force;
+        std::string rate = kRate;
+        bool warns = false;  // of a burst too small for the rate at this refresh
     };
     const std::vector<Case> cases{
         // docs/global.md "Quick start", every key (the redis address is ours).
@@ -133,6 +135,12 @@ TEST_CASE(
          "on_redis_down = \"open\"\n",
          "refresh 250ms, lease_ttl 2s, on_redis_down open"},
         {"the defaults", "", "refresh 100ms, lease_ttl 1s, on_redis_down closed"},
+        // burst 10 < 2 x 1000/s x 100 ms: at most ~50 of the 1000 tokens a second (a warning,
+        // not an error); at 5 ms the same rate fits.
+        {"a burst too small for its rate", "", "refresh 100ms",
+         "[global.api]\nkind = \"rate\"\nburst_size = 10\nsustained_rate_per_sec = 1000\n", true},
+        {"the same rate with a short refresh", "refresh = \"5ms\"\n", "refresh 5ms",
+         "[global.api]\nkind = \"rate\"\nburst_size = 10\nsustained_rate_per_sec = 1000\n"},
     };
     Scratch scratch;
     const int port = lim::test::free_port();
@@ -143,7 +151,7 @@ TEST_CASE(
         const std::string segment = lim::test::unique_name("fcfg");
         const std::string name = "good" + std::to_string(n++);
         const std::string config =
-            write(scratch.dir, name, segment, port, c.feeder_lines, kRate + kBackoff);
+            write(scratch.dir, name, segment, port, c.feeder_lines, c.rate + kBackoff);
         const std::string log = scratch.dir + "/" + name + ".log";
         lim::test::ChildProcess feeder;
         feeder.start({FEEDER_PATH, "--config", config}, log);
@@ -155,6 +163,13 @@ TEST_CASE(
         CHECK_MESSAGE(retrying, text);
         CHECK_MESSAGE(text.find("feeds segment " + segment) != std::string::npos, text);
         CHECK_MESSAGE(text.find(c.in_force) != std::string::npos, text);
+        const bool warned = text.find(
+                                "warning: global rate 'api': burst_size 10 is below 2 x "
+                                "sustained_rate_per_sec x refresh (200), so this feeder is "
+                                "granted at most about 50 of the 1000") != std::string::npos;
+        CHECK_MESSAGE(warned == c.warns, text);
+        const bool any_warning = text.find("warning") != std::string::npos;
+        CHECK_MESSAGE(any_warning == c.warns, text);
         CHECK_FALSE(feeder.wait_for(0ms).has_value());  // still running
         const int status = feeder.stop(SIGTERM);
         CHECK(WIFEXITED(status));

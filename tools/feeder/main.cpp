@@ -79,6 +79,26 @@ std::string show_duration(std::chrono::microseconds d) {
     return fmt::format("{}us", us);
 }
 
+// Redis learns what a host spent only at its next call, so a refresh's refill is capped by the
+// leases that stood during it (docs/global.md, protocol step 2, and "Known limits"): a host that
+// spends each grant as it lands is granted at most about burst / (2 x refresh) a second. Below the
+// rate, say so at start-up, where an operator reads it, rather than let the shortfall look like
+// Redis or the workers stalling. Not an error: a small burst is a valid, if slow, choice.
+void warn_of_small_bursts(const lim::feeder::Config& config) {
+    const double refresh_s = std::chrono::duration<double>(config.refresh).count();
+    for (const lim::feeder::GlobalRate& r : config.rates) {
+        const double ceiling = r.burst_size / (2 * refresh_s);
+        if (ceiling >= r.sustained_rate_per_sec) continue;
+        fmt::print(stderr,
+                   "lim-feeder: warning: global rate '{}': burst_size {:g} is below 2 x "
+                   "sustained_rate_per_sec x refresh ({:g}), so this feeder is granted at most "
+                   "about {:g} of the {:g} tokens a second; raise burst_size or lower refresh "
+                   "(docs/global.md, \"Known limits\")\n",
+                   r.key, r.burst_size, 2 * r.sustained_rate_per_sec * refresh_s, ceiling,
+                   r.sustained_rate_per_sec);
+    }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -116,6 +136,7 @@ int main(int argc, char** argv) {
                    config.host, config.segment, config.redis.host, config.redis.port,
                    config.rates.size(), config.backoffs.size(), show_duration(config.refresh),
                    show_duration(config.lease_ttl), config.fail_open ? "open" : "closed");
+        warn_of_small_bursts(config);
         std::fflush(stderr);
         lim::feeder::Feeder feeder(std::move(config));
         feeder.run(g_stop);
