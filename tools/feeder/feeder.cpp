@@ -340,6 +340,9 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
         note_lease(r);
     }
     const double want = std::max(0.0, r.desired - available);
+    // The deadline of the lease reported as held: an answer that comes at or after it may keep
+    // nothing of it (below).
+    const std::optional<TimePoint> held_until = r.deadline;
     const auto reply = redis_.eval(
         lease_script_, r.keys,
         {config_.host, std::to_string(to_units(available)), std::to_string(to_units(returned)),
@@ -363,8 +366,17 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
     // A record with no deadline (fed while Redis was down with on_redis_down = "open", or reset)
     // gets a past one first, so that nothing raised below is spendable without one.
     if (is_consumed(r.local) && !lease_deadline(r.local)) set_deadline(r.local, asked);
-    const double now_available = std::min(available, keep) + granted;
-    if (now_available != available) {
+    // An answer at or after the deadline of the lease reported as held comes after its unspent
+    // tokens died (the takers refuse them from that deadline on), and Redis may have run the call
+    // after that lease's expiry: it then adopted what was reported ("no lease known"), tokens it
+    // no longer counted and may have granted to another host meanwhile. Reviving them would let
+    // them be spent twice; so only the grant is spendable (what Redis kept is counted as spent
+    // at the next call: under-use, once). The reply reaches us that late only when this feeder
+    // was stopped or starved between `asked` and its send (the call itself times out sooner).
+    if (held_until && answered >= *held_until) {
+        set_available(r, r.local.in_flight(Clock::now()), granted);
+    } else if (const double now_available = std::min(available, keep) + granted;
+               now_available != available) {
         if (keep < available) {
             set_available(r, in_flight, now_available);
         } else {
