@@ -103,19 +103,24 @@ local weights = weight
 local others = 0
 local mine = nil
 local legacy = '~lim-protocol-2'
+-- What every entry held since the previous call, before this one changes any (expired ones too;
+-- of the previous protocol's, those live at some time since then): the refill of that interval is
+-- capped by it (below).
+local stood = 0
 if KEYS[3] then
+  local since = live and tonumber(st[8]) or now
   local old = redis.call('HGETALL', KEYS[3])
   for i = 1, #old, 2 do
     local a, e = string.match(old[i + 1], '^(%d+):(%d+):')
     if old[i] ~= legacy and (tonumber(e) or 0) > now then
       outstanding = outstanding + (tonumber(a) or 0)
     end
+    if old[i] ~= legacy and (tonumber(e) or 0) > since then
+      stood = stood + (tonumber(a) or 0)
+    end
   end
   redis.call('HSET', KEYS[3], legacy, string.format('%d:%d:0:0:', burst, now + ttl + grace))
 end
--- What every entry held since the previous call, before this one changes any (expired ones too):
--- the refill of that interval is capped by it (below).
-local stood = outstanding
 local all = redis.call('HGETALL', KEYS[2])
 for i = 1, #all, 2 do
   local a, e, w, g, o, q = string.match(all[i + 1], '^(%d+):(%d+):(%d+):?(%d*):?(%x*):?(%d*)$')
