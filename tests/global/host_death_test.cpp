@@ -71,11 +71,14 @@ TEST_CASE("a host dies holding a lease: counted until its expiry, then the survi
     std::string dir;
     const auto redis = start_redis("hostdeath", dir);
     if (!redis) return;
-    // A rate of one burst per refresh (400/s, 20 per 50 ms): while the dead host's lease (about
-    // the whole burst) is counted, the survivor can be granted only what is left under the burst
-    // (tokens + leases <= burst), a few tokens per refresh; once it expires, a burst per refresh.
+    // A rate of half a burst per refresh (200/s, 10 per 50 ms): while the dead host's lease
+    // (about the whole burst) is counted, the survivor can be granted only what is left under the
+    // burst (tokens + leases <= burst), a few tokens per refresh; once it expires, the whole rate.
+    // (Not more: a refresh's refill is capped by the leases that stood during it, the survivor's
+    // own unspent grant included, so a lone host gets at most about burst / (2 x refresh), 200/s
+    // here: docs/global.md, "Known limits". At 400/s it got half the rate.)
     constexpr double kDeathBurst = 20;
-    constexpr double kDeathRate = 400;
+    constexpr double kDeathRate = 200;
     constexpr int kHosts = 2;
     constexpr int kDeadWorkers = 3;  // host 0: 3 x 40/s, demand enough to hold the whole burst
     constexpr int kLiveWorkers = 2;  // host 1: idle, then polling every 1 ms from the kill on

@@ -1,10 +1,12 @@
 #include "feeder.hpp"
 
 #include <fmt/format.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <thread>
 
 #include "lim/consumed_limiter.hpp"
@@ -66,6 +68,7 @@ Feeder::Feeder(Config config)
       segment_(Segment::open_or_create(config_.segment, SegmentOptions{})),
       redis_(config_.redis, std::min(config_.refresh, std::chrono::microseconds{500'000})) {
     started_ = Clock::now();
+    if (const char* stall = std::getenv("LIM_FEEDER_TEST_STALL")) test_stall_ = stall;
     lease_script_ = redis_.add_script(kLeaseScript);
     backoff_script_ = redis_.add_script(kBackoffScript);
     const TimePoint now = Clock::now();
@@ -340,6 +343,17 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
         note_lease(r);
     }
     const double want = std::max(0.0, r.desired - available);
+    // The deadline of the lease reported as held: an answer that comes at or after it may keep
+    // nothing of it (below).
+    const std::optional<TimePoint> held_until = r.deadline;
+    // Test only (never set in a deployment): stall here, after `asked` and before the call is
+    // sent, while the file exists, as a feeder descheduled at this point would.
+    if (!test_stall_.empty() && ::access(test_stall_.c_str(), F_OK) == 0) {
+        fmt::print(stderr, "lim-feeder: test stall after asking\n");
+        std::fflush(stderr);
+        while (::access(test_stall_.c_str(), F_OK) == 0)
+            std::this_thread::sleep_for(std::chrono::milliseconds{1});
+    }
     const auto reply = redis_.eval(
         lease_script_, r.keys,
         {config_.host, std::to_string(to_units(available)), std::to_string(to_units(returned)),
@@ -363,8 +377,19 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
     // A record with no deadline (fed while Redis was down with on_redis_down = "open", or reset)
     // gets a past one first, so that nothing raised below is spendable without one.
     if (is_consumed(r.local) && !lease_deadline(r.local)) set_deadline(r.local, asked);
-    const double now_available = std::min(available, keep) + granted;
-    if (now_available != available) {
+    // An answer at or after the deadline of the lease reported as held comes after its unspent
+    // tokens died (the takers refuse them from that deadline on), and Redis may have run the call
+    // after that lease's expiry: it then adopted what was reported ("no lease known"), tokens it
+    // no longer counted and may have granted to another host meanwhile. Without a step of
+    // Redis's clock the new deadline below has passed by then anyway (that expiry comes ttl +
+    // grace after the previous call, and grace = lease_ttl), but a forward step brings the expiry
+    // up to `grace` earlier; so only the grant is spendable (what Redis kept is counted as spent
+    // at the next call: under-use, once). The reply comes that late only when this feeder was
+    // stopped or starved between `asked` and its send (the call itself times out sooner).
+    if (held_until && answered >= *held_until) {
+        set_available(r, r.local.in_flight(Clock::now()), granted);
+    } else if (const double now_available = std::min(available, keep) + granted;
+               now_available != available) {
         if (keep < available) {
             set_available(r, in_flight, now_available);
         } else {

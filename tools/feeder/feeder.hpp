@@ -80,6 +80,9 @@ class Feeder {
     std::vector<Backoff> backoffs_;
     std::optional<bool> redis_up_;
     std::string last_key_error_;
+    // Test only: LIM_FEEDER_TEST_STALL, a file while which exists a lease call stalls after its
+    // `asked` and before it is sent (tests/global/late_spend_test.cpp). Empty: never.
+    std::string test_stall_;
 };
 
 }  // namespace lim::feeder

@@ -103,12 +103,20 @@ local weights = weight
 local others = 0
 local mine = nil
 local legacy = '~lim-protocol-2'
+-- What every entry held since the previous call, before this one changes any (expired ones too;
+-- of the previous protocol's, those live at some time since then): the refill of that interval is
+-- capped by it (below).
+local stood = 0
 if KEYS[3] then
+  local since = live and tonumber(st[8]) or now
   local old = redis.call('HGETALL', KEYS[3])
   for i = 1, #old, 2 do
     local a, e = string.match(old[i + 1], '^(%d+):(%d+):')
     if old[i] ~= legacy and (tonumber(e) or 0) > now then
       outstanding = outstanding + (tonumber(a) or 0)
+    end
+    if old[i] ~= legacy and (tonumber(e) or 0) > since then
+      stood = stood + (tonumber(a) or 0)
     end
   end
   redis.call('HSET', KEYS[3], legacy, string.format('%d:%d:0:0:', burst, now + ttl + grace))
@@ -118,6 +126,7 @@ for i = 1, #all, 2 do
   local a, e, w, g, o, q = string.match(all[i + 1], '^(%d+):(%d+):(%d+):?(%d*):?(%x*):?(%d*)$')
   local amount = tonumber(a) or 0
   local expiry = tonumber(e) or 0
+  stood = stood + amount
   if expiry <= p then
     redis.call('HDEL', KEYS[2], all[i])
   elseif all[i] == host then
@@ -137,9 +146,15 @@ end
 if live and others > 0 and st[5] and (tonumber(st[5]) ~= ttl or tonumber(st[6]) ~= grace) then
   return refuse('LIMTTL lease_ttl ' .. ttl .. ' us (grace ' .. grace .. ') differs from the ' .. st[5] .. ' us (grace ' .. (st[6] or '?') .. ') the other hosts hold leases under: give every host the same lease_ttl')
 end
+-- Refill for the interval since the previous call (of any host), capped by the room the leases
+-- left during it: no entry changed in it, and a host reports what it spent only now, so its lease
+-- counts as unspent until now. (Capped by the leases as this call leaves them, a host that spent
+-- its lease late in the interval got the refill of the time the bucket plus its lease was the
+-- burst: over burst + rate x T; docs/global.md, "The bound, and its proof", step 2.)
 if p > ts then
   if p > fence then
-    tokens = tokens + (p - math.max(ts, fence)) * rate / 1000000
+    tokens = math.min(tokens + (p - math.max(ts, fence)) * rate / 1000000,
+                      math.max(tokens, burst - stood))
   end
   ts = p
 end
