@@ -39,14 +39,17 @@ struct Host {
     ChildProcess feeder;
 };
 
-// Host `index`'s feeder.toml in `dir`: host name "host<index>", refresh 50 ms, lease_ttl 500 ms
-// (so grace 500 ms), the global rate kKey (burst, rate) and the global backoff kBackoffKey.
+// Host `index`'s feeder.toml in `dir`: host name "host<index>", refresh 50 ms (or `refresh`),
+// lease_ttl 500 ms (so grace 500 ms), the global rate kKey (burst, rate) and the global backoff
+// kBackoffKey.
 inline std::string write_config(const std::string& dir, int index, const std::string& segment,
-                                int port, double burst = kBurst, double rate = kRate) {
+                                int port, double burst = kBurst, double rate = kRate,
+                                const std::string& refresh = "50ms") {
     const std::string path = dir + "/feeder" + std::to_string(index) + ".toml";
     std::ofstream out(path);
     out << "[feeder]\nsegment = \"" << segment << "\"\nredis = \"redis://127.0.0.1:" << port
-        << "\"\nhost = \"host" << index << "\"\nrefresh = \"50ms\"\nlease_ttl = \"500ms\"\n"
+        << "\"\nhost = \"host" << index << "\"\nrefresh = \"" << refresh
+        << "\"\nlease_ttl = \"500ms\"\n"
         << "[global." << kKey << "]\nkind = \"rate\"\nburst_size = " << burst
         << "\nsustained_rate_per_sec = " << rate << "\n[global." << kBackoffKey
         << "]\nkind = \"backoff\"\n";
@@ -124,18 +127,18 @@ inline std::unique_ptr<lim::test::RedisServer> start_redis(const std::string& wh
 
 // Hosts 0..n-1: each a segment unique_name(prefix + h) (its guard appended to `guards`) and a
 // feeder (dir/feeder<h>.toml, log dir/feeder<h>.log) fed from the Redis at `port`, started, its
-// global rate (burst, rate).
+// global rate (burst, rate), refreshing every `refresh`.
 inline std::vector<std::unique_ptr<Host>> start_hosts(
     int n, const std::string& prefix, const std::string& dir, int port,
     std::vector<std::unique_ptr<lim::test::SegmentGuard>>& guards, double burst = kBurst,
-    double rate = kRate) {
+    double rate = kRate, const std::string& refresh = "50ms") {
     std::vector<std::unique_ptr<Host>> hosts;
     for (int h = 0; h < n; ++h) {
         guards.push_back(std::make_unique<lim::test::SegmentGuard>(
             lim::test::unique_name(prefix + std::to_string(h))));
         auto host = std::make_unique<Host>();
         host->segment = guards.back()->name();
-        host->config = write_config(dir, h, host->segment, port, burst, rate);
+        host->config = write_config(dir, h, host->segment, port, burst, rate, refresh);
         host->log = dir + "/feeder" + std::to_string(h) + ".log";
         start_feeder(*host);
         hosts.push_back(std::move(host));

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <thread>
+#include <utility>
 
 #include "lim/consumed_limiter.hpp"
 #include "scripts.hpp"
@@ -294,7 +295,7 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
     // (global_review R9). Starving doubles what the lease asks for.
     const double dt = std::max(1e-6, std::chrono::duration<double>(now - r.last_tick).count());
     const double spent = std::max(0.0, in_flight - r.last_in_flight);
-    const double refused = take_refused_demand(r.local);
+    const double refused = take_refused_demand(r.local) + std::exchange(r.refused_seen, 0.0);
     r.demand = 0.5 * r.demand + 0.5 * ((spent + refused) / dt);
     // Starving: takes were refused, or workers sleep on the record (they want more than it holds,
     // however much that is: a lease of 1 token never satisfies a take of 10; with `available < 1`
@@ -437,6 +438,33 @@ void Feeder::tick() {
         tick_backoff(b, redis_ok);
 }
 
+// Whether a rate starves now, in tick_rate's sense, from its record alone (no Redis): workers
+// sleep on it, takes were refused since its last lease call, or it ran dry (less than a token
+// left) while being spent. The refusals read here are kept for that rate's next lease call.
+bool Feeder::starving(Rate& r, TimePoint now) {
+    r.refused_seen += take_refused_demand(r.local);
+    if (r.refused_seen > 0 || r.local.waiters() > 0) return true;
+    const double in_flight = r.local.in_flight(now);
+    const double target = r.local.token_target_level().value_or(in_flight);
+    return in_flight > r.last_in_flight && target - in_flight < 1;
+}
+
+// A refresh's refill is capped by the leases that stood during it (docs/global.md, protocol step
+// 2), so a host that spends each grant as it lands is granted at most about burst / (2 x the time
+// between its lease calls) a second. A starving rate therefore calls as soon as the next quarter
+// of a refresh: through tick_rate, as a tick does, so its demand (per second over the shorter
+// interval), returns, deadline (`asked + lease_ttl`), `seq` and `elapsed` (the time since this
+// call's predecessor) are those of any call. At most one lease call per rate per quarter, hence
+// at most 4 per rate per refresh; none while Redis is down (a tick retries every refresh).
+void Feeder::look() {
+    if (redis_up_ != true) return;
+    bool redis_ok = true;
+    const TimePoint now = Clock::now();
+    for (Rate& r : rates_) {
+        if (!r.settling && starving(r, now)) tick_rate(r, now, redis_ok);
+    }
+}
+
 void Feeder::give_back() {
     for (Rate& r : rates_) {
         const TimePoint now = Clock::now();
@@ -461,10 +489,17 @@ void Feeder::give_back() {
 }
 
 void Feeder::run(const std::atomic<bool>& stop) {
+    // Wakes every quarter of a refresh (a late wake is not made up for: at most 4 a refresh):
+    // one in four ticks, the others look for starving rates.
+    const auto quarter = config_.refresh / 4;
     auto next = std::chrono::steady_clock::now();
-    while (!stop.load(std::memory_order_relaxed)) {
-        tick();
-        next += config_.refresh;
+    for (unsigned wake = 0; !stop.load(std::memory_order_relaxed); ++wake) {
+        if (wake % 4 == 0) {
+            tick();
+        } else {
+            look();
+        }
+        next += quarter;
         const auto now = std::chrono::steady_clock::now();
         if (next < now) next = now;
         std::this_thread::sleep_until(next);

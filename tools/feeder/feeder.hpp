@@ -1,7 +1,8 @@
 // lim-feeder's loop: every refresh, for each global rate, renew this host's lease in Redis, take
 // what demand needs, give back what it does not, and move it into the local record's token target;
-// at the local lease deadline (taken before asking Redis) remove what is unspent. For each global
-// backoff, merge the local BackoffWindow with the shared deadline (max, never shortening).
+// at the local lease deadline (taken before asking Redis) remove what is unspent. Between refreshes
+// (every refresh / 4), a rate that starves calls early. For each global backoff, merge the local
+// BackoffWindow with the shared deadline (max, never shortening).
 #pragma once
 
 #include <atomic>
@@ -30,6 +31,11 @@ class Feeder {
     // One refresh: every global rate, then every global backoff.
     void tick();
 
+    // A quarter of a refresh after a tick or a look: the lease call of every global rate that
+    // starves now (workers asleep on its record, takes refused, or it ran dry while being spent;
+    // seen from the record alone, no Redis), as a tick makes it. Nothing while Redis is down.
+    void look();
+
     // Removes every local lease and tells Redis (best effort).
     void give_back();
 
@@ -49,6 +55,9 @@ class Feeder {
         // When this feeder last sent a lease call for this key (answered or not): the lease
         // script's protocol clock advances by at most the time since (docs/global.md).
         std::optional<TimePoint> last_call;
+        // Refused demand taken from the record by look() (reading it resets it), which the next
+        // lease call adds to its own.
+        double refused_seen = 0;
         // Converted at start while a take that read the token bucket's configuration had not
         // ended (a stopped worker): nothing is granted until lim::settle_conversion says so.
         bool settling = false;
@@ -60,6 +69,7 @@ class Feeder {
     };
 
     void tick_rate(Rate& r, TimePoint now, bool& redis_ok);
+    bool starving(Rate& r, TimePoint now);
     void tick_backoff(Backoff& b, bool& redis_ok);
     void set_available(Rate& r, double in_flight, double available);
     void feed_open(Rate& r, double in_flight, double& available, double dt);
