@@ -152,4 +152,68 @@ TEST_CASE("a starved rate calls early: a small burst gets the whole rate, within
     std::remove((dir + "/redis.log").c_str());
 }
 
+// The ceiling itself, for lim-feeder's start-up warning (tools/feeder/main.cpp): one host whose
+// workers spend each grant as it lands, with a rate far above what the burst allows (burst 10,
+// 1000/s, refresh 100 ms). Each lease call's refill is capped at burst - stood (its own previous
+// entry, just spent, included), so two calls' grants sum to at most the burst: with a call every
+// refresh / 4 while starved, about burst / (2 x refresh / 4) = 2 x burst / refresh = 200/s (50/s
+// with a call per refresh).
+TEST_CASE("a lone host spending each grant as it lands gets about 2 x burst / refresh") {
+    std::string dir;
+    const auto redis = start_redis("earlyone", dir);
+    if (!redis) return;
+    constexpr double kSmallBurst = 10;
+    constexpr double kHighRate = 1000;
+    constexpr double kRefreshS = 0.1;
+    constexpr int kWorkers = 2;  // polling every 1 ms: up to ~2000/s
+    std::vector<std::unique_ptr<lim::test::SegmentGuard>> guards;
+    const std::vector<std::unique_ptr<Host>> hosts =
+        start_hosts(1, "earlyone", dir, redis->port(), guards, kSmallBurst, kHighRate, "100ms");
+    lim::test::AdmissionLog log(kWorkers, kPerWorker);
+    auto* counts = lim::test::shared_array<std::int64_t>(kWorkers);
+    auto* stop = lim::test::shared_array<std::atomic<int>>(1);
+    new (stop) std::atomic<int>(0);
+    std::vector<pid_t> pids;
+    for (int w = 0; w < kWorkers; ++w) {
+        Admission* part = log.part(w);
+        std::int64_t* count = counts + w;
+        const std::string segment = hosts[0]->segment;
+        pids.push_back(lim::test::fork_child([segment, part, count, stop] {
+            return worker(segment, 1ms, false, part, count, stop);
+        }));
+    }
+    std::this_thread::sleep_for(2000ms);  // the fence (1 s) and the asks' ramp
+    const std::int64_t t0 = now_ns();
+    std::this_thread::sleep_for(3000ms);
+    const std::int64_t t1 = now_ns();
+    stop->store(1);
+    for (const pid_t pid : pids)
+        CHECK(lim::test::wait_child(pid) == 0);
+    const int status = hosts[0]->feeder.stop(SIGTERM);
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+    redis->kill();
+
+    std::vector<Admission> all;
+    for (int w = 0; w < kWorkers; ++w)
+        all.insert(all.end(), log.part(w), log.part(w) + counts[w]);
+    const lim::test::BucketCheck check =
+        lim::test::check_bucket(all, kSmallBurst * 10'000, kHighRate * 10'000, 10'000, all.size());
+    const double period_s = static_cast<double>(t1 - t0) / 1e9;
+    const double per_s = static_cast<double>(count_between(all, t0, t1)) / period_s;
+    const double ceiling = 2 * kSmallBurst / kRefreshS;
+    MESSAGE("one host, burst " << kSmallBurst << ", " << kHighRate << "/s, refresh "
+                               << kRefreshS * 1000 << " ms: " << per_s << "/s admitted ("
+                               << 100 * per_s / ceiling << "% of 2 x burst / refresh = " << ceiling
+                               << "/s; one call per refresh allowed " << ceiling / 4
+                               << "/s); worst window excess "
+                               << check.worst_excess_units / 10'000.0);
+    CHECK(check.worst_excess_units <= 0);
+    // Well above the one-call-per-refresh ceiling (50/s), near the new one.
+    CHECK(per_s >= 0.6 * ceiling);
+    CHECK(per_s <= 1.1 * ceiling);
+    std::remove(("/dev/shm/lim-feeder." + hosts[0]->segment + ".lock").c_str());
+    std::remove((dir + "/redis.log").c_str());
+}
+
 #endif  // LIM_TEST_HIREDIS
