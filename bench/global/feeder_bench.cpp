@@ -40,7 +40,7 @@ namespace {
 using namespace std::chrono_literals;
 
 // The limit both designs enforce: generous, so that what is measured is the decision itself.
-constexpr double kBurst = 100'000'000;  // >= 2 x rate x refresh: the feeder grants the whole rate
+constexpr double kBurst = 100'000'000;  // >= rate x refresh / 2: the feeder grants the whole rate
 constexpr double kRate = 100'000'000;
 
 constexpr const char* kGcra = R"lua(

@@ -135,8 +135,8 @@ TEST_CASE(
          "on_redis_down = \"open\"\n",
          "refresh 250ms, lease_ttl 2s, on_redis_down open"},
         {"the defaults", "", "refresh 100ms, lease_ttl 1s, on_redis_down closed"},
-        // burst 10 < 2 x 1000/s x 100 ms: at most ~50 of the 1000 tokens a second (a warning,
-        // not an error); at 5 ms the same rate fits.
+        // burst 10 < 1000/s x 100 ms / 2: at most ~2 x 10 / 100 ms = 200 of the 1000 tokens a
+        // second (a warning, not an error); at 5 ms the same rate fits (4000/s).
         {"a burst too small for its rate", "", "refresh 100ms",
          "[global.api]\nkind = \"rate\"\nburst_size = 10\nsustained_rate_per_sec = 1000\n", true},
         {"the same rate with a short refresh", "refresh = \"5ms\"\n", "refresh 5ms",
@@ -164,9 +164,9 @@ TEST_CASE(
         CHECK_MESSAGE(text.find("feeds segment " + segment) != std::string::npos, text);
         CHECK_MESSAGE(text.find(c.in_force) != std::string::npos, text);
         const bool warned = text.find(
-                                "warning: global rate 'api': burst_size 10 is below 2 x "
-                                "sustained_rate_per_sec x refresh (200), so this feeder is "
-                                "granted at most about 50 of the 1000") != std::string::npos;
+                                "warning: global rate 'api': burst_size 10 is below "
+                                "sustained_rate_per_sec x refresh / 2 (50), so this feeder is "
+                                "granted at most about 200 of the 1000") != std::string::npos;
         CHECK_MESSAGE(warned == c.warns, text);
         const bool any_warning = text.find("warning") != std::string::npos;
         CHECK_MESSAGE(any_warning == c.warns, text);

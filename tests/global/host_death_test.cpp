@@ -74,9 +74,11 @@ TEST_CASE("a host dies holding a lease: counted until its expiry, then the survi
     // A rate of half a burst per refresh (200/s, 10 per 50 ms): while the dead host's lease
     // (about the whole burst) is counted, the survivor can be granted only what is left under the
     // burst (tokens + leases <= burst), a few tokens per refresh; once it expires, the whole rate.
-    // (Not more: a refresh's refill is capped by the leases that stood during it, the survivor's
-    // own unspent grant included, so a lone host gets at most about burst / (2 x refresh), 200/s
-    // here: docs/global.md, "Known limits". At 400/s it got half the rate.)
+    // (A refill is capped by the leases that stood since the previous call, the survivor's own
+    // unspent grant included, so a lone host gets at most about burst / (2 x the time between its
+    // calls): 200/s here with a call per refresh, 800/s now that a starving rate calls every
+    // refresh / 4 (docs/global.md, "Known limits"). At 400/s, with a call per refresh, it got
+    // half.)
     constexpr double kDeathBurst = 20;
     constexpr double kDeathRate = 200;
     constexpr int kHosts = 2;

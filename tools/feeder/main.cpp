@@ -79,22 +79,24 @@ std::string show_duration(std::chrono::microseconds d) {
     return fmt::format("{}us", us);
 }
 
-// Redis learns what a host spent only at its next call, so a refresh's refill is capped by the
-// leases that stood during it (docs/global.md, protocol step 2, and "Known limits"): a host that
-// spends each grant as it lands is granted at most about burst / (2 x refresh) a second. Below the
-// rate, say so at start-up, where an operator reads it, rather than let the shortfall look like
-// Redis or the workers stalling. Not an error: a small burst is a valid, if slow, choice.
+// Redis learns what a host spent only at its next call, so the refill between two of a host's
+// lease calls is capped by the leases that stood during it (docs/global.md, protocol step 2, and
+// "Known limits"): a host that spends each grant as it lands is granted at most about burst / (2 x
+// the time between its calls) a second. A starving rate calls every refresh / 4, so that is about
+// 2 x burst / refresh (global.early_call measures it). Below the rate, say so at start-up, where an
+// operator reads it, rather than let the shortfall look like Redis or the workers stalling. Not an
+// error: a small burst is a valid, if slow, choice.
 void warn_of_small_bursts(const lim::feeder::Config& config) {
     const double refresh_s = std::chrono::duration<double>(config.refresh).count();
     for (const lim::feeder::GlobalRate& r : config.rates) {
-        const double ceiling = r.burst_size / (2 * refresh_s);
+        const double ceiling = 2 * r.burst_size / refresh_s;
         if (ceiling >= r.sustained_rate_per_sec) continue;
         fmt::print(stderr,
-                   "lim-feeder: warning: global rate '{}': burst_size {:g} is below 2 x "
-                   "sustained_rate_per_sec x refresh ({:g}), so this feeder is granted at most "
+                   "lim-feeder: warning: global rate '{}': burst_size {:g} is below "
+                   "sustained_rate_per_sec x refresh / 2 ({:g}), so this feeder is granted at most "
                    "about {:g} of the {:g} tokens a second; raise burst_size or lower refresh "
                    "(docs/global.md, \"Known limits\")\n",
-                   r.key, r.burst_size, 2 * r.sustained_rate_per_sec * refresh_s, ceiling,
+                   r.key, r.burst_size, r.sustained_rate_per_sec * refresh_s / 2, ceiling,
                    r.sustained_rate_per_sec);
     }
 }
