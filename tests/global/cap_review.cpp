@@ -1,0 +1,291 @@
+// global_cap_review: adversarial cases of the lease script's refill cap (tools/feeder/scripts.hpp,
+// protocol step 2: the refill of the interval since the previous call is capped by `stood`, what
+// every entry held before the call changed any). Each case starts its own redis-server on
+// 127.0.0.1 (a free port, persistence off) and calls the lease script exactly as lim-feeder does
+// (EVAL of the same text, the same ARGV); the test decides when each simulated host spends what it
+// holds (always before its local deadline, asked + ttl), records every admission, and checks the
+// worst window over them against burst + rate x T. In ctest as global.cap_review.
+//
+// C1 [over-admission]: a refused call (LIMTTL, LIMHOST, LIMSTALE) deleted the expired entries it
+//   passed but saved neither `tokens` nor `ts`: the next accepted call refilled the whole interval
+//   since the previous accepted one, capped by entries that no longer held the deleted one. A host
+//   that spent its lease just before its deadline, its entry then deleted by a refused call, had
+//   its room refilled for the time it still held it: 3-4 tokens over burst + rate x T at burst 10.
+//   The fix: a refused call refills (capped by what stood) and saves tokens and ts too, so the
+//   entries change only at a call that closes the interval.
+// C2 [over-admission, the cap itself]: the late spend of global.late_spend at the script level: a
+//   host holding the whole burst spends it just before its deadline and reports it at its next
+//   call; capped by the leases as that call left them, the refill of the interval is granted again.
+#include <doctest/doctest.h>
+#include <hiredis/hiredis.h>
+#include <time.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "global/redis_client.hpp"
+#include "global/redis_fixture.hpp"
+#include "scripts.hpp"  // tools/feeder: the lease script the feeders run
+
+namespace {
+
+constexpr long long kUnits = 10'000;
+
+std::int64_t mono_us() {
+    timespec ts{};
+    ::clock_gettime(CLOCK_MONOTONIC, &ts);
+    return static_cast<std::int64_t>(ts.tv_sec) * 1'000'000 + ts.tv_nsec / 1000;
+}
+
+void sleep_until_us(std::int64_t at) {
+    const std::int64_t now = mono_us();
+    if (at > now) std::this_thread::sleep_for(std::chrono::microseconds{at - now});
+}
+
+std::string make_dir() {
+    char t[] = "/tmp/lim-cap-XXXXXX";
+    REQUIRE(::mkdtemp(t) != nullptr);
+    return t;
+}
+
+struct Reply {
+    std::vector<long long> v;  // {keep, granted, p}, empty on an error
+    std::string error;
+};
+
+// One simulated host: its name, instance, ttl (= grace), its own monotonic time of its previous
+// call (elapsed_us), and the local deadline of what it holds.
+struct Host {
+    std::string name;
+    std::string instance;
+    long long ttl_us;
+    std::int64_t last = mono_us();
+    std::int64_t asked = 0;
+    long long held = 0;  // units it may still spend, until `deadline`
+    std::int64_t deadline = 0;
+};
+
+struct Admission {
+    std::int64_t at;
+    long long units;
+};
+
+class Sim : public lim::test::RedisTestClient {
+  public:
+    Sim(int port, long long burst, long long rate)
+        : RedisTestClient(port), burst_(burst), rate_(rate) {}
+
+    // The lease call as lim-feeder makes it. `seq_override` (>= 0) sends that seq instead of the
+    // host's asked time (a stale call Redis runs late). Applies the answer as the feeder does.
+    Reply call(Host& h, long long want, long long returned = 0, long long seq_override = -1) {
+        const std::int64_t now = mono_us();
+        const long long elapsed = now - h.last;
+        h.last = now;
+        if (seq_override < 0) h.asked = now;
+        const long long held = now < h.deadline ? h.held : 0;
+        std::vector<std::string> args{"EVAL",
+                                      lim::feeder::kLeaseScript,
+                                      "3",
+                                      "lim:global2:{k}",
+                                      "lim:global2:{k}:leases",
+                                      "lim:global:{k}:leases",
+                                      h.name,
+                                      std::to_string(held),
+                                      std::to_string(returned),
+                                      std::to_string(want),
+                                      std::to_string(h.ttl_us),
+                                      std::to_string(burst_),
+                                      std::to_string(rate_),
+                                      std::to_string(h.ttl_us),
+                                      std::to_string(want),
+                                      h.instance,
+                                      std::to_string(elapsed),
+                                      std::to_string(seq_override >= 0 ? seq_override : now)};
+        redisReply* r = cmd(args);
+        Reply out;
+        if (r != nullptr && r->type == REDIS_REPLY_ARRAY) {
+            for (std::size_t i = 0; i < r->elements; ++i)
+                out.v.push_back(r->element[i]->integer);
+        } else if (r != nullptr && r->type == REDIS_REPLY_ERROR) {
+            out.error = r->str;
+        } else {
+            out.error = "no reply";
+        }
+        if (r != nullptr) freeReplyObject(r);
+        if (out.v.size() == 3 && seq_override < 0) {
+            const std::int64_t answered = mono_us();
+            // The feeder's step 4: keep min(held, keep) plus the grant, unless the answer came at
+            // or after the deadline of the lease reported as held; then the new deadline.
+            long long keep = std::min(held, out.v[0]);
+            if (h.deadline != 0 && answered >= h.deadline) keep = 0;
+            h.held = keep + out.v[1];
+            h.deadline = h.asked + h.ttl_us;
+        }
+        return out;
+    }
+
+    // The host spends `units` of what it holds now (before its deadline, or nothing).
+    void spend(Host& h, long long units) {
+        const std::int64_t now = mono_us();
+        REQUIRE_MESSAGE(now < h.deadline, "the test's schedule slipped past a local deadline");
+        units = std::min(units, h.held);
+        h.held -= units;
+        if (units > 0) admissions_.push_back({now, units});
+    }
+
+    // The worst window over the admissions: max over i <= j of sum(i..j) - (burst + rate x T),
+    // in tokens (positive: over the bound).
+    double worst_excess() const {
+        double worst = -1e18;
+        for (std::size_t i = 0; i < admissions_.size(); ++i) {
+            long long sum = 0;
+            for (std::size_t j = i; j < admissions_.size(); ++j) {
+                sum += admissions_[j].units;
+                const double t = static_cast<double>(admissions_[j].at - admissions_[i].at) / 1e6;
+                const double bound = static_cast<double>(burst_) + static_cast<double>(rate_) * t;
+                worst = std::max(worst, (static_cast<double>(sum) - bound) / kUnits);
+            }
+        }
+        return worst;
+    }
+
+  private:
+    long long burst_;
+    long long rate_;
+    std::vector<Admission> admissions_;
+};
+
+struct PlainRedis {
+    explicit PlainRedis(const std::string& dir)
+        : server(lim::test::find_redis_server(), lim::test::free_port(), dir + "/redis.log") {}
+    lim::test::RedisServer server;
+};
+
+// Past the fence, `b` holds the whole burst (the bucket refilled to it, b alone wanting).
+void fill(Sim& s, Host& b, long long burst) {
+    REQUIRE(s.call(b, burst).v.size() == 3);  // creates the state: the fence, ttl + grace
+    for (int i = 0; i < 100 && b.held < burst; ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds{50});
+        REQUIRE(s.call(b, burst - b.held).v.size() == 3);
+    }
+    REQUIRE(b.held == burst);
+}
+
+enum class Refusal { ttl, host, stale };
+
+// C1: see the file's head. Burst 10, 10/s, ttl = grace = 500 ms (an entry lives 1 s of p).
+// B holds the burst; A's call (the last accepted one, at +150 ms) finds nothing and leaves an
+// entry that wants. B spends its 10 just before its deadline (+490 ms). B's entry expires at
+// +1000 ms; at +1050 ms a refused call (X's) deletes it; at +1080 ms A calls again. A token bucket
+// refills from B's spend on: A should find about 10/s x 80 ms; refilled since A's previous call
+// (+150 ms) under the cap of what stood after the deletion, it found 9.3: 19.3 tokens in 0.59 s
+// against a bound of 15.9.
+void refused_deletes(Refusal kind) {
+    if (lim::test::find_redis_server().empty()) {
+        MESSAGE("SKIPPED: redis-server is not installed");
+        return;
+    }
+    const std::string dir = make_dir();
+    PlainRedis redis(dir);
+    REQUIRE(redis.server.start());
+    constexpr long long kTtl = 500'000;
+    const long long burst = 10 * kUnits;
+    const long long rate = 10 * kUnits;
+    Sim s(redis.server.port(), burst, rate);
+    Host b{"b", "00000000000000b1", kTtl};
+    Host a{"a", "00000000000000a1", kTtl};
+    Host x{"x", "00000000000000c1", kTtl * 2};  // LIMTTL: another lease_ttl than the state's
+    Host a2{"a", "00000000000000a2", kTtl};     // LIMHOST: another feeder as host "a"
+    fill(s, b, burst);
+    const std::int64_t t0 = b.asked;
+    sleep_until_us(t0 + 150'000);
+    const Reply ra = s.call(a, burst);  // the last accepted call before the refused one
+    REQUIRE(ra.v.size() == 3);
+    CHECK(ra.v[1] == 0);
+    const std::int64_t a_first = a.asked;
+    sleep_until_us(t0 + 490'000);
+    s.spend(b, burst);  // just before b's deadline, t0 + 500 ms
+    // Refused calls every 100 ms from +250 ms (each advances p, so that p follows real time with
+    // no accepted call: a gap longer than grace would count as grace); the one at +1050 ms finds
+    // B's entry expired (t0 + 1 s of p) and A's live (a_first + 1 s).
+    for (std::int64_t at = 250'000; at <= 1'050'000; at += 100'000) {
+        sleep_until_us(t0 + at);
+        Reply rx;
+        switch (kind) {
+            case Refusal::ttl:
+                rx = s.call(x, burst);
+                CHECK(rx.error.rfind("LIMTTL", 0) == 0);
+                break;
+            case Refusal::host:
+                rx = s.call(a2, burst);
+                CHECK(rx.error.rfind("LIMHOST", 0) == 0);
+                break;
+            case Refusal::stale:
+                // A's call that its feeder gave up on (asked before its accepted one), run late.
+                rx = s.call(a, burst, 0, a_first - 1);
+                CHECK(rx.error.rfind("LIMSTALE", 0) == 0);
+                break;
+        }
+    }
+    REQUIRE_MESSAGE(!s.hget("lim:global2:{k}:leases", "b").has_value(),
+                    "B's entry was not deleted by the refused calls: the schedule slipped");
+    REQUIRE_MESSAGE(!s.hget("lim:global2:{k}:leases", "a").value_or("").empty(),
+                    "A's entry expired before the refused call: the schedule slipped");
+    sleep_until_us(t0 + 1'080'000);
+    const Reply ra2 = s.call(a, burst);
+    REQUIRE(ra2.v.size() == 3);
+    s.spend(a, a.held);
+    const double excess = s.worst_excess();
+    MESSAGE("C1: A granted " << static_cast<double>(ra2.v[1]) / kUnits
+                             << " tokens after the refused call; worst window " << excess
+                             << " tokens against burst + rate x T");
+    CHECK(excess <= 0.01);
+}
+
+}  // namespace
+
+TEST_CASE("C1 [over-admission]: a refused call (LIMTTL) deletes an expired entry from the cap") {
+    refused_deletes(Refusal::ttl);
+}
+TEST_CASE("C1 [over-admission]: a refused call (LIMHOST) deletes an expired entry from the cap") {
+    refused_deletes(Refusal::host);
+}
+TEST_CASE("C1 [over-admission]: a refused call (LIMSTALE) deletes an expired entry from the cap") {
+    refused_deletes(Refusal::stale);
+}
+
+// C2: B holds the burst and spends it all just before its deadline; A has an entry that wants
+// (so the bucket is shared, as in global.late_spend); B reports at its next call (held 0). The
+// refill of the interval since the previous call must be capped by what stood in it (B's 10):
+// capped by the leases as B's call leaves them (0), B or A would be granted rate x the interval.
+TEST_CASE("C2 [over-admission]: a lease spent late in the interval is no room for its refill") {
+    if (lim::test::find_redis_server().empty()) {
+        MESSAGE("SKIPPED: redis-server is not installed");
+        return;
+    }
+    const std::string dir = make_dir();
+    PlainRedis redis(dir);
+    REQUIRE(redis.server.start());
+    constexpr long long kTtl = 500'000;
+    const long long burst = 10 * kUnits;
+    const long long rate = 10 * kUnits;
+    Sim s(redis.server.port(), burst, rate);
+    Host b{"b", "00000000000000b1", kTtl};
+    fill(s, b, burst);
+    const std::int64_t t0 = b.asked;
+    sleep_until_us(t0 + 450'000);
+    s.spend(b, burst);  // just before b's deadline, t0 + 500 ms
+    const Reply rb = s.call(b, burst);
+    REQUIRE(rb.v.size() == 3);
+    s.spend(b, b.held);
+    const double excess = s.worst_excess();
+    MESSAGE("C2: B granted " << static_cast<double>(rb.v[1]) / kUnits
+                             << " tokens at its call after the late spend; worst window " << excess
+                             << " tokens against burst + rate x T");
+    CHECK(excess <= 0.01);
+}
