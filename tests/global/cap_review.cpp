@@ -10,12 +10,18 @@
 //   passed but saved neither `tokens` nor `ts`: the next accepted call refilled the whole interval
 //   since the previous accepted one, capped by entries that no longer held the deleted one. A host
 //   that spent its lease just before its deadline, its entry then deleted by a refused call, had
-//   its room refilled for the time it still held it: 3-4 tokens over burst + rate x T at burst 10.
-//   The fix: a refused call refills (capped by what stood) and saves tokens and ts too, so the
-//   entries change only at a call that closes the interval.
+//   its room refilled for the time it still held it: 3.4 tokens over burst + rate x T at burst
+//   10, 10/s, in all three. The fix: a refused call deletes no entry (nor moves tokens, ts or at),
+//   so the next accepted call's cap counts every entry that stood since the previous accepted one.
 // C2 [over-admission, the cap itself]: the late spend of global.late_spend at the script level: a
 //   host holding the whole burst spends it just before its deadline and reports it at its next
-//   call; capped by the leases as that call left them, the refill of the interval is granted again.
+//   call; capped by the leases as that call left them, the refill of the interval is granted again
+//   (with `burst - stood` replaced by `burst` in the script: 4.5 tokens over).
+// C3 [over-admission, rolling upgrade]: C1 through a previous protocol's lease (counted in the cap
+//   while live since the previous call's TIME): a refused call moved `last`, the `since` of the
+//   next accepted call, past that lease's expiry: 3.1 tokens over. Fixed by `at`, the TIME of the
+//   last accepted call. C1 (x3) and C3 fail against the script before this file (commit 985d0ce's
+//   parent); all five fail with the cap reverted as for C2.
 #include <doctest/doctest.h>
 #include <hiredis/hiredis.h>
 #include <time.h>
@@ -232,10 +238,16 @@ void refused_deletes(Refusal kind) {
                 break;
         }
     }
-    REQUIRE_MESSAGE(!s.hget("lim:global2:{k}:leases", "b").has_value(),
-                    "B's entry was not deleted by the refused calls: the schedule slipped");
-    REQUIRE_MESSAGE(!s.hget("lim:global2:{k}:leases", "a").value_or("").empty(),
-                    "A's entry expired before the refused call: the schedule slipped");
+    {
+        // The schedule held: at the last refused call, B's entry had expired (in p), A's had not.
+        const long long p = std::stoll(s.hget("lim:global2:{k}", "p").value_or("0"));
+        const auto expiry = [&](const std::string& host) {
+            const std::string e = s.hget("lim:global2:{k}:leases", host).value_or("0:0");
+            return std::stoll(e.substr(e.find(':') + 1));
+        };
+        REQUIRE_MESSAGE(expiry("b") <= p, "B's entry had not expired: the schedule slipped");
+        REQUIRE_MESSAGE(expiry("a") > p, "A's entry had expired: the schedule slipped");
+    }
     sleep_until_us(t0 + 1'080'000);
     const Reply ra2 = s.call(a, burst);
     REQUIRE(ra2.v.size() == 3);
@@ -286,6 +298,66 @@ TEST_CASE("C2 [over-admission]: a lease spent late in the interval is no room fo
     const double excess = s.worst_excess();
     MESSAGE("C2: B granted " << static_cast<double>(rb.v[1]) / kUnits
                              << " tokens at its call after the late spend; worst window " << excess
+                             << " tokens against burst + rate x T");
+    CHECK(excess <= 0.01);
+}
+
+// C3: the same through a lease of the previous protocol (a rolling upgrade, lim:global:{K}:leases,
+// its expiry in TIME). Its lease of the whole burst stands in the cap of every interval whose
+// previous call read a TIME before its expiry (`since`). A refused call saved `last` (TIME) but
+// not `ts`: the next accepted call's `since` was the refused call's TIME, past the old lease's
+// expiry, so the refill of the interval since the previous accepted call was capped without it,
+// though it stood and was spent in it. Burst 10, 15/s, new ttl 500 ms; the old host's lease
+// expires 1.5 s after the start (its deadline, 250 ms before, as the old protocol's ttl = grace
+// of 250 ms): it spends its 10 at +1.24 s; A's accepted calls every 100 ms to +1.05 s, LIMTTL
+// refusals every 100 ms from +1.15 s to +1.65 s, A's call at +1.7 s.
+TEST_CASE("C3 [over-admission]: a refused call moves `since` past a previous protocol's lease") {
+    if (lim::test::find_redis_server().empty()) {
+        MESSAGE("SKIPPED: redis-server is not installed");
+        return;
+    }
+    const std::string dir = make_dir();
+    PlainRedis redis(dir);
+    REQUIRE(redis.server.start());
+    constexpr long long kTtl = 500'000;
+    const long long burst = 10 * kUnits;
+    const long long rate = 15 * kUnits;
+    Sim s(redis.server.port(), burst, rate);
+    Host a{"a", "00000000000000a1", kTtl};
+    Host x{"x", "00000000000000c1", kTtl * 2};  // LIMTTL: another lease_ttl than the state's
+    Host o{"o", "", 250'000};                   // the previous protocol's host
+    const std::int64_t t0 = mono_us();
+    long long time_us = 0;
+    {
+        redisReply* r = s.cmd({"TIME"});
+        REQUIRE(r != nullptr);
+        REQUIRE(r->type == REDIS_REPLY_ARRAY);
+        time_us = std::stoll(r->element[0]->str) * 1'000'000 + std::stoll(r->element[1]->str);
+        freeReplyObject(r);
+    }
+    s.run({"HSET", "lim:global:{k}:leases", "o",
+           std::to_string(burst) + ":" + std::to_string(time_us + 1'500'000) + ":0"});
+    o.held = burst;
+    o.deadline = t0 + 1'250'000;
+    for (std::int64_t at = 0; at <= 1'050'000; at += 100'000) {
+        sleep_until_us(t0 + at);
+        const Reply ra = s.call(a, burst);
+        REQUIRE(ra.v.size() == 3);
+        REQUIRE(ra.v[1] == 0);  // the old lease holds the whole burst
+    }
+    sleep_until_us(t0 + 1'240'000);
+    s.spend(o, burst);  // just before the old host's deadline
+    for (std::int64_t at = 1'150'000; at <= 1'650'000; at += 100'000) {
+        sleep_until_us(t0 + at);
+        CHECK(s.call(x, burst).error.rfind("LIMTTL", 0) == 0);
+    }
+    sleep_until_us(t0 + 1'700'000);
+    const Reply ra = s.call(a, burst);
+    REQUIRE(ra.v.size() == 3);
+    s.spend(a, a.held);
+    const double excess = s.worst_excess();
+    MESSAGE("C3: A granted " << static_cast<double>(ra.v[1]) / kUnits
+                             << " tokens after the refused calls; worst window " << excess
                              << " tokens against burst + rate x T");
     CHECK(excess <= 0.01);
 }

@@ -7,7 +7,8 @@
 namespace lim::feeder {
 
 // lease: renew, return, grant, in one step for one host and one global rate.
-// KEYS[1] the rate's state (hash: tokens, ts, fence, run, ttl, grace, p, last); KEYS[2] its leases
+// KEYS[1] the rate's state (hash: tokens, ts, fence, run, ttl, grace, p, last, at: the TIME of
+// the last accepted call); KEYS[2] its leases
 // (hash: host -> "amount:expiry:want:weight:instance:seq", expiry in protocol-clock microseconds;
 // the hosts' last weights share the bucket while several want); KEYS[3] (optional) the leases of
 // the previous protocol (lim:global:{K}:leases, whose expiries are in TIME), for a rolling upgrade.
@@ -33,20 +34,22 @@ namespace lim::feeder {
 // step stops p for one call.
 //
 // A call whose host has a live lease of another instance is refused (an error reply, nothing
-// changed but expired entries and the clock's p and last): two feeders under one host name would
+// changed but the clock's p and last: no entry, expired ones included, and no tokens, ts or at,
+// so the next accepted call's cap counts every entry that stood since the previous accepted one,
+// global.cap_review C1): two feeders under one host name would
 // otherwise each keep the one lease Redis counts once. Invariant kept: tokens + sum(live leases) +
 // sum(live leases of the previous protocol) <= burst. A lease lives until ttl + grace of p after
 // its last renewal; the host stops spending at ttl after a time it took before asking. One
 // lease_ttl per global rate: the state keeps the ttl and grace it runs under; a call with another
 // ttl or grace while another host holds a live lease is refused (an error reply starting LIMTTL,
-// nothing changed but expired entries and p and last), since the fence after a restart of Redis is
-// the first caller's ttl + grace and must outlast every host's lease. With no other live lease, the
-// call's ttl and grace become the state's (how a ttl is changed: every host in turn). A state that
-// is absent (first use, a restarted or flushed Redis), or that another server process wrote (its
-// run_id differs: Redis restarted from an RDB snapshot or an AOF, or a replica promoted, any of
-// which forgets the leases granted since), starts empty and grants nothing for one ttl + grace of p
-// (the fence): every lease granted before has ended on its host by then. (INFO is allowed in
-// scripts; Redis 7 replicates a script's effects, not the script.)
+// nothing changed but p and last), since the fence after a restart of
+// Redis is the first caller's ttl + grace and must outlast every host's lease. With no other live
+// lease, the call's ttl and grace become the state's (how a ttl is changed: every host in turn). A
+// state that is absent (first use, a restarted or flushed Redis), or that another server process
+// wrote (its run_id differs: Redis restarted from an RDB snapshot or an AOF, or a replica promoted,
+// any of which forgets the leases granted since), starts empty and grants nothing for one ttl +
+// grace of p (the fence): every lease granted before has ended on its host by then. (INFO is
+// allowed in scripts; Redis 7 replicates a script's effects, not the script.)
 //
 // Rolling upgrade: feeders of the previous protocol keep their state under lim:global:{K} and never
 // read this one. So this script counts their live leases (expiry in TIME, as they wrote it) as
@@ -71,7 +74,8 @@ local seq = tonumber(ARGV[12] or '')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
-local st = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'fence', 'run', 'ttl', 'grace', 'p', 'last')
+local st = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'fence', 'run', 'ttl', 'grace', 'p', 'last',
+                     'at')
 local live = st[2] and st[4] == run and st[7] and st[8]
 local tokens, ts, fence, p
 if not live then
@@ -91,13 +95,11 @@ else
 end
 -- A refused call saves the clock's advance (p and last) and nothing else: p must advance while
 -- every caller is refused, or the entry that causes the refusal never expires
--- (global.pclock_review P1, P2).
-local function refuse(msg)
-  if live then
-    redis.call('HSET', KEYS[1], 'p', string.format('%d', p), 'last', string.format('%d', now))
-  end
-  return redis.error_reply(msg)
-end
+-- (global.pclock_review P1, P2). It deletes no entry either (an expired one is not live, deleted or
+-- not): the next accepted call's refill covers the interval since the previous accepted one, and
+-- its cap must count every entry that stood in it (global.cap_review C1).
+local refusal = nil
+local expired = {}
 local outstanding = 0
 local weights = weight
 local others = 0
@@ -108,7 +110,8 @@ local legacy = '~lim-protocol-2'
 -- capped by it (below).
 local stood = 0
 if KEYS[3] then
-  local since = live and tonumber(st[8]) or now
+  -- The TIME of the previous accepted call (`at`; a refused call moves `last`, not the interval).
+  local since = live and (tonumber(st[9]) or tonumber(st[8])) or now
   local old = redis.call('HGETALL', KEYS[3])
   for i = 1, #old, 2 do
     local a, e = string.match(old[i + 1], '^(%d+):(%d+):')
@@ -128,13 +131,13 @@ for i = 1, #all, 2 do
   local expiry = tonumber(e) or 0
   stood = stood + amount
   if expiry <= p then
-    redis.call('HDEL', KEYS[2], all[i])
+    expired[#expired + 1] = all[i]
   elseif all[i] == host then
     if o ~= '' and id ~= '' and o ~= id then
-      return refuse('LIMHOST another feeder (instance ' .. o .. ') holds a lease as host ' .. host .. ': give every feeder its own host name')
+      refusal = refusal or ('LIMHOST another feeder (instance ' .. o .. ') holds a lease as host ' .. host .. ': give every feeder its own host name')
     end
     if seq and tonumber(q) and seq < tonumber(q) then
-      return refuse('LIMSTALE a newer call of this host ran already (seq ' .. q .. ' > ' .. seq .. ')')
+      refusal = refusal or ('LIMSTALE a newer call of this host ran already (seq ' .. q .. ' > ' .. seq .. ')')
     end
     mine = amount
   else
@@ -143,8 +146,17 @@ for i = 1, #all, 2 do
     if (tonumber(w) or 0) > 0 then weights = weights + (tonumber(g) or tonumber(w) or 0) end
   end
 end
-if live and others > 0 and st[5] and (tonumber(st[5]) ~= ttl or tonumber(st[6]) ~= grace) then
-  return refuse('LIMTTL lease_ttl ' .. ttl .. ' us (grace ' .. grace .. ') differs from the ' .. st[5] .. ' us (grace ' .. (st[6] or '?') .. ') the other hosts hold leases under: give every host the same lease_ttl')
+if not refusal and live and others > 0 and st[5] and (tonumber(st[5]) ~= ttl or tonumber(st[6]) ~= grace) then
+  refusal = ('LIMTTL lease_ttl ' .. ttl .. ' us (grace ' .. grace .. ') differs from the ' .. st[5] .. ' us (grace ' .. (st[6] or '?') .. ') the other hosts hold leases under: give every host the same lease_ttl')
+end
+if refusal then
+  if live then
+    redis.call('HSET', KEYS[1], 'p', string.format('%d', p), 'last', string.format('%d', now))
+  end
+  return redis.error_reply(refusal)
+end
+for _, h in ipairs(expired) do
+  redis.call('HDEL', KEYS[2], h)
 end
 -- Refill for the interval since the previous call (of any host), capped by the room the leases
 -- left during it: no entry changed in it, and a host reports what it spent only now, so its lease
@@ -188,7 +200,7 @@ end
 redis.call('HSET', KEYS[1], 'tokens', string.format('%.4f', tokens), 'ts', string.format('%d', ts),
            'fence', string.format('%d', fence), 'run', run, 'ttl', string.format('%d', ttl),
            'grace', string.format('%d', grace), 'p', string.format('%d', p),
-           'last', string.format('%d', now))
+           'last', string.format('%d', now), 'at', string.format('%d', now))
 return {keep, granted, p}
 )lua";
 
