@@ -22,6 +22,9 @@
 //   next accepted call, past that lease's expiry: 3.1 tokens over. Fixed by `at`, the TIME of the
 //   last accepted call. C1 (x3) and C3 fail against the script before this file (commit 985d0ce's
 //   parent); all five fail with the cap reverted as for C2.
+// C4 [over-admission, Redis restart]: the state flushed while two hosts hold half the burst each;
+//   only the fence (not the cap, which counts only the reported entries) keeps the unreported
+//   lease's room from being refilled: with `fence = p` for a new state, 3.8 tokens over.
 #include <doctest/doctest.h>
 #include <hiredis/hiredis.h>
 #include <time.h>
@@ -358,6 +361,56 @@ TEST_CASE("C3 [over-admission]: a refused call moves `since` past a previous pro
     const double excess = s.worst_excess();
     MESSAGE("C3: A granted " << static_cast<double>(ra.v[1]) / kUnits
                              << " tokens after the refused calls; worst window " << excess
+                             << " tokens against burst + rate x T");
+    CHECK(excess <= 0.01);
+}
+
+// C4: Redis loses the state mid-interval (FLUSHALL, as a restart without persistence) while two
+// hosts hold 5 tokens each of a burst of 10 and spend nothing yet. A's next call reports its 5
+// (adopted: "no lease known"); B's lease is unknown to Redis until B calls. Without the fence, the
+// cap counts only A's entry, and A's second call 0.38 s later is refilled 3.8 tokens; then both
+// hosts spend all they hold at one instant: 13.8 against a bound of 10. With the fence (nothing
+// granted for ttl + grace of p after the first call: every lease from before has reached its
+// local deadline by then), A gets nothing.
+TEST_CASE("C4 [over-admission]: a flushed state is fenced, not capped by the entries reported") {
+    if (lim::test::find_redis_server().empty()) {
+        MESSAGE("SKIPPED: redis-server is not installed");
+        return;
+    }
+    const std::string dir = make_dir();
+    PlainRedis redis(dir);
+    REQUIRE(redis.server.start());
+    constexpr long long kTtl = 500'000;
+    const long long burst = 10 * kUnits;
+    const long long rate = 10 * kUnits;
+    Sim s(redis.server.port(), burst, rate);
+    Host a{"a", "00000000000000a1", kTtl};
+    Host b{"b", "00000000000000b1", kTtl};
+    const long long half = burst / 2;
+    REQUIRE(s.call(a, half).v.size() == 3);
+    REQUIRE(s.call(b, half).v.size() == 3);
+    for (int i = 0; i < 100 && (a.held < half || b.held < half); ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds{50});
+        REQUIRE(s.call(a, half - a.held).v.size() == 3);
+        REQUIRE(s.call(b, half - b.held).v.size() == 3);
+    }
+    REQUIRE(a.held == half);
+    REQUIRE(b.held == half);
+    const std::int64_t t0 = b.asked;
+    s.run({"FLUSHALL"});
+    sleep_until_us(t0 + 20'000);
+    const Reply r1 = s.call(a, burst);
+    REQUIRE(r1.v.size() == 3);
+    CHECK(r1.v[0] == half);  // adopted
+    sleep_until_us(t0 + 400'000);
+    const Reply r2 = s.call(a, burst);
+    REQUIRE(r2.v.size() == 3);
+    sleep_until_us(t0 + 450'000);  // before B's deadline (t0 + 500 ms)
+    s.spend(a, a.held);
+    s.spend(b, b.held);
+    const double excess = s.worst_excess();
+    MESSAGE("C4: A granted " << static_cast<double>(r2.v[1]) / kUnits
+                             << " tokens after the flush; worst window " << excess
                              << " tokens against burst + rate x T");
     CHECK(excess <= 0.01);
 }
