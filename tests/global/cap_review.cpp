@@ -37,6 +37,7 @@
 #include <utility>
 #include <vector>
 
+#include "global/lease_v1.hpp"
 #include "global/redis_client.hpp"
 #include "global/redis_fixture.hpp"
 #include "scripts.hpp"  // tools/feeder: the lease script the feeders run
@@ -412,5 +413,60 @@ TEST_CASE("C4 [over-admission]: a flushed state is fenced, not capped by the ent
     MESSAGE("C4: A granted " << static_cast<double>(r2.v[1]) / kUnits
                              << " tokens after the flush; worst window " << excess
                              << " tokens against burst + rate x T");
+    CHECK(excess <= 0.01);
+}
+
+// C6: a rolling upgrade (the previous protocol's script, tests/global/lease_v1.hpp) while a host
+// with another lease_ttl calls the new script: refused (LIMTTL), it still rewrote the fence entry
+// "~lim-protocol-2" with its own, shorter, TIME + ttl + grace (50 + 50 ms), ending the fence
+// while A held the whole burst under the new protocol (its deadline 500 ms after its call): the
+// old host was then granted the old bucket (refilled since its previous call) and both spent a
+// burst within 0.2 s. The fence entry's expiry now never moves earlier.
+TEST_CASE(
+    "C6 [over-admission]: a refused caller's shorter ttl ends the previous protocol's fence") {
+    if (lim::test::find_redis_server().empty()) {
+        MESSAGE("SKIPPED: redis-server is not installed");
+        return;
+    }
+    const std::string dir = make_dir();
+    PlainRedis redis(dir);
+    REQUIRE(redis.server.start());
+    constexpr long long kTtl = 500'000;
+    const long long burst = 10 * kUnits;
+    const long long rate = 10 * kUnits;
+    Sim s(redis.server.port(), burst, rate);
+    const auto old_call = [&](long long want) {
+        redisReply* r = s.cmd({"EVAL", lim::test::kLeaseScriptV1, "2", "lim:global:{k}",
+                               "lim:global:{k}:leases", "o", "0", "0", std::to_string(want),
+                               std::to_string(kTtl), std::to_string(burst), std::to_string(rate),
+                               std::to_string(kTtl)});
+        std::vector<long long> out;
+        if (r != nullptr && r->type == REDIS_REPLY_ARRAY) {
+            for (std::size_t i = 0; i < r->elements; ++i)
+                out.push_back(r->element[i]->integer);
+        }
+        if (r != nullptr) freeReplyObject(r);
+        return out;
+    };
+    // The old host's first call: its state and its fence (1 s of TIME), long before.
+    REQUIRE(old_call(0).size() == 3);
+    Host a{"a", "00000000000000a1", kTtl};
+    Host x{"x", "00000000000000c1", 50'000};  // another lease_ttl (refused: LIMTTL)
+    Host o{"o", "", kTtl};
+    fill(s, a, burst);  // A holds the whole burst of the new protocol
+    const std::int64_t t0 = a.asked;
+    sleep_until_us(t0 + 20'000);
+    CHECK(s.call(x, burst).error.rfind("LIMTTL", 0) == 0);
+    sleep_until_us(t0 + 200'000);
+    const auto g = old_call(burst);
+    REQUIRE(g.size() == 3);
+    o.held = g[1];
+    o.deadline = mono_us() + kTtl;
+    s.spend(o, o.held);
+    s.spend(a, a.held);  // before A's deadline, t0 + 500 ms
+    const double excess = s.worst_excess();
+    MESSAGE("C6: the old host granted " << static_cast<double>(g[1]) / kUnits
+                                        << " tokens while A held the burst; worst window " << excess
+                                        << " tokens against burst + rate x T");
     CHECK(excess <= 0.01);
 }
