@@ -22,6 +22,8 @@
 //   next accepted call, past that lease's expiry: 3.1 tokens over. Fixed by `at`, the TIME of the
 //   last accepted call. C1 (x3) and C3 fail against the script before this file (commit 985d0ce's
 //   parent); all five fail with the cap reverted as for C2.
+// C6 [over-admission, rolling upgrade]: a refused caller with a shorter lease_ttl rewrote the
+//   previous protocol's fence entry with its own expiry (red before the fix: 10 tokens over).
 // C4 [over-admission, Redis restart]: the state flushed while two hosts hold half the burst each;
 //   only the fence (not the cap, which counts only the reported entries) keeps the unreported
 //   lease's room from being refilled: with `fence = p` for a new state, 3.8 tokens over.

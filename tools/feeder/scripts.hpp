@@ -54,9 +54,10 @@ namespace lim::feeder {
 // Rolling upgrade: feeders of the previous protocol keep their state under lim:global:{K} and never
 // read this one. So this script counts their live leases (expiry in TIME, as they wrote it) as
 // outstanding, and writes one entry there, host "~lim-protocol-2", holding the whole burst until
-// TIME + ttl + grace: the previous script then grants nothing and adopts nothing (its bucket is
-// clamped to burst - outstanding), while its hosts run down the leases they hold.
-// Returns {keep, granted, p}: the host may keep `keep` of what it held, plus `granted`.
+// TIME + ttl + grace (never moved earlier: global.cap_review C6): the previous script then grants
+// nothing and adopts nothing (its bucket is clamped to burst - outstanding), while its hosts run
+// down the leases they hold. Returns {keep, granted, p}: the host may keep `keep` of what it held,
+// plus `granted`.
 inline constexpr const char* kLeaseScript = R"lua(
 local host = ARGV[1]
 local held = tonumber(ARGV[2])
@@ -113,8 +114,13 @@ if KEYS[3] then
   -- The TIME of the previous accepted call (`at`; a refused call moves `last`, not the interval).
   local since = live and (tonumber(st[9]) or tonumber(st[8])) or now
   local old = redis.call('HGETALL', KEYS[3])
+  -- The fence entry's expiry never moves earlier: a caller with a shorter ttl (refused LIMTTL, or
+  -- a ttl change) must not end it while leases granted under a longer one live
+  -- (global.cap_review C6).
+  local fenced = now + ttl + grace
   for i = 1, #old, 2 do
     local a, e = string.match(old[i + 1], '^(%d+):(%d+):')
+    if old[i] == legacy and tonumber(e) then fenced = math.max(fenced, tonumber(e)) end
     if old[i] ~= legacy and (tonumber(e) or 0) > now then
       outstanding = outstanding + (tonumber(a) or 0)
     end
@@ -122,7 +128,7 @@ if KEYS[3] then
       stood = stood + (tonumber(a) or 0)
     end
   end
-  redis.call('HSET', KEYS[3], legacy, string.format('%d:%d:0:0:', burst, now + ttl + grace))
+  redis.call('HSET', KEYS[3], legacy, string.format('%d:%d:0:0:', burst, fenced))
 end
 local all = redis.call('HGETALL', KEYS[2])
 for i = 1, #all, 2 do
