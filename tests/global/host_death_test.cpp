@@ -170,9 +170,11 @@ TEST_CASE("a host dies holding a lease: counted until its expiry, then the survi
         lim::test::check_bucket(all, kDeathBurst * 10'000, kDeathRate * 10'000, 10'000, all.size());
 
     // When the survivor got the rate back: the first 250 ms window after the kill (scanned in
-    // 10 ms steps) in which it admitted at least 40% of the rate. While the dead lease (about
-    // the burst) is counted, Redis can grant it at most what is left under the burst, a few
-    // tokens a refresh: far less.
+    // 10 ms steps) in which it admitted at least 40% of the rate. While the dead lease is
+    // counted, Redis grants it only what is left under the burst beside it; but a starving rate
+    // calls every refresh/4, so that is already 160-190/s of the 200/s here, and this window
+    // often begins before the expiry. So the checks on `resumed` below only bound from above
+    // when the survivor was fed; that the dead lease was not freed early is what `gone` shows.
     constexpr std::int64_t kWindow = 250'000'000;
     const auto threshold = static_cast<std::size_t>(0.4 * kDeathRate * 0.25);
     std::int64_t resumed = -1;
