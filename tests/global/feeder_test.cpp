@@ -100,6 +100,17 @@ TEST_CASE("lim-feeder: the bound holds over all hosts through feeder and Redis f
             run_output(std::string(LIMCTL_PATH) + " stats " + hosts[0]->segment);
         CHECK(stats.find("lim_feeder_last_contact_seconds{") != std::string::npos);
         CHECK(stats.find("lim_feeder_lease_held_tokens{") != std::string::npos);
+        // Each lim_feeder_* sample is printed as limctl's others are: a whole number, or 4
+        // decimals.
+        for (std::size_t at = stats.find("\nlim_feeder_"); at != std::string::npos;
+             at = stats.find("\nlim_feeder_", at + 1)) {
+            const std::size_t end = stats.find('\n', at + 1);
+            const std::string line = stats.substr(at + 1, end - at - 1);
+            const std::string value = line.substr(line.rfind(' ') + 1);
+            const std::size_t dot = value.find('.');
+            CAPTURE(line);
+            CHECK((dot == std::string::npos || value.size() - dot - 1 == 4));
+        }
         // So does the key's own view, in text and JSON.
         const std::string shown =
             run_output(std::string(LIMCTL_PATH) + " show " + hosts[0]->segment + " api");

@@ -104,11 +104,15 @@ std::string render_feeder_prometheus(const std::string& segment,
         "TYPE lim_feeder_last_contact_seconds gauge\n";
     for (const FeederLease& l : leases) {
         const std::string labels = fmt::format("segment=\"{}\",key=\"{}\"", segment, l.key);
-        held += fmt::format("lim_feeder_lease_held_tokens{{{}}} {}\n", labels, l.held);
-        expiry +=
-            fmt::format("lim_feeder_lease_expires_in_seconds{{{}}} {}\n", labels, l.expires_in);
+        // As every other sample limctl prints: whole numbers bare, others to 4 decimals (not
+        // the shortest round-trip form, 2.310299999999984).
+        using lim::detail::format_amount;
+        held +=
+            fmt::format("lim_feeder_lease_held_tokens{{{}}} {}\n", labels, format_amount(l.held));
+        expiry += fmt::format("lim_feeder_lease_expires_in_seconds{{{}}} {}\n", labels,
+                              format_amount(l.expires_in));
         contact += fmt::format("lim_feeder_last_contact_seconds{{{}}} {}\n", labels,
-                               l.last_contact_ago.value_or(3600.0));
+                               format_amount(l.last_contact_ago.value_or(3600.0)));
     }
     return held + expiry + contact;
 }
