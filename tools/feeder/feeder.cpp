@@ -62,6 +62,15 @@ double rebase_threshold(double burst) {
     return std::clamp((1e9 - 2 * burst) / 2, 1.0, 1e8);
 }
 
+// Whether a rate starves, in the one sense tick_rate (which doubles its ask) and look (which calls
+// early) share: workers sleep on its record (they want more than it holds, however much that is:
+// a lease of 1 token never satisfies a take of 10; with `available < 1` alone a take(n > 1) on a
+// host holding its 1-token minimum slept forever: global_review R10), takes were refused, or it
+// ran dry (under a token left) while being spent.
+bool starves(std::uint32_t waiting, double refused, double available, double spent) {
+    return waiting > 0 || refused > 0 || (available < 1 && spent > 0);
+}
+
 }  // namespace
 
 Feeder::Feeder(Config config)
@@ -297,12 +306,8 @@ void Feeder::tick_rate(Rate& r, TimePoint now, bool& redis_ok) {
     const double spent = std::max(0.0, in_flight - r.last_in_flight);
     const double refused = take_refused_demand(r.local) + std::exchange(r.refused_seen, 0.0);
     r.demand = 0.5 * r.demand + 0.5 * ((spent + refused) / dt);
-    // Starving: takes were refused, or workers sleep on the record (they want more than it holds,
-    // however much that is: a lease of 1 token never satisfies a take of 10; with `available < 1`
-    // alone a take(n > 1) on a host holding its 1-token minimum slept forever: global_review
-    // R10), or it ran dry while being spent.
     const std::uint32_t waiting = r.local.waiters();
-    const bool starved = waiting > 0 || refused > 0 || (available < 1 && spent > 0);
+    const bool starved = starves(waiting, refused, available, spent);
     // Workers asleep on the record, smoothed: how many want more than this host holds. It
     // weighs this host's share of the global bucket while every host wants more than there is.
     r.sleepers = 0.5 * r.sleepers + 0.5 * std::min<double>(waiting, kMaxSleepers);
@@ -438,15 +443,14 @@ void Feeder::tick() {
         tick_backoff(b, redis_ok);
 }
 
-// Whether a rate starves now, in tick_rate's sense, from its record alone (no Redis): workers
-// sleep on it, takes were refused since its last lease call, or it ran dry (less than a token
-// left) while being spent. The refusals read here are kept for that rate's next lease call.
+// Whether a rate starves now (starves(), as its lease call would judge it), from its record alone
+// (no Redis). The refusals read here are kept for that rate's next lease call.
 bool Feeder::starving(Rate& r, TimePoint now) {
     r.refused_seen += take_refused_demand(r.local);
-    if (r.refused_seen > 0 || r.local.waiters() > 0) return true;
     const double in_flight = r.local.in_flight(now);
     const double target = r.local.token_target_level().value_or(in_flight);
-    return in_flight > r.last_in_flight && target - in_flight < 1;
+    return starves(r.local.waiters(), r.refused_seen, std::max(0.0, target - in_flight),
+                   std::max(0.0, in_flight - r.last_in_flight));
 }
 
 // A refresh's refill is capped by the leases that stood during it (docs/global.md, protocol step
