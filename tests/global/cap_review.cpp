@@ -172,11 +172,22 @@ class Sim : public lim::test::RedisTestClient {
     std::vector<Admission> admissions_;
 };
 
+// A case's own redis-server, started on a free port with its log in a fresh directory.
 struct PlainRedis {
-    explicit PlainRedis(const std::string& dir)
-        : server(lim::test::find_redis_server(), lim::test::free_port(), dir + "/redis.log") {}
+    PlainRedis()
+        : server(lim::test::find_redis_server(), lim::test::free_port(),
+                 make_dir() + "/redis.log") {
+        REQUIRE(server.start());
+    }
     lim::test::RedisServer server;
 };
+
+// True (and the case reports SKIPPED) when no redis-server is installed.
+bool no_redis_server() {
+    if (!lim::test::find_redis_server().empty()) return false;
+    MESSAGE("SKIPPED: redis-server is not installed");
+    return true;
+}
 
 // Past the fence, `b` holds the whole burst (the bucket refilled to it, b alone wanting).
 void fill(Sim& s, Host& b, long long burst) {
@@ -198,13 +209,8 @@ enum class Refusal { ttl, host, stale };
 // (+150 ms) under the cap of what stood after the deletion, it found 9.3: 19.3 tokens in 0.59 s
 // against a bound of 15.9.
 void refused_deletes(Refusal kind) {
-    if (lim::test::find_redis_server().empty()) {
-        MESSAGE("SKIPPED: redis-server is not installed");
-        return;
-    }
-    const std::string dir = make_dir();
-    PlainRedis redis(dir);
-    REQUIRE(redis.server.start());
+    if (no_redis_server()) return;
+    PlainRedis redis;
     constexpr long long kTtl = 500'000;
     const long long burst = 10 * kUnits;
     const long long rate = 10 * kUnits;
@@ -282,13 +288,8 @@ TEST_CASE("C1 [over-admission]: a refused call (LIMSTALE) deletes an expired ent
 // refill of the interval since the previous call must be capped by what stood in it (B's 10):
 // capped by the leases as B's call leaves them (0), B or A would be granted rate x the interval.
 TEST_CASE("C2 [over-admission]: a lease spent late in the interval is no room for its refill") {
-    if (lim::test::find_redis_server().empty()) {
-        MESSAGE("SKIPPED: redis-server is not installed");
-        return;
-    }
-    const std::string dir = make_dir();
-    PlainRedis redis(dir);
-    REQUIRE(redis.server.start());
+    if (no_redis_server()) return;
+    PlainRedis redis;
     constexpr long long kTtl = 500'000;
     const long long burst = 10 * kUnits;
     const long long rate = 10 * kUnits;
@@ -318,13 +319,8 @@ TEST_CASE("C2 [over-admission]: a lease spent late in the interval is no room fo
 // of 250 ms): it spends its 10 at +1.24 s; A's accepted calls every 100 ms to +1.05 s, LIMTTL
 // refusals every 100 ms from +1.15 s to +1.65 s, A's call at +1.7 s.
 TEST_CASE("C3 [over-admission]: a refused call moves `since` past a previous protocol's lease") {
-    if (lim::test::find_redis_server().empty()) {
-        MESSAGE("SKIPPED: redis-server is not installed");
-        return;
-    }
-    const std::string dir = make_dir();
-    PlainRedis redis(dir);
-    REQUIRE(redis.server.start());
+    if (no_redis_server()) return;
+    PlainRedis redis;
     constexpr long long kTtl = 500'000;
     const long long burst = 10 * kUnits;
     const long long rate = 15 * kUnits;
@@ -376,13 +372,8 @@ TEST_CASE("C3 [over-admission]: a refused call moves `since` past a previous pro
 // granted for ttl + grace of p after the first call: every lease from before has reached its
 // local deadline by then), A gets nothing.
 TEST_CASE("C4 [over-admission]: a flushed state is fenced, not capped by the entries reported") {
-    if (lim::test::find_redis_server().empty()) {
-        MESSAGE("SKIPPED: redis-server is not installed");
-        return;
-    }
-    const std::string dir = make_dir();
-    PlainRedis redis(dir);
-    REQUIRE(redis.server.start());
+    if (no_redis_server()) return;
+    PlainRedis redis;
     constexpr long long kTtl = 500'000;
     const long long burst = 10 * kUnits;
     const long long rate = 10 * kUnits;
@@ -426,13 +417,8 @@ TEST_CASE("C4 [over-admission]: a flushed state is fenced, not capped by the ent
 // burst within 0.2 s. The fence entry's expiry now never moves earlier.
 TEST_CASE(
     "C6 [over-admission]: a refused caller's shorter ttl ends the previous protocol's fence") {
-    if (lim::test::find_redis_server().empty()) {
-        MESSAGE("SKIPPED: redis-server is not installed");
-        return;
-    }
-    const std::string dir = make_dir();
-    PlainRedis redis(dir);
-    REQUIRE(redis.server.start());
+    if (no_redis_server()) return;
+    PlainRedis redis;
     constexpr long long kTtl = 500'000;
     const long long burst = 10 * kUnits;
     const long long rate = 10 * kUnits;
