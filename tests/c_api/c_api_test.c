@@ -274,6 +274,68 @@ static void test_retry_after(void) {
     CHECK(found == 1 && ms == 250);
 }
 
+/* A NULL output pointer is LIM_INVALID_ARGUMENT, and the call must then have done nothing: a
+ * try_acquire/try_take/try_start_job/receive that took its units before finding no place to say
+ * so would leave them taken with the caller told it failed. */
+static void test_null_output_takes_nothing(lim_segment* seg) {
+    lim_semaphore* sem = NULL;
+    OK(lim_semaphore_open(seg, "null-out", 2, 0, &sem));
+    uint64_t v = 99;
+    CHECK(lim_semaphore_try_acquire(sem, 1, NULL) == LIM_INVALID_ARGUMENT);
+    OK(lim_semaphore_in_use(sem, &v));
+    CHECK(v == 0);
+    lim_weighted_semaphore* ws = NULL;
+    OK(lim_weighted_semaphore_open(seg, "null-out-bytes", 100, 0, &ws));
+    CHECK(lim_weighted_semaphore_try_acquire(ws, 10, NULL) == LIM_INVALID_ARGUMENT);
+    OK(lim_weighted_semaphore_in_use(ws, &v));
+    CHECK(v == 0);
+    /* receive with no `received`: the parcel stays there for a receive that can say so. */
+    int ok = 0;
+    OK(lim_semaphore_try_acquire(sem, 1, &ok));
+    lim_hand_off parcel;
+    OK(lim_semaphore_hand_off(sem, 1, &parcel));
+    CHECK(lim_semaphore_receive(sem, &parcel, NULL) == LIM_INVALID_ARGUMENT);
+    ok = 0;
+    OK(lim_semaphore_receive(sem, &parcel, &ok));
+    CHECK(ok == 1);
+    OK(lim_semaphore_release(sem, 1));
+    lim_limiter_config c = {.hopper_to_bucket_rate_per_sec = INFINITY,
+                            .bucket_size = 5,
+                            .initial_bucket_level = 5,
+                            .initial_hopper_level = 0};
+    lim_limiter* l = NULL;
+    OK(lim_limiter_open_at(seg, "null-out-limiter", &c, 0, lim_now_ns(), &l));
+    CHECK(lim_limiter_try_take(l, 1, NULL) == LIM_INVALID_ARGUMENT);
+    CHECK(lim_limiter_try_take_at(l, lim_now_ns(), 1, NULL) == LIM_INVALID_ARGUMENT);
+    lim_limiter_state st;
+    OK(lim_limiter_state_get_at(l, lim_now_ns(), &st));
+    CHECK(st.in_flight == 0 && st.in_bucket == 5);
+    lim_token_bucket_options tbo = {
+        .burst_size = 3, .sustained_rate_per_sec = 0.001, .initial_bucket_level = 3};
+    lim_token_bucket* tb = NULL;
+    OK(lim_token_bucket_open_at(seg, "null-out-bucket", &tbo, 0, lim_now_ns(), &tb));
+    CHECK(lim_token_bucket_try_take(tb, 1, NULL) == LIM_INVALID_ARGUMENT);
+    CHECK(lim_token_bucket_try_take_at(tb, lim_now_ns(), 1, NULL) == LIM_INVALID_ARGUMENT);
+    OK(lim_token_bucket_state_get_at(tb, lim_now_ns(), &st));
+    CHECK(st.in_bucket >= 3);
+    lim_throttle* th = NULL;
+    OK(lim_throttle_open_at(seg, "null-out-jobs", 1, 0, lim_now_ns(), &th));
+    lim_start_job sj;
+    OK(lim_throttle_try_start_job(th, &sj));
+    CHECK(sj.kind == LIM_START_JOB_START);
+    OK(lim_throttle_hand_off_jobs(th, 1, &parcel));
+    CHECK(lim_throttle_receive(th, &parcel, NULL) == LIM_INVALID_ARGUMENT);
+    ok = 0;
+    OK(lim_throttle_receive(th, &parcel, &ok));
+    CHECK(ok == 1);
+    OK(lim_throttle_finish_job(th));
+    lim_throttle_close(th);
+    lim_token_bucket_close(tb);
+    lim_limiter_close(l);
+    lim_weighted_semaphore_close(ws);
+    lim_semaphore_close(sem);
+}
+
 int main(void) {
     char name[64];
     snprintf(name, sizeof name, "c-api-test-%d", (int)getpid());
@@ -291,6 +353,7 @@ int main(void) {
     test_dispatch(seg);
     test_limiters(seg);
     test_retry_after();
+    test_null_output_takes_nothing(seg);
     lim_reap_report* rep = NULL;
     OK(lim_segment_reap(seg, &rep));
     /* The forked child's slot is the only dead one (if the library has not freed it already);

@@ -90,7 +90,7 @@ int lim_segment_open_or_create(const char* name, const lim_segment_options* opti
 /* Attaches to an existing segment; LIM_NOT_FOUND if there is none. `options` (may be NULL) gives
  * this handle's reaping policy only. */
 int lim_segment_open(const char* name, const lim_segment_options* options, lim_segment** out);
-/* Unlinks the name; *removed = 0 if there was no such segment. */
+/* Unlinks the name; *removed = 0 if there was no such segment (`removed` may be NULL). */
 int lim_segment_remove(const char* name, int* removed);
 /* Frees the handle (the mapping stays while handles opened from it live). NULL is a no-op. */
 void lim_segment_close(lim_segment* segment);

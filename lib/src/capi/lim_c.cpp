@@ -107,6 +107,10 @@ int guarded(F&& fn) noexcept {
     }
 }
 
+// Checks an argument. A call with side effects binds its output with need() *before* the call
+// (`int& out = need(acquired, ...); out = sem.try_acquire(n);`), never as `need(...) = f()`:
+// C++17 sequences an assignment's right side first, so a NULL output would be found only after
+// the units were taken, and the caller, told LIM_INVALID_ARGUMENT, would never give them back.
 template <class T>
 T& need(T* p, const char* what) {
     if (p == nullptr) throw lim::Error(lim::Errc::invalid_argument, std::string(what) + " is NULL");
@@ -429,7 +433,8 @@ int lim_segment_reset(lim_segment* segment, const char* key, int force) {
     }                                                                                           \
     int prefix##_try_acquire(prefix* sem, uint64_t n, int* acquired) {                          \
         return guarded([&] {                                                                    \
-            need(acquired, "acquired") = need(sem, "semaphore").sem.try_acquire(n) ? 1 : 0;     \
+            int& out = need(acquired, "acquired");                                              \
+            out = need(sem, "semaphore").sem.try_acquire(n) ? 1 : 0;                            \
         });                                                                                     \
     }                                                                                           \
     int prefix##_acquire(prefix* sem, uint64_t n) {                                             \
@@ -462,7 +467,8 @@ int lim_segment_reset(lim_segment* segment, const char* key, int force) {
     int prefix##_receive(prefix* sem, const lim_hand_off* h, int* received) {                   \
         return guarded([&] {                                                                    \
             const lim::HandOff ticket = from_c(need(h, "hand_off"));                            \
-            need(received, "received") = need(sem, "semaphore").sem.receive(ticket) ? 1 : 0;    \
+            int& out = need(received, "received");                                              \
+            out = need(sem, "semaphore").sem.receive(ticket) ? 1 : 0;                           \
         });                                                                                     \
     }                                                                                           \
     void prefix##_close(prefix* sem) {                                                          \
@@ -649,7 +655,10 @@ void lim_dispatch_close(lim_dispatch* d) {
 }
 
 int lim_permit_create(lim_permit** out) {
-    return guarded([&] { need(out, "out") = new lim_permit{}; });
+    return guarded([&] {
+        lim_permit*& o = need(out, "out");  // first: a NULL out must not leak a new permit
+        o = new lim_permit{};
+    });
 }
 
 int lim_permit_release(lim_permit* p) {
@@ -701,13 +710,16 @@ int lim_limiter_open(lim_segment* segment, const char* key, const lim_limiter_co
 
 int lim_limiter_try_take_at(lim_limiter* l, int64_t now_ns, double n, int* result) {
     return guarded([&] {
-        need(result, "result") = try_take_code(need(l, "limiter").l.try_take(tp(now_ns), n));
+        int& out = need(result, "result");  // first: a NULL result must take nothing
+        out = try_take_code(need(l, "limiter").l.try_take(tp(now_ns), n));
     });
 }
 
 int lim_limiter_try_take(lim_limiter* l, double n, int* result) {
-    return guarded(
-        [&] { need(result, "result") = try_take_code(need(l, "limiter").l.try_take(n)); });
+    return guarded([&] {
+        int& out = need(result, "result");
+        out = try_take_code(need(l, "limiter").l.try_take(n));
+    });
 }
 
 int lim_limiter_take(lim_limiter* l, double n) {
@@ -807,13 +819,16 @@ int lim_token_bucket_open(lim_segment* segment, const char* key,
 }
 
 int lim_token_bucket_try_take(lim_token_bucket* tb, double n, int* result) {
-    return guarded(
-        [&] { need(result, "result") = try_take_code(need(tb, "token bucket").tb.try_take(n)); });
+    return guarded([&] {
+        int& out = need(result, "result");
+        out = try_take_code(need(tb, "token bucket").tb.try_take(n));
+    });
 }
 
 int lim_token_bucket_try_take_at(lim_token_bucket* tb, int64_t now_ns, double n, int* result) {
     return guarded([&] {
-        need(result, "result") = try_take_code(need(tb, "token bucket").tb.try_take(tp(now_ns), n));
+        int& out = need(result, "result");
+        out = try_take_code(need(tb, "token bucket").tb.try_take(tp(now_ns), n));
     });
 }
 
@@ -919,7 +934,8 @@ int lim_throttled_rate_limiter_open(lim_segment* segment, const char* key,
     int prefix##_receive(prefix* t, const lim_hand_off* h, int* received) {                      \
         return guarded([&] {                                                                     \
             const lim::HandOff ticket = from_c(need(h, "hand_off"));                             \
-            need(received, "received") = need(t, "limiter").t.receive(ticket) ? 1 : 0;           \
+            int& out = need(received, "received");                                               \
+            out = need(t, "limiter").t.receive(ticket) ? 1 : 0;                                  \
         });                                                                                      \
     }                                                                                            \
     int prefix##_finish_job(prefix* t) {                                                         \
