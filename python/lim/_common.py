@@ -114,16 +114,36 @@ def wait_in_slices(until: Callable[[int], bool], timeout: Optional[float]) -> bo
 
 
 
-def wait_call(fn: Callable[..., int], args: tuple, timeout: Optional[float]) -> bool:
+def wait_call(fn: Callable[..., int], args: tuple, timeout: Optional[float],
+              undo: Optional[Callable[[], object]] = None) -> bool:
     """wait_in_slices over a C call ``fn(*args, deadline_ns, int* out)`` that sets *out to 1 on
-    success and 0 at the deadline (the shape of every lim ``_until`` call but Dispatch's)."""
+    success and 0 at the deadline (the shape of every lim ``_until`` call but Dispatch's).
+    ``undo()`` gives back what a successful call took (see ``undo_if_taken``)."""
 
     def until(deadline: int) -> bool:
         ok = out_int()
-        check(fn(*args, deadline, ctypes.byref(ok)))
-        return bool(ok.value)
+        try:
+            rc = fn(*args, deadline, ctypes.byref(ok))
+            if rc:
+                check(rc)
+            return bool(ok.value)
+        except BaseException:
+            undo_if_taken(ok, undo)
+            raise
 
     return wait_in_slices(until, timeout)
+
+
+def undo_if_taken(ok: ctypes.c_int, undo: Optional[Callable[[], object]]) -> None:
+    """Called from ``except BaseException:`` around a C call that takes units and reports it in
+    ``ok``. Python runs signal handlers as a foreign call returns, so a handler that raises
+    (Ctrl-C's KeyboardInterrupt, Celery's SoftTimeLimitExceeded, a worker's SystemExit) can do
+    so after the C call took its units and before the caller learns it holds them: nobody would
+    ever give them back (a long-lived worker that catches the exception keeps them until it
+    exits). If the C call succeeded, ``undo()`` gives them back, so the exception leaves holding
+    nothing. (An error status leaves ``ok`` at 0: the C ABI writes outputs only on success.)"""
+    if ok.value and undo is not None:
+        undo()
 
 
 __all__ = ["check", "lib"]

@@ -7,10 +7,11 @@ import ctypes
 import enum
 import math
 from dataclasses import dataclass
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 from . import _lib
-from ._common import NS, at_ns, check, i64, key_bytes, lib, out_int, segment_handle, wait_call
+from ._common import (NS, at_ns, check, i64, key_bytes, lib, out_int, segment_handle,
+                      undo_if_taken, wait_call)
 from ._errors import InvalidArgument
 from ._hand_off import HandOff, hand_off_call, receive_call
 from ._handle import Handle
@@ -133,23 +134,33 @@ class _LimiterBase(Handle):
 
 
 class _TakeMixin(_LimiterBase):
+    def _undo_take(self, n: float) -> Optional[Callable[[], object]]:
+        """What gives back ``n`` tokens a take took, when an exception hides it from the caller
+        (_common.undo_if_taken); None where taken tokens are simply spent (a token bucket)."""
+        return None
+
     def try_take(self, n: float = 1, *, now: Optional[float] = None) -> TryTake:
         """Takes ``n`` tokens if the bucket holds them at ``now``; never blocks."""
-        r = out_int()
-        if now is None:  # the library reads the clock itself, and only if the rate needs it
-            check(getattr(lib, self._prefix + "_try_take")(self.handle, _tokens(n),
-                                                           ctypes.byref(r)))
+        n = _tokens(n)
+        r = ctypes.c_int(-1)  # TAKEN is 0
+        try:
+            if now is None:  # the library reads the clock itself, and only if the rate needs it
+                check(getattr(lib, self._prefix + "_try_take")(self.handle, n, ctypes.byref(r)))
+            else:
+                check(getattr(lib, self._prefix + "_try_take_at")(self.handle, at_ns(now), n,
+                                                                   ctypes.byref(r)))
             return TryTake(r.value)
-        check(getattr(lib, self._prefix + "_try_take_at")(self.handle, at_ns(now), _tokens(n),
-                                                           ctypes.byref(r)))
-        return TryTake(r.value)
+        except BaseException:  # a signal handler raised as the call returned: hold nothing
+            undo_if_taken(ctypes.c_int(r.value == TryTake.TAKEN), self._undo_take(n))
+            raise
 
     def take(self, n: float = 1, timeout: Optional[float] = None) -> bool:
         """Takes ``n`` tokens, blocking until they are there (None: no limit) or ``timeout``
         seconds pass (False, holding nothing). Raises InvalidArgument if n > bucket_size. Waits
         in 50 ms slices, so Ctrl-C interrupts it."""
-        return wait_call(getattr(lib, self._prefix + "_take_until"), (self.handle, _tokens(n)),
-                         timeout)
+        n = _tokens(n)
+        return wait_call(getattr(lib, self._prefix + "_take_until"), (self.handle, n), timeout,
+                         self._undo_take(n))
 
     def tokens_may_be_available_when(self, n: float = 1, *,
                                      now: Optional[float] = None) -> Availability:
@@ -165,6 +176,10 @@ class Limiter(_TakeMixin):
 
     _prefix = "lim_limiter"
     _close = staticmethod(lib.lim_limiter_close)
+
+    def _undo_take(self, n: float) -> Optional[Callable[[], object]]:
+        h = self.handle
+        return lambda: lib.lim_limiter_return_to_hopper(h, n)  # in flight until returned
 
     @classmethod
     def open(cls, segment: Segment, key: str, *, bucket_size: float,
@@ -256,17 +271,28 @@ class _JobsMixin(_LimiterBase):
     def try_start_job(self, *, now: Optional[float] = None) -> StartJob:
         """START (then call finish_job once), MAX_CONCURRENT_JOBS_RUNNING, or
         UNABLE_UNTIL_AT_LEAST (``time``). Never blocks."""
-        s = _lib.StartJob()
-        if now is None:  # the library reads the clock itself, and only if the rate needs it
-            check(getattr(lib, self._prefix + "_try_start_job")(self.handle, ctypes.byref(s)))
-        else:
-            check(getattr(lib, self._prefix + "_try_start_job_at")(self.handle, at_ns(now),
+        s = _lib.StartJob(-1)  # START is 0
+        try:
+            if now is None:  # the library reads the clock itself, and only if the rate needs it
+                check(getattr(lib, self._prefix + "_try_start_job")(self.handle,
                                                                     ctypes.byref(s)))
-        return _start_job(s)
+            else:
+                check(getattr(lib, self._prefix + "_try_start_job_at")(self.handle, at_ns(now),
+                                                                        ctypes.byref(s)))
+            return _start_job(s)
+        except BaseException:  # a signal handler raised as the call returned: hold nothing
+            undo_if_taken(ctypes.c_int(s.kind == StartJobKind.START), self._undo_start())
+            raise
 
     def start_job(self, timeout: Optional[float] = None) -> bool:
-        """Blocks until a job may start (True) or ``timeout`` seconds pass (False)."""
-        return wait_call(getattr(lib, self._prefix + "_start_job_until"), (self.handle,), timeout)
+        """Blocks until a job may start (True) or ``timeout`` seconds pass (False). Waits in
+        50 ms slices, so Ctrl-C interrupts it, holding nothing."""
+        return wait_call(getattr(lib, self._prefix + "_start_job_until"), (self.handle,), timeout,
+                         self._undo_start())
+
+    def _undo_start(self) -> Callable[[], object]:
+        h, finish = self.handle, getattr(lib, self._prefix + "_finish_job")
+        return lambda: finish(h)
 
     def finish_job(self, *, now: Optional[float] = None) -> None:
         """Returns the job's token to the hopper."""

@@ -7,7 +7,7 @@ import ctypes
 from typing import Iterator, Optional, Union
 
 from ._common import (NS, check, key_bytes, lib, now_ns, out_int, segment_handle, to_ns, u64,
-                      wait_call)
+                      undo_if_taken, wait_call)
 from ._hand_off import HandOff, hand_off_call, receive_call
 from ._handle import Handle
 from ._segment import Segment
@@ -37,11 +37,16 @@ class _SemaphoreBase(Handle):
 
     def try_acquire(self, n: int = 1) -> bool:
         """Takes ``n`` units if they are free now; never blocks."""
+        n = u64(n, "n")
         ok = out_int()
-        rc = self._c_try(self._h, u64(n, "n"), ctypes.byref(ok))
-        if rc:
-            check(rc)
-        return bool(ok.value)
+        try:
+            rc = self._c_try(self._h, n, ctypes.byref(ok))
+            if rc:
+                check(rc)
+            return bool(ok.value)
+        except BaseException:  # a signal handler raised as the call returned: hold nothing
+            undo_if_taken(ok, lambda: self._c_release(self._h, n))
+            raise
 
     def acquire(self, n: int = 1, timeout: Optional[float] = None) -> bool:
         """Takes ``n`` units, blocking until they are free (None: no limit) or ``timeout`` seconds
@@ -51,7 +56,9 @@ class _SemaphoreBase(Handle):
             to_ns(timeout, "timeout")  # refuse NaN and the like before anything is taken
         if self.try_acquire(n):  # uncontended: no clock reads, no slices
             return True
-        return wait_call(getattr(lib, self._prefix + "_acquire_until"), (self.handle, n), timeout)
+        h = self.handle
+        return wait_call(getattr(lib, self._prefix + "_acquire_until"), (h, n), timeout,
+                         lambda: self._c_release(h, n))
 
     def release(self, n: int = 1) -> None:
         """Gives back ``n`` units (any thread or process of the holder may). Raises OverRelease if
