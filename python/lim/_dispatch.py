@@ -157,7 +157,11 @@ class Dispatch(Handle):
         o.byte_penalty_multiplier = u64(byte_penalty_multiplier, "byte_penalty_multiplier")
         o.acquire_backoff_base_ns = to_ns(acquire_backoff_base, "acquire_backoff_base")
         o.acquire_backoff_max_ns = to_ns(acquire_backoff_max, "acquire_backoff_max")
-        o.acquire_backoff_jitter = float(acquire_backoff_jitter)
+        if isinstance(acquire_backoff_jitter, bool) or not isinstance(acquire_backoff_jitter,
+                                                                      (int, float)):
+            raise InvalidArgument(f"acquire_backoff_jitter must be a number in [0, 1], not "
+                                  f"{acquire_backoff_jitter!r}")
+        o.acquire_backoff_jitter = float(acquire_backoff_jitter)  # the library checks the range
         h = ctypes.c_void_p()
         check(lib.lim_dispatch_open(seg_h, ctypes.byref(o), 1 if adopt_existing else 0,
                                     ctypes.byref(h)))

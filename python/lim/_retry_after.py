@@ -24,6 +24,8 @@ def parse_retry_after(value: Optional[Headers], now: Optional[float] = None) -> 
         return None
     if isinstance(value, (str, bytes)):
         raw = value.encode("latin-1", "replace") if isinstance(value, str) else value
+        if b"\0" in raw:  # the C string would end there ("1\0 2" read as "1"): garbage
+            return None
         if now is None:
             check(lib.lim_parse_retry_after(raw, ctypes.byref(found), ctypes.byref(ms)))
         else:
@@ -36,7 +38,7 @@ def parse_retry_after(value: Optional[Headers], now: Optional[float] = None) -> 
              v.decode("latin-1") if isinstance(v, bytes) else str(v)) for k, v in items]
     pairs = [(k, v) for k, v in text if k.strip().lower() in ("retry-after", "retry-after-ms")]
     ms_value = next((v for k, v in pairs if k.strip().lower() == "retry-after-ms"), None)
-    if ms_value is not None:
+    if ms_value is not None and "\0" not in ms_value:  # with a NUL: garbage, as above
         names = (ctypes.c_char_p * 1)(b"retry-after-ms")
         values = (ctypes.c_char_p * 1)(ms_value.encode("latin-1", "replace"))
         check(lib.lim_parse_retry_after_headers(names, values, 1, ctypes.byref(found),
