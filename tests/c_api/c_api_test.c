@@ -3,6 +3,7 @@
 #include <lim/lim.h>
 
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -336,6 +337,53 @@ static void test_null_output_takes_nothing(lim_segment* seg) {
     lim_semaphore_close(sem);
 }
 
+/* `now` is the caller's: the ends of int64 give sane answers (no wrapped sum; the UBSan build
+ * reports any signed overflow). */
+static void test_extreme_now(lim_segment* seg) {
+    const int64_t lo = INT64_MIN, hi = INT64_MAX;
+    lim_backoff_window* w = NULL;
+    OK(lim_backoff_window_for_key(seg, "extreme-now", &w));
+    OK(lim_backoff_window_set(w, 60 * kSec));
+    int64_t left = -1;
+    OK(lim_backoff_window_remaining_at(w, lo, &left));
+    CHECK(left > 0); /* a deadline after `now`, however far: never negative */
+    OK(lim_backoff_window_remaining_at(w, hi, &left));
+    CHECK(left == 0);
+    int on = -1;
+    OK(lim_backoff_window_should_backoff_at(w, lo, &on));
+    CHECK(on == 1);
+    OK(lim_backoff_window_should_backoff_at(w, hi, &on));
+    CHECK(on == 0);
+    OK(lim_backoff_window_set_at(w, hi, hi));
+    OK(lim_backoff_window_remaining_at(w, lo, &left));
+    CHECK(left > 0);
+    OK(lim_backoff_window_clear(w));
+    lim_backoff_window_close(w);
+    lim_token_bucket_options tbo = {
+        .burst_size = 2, .sustained_rate_per_sec = 1, .initial_bucket_level = 2};
+    lim_token_bucket* tb = NULL;
+    OK(lim_token_bucket_open_at(seg, "extreme-now-bucket", &tbo, 0, lim_now_ns(), &tb));
+    int result = -1;
+    OK(lim_token_bucket_try_take_at(tb, lo, 1, &result));
+    CHECK(result == LIM_TRY_TAKE_TAKEN);
+    OK(lim_token_bucket_try_take_at(tb, hi, 1, &result));
+    CHECK(result == LIM_TRY_TAKE_TAKEN);
+    lim_availability a;
+    OK(lim_token_bucket_tokens_may_be_available_when_at(tb, hi, 2, &a));
+    OK(lim_token_bucket_tokens_may_be_available_when_at(tb, lo, 2, &a));
+    lim_limiter_state st;
+    OK(lim_token_bucket_state_get_at(tb, lo, &st));
+    CHECK(st.in_bucket >= 0 && st.in_bucket <= 2);
+    lim_token_bucket_close(tb);
+    lim_throttle* th = NULL;
+    OK(lim_throttle_open_at(seg, "extreme-now-jobs", 1, 0, lim_now_ns(), &th));
+    lim_start_job sj;
+    OK(lim_throttle_try_start_job_at(th, lo, &sj));
+    CHECK(sj.kind == LIM_START_JOB_START);
+    OK(lim_throttle_finish_job_at(th, hi));
+    lim_throttle_close(th);
+}
+
 int main(void) {
     char name[64];
     snprintf(name, sizeof name, "c-api-test-%d", (int)getpid());
@@ -354,6 +402,7 @@ int main(void) {
     test_limiters(seg);
     test_retry_after();
     test_null_output_takes_nothing(seg);
+    test_extreme_now(seg);
     lim_reap_report* rep = NULL;
     OK(lim_segment_reap(seg, &rep));
     /* The forked child's slot is the only dead one (if the library has not freed it already);

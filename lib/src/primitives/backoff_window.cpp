@@ -9,6 +9,7 @@
 #include "lim/error.hpp"
 #include "primitives/backoff_window_state.hpp"
 #include "shm/record_handle.hpp"
+#include "sync/saturating.hpp"
 
 namespace lim {
 namespace {
@@ -57,7 +58,7 @@ bool BackoffWindow::should_backoff(TimePoint now) const noexcept {
 Duration BackoffWindow::remaining(TimePoint now) const noexcept {
     const std::int64_t u = body(ref_).until.load(std::memory_order_acquire);
     if (u == 0 || to_nanos(now) >= u) return Duration::zero();
-    return Duration{u - to_nanos(now)};
+    return Duration{detail::saturating_sub(u, to_nanos(now))};  // a caller's `now` may be far back
 }
 
 std::optional<TimePoint> BackoffWindow::until() const noexcept {
