@@ -258,12 +258,30 @@ class Dispatch(Handle):
     def rate_limited(self, nbytes: Union[int, Callable[..., int]] = 0) -> Callable[[F], F]:
         """A decorator: every call of the function runs holding a permit for ``nbytes`` (or for
         ``nbytes(*args, **kwargs)`` when it is callable). Works on ``async def`` functions too
-        (with permit_async)."""
+        (with permit_async), and on generators (sync or async): the permit is held while the
+        generator runs, from its first step until it ends or is closed."""
 
         def cost(args: Any, kwargs: Any) -> int:
             return nbytes(*args, **kwargs) if callable(nbytes) else nbytes
 
         def decorate(fn: F) -> F:
+            # A generator's body runs as it is iterated, not when it is called: hold the permit
+            # from the first step until it ends or is closed.
+            if inspect.isasyncgenfunction(fn):
+                @functools.wraps(fn)
+                async def async_gen_wrapper(*args: Any, **kwargs: Any) -> Any:
+                    async with self.permit_async(cost(args, kwargs)):
+                        async for item in fn(*args, **kwargs):
+                            yield item
+                return cast(F, async_gen_wrapper)
+
+            if inspect.isgeneratorfunction(fn):
+                @functools.wraps(fn)
+                def gen_wrapper(*args: Any, **kwargs: Any) -> Any:
+                    with self.permit(cost(args, kwargs)):
+                        return (yield from fn(*args, **kwargs))
+                return cast(F, gen_wrapper)
+
             if inspect.iscoroutinefunction(fn):
                 @functools.wraps(fn)
                 async def async_wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -26,3 +26,43 @@ def test_dispatch_options_of_the_wrong_type_are_invalid_argument(seg):
             lim.Dispatch.open(seg, limiter=window, key="opts", acquire_backoff_jitter=bad)
     api = lim.Dispatch.open(seg, limiter=window, key="opts", acquire_backoff_jitter=0)
     assert api.snapshot().concurrency == 400
+
+
+def test_rate_limited_generators_hold_the_permit_while_they_run(seg):
+    """A decorated generator (a streamed response, say) runs its body when iterated, not when
+    called: the permit must be held then, and given back when it ends or is closed."""
+    import asyncio
+
+    api = lim.Dispatch.open(seg, limiter=lim.BackoffWindow.for_key(seg, "gen"), key="gen",
+                            concurrency=1)
+
+    @api.rate_limited(10)
+    def chunks(n):
+        for i in range(n):
+            yield api.snapshot().in_flight
+
+    assert list(chunks(3)) == [1, 1, 1]
+    assert api.snapshot().in_flight == 0
+    g = chunks(5)
+    assert next(g) == 1 and api.snapshot().bytes_in_flight == 10
+    g.close()
+    assert api.snapshot().in_flight == 0
+
+    @api.rate_limited(lambda n: n)
+    async def achunks(n):
+        for i in range(n):
+            await asyncio.sleep(0)
+            yield api.snapshot().bytes_in_flight
+
+    async def main():
+        seen = [b async for b in achunks(7)]
+        assert seen == [7] * 7
+        assert api.snapshot().in_flight == 0
+        # Two at once with concurrency 1: never both inside.
+        async def drain():
+            return [b async for b in achunks(3)]
+        both = await asyncio.gather(drain(), drain())
+        assert both == [[3] * 3, [3] * 3]
+
+    asyncio.run(main())
+    assert api.snapshot().in_flight == 0
