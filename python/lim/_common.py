@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import ctypes
 import math
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from ._errors import InvalidArgument, InvalidName
 from ._lib import check, lib
+
+if TYPE_CHECKING:
+    from ._owned import Owned
 
 NS = 1_000_000_000
 # A blocking call waits in slices this long, so Python runs signal handlers (Ctrl-C raises
@@ -114,36 +117,42 @@ def wait_in_slices(until: Callable[[int], bool], timeout: Optional[float]) -> bo
 
 
 
-def wait_call(fn: Callable[..., int], args: tuple, timeout: Optional[float],
-              undo: Optional[Callable[[], object]] = None) -> bool:
-    """wait_in_slices over a C call ``fn(*args, deadline_ns, int* out)`` that sets *out to 1 on
-    success and 0 at the deadline (the shape of every lim ``_until`` call but Dispatch's).
-    ``undo()`` gives back what a successful call took (see ``undo_if_taken``)."""
+def wait_call(owner: "Owned", fn: Callable[..., int], args: tuple, timeout: Optional[float],
+              undo: Optional[Callable[[ctypes.c_void_p], object]] = None) -> bool:
+    """wait_in_slices over a C call ``fn(handle, *args, deadline_ns, int* out)`` that sets *out to
+    1 on success and 0 at the deadline (the shape of every lim ``_until`` call but Dispatch's),
+    on ``owner``'s handle, kept alive while it waits (``Owned._blocking``): if another thread
+    closes ``owner``, the wait ends with ValueError at the next slice. ``undo(handle)`` gives
+    back what a successful call took (see ``undo_if_taken``)."""
+    with owner._blocking() as h:
 
-    def until(deadline: int) -> bool:
-        ok = out_int()
-        try:
-            rc = fn(*args, deadline, ctypes.byref(ok))
-            if rc:
-                check(rc)
-            return bool(ok.value)
-        except BaseException:
-            undo_if_taken(ok, undo)
-            raise
+        def until(deadline: int) -> bool:
+            owner._closed_while_waiting()
+            ok = out_int()
+            try:
+                rc = fn(h, *args, deadline, ctypes.byref(ok))
+                if rc:
+                    check(rc)
+                return bool(ok.value)
+            except BaseException:
+                undo_if_taken(ok, undo, h)
+                raise
 
-    return wait_in_slices(until, timeout)
+        return wait_in_slices(until, timeout)
 
 
-def undo_if_taken(ok: ctypes.c_int, undo: Optional[Callable[[], object]]) -> None:
+def undo_if_taken(ok: ctypes.c_int, undo: Optional[Callable[[ctypes.c_void_p], object]],
+                  handle: ctypes.c_void_p) -> None:
     """Called from ``except BaseException:`` around a C call that takes units and reports it in
     ``ok``. Python runs signal handlers as a foreign call returns, so a handler that raises
     (Ctrl-C's KeyboardInterrupt, Celery's SoftTimeLimitExceeded, a worker's SystemExit) can do
     so after the C call took its units and before the caller learns it holds them: nobody would
     ever give them back (a long-lived worker that catches the exception keeps them until it
-    exits). If the C call succeeded, ``undo()`` gives them back, so the exception leaves holding
-    nothing. (An error status leaves ``ok`` at 0: the C ABI writes outputs only on success.)"""
+    exits). If the C call succeeded, ``undo(handle)`` gives them back, so the exception leaves
+    holding nothing. (An error status leaves ``ok`` at 0: the C ABI writes outputs only on
+    success.)"""
     if ok.value and undo is not None:
-        undo()
+        undo(handle)
 
 
 __all__ = ["check", "lib"]

@@ -196,15 +196,18 @@ class Dispatch(Handle):
         permit = Permit()  # owns what the C call takes, even if a signal interrupts us
         if self._try_into(permit, nbytes):  # uncontended: no clock reads, no slices
             return permit
-        h = self.handle
-
-        def until(deadline: int) -> bool:
-            ok = out_int()
-            check(lib.lim_dispatch_acquire_until(h, nbytes, deadline, permit._h, ctypes.byref(ok)))
-            return bool(ok.value)
 
         try:
-            return permit if wait_in_slices(until, timeout) else None
+            with self._blocking() as h:  # h stays valid if another thread closes self
+
+                def until(deadline: int) -> bool:
+                    self._closed_while_waiting()
+                    ok = out_int()
+                    check(lib.lim_dispatch_acquire_until(h, nbytes, deadline, permit._h,
+                                                         ctypes.byref(ok)))
+                    return bool(ok.value)
+
+                return permit if wait_in_slices(until, timeout) else None
         except BaseException:  # KeyboardInterrupt between slices: hold nothing
             permit.release()
             raise

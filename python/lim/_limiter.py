@@ -134,7 +134,7 @@ class _LimiterBase(Handle):
 
 
 class _TakeMixin(_LimiterBase):
-    def _undo_take(self, n: float) -> Optional[Callable[[], object]]:
+    def _undo_take(self, n: float) -> Optional[Callable[[ctypes.c_void_p], object]]:
         """What gives back ``n`` tokens a take took, when an exception hides it from the caller
         (_common.undo_if_taken); None where taken tokens are simply spent (a token bucket)."""
         return None
@@ -151,7 +151,7 @@ class _TakeMixin(_LimiterBase):
                                                                    ctypes.byref(r)))
             return TryTake(r.value)
         except BaseException:  # a signal handler raised as the call returned: hold nothing
-            undo_if_taken(ctypes.c_int(r.value == TryTake.TAKEN), self._undo_take(n))
+            undo_if_taken(ctypes.c_int(r.value == TryTake.TAKEN), self._undo_take(n), self._h)
             raise
 
     def take(self, n: float = 1, timeout: Optional[float] = None) -> bool:
@@ -159,7 +159,7 @@ class _TakeMixin(_LimiterBase):
         seconds pass (False, holding nothing). Raises InvalidArgument if n > bucket_size. Waits
         in 50 ms slices, so Ctrl-C interrupts it."""
         n = _tokens(n)
-        return wait_call(getattr(lib, self._prefix + "_take_until"), (self.handle, n), timeout,
+        return wait_call(self, getattr(lib, self._prefix + "_take_until"), (n,), timeout,
                          self._undo_take(n))
 
     def tokens_may_be_available_when(self, n: float = 1, *,
@@ -177,9 +177,8 @@ class Limiter(_TakeMixin):
     _prefix = "lim_limiter"
     _close = staticmethod(lib.lim_limiter_close)
 
-    def _undo_take(self, n: float) -> Optional[Callable[[], object]]:
-        h = self.handle
-        return lambda: lib.lim_limiter_return_to_hopper(h, n)  # in flight until returned
+    def _undo_take(self, n: float) -> Optional[Callable[[ctypes.c_void_p], object]]:
+        return lambda h: lib.lim_limiter_return_to_hopper(h, n)  # in flight until returned
 
     @classmethod
     def open(cls, segment: Segment, key: str, *, bucket_size: float,
@@ -281,18 +280,18 @@ class _JobsMixin(_LimiterBase):
                                                                         ctypes.byref(s)))
             return _start_job(s)
         except BaseException:  # a signal handler raised as the call returned: hold nothing
-            undo_if_taken(ctypes.c_int(s.kind == StartJobKind.START), self._undo_start())
+            undo_if_taken(ctypes.c_int(s.kind == StartJobKind.START), self._undo_start(),
+                          self._h)
             raise
 
     def start_job(self, timeout: Optional[float] = None) -> bool:
         """Blocks until a job may start (True) or ``timeout`` seconds pass (False). Waits in
         50 ms slices, so Ctrl-C interrupts it, holding nothing."""
-        return wait_call(getattr(lib, self._prefix + "_start_job_until"), (self.handle,), timeout,
+        return wait_call(self, getattr(lib, self._prefix + "_start_job_until"), (), timeout,
                          self._undo_start())
 
-    def _undo_start(self) -> Callable[[], object]:
-        h, finish = self.handle, getattr(lib, self._prefix + "_finish_job")
-        return lambda: finish(h)
+    def _undo_start(self) -> Callable[[ctypes.c_void_p], object]:
+        return getattr(lib, self._prefix + "_finish_job")  # finish_job(handle)
 
     def finish_job(self, *, now: Optional[float] = None) -> None:
         """Returns the job's token to the hopper."""

@@ -136,7 +136,8 @@ class Segment(Owned):
         """Finds processes in the segment that are dead (pid gone or reused) and gives back
         exactly what each held to every limiter. Blocks while another reap or reset runs."""
         rep = ctypes.c_void_p()
-        check(lib.lim_segment_reap(self.handle, ctypes.byref(rep)))
+        with self._blocking() as h:  # it may wait for another reap: h stays valid meanwhile
+            check(lib.lim_segment_reap(h, ctypes.byref(rep)))
         try:
             reaped = []
             for i in range(lib.lim_reap_report_count(rep)):

@@ -45,7 +45,7 @@ class _SemaphoreBase(Handle):
                 check(rc)
             return bool(ok.value)
         except BaseException:  # a signal handler raised as the call returned: hold nothing
-            undo_if_taken(ok, lambda: self._c_release(self._h, n))
+            undo_if_taken(ok, lambda h: self._c_release(h, n), self._h)
             raise
 
     def acquire(self, n: int = 1, timeout: Optional[float] = None) -> bool:
@@ -56,9 +56,8 @@ class _SemaphoreBase(Handle):
             to_ns(timeout, "timeout")  # refuse NaN and the like before anything is taken
         if self.try_acquire(n):  # uncontended: no clock reads, no slices
             return True
-        h = self.handle
-        return wait_call(getattr(lib, self._prefix + "_acquire_until"), (h, n), timeout,
-                         lambda: self._c_release(h, n))
+        return wait_call(self, getattr(lib, self._prefix + "_acquire_until"), (n,), timeout,
+                         lambda h: self._c_release(h, n))
 
     def release(self, n: int = 1) -> None:
         """Gives back ``n`` units (any thread or process of the holder may). Raises OverRelease if
@@ -188,7 +187,7 @@ class BackoffWindow(Handle):
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Sleeps until the backoff is over (True) or ``timeout`` seconds pass (False); honours
         extensions made meanwhile. Waits in slices, so Ctrl-C interrupts it."""
-        return wait_call(lib.lim_backoff_window_wait_until, (self.handle,), timeout)
+        return wait_call(self, lib.lim_backoff_window_wait_until, (), timeout)
 
     def clear(self) -> None:
         """Removes the deadline and wakes waiters."""
