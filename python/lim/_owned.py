@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import threading
 from typing import Any, Callable, Iterator, Optional
 
@@ -12,6 +13,15 @@ from typing import Any, Callable, Iterator, Optional
 # non-blocking calls take no lock). Reentrant: a garbage collection that runs while this thread
 # holds it may close another handle.
 _lock = threading.RLock()
+
+
+def _reinit_lock_in_child() -> None:
+    # A fork() while another thread held the lock would leave the child's copy held forever.
+    global _lock
+    _lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_reinit_lock_in_child)
 
 
 class Owned:
