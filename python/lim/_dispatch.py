@@ -86,6 +86,18 @@ class Permit:
     def __bool__(self) -> bool:
         return self.held
 
+    # A copy is the same permit: two owners of one C permit would each release it (the second
+    # time, the permit of whichever request reused it from the pool).
+    def __copy__(self) -> "Permit":
+        return self
+
+    def __deepcopy__(self, memo: Any) -> "Permit":
+        return self
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("cannot pickle a lim.Permit: it stays with the process that acquired it "
+                        "(hand units to another process with hand_off and receive)")
+
     def __enter__(self) -> "Permit":
         return self
 

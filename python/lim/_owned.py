@@ -67,6 +67,17 @@ class Owned:
         if not self._h:
             raise ValueError(f"{self!r} was closed while a call waited on it")
 
+    # A copy is the same handle: two Python owners of one C handle would both free it.
+    def __copy__(self) -> Any:
+        return self
+
+    def __deepcopy__(self, memo: Any) -> Any:
+        return self
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(f"cannot pickle {self!r}: a lim handle belongs to this process; send "
+                        f"its segment name and key and open it in the other process")
+
     def __enter__(self) -> Any:
         return self
 

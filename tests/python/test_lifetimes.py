@@ -93,3 +93,42 @@ def test_close_while_another_thread_is_blocked(seg, seg_name, monkeypatch, case,
     elif case == "throttle":
         assert mine.state().in_flight == 1
         mine.finish_job()
+
+
+def test_copies_share_the_handle_and_pickling_is_refused(seg):
+    """copy.copy of a handle or a Permit used to make a second owner of the same C object: both
+    freed it (a crash), and a copied Permit released the permit a later request reused."""
+    import copy
+    import pickle
+
+    def scenario():
+        api = lim.Dispatch.open(seg, limiter=lim.BackoffWindow.for_key(seg, "c"), key="c",
+                                concurrency=2)
+        handles = [seg, lim.Semaphore.open(seg, "c", capacity=2),
+                   lim.WeightedSemaphore.open(seg, "cw", capacity=2),
+                   lim.BackoffWindow.for_key(seg, "c"), api,
+                   lim.TokenBucket.open(seg, "ct", burst_size=1, sustained_rate_per_sec=1),
+                   lim.Limiter.open(seg, "cl", bucket_size=1),
+                   lim.Throttle.open(seg, "cj", max_concurrent_jobs=1),
+                   lim.ThrottledRateLimiter.open(seg, "cr", burst_size=1,
+                                                 sustained_rate_per_sec=1, max_concurrent_jobs=1)]
+        for h in handles:
+            assert copy.copy(h) is h and copy.deepcopy(h) is h
+            assert copy.deepcopy({"limit": h})["limit"] is h
+            try:
+                pickle.dumps(h)
+                return False
+            except TypeError:
+                pass
+        p = api.try_acquire(5)
+        assert copy.copy(p) is p and copy.deepcopy(p) is p
+        q = api.try_acquire(1)
+        del p
+        assert api.snapshot().in_flight == 1 and q.held
+        q.release()
+        ok = api.snapshot().in_flight == 0
+        for h in handles[1:]:
+            h.close()
+        return ok
+
+    assert in_child(scenario) == 0
