@@ -21,6 +21,7 @@ packages=(
   python3-wheel       # pip builds a wheel of python/ before installing it
   python3-pytest      # tests/python, run by ctest as the `python` test
   python3-venv        # tests/python/test_install.py installs into a venv
+  python3-gevent      # tests/python/test_gevent.py: blocking calls under gevent's monkey-patching
   libhiredis-dev      # lim-feeder's Redis client; bench/'s Redis GCRA baseline
   redis-server        # lim-feeder's global budget (tests/global starts one); bench's GCRA baseline
   faketime            # libfaketime: tests/global/clock_step_test.cpp steps Redis's clock (TIME)

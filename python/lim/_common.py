@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import math
+import sys
+import time
 from typing import TYPE_CHECKING, Callable, Optional
 
 from ._errors import InvalidArgument, InvalidName
@@ -108,6 +110,8 @@ def wait_in_slices(until: Callable[[int], bool], timeout: Optional[float]) -> bo
         deadline = None
     else:
         deadline = now_ns() + max(0, to_ns(timeout, "timeout"))
+    if cooperative():
+        return _poll(until, deadline)
     while True:
         slice_end = now_ns() + SLICE_NS
         if deadline is not None and deadline <= slice_end:
@@ -115,6 +119,34 @@ def wait_in_slices(until: Callable[[int], bool], timeout: Optional[float]) -> bo
         if until(slice_end):
             return True
 
+
+
+def cooperative() -> bool:
+    """Whether gevent or eventlet has monkey-patched ``time`` (gunicorn's gevent and eventlet
+    workers, Celery's -P gevent): then every request of the process is a greenlet of one thread,
+    and a wait inside the C library would block them all, the holder that would release
+    included (a deadlock). Two dictionary lookups when neither is imported."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("time"):
+        return True
+    patcher = sys.modules.get("eventlet.patcher")
+    return patcher is not None and bool(patcher.is_monkey_patched("time"))
+
+
+def _poll(until: Callable[[int], bool], deadline: Optional[int]) -> bool:
+    """wait_in_slices for greenlets: tries (``until(now)``, a deadline already reached, returns
+    at once), then sleeps through the patched ``time.sleep``, which runs the other greenlets
+    (0.5 ms doubling to 20 ms, as acquire_async). Polling does not queue: under contention for a
+    byte budget, blocking acquirers in other processes go first."""
+    delay = 0.0005
+    while True:
+        t = now_ns()
+        if until(t):
+            return True
+        if deadline is not None and t >= deadline:
+            return False
+        time.sleep(delay if deadline is None else min(delay, (deadline - t) / NS))
+        delay = min(delay * 2, 0.02)
 
 
 def wait_call(owner: "Owned", fn: Callable[..., int], args: tuple, timeout: Optional[float],
