@@ -4,7 +4,8 @@
  * freed by its `lim_*_close`. Every call that can fail returns an `int` status: 0 (LIM_OK) or a
  * `lim_errc` value, the same numbers as C++'s `lim::Errc`; no C++ exception ever crosses this
  * boundary. On failure, lim_last_error() gives a sentence naming what went wrong, for this thread.
- * Outputs are written through pointer arguments, and only on success.
+ * Outputs are written through pointer arguments, and only on success. A NULL handle or output
+ * pointer is LIM_INVALID_ARGUMENT, and the call then has taken, received or changed nothing.
  *
  * Time: `now` and `deadline` arguments are CLOCK_MONOTONIC nanoseconds (lim_now_ns()); durations
  * are nanoseconds. Every call whose outcome depends on time has an `_at` variant taking `now_ns`;
@@ -13,7 +14,8 @@
  * them. Token amounts are doubles (resolution 1/10,000, rounded up); an infinite quantity (an
  * infinite hopper or fill rate) is the double INFINITY, in and out.
  *
- * Threads and fork(): handles may be used from any thread. A handle inherited across fork() works
+ * Threads and fork(): handles may be used from any thread; closing one frees it, as free() does:
+ * not while another thread is in a call on it (a blocked _until call included), and only once. A handle inherited across fork() works
  * in the child without reopening (its first use registers the child's own process slot), as in
  * C++; a lim_permit acquired by the parent stays the parent's (releasing the child's copy does
  * nothing).
