@@ -15,10 +15,10 @@
  * infinite hopper or fill rate) is the double INFINITY, in and out.
  *
  * Threads and fork(): handles may be used from any thread; closing one frees it, as free() does:
- * not while another thread is in a call on it (a blocked _until call included), and only once. A handle inherited across fork() works
- * in the child without reopening (its first use registers the child's own process slot), as in
- * C++; a lim_permit acquired by the parent stays the parent's (releasing the child's copy does
- * nothing).
+ * not while another thread is in a call on it (a blocked _until call included), and only once.
+ * A handle inherited across fork() works in the child without reopening (its first use registers
+ * the child's own process slot), as in C++; a lim_permit acquired by the parent stays the
+ * parent's (releasing the child's copy does nothing).
  *
  * Memory ordering: as the C++ call each function wraps (see the C++ headers): a successful
  * acquire or take happens-after the release, return or refill that made room for it, in whichever
