@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Callable, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 from . import _lib
 from ._common import check, out_int
@@ -96,9 +96,17 @@ def hand_off_call(fn: Callable[..., int], handle: ctypes.c_void_p, n: int) -> Ha
 
 
 def receive_call(fn: Callable[..., int], handle: ctypes.c_void_p,
-                 h: Union[HandOff, bytes, bytearray, memoryview]) -> bool:
-    """``fn(handle, const lim_hand_off*, int* received)``: whether the parcel was still there."""
+                 h: Union[HandOff, bytes, bytearray, memoryview],
+                 undo: Optional[Callable[[ctypes.c_void_p, int], object]] = None) -> bool:
+    """``fn(handle, const lim_hand_off*, int* received)``: whether the parcel was still there.
+    ``undo(handle, amount)`` gives back the received units if an exception (a signal handler's)
+    leaves before the caller learns it holds them (_common.undo_if_taken)."""
     c = _as_c(h)
     ok = out_int()
-    check(fn(handle, ctypes.byref(c), ctypes.byref(ok)))
-    return bool(ok.value)
+    try:
+        check(fn(handle, ctypes.byref(c), ctypes.byref(ok)))
+        return bool(ok.value)
+    except BaseException:
+        if ok.value and undo is not None:
+            undo(handle, int(c.amount))
+        raise

@@ -19,6 +19,7 @@ from ._segment import Segment
 
 
 _c_tb_try_take = lib.lim_token_bucket_try_take
+_JOB = 10_000  # a job's token in the ledger's fixed point (a HandOff's amount)
 
 
 class TryTake(enum.IntEnum):
@@ -313,7 +314,13 @@ class _JobsMixin(_LimiterBase):
         """Makes the jobs of ``ticket`` (a HandOff or its bytes) this process's, to finish as its
         own: True, or False if the parcel is gone (received already, or its giver died). Raises
         InvalidArgument for a ticket of another limiter."""
-        return receive_call(getattr(lib, self._prefix + "_receive"), self.handle, ticket)
+        finish = getattr(lib, self._prefix + "_finish_job")
+
+        def undo(h: ctypes.c_void_p, amount: int) -> None:
+            for _ in range(amount // _JOB):  # a job is one token: 10,000 in the ledger
+                finish(h)
+
+        return receive_call(getattr(lib, self._prefix + "_receive"), self.handle, ticket, undo)
 
     @contextlib.contextmanager
     def job(self, timeout: Optional[float] = None) -> Iterator[None]:

@@ -78,7 +78,8 @@ class _SemaphoreBase(Handle):
         """Makes the units of ``ticket`` (a HandOff or its bytes) this process's, to release as
         its own: True, or False if the parcel is gone (received already, or its giver died).
         Raises InvalidArgument for a ticket of another semaphore."""
-        return receive_call(getattr(lib, self._prefix + "_receive"), self.handle, ticket)
+        return receive_call(getattr(lib, self._prefix + "_receive"), self.handle, ticket,
+                            lambda h, amount: self._c_release(h, amount))
 
     @contextlib.contextmanager
     def hold(self, n: int = 1, timeout: Optional[float] = None) -> Iterator[None]:

@@ -158,3 +158,25 @@ def test_timeouts(seg):
     assert sem.acquire(1, timeout=0) is False
     sem.release(1)
     assert sem.in_use == 0
+
+
+@pytest.mark.parametrize("kind", ["semaphore", "weighted", "throttle"])
+def test_interrupted_receive_holds_nothing(seg, monkeypatch, kind):
+    if kind == "throttle":
+        h = lim.Throttle.open(seg, "sig-recv-jobs", max_concurrent_jobs=3)
+        assert h.try_start_job() and h.try_start_job()
+        ticket, name = h.hand_off_jobs(2), "lim_throttle_receive"
+        held = lambda: h.state().in_flight  # noqa: E731
+    else:
+        cls = lim.Semaphore if kind == "semaphore" else lim.WeightedSemaphore
+        h = cls.open(seg, "sig-recv-" + kind, capacity=3)
+        assert h.try_acquire(2)
+        ticket, name = h.hand_off(2), cls._prefix + "_receive"
+        held = lambda: h.in_use  # noqa: E731
+    assert held() == 2  # in the parcel
+    monkeypatch.setattr(_lib.lib, name, RaiseOnReturn(getattr(_lib.lib, name)))
+    with pytest.raises(KeyboardInterrupt):
+        h.receive(ticket)
+    monkeypatch.undo()
+    assert held() == 0  # received, then given back
+    assert not h.receive(ticket)  # the parcel is gone
