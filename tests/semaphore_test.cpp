@@ -190,7 +190,7 @@ TEST_CASE("a sleeper that registers while a recount runs is counted once (issue 
     std::atomic<bool> registered{false};
     std::thread sleeper([&] {
         detail::Hold hold(in.state, in.record);
-        slot_index = hold.holder_ref().slot_index;
+        slot_index = hold.slot_index();
         in_hold = 1;
         registered = in.core.register_sleeper(hold, in.state, 1);
     });
@@ -300,7 +300,7 @@ TEST_CASE("a recount that lands just after a sleeper registers (in its spin) cou
         std::thread sleeper([&] {
             {
                 detail::Hold hold(in.state, in.record);
-                slot = hold.holder_ref().slot_index;
+                slot = hold.slot_index();
             }
             sem.acquire();
             got = true;

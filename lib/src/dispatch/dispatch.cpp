@@ -73,10 +73,19 @@ inline bool DispatchImpl::give_packed(Hold& hold, const SegmentState& state,
     }
     hold.add(kDispatchSlotsLayer, -1);
     if (charge != 0) hold.add(kDispatchBytesLayer, -static_cast<std::int64_t>(charge));
-    // `w` is the word the CAS replaced: it tells whether anyone sleeps, at no extra cost.
-    if (P::kSlots.single(w) > 0) wake_after_release(word, P::kSlots, w, 1);
-    if (charge != 0 && P::kBytes.queued(w) > 0) bytes().wake_head();
+    // `w` is the word the CAS replaced: it tells whether anyone sleeps or queues, at no extra
+    // cost (one test of both fields' bits).
+    constexpr std::uint64_t kWaitBits = (P::kSlots.single_max << P::kSlots.single_shift) |
+                                        (P::kBytes.queued_max << P::kBytes.queued_shift);
+    if ((w & kWaitBits) != 0) [[unlikely]]
+        wake_after_give(w, charge);
     return true;
+}
+
+void DispatchImpl::wake_after_give(std::uint64_t w, std::uint64_t charge) noexcept {
+    using P = DispatchPacked;
+    if (P::kSlots.single(w) > 0) wake_after_release(body->concurrency, P::kSlots, w, 1);
+    if (charge != 0 && P::kBytes.queued(w) > 0) bytes().wake_head();
 }
 
 bool DispatchImpl::backoff_at(std::int64_t until) {
@@ -275,8 +284,17 @@ const KindOps kDispatchOps{
     .layer_names = {"slots", "throttled", "bytes"},
 };
 
-// Gives back what a Permit holds: bytes, then the throttled slot, then the concurrency slot.
-inline void release_permit(DispatchImpl& d, std::uint64_t bytes, bool throttled) noexcept {
+namespace {
+
+void report_release_failure(const DispatchImpl& d, const std::exception& e) noexcept {
+    std::fprintf(stderr, "lim: cannot release a permit of dispatch '%.*s': %s\n",
+                 static_cast<int>(d.ref.key().size()), d.ref.key().data(), e.what());
+}
+
+// Gives back what a Permit holds, layer by layer: bytes, then the throttled slot, then the
+// concurrency slot. The general case of release_permit, out of line.
+[[gnu::noinline]] void release_permit_layers(DispatchImpl& d, std::uint64_t bytes,
+                                             bool throttled) noexcept {
     SegmentState& state = *d.ref.state;
     try {
         Hold hold(state, d.ref.index);
@@ -300,9 +318,33 @@ inline void release_permit(DispatchImpl& d, std::uint64_t bytes, bool throttled)
         // to a new thread while the process table is full.) require_held throws when this
         // process does not hold what the permit gives back (it was acquired by another process,
         // which Permit's fork-generation check already rules out): nothing is released.
-        std::fprintf(stderr, "lim: cannot release a permit of dispatch '%.*s': %s\n",
-                     static_cast<int>(d.ref.key().size()), d.ref.key().data(), e.what());
+        report_release_failure(d, e);
     }
+}
+
+}  // namespace
+
+// Gives back what a Permit holds: bytes, then the throttled slot, then the concurrency slot.
+// The common permit (packed, not throttled) here, inline, with a Hold of its own that nothing
+// else shares (so it stays in registers); everything else in release_permit_layers.
+inline void release_permit(DispatchImpl& d, std::uint64_t bytes, bool throttled) noexcept {
+    if (d.packed && !throttled) [[likely]] {
+        SegmentState& state = *d.ref.state;
+        try {
+            Hold hold(state, d.ref.index);
+            // The over-release checks, as release_permit_layers makes them (see there).
+            hold.require_held(kDispatchSlotsLayer, 1, "dispatch");
+            if (bytes != 0) hold.require_held(kDispatchBytesLayer, bytes, "dispatch");
+            if (d.give_packed(hold, state, bytes)) [[likely]]
+                return;
+        } catch (const std::exception& e) {
+            report_release_failure(d, e);
+            return;
+        }
+        // The word does not hold what this permit gives back: the general path decides (it
+        // changes nothing either), in a Hold of its own.
+    }
+    release_permit_layers(d, bytes, throttled);
 }
 
 }  // namespace lim::detail
@@ -432,30 +474,44 @@ Dispatch Dispatch::open(const Segment& segment, const DispatchOptions& options, 
     return open_impl(segment, options, true);
 }
 
-std::optional<Permit> Dispatch::try_acquire(std::uint64_t bytes) {
-    DispatchImpl& d = *impl_;
+namespace {
+
+// try_acquire's general case (under backoff, or a Dispatch whose limits do not pack): one CAS
+// per layer, in one Hold. Out of line, so that the common permit's Hold is its own and stays in
+// registers.
+[[gnu::noinline]] bool try_acquire_layers(DispatchImpl& d, bool backoff, std::uint64_t charge) {
     detail::SegmentState& state = *d.ref.state;
-    const bool backoff = d.backoff_now();
-    const std::uint64_t charge = detail::charge_for(
-        bytes, backoff, d.config->byte_penalty_multiplier, d.config->byte_budget);
     detail::Hold hold(state, d.ref.index);
-    if (d.packed && !backoff) {
-        if (!d.take_packed(hold, state, charge)) return std::nullopt;
-        hold.admitted();
-        return Permit(&d, charge, false, detail::fork_generation());
-    }
-    if (!d.slots().try_acquire(hold, state, 1)) return std::nullopt;
+    if (!d.slots().try_acquire(hold, state, 1)) return false;
     if (backoff && !d.throttled().try_acquire(hold, state, 1)) {
         d.slots().release(hold, state, 1);
-        return std::nullopt;
+        return false;
     }
     if (charge != 0 && !d.bytes().try_acquire(hold, state, charge)) {
         if (backoff) d.throttled().release(hold, state, 1);
         d.slots().release(hold, state, 1);
-        return std::nullopt;
+        return false;
     }
     hold.admitted();
-    return Permit(&d, charge, backoff, detail::fork_generation());
+    return true;
+}
+
+}  // namespace
+
+std::optional<Permit> Dispatch::try_acquire(std::uint64_t bytes) {
+    DispatchImpl& d = *impl_;
+    const bool backoff = d.backoff_now();
+    const std::uint64_t charge = detail::charge_for(
+        bytes, backoff, d.config->byte_penalty_multiplier, d.config->byte_budget);
+    if (!d.packed || backoff) [[unlikely]] {
+        if (!try_acquire_layers(d, backoff, charge)) return std::nullopt;
+        return Permit(&d, charge, backoff, detail::fork_generation());
+    }
+    detail::SegmentState& state = *d.ref.state;
+    detail::Hold hold(state, d.ref.index);
+    if (!d.take_packed(hold, state, charge)) return std::nullopt;
+    hold.admitted();
+    return Permit(&d, charge, false, detail::fork_generation());
 }
 
 std::optional<Permit> Dispatch::acquire_impl(std::uint64_t bytes,

@@ -57,8 +57,7 @@ namespace {
                                        std::memory_order_relaxed)) {
             hold.add(c.layer, static_cast<std::int64_t>(n));
             if (c.counts_admissions) hold.admitted();
-            if (registered_for)
-                hold.holder_ref().slot->waiting_record.store(0, std::memory_order_relaxed);
+            if (registered_for) hold.slot().waiting_record.store(0, std::memory_order_relaxed);
             return true;
         }
     }
@@ -77,7 +76,8 @@ namespace {
         if (word.compare_exchange_weak(w, w - n, std::memory_order_seq_cst,
                                        std::memory_order_relaxed)) {
             hold.add(c.layer, -static_cast<std::int64_t>(n));
-            if (fmt.sleepers(w) > 0) wake_after_release(word, fmt, w, n);
+            if (fmt.has_sleepers(w)) [[unlikely]]
+                wake_after_release(word, fmt, w, n);
             return true;
         }
     }
@@ -92,7 +92,7 @@ bool SemaphoreCore::try_acquire(Hold& hold, const SegmentState& state, std::uint
 
 bool SemaphoreCore::register_sleeper(Hold& hold, const SegmentState& state,
                                      std::uint64_t n) noexcept {
-    SlotHeader& slot = *hold.holder_ref().slot;
+    SlotHeader& slot = hold.slot();
     std::uint64_t w = word.load(std::memory_order_relaxed);
     for (;;) {
         // The slot names this registration only once the registering CAS has landed (below): a
@@ -125,7 +125,7 @@ void SemaphoreCore::deregister_sleeper(Hold& hold, const SegmentState& state,
         if (word.compare_exchange_weak(w, next, std::memory_order_seq_cst,
                                        std::memory_order_relaxed)) {
             LIM_RACE_POINT();
-            hold.holder_ref().slot->waiting_record.store(0, std::memory_order_relaxed);
+            hold.slot().waiting_record.store(0, std::memory_order_relaxed);
             // We may have been woken for units we are not taking: pass the wake on.
             if (fmt.in_use(next) < capacity) wake_after_release(word, fmt, next, 1);
             return;
