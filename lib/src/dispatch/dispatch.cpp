@@ -326,23 +326,27 @@ void report_release_failure(const DispatchImpl& d, const std::exception& e) noex
 
 // Gives back what a Permit holds: bytes, then the throttled slot, then the concurrency slot.
 // The common permit (packed, not throttled) here, inline, with a Hold of its own that nothing
-// else shares (so it stays in registers); everything else in release_permit_layers.
+// else shares and no exception can leave once it is announced (so it stays in registers);
+// everything else in release_permit_layers.
 inline void release_permit(DispatchImpl& d, std::uint64_t bytes, bool throttled) noexcept {
     if (d.packed && !throttled) [[likely]] {
         SegmentState& state = *d.ref.state;
         try {
-            Hold hold(state, d.ref.index);
-            // The over-release checks, as release_permit_layers makes them (see there).
-            hold.require_held(kDispatchSlotsLayer, 1, "dispatch");
-            if (bytes != 0) hold.require_held(kDispatchBytesLayer, bytes, "dispatch");
-            if (d.give_packed(hold, state, bytes)) [[likely]]
+            Hold hold(state, d.ref.index);  // throws only before it announces (table_full)
+            // The over-release checks' fast path (Hold::require_held), without the throw: a
+            // permit whose units the thread's own ledger entry does not show, or a word that
+            // does not hold them, goes to release_permit_layers, which checks again (and
+            // refuses) in a Hold of its own. Nothing has changed by then.
+            if (hold.held(kDispatchSlotsLayer) >= 1 &&
+                (bytes == 0 ||
+                 hold.held(kDispatchBytesLayer) >= static_cast<std::int64_t>(bytes)) &&
+                d.give_packed(hold, state, bytes)) [[likely]] {
                 return;
+            }
         } catch (const std::exception& e) {
             report_release_failure(d, e);
             return;
         }
-        // The word does not hold what this permit gives back: the general path decides (it
-        // changes nothing either), in a Hold of its own.
     }
     release_permit_layers(d, bytes, throttled);
 }

@@ -76,8 +76,12 @@ namespace {
         if (word.compare_exchange_weak(w, w - n, std::memory_order_seq_cst,
                                        std::memory_order_relaxed)) {
             hold.add(c.layer, -static_cast<std::int64_t>(n));
-            if (fmt.has_sleepers(w)) [[unlikely]]
-                wake_after_release(word, fmt, w, n);
+            if (fmt.has_sleepers(w)) [[unlikely]] {
+                // Through a copy of the format: the core's own address never leaves this
+                // function, so an inlined core stays in registers and its format in constants.
+                const SemaphoreFormat f = fmt;
+                wake_after_release(word, f, w, n);
+            }
             return true;
         }
     }
@@ -383,7 +387,10 @@ void Semaphore::acquire(std::uint64_t n) {
         if (detail::try_acquire_inline(core, hold, *ref_.state, n, 0)) [[likely]]
             return;
     }
-    core.acquire_blocking(*ref_.state, ref_.index, n, std::nullopt, detail::kSemaphorePacing);
+    // Through a copy, as release_inline's wake: `core` never leaves this frame, so it stays in
+    // registers on the uncontended path.
+    detail::SemaphoreCore blocking = core;
+    blocking.acquire_blocking(*ref_.state, ref_.index, n, std::nullopt, detail::kSemaphorePacing);
 }
 
 bool Semaphore::acquire_until(std::uint64_t n, TimePoint deadline) {
@@ -395,7 +402,9 @@ bool Semaphore::acquire_until(std::uint64_t n, TimePoint deadline) {
         if (detail::try_acquire_inline(core, hold, *ref_.state, n, 0)) [[likely]]
             return true;
     }
-    return core.acquire_blocking(*ref_.state, ref_.index, n, deadline, detail::kSemaphorePacing);
+    detail::SemaphoreCore blocking = core;  // as in acquire
+    return blocking.acquire_blocking(*ref_.state, ref_.index, n, deadline,
+                                     detail::kSemaphorePacing);
 }
 
 void Semaphore::release(std::uint64_t n) {
