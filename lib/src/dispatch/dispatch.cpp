@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 
@@ -325,27 +326,49 @@ void report_release_failure(const DispatchImpl& d, const std::exception& e) noex
 }  // namespace
 
 // Gives back what a Permit holds: bytes, then the throttled slot, then the concurrency slot.
-// The common permit (packed, not throttled) here, inline, with a Hold of its own that nothing
-// else shares and no exception can leave once it is announced (so it stays in registers);
-// everything else in release_permit_layers.
+// The common permit (packed, not throttled) here, inline, in QuickHold's form of the ledger
+// protocol (docs/design.md, "The uncontended path"): one CAS, no call and no frame unless someone
+// must be woken; everything else (a slot not in the thread's cache, a frozen word, units the
+// thread's own entry does not show, a word that does not hold them) in release_permit_layers,
+// which checks again (and refuses) in a Hold. Nothing has changed when it is called.
 inline void release_permit(DispatchImpl& d, std::uint64_t bytes, bool throttled) noexcept {
+    using P = DispatchPacked;
     if (d.packed && !throttled) [[likely]] {
-        SegmentState& state = *d.ref.state;
-        try {
-            Hold hold(state, d.ref.index);  // throws only before it announces (table_full)
-            // The over-release checks' fast path (Hold::require_held), without the throw: a
-            // permit whose units the thread's own ledger entry does not show, or a word that
-            // does not hold them, goes to release_permit_layers, which checks again (and
-            // refuses) in a Hold of its own. Nothing has changed by then.
-            if (hold.held(kDispatchSlotsLayer) >= 1 &&
-                (bytes == 0 ||
-                 hold.held(kDispatchBytesLayer) >= static_cast<std::int64_t>(bytes)) &&
-                d.give_packed(hold, state, bytes)) [[likely]] {
-                return;
+        QuickHold hold;
+        if (hold.open(*d.ref.state, d.ref.index)) [[likely]] {
+            const std::int64_t slots = hold.held(kDispatchSlotsLayer);
+            const std::int64_t held_bytes = hold.held(kDispatchBytesLayer);
+            std::atomic<std::uint64_t>& word = d.body->concurrency;
+            std::uint64_t w = word.load(std::memory_order_relaxed);
+            const bool covered =
+                slots >= 1 && (bytes == 0 || held_bytes >= static_cast<std::int64_t>(bytes));
+            for (bool ok = covered; ok;) {
+                if (is_frozen(w) || P::kSlots.in_use(w) < 1 || P::kBytes.in_use(w) < bytes)
+                    [[unlikely]] {
+                    break;
+                }
+                LIM_RACE_POINT();
+                if (word.compare_exchange_weak(w, w - 1 - P::kBytes.units(bytes),
+                                               std::memory_order_seq_cst,
+                                               std::memory_order_relaxed)) [[likely]] {
+                    hold.set(kDispatchSlotsLayer, slots - 1);
+                    if (bytes != 0) {
+                        hold.set(kDispatchBytesLayer,
+                                 held_bytes - static_cast<std::int64_t>(bytes));
+                    }
+                    hold.close();
+                    // `w` is the word the CAS replaced: whether anyone sleeps or queues, in one
+                    // test. The wake comes after the withdrawal; it changes nothing a reaper
+                    // counts.
+                    constexpr std::uint64_t kWaitBits =
+                        (P::kSlots.single_max << P::kSlots.single_shift) |
+                        (P::kBytes.queued_max << P::kBytes.queued_shift);
+                    if ((w & kWaitBits) != 0) [[unlikely]]
+                        d.wake_after_give(w, bytes);
+                    return;
+                }
             }
-        } catch (const std::exception& e) {
-            report_release_failure(d, e);
-            return;
+            hold.close();
         }
     }
     release_permit_layers(d, bytes, throttled);
@@ -500,22 +523,89 @@ namespace {
     return true;
 }
 
+// The packed take in a Hold: the common permit's general path (a slot not in the thread's
+// cache, a frozen word to step aside from).
+[[gnu::noinline]] bool take_packed_general(DispatchImpl& d, std::uint64_t charge) {
+    detail::SegmentState& state = *d.ref.state;
+    detail::Hold hold(state, d.ref.index);
+    if (!d.take_packed(hold, state, charge)) return false;
+    hold.admitted();
+    return true;
+}
+
+enum class Quick { done, refused, general };
+
+// The common permit's take (packed, no backoff), in QuickHold's form of the ledger protocol
+// (docs/design.md, "The uncontended path"): take_packed's checks and CAS with no call; a slot not
+// in the thread's cache or a frozen word goes, with nothing changed, to take_packed_general.
+[[gnu::always_inline]] inline Quick quick_take(DispatchImpl& d, std::uint64_t charge) noexcept {
+    using P = detail::DispatchPacked;
+    detail::QuickHold hold;
+    if (!hold.open(*d.ref.state, d.ref.index)) [[unlikely]]
+        return Quick::general;
+    std::atomic<std::uint64_t>& word = d.body->concurrency;
+    std::uint64_t w = word.load(std::memory_order_relaxed);
+    for (;;) {
+        if (detail::is_frozen(w)) [[unlikely]] {
+            hold.close();
+            return Quick::general;
+        }
+        if (P::kSlots.in_use(w) >= d.config->concurrency ||
+            (charge != 0 && (P::kBytes.queued(w) != 0 ||
+                             P::kBytes.in_use(w) + charge > d.config->byte_budget))) [[unlikely]] {
+            hold.close();
+            return Quick::refused;
+        }
+        LIM_RACE_POINT();
+        // Both fields stay within their widths, as in take_packed.
+        if (word.compare_exchange_weak(w, w + 1 + P::kBytes.units(charge),
+                                       std::memory_order_seq_cst, std::memory_order_relaxed))
+            [[likely]] {
+            break;
+        }
+    }
+    hold.add(detail::kDispatchSlotsLayer, 1);
+    if (charge != 0) hold.add(detail::kDispatchBytesLayer, static_cast<std::int64_t>(charge));
+    hold.admitted();
+    hold.close();
+    return Quick::done;
+}
+
+// What try_acquire's general path took: whether it got a permit, under backoff or not, charged
+// how much.
+struct Taken {
+    bool ok;
+    bool backoff;
+    std::uint64_t charge;
+};
+
+// try_acquire's general path (under backoff, a Dispatch whose limits do not pack, a slot not in
+// the thread's cache, a frozen word): decides the backoff and the charge afresh and takes every
+// layer in a Hold. Out of line, so that the common permit needs no frame.
+[[gnu::noinline]] Taken try_acquire_general(DispatchImpl& d, std::uint64_t bytes) {
+    const bool backoff = d.backoff_now();
+    const std::uint64_t charge = detail::charge_for(
+        bytes, backoff, d.config->byte_penalty_multiplier, d.config->byte_budget);
+    if (!d.packed || backoff) return {try_acquire_layers(d, backoff, charge), backoff, charge};
+    return {take_packed_general(d, charge), false, charge};
+}
+
 }  // namespace
 
 std::optional<Permit> Dispatch::try_acquire(std::uint64_t bytes) {
     DispatchImpl& d = *impl_;
-    const bool backoff = d.backoff_now();
-    const std::uint64_t charge = detail::charge_for(
-        bytes, backoff, d.config->byte_penalty_multiplier, d.config->byte_budget);
-    if (!d.packed || backoff) [[unlikely]] {
-        if (!try_acquire_layers(d, backoff, charge)) return std::nullopt;
-        return Permit(&d, charge, backoff, detail::fork_generation());
+    // The common permit: packed, and no backoff deadline set (backoff_now's first test, so the
+    // charge is the request clamped to the budget, as charge_for computes it without backoff).
+    if (d.packed && d.window_body->until.load(std::memory_order_acquire) == 0) [[likely]] {
+        const std::uint64_t charge = std::min(bytes, d.config->byte_budget);
+        const Quick q = quick_take(d, charge);
+        if (q == Quick::done) [[likely]]
+            return Permit(&d, charge, false, detail::fork_generation());
+        if (q == Quick::refused) return std::nullopt;
     }
-    detail::SegmentState& state = *d.ref.state;
-    detail::Hold hold(state, d.ref.index);
-    if (!d.take_packed(hold, state, charge)) return std::nullopt;
-    hold.admitted();
-    return Permit(&d, charge, false, detail::fork_generation());
+    const Taken t = try_acquire_general(d, bytes);
+    if (!t.ok) return std::nullopt;
+    return Permit(&d, t.charge, t.backoff, detail::fork_generation());
 }
 
 std::optional<Permit> Dispatch::acquire_impl(std::uint64_t bytes,

@@ -140,4 +140,54 @@ class Hold {
     bool ephemeral_;
 };
 
+// The same protocol in the form the uncontended entry points use (Semaphore, Dispatch), which
+// hand every unusual case to their general path (built on Hold):
+//
+//   1. open() announces exactly as Hold does (`pending` := record + 1, relaxed), but only when the
+//      calling thread's slot is in its cache (a cached slot is never ephemeral); otherwise it
+//      announces nothing and returns false;
+//   2. the caller's CAS loop expects kFrozen clear, as with Hold; on a frozen word, a refusal or
+//      anything else unusual it calls close() and takes its general path, having changed
+//      nothing (the general path's Hold then steps aside, refuses or claims a slot as usual);
+//   3. after its CAS it records the change (add/set/admitted: plain stores to its own entry);
+//   4. close() withdraws (`pending` := 0, release), as ~Hold.
+//
+// Nothing here calls a function or throws, and the object's address is never taken, so an entry
+// point built on it needs no stack frame (and no callee-saved register) on its common path.
+class QuickHold {
+  public:
+    bool open(const SegmentState& state, std::uint32_t record) noexcept {
+        const Holder* h = find_cached_holder(state);
+        if (h == nullptr) [[unlikely]]
+            return false;
+        slot_ = h->slot;
+        entry_ = &h->entry(record);
+        slot_->pending.store(record + 1, std::memory_order_relaxed);
+        LIM_RACE_POINT();
+        return true;
+    }
+    void close() noexcept {
+        LIM_RACE_POINT();
+        slot_->pending.store(0, std::memory_order_release);
+    }
+    std::int64_t held(int layer) const noexcept {
+        return entry_->held[layer].load(std::memory_order_relaxed);
+    }
+    // Sets `held[layer]`: the caller passes what it read with held() and the change, since the
+    // calling thread is the entry's only writer and nothing in between can have changed it.
+    void set(int layer, std::int64_t value) noexcept {
+        LIM_RACE_POINT();
+        entry_->held[layer].store(value, std::memory_order_relaxed);
+    }
+    void add(int layer, std::int64_t delta) noexcept { set(layer, held(layer) + delta); }
+    void admitted() noexcept {
+        auto& n = entry_->admitted;
+        n.store(n.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+    }
+
+  private:
+    SlotHeader* slot_ = nullptr;
+    LedgerEntry* entry_ = nullptr;
+};
+
 }  // namespace lim::detail

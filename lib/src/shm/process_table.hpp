@@ -69,6 +69,17 @@ inline Holder holder(SegmentState& state) {
     return cached_holder(state);
 }
 
+// The calling thread's slot in `state` if its cache holds it (never an ephemeral one: those are
+// not cached), else nullptr. Claims nothing, calls nothing.
+inline const Holder* find_cached_holder(const SegmentState& state) noexcept {
+    const std::uint64_t uid = state.uid();
+    for (const HolderCacheEntry& e : tl_holder_cache) {
+        if (e.uid == uid) [[likely]]
+            return &e.holder;
+    }
+    return nullptr;
+}
+
 // Empties the calling thread's holder cache. Called by the fork hook's child handler (async-
 // signal-safe: plain stores), in the child's only thread, before the child runs anything else.
 void forget_cached_holders() noexcept;
