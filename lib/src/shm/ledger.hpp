@@ -19,7 +19,7 @@
 // was half-way through changing, is thereby given back exactly.
 //
 // Cost on the hot path: three plain stores to the thread's own cache line and one to its ledger
-// entry. `pending` must not stay set while a thread sleeps: blocking calls leave the Hold before
+// entry. QuickHold (below) is the same protocol in the form the uncontended entry points use. `pending` must not stay set while a thread sleeps: blocking calls leave the Hold before
 // they wait and take a new one after.
 #pragma once
 
