@@ -331,44 +331,55 @@ void report_release_failure(const DispatchImpl& d, const std::exception& e) noex
 // must be woken; everything else (a slot not in the thread's cache, a frozen word, units the
 // thread's own entry does not show, a word that does not hold them) in release_permit_layers,
 // which checks again (and refuses) in a Hold. Nothing has changed when it is called.
+// The common permit's give, in QuickHold's form: true (with `before`, the word its CAS
+// replaced) if it gave back the slot and `bytes`; false, with nothing changed and nothing
+// announced, for the general path to decide.
+[[gnu::always_inline]] inline bool quick_give(DispatchImpl& d, std::uint64_t bytes,
+                                              std::uint64_t& before) noexcept {
+    using P = DispatchPacked;
+    QuickHold hold;
+    if (!hold.open(*d.ref.state, d.ref.index)) [[unlikely]]
+        return false;
+    // Hold::require_held's fast path for both layers: this thread's own entry covers them.
+    const std::int64_t slots = hold.held(kDispatchSlotsLayer);
+    if (slots < 1 || (bytes != 0 && hold.held(kDispatchBytesLayer) <
+                                        static_cast<std::int64_t>(bytes))) [[unlikely]] {
+        hold.close();
+        return false;
+    }
+    std::atomic<std::uint64_t>& word = d.body->concurrency;
+    const std::uint64_t delta = 1 + P::kBytes.units(bytes);
+    std::uint64_t w = word.load(std::memory_order_relaxed);
+    for (;;) {
+        if (is_frozen(w) || P::kSlots.in_use(w) < 1 || P::kBytes.in_use(w) < bytes) [[unlikely]] {
+            hold.close();
+            return false;
+        }
+        LIM_RACE_POINT();
+        if (word.compare_exchange_weak(w, w - delta, std::memory_order_seq_cst,
+                                       std::memory_order_relaxed)) [[likely]] {
+            break;
+        }
+    }
+    hold.set(kDispatchSlotsLayer, slots - 1);
+    if (bytes != 0) hold.add(kDispatchBytesLayer, -static_cast<std::int64_t>(bytes));
+    hold.close();
+    before = w;
+    return true;
+}
+
 inline void release_permit(DispatchImpl& d, std::uint64_t bytes, bool throttled) noexcept {
     using P = DispatchPacked;
     if (d.packed && !throttled) [[likely]] {
-        QuickHold hold;
-        if (hold.open(*d.ref.state, d.ref.index)) [[likely]] {
-            const std::int64_t slots = hold.held(kDispatchSlotsLayer);
-            const std::int64_t held_bytes = hold.held(kDispatchBytesLayer);
-            std::atomic<std::uint64_t>& word = d.body->concurrency;
-            std::uint64_t w = word.load(std::memory_order_relaxed);
-            const bool covered =
-                slots >= 1 && (bytes == 0 || held_bytes >= static_cast<std::int64_t>(bytes));
-            for (bool ok = covered; ok;) {
-                if (is_frozen(w) || P::kSlots.in_use(w) < 1 || P::kBytes.in_use(w) < bytes)
-                    [[unlikely]] {
-                    break;
-                }
-                LIM_RACE_POINT();
-                if (word.compare_exchange_weak(w, w - 1 - P::kBytes.units(bytes),
-                                               std::memory_order_seq_cst,
-                                               std::memory_order_relaxed)) [[likely]] {
-                    hold.set(kDispatchSlotsLayer, slots - 1);
-                    if (bytes != 0) {
-                        hold.set(kDispatchBytesLayer,
-                                 held_bytes - static_cast<std::int64_t>(bytes));
-                    }
-                    hold.close();
-                    // `w` is the word the CAS replaced: whether anyone sleeps or queues, in one
-                    // test. The wake comes after the withdrawal; it changes nothing a reaper
-                    // counts.
-                    constexpr std::uint64_t kWaitBits =
-                        (P::kSlots.single_max << P::kSlots.single_shift) |
-                        (P::kBytes.queued_max << P::kBytes.queued_shift);
-                    if ((w & kWaitBits) != 0) [[unlikely]]
-                        d.wake_after_give(w, bytes);
-                    return;
-                }
-            }
-            hold.close();
+        std::uint64_t w = 0;
+        if (quick_give(d, bytes, w)) [[likely]] {
+            // `w` is the word the CAS replaced: whether anyone sleeps or queues, in one test. The
+            // wake comes after the withdrawal; it changes nothing a reaper counts.
+            constexpr std::uint64_t kWaitBits = (P::kSlots.single_max << P::kSlots.single_shift) |
+                                                (P::kBytes.queued_max << P::kBytes.queued_shift);
+            if ((w & kWaitBits) != 0) [[unlikely]]
+                d.wake_after_give(w, bytes);
+            return;
         }
     }
     release_permit_layers(d, bytes, throttled);
