@@ -4,15 +4,19 @@
 
 #include <atomic>
 #include <chrono>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "dispatch/dispatch_state.hpp"
 #include "lim/backoff_window.hpp"
 #include "lim/dispatch.hpp"
 #include "lim/error.hpp"
 #include "lim/segment.hpp"
+#include "shm/file_lock.hpp"
+#include "shm/records.hpp"
 #include "shm/segment_state.hpp"
 #include "support/process.hpp"
 
@@ -881,4 +885,42 @@ TEST_CASE("packed: a permit without backoff is one word; sleepers and the queue 
     b.release();
     c.release();
     check_idle(d);
+}
+
+TEST_CASE("the common permit waits aside while its word is frozen, and changes nothing meanwhile") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("d-quick"));
+    auto seg = make_segment(guard);
+    auto d = Dispatch::open(seg, {.limiter = BackoffWindow::for_key(seg, "api"),
+                                  .key = "api",
+                                  .concurrency = 4,
+                                  .byte_budget = 1000});
+    std::optional<Permit> held = d.try_acquire(100);  // packed: slot and bytes in one word
+    REQUIRE(held.has_value());
+    detail::SegmentState& state = *seg.state();
+    const std::uint32_t record = *detail::find_record(state, detail::RecordKind::dispatch, "api");
+
+    // As a reaper would: hold the recovery lock (nobody thaws early) and freeze the words.
+    auto recovery = detail::FileLock::try_lock_fresh(state.fd(), detail::LockByte::recovery);
+    REQUIRE(recovery.has_value());
+    detail::kDispatchOps.freeze(state, record);
+    std::atomic<int> done{0};
+    std::thread other([&] {
+        std::optional<Permit> p = d.try_acquire(10);
+        done = p.has_value() ? 1 : -1;
+        held->release();  // the permit of another thread of this process: the general path
+        p.reset();
+        done = 2;
+    });
+    std::this_thread::sleep_for(20ms);
+    CHECK(done.load() == 0);
+    auto& word = reinterpret_cast<detail::DispatchBody*>(state.record(record).body)->concurrency;
+    CHECK(detail::DispatchPacked::kSlots.in_use(word.load()) == 1);
+    CHECK(detail::DispatchPacked::kBytes.in_use(word.load()) == 100);
+    detail::kDispatchOps.thaw(state, record);
+    recovery.reset();
+    other.join();
+    CHECK(done.load() == 2);
+    CHECK(d.snapshot().in_flight == 0);
+    CHECK(d.snapshot().bytes_in_flight == 0);
+    CHECK(seg.reap().reaped.empty());
 }

@@ -160,9 +160,18 @@ TEST_CASE("a handle inherited across fork registers the child's own slot on firs
     SegmentGuard guard(unique_name("fork"));
     auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 4, .max_processes = 8});
     const auto parent_slot = detail::holder(*seg.state()).slot_index;
+    // The parent's cache now holds the mapping (so the child's check below is not vacuous).
+    bool cached = false;
+    for (const detail::HolderCacheEntry& e : detail::tl_holder_cache)
+        cached |= e.uid == seg.state()->uid();
+    REQUIRE(cached);
 
     int* child_ready = lim::test::shared_array<int>(2);
     const pid_t child = lim::test::fork_child([&] {
+        // The fork hook emptied this thread's slot cache: no entry of the parent's survives.
+        for (const detail::HolderCacheEntry& e : detail::tl_holder_cache) {
+            if (e.uid != 0) return 9;
+        }
         const auto h = detail::holder(*seg.state());
         if (h.slot_index == parent_slot) return 10;
         const auto w = h.slot->owner.load();

@@ -14,6 +14,7 @@
 #include "primitives/semaphore_state.hpp"
 #include "shm/file_lock.hpp"
 #include "shm/ledger.hpp"
+#include "shm/process_table.hpp"
 #include "shm/records.hpp"
 #include "support/process.hpp"
 
@@ -190,7 +191,7 @@ TEST_CASE("a sleeper that registers while a recount runs is counted once (issue 
     std::atomic<bool> registered{false};
     std::thread sleeper([&] {
         detail::Hold hold(in.state, in.record);
-        slot_index = hold.holder_ref().slot_index;
+        slot_index = hold.slot_index();
         in_hold = 1;
         registered = in.core.register_sleeper(hold, in.state, 1);
     });
@@ -300,7 +301,7 @@ TEST_CASE("a recount that lands just after a sleeper registers (in its spin) cou
         std::thread sleeper([&] {
             {
                 detail::Hold hold(in.state, in.record);
-                slot = hold.holder_ref().slot_index;
+                slot = hold.slot_index();
             }
             sem.acquire();
             got = true;
@@ -332,4 +333,56 @@ TEST_CASE("a recount that lands just after a sleeper registers (in its spin) cou
         sem.release();  // the sleeper's unit (same process)
         CHECK(sem.in_use() == 0);
     }
+}
+
+TEST_CASE(
+    "the uncontended path hands a frozen word and another thread's units to the general one") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("sem-quick"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 4});
+    REQUIRE(sem.try_acquire(2));
+    SemaphoreInternals in(seg, "db", 4);
+
+    // A frozen word (a reaper at work; we hold its recovery lock, so nobody thaws it early): an
+    // acquire and a release started now change nothing until the thaw, and hold no announcement
+    // while they wait (a reaper's quiesce step would otherwise wait for them).
+    auto recovery = detail::FileLock::try_lock_fresh(in.state.fd(), detail::LockByte::recovery);
+    REQUIRE(recovery.has_value());
+    detail::kSemaphoreOps.freeze(in.state, in.record);
+    std::atomic<int> done{0};
+    std::atomic<std::uint32_t> slot_index{~0u};
+    std::thread other([&] {
+        slot_index = detail::holder(in.state).slot_index;
+        sem.acquire(1);  // this thread's own unit
+        done = 1;
+        sem.release(1);
+        done = 2;
+    });
+    REQUIRE(lim::test::eventually([&] { return slot_index.load() != ~0u; }));
+    std::this_thread::sleep_for(20ms);
+    CHECK(done.load() == 0);
+    CHECK(in.state.slot(slot_index).pending.load() == 0);  // stepped aside: not announced
+    CHECK(detail::SemaphoreWord::in_use(in.core.word.load()) == 2);
+    detail::kSemaphoreOps.thaw(in.state, in.record);
+    recovery.reset();
+    other.join();
+    CHECK(done.load() == 2);
+    CHECK(sem.in_use() == 2);
+
+    // Units this thread acquired, released by another thread of the process: that thread's own
+    // ledger entry holds none (the uncontended release declines), and the general path finds
+    // them in the process's slots. The two entries then sum to what the process holds.
+    std::thread releaser([&] { sem.release(2); });
+    releaser.join();
+    CHECK(sem.in_use() == 0);
+    CHECK(detail::process_holding(in.state, in.record, 0) == 0);
+
+    // An over-release is still refused, with nothing changed.
+    try {
+        sem.release(1);
+        FAIL("over-release must throw");
+    } catch (const Error& e) {
+        CHECK(e.code() == Errc::over_release);
+    }
+    CHECK(sem.in_use() == 0);
 }

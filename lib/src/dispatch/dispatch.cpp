@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 
@@ -73,10 +74,19 @@ inline bool DispatchImpl::give_packed(Hold& hold, const SegmentState& state,
     }
     hold.add(kDispatchSlotsLayer, -1);
     if (charge != 0) hold.add(kDispatchBytesLayer, -static_cast<std::int64_t>(charge));
-    // `w` is the word the CAS replaced: it tells whether anyone sleeps, at no extra cost.
-    if (P::kSlots.single(w) > 0) wake_after_release(word, P::kSlots, w, 1);
-    if (charge != 0 && P::kBytes.queued(w) > 0) bytes().wake_head();
+    // `w` is the word the CAS replaced: it tells whether anyone sleeps or queues, at no extra
+    // cost (one test of both fields' bits).
+    constexpr std::uint64_t kWaitBits = (P::kSlots.single_max << P::kSlots.single_shift) |
+                                        (P::kBytes.queued_max << P::kBytes.queued_shift);
+    if ((w & kWaitBits) != 0) [[unlikely]]
+        wake_after_give(w, charge);
     return true;
+}
+
+void DispatchImpl::wake_after_give(std::uint64_t w, std::uint64_t charge) noexcept {
+    using P = DispatchPacked;
+    if (P::kSlots.single(w) > 0) wake_after_release(body->concurrency, P::kSlots, w, 1);
+    if (charge != 0 && P::kBytes.queued(w) > 0) bytes().wake_head();
 }
 
 bool DispatchImpl::backoff_at(std::int64_t until) {
@@ -275,8 +285,17 @@ const KindOps kDispatchOps{
     .layer_names = {"slots", "throttled", "bytes"},
 };
 
-// Gives back what a Permit holds: bytes, then the throttled slot, then the concurrency slot.
-inline void release_permit(DispatchImpl& d, std::uint64_t bytes, bool throttled) noexcept {
+namespace {
+
+void report_release_failure(const DispatchImpl& d, const std::exception& e) noexcept {
+    std::fprintf(stderr, "lim: cannot release a permit of dispatch '%.*s': %s\n",
+                 static_cast<int>(d.ref.key().size()), d.ref.key().data(), e.what());
+}
+
+// Gives back what a Permit holds, layer by layer: bytes, then the throttled slot, then the
+// concurrency slot. The general case of release_permit, out of line.
+[[gnu::noinline]] void release_permit_layers(DispatchImpl& d, std::uint64_t bytes,
+                                             bool throttled) noexcept {
     SegmentState& state = *d.ref.state;
     try {
         Hold hold(state, d.ref.index);
@@ -300,9 +319,70 @@ inline void release_permit(DispatchImpl& d, std::uint64_t bytes, bool throttled)
         // to a new thread while the process table is full.) require_held throws when this
         // process does not hold what the permit gives back (it was acquired by another process,
         // which Permit's fork-generation check already rules out): nothing is released.
-        std::fprintf(stderr, "lim: cannot release a permit of dispatch '%.*s': %s\n",
-                     static_cast<int>(d.ref.key().size()), d.ref.key().data(), e.what());
+        report_release_failure(d, e);
     }
+}
+
+}  // namespace
+
+// Gives back what a Permit holds: bytes, then the throttled slot, then the concurrency slot.
+// The common permit (packed, not throttled) here, inline, in QuickHold's form of the ledger
+// protocol (docs/design.md, "The uncontended path"): one CAS, no call and no frame unless someone
+// must be woken; everything else (a slot not in the thread's cache, a frozen word, units the
+// thread's own entry does not show, a word that does not hold them) in release_permit_layers,
+// which checks again (and refuses) in a Hold. Nothing has changed when it is called.
+// The common permit's give, in QuickHold's form: true (with `before`, the word its CAS
+// replaced) if it gave back the slot and `bytes`; false, with nothing changed and nothing
+// announced, for the general path to decide.
+[[gnu::always_inline]] inline bool quick_give(DispatchImpl& d, std::uint64_t bytes,
+                                              std::uint64_t& before) noexcept {
+    using P = DispatchPacked;
+    QuickHold hold;
+    if (!hold.open(*d.ref.state, d.ref.index)) [[unlikely]]
+        return false;
+    // Hold::require_held's fast path for both layers: this thread's own entry covers them.
+    const std::int64_t slots = hold.held(kDispatchSlotsLayer);
+    if (slots < 1 || (bytes != 0 && hold.held(kDispatchBytesLayer) <
+                                        static_cast<std::int64_t>(bytes))) [[unlikely]] {
+        hold.close();
+        return false;
+    }
+    std::atomic<std::uint64_t>& word = d.body->concurrency;
+    const std::uint64_t delta = 1 + P::kBytes.units(bytes);
+    std::uint64_t w = word.load(std::memory_order_relaxed);
+    for (;;) {
+        if (is_frozen(w) || P::kSlots.in_use(w) < 1 || P::kBytes.in_use(w) < bytes) [[unlikely]] {
+            hold.close();
+            return false;
+        }
+        LIM_RACE_POINT();
+        if (word.compare_exchange_weak(w, w - delta, std::memory_order_seq_cst,
+                                       std::memory_order_relaxed)) [[likely]] {
+            break;
+        }
+    }
+    hold.set(kDispatchSlotsLayer, slots - 1);
+    if (bytes != 0) hold.add(kDispatchBytesLayer, -static_cast<std::int64_t>(bytes));
+    hold.close();
+    before = w;
+    return true;
+}
+
+inline void release_permit(DispatchImpl& d, std::uint64_t bytes, bool throttled) noexcept {
+    using P = DispatchPacked;
+    if (d.packed && !throttled) [[likely]] {
+        std::uint64_t w = 0;
+        if (quick_give(d, bytes, w)) [[likely]] {
+            // `w` is the word the CAS replaced: whether anyone sleeps or queues, in one test. The
+            // wake comes after the withdrawal; it changes nothing a reaper counts.
+            constexpr std::uint64_t kWaitBits = (P::kSlots.single_max << P::kSlots.single_shift) |
+                                                (P::kBytes.queued_max << P::kBytes.queued_shift);
+            if ((w & kWaitBits) != 0) [[unlikely]]
+                d.wake_after_give(w, bytes);
+            return;
+        }
+    }
+    release_permit_layers(d, bytes, throttled);
 }
 
 }  // namespace lim::detail
@@ -432,30 +512,111 @@ Dispatch Dispatch::open(const Segment& segment, const DispatchOptions& options, 
     return open_impl(segment, options, true);
 }
 
-std::optional<Permit> Dispatch::try_acquire(std::uint64_t bytes) {
-    DispatchImpl& d = *impl_;
+namespace {
+
+// try_acquire's general case (under backoff, or a Dispatch whose limits do not pack): one CAS
+// per layer, in one Hold. Out of line, so that the common permit's Hold is its own and stays in
+// registers.
+[[gnu::noinline]] bool try_acquire_layers(DispatchImpl& d, bool backoff, std::uint64_t charge) {
     detail::SegmentState& state = *d.ref.state;
-    const bool backoff = d.backoff_now();
-    const std::uint64_t charge = detail::charge_for(
-        bytes, backoff, d.config->byte_penalty_multiplier, d.config->byte_budget);
     detail::Hold hold(state, d.ref.index);
-    if (d.packed && !backoff) {
-        if (!d.take_packed(hold, state, charge)) return std::nullopt;
-        hold.admitted();
-        return Permit(&d, charge, false, detail::fork_generation());
-    }
-    if (!d.slots().try_acquire(hold, state, 1)) return std::nullopt;
+    if (!d.slots().try_acquire(hold, state, 1)) return false;
     if (backoff && !d.throttled().try_acquire(hold, state, 1)) {
         d.slots().release(hold, state, 1);
-        return std::nullopt;
+        return false;
     }
     if (charge != 0 && !d.bytes().try_acquire(hold, state, charge)) {
         if (backoff) d.throttled().release(hold, state, 1);
         d.slots().release(hold, state, 1);
-        return std::nullopt;
+        return false;
     }
     hold.admitted();
-    return Permit(&d, charge, backoff, detail::fork_generation());
+    return true;
+}
+
+// The packed take in a Hold: the common permit's general path (a slot not in the thread's
+// cache, a frozen word to step aside from).
+[[gnu::noinline]] bool take_packed_general(DispatchImpl& d, std::uint64_t charge) {
+    detail::SegmentState& state = *d.ref.state;
+    detail::Hold hold(state, d.ref.index);
+    if (!d.take_packed(hold, state, charge)) return false;
+    hold.admitted();
+    return true;
+}
+
+enum class Quick { done, refused, general };
+
+// The common permit's take (packed, no backoff), in QuickHold's form of the ledger protocol
+// (docs/design.md, "The uncontended path"): take_packed's checks and CAS with no call; a slot not
+// in the thread's cache or a frozen word goes, with nothing changed, to take_packed_general.
+[[gnu::always_inline]] inline Quick quick_take(DispatchImpl& d, std::uint64_t charge) noexcept {
+    using P = detail::DispatchPacked;
+    detail::QuickHold hold;
+    if (!hold.open(*d.ref.state, d.ref.index)) [[unlikely]]
+        return Quick::general;
+    std::atomic<std::uint64_t>& word = d.body->concurrency;
+    std::uint64_t w = word.load(std::memory_order_relaxed);
+    for (;;) {
+        if (detail::is_frozen(w)) [[unlikely]] {
+            hold.close();
+            return Quick::general;
+        }
+        if (P::kSlots.in_use(w) >= d.config->concurrency ||
+            (charge != 0 && (P::kBytes.queued(w) != 0 ||
+                             P::kBytes.in_use(w) + charge > d.config->byte_budget))) [[unlikely]] {
+            hold.close();
+            return Quick::refused;
+        }
+        LIM_RACE_POINT();
+        // Both fields stay within their widths, as in take_packed.
+        if (word.compare_exchange_weak(w, w + 1 + P::kBytes.units(charge),
+                                       std::memory_order_seq_cst, std::memory_order_relaxed))
+            [[likely]] {
+            break;
+        }
+    }
+    hold.add(detail::kDispatchSlotsLayer, 1);
+    if (charge != 0) hold.add(detail::kDispatchBytesLayer, static_cast<std::int64_t>(charge));
+    hold.admitted();
+    hold.close();
+    return Quick::done;
+}
+
+// What try_acquire's general path took: whether it got a permit, under backoff or not, charged
+// how much.
+struct Taken {
+    bool ok;
+    bool backoff;
+    std::uint64_t charge;
+};
+
+// try_acquire's general path (under backoff, a Dispatch whose limits do not pack, a slot not in
+// the thread's cache, a frozen word): decides the backoff and the charge afresh and takes every
+// layer in a Hold. Out of line, so that the common permit needs no frame.
+[[gnu::noinline]] Taken try_acquire_general(DispatchImpl& d, std::uint64_t bytes) {
+    const bool backoff = d.backoff_now();
+    const std::uint64_t charge = detail::charge_for(
+        bytes, backoff, d.config->byte_penalty_multiplier, d.config->byte_budget);
+    if (!d.packed || backoff) return {try_acquire_layers(d, backoff, charge), backoff, charge};
+    return {take_packed_general(d, charge), false, charge};
+}
+
+}  // namespace
+
+std::optional<Permit> Dispatch::try_acquire(std::uint64_t bytes) {
+    DispatchImpl& d = *impl_;
+    // The common permit: packed, and no backoff deadline set (backoff_now's first test, so the
+    // charge is the request clamped to the budget, as charge_for computes it without backoff).
+    if (d.packed && d.window_body->until.load(std::memory_order_acquire) == 0) [[likely]] {
+        const std::uint64_t charge = std::min(bytes, d.config->byte_budget);
+        const Quick q = quick_take(d, charge);
+        if (q == Quick::done) [[likely]]
+            return Permit(&d, charge, false, detail::fork_generation());
+        if (q == Quick::refused) return std::nullopt;
+    }
+    const Taken t = try_acquire_general(d, bytes);
+    if (!t.ok) return std::nullopt;
+    return Permit(&d, t.charge, t.backoff, detail::fork_generation());
 }
 
 std::optional<Permit> Dispatch::acquire_impl(std::uint64_t bytes,

@@ -177,6 +177,10 @@ struct DispatchImpl {
     // hold that much. Inlined as take_packed is.
     [[gnu::always_inline]] inline bool give_packed(Hold& hold, const SegmentState& state,
                                                    std::uint64_t charge) noexcept;
+    // give_packed's wakes, when the word it replaced (`w`) counts a slot sleeper or a queued
+    // byte request. Out of line: the common release wakes nobody.
+    [[gnu::noinline, gnu::cold]] void wake_after_give(std::uint64_t w,
+                                                      std::uint64_t charge) noexcept;
 };
 
 // Gives back what a Permit holds (bytes, throttled slot, concurrency slot). Never throws.

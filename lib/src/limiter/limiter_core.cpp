@@ -656,7 +656,7 @@ void wait_for_no_recount(Hold& hold, LimiterBody& body, const SegmentState& stat
 
 LimiterWaiter::LimiterWaiter(LimiterCore& core, std::int64_t amount) : core_(core) {
     Hold hold(core.state(), core.record());
-    SlotHeader& slot = *hold.holder_ref().slot;
+    SlotHeader& slot = hold.slot();
     slot_ = &slot;
     wait_for_no_recount(hold, core.body(), core.state());
     slot.waiting_layer.store(0, std::memory_order_relaxed);

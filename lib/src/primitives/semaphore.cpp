@@ -57,8 +57,7 @@ namespace {
                                        std::memory_order_relaxed)) {
             hold.add(c.layer, static_cast<std::int64_t>(n));
             if (c.counts_admissions) hold.admitted();
-            if (registered_for)
-                hold.holder_ref().slot->waiting_record.store(0, std::memory_order_relaxed);
+            if (registered_for) hold.slot().waiting_record.store(0, std::memory_order_relaxed);
             return true;
         }
     }
@@ -77,7 +76,12 @@ namespace {
         if (word.compare_exchange_weak(w, w - n, std::memory_order_seq_cst,
                                        std::memory_order_relaxed)) {
             hold.add(c.layer, -static_cast<std::int64_t>(n));
-            if (fmt.sleepers(w) > 0) wake_after_release(word, fmt, w, n);
+            if (fmt.has_sleepers(w)) [[unlikely]] {
+                // Through a copy of the format: the core's own address never leaves this
+                // function, so an inlined core stays in registers and its format in constants.
+                const SemaphoreFormat f = fmt;
+                wake_after_release(word, f, w, n);
+            }
             return true;
         }
     }
@@ -92,7 +96,7 @@ bool SemaphoreCore::try_acquire(Hold& hold, const SegmentState& state, std::uint
 
 bool SemaphoreCore::register_sleeper(Hold& hold, const SegmentState& state,
                                      std::uint64_t n) noexcept {
-    SlotHeader& slot = *hold.holder_ref().slot;
+    SlotHeader& slot = hold.slot();
     std::uint64_t w = word.load(std::memory_order_relaxed);
     for (;;) {
         // The slot names this registration only once the registering CAS has landed (below): a
@@ -125,7 +129,7 @@ void SemaphoreCore::deregister_sleeper(Hold& hold, const SegmentState& state,
         if (word.compare_exchange_weak(w, next, std::memory_order_seq_cst,
                                        std::memory_order_relaxed)) {
             LIM_RACE_POINT();
-            hold.holder_ref().slot->waiting_record.store(0, std::memory_order_relaxed);
+            hold.slot().waiting_record.store(0, std::memory_order_relaxed);
             // We may have been woken for units we are not taking: pass the wake on.
             if (fmt.in_use(next) < capacity) wake_after_release(word, fmt, next, 1);
             return;
@@ -364,50 +368,163 @@ Semaphore Semaphore::open(const Segment& segment, std::string_view key,
     return Semaphore(open_semaphore(segment, key, options, true));
 }
 
+namespace {
+
+// The uncontended acquire and release (docs/design.md, "The uncontended path"): the ledger
+// protocol in QuickHold's form, with no call and no frame. Anything unusual (a thread whose slot
+// is not cached, a frozen word, a refusal, a release this thread's entry does not cover) leaves
+// with nothing changed and the announcement withdrawn, and the general path (Hold, step aside,
+// the process-wide over-release check, the blocking wait) decides.
+enum class Quick { done, refused, general };
+
+[[gnu::always_inline]] inline Quick quick_acquire(const detail::RecordRef& ref,
+                                                  std::atomic<std::uint64_t>& word,
+                                                  std::uint64_t capacity,
+                                                  std::uint64_t n) noexcept {
+    using detail::SemaphoreWord;
+    detail::QuickHold hold;
+    if (!hold.open(*ref.state, ref.index)) [[unlikely]]
+        return Quick::general;
+    std::uint64_t w = word.load(std::memory_order_relaxed);
+    for (;;) {
+        if (detail::is_frozen(w)) [[unlikely]] {
+            hold.close();
+            return Quick::general;
+        }
+        if (SemaphoreWord::in_use(w) + n > capacity) [[unlikely]] {
+            hold.close();
+            return Quick::refused;
+        }
+        LIM_RACE_POINT();
+        if (word.compare_exchange_weak(w, w + n, std::memory_order_seq_cst,
+                                       std::memory_order_relaxed)) [[likely]] {
+            break;
+        }
+    }
+    hold.add(0, static_cast<std::int64_t>(n));
+    hold.admitted();
+    hold.close();
+    return Quick::done;
+}
+
+// Wakes the sleepers a release of `n` lets proceed, after the releaser's Hold is withdrawn (a
+// wake changes nothing a reaper counts). Out of line and cold: the common release wakes nobody.
+[[gnu::noinline, gnu::cold]] void wake_semaphore(std::atomic<std::uint64_t>& word,
+                                                 std::uint64_t before, std::uint64_t n) noexcept {
+    detail::wake_after_release(word, detail::kSemaphoreFormat, before, n);
+}
+
+[[gnu::always_inline]] inline Quick quick_release(const detail::RecordRef& ref,
+                                                  std::atomic<std::uint64_t>& word, std::uint64_t n,
+                                                  std::uint64_t& before) noexcept {
+    using detail::SemaphoreWord;
+    detail::QuickHold hold;
+    if (!hold.open(*ref.state, ref.index)) [[unlikely]]
+        return Quick::general;
+    // Hold::require_held's fast path: this thread's own entry covers the release. Otherwise
+    // (units another thread of this process acquired, or none) the general path decides.
+    const std::int64_t held = hold.held(0);
+    if (held < static_cast<std::int64_t>(n)) [[unlikely]] {
+        hold.close();
+        return Quick::general;
+    }
+    std::uint64_t w = word.load(std::memory_order_relaxed);
+    for (;;) {
+        if (detail::is_frozen(w) || SemaphoreWord::in_use(w) < n) [[unlikely]] {
+            hold.close();
+            return Quick::general;  // steps aside, or refuses (over_release)
+        }
+        LIM_RACE_POINT();
+        if (word.compare_exchange_weak(w, w - n, std::memory_order_seq_cst,
+                                       std::memory_order_relaxed)) [[likely]] {
+            break;
+        }
+    }
+    hold.set(0, held - static_cast<std::int64_t>(n));
+    hold.close();
+    before = w;
+    return Quick::done;
+}
+
+[[gnu::noinline]] bool try_acquire_general(const detail::RecordRef& ref, std::uint64_t n) {
+    const detail::SemaphoreCore core = core_of(ref);
+    detail::Hold hold(*ref.state, ref.index);
+    return detail::try_acquire_inline(core, hold, *ref.state, n, 0);
+}
+
+// `deadline` applies only if `has_deadline` (two scalars rather than an optional, so the
+// entry points' tail calls pass registers only).
+[[gnu::noinline]] bool acquire_general(const detail::RecordRef& ref, std::uint64_t n,
+                                       bool has_deadline, TimePoint deadline) {
+    const std::optional<TimePoint> until =
+        has_deadline ? std::optional<TimePoint>(deadline) : std::nullopt;
+    detail::SemaphoreCore core = core_of(ref);
+    {
+        detail::Hold hold(*ref.state, ref.index);
+        if (detail::try_acquire_inline(core, hold, *ref.state, n, 0)) return true;
+    }
+    return core.acquire_blocking(*ref.state, ref.index, n, until, detail::kSemaphorePacing);
+}
+
+[[gnu::noinline]] void release_general(const detail::RecordRef& ref, std::uint64_t n) {
+    const detail::SemaphoreCore core = core_of(ref);
+    detail::Hold hold(*ref.state, ref.index);
+    hold.require_held(core.layer, n, "semaphore");
+    if (!detail::release_inline(core, hold, *ref.state, n)) {
+        throw Error(
+            Errc::over_release,
+            fmt::format("semaphore '{}': release({}) but only {} units are in use", ref.key(), n,
+                        detail::SemaphoreWord::in_use(core.word.load(std::memory_order_acquire))));
+    }
+}
+
+}  // namespace
+
 bool Semaphore::try_acquire(std::uint64_t n) {
-    detail::SemaphoreCore core = core_of(ref_);
-    if (n > core.capacity) throw_too_many(ref_, n, core.capacity);
+    const std::uint64_t capacity = detail::config_of<detail::SemaphoreConfig>(ref_).capacity;
+    if (n > capacity) throw_too_many(ref_, n, capacity);
     if (n == 0) return true;
-    detail::Hold hold(*ref_.state, ref_.index);
-    return detail::try_acquire_inline(core, hold, *ref_.state, n, 0);
+    const Quick q =
+        quick_acquire(ref_, detail::body_of<detail::SemaphoreBody>(ref_).word, capacity, n);
+    if (q != Quick::general) [[likely]]
+        return q == Quick::done;
+    return try_acquire_general(ref_, n);
 }
 
 // acquire and acquire_until make their first try here, inline, and call the blocking path only
 // when it fails: the uncontended acquire costs what try_acquire does.
 void Semaphore::acquire(std::uint64_t n) {
-    detail::SemaphoreCore core = core_of(ref_);
-    if (n > core.capacity) throw_too_many(ref_, n, core.capacity);
+    const std::uint64_t capacity = detail::config_of<detail::SemaphoreConfig>(ref_).capacity;
+    if (n > capacity) throw_too_many(ref_, n, capacity);
     if (n == 0) return;
-    {
-        detail::Hold hold(*ref_.state, ref_.index);
-        if (detail::try_acquire_inline(core, hold, *ref_.state, n, 0)) [[likely]]
-            return;
+    if (quick_acquire(ref_, detail::body_of<detail::SemaphoreBody>(ref_).word, capacity, n) ==
+        Quick::done) [[likely]] {
+        return;
     }
-    core.acquire_blocking(*ref_.state, ref_.index, n, std::nullopt, detail::kSemaphorePacing);
+    acquire_general(ref_, n, false, TimePoint{});
 }
 
 bool Semaphore::acquire_until(std::uint64_t n, TimePoint deadline) {
-    detail::SemaphoreCore core = core_of(ref_);
-    if (n > core.capacity) throw_too_many(ref_, n, core.capacity);
+    const std::uint64_t capacity = detail::config_of<detail::SemaphoreConfig>(ref_).capacity;
+    if (n > capacity) throw_too_many(ref_, n, capacity);
     if (n == 0) return true;
-    {
-        detail::Hold hold(*ref_.state, ref_.index);
-        if (detail::try_acquire_inline(core, hold, *ref_.state, n, 0)) [[likely]]
-            return true;
+    if (quick_acquire(ref_, detail::body_of<detail::SemaphoreBody>(ref_).word, capacity, n) ==
+        Quick::done) [[likely]] {
+        return true;
     }
-    return core.acquire_blocking(*ref_.state, ref_.index, n, deadline, detail::kSemaphorePacing);
+    return acquire_general(ref_, n, true, deadline);
 }
 
 void Semaphore::release(std::uint64_t n) {
     if (n == 0) return;
-    detail::SemaphoreCore core = core_of(ref_);
-    detail::Hold hold(*ref_.state, ref_.index);
-    hold.require_held(core.layer, n, "semaphore");
-    if (!detail::release_inline(core, hold, *ref_.state, n)) {
-        throw Error(Errc::over_release,
-                    fmt::format("semaphore '{}': release({}) but only {} units are in use",
-                                ref_.key(), n, in_use()));
+    std::atomic<std::uint64_t>& word = detail::body_of<detail::SemaphoreBody>(ref_).word;
+    std::uint64_t before = 0;
+    if (quick_release(ref_, word, n, before) == Quick::done) [[likely]] {
+        if (detail::kSemaphoreFormat.has_sleepers(before)) [[unlikely]]
+            wake_semaphore(word, before, n);
+        return;
     }
+    release_general(ref_, n);
 }
 
 HandOff Semaphore::hand_off(std::uint64_t n) {

@@ -78,6 +78,11 @@ struct SemaphoreFormat {
     constexpr std::uint64_t sleepers(std::uint64_t w) const noexcept {
         return single(w) + multi(w);
     }
+    // Whether any sleeper is counted in `w`: one test of the sleeper fields' bits (a release's
+    // waiter check, on the word its CAS replaced).
+    constexpr bool has_sleepers(std::uint64_t w) const noexcept {
+        return (w & ((single_max << single_shift) | (multi_max << multi_shift))) != 0;
+    }
     constexpr std::uint64_t waiter_unit(std::uint64_t n) const noexcept {
         return n == 1 ? 1ULL << single_shift : 1ULL << multi_shift;
     }

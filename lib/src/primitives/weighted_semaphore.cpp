@@ -84,14 +84,14 @@ void dequeue_cancelled(const WeightedCore& c, std::uint64_t t) noexcept {
 }
 
 void set_waiting(Hold& hold, std::uint32_t layer, std::uint64_t n) noexcept {
-    SlotHeader& slot = *hold.holder_ref().slot;
+    SlotHeader& slot = hold.slot();
     slot.waiting_layer.store(static_cast<std::uint32_t>(layer), std::memory_order_relaxed);
     slot.waiting_amount.store(n, std::memory_order_relaxed);
     slot.waiting_record.store(hold.record() + 1, std::memory_order_relaxed);
 }
 
 void clear_waiting(Hold& hold) noexcept {
-    hold.holder_ref().slot->waiting_record.store(0, std::memory_order_relaxed);
+    hold.slot().waiting_record.store(0, std::memory_order_relaxed);
 }
 
 // Leaves the queue holding ticket `t` without taking units: cancels the ticket and, if it is at
@@ -189,9 +189,8 @@ bool WeightedCore::acquire_until(SegmentState& state, std::uint32_t record, std:
             if (got == Enqueued::ticket) {
                 LIM_RACE_POINT();
                 t = queue.tail.fetch_add(1, std::memory_order_seq_cst);
-                ring_slot(queue, t).store(
-                    RingEntry::make(t, hold.holder_ref().slot_index, RingState::waiting),
-                    std::memory_order_seq_cst);
+                ring_slot(queue, t).store(RingEntry::make(t, hold.slot_index(), RingState::waiting),
+                                          std::memory_order_seq_cst);
                 set_waiting(hold, static_cast<std::uint32_t>(ledger_layer), n);
             }
         }

@@ -11,8 +11,9 @@
 
 namespace lim::detail {
 
-void Hold::wait_while_frozen(std::atomic<std::uint64_t>& word, const SegmentState& state) noexcept {
-    holder_.slot->pending.store(0, std::memory_order_release);
+void Hold::step_aside(SlotHeader& slot, std::uint32_t record, std::atomic<std::uint64_t>& word,
+                      const SegmentState& state) noexcept {
+    slot.pending.store(0, std::memory_order_release);
     // A recount takes microseconds: spin briefly, then sleep in growing steps.
     auto pause = std::chrono::microseconds{20};
     auto waited = std::chrono::microseconds{0};
@@ -37,11 +38,12 @@ void Hold::wait_while_frozen(std::atomic<std::uint64_t>& word, const SegmentStat
             // Cannot check now; keep waiting and try again later.
         }
     }
-    holder_.slot->pending.store(record_ + 1, std::memory_order_relaxed);
+    slot.pending.store(record + 1, std::memory_order_relaxed);
 }
 
-void Hold::require_held_slow(int layer, std::uint64_t n, const char* what) const {
-    const std::int64_t mine = process_holding(state_, record_, layer);
+void Hold::require_held_slow(SegmentState& state, std::uint32_t record, int layer, std::uint64_t n,
+                             const char* what) {
+    const std::int64_t mine = process_holding(state, record, layer);
     if (mine >= static_cast<std::int64_t>(n)) return;
     throw Error(
         Errc::over_release,
@@ -49,7 +51,7 @@ void Hold::require_held_slow(int layer, std::uint64_t n, const char* what) const
                     "acquired by another process can only be released by that process "
                     "(hand them over with hand_off and receive, let the acquirer release "
                     "them when the worker reports back, or have the worker acquire its own)",
-                    what, record_key(state_.record(record_)), n, std::max<std::int64_t>(mine, 0)));
+                    what, record_key(state.record(record)), n, std::max<std::int64_t>(mine, 0)));
 }
 
 }  // namespace lim::detail

@@ -19,7 +19,7 @@
 // was half-way through changing, is thereby given back exactly.
 //
 // Cost on the hot path: three plain stores to the thread's own cache line and one to its ledger
-// entry. `pending` must not stay set while a thread sleeps: blocking calls leave the Hold before
+// entry. QuickHold (below) is the same protocol in the form the uncontended entry points use. `pending` must not stay set while a thread sleeps: blocking calls leave the Hold before
 // they wait and take a new one after.
 #pragma once
 
@@ -43,19 +43,25 @@ constexpr bool is_frozen(std::uint64_t word) noexcept {
 class Hold {
   public:
     // Announces a holding operation on `record` by the calling thread (claiming the thread's
-    // slot on first use; throws Error(table_full) if there is none to claim).
-    Hold(SegmentState& state, std::uint32_t record)
-        : state_(state), holder_(holder(state)), record_(record) {
-        holder_.slot->pending.store(record + 1, std::memory_order_relaxed);
+    // slot on first use; throws Error(table_full) if there is none to claim). The thread's ledger
+    // entry for the record is located here, once, for every add() and held() of the operation.
+    // Nothing of the Hold's own address leaves it (the out-of-line steps below take its fields
+    // by value), so an inlined Hold lives in registers.
+    Hold(SegmentState& state, std::uint32_t record) : state_(state), record_(record) {
+        const Holder& h = cached_holder(state);
+        slot_ = h.slot;
+        entry_ = &h.entry(record);
+        ephemeral_ = h.ephemeral;
+        slot_->pending.store(record + 1, std::memory_order_relaxed);
         LIM_RACE_POINT();
     }
     ~Hold() {
         LIM_RACE_POINT();
-        holder_.slot->pending.store(0, std::memory_order_release);
+        slot_->pending.store(0, std::memory_order_release);
         // A slot claimed for this one operation by a thread already past its slot registry's
         // destruction (process_table.hpp, Holder::ephemeral): give it back now.
-        if (holder_.ephemeral) [[unlikely]]
-            release_ephemeral(state_, holder_);
+        if (ephemeral_) [[unlikely]]
+            release_ephemeral(state_, *slot_);
     }
     Hold(const Hold&) = delete;
     Hold& operator=(const Hold&) = delete;
@@ -63,13 +69,13 @@ class Hold {
     // Adds `delta` to this holder's `held[layer]` for the record. Single writer: a plain store.
     void add(int layer, std::int64_t delta) noexcept {
         LIM_RACE_POINT();
-        auto& held = holder_.entry(record_).held[layer];
+        auto& held = entry_->held[layer];
         held.store(held.load(std::memory_order_relaxed) + delta, std::memory_order_relaxed);
     }
 
     // Counts one successful acquisition (for rates and Prometheus totals).
     void admitted() noexcept {
-        auto& n = holder_.entry(record_).admitted;
+        auto& n = entry_->admitted;
         n.store(n.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
     }
 
@@ -87,40 +93,101 @@ class Hold {
     void require_held(int layer, std::uint64_t n, const char* what) const {
         if (held(layer) >= static_cast<std::int64_t>(n)) [[likely]]
             return;
-        require_held_slow(layer, n, what);
+        require_held_slow(state_, record_, layer, n, what);
     }
 
     // What this holder holds in the record now.
     std::int64_t held(int layer) const noexcept {
-        return holder_.entry(record_).held[layer].load(std::memory_order_relaxed);
+        return entry_->held[layer].load(std::memory_order_relaxed);
     }
 
     // Steps aside while a reaper recounts: withdraws the announcement, waits until `word` is no
     // longer frozen, announces again. If the reaper died mid-recount (its recovery lock is free
     // while the word stays frozen), thaws the word itself: a frozen word still holds its
     // pre-recount value, which is valid.
-    void wait_while_frozen(std::atomic<std::uint64_t>& word, const SegmentState& state) noexcept;
+    void wait_while_frozen(std::atomic<std::uint64_t>& word, const SegmentState& state) noexcept {
+        step_aside(*slot_, record_, word, state);
+    }
 
     // The first step of every CAS loop that acquires or releases: if `w` (the word's value as
     // last loaded) is frozen, waits aside as wait_while_frozen does, reloads `w`, and returns
     // true (the caller retries from the top); otherwise returns false at once.
     bool stepped_aside(std::uint64_t& w, std::atomic<std::uint64_t>& word,
                        const SegmentState& state) noexcept {
-        if (!is_frozen(w)) return false;
+        if (!is_frozen(w)) [[likely]]
+            return false;
         wait_while_frozen(word, state);
         w = word.load(std::memory_order_relaxed);
         return true;
     }
 
     std::uint32_t record() const noexcept { return record_; }
-    const Holder& holder_ref() const noexcept { return holder_; }
+    // The calling thread's slot, and its index in the process table.
+    SlotHeader& slot() const noexcept { return *slot_; }
+    std::uint32_t slot_index() const noexcept { return state_.slot_index_of(*slot_); }
 
   private:
-    void require_held_slow(int layer, std::uint64_t n, const char* what) const;
+    // wait_while_frozen's and require_held's out-of-line parts, given the fields they need.
+    static void step_aside(SlotHeader& slot, std::uint32_t record, std::atomic<std::uint64_t>& word,
+                           const SegmentState& state) noexcept;
+    static void require_held_slow(SegmentState& state, std::uint32_t record, int layer,
+                                  std::uint64_t n, const char* what);
 
     SegmentState& state_;
-    Holder holder_;
+    SlotHeader* slot_;
+    LedgerEntry* entry_;  // this holder's ledger entry for record_
     std::uint32_t record_;
+    bool ephemeral_;
+};
+
+// The same protocol in the form the uncontended entry points use (Semaphore, Dispatch), which
+// hand every unusual case to their general path (built on Hold):
+//
+//   1. open() announces exactly as Hold does (`pending` := record + 1, relaxed), but only when the
+//      calling thread's slot is in its cache (a cached slot is never ephemeral); otherwise it
+//      announces nothing and returns false;
+//   2. the caller's CAS loop expects kFrozen clear, as with Hold; on a frozen word, a refusal or
+//      anything else unusual it calls close() and takes its general path, having changed
+//      nothing (the general path's Hold then steps aside, refuses or claims a slot as usual);
+//   3. after its CAS it records the change (add/set/admitted: plain stores to its own entry);
+//   4. close() withdraws (`pending` := 0, release), as ~Hold.
+//
+// Nothing here calls a function or throws, and the object's address is never taken, so an entry
+// point built on it needs no stack frame (and no callee-saved register) on its common path.
+class QuickHold {
+  public:
+    bool open(const SegmentState& state, std::uint32_t record) noexcept {
+        const Holder* h = find_cached_holder(state);
+        if (h == nullptr) [[unlikely]]
+            return false;
+        slot_ = h->slot;
+        entry_ = &h->entry(record);
+        slot_->pending.store(record + 1, std::memory_order_relaxed);
+        LIM_RACE_POINT();
+        return true;
+    }
+    void close() noexcept {
+        LIM_RACE_POINT();
+        slot_->pending.store(0, std::memory_order_release);
+    }
+    std::int64_t held(int layer) const noexcept {
+        return entry_->held[layer].load(std::memory_order_relaxed);
+    }
+    // Sets `held[layer]`: the caller passes what it read with held() and the change, since the
+    // calling thread is the entry's only writer and nothing in between can have changed it.
+    void set(int layer, std::int64_t value) noexcept {
+        LIM_RACE_POINT();
+        entry_->held[layer].store(value, std::memory_order_relaxed);
+    }
+    void add(int layer, std::int64_t delta) noexcept { set(layer, held(layer) + delta); }
+    void admitted() noexcept {
+        auto& n = entry_->admitted;
+        n.store(n.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+    }
+
+  private:
+    SlotHeader* slot_ = nullptr;
+    LedgerEntry* entry_ = nullptr;
 };
 
 }  // namespace lim::detail

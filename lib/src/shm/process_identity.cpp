@@ -10,6 +10,7 @@
 #include <mutex>
 
 #include "lim/error.hpp"
+#include "shm/process_table.hpp"
 
 namespace lim::detail {
 namespace {
@@ -38,6 +39,10 @@ void on_fork_child() {
         ::close(g_private_fds[i]);
     g_private_count = 0;
     g_fork_generation.fetch_add(1, std::memory_order_relaxed);
+    // The parent's slots are not the child's: the forking thread's cache of them (the only
+    // thread the child has) is emptied, so the child's first holding operation on a mapping
+    // claims its own slot (process_table.hpp, holder()).
+    forget_cached_holders();
     g_private_mutex.unlock();
 }
 

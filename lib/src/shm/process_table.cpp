@@ -59,7 +59,6 @@ void cache_insert(const SegmentState& state, const Holder& h) {
     HolderCacheEntry& e = tl_holder_cache[tl_slots.next_victim];
     tl_slots.next_victim = (tl_slots.next_victim + 1) % kHolderCacheSize;
     e.uid = state.uid();
-    e.fork_gen = fork_generation();
     e.holder = h;
 }
 
@@ -241,6 +240,11 @@ std::pair<Holder, std::uint64_t> claim_slot(SegmentState& state) {
 
 }  // namespace
 
+void forget_cached_holders() noexcept {
+    for (HolderCacheEntry& e : tl_holder_cache)
+        e = HolderCacheEntry{};
+}
+
 Holder register_holder(SegmentState& state) {
     if (tl_slots_gone) {
         Holder h = claim_slot(state).first;
@@ -263,6 +267,29 @@ Holder register_holder(SegmentState& state) {
     entries.push_back({state.weak_from_this(), state.uid(), gen, owner, h});
     cache_insert(state, h);
     return h;
+}
+
+const Holder& register_cached_holder(SegmentState& state) {
+    // An ephemeral holder is not cached (its slot goes back after one operation): it is
+    // returned through this thread-local copy instead. Trivially destructible, so it stays
+    // usable after the thread's other thread-locals are destroyed.
+    static constinit thread_local Holder tl_ephemeral{};
+    const Holder h = register_holder(state);
+    if (h.ephemeral) {
+        tl_ephemeral = h;
+        return tl_ephemeral;
+    }
+    for (const HolderCacheEntry& e : tl_holder_cache) {
+        if (e.uid == state.uid()) return e.holder;
+    }
+    tl_ephemeral = h;  // unreachable: register_holder caches every holder it does not mark
+    return tl_ephemeral;
+}
+
+void release_ephemeral(SegmentState& state, SlotHeader& slot) noexcept {
+    auto lock = lock_private_registry();
+    release_slot_locked(state, state.slot_index_of(slot),
+                        slot.owner.load(std::memory_order_acquire));
 }
 
 void release_ephemeral(SegmentState& state, const Holder& h) noexcept {

@@ -31,9 +31,11 @@ struct Holder {
     LedgerEntry& entry(std::uint32_t record_index) const noexcept { return row[record_index]; }
 };
 
+// Keyed by the mapping's uid alone: the fork hook's child handler empties the cache of the one
+// thread a forked child has (forget_cached_holders), so no entry survives into a child, and the
+// hot path needs no fork-generation load and compare.
 struct HolderCacheEntry {
     std::uint64_t uid;
-    std::uint32_t fork_gen;
     Holder holder;
 };
 
@@ -50,14 +52,37 @@ inline constinit thread_local HolderCacheEntry tl_holder_cache[kHolderCacheSize]
 Holder register_holder(SegmentState& state);
 
 // The calling thread's slot in `state`, claiming one on first use (and on first use in a forked
-// child). Hot path: a fork-generation load and a compare over at most four cache entries.
-inline Holder holder(SegmentState& state) {
-    const std::uint32_t gen = fork_generation();
+// child, whose cache the fork hook emptied). Hot path: a compare of the mapping's uid over at
+// most four cache entries (uids start at 1, so an empty entry never matches).
+// The reference is to the thread's cache (or, for an ephemeral holder, a thread-local copy):
+// valid until the thread's next holder lookup; copy what you need at once.
+const Holder& register_cached_holder(SegmentState& state);
+inline const Holder& cached_holder(SegmentState& state) {
+    const std::uint64_t uid = state.uid();
     for (const HolderCacheEntry& e : tl_holder_cache) {
-        if (e.uid == state.uid() && e.fork_gen == gen) return e.holder;
+        if (e.uid == uid) [[likely]]
+            return e.holder;
     }
-    return register_holder(state);
+    return register_cached_holder(state);
 }
+inline Holder holder(SegmentState& state) {
+    return cached_holder(state);
+}
+
+// The calling thread's slot in `state` if its cache holds it (never an ephemeral one: those are
+// not cached), else nullptr. Claims nothing, calls nothing.
+inline const Holder* find_cached_holder(const SegmentState& state) noexcept {
+    const std::uint64_t uid = state.uid();
+    for (const HolderCacheEntry& e : tl_holder_cache) {
+        if (e.uid == uid) [[likely]]
+            return &e.holder;
+    }
+    return nullptr;
+}
+
+// Empties the calling thread's holder cache. Called by the fork hook's child handler (async-
+// signal-safe: plain stores), in the child's only thread, before the child runs anything else.
+void forget_cached_holders() noexcept;
 
 // Frees (or, if its ledger still records holdings, retires) every slot that this process claimed
 // through the mapping `state`, then closes the mapping's slot-lock description, which drops the
@@ -67,6 +92,7 @@ void release_slots_of_mapping(SegmentState& state) noexcept;
 
 // Gives back an ephemeral holder's slot after its one operation (free if empty, else retired).
 void release_ephemeral(SegmentState& state, const Holder& h) noexcept;
+void release_ephemeral(SegmentState& state, SlotHeader& slot) noexcept;
 
 // What this process holds in `record`'s `layer`, summed over every slot it holds locked in this
 // mapping (all its threads, retired slots included). Takes the private-registry mutex: a rare

@@ -63,6 +63,12 @@ class SegmentState : public std::enable_shared_from_this<SegmentState> {
         return *reinterpret_cast<SlotHeader*>(base_ + geometry_.slots_offset +
                                               std::uint64_t{i} * geometry_.slot_size);
     }
+    // The index of a slot of this mapping (the inverse of slot()).
+    std::uint32_t slot_index_of(const SlotHeader& s) const noexcept {
+        return static_cast<std::uint32_t>(
+            (reinterpret_cast<const std::byte*>(&s) - (base_ + geometry_.slots_offset)) /
+            static_cast<std::ptrdiff_t>(geometry_.slot_size));
+    }
     LedgerEntry& ledger(std::uint32_t slot_index, std::uint32_t record_index) const noexcept {
         auto* row = reinterpret_cast<std::byte*>(&slot(slot_index)) + sizeof(SlotHeader);
         return reinterpret_cast<LedgerEntry*>(row)[record_index];
