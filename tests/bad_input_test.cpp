@@ -8,6 +8,7 @@
 
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -513,4 +514,128 @@ TEST_CASE("a read-only attach never waits for an unready segment") {
         unready = e.code() == Errc::corrupt_segment;
     }
     CHECK(unready);
+}
+
+// A live neighbour whose ledger was scribbled on (a buggy process, a stray write): a reap sums
+// the live ledgers to recount a record, and that sum must neither overflow (undefined behaviour;
+// a wrapped sum is negative, recounted as nothing held) nor let one process's damaged entry cancel
+// what another process holds. Either way the throttle would admit past max_concurrent_jobs while
+// the test process still runs its job. docs/design.md, "The recount".
+TEST_CASE("a damaged ledger entry of a live neighbour cannot make a reap free what others hold") {
+    for (const std::int64_t garbage :
+         {std::numeric_limits<std::int64_t>::max(), std::numeric_limits<std::int64_t>::max() - 5,
+          std::numeric_limits<std::int64_t>::min(), std::int64_t{-1'000'000}}) {
+        CAPTURE(garbage);
+        SegmentGuard guard(unique_name("lim-ledger"));
+        auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 4, .max_processes = 16});
+        auto th = Throttle::open(seg, "th", {.max_concurrent_jobs = 3});
+        REQUIRE(th.try_start_job().kind() == StartJob::Kind::start);  // ours, held throughout
+
+        // The neighbour: runs one job and stays alive (and running it) until told to exit.
+        auto* go = lim::test::make_flag();
+        auto* ready = lim::test::make_flag();
+        const pid_t neighbour = lim::test::fork_child([&] {
+            auto mine = Throttle::open(seg, "th", {.max_concurrent_jobs = 3});
+            if (mine.try_start_job().kind() != StartJob::Kind::start) return 1;
+            ready->set();
+            go->wait();
+            return 0;
+        });
+        ready->wait();
+        // One that dies holding a job, so that the reap recounts the record.
+        const pid_t dead = lim::test::fork_child([&] {
+            auto mine = Throttle::open(seg, "th", {.max_concurrent_jobs = 3});
+            return mine.try_start_job().kind() == StartJob::Kind::start ? 0 : 1;
+        });
+        REQUIRE(lim::test::wait_child(dead) == 0);
+
+        // Scribble on the neighbour's ledger entry for the record.
+        detail::SegmentState& state = *seg.state();
+        const auto record = detail::find_record(state, detail::RecordKind::limiter, "th");
+        REQUIRE(record.has_value());
+        bool scribbled = false;
+        for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+            const std::uint64_t owner = state.slot(i).owner.load();
+            if (detail::SlotOwner::pid(owner) != static_cast<std::uint32_t>(neighbour)) continue;
+            auto& held = state.ledger(i, *record).held[0];
+            if (held.load() == 0) continue;
+            held.store(garbage);
+            scribbled = true;
+        }
+        REQUIRE(scribbled);
+
+        (void)seg.reap();  // the dead one's job comes back; ours and the neighbour's must not
+        // Live jobs: ours and the neighbour's. A huge entry counts as held (at most one more
+        // job: doubt means held); a negative one loses at most the neighbour's own job, never
+        // ours (at most two more).
+        int started = 0;
+        while (started < 3 && th.try_start_job().kind() == StartJob::Kind::start)
+            ++started;
+        CHECK(started <= (garbage > 0 ? 1 : 2));
+
+        go->set();
+        CHECK(lim::test::wait_child(neighbour) == 0);
+    }
+}
+
+// The same for the semaphores, whose recount packs the units in use into a field of the word
+// (32 bits for a Semaphore, 47 for a WeightedSemaphore, whose bits 47-61 count the queued): a
+// damaged entry that makes the live sum a multiple of the fields' range must not leave the units
+// field at what fits, 0, while our unit is held.
+TEST_CASE("a damaged ledger entry cannot wrap a semaphore's recount into its word's fields") {
+    struct Case {
+        const char* kind;
+        std::int64_t garbage;  // with our 1 unit, the live sum is the field's range
+    };
+    for (const Case c : {Case{"semaphore", std::int64_t{0xFFFF'FFFF}},
+                         Case{"weighted_semaphore", (std::int64_t{1} << 62) - 1}}) {
+        const std::string kind = c.kind;
+        CAPTURE(kind);
+        SegmentGuard guard(unique_name("lim-ledger"));
+        auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 4, .max_processes = 16});
+        const bool weighted = kind == "weighted_semaphore";
+        const auto try_acquire = [&](const Segment& s) {
+            if (weighted) return WeightedSemaphore::open(s, "s", {.capacity = 3}).try_acquire(1);
+            return Semaphore::open(s, "s", {.capacity = 3}).try_acquire(1);
+        };
+        REQUIRE(try_acquire(seg));  // ours, held throughout
+        auto* go = lim::test::make_flag();
+        auto* ready = lim::test::make_flag();
+        const pid_t neighbour = lim::test::fork_child([&] {
+            if (!try_acquire(seg)) return 1;
+            ready->set();
+            go->wait();
+            return 0;
+        });
+        ready->wait();
+        const pid_t dead = lim::test::fork_child([&] { return try_acquire(seg) ? 0 : 1; });
+        REQUIRE(lim::test::wait_child(dead) == 0);
+
+        detail::SegmentState& state = *seg.state();
+        const auto record = detail::find_record(
+            state,
+            weighted ? detail::RecordKind::weighted_semaphore : detail::RecordKind::semaphore, "s");
+        REQUIRE(record.has_value());
+        bool scribbled = false;
+        for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+            const std::uint64_t owner = state.slot(i).owner.load();
+            if (detail::SlotOwner::pid(owner) != static_cast<std::uint32_t>(neighbour)) continue;
+            auto& held = state.ledger(i, *record).held[0];
+            if (held.load() == 0) continue;
+            held.store(c.garbage);
+            scribbled = true;
+        }
+        REQUIRE(scribbled);
+
+        (void)seg.reap();
+        // Ours and the neighbour's are held (its damaged entry counts as a huge holding): none
+        // more.
+        int acquired = 0;
+        while (acquired < 3 && try_acquire(seg))
+            ++acquired;
+        CHECK(acquired == 0);
+
+        go->set();
+        CHECK(lim::test::wait_child(neighbour) == 0);
+    }
 }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <span>
 
@@ -125,9 +126,14 @@ LiveHoldings limiter_recount(SegmentState& state, std::uint32_t record, const Li
     given.held[0] = before - kept;
     // A token bucket's own takes (layer kBucketTakenLayer) are consumed tokens, not in F: the
     // dead's are dropped from in_flight with their slots, and reported as given back.
+    // Saturating: a damaged ledger may hold anything (a report only).
     for (const std::uint32_t d : dead_slots) {
-        given.held[kBucketTakenLayer] +=
+        const std::int64_t h =
             state.ledger(d, record).held[kBucketTakenLayer].load(std::memory_order_relaxed);
+        std::int64_t& sum = given.held[kBucketTakenLayer];
+        if (__builtin_add_overflow(sum, h, &sum))
+            sum = h > 0 ? std::numeric_limits<std::int64_t>::max()
+                        : std::numeric_limits<std::int64_t>::min();
     }
     return given;
 }

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <limits>
 #include <map>
 #include <thread>
 #include <vector>
@@ -74,24 +75,62 @@ bool wait_quiescent(const SegmentState& state, std::uint32_t record,
     }
 }
 
-// Sum over occupied slots outside `excluded` of their ledger entries for `record`.
+// a + b, saturating: ledger entries are read from the segment, where a damaged one may hold
+// anything (docs/design.md, "The recount").
+std::int64_t saturating_add(std::int64_t a, std::int64_t b) noexcept {
+    std::int64_t sum = 0;
+    if (!__builtin_add_overflow(a, b, &sum)) return sum;
+    return b > 0 ? std::numeric_limits<std::int64_t>::max()
+                 : std::numeric_limits<std::int64_t>::min();
+}
+
+std::int64_t saturating_sub(std::int64_t a, std::int64_t b) noexcept {
+    std::int64_t difference = 0;
+    if (!__builtin_sub_overflow(a, b, &difference)) return difference;
+    return b < 0 ? std::numeric_limits<std::int64_t>::max()
+                 : std::numeric_limits<std::int64_t>::min();
+}
+
+// One occupied slot's ledger entry for a record, with its owner's pid (live_holdings' scratch).
+struct SlotHolding {
+    std::uint32_t pid;
+    LiveHoldings held;
+};
+
+// Sum over occupied slots outside `excluded` of their ledger entries for `record`: per process
+// first (saturating, then at least 0), then over processes (saturating). `scratch` has room for
+// max_processes entries, reserved before any record is frozen, so nothing here allocates.
 LiveHoldings live_holdings(const SegmentState& state, std::uint32_t record,
-                           const std::vector<DeadSlot>& excluded) {
-    LiveHoldings live;
+                           const std::vector<DeadSlot>& excluded,
+                           std::vector<SlotHolding>& scratch) {
+    scratch.clear();
     for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
-        if (!is_occupied(state.slot(i).owner.load(std::memory_order_acquire))) {
-            continue;
-        }
+        const std::uint64_t owner = state.slot(i).owner.load(std::memory_order_acquire);
+        if (!is_occupied(owner)) continue;
         if (contains(excluded, i)) continue;
         const LedgerEntry& e = state.ledger(i, record);
+        SlotHolding& s = scratch.emplace_back(SlotHolding{SlotOwner::pid(owner), {}});
         for (int l = 0; l < 3; ++l)
-            live.held[l] += e.held[l].load(std::memory_order_acquire);
+            s.held.held[l] = e.held[l].load(std::memory_order_acquire);
     }
+    std::sort(scratch.begin(), scratch.end(),
+              [](const SlotHolding& a, const SlotHolding& b) { return a.pid < b.pid; });
     // A holder may have released what another thread of its process acquired, so one ledger can
-    // be negative; the sum over a process cannot be, except after a forced reset forgot what
-    // live holders held. Never recount below zero.
-    for (auto& h : live.held)
-        h = std::max<std::int64_t>(h, 0);
+    // be negative; the sum over a process cannot be, except after a forced reset forgot what it
+    // held, or when its ledger was damaged. Never count a process below zero: one process's
+    // negative sum must not cancel what another holds (a recount too low admits past the limit).
+    // A damaged huge entry saturates, and counts as held (doubt means held).
+    LiveHoldings live;
+    for (std::size_t i = 0; i < scratch.size();) {
+        LiveHoldings process;
+        const std::uint32_t pid = scratch[i].pid;
+        for (; i < scratch.size() && scratch[i].pid == pid; ++i) {
+            for (int l = 0; l < 3; ++l)
+                process.held[l] = saturating_add(process.held[l], scratch[i].held.held[l]);
+        }
+        for (int l = 0; l < 3; ++l)
+            live.held[l] = saturating_add(live.held[l], std::max<std::int64_t>(process.held[l], 0));
+    }
     return live;
 }
 
@@ -169,6 +208,8 @@ ReapReport reap_locked(SegmentState& state) {
     for (const DeadSlot& d : dead)
         dead_indexes.push_back(d.index);
     std::vector<bool> deferred(used, false);
+    std::vector<SlotHolding> scratch;  // live_holdings': reserved here, not while frozen
+    scratch.reserve(state.geometry().max_processes);
     for (std::uint32_t r = 0; r < used; ++r) {
         if (!affected[r]) continue;
         Record& record = state.record(r);
@@ -185,7 +226,7 @@ ReapReport reap_locked(SegmentState& state) {
             report.deferred.emplace_back(record_key(record));
             continue;
         }
-        const LiveHoldings live = live_holdings(state, r, dead);
+        const LiveHoldings live = live_holdings(state, r, dead, scratch);
         LIM_RACE_POINT();  // between the sum of the live ledgers and the store of the recount
         const LiveHoldings given = ops->recount(state, r, live, dead_indexes, Clock::now());
 
@@ -201,13 +242,16 @@ ReapReport reap_locked(SegmentState& state) {
             std::map<std::uint32_t, std::int64_t> per_pid;
             for (const DeadSlot& d : dead) {
                 const std::int64_t h = state.ledger(d.index, r).held[l].load();
-                per_pid[SlotOwner::pid(d.owner)] += h;
-                attributed += h;
+                std::int64_t& mine = per_pid[SlotOwner::pid(d.owner)];
+                mine = saturating_add(mine, h);  // a damaged ledger may hold anything
+                attributed = saturating_add(attributed, h);
                 if (state.slot(d.index).pending.load() == r + 1)
                     pending_pid = SlotOwner::pid(d.owner);
             }
-            if (const std::int64_t rest = given.held[l] - attributed; rest != 0) {
-                per_pid[pending_pid ? pending_pid : SlotOwner::pid(dead.front().owner)] += rest;
+            if (const std::int64_t rest = saturating_sub(given.held[l], attributed); rest != 0) {
+                std::int64_t& whose =
+                    per_pid[pending_pid ? pending_pid : SlotOwner::pid(dead.front().owner)];
+                whose = saturating_add(whose, rest);
             }
             for (const auto& [pid, amount] : per_pid) {
                 if (amount == 0) continue;
