@@ -116,7 +116,9 @@ std::int64_t DripRate::fractional_units_after(std::uint64_t e, std::uint64_t m,
 
 std::optional<std::int64_t> DripRate::elapsed_for(std::int64_t units) const noexcept {
     if (units <= 0) return 0;
-    if (m == 0) return std::nullopt;
+    // No drip (as units_after says for a shift of 128 or more: only a damaged block has one, and
+    // -shift below must not overflow an int).
+    if (m == 0 || shift >= 128) return std::nullopt;
     // An estimate in extended precision, then the exact answer by bisection on units_after,
     // which is monotone: floor(e * R / 10^9) >= units.
     const long double rate = std::ldexp(static_cast<long double>(m), -static_cast<int>(shift));
@@ -475,7 +477,7 @@ LimiterReading LimiterCore::read(std::int64_t now_ns) const noexcept {
     r.in_bucket = r.params.bucket_at(r.x, r.in_flight, r.t_ns);
     r.in_hopper = r.params.target_infinite
                       ? 0
-                      : std::max<std::int64_t>(0, r.params.target - r.in_flight) - r.in_bucket;
+                      : r.params.outside_flight(r.in_flight) - r.in_bucket;  // no overflow
     // A token bucket's own takes are in flight too, recorded in the ledgers rather than in F
     // (try_take_bucket). Added after the bucket is computed: its cap depends on F alone.
     if (load_flavor(state_.record(record_).header) ==
@@ -541,13 +543,16 @@ void switch_locked(LimiterBody& body, std::int64_t now_ns, bool reanchor,
         const std::int64_t x = BucketWord::x(s);
         LimiterParams next = old;
         if (change) change(next, ctx);
+        // The old cap, bounded as every configuration bounds it (a damaged block's bucket size
+        // may be anything, and -cap must not overflow).
+        const std::int64_t cap = std::clamp<std::int64_t>(old.cap(f), 0, kMaxTokenUnits);
         std::int64_t next_x = 0;
         if (!next.rate_infinite) {
             const bool large = !old.rate_infinite && old.drip_at(t) > kRebaseAt;
             if (old.rate_infinite) {
                 // The bucket was the cap; it starts the new drip full.
                 next.anchor_ns = t;
-                next_x = -old.cap(f);
+                next_x = -cap;
             } else if (reanchor || large) {
                 // D(t) = 0 from here. The marker becomes X - D(t), folded at t: minus the bucket
                 // at t, or, when takes at times after t have moved X beyond D(t) (t is behind
@@ -560,9 +565,9 @@ void switch_locked(LimiterBody& body, std::int64_t now_ns, bool reanchor,
                 const std::int64_t at =
                     change == nullptr && old.target_infinite ? exact_anchor(old, t) : t;
                 next.anchor_ns = at;
-                next_x = std::max(x - old.drip_at(at), -old.cap(f));
+                next_x = std::max(x - old.drip_at(at), -cap);
             } else {
-                next_x = std::max(x, old.drip_at(t) - old.cap(f));
+                next_x = std::max(x, old.drip_at(t) - cap);
             }
         }
         store_params(body.config[(gen + 1) & 1], next);

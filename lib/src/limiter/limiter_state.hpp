@@ -273,7 +273,8 @@ struct LimiterParams {
     // The bucket at `t_ns` with marker `x` and `f` in flight.
     std::int64_t bucket_at(std::int64_t x, std::int64_t f, std::int64_t t_ns) const noexcept {
         const std::int64_t c = cap(f);
-        if (rate_infinite) return c;
+        // Never negative, even for a damaged block's bucket size (reads only).
+        if (rate_infinite) return std::max<std::int64_t>(0, c);
         return std::max<std::int64_t>(0, std::min(drip_at(t_ns) - x, c));
     }
 };
