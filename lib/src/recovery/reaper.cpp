@@ -26,6 +26,10 @@ namespace {
 // operation takes nanoseconds; a slot still pending after this is stopped (SIGSTOP, a debugger),
 // and the record is left for the next reap.
 constexpr auto kQuiesceTimeout = std::chrono::seconds{1};
+// How long a reap keeps a record frozen waiting for quiescence. Every holder on the record waits
+// aside while it is frozen, so the long wait for a stopped process happens before the freeze
+// (wait_seen_out); once frozen, only operations that began since are waited for.
+constexpr auto kFrozenQuiesceTimeout = std::chrono::milliseconds{50};
 
 struct DeadSlot {
     std::uint32_t index;
@@ -55,8 +59,9 @@ bool contains(const std::vector<DeadSlot>& dead, std::uint32_t slot) {
 
 // Waits until no slot outside `excluded` is in the middle of an operation on `record`.
 bool wait_quiescent(const SegmentState& state, std::uint32_t record,
-                    const std::vector<DeadSlot>& excluded) {
-    const auto deadline = std::chrono::steady_clock::now() + kQuiesceTimeout;
+                    const std::vector<DeadSlot>& excluded,
+                    std::chrono::steady_clock::duration timeout) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
     for (int pass = 0;; ++pass) {
         bool busy = false;
         for (std::uint32_t i = 0; i < state.geometry().max_processes && !busy; ++i) {
@@ -67,6 +72,39 @@ bool wait_quiescent(const SegmentState& state, std::uint32_t record,
         }
         if (!busy) return true;
         if (std::chrono::steady_clock::now() > deadline) return false;
+        if (pass < 64) {
+            std::this_thread::yield();
+        } else {
+            std::this_thread::sleep_for(std::chrono::microseconds{50});
+        }
+    }
+}
+
+// Before a record is frozen: waits (up to kQuiesceTimeout) until every slot outside `excluded`
+// that is now in the middle of an operation on `record` has been seen out of it once (one
+// operation at a time per slot, so the one in progress has then ended), without freezing
+// anything. A process stopped mid-operation costs this wait, not a frozen record: before, the
+// whole second was spent frozen, and every operation on the record, in every process, waited
+// aside for it (at each reap: blocked callers reap every reap_after). Only an optimisation: the
+// frozen wait that follows is what makes the recount exact. Scratch: `busy` (reserved).
+void wait_seen_out(const SegmentState& state, std::uint32_t record,
+                   const std::vector<DeadSlot>& excluded, std::vector<std::uint32_t>& busy) {
+    busy.clear();
+    const std::uint32_t announced = record + 1;
+    for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+        const SlotHeader& slot = state.slot(i);
+        if (!is_occupied(slot.owner.load(std::memory_order_acquire))) continue;
+        if (contains(excluded, i)) continue;
+        if (slot.pending.load(std::memory_order_acquire) == announced) busy.push_back(i);
+    }
+    const auto deadline = std::chrono::steady_clock::now() + kQuiesceTimeout;
+    for (int pass = 0; !busy.empty(); ++pass) {
+        std::erase_if(busy, [&](std::uint32_t i) {
+            const SlotHeader& slot = state.slot(i);
+            return !is_occupied(slot.owner.load(std::memory_order_acquire)) ||
+                   slot.pending.load(std::memory_order_acquire) != announced;
+        });
+        if (busy.empty() || std::chrono::steady_clock::now() > deadline) return;
         if (pass < 64) {
             std::this_thread::yield();
         } else {
@@ -210,6 +248,8 @@ ReapReport reap_locked(SegmentState& state) {
     std::vector<bool> deferred(used, false);
     std::vector<SlotHolding> scratch;  // live_holdings': reserved here, not while frozen
     scratch.reserve(state.geometry().max_processes);
+    std::vector<std::uint32_t> busy;  // wait_seen_out's
+    busy.reserve(state.geometry().max_processes);
     for (std::uint32_t r = 0; r < used; ++r) {
         if (!affected[r]) continue;
         Record& record = state.record(r);
@@ -218,9 +258,12 @@ ReapReport reap_locked(SegmentState& state) {
         const KindOps* ops = kind_ops(kind);
         if (ops == nullptr) continue;
 
+        // A live process stopped mid-operation: wait for it unfrozen first (then, still
+        // pending, it defers the record after a short frozen wait, below).
+        wait_seen_out(state, r, dead, busy);
         ops->freeze(state, r);
         LIM_RACE_POINT();  // a holder between its CAS and its ledger store sees the freeze late
-        if (!wait_quiescent(state, r, dead)) {
+        if (!wait_quiescent(state, r, dead, kFrozenQuiesceTimeout)) {
             ops->thaw(state, r);
             deferred[r] = true;
             report.deferred.emplace_back(record_key(record));
@@ -362,7 +405,7 @@ void reset(SegmentState& state, const ResetOptions& options) {
         LIM_RACE_POINT();
         // Forced: live holders may be mid-operation; let them finish (or give up after the
         // timeout and reset regardless: force means force).
-        wait_quiescent(state, r, dead);
+        wait_quiescent(state, r, dead, kQuiesceTimeout);
         // The reset forgets what anyone held in the record, the dead (whose reap was deferred)
         // included; a dead slot's registration or unfinished operation on it goes too, so that
         // the reset's sleeper count (live registrations) does not count a dead sleeper.
