@@ -80,7 +80,7 @@ bool wait_quiescent(const SegmentState& state, std::uint32_t record,
     }
 }
 
-// Before a record is frozen: waits (up to kQuiesceTimeout) until every slot outside `excluded`
+// Before a record is frozen: waits (until `deadline`) until every slot outside `excluded`
 // that is now in the middle of an operation on `record` has been seen out of it once (one
 // operation at a time per slot, so the one in progress has then ended), without freezing
 // anything. A process stopped mid-operation costs this wait, not a frozen record: before, the
@@ -88,7 +88,8 @@ bool wait_quiescent(const SegmentState& state, std::uint32_t record,
 // aside for it (at each reap: blocked callers reap every reap_after). Only an optimisation: the
 // frozen wait that follows is what makes the recount exact. Scratch: `busy` (reserved).
 void wait_seen_out(const SegmentState& state, std::uint32_t record,
-                   const std::vector<DeadSlot>& excluded, std::vector<std::uint32_t>& busy) {
+                   const std::vector<DeadSlot>& excluded, std::vector<std::uint32_t>& busy,
+                   std::chrono::steady_clock::time_point deadline) {
     busy.clear();
     const std::uint32_t announced = record + 1;
     for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
@@ -97,7 +98,6 @@ void wait_seen_out(const SegmentState& state, std::uint32_t record,
         if (contains(excluded, i)) continue;
         if (slot.pending.load(std::memory_order_acquire) == announced) busy.push_back(i);
     }
-    const auto deadline = std::chrono::steady_clock::now() + kQuiesceTimeout;
     for (int pass = 0; !busy.empty(); ++pass) {
         std::erase_if(busy, [&](std::uint32_t i) {
             const SlotHeader& slot = state.slot(i);
@@ -258,12 +258,21 @@ ReapReport reap_locked(SegmentState& state) {
         const KindOps* ops = kind_ops(kind);
         if (ops == nullptr) continue;
 
-        // A live process stopped mid-operation: wait for it unfrozen first (then, still
-        // pending, it defers the record after a short frozen wait, below).
-        wait_seen_out(state, r, dead, busy);
-        ops->freeze(state, r);
-        LIM_RACE_POINT();  // a holder between its CAS and its ledger store sees the freeze late
-        if (!wait_quiescent(state, r, dead, kFrozenQuiesceTimeout)) {
+        // Quiescence: wait unfrozen for the operations in progress, then freeze and wait at most
+        // kFrozenQuiesceTimeout for those begun since; if one is still in progress, thaw and try
+        // again, all within kQuiesceTimeout. A live process stopped mid-operation so costs the
+        // reaper the second, and the record at most kFrozenQuiesceTimeout frozen at a time.
+        const auto deadline = std::chrono::steady_clock::now() + kQuiesceTimeout;
+        bool quiescent = false;
+        for (;;) {
+            wait_seen_out(state, r, dead, busy, deadline);
+            ops->freeze(state, r);
+            LIM_RACE_POINT();  // a holder between its CAS and its ledger store sees the freeze late
+            quiescent = wait_quiescent(state, r, dead, kFrozenQuiesceTimeout);
+            if (quiescent || std::chrono::steady_clock::now() >= deadline) break;
+            ops->thaw(state, r);
+        }
+        if (!quiescent) {
             ops->thaw(state, r);
             deferred[r] = true;
             report.deferred.emplace_back(record_key(record));
