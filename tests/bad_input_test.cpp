@@ -6,6 +6,8 @@
 
 #include <doctest/doctest.h>
 
+#include <bit>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -741,7 +743,38 @@ TEST_CASE("garbage in a limiter record: every operation returns, and a reset rep
         });
         if (i % 10 == 3) attempt([&] { (void)rebase_consumed(l); });
     }
-    MESSAGE(errors << " lim::Errors over 3,000 rounds of garbage");
+    // The creation configuration (Record::config, which a reset rebuilds from) damaged too:
+    // resets and every operation after them.
+    const std::uint32_t rec = *detail::find_record(*seg.state(), detail::RecordKind::limiter, "l");
+    auto* created = reinterpret_cast<detail::LimiterRecordConfig*>(seg.state()->record(rec).config);
+    const detail::LimiterRecordConfig original = *created;
+    for (int i = 0; i < 300; ++i) {
+        switch (rng() % 3) {
+            case 0:
+                created->rate_bits = std::bit_cast<std::uint64_t>(
+                    rng() % 2 == 0 ? std::numeric_limits<double>::infinity() : -1.0);
+                break;
+            case 1:
+                created->rate_bits = std::bit_cast<std::uint64_t>(std::ldexp(1.5, 70));
+                break;
+            default:
+                created->rate_bits = rng();
+        }
+        created->bucket_size = pick();
+        created->initial_bucket_level = pick();
+        created->initial_hopper_level = pick();
+        created->flags = static_cast<std::uint32_t>(rng() % 8);
+        attempt([&] { seg.reset({.key = "l", .force = true}); });
+        const TimePoint now = Clock::now();
+        attempt([&] { (void)l.try_take(now, 1); });
+        attempt([&] { (void)l.try_take(1); });
+        attempt([&] { l.return_to_hopper(now, 0.5); });
+        attempt([&] { (void)l.in_system(now); });
+        attempt([&] { (void)l.tokens_may_be_available_when(now, 1); });
+        if (i % 10 == 0) attempt([&] { l.set_token_target_level(now, 50.0); });
+    }
+    *created = original;
+    MESSAGE(errors << " lim::Errors over 3,300 rounds of garbage");
     // A forced reset restores the created state: 10 tokens in the bucket, not one more (at a
     // `now` before the reset, moved up to the reset's time, where the drip is 0).
     const TimePoint now = Clock::now();

@@ -169,9 +169,15 @@ LimiterParams params_from_config(const LimiterRecordConfig& c, std::int64_t now_
     p.target_infinite = (c.flags & kTargetInfinite) != 0;
     p.consumed = (c.flags & kConsumed) != 0;
     p.rate_per_sec = p.rate_infinite ? 0.0 : std::bit_cast<double>(c.rate_bits);
+    // Bounded as open() validated them (a damaged record may say anything, and a reset rebuilds
+    // from it): a rate outside [0, 1e9] drips nothing (an infinite one made from_rate convert
+    // infinity to an integer), sizes and levels within [0, kMaxTokenUnits] (their sum below).
+    if (!(p.rate_per_sec >= 0 && p.rate_per_sec <= kMaxRatePerSec)) p.rate_per_sec = 0;
     p.drip = p.rate_infinite ? DripRate{} : DripRate::from_rate(p.rate_per_sec);
-    p.bucket_size = c.bucket_size;
-    p.target = p.target_infinite ? 0 : c.initial_bucket_level + c.initial_hopper_level;
+    p.bucket_size = std::clamp<std::int64_t>(c.bucket_size, 0, kMaxTokenUnits);
+    p.target = p.target_infinite
+                   ? 0
+                   : initial_level(c.initial_bucket_level) + initial_level(c.initial_hopper_level);
     p.anchor_ns = now_ns;
     return p;
 }
@@ -182,7 +188,7 @@ void init_limiter_body(LimiterBody& body, const LimiterRecordConfig& config,
     store_params(body.config[0], p);
     // D(now) = 0, so X = -initial level puts the initial level in the bucket. With an infinite
     // rate the bucket is the cap and X is unused.
-    const std::int64_t x = p.rate_infinite ? 0 : -config.initial_bucket_level;
+    const std::int64_t x = p.rate_infinite ? 0 : -initial_level(config.initial_bucket_level);
     body.bucket.store(BucketWord::make(0, x), std::memory_order_relaxed);
     body.time_ns.store(now_ns, std::memory_order_relaxed);
     body.lease_deadline_ns.store(kNoLeaseDeadline, std::memory_order_relaxed);

@@ -155,7 +155,7 @@ void limiter_reset(SegmentState& state, std::uint32_t record, TimePoint now) noe
     const LimiterParams p = params_from_config(config, t);
     const std::uint32_t gen = BucketWord::gen(body.bucket.load(std::memory_order_seq_cst)) + 1;
     store_params(body.config[gen & 1], p);
-    const std::int64_t x = p.rate_infinite ? 0 : -config.initial_bucket_level;
+    const std::int64_t x = p.rate_infinite ? 0 : -initial_level(config.initial_bucket_level);
     body.bucket.store(BucketWord::make(gen, x), std::memory_order_seq_cst);
     body.time_ns.store(t, std::memory_order_seq_cst);
     recount_waiters(state, record, body.wake, {});

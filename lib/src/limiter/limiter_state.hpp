@@ -320,7 +320,12 @@ inline std::int64_t drip_from_block(const ConfigBlock& block, std::int64_t t_ns)
                                        block.drip_rest.load(std::memory_order_acquire));
 }
 void store_params(ConfigBlock& block, const LimiterParams& p) noexcept;
-// The configuration a record was created with, anchored at `now_ns`.
+// An initial level of a record's creation configuration, bounded as open() validated it (a
+// damaged record may say anything): within [0, kMaxTokenUnits].
+inline std::int64_t initial_level(std::int64_t units) noexcept {
+    return std::clamp<std::int64_t>(units, 0, kMaxTokenUnits);
+}
+// The configuration a record was created with, anchored at `now_ns` (bounded: initial_level).
 LimiterParams params_from_config(const LimiterRecordConfig& c, std::int64_t now_ns) noexcept;
 
 // ---------------------------------------------------------------------------------------------
