@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "inspect/snapshot.hpp"
 #include "lim/consumed_limiter.hpp"
 #include "lim/lim.hpp"
 #include "limiter/limiter_state.hpp"
@@ -742,6 +743,8 @@ TEST_CASE("garbage in a limiter record: every operation returns, and a reset rep
             (void)settle_conversion(l, Duration::zero());
         });
         if (i % 10 == 3) attempt([&] { (void)rebase_consumed(l); });
+        // What limctl reads (its snapshot of the record).
+        attempt([&] { (void)detail::snapshot_segment(*seg.state(), now); });
     }
     // The creation configuration (Record::config, which a reset rebuilds from) damaged too:
     // resets and every operation after them.
