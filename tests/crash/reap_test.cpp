@@ -23,6 +23,19 @@ using namespace std::chrono_literals;
 
 namespace {
 
+// Set in a child forked from a multi-threaded test just before it calls exit(): the other
+// threads' allocations, copied into it by fork(), are not leaks of the child's.
+bool in_forked_child = false;
+
+}  // namespace
+
+// LeakSanitizer's hook (read at exit, when built with ASan): off in such a child.
+extern "C" int __lsan_is_turned_off() {
+    return in_forked_child ? 1 : 0;
+}
+
+namespace {
+
 using lim::test::Flag;
 using lim::test::make_flag;
 
@@ -359,4 +372,59 @@ TEST_CASE("a reaper stopped while a record is frozen does not block try_acquire"
     CHECK(lim::test::wait_child(reaper) == 0);
     REQUIRE(frozen);  // the reaper was stopped inside its frozen window
     CHECK(in_time);
+}
+
+// fork() in one thread while another holds units: the child inherits none of them (it cannot
+// release them, and a reap from the child or after its exit(), with every static destructor,
+// gives back nothing), and the parent's stay counted and releasable.
+TEST_CASE("a child forked while another thread holds units inherits none; the parent keeps them") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("reap-fork"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 4});
+    auto th = Throttle::open(seg, "th", {.max_concurrent_jobs = 4});
+    std::atomic<int> stage{0};
+    std::thread holder([&] {
+        sem.acquire(2);
+        CHECK(th.try_start_job().kind() == StartJob::Kind::start);
+        stage = 1;
+        while (stage.load() != 2)
+            std::this_thread::sleep_for(1ms);
+        sem.release(2);
+        th.finish_job();
+    });
+    while (stage.load() != 1)
+        std::this_thread::sleep_for(1ms);
+    const pid_t child = ::fork();
+    REQUIRE(child >= 0);
+    if (child == 0) {
+        // The child: only the forking thread. Nothing of the holder's is its to release.
+        int rc = 0;
+        try {
+            sem.release(1);
+            rc |= 1;  // must not get here
+        } catch (const Error& e) {
+            if (e.code() != Errc::over_release) rc |= 2;
+        }
+        try {
+            th.finish_job();
+            rc |= 4;
+        } catch (const Error& e) {
+            if (e.code() != Errc::over_release) rc |= 8;
+        }
+        (void)seg.reap();
+        if (sem.in_use() != 2) rc |= 16;
+        if (sem.try_acquire(2)) sem.release(2);  // its own units, released: the count stays
+        if (sem.in_use() != 2) rc |= 32;
+        in_forked_child = true;  // LeakSanitizer: the holder thread's memory is not this one's
+        std::exit(rc);           // exit(), not _exit(): static and thread_local destructors run
+    }
+    CHECK(lim::test::wait_child(child) == 0);
+    (void)seg.reap();
+    CHECK(sem.in_use() == 2);
+    CHECK_FALSE(sem.try_acquire(3));
+    CHECK(th.limiter().in_flight() == doctest::Approx(1.0));
+    stage = 2;
+    holder.join();
+    CHECK(sem.in_use() == 0);
+    CHECK(th.limiter().in_flight() == doctest::Approx(0.0));
 }
