@@ -250,6 +250,11 @@ ReapReport reap_locked(SegmentState& state) {
     scratch.reserve(state.geometry().max_processes);
     std::vector<std::uint32_t> busy;  // wait_seen_out's
     busy.reserve(state.geometry().max_processes);
+    // One quiescence budget for the whole reap, not one per record: processes stopped in the
+    // middle of operations on many records (a neighbour's threads, each stopped in a Hold) cost
+    // a reap (`limctl reap`, an attach) one kQuiesceTimeout plus kFrozenQuiesceTimeout per
+    // record, not a second per record.
+    const auto budget = std::chrono::steady_clock::now() + kQuiesceTimeout;
     for (std::uint32_t r = 0; r < used; ++r) {
         if (!affected[r]) continue;
         Record& record = state.record(r);
@@ -260,9 +265,10 @@ ReapReport reap_locked(SegmentState& state) {
 
         // Quiescence: wait unfrozen for the operations in progress, then freeze and wait at most
         // kFrozenQuiesceTimeout for those begun since; if one is still in progress, thaw and try
-        // again, all within kQuiesceTimeout. A live process stopped mid-operation so costs the
-        // reaper the second, and the record at most kFrozenQuiesceTimeout frozen at a time.
-        const auto deadline = std::chrono::steady_clock::now() + kQuiesceTimeout;
+        // again, all within the reap's budget (kQuiesceTimeout). A live process stopped
+        // mid-operation so costs the reaper the budget, and the record at most
+        // kFrozenQuiesceTimeout frozen at a time.
+        const auto deadline = budget;
         bool quiescent = false;
         for (;;) {
             wait_seen_out(state, r, dead, busy, deadline);
