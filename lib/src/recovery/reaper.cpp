@@ -413,6 +413,8 @@ void reset(SegmentState& state, const ResetOptions& options) {
                                 others.size() > 1 ? ", ..." : ""));
     }
 
+    // One quiescence budget for the whole reset, as for a reap (not a second per record).
+    const auto budget = std::chrono::steady_clock::now() + kQuiesceTimeout;
     for (const std::uint32_t r : targets) {
         const KindOps* ops = kind_ops(static_cast<RecordKind>(state.record(r).header.kind));
         if (ops == nullptr) continue;
@@ -420,7 +422,9 @@ void reset(SegmentState& state, const ResetOptions& options) {
         LIM_RACE_POINT();
         // Forced: live holders may be mid-operation; let them finish (or give up after the
         // timeout and reset regardless: force means force).
-        wait_quiescent(state, r, dead, kQuiesceTimeout);
+        wait_quiescent(state, r, dead,
+                       std::max(budget - std::chrono::steady_clock::now(),
+                                std::chrono::steady_clock::duration{kFrozenQuiesceTimeout}));
         // The reset forgets what anyone held in the record, the dead (whose reap was deferred)
         // included; a dead slot's registration or unfinished operation on it goes too, so that
         // the reset's sleeper count (live registrations) does not count a dead sleeper.
