@@ -6,12 +6,20 @@
 
 #include <doctest/doctest.h>
 
+#include <bit>
+#include <cmath>
 #include <cstring>
 #include <functional>
+#include <limits>
+#include <map>
+#include <random>
 #include <string>
 #include <vector>
 
+#include "inspect/snapshot.hpp"
+#include "lim/consumed_limiter.hpp"
 #include "lim/lim.hpp"
+#include "limiter/limiter_state.hpp"
 #include "shm/layout.hpp"
 #include "shm/records.hpp"
 #include "shm/segment_state.hpp"
@@ -513,4 +521,333 @@ TEST_CASE("a read-only attach never waits for an unready segment") {
         unready = e.code() == Errc::corrupt_segment;
     }
     CHECK(unready);
+}
+
+// A live neighbour whose ledger was scribbled on (a buggy process, a stray write): a reap sums
+// the live ledgers to recount a record, and that sum must neither overflow (undefined behaviour;
+// a wrapped sum is negative, recounted as nothing held) nor let one process's damaged entry cancel
+// what another process holds. Either way the throttle would admit past max_concurrent_jobs while
+// the test process still runs its job. docs/design.md, "The recount".
+TEST_CASE("a damaged ledger entry of a live neighbour cannot make a reap free what others hold") {
+    for (const std::int64_t garbage :
+         {std::numeric_limits<std::int64_t>::max(), std::numeric_limits<std::int64_t>::max() - 5,
+          std::numeric_limits<std::int64_t>::min(), std::int64_t{-1'000'000}}) {
+        CAPTURE(garbage);
+        SegmentGuard guard(unique_name("lim-ledger"));
+        auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 4, .max_processes = 16});
+        auto th = Throttle::open(seg, "th", {.max_concurrent_jobs = 3});
+        REQUIRE(th.try_start_job().kind() == StartJob::Kind::start);  // ours, held throughout
+
+        // The neighbour: runs one job and stays alive (and running it) until told to exit.
+        auto* go = lim::test::make_flag();
+        auto* ready = lim::test::make_flag();
+        const pid_t neighbour = lim::test::fork_child([&] {
+            auto mine = Throttle::open(seg, "th", {.max_concurrent_jobs = 3});
+            if (mine.try_start_job().kind() != StartJob::Kind::start) return 1;
+            ready->set();
+            go->wait();
+            return 0;
+        });
+        ready->wait();
+        // One that dies holding a job, so that the reap recounts the record.
+        const pid_t dead = lim::test::fork_child([&] {
+            auto mine = Throttle::open(seg, "th", {.max_concurrent_jobs = 3});
+            return mine.try_start_job().kind() == StartJob::Kind::start ? 0 : 1;
+        });
+        REQUIRE(lim::test::wait_child(dead) == 0);
+
+        // Scribble on the neighbour's ledger entry for the record.
+        detail::SegmentState& state = *seg.state();
+        const auto record = detail::find_record(state, detail::RecordKind::limiter, "th");
+        REQUIRE(record.has_value());
+        bool scribbled = false;
+        for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+            const std::uint64_t owner = state.slot(i).owner.load();
+            if (detail::SlotOwner::pid(owner) != static_cast<std::uint32_t>(neighbour)) continue;
+            auto& held = state.ledger(i, *record).held[0];
+            if (held.load() == 0) continue;
+            held.store(garbage);
+            scribbled = true;
+        }
+        REQUIRE(scribbled);
+
+        (void)seg.reap();  // the dead one's job comes back; ours and the neighbour's must not
+        // Live jobs: ours and the neighbour's. A huge entry counts as held (at most one more
+        // job: doubt means held); a negative one loses at most the neighbour's own job, never
+        // ours (at most two more).
+        int started = 0;
+        while (started < 3 && th.try_start_job().kind() == StartJob::Kind::start)
+            ++started;
+        CHECK(started <= (garbage > 0 ? 1 : 2));
+
+        go->set();
+        CHECK(lim::test::wait_child(neighbour) == 0);
+    }
+}
+
+// The same for the semaphores, whose recount packs the units in use into a field of the word
+// (32 bits for a Semaphore, 47 for a WeightedSemaphore, whose bits 47-61 count the queued): a
+// damaged entry that makes the live sum a multiple of the fields' range must not leave the units
+// field at what fits, 0, while our unit is held.
+TEST_CASE("a damaged ledger entry cannot wrap a semaphore's recount into its word's fields") {
+    struct Case {
+        const char* kind;
+        std::int64_t garbage;  // with our 1 unit, the live sum is the field's range
+    };
+    for (const Case c : {Case{"semaphore", std::int64_t{0xFFFF'FFFF}},
+                         Case{"weighted_semaphore", (std::int64_t{1} << 62) - 1}}) {
+        const std::string kind = c.kind;
+        CAPTURE(kind);
+        SegmentGuard guard(unique_name("lim-ledger"));
+        auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 4, .max_processes = 16});
+        const bool weighted = kind == "weighted_semaphore";
+        const auto try_acquire = [&](const Segment& s) {
+            if (weighted) return WeightedSemaphore::open(s, "s", {.capacity = 3}).try_acquire(1);
+            return Semaphore::open(s, "s", {.capacity = 3}).try_acquire(1);
+        };
+        REQUIRE(try_acquire(seg));  // ours, held throughout
+        auto* go = lim::test::make_flag();
+        auto* ready = lim::test::make_flag();
+        const pid_t neighbour = lim::test::fork_child([&] {
+            if (!try_acquire(seg)) return 1;
+            ready->set();
+            go->wait();
+            return 0;
+        });
+        ready->wait();
+        const pid_t dead = lim::test::fork_child([&] { return try_acquire(seg) ? 0 : 1; });
+        REQUIRE(lim::test::wait_child(dead) == 0);
+
+        detail::SegmentState& state = *seg.state();
+        const auto record = detail::find_record(
+            state,
+            weighted ? detail::RecordKind::weighted_semaphore : detail::RecordKind::semaphore, "s");
+        REQUIRE(record.has_value());
+        bool scribbled = false;
+        for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+            const std::uint64_t owner = state.slot(i).owner.load();
+            if (detail::SlotOwner::pid(owner) != static_cast<std::uint32_t>(neighbour)) continue;
+            auto& held = state.ledger(i, *record).held[0];
+            if (held.load() == 0) continue;
+            held.store(c.garbage);
+            scribbled = true;
+        }
+        REQUIRE(scribbled);
+
+        (void)seg.reap();
+        // Ours and the neighbour's are held (its damaged entry counts as a huge holding): none
+        // more.
+        int acquired = 0;
+        while (acquired < 3 && try_acquire(seg))
+            ++acquired;
+        CHECK(acquired == 0);
+
+        go->set();
+        CHECK(lim::test::wait_child(neighbour) == 0);
+    }
+}
+
+// A limiter record that a buggy process scribbled on: every operation of the library on it (the
+// general take and return, the reads, tokens_may_be_available_when, a bounded blocking take, a
+// configuration switch and the rebase it may trigger, the consumed record's calls) returns or
+// throws lim::Error; none crashes, hangs or overflows (run under UBSan: values read from the
+// segment are bounded before use). Token bucket takes on garbage: token_bucket_reanchor_review.
+TEST_CASE("garbage in a limiter record: every operation returns, and a reset repairs it") {
+    std::mt19937_64 rng(4242);
+    const auto pick = [&rng]() -> std::int64_t {
+        switch (rng() % 6) {
+            case 0:
+                return std::numeric_limits<std::int64_t>::min() +
+                       static_cast<std::int64_t>(rng() % 4);
+            case 1:
+                return std::numeric_limits<std::int64_t>::max() -
+                       static_cast<std::int64_t>(rng() % 4);
+            case 2:
+                return static_cast<std::int64_t>(rng() % 2'000'000'000'000) - 1'000'000'000'000;
+            case 3:
+                return to_nanos(Clock::now()) - static_cast<std::int64_t>(rng() % 4'000'000'000);
+            default:
+                return static_cast<std::int64_t>(rng());
+        }
+    };
+    SegmentGuard guard(unique_name("lim-garbage"));
+    auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 4, .max_processes = 16});
+    const LimiterConfig config{.hopper_to_bucket_rate_per_sec = 1000.0,
+                               .bucket_size = 10,
+                               .initial_bucket_level = 10,
+                               .initial_hopper_level = 100.0};
+    Limiter l = Limiter::open(seg, "l", config);
+    auto& body = *reinterpret_cast<detail::LimiterBody*>(
+        seg.state()
+            ->record(*detail::find_record(*seg.state(), detail::RecordKind::limiter, "l"))
+            .body);
+    long errors = 0;
+    const auto attempt = [&](const std::function<void()>& op) {
+        try {
+            op();
+        } catch (const Error&) {
+            ++errors;
+        }
+    };
+    for (int i = 0; i < 3'000; ++i) {
+        const std::uint32_t gen = detail::BucketWord::gen(body.bucket.load());
+        detail::ConfigBlock& c = body.config[gen & 1];
+        c.flags.store(static_cast<std::uint32_t>(rng() % 8));
+        switch (rng() % 4) {
+            case 0:
+                c.drip_shift.store(0);
+                break;
+            case 1:
+                c.drip_shift.store(static_cast<std::uint32_t>(rng() % 200));
+                break;
+            default:
+                c.drip_shift.store(static_cast<std::uint32_t>(rng()));
+        }
+        c.drip_m.store(rng() % 2 == 0 ? rng() % 184'467'440'738 : rng());
+        c.drip_whole.store(rng() % 2 == 0 ? c.drip_m.load() / 1'000'000'000 : rng());
+        c.drip_rest.store(rng() % 2 == 0 ? c.drip_m.load() % 1'000'000'000 : rng());
+        c.anchor_ns.store(pick());
+        c.bucket_size.store(rng() % 2 == 0 ? 100'000 : pick());
+        c.target.store(pick());
+        body.bucket.store(rng() % 2 == 0 ? detail::BucketWord::make(gen, pick()) : rng());
+        body.time_ns.store(rng() % 2 == 0 ? to_nanos(Clock::now()) : pick());
+        // kFrozen now and then: an operation waits aside, then thaws it (recovery lock free).
+        body.in_flight.store(static_cast<std::uint64_t>(pick()) &
+                             (rng() % 16 == 0 ? ~std::uint64_t{0} : ~detail::kFrozen));
+        body.lease_deadline_ns.store(pick());
+        body.refused.store(rng());
+        const TimePoint now = Clock::now();
+        attempt([&] { (void)l.try_take(now, 1); });
+        attempt([&] { (void)l.try_take(1); });
+        attempt([&] { l.return_to_hopper(now, 0.5); });
+        attempt([&] {
+            (void)l.in_bucket(now);
+            (void)l.in_hopper(now);
+            (void)l.in_flight(now);
+            (void)l.in_limiter(now);
+            (void)l.in_system(now);
+            (void)l.bucket_size();
+            (void)l.hopper_to_bucket_rate_per_sec();
+            (void)l.token_target_level();
+        });
+        attempt([&] { (void)l.tokens_may_be_available_when(now, 1); });
+        attempt([&] { (void)l.tokens_may_be_available_when(now, 5); });
+        if (i % 50 == 0) {
+            attempt([&] { (void)l.take_until(1, Clock::now() + std::chrono::milliseconds{1}); });
+        }
+        if (i % 10 == 0) attempt([&] { l.set_token_target_level(now, 50.0); });
+        if (i % 10 == 5) attempt([&] { l.set_hopper_to_bucket_rate_per_sec(now, 2.5); });
+        attempt([&] {
+            (void)is_consumed(l);
+            (void)lease_deadline(l);
+            (void)take_refused_demand(l);
+            (void)settle_conversion(l, Duration::zero());
+        });
+        if (i % 10 == 3) attempt([&] { (void)rebase_consumed(l); });
+        // What limctl reads (its snapshot of the record).
+        attempt([&] { (void)detail::snapshot_segment(*seg.state(), now); });
+    }
+    // The creation configuration (Record::config, which a reset rebuilds from) damaged too:
+    // resets and every operation after them.
+    const std::uint32_t rec = *detail::find_record(*seg.state(), detail::RecordKind::limiter, "l");
+    auto* created = reinterpret_cast<detail::LimiterRecordConfig*>(seg.state()->record(rec).config);
+    const detail::LimiterRecordConfig original = *created;
+    for (int i = 0; i < 300; ++i) {
+        switch (rng() % 3) {
+            case 0:
+                created->rate_bits = std::bit_cast<std::uint64_t>(
+                    rng() % 2 == 0 ? std::numeric_limits<double>::infinity() : -1.0);
+                break;
+            case 1:
+                created->rate_bits = std::bit_cast<std::uint64_t>(std::ldexp(1.5, 70));
+                break;
+            default:
+                created->rate_bits = rng();
+        }
+        created->bucket_size = pick();
+        created->initial_bucket_level = pick();
+        created->initial_hopper_level = pick();
+        created->flags = static_cast<std::uint32_t>(rng() % 8);
+        attempt([&] { seg.reset({.key = "l", .force = true}); });
+        const TimePoint now = Clock::now();
+        attempt([&] { (void)l.try_take(now, 1); });
+        attempt([&] { (void)l.try_take(1); });
+        attempt([&] { l.return_to_hopper(now, 0.5); });
+        attempt([&] { (void)l.in_system(now); });
+        attempt([&] { (void)l.tokens_may_be_available_when(now, 1); });
+        if (i % 10 == 0) attempt([&] { l.set_token_target_level(now, 50.0); });
+    }
+    *created = original;
+    MESSAGE(errors << " lim::Errors over 3,300 rounds of garbage");
+    // A forced reset restores the created state: 10 tokens in the bucket, not one more (at a
+    // `now` before the reset, moved up to the reset's time, where the drip is 0).
+    const TimePoint now = Clock::now();
+    seg.reset({.key = "l", .force = true});
+    CHECK(l.try_take(now, 10) == TryTake::taken);
+    CHECK(l.try_take(now, 0.0001) == TryTake::unable);
+}
+
+// The Dispatch family's records scribbled on byte by byte (configuration and body: words,
+// futexes, queue rings): every non-blocking call, a release of what it took, and limctl's
+// snapshot return or throw lim::Error; nothing crashes or overflows (run under UBSan).
+TEST_CASE("garbage in a semaphore, weighted semaphore or dispatch record: every call returns") {
+    std::mt19937_64 rng(777);
+    SegmentGuard guard(unique_name("lim-garbage-d"));
+    auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 8, .max_processes = 16});
+    auto window = BackoffWindow::for_key(seg, "api");
+    // Handles opened before the damage (an open validates the configuration it finds).
+    auto s = Semaphore::open(seg, "s", {.capacity = 3});
+    auto w = WeightedSemaphore::open(seg, "w", {.capacity = 100});
+    auto d = Dispatch::open(seg, {.limiter = window, .key = "api", .concurrency = 4});
+    detail::SegmentState& state = *seg.state();
+    const auto scribble = [&](detail::RecordKind kind, std::string_view key) {
+        detail::Record& r = state.record(*detail::find_record(state, kind, key));
+        const int where = static_cast<int>(rng() % 3);
+        std::byte* bytes = where == 0 ? r.config : r.body;
+        const std::size_t size = where == 0 ? detail::kRecordConfigSize : detail::kRecordBodySize;
+        for (int k = 0; k < 8; ++k) {
+            const std::size_t at = rng() % (size - 8);
+            const std::uint64_t v = rng() % 4 == 0 ? ~std::uint64_t{0} >> (rng() % 64) : rng();
+            std::memcpy(bytes + at, &v, 8);
+        }
+    };
+    long errors = 0;
+    std::map<std::string, long> codes;
+    const auto attempt = [&](const std::function<void()>& op) {
+        try {
+            op();
+        } catch (const Error& e) {
+            ++errors;
+            ++codes[std::string(to_string(e.code())) + ": " + std::string(e.what()).substr(0, 60)];
+        }
+    };
+    for (int i = 0; i < 2'000; ++i) {
+        scribble(detail::RecordKind::semaphore, "s");
+        scribble(detail::RecordKind::weighted_semaphore, "w");
+        scribble(detail::RecordKind::dispatch, "api");
+        scribble(detail::RecordKind::backoff_window, "api");
+        attempt([&] {
+            if (s.try_acquire(1)) s.release(1);
+            (void)s.in_use();
+            (void)s.waiters();
+        });
+        attempt([&] {
+            if (w.try_acquire(7)) w.release(7);
+            (void)w.in_use();
+        });
+        attempt([&] {
+            if (auto p = d.try_acquire(1000)) p.reset();
+            (void)d.snapshot();
+            (void)d.backoff_active();
+        });
+        attempt([&] { d.set_backoff(std::chrono::milliseconds{1}); });
+        attempt([&] {
+            (void)Semaphore::open(seg, "s", {.capacity = 3}, adopt_existing);
+            (void)WeightedSemaphore::open(seg, "w", {.capacity = 100}, adopt_existing);
+        });
+        attempt([&] { (void)detail::snapshot_segment(state, Clock::now()); });
+    }
+    MESSAGE(errors << " lim::Errors over 2,000 rounds of garbage");
+    for (const auto& [what, n] : codes)
+        MESSAGE(n << " x " << what);
 }

@@ -6,9 +6,11 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <thread>
+#include <vector>
 
 #include "lim/lim.hpp"
 #include "primitives/semaphore_state.hpp"
@@ -19,6 +21,19 @@
 
 using namespace lim;
 using namespace std::chrono_literals;
+
+namespace {
+
+// Set in a child forked from a multi-threaded test just before it calls exit(): the other
+// threads' allocations, copied into it by fork(), are not leaks of the child's.
+bool in_forked_child = false;
+
+}  // namespace
+
+// LeakSanitizer's hook (read at exit, when built with ASan): off in such a child.
+extern "C" int __lsan_is_turned_off() {
+    return in_forked_child ? 1 : 0;
+}
 
 namespace {
 
@@ -277,4 +292,166 @@ TEST_CASE("reset restores configured state; refused while others are attached un
     REQUIRE(report.reaped.size() == 1);
     CHECK(report.reaped[0].returned.empty());
     CHECK(api.in_use() == 0);
+}
+
+// A live process stopped mid-operation makes a reap defer the record; before, the reap spent its
+// whole quiescence wait (1 s) with the record frozen, and every operation on it, in every
+// process, waited aside that long (and again at each reap: blocked callers reap every
+// reap_after). The wait for the stopped process is now made unfrozen; the frozen wait is short.
+TEST_CASE("a reap deferred by a stopped process keeps the record frozen only briefly") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("reap-brief"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 4});
+    const auto record = *detail::find_record(*seg.state(), detail::RecordKind::semaphore, "db");
+    const pid_t dead = child_holding([&] { sem.acquire(2); });
+    kill_and_wait(dead);
+    const pid_t mid_op = child_holding([&] { static detail::Hold hold(*seg.state(), record); });
+    ::kill(mid_op, SIGSTOP);
+    auto* done = lim::test::shared_array<std::atomic<int>>(1);
+    const pid_t reaper = lim::test::fork_child([&] {
+        const ReapReport report = seg.reap();
+        done->store(1);
+        return report.deferred.size() == 1 && report.reaped.empty() ? 0 : 1;
+    });
+    // The longest a try_acquire + release pair took while the reap ran.
+    auto longest = std::chrono::steady_clock::duration::zero();
+    long pairs = 0;
+    while (done->load() == 0) {
+        const auto start = std::chrono::steady_clock::now();
+        if (sem.try_acquire(1)) sem.release(1);
+        longest = std::max(longest, std::chrono::steady_clock::now() - start);
+        ++pairs;
+    }
+    CHECK(lim::test::wait_child(reaper) == 0);  // deferred, nothing reaped
+    kill_and_wait(mid_op);
+    MESSAGE(pairs << " pairs; longest "
+                  << std::chrono::duration_cast<std::chrono::milliseconds>(longest).count()
+                  << " ms");
+    // Frozen at most kFrozenQuiesceTimeout (50 ms), plus this loaded machine's scheduling: far
+    // below the 1 s quiescence wait a frozen record used to cost.
+    CHECK(longest < 500ms);
+    CHECK(sem.in_use() == 2);  // the dead holder's 2 are still counted (deferred), none of ours
+}
+
+// Processes stopped in the middle of operations on several records: one reap waits for them one
+// quiescence budget (1 s) in all, not a second per record (before: 3 records, 3.15 s; a
+// neighbour with a thread stopped in each of 1,024 records held `limctl reap` for 18 minutes).
+TEST_CASE("one reap spends one quiescence budget, however many records stopped processes are in") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("reap-budget"));
+    auto seg = make_segment(guard);
+    std::vector<pid_t> stopped;
+    for (const char* key : {"a", "b", "c"}) {
+        auto sem = Semaphore::open(seg, key, {.capacity = 4});
+        const auto record = *detail::find_record(*seg.state(), detail::RecordKind::semaphore, key);
+        kill_and_wait(child_holding([&] { sem.acquire(1); }));
+        stopped.push_back(child_holding([&] { static detail::Hold hold(*seg.state(), record); }));
+        ::kill(stopped.back(), SIGSTOP);
+    }
+    const auto start = std::chrono::steady_clock::now();
+    const ReapReport report = seg.reap();
+    const auto took = std::chrono::steady_clock::now() - start;
+    CHECK(report.deferred.size() == 3);
+    MESSAGE("reap took " << std::chrono::duration_cast<std::chrono::milliseconds>(took).count()
+                         << " ms");
+    CHECK(took < 2500ms);  // 1 s + 3 x 50 ms, with room for this loaded machine
+    for (const pid_t pid : stopped)
+        kill_and_wait(pid);
+    CHECK(seg.reap().reaped.size() == 6);
+}
+
+// KNOWN DEFECT (review, not fixed; docs/design.md "The recount", "A stopped reaper"): a reaper
+// stopped (SIGSTOP, a debugger, Ctrl-Z of `limctl reap`) after its freeze and before its recount
+// keeps the record's word frozen and the recovery lock held, so every operation on the record in
+// every process waits aside until it is continued: here a try_acquire, which must never block.
+// The window is the reaper's frozen quiescence wait (up to 50 ms) when a live process is stopped
+// mid-operation, as here. should_fail keeps the suite green and the defect visible.
+TEST_CASE("a reaper stopped while a record is frozen does not block try_acquire" *
+          doctest::should_fail()) {
+    lim::test::SegmentGuard guard(lim::test::unique_name("reap-stopped"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 4});
+    const auto record = *detail::find_record(*seg.state(), detail::RecordKind::semaphore, "db");
+    auto& word = reinterpret_cast<detail::SemaphoreBody*>(seg.state()->record(record).body)->word;
+    const pid_t dead = child_holding([&] { sem.acquire(2); });
+    kill_and_wait(dead);
+    const pid_t mid_op = child_holding([&] { static detail::Hold hold(*seg.state(), record); });
+    ::kill(mid_op, SIGSTOP);
+    // The reaper: freezes "db", then waits up to 1 s for mid_op to leave its operation.
+    const pid_t reaper = lim::test::fork_child([&] {
+        (void)seg.reap();
+        return 0;
+    });
+    REQUIRE(lim::test::eventually([&] { return detail::is_frozen(word.load()); }));
+    ::kill(reaper, SIGSTOP);
+    int st = 0;
+    REQUIRE(::waitpid(reaper, &st, WUNTRACED) == reaper);
+    const bool frozen = detail::is_frozen(word.load());
+    std::atomic<bool> returned{false};
+    std::thread taker([&] {
+        if (sem.try_acquire(1)) sem.release(1);
+        returned = true;
+    });
+    // A try_acquire takes microseconds; 2 s is a hang, not a slow call.
+    const bool in_time = lim::test::eventually([&] { return returned.load(); }, 2s);
+    ::kill(reaper, SIGCONT);
+    taker.join();
+    kill_and_wait(mid_op);
+    CHECK(lim::test::wait_child(reaper) == 0);
+    REQUIRE(frozen);  // the reaper was stopped inside its frozen window
+    CHECK(in_time);
+}
+
+// fork() in one thread while another holds units: the child inherits none of them (it cannot
+// release them, and a reap from the child or after its exit(), with every static destructor,
+// gives back nothing), and the parent's stay counted and releasable.
+TEST_CASE("a child forked while another thread holds units inherits none; the parent keeps them") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("reap-fork"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 4});
+    auto th = Throttle::open(seg, "th", {.max_concurrent_jobs = 4});
+    std::atomic<int> stage{0};
+    std::thread holder([&] {
+        sem.acquire(2);
+        CHECK(th.try_start_job().kind() == StartJob::Kind::start);
+        stage = 1;
+        while (stage.load() != 2)
+            std::this_thread::sleep_for(1ms);
+        sem.release(2);
+        th.finish_job();
+    });
+    while (stage.load() != 1)
+        std::this_thread::sleep_for(1ms);
+    const pid_t child = ::fork();
+    REQUIRE(child >= 0);
+    if (child == 0) {
+        // The child: only the forking thread. Nothing of the holder's is its to release.
+        int rc = 0;
+        try {
+            sem.release(1);
+            rc |= 1;  // must not get here
+        } catch (const Error& e) {
+            if (e.code() != Errc::over_release) rc |= 2;
+        }
+        try {
+            th.finish_job();
+            rc |= 4;
+        } catch (const Error& e) {
+            if (e.code() != Errc::over_release) rc |= 8;
+        }
+        (void)seg.reap();
+        if (sem.in_use() != 2) rc |= 16;
+        if (sem.try_acquire(2)) sem.release(2);  // its own units, released: the count stays
+        if (sem.in_use() != 2) rc |= 32;
+        in_forked_child = true;  // LeakSanitizer: the holder thread's memory is not this one's
+        std::exit(rc);           // exit(), not _exit(): static and thread_local destructors run
+    }
+    CHECK(lim::test::wait_child(child) == 0);
+    (void)seg.reap();
+    CHECK(sem.in_use() == 2);
+    CHECK_FALSE(sem.try_acquire(3));
+    CHECK(th.limiter().in_flight() == doctest::Approx(1.0));
+    stage = 2;
+    holder.join();
+    CHECK(sem.in_use() == 0);
+    CHECK(th.limiter().in_flight() == doctest::Approx(0.0));
 }

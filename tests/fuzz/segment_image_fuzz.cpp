@@ -75,6 +75,13 @@ void read_write() {
                     auto l = lim::Limiter::open(seg, r.key, {.bucket_size = 1}, lim::adopt_existing,
                                                 now);
                     if (l.try_take(now, 1) == lim::TryTake::taken) l.return_to_hopper(now, 1);
+                    // The lazy clock (a rebase re-reading it could spin on a damaged rate), the
+                    // reads (sums of damaged words), the drip's inverse, a switch (-cap).
+                    if (l.try_take(1) == lim::TryTake::taken) l.return_to_hopper(1);
+                    (void)l.in_system(now);
+                    (void)l.in_limiter(now);
+                    (void)l.tokens_may_be_available_when(now, 1);
+                    l.set_token_target_level(now, 1.0);
                 }
             } catch (const lim::Error&) {
             }

@@ -252,8 +252,12 @@ InfiniteOrFinite<double> Limiter::in_limiter(TimePoint now) const noexcept {
 
 InfiniteOrFinite<double> Limiter::in_system(TimePoint now) const noexcept {
     const detail::LimiterReading r = detail::core_of(ref_).read(detail::bounded_now_ns(now));
-    return detail::maybe_infinite(r.params.target_infinite,
-                                  r.in_hopper + r.in_bucket + r.in_flight);
+    // Saturating: a damaged record's words may hold anything (in_hopper + in_bucket is at most
+    // the target; in_flight is F, up to 2^63 - 1 there).
+    std::int64_t units = 0;
+    if (__builtin_add_overflow(r.in_hopper + r.in_bucket, r.in_flight, &units))
+        units = std::numeric_limits<std::int64_t>::max();
+    return detail::maybe_infinite(r.params.target_infinite, units);
 }
 
 Availability Limiter::tokens_may_be_available_when(TimePoint now, double n) const {
@@ -290,10 +294,13 @@ namespace detail {
 namespace {
 
 // Rebases the drip after a take or return asked for it (rebase_needed: a finite rate; a caller
-// that gave no time has the clock read here, on this rare path). The first time, try
-// without waiting for the config lock; if a configuration change holds it, go on (the marker has
-// room up to kRebaseHard) and wait for the lock only if asked again.
-void rebase_after(LimiterCore& core, std::int64_t now_ns, std::int64_t& rebase_at) {
+// that gave no time has the clock read here, on this rare path, and keeps that reading for its
+// retries: the retry then runs at the rebase's time, where the new drip is below one re-anchor
+// step, so it cannot ask again; re-reading the clock let a block whose rate no configuration can
+// make (a damaged segment: 2^45 units in microseconds) ask again on every retry, forever). The
+// first time, try without waiting for the config lock; if a configuration change holds it, go on
+// (the marker has room up to kRebaseHard) and wait for the lock only if asked again.
+void rebase_after(LimiterCore& core, std::int64_t& now_ns, std::int64_t& rebase_at) {
     if (now_ns == kClockUnread) now_ns = to_nanos(Clock::now());
     if (rebase_at == kRebaseAt) {
         if (!core.rebase(now_ns, false)) rebase_at = kRebaseHard;

@@ -116,7 +116,9 @@ std::int64_t DripRate::fractional_units_after(std::uint64_t e, std::uint64_t m,
 
 std::optional<std::int64_t> DripRate::elapsed_for(std::int64_t units) const noexcept {
     if (units <= 0) return 0;
-    if (m == 0) return std::nullopt;
+    // No drip (as units_after says for a shift of 128 or more: only a damaged block has one, and
+    // -shift below must not overflow an int).
+    if (m == 0 || shift >= 128) return std::nullopt;
     // An estimate in extended precision, then the exact answer by bisection on units_after,
     // which is monotone: floor(e * R / 10^9) >= units.
     const long double rate = std::ldexp(static_cast<long double>(m), -static_cast<int>(shift));
@@ -167,9 +169,15 @@ LimiterParams params_from_config(const LimiterRecordConfig& c, std::int64_t now_
     p.target_infinite = (c.flags & kTargetInfinite) != 0;
     p.consumed = (c.flags & kConsumed) != 0;
     p.rate_per_sec = p.rate_infinite ? 0.0 : std::bit_cast<double>(c.rate_bits);
+    // Bounded as open() validated them (a damaged record may say anything, and a reset rebuilds
+    // from it): a rate outside [0, 1e9] drips nothing (an infinite one made from_rate convert
+    // infinity to an integer), sizes and levels within [0, kMaxTokenUnits] (their sum below).
+    if (!(p.rate_per_sec >= 0 && p.rate_per_sec <= kMaxRatePerSec)) p.rate_per_sec = 0;
     p.drip = p.rate_infinite ? DripRate{} : DripRate::from_rate(p.rate_per_sec);
-    p.bucket_size = c.bucket_size;
-    p.target = p.target_infinite ? 0 : c.initial_bucket_level + c.initial_hopper_level;
+    p.bucket_size = std::clamp<std::int64_t>(c.bucket_size, 0, kMaxTokenUnits);
+    p.target = p.target_infinite
+                   ? 0
+                   : initial_level(c.initial_bucket_level) + initial_level(c.initial_hopper_level);
     p.anchor_ns = now_ns;
     return p;
 }
@@ -180,7 +188,7 @@ void init_limiter_body(LimiterBody& body, const LimiterRecordConfig& config,
     store_params(body.config[0], p);
     // D(now) = 0, so X = -initial level puts the initial level in the bucket. With an infinite
     // rate the bucket is the cap and X is unused.
-    const std::int64_t x = p.rate_infinite ? 0 : -config.initial_bucket_level;
+    const std::int64_t x = p.rate_infinite ? 0 : -initial_level(config.initial_bucket_level);
     body.bucket.store(BucketWord::make(0, x), std::memory_order_relaxed);
     body.time_ns.store(now_ns, std::memory_order_relaxed);
     body.lease_deadline_ns.store(kNoLeaseDeadline, std::memory_order_relaxed);
@@ -475,7 +483,7 @@ LimiterReading LimiterCore::read(std::int64_t now_ns) const noexcept {
     r.in_bucket = r.params.bucket_at(r.x, r.in_flight, r.t_ns);
     r.in_hopper = r.params.target_infinite
                       ? 0
-                      : std::max<std::int64_t>(0, r.params.target - r.in_flight) - r.in_bucket;
+                      : r.params.outside_flight(r.in_flight) - r.in_bucket;  // no overflow
     // A token bucket's own takes are in flight too, recorded in the ledgers rather than in F
     // (try_take_bucket). Added after the bucket is computed: its cap depends on F alone.
     if (load_flavor(state_.record(record_).header) ==
@@ -541,13 +549,16 @@ void switch_locked(LimiterBody& body, std::int64_t now_ns, bool reanchor,
         const std::int64_t x = BucketWord::x(s);
         LimiterParams next = old;
         if (change) change(next, ctx);
+        // The old cap, bounded as every configuration bounds it (a damaged block's bucket size
+        // may be anything, and -cap must not overflow).
+        const std::int64_t cap = std::clamp<std::int64_t>(old.cap(f), 0, kMaxTokenUnits);
         std::int64_t next_x = 0;
         if (!next.rate_infinite) {
             const bool large = !old.rate_infinite && old.drip_at(t) > kRebaseAt;
             if (old.rate_infinite) {
                 // The bucket was the cap; it starts the new drip full.
                 next.anchor_ns = t;
-                next_x = -old.cap(f);
+                next_x = -cap;
             } else if (reanchor || large) {
                 // D(t) = 0 from here. The marker becomes X - D(t), folded at t: minus the bucket
                 // at t, or, when takes at times after t have moved X beyond D(t) (t is behind
@@ -560,9 +571,9 @@ void switch_locked(LimiterBody& body, std::int64_t now_ns, bool reanchor,
                 const std::int64_t at =
                     change == nullptr && old.target_infinite ? exact_anchor(old, t) : t;
                 next.anchor_ns = at;
-                next_x = std::max(x - old.drip_at(at), -old.cap(f));
+                next_x = std::max(x - old.drip_at(at), -cap);
             } else {
-                next_x = std::max(x, old.drip_at(t) - old.cap(f));
+                next_x = std::max(x, old.drip_at(t) - cap);
             }
         }
         store_params(body.config[(gen + 1) & 1], next);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <span>
 
@@ -125,9 +126,14 @@ LiveHoldings limiter_recount(SegmentState& state, std::uint32_t record, const Li
     given.held[0] = before - kept;
     // A token bucket's own takes (layer kBucketTakenLayer) are consumed tokens, not in F: the
     // dead's are dropped from in_flight with their slots, and reported as given back.
+    // Saturating: a damaged ledger may hold anything (a report only).
     for (const std::uint32_t d : dead_slots) {
-        given.held[kBucketTakenLayer] +=
+        const std::int64_t h =
             state.ledger(d, record).held[kBucketTakenLayer].load(std::memory_order_relaxed);
+        std::int64_t& sum = given.held[kBucketTakenLayer];
+        if (__builtin_add_overflow(sum, h, &sum))
+            sum = h > 0 ? std::numeric_limits<std::int64_t>::max()
+                        : std::numeric_limits<std::int64_t>::min();
     }
     return given;
 }
@@ -149,7 +155,7 @@ void limiter_reset(SegmentState& state, std::uint32_t record, TimePoint now) noe
     const LimiterParams p = params_from_config(config, t);
     const std::uint32_t gen = BucketWord::gen(body.bucket.load(std::memory_order_seq_cst)) + 1;
     store_params(body.config[gen & 1], p);
-    const std::int64_t x = p.rate_infinite ? 0 : -config.initial_bucket_level;
+    const std::int64_t x = p.rate_infinite ? 0 : -initial_level(config.initial_bucket_level);
     body.bucket.store(BucketWord::make(gen, x), std::memory_order_seq_cst);
     body.time_ns.store(t, std::memory_order_seq_cst);
     recount_waiters(state, record, body.wake, {});

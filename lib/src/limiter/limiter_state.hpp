@@ -273,7 +273,8 @@ struct LimiterParams {
     // The bucket at `t_ns` with marker `x` and `f` in flight.
     std::int64_t bucket_at(std::int64_t x, std::int64_t f, std::int64_t t_ns) const noexcept {
         const std::int64_t c = cap(f);
-        if (rate_infinite) return c;
+        // Never negative, even for a damaged block's bucket size (reads only).
+        if (rate_infinite) return std::max<std::int64_t>(0, c);
         return std::max<std::int64_t>(0, std::min(drip_at(t_ns) - x, c));
     }
 };
@@ -319,7 +320,12 @@ inline std::int64_t drip_from_block(const ConfigBlock& block, std::int64_t t_ns)
                                        block.drip_rest.load(std::memory_order_acquire));
 }
 void store_params(ConfigBlock& block, const LimiterParams& p) noexcept;
-// The configuration a record was created with, anchored at `now_ns`.
+// An initial level of a record's creation configuration, bounded as open() validated it (a
+// damaged record may say anything): within [0, kMaxTokenUnits].
+inline std::int64_t initial_level(std::int64_t units) noexcept {
+    return std::clamp<std::int64_t>(units, 0, kMaxTokenUnits);
+}
+// The configuration a record was created with, anchored at `now_ns` (bounded: initial_level).
 LimiterParams params_from_config(const LimiterRecordConfig& c, std::int64_t now_ns) noexcept;
 
 // ---------------------------------------------------------------------------------------------

@@ -250,6 +250,9 @@ std::int64_t recount_semaphore_word(const SegmentState& state, std::uint32_t rec
                                     std::span<const std::uint32_t> dead) noexcept {
     const SleeperCounts c = count_live_sleepers(state, record, layer, kSemaphoreFormat, dead);
     std::uint64_t w = word.load(std::memory_order_acquire);
+    // Clamped to the units field: a damaged ledger can make the sum anything, and bits past the
+    // field would wrap it (a too-high count admits nothing; doubt means held).
+    live_units = std::clamp<std::int64_t>(live_units, 0, SemaphoreWord::kInUseMask);
     const std::uint64_t next =
         SemaphoreWord::make(static_cast<std::uint64_t>(live_units), c.single, c.multi);
     LIM_RACE_POINT();

@@ -371,8 +371,10 @@ std::int64_t recount_weighted_layer(const SegmentState& state, std::uint32_t rec
     const std::uint64_t queued = recount_weighted_queue(state, record, layer, l.queue, dead_slots);
     // The word is frozen and no live slot is pending on the record: nobody changes it meanwhile.
     const std::uint64_t w = l.word.load(std::memory_order_acquire);
+    // Clamped to the units field (a damaged ledger can make the sum anything; doubt means held).
+    live_units = std::clamp<std::int64_t>(live_units, 0, W::kInUseMask);
     const std::int64_t given_back = static_cast<std::int64_t>(W::in_use(w)) - live_units;
-    l.word.store(W::make(static_cast<std::uint64_t>(std::max<std::int64_t>(live_units, 0)),
+    l.word.store(W::make(static_cast<std::uint64_t>(live_units),
                          std::min<std::uint64_t>(queued, W::kQueuedMax)),
                  std::memory_order_seq_cst);
     wake_queue(l.queue);

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <limits>
 #include <map>
 #include <thread>
 #include <vector>
@@ -25,6 +26,10 @@ namespace {
 // operation takes nanoseconds; a slot still pending after this is stopped (SIGSTOP, a debugger),
 // and the record is left for the next reap.
 constexpr auto kQuiesceTimeout = std::chrono::seconds{1};
+// How long a reap keeps a record frozen waiting for quiescence. Every holder on the record waits
+// aside while it is frozen, so the long wait for a stopped process happens before the freeze
+// (wait_seen_out); once frozen, only operations that began since are waited for.
+constexpr auto kFrozenQuiesceTimeout = std::chrono::milliseconds{50};
 
 struct DeadSlot {
     std::uint32_t index;
@@ -54,8 +59,9 @@ bool contains(const std::vector<DeadSlot>& dead, std::uint32_t slot) {
 
 // Waits until no slot outside `excluded` is in the middle of an operation on `record`.
 bool wait_quiescent(const SegmentState& state, std::uint32_t record,
-                    const std::vector<DeadSlot>& excluded) {
-    const auto deadline = std::chrono::steady_clock::now() + kQuiesceTimeout;
+                    const std::vector<DeadSlot>& excluded,
+                    std::chrono::steady_clock::duration timeout) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
     for (int pass = 0;; ++pass) {
         bool busy = false;
         for (std::uint32_t i = 0; i < state.geometry().max_processes && !busy; ++i) {
@@ -74,24 +80,95 @@ bool wait_quiescent(const SegmentState& state, std::uint32_t record,
     }
 }
 
-// Sum over occupied slots outside `excluded` of their ledger entries for `record`.
-LiveHoldings live_holdings(const SegmentState& state, std::uint32_t record,
-                           const std::vector<DeadSlot>& excluded) {
-    LiveHoldings live;
+// Before a record is frozen: waits (until `deadline`) until every slot outside `excluded`
+// that is now in the middle of an operation on `record` has been seen out of it once (one
+// operation at a time per slot, so the one in progress has then ended), without freezing
+// anything. A process stopped mid-operation costs this wait, not a frozen record: before, the
+// whole second was spent frozen, and every operation on the record, in every process, waited
+// aside for it (at each reap: blocked callers reap every reap_after). Only an optimisation: the
+// frozen wait that follows is what makes the recount exact. Scratch: `busy` (reserved).
+void wait_seen_out(const SegmentState& state, std::uint32_t record,
+                   const std::vector<DeadSlot>& excluded, std::vector<std::uint32_t>& busy,
+                   std::chrono::steady_clock::time_point deadline) {
+    busy.clear();
+    const std::uint32_t announced = record + 1;
     for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
-        if (!is_occupied(state.slot(i).owner.load(std::memory_order_acquire))) {
-            continue;
+        const SlotHeader& slot = state.slot(i);
+        if (!is_occupied(slot.owner.load(std::memory_order_acquire))) continue;
+        if (contains(excluded, i)) continue;
+        if (slot.pending.load(std::memory_order_acquire) == announced) busy.push_back(i);
+    }
+    for (int pass = 0; !busy.empty(); ++pass) {
+        std::erase_if(busy, [&](std::uint32_t i) {
+            const SlotHeader& slot = state.slot(i);
+            return !is_occupied(slot.owner.load(std::memory_order_acquire)) ||
+                   slot.pending.load(std::memory_order_acquire) != announced;
+        });
+        if (busy.empty() || std::chrono::steady_clock::now() > deadline) return;
+        if (pass < 64) {
+            std::this_thread::yield();
+        } else {
+            std::this_thread::sleep_for(std::chrono::microseconds{50});
         }
+    }
+}
+
+// a + b, saturating: ledger entries are read from the segment, where a damaged one may hold
+// anything (docs/design.md, "The recount").
+std::int64_t saturating_add(std::int64_t a, std::int64_t b) noexcept {
+    std::int64_t sum = 0;
+    if (!__builtin_add_overflow(a, b, &sum)) return sum;
+    return b > 0 ? std::numeric_limits<std::int64_t>::max()
+                 : std::numeric_limits<std::int64_t>::min();
+}
+
+std::int64_t saturating_sub(std::int64_t a, std::int64_t b) noexcept {
+    std::int64_t difference = 0;
+    if (!__builtin_sub_overflow(a, b, &difference)) return difference;
+    return b < 0 ? std::numeric_limits<std::int64_t>::max()
+                 : std::numeric_limits<std::int64_t>::min();
+}
+
+// One occupied slot's ledger entry for a record, with its owner's pid (live_holdings' scratch).
+struct SlotHolding {
+    std::uint32_t pid;
+    LiveHoldings held;
+};
+
+// Sum over occupied slots outside `excluded` of their ledger entries for `record`: per process
+// first (saturating, then at least 0), then over processes (saturating). `scratch` has room for
+// max_processes entries, reserved before any record is frozen, so nothing here allocates.
+LiveHoldings live_holdings(const SegmentState& state, std::uint32_t record,
+                           const std::vector<DeadSlot>& excluded,
+                           std::vector<SlotHolding>& scratch) {
+    scratch.clear();
+    for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+        const std::uint64_t owner = state.slot(i).owner.load(std::memory_order_acquire);
+        if (!is_occupied(owner)) continue;
         if (contains(excluded, i)) continue;
         const LedgerEntry& e = state.ledger(i, record);
+        SlotHolding& s = scratch.emplace_back(SlotHolding{SlotOwner::pid(owner), {}});
         for (int l = 0; l < 3; ++l)
-            live.held[l] += e.held[l].load(std::memory_order_acquire);
+            s.held.held[l] = e.held[l].load(std::memory_order_acquire);
     }
+    std::sort(scratch.begin(), scratch.end(),
+              [](const SlotHolding& a, const SlotHolding& b) { return a.pid < b.pid; });
     // A holder may have released what another thread of its process acquired, so one ledger can
-    // be negative; the sum over a process cannot be, except after a forced reset forgot what
-    // live holders held. Never recount below zero.
-    for (auto& h : live.held)
-        h = std::max<std::int64_t>(h, 0);
+    // be negative; the sum over a process cannot be, except after a forced reset forgot what it
+    // held, or when its ledger was damaged. Never count a process below zero: one process's
+    // negative sum must not cancel what another holds (a recount too low admits past the limit).
+    // A damaged huge entry saturates, and counts as held (doubt means held).
+    LiveHoldings live;
+    for (std::size_t i = 0; i < scratch.size();) {
+        LiveHoldings process;
+        const std::uint32_t pid = scratch[i].pid;
+        for (; i < scratch.size() && scratch[i].pid == pid; ++i) {
+            for (int l = 0; l < 3; ++l)
+                process.held[l] = saturating_add(process.held[l], scratch[i].held.held[l]);
+        }
+        for (int l = 0; l < 3; ++l)
+            live.held[l] = saturating_add(live.held[l], std::max<std::int64_t>(process.held[l], 0));
+    }
     return live;
 }
 
@@ -169,6 +246,15 @@ ReapReport reap_locked(SegmentState& state) {
     for (const DeadSlot& d : dead)
         dead_indexes.push_back(d.index);
     std::vector<bool> deferred(used, false);
+    std::vector<SlotHolding> scratch;  // live_holdings': reserved here, not while frozen
+    scratch.reserve(state.geometry().max_processes);
+    std::vector<std::uint32_t> busy;  // wait_seen_out's
+    busy.reserve(state.geometry().max_processes);
+    // One quiescence budget for the whole reap, not one per record: processes stopped in the
+    // middle of operations on many records (a neighbour's threads, each stopped in a Hold) cost
+    // a reap (`limctl reap`, an attach) one kQuiesceTimeout plus kFrozenQuiesceTimeout per
+    // record, not a second per record.
+    const auto budget = std::chrono::steady_clock::now() + kQuiesceTimeout;
     for (std::uint32_t r = 0; r < used; ++r) {
         if (!affected[r]) continue;
         Record& record = state.record(r);
@@ -177,15 +263,28 @@ ReapReport reap_locked(SegmentState& state) {
         const KindOps* ops = kind_ops(kind);
         if (ops == nullptr) continue;
 
-        ops->freeze(state, r);
-        LIM_RACE_POINT();  // a holder between its CAS and its ledger store sees the freeze late
-        if (!wait_quiescent(state, r, dead)) {
+        // Quiescence: wait unfrozen for the operations in progress, then freeze and wait at most
+        // kFrozenQuiesceTimeout for those begun since; if one is still in progress, thaw and try
+        // again, all within the reap's budget (kQuiesceTimeout). A live process stopped
+        // mid-operation so costs the reaper the budget, and the record at most
+        // kFrozenQuiesceTimeout frozen at a time.
+        const auto deadline = budget;
+        bool quiescent = false;
+        for (;;) {
+            wait_seen_out(state, r, dead, busy, deadline);
+            ops->freeze(state, r);
+            LIM_RACE_POINT();  // a holder between its CAS and its ledger store sees the freeze late
+            quiescent = wait_quiescent(state, r, dead, kFrozenQuiesceTimeout);
+            if (quiescent || std::chrono::steady_clock::now() >= deadline) break;
+            ops->thaw(state, r);
+        }
+        if (!quiescent) {
             ops->thaw(state, r);
             deferred[r] = true;
             report.deferred.emplace_back(record_key(record));
             continue;
         }
-        const LiveHoldings live = live_holdings(state, r, dead);
+        const LiveHoldings live = live_holdings(state, r, dead, scratch);
         LIM_RACE_POINT();  // between the sum of the live ledgers and the store of the recount
         const LiveHoldings given = ops->recount(state, r, live, dead_indexes, Clock::now());
 
@@ -201,13 +300,16 @@ ReapReport reap_locked(SegmentState& state) {
             std::map<std::uint32_t, std::int64_t> per_pid;
             for (const DeadSlot& d : dead) {
                 const std::int64_t h = state.ledger(d.index, r).held[l].load();
-                per_pid[SlotOwner::pid(d.owner)] += h;
-                attributed += h;
+                std::int64_t& mine = per_pid[SlotOwner::pid(d.owner)];
+                mine = saturating_add(mine, h);  // a damaged ledger may hold anything
+                attributed = saturating_add(attributed, h);
                 if (state.slot(d.index).pending.load() == r + 1)
                     pending_pid = SlotOwner::pid(d.owner);
             }
-            if (const std::int64_t rest = given.held[l] - attributed; rest != 0) {
-                per_pid[pending_pid ? pending_pid : SlotOwner::pid(dead.front().owner)] += rest;
+            if (const std::int64_t rest = saturating_sub(given.held[l], attributed); rest != 0) {
+                std::int64_t& whose =
+                    per_pid[pending_pid ? pending_pid : SlotOwner::pid(dead.front().owner)];
+                whose = saturating_add(whose, rest);
             }
             for (const auto& [pid, amount] : per_pid) {
                 if (amount == 0) continue;
@@ -311,6 +413,8 @@ void reset(SegmentState& state, const ResetOptions& options) {
                                 others.size() > 1 ? ", ..." : ""));
     }
 
+    // One quiescence budget for the whole reset, as for a reap (not a second per record).
+    const auto budget = std::chrono::steady_clock::now() + kQuiesceTimeout;
     for (const std::uint32_t r : targets) {
         const KindOps* ops = kind_ops(static_cast<RecordKind>(state.record(r).header.kind));
         if (ops == nullptr) continue;
@@ -318,7 +422,9 @@ void reset(SegmentState& state, const ResetOptions& options) {
         LIM_RACE_POINT();
         // Forced: live holders may be mid-operation; let them finish (or give up after the
         // timeout and reset regardless: force means force).
-        wait_quiescent(state, r, dead);
+        wait_quiescent(state, r, dead,
+                       std::max(budget - std::chrono::steady_clock::now(),
+                                std::chrono::steady_clock::duration{kFrozenQuiesceTimeout}));
         // The reset forgets what anyone held in the record, the dead (whose reap was deferred)
         // included; a dead slot's registration or unfinished operation on it goes too, so that
         // the reset's sleeper count (live registrations) does not count a dead sleeper.
