@@ -386,3 +386,51 @@ TEST_CASE(
     }
     CHECK(sem.in_use() == 0);
 }
+
+TEST_CASE(
+    "units released by another thread are not released again by their acquirer, even while "
+    "another process holds units") {
+    // Thread A acquires a unit and thread B of the same process releases it (allowed: the
+    // process holds it). A's own ledger entry still says 1 and B's says -1. A release by A now is
+    // an over-release of the process (it holds nothing), even though A's own entry covers it and
+    // the word counts another process's unit, which it must not take.
+    lim::test::SegmentGuard guard(lim::test::unique_name("sem-xthread"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 2});
+    lim::test::Flag* child_holds = lim::test::make_flag();
+    lim::test::Flag* child_may_go = lim::test::make_flag();
+    const pid_t child = lim::test::fork_child([&] {
+        if (!sem.try_acquire(1)) return 10;
+        child_holds->set();
+        child_may_go->wait();
+        sem.release(1);
+        return 0;
+    });
+    child_holds->wait();
+    REQUIRE(sem.try_acquire(1));  // thread A (this one)
+    CHECK(sem.in_use() == 2);
+    std::thread b([&] { sem.release(1); });  // thread B releases A's unit
+    b.join();
+    CHECK(sem.in_use() == 1);  // the child's unit
+    SemaphoreInternals in(seg, "db", 2);
+    CHECK(detail::process_holding(in.state, in.record, 0) == 0);
+
+    // Through the uncontended path, then through the general one (which the first refusal takes).
+    for (int i = 0; i < 2; ++i) {
+        Errc code = Errc::invalid_argument;
+        try {
+            sem.release(1);
+        } catch (const Error& e) {
+            code = e.code();
+        }
+        CHECK(code == Errc::over_release);
+        CHECK(sem.in_use() == 1);                   // the child's unit is still counted
+        if (sem.in_use() != 1) sem.try_acquire(1);  // (failed) put the stolen unit back
+    }
+    const bool over = sem.try_acquire(2);  // never over the limit
+    CHECK_FALSE(over);
+    if (over) sem.release(2);
+    child_may_go->set();
+    CHECK(lim::test::wait_child(child) == 0);
+    CHECK(sem.in_use() == 0);
+}
