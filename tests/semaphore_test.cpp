@@ -434,3 +434,34 @@ TEST_CASE(
     CHECK(lim::test::wait_child(child) == 0);
     CHECK(sem.in_use() == 0);
 }
+
+TEST_CASE("two mappings of one segment in one thread keep their own slots and ledgers") {
+    // The thread's slot cache is keyed by the mapping's process-unique uid: a second mapping of
+    // the same segment (or another segment) is a different slot, on the uncontended path too.
+    lim::test::SegmentGuard guard(lim::test::unique_name("sem-2maps"));
+    auto seg_a = make_segment(guard);
+    auto seg_b = Segment::open(guard.name());
+    auto a = Semaphore::open(seg_a, "db", {.capacity = 4});
+    auto b = Semaphore::open(seg_b, "db", {.capacity = 4});
+    for (int round = 0; round < 2; ++round) {  // the second round with both slots cached
+        a.acquire(1);
+        REQUIRE(b.try_acquire(2));
+        CHECK(a.in_use() == 3);
+        SemaphoreInternals in_a(seg_a, "db", 4);
+        SemaphoreInternals in_b(seg_b, "db", 4);
+        CHECK(detail::holder(in_a.state).slot_index != detail::holder(in_b.state).slot_index);
+        CHECK(detail::process_holding(in_a.state, in_a.record, 0) == 1);
+        CHECK(detail::process_holding(in_b.state, in_b.record, 0) == 2);
+        Errc code = Errc::invalid_argument;
+        try {
+            a.release(2);  // b's units: not held through this mapping
+        } catch (const Error& e) {
+            code = e.code();
+        }
+        CHECK(code == Errc::over_release);
+        CHECK(a.in_use() == 3);
+        b.release(2);
+        a.release(1);
+        CHECK(a.in_use() == 0);
+    }
+}
