@@ -97,7 +97,10 @@ class SegmentState : public std::enable_shared_from_this<SegmentState> {
         return (owing_.load(std::memory_order_relaxed) & owe_bit(record, layer)) != 0;
     }
     void note_owing(std::uint32_t record, int layer) noexcept {
-        owing_.fetch_or(owe_bit(record, layer), std::memory_order_relaxed);
+        // Written once: a releasing thread that keeps releasing others' units does not keep
+        // taking the line from the threads that read it.
+        if (!may_owe(record, layer))
+            owing_.fetch_or(owe_bit(record, layer), std::memory_order_relaxed);
     }
 
     // This handle's reaping policy (SegmentOptions::reap_after); zero: no automatic reaping.
