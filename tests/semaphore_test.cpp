@@ -465,3 +465,68 @@ TEST_CASE("two mappings of one segment in one thread keep their own slots and le
         CHECK(a.in_use() == 0);
     }
 }
+
+TEST_CASE("a fork while another thread is between its QuickHold CAS and its record") {
+    // The child has only the forking thread, whose cache the fork hook emptied: it claims its own
+    // slot, never writes the mid-operation thread's, and holds none of the parent's units.
+    lim::test::SegmentGuard guard(lim::test::unique_name("sem-quick-fork"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 8});
+    SemaphoreInternals in(seg, "db", 8);
+    sem.acquire(1);  // the forking thread's own unit and cached slot
+    const std::uint32_t main_slot = detail::holder(in.state).slot_index;
+    std::atomic<int> phase{0};
+    std::atomic<std::uint32_t> t_slot{~0u};
+    std::thread t([&] {
+        sem.acquire(1);
+        sem.release(1);  // the thread's slot in its cache
+        detail::QuickHold hold;
+        if (!hold.open(in.state, in.record)) {
+            phase = -1;
+            return;
+        }
+        t_slot = detail::holder(in.state).slot_index;
+        std::uint64_t w = in.core.word.load();
+        while (!in.core.word.compare_exchange_weak(w, w + 2)) {
+        }
+        phase = 1;
+        while (phase.load() != 2)
+            std::this_thread::yield();
+        hold.add(0, 2);
+        hold.close();
+    });
+    REQUIRE(lim::test::eventually([&] { return phase.load() == 1; }));
+    const std::uint32_t ts = t_slot.load();
+    const pid_t child = lim::test::fork_child([&] {
+        for (const detail::HolderCacheEntry& e : detail::tl_holder_cache) {
+            if (e.uid != 0) return 9;
+        }
+        if (detail::process_holding(in.state, in.record, 0) != 0) return 10;
+        if (!sem.try_acquire(1)) return 11;
+        const std::uint32_t mine = detail::holder(in.state).slot_index;
+        if (mine == main_slot || mine == ts) return 12;
+        if (in.state.ledger(ts, in.record).held[0].load() != 0) return 13;  // not recorded yet
+        sem.release(1);
+        try {
+            sem.release(1);  // the parent's unit is not the child's
+            return 14;
+        } catch (const Error& e) {
+            if (e.code() != Errc::over_release) return 15;
+        }
+        return 0;
+    });
+    CHECK(lim::test::wait_child(child) == 0);
+    phase = 2;
+    t.join();
+    CHECK(sem.in_use() == 3);  // the main thread's 1 and t's 2
+    CHECK(detail::process_holding(in.state, in.record, 0) == 3);
+    const ReapReport report = seg.reap();  // the child's slot (it exited without freeing it)
+    for (const auto& r : report.reaped) {
+        CHECK(r.pid == child);
+        CHECK(r.returned.empty());
+    }
+    CHECK(sem.in_use() == 3);
+    std::thread([&] { sem.release(2); }).join();
+    sem.release(1);
+    CHECK(sem.in_use() == 0);
+}
