@@ -16,6 +16,7 @@
 #include "lim/error.hpp"
 #include "lim/segment.hpp"
 #include "shm/file_lock.hpp"
+#include "shm/process_table.hpp"
 #include "shm/records.hpp"
 #include "shm/segment_state.hpp"
 #include "support/process.hpp"
@@ -905,6 +906,9 @@ TEST_CASE("the common permit waits aside while its word is frozen, and changes n
     detail::kDispatchOps.freeze(state, record);
     std::atomic<int> done{0};
     std::thread other([&] {
+        // This thread's slot in its cache first, so that the try below takes the uncontended
+        // path (QuickHold) and meets the frozen word there, not in the general path's Hold.
+        static_cast<void>(detail::holder(state));
         std::optional<Permit> p = d.try_acquire(10);
         done = p.has_value() ? 1 : -1;
         held->release();  // the permit of another thread of this process: the general path

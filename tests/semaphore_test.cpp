@@ -386,3 +386,147 @@ TEST_CASE(
     }
     CHECK(sem.in_use() == 0);
 }
+
+TEST_CASE(
+    "units released by another thread are not released again by their acquirer, even while "
+    "another process holds units") {
+    // Thread A acquires a unit and thread B of the same process releases it (allowed: the
+    // process holds it). A's own ledger entry still says 1 and B's says -1. A release by A now is
+    // an over-release of the process (it holds nothing), even though A's own entry covers it and
+    // the word counts another process's unit, which it must not take.
+    lim::test::SegmentGuard guard(lim::test::unique_name("sem-xthread"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 2});
+    lim::test::Flag* child_holds = lim::test::make_flag();
+    lim::test::Flag* child_may_go = lim::test::make_flag();
+    const pid_t child = lim::test::fork_child([&] {
+        if (!sem.try_acquire(1)) return 10;
+        child_holds->set();
+        child_may_go->wait();
+        sem.release(1);
+        return 0;
+    });
+    child_holds->wait();
+    REQUIRE(sem.try_acquire(1));  // thread A (this one)
+    CHECK(sem.in_use() == 2);
+    std::thread b([&] { sem.release(1); });  // thread B releases A's unit
+    b.join();
+    CHECK(sem.in_use() == 1);  // the child's unit
+    SemaphoreInternals in(seg, "db", 2);
+    CHECK(detail::process_holding(in.state, in.record, 0) == 0);
+
+    // Through the uncontended path, then through the general one (which the first refusal takes).
+    for (int i = 0; i < 2; ++i) {
+        Errc code = Errc::invalid_argument;
+        try {
+            sem.release(1);
+        } catch (const Error& e) {
+            code = e.code();
+        }
+        CHECK(code == Errc::over_release);
+        CHECK(sem.in_use() == 1);                   // the child's unit is still counted
+        if (sem.in_use() != 1) sem.try_acquire(1);  // (failed) put the stolen unit back
+    }
+    const bool over = sem.try_acquire(2);  // never over the limit
+    CHECK_FALSE(over);
+    if (over) sem.release(2);
+    child_may_go->set();
+    CHECK(lim::test::wait_child(child) == 0);
+    CHECK(sem.in_use() == 0);
+}
+
+TEST_CASE("two mappings of one segment in one thread keep their own slots and ledgers") {
+    // The thread's slot cache is keyed by the mapping's process-unique uid: a second mapping of
+    // the same segment (or another segment) is a different slot, on the uncontended path too.
+    lim::test::SegmentGuard guard(lim::test::unique_name("sem-2maps"));
+    auto seg_a = make_segment(guard);
+    auto seg_b = Segment::open(guard.name());
+    auto a = Semaphore::open(seg_a, "db", {.capacity = 4});
+    auto b = Semaphore::open(seg_b, "db", {.capacity = 4});
+    for (int round = 0; round < 2; ++round) {  // the second round with both slots cached
+        a.acquire(1);
+        REQUIRE(b.try_acquire(2));
+        CHECK(a.in_use() == 3);
+        SemaphoreInternals in_a(seg_a, "db", 4);
+        SemaphoreInternals in_b(seg_b, "db", 4);
+        CHECK(detail::holder(in_a.state).slot_index != detail::holder(in_b.state).slot_index);
+        CHECK(detail::process_holding(in_a.state, in_a.record, 0) == 1);
+        CHECK(detail::process_holding(in_b.state, in_b.record, 0) == 2);
+        Errc code = Errc::invalid_argument;
+        try {
+            a.release(2);  // b's units: not held through this mapping
+        } catch (const Error& e) {
+            code = e.code();
+        }
+        CHECK(code == Errc::over_release);
+        CHECK(a.in_use() == 3);
+        b.release(2);
+        a.release(1);
+        CHECK(a.in_use() == 0);
+    }
+}
+
+TEST_CASE("a fork while another thread is between its QuickHold CAS and its record") {
+    // The child has only the forking thread, whose cache the fork hook emptied: it claims its own
+    // slot, never writes the mid-operation thread's, and holds none of the parent's units.
+    lim::test::SegmentGuard guard(lim::test::unique_name("sem-quick-fork"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 8});
+    SemaphoreInternals in(seg, "db", 8);
+    sem.acquire(1);  // the forking thread's own unit and cached slot
+    const std::uint32_t main_slot = detail::holder(in.state).slot_index;
+    std::atomic<int> phase{0};
+    std::atomic<std::uint32_t> t_slot{~0u};
+    std::thread t([&] {
+        sem.acquire(1);
+        sem.release(1);  // the thread's slot in its cache
+        detail::QuickHold hold;
+        if (!hold.open(in.state, in.record)) {
+            phase = -1;
+            return;
+        }
+        t_slot = detail::holder(in.state).slot_index;
+        std::uint64_t w = in.core.word.load();
+        while (!in.core.word.compare_exchange_weak(w, w + 2)) {
+        }
+        phase = 1;
+        while (phase.load() != 2)
+            std::this_thread::yield();
+        hold.add(0, 2);
+        hold.close();
+    });
+    REQUIRE(lim::test::eventually([&] { return phase.load() == 1; }));
+    const std::uint32_t ts = t_slot.load();
+    const pid_t child = lim::test::fork_child([&] {
+        for (const detail::HolderCacheEntry& e : detail::tl_holder_cache) {
+            if (e.uid != 0) return 9;
+        }
+        if (detail::process_holding(in.state, in.record, 0) != 0) return 10;
+        if (!sem.try_acquire(1)) return 11;
+        const std::uint32_t mine = detail::holder(in.state).slot_index;
+        if (mine == main_slot || mine == ts) return 12;
+        if (in.state.ledger(ts, in.record).held[0].load() != 0) return 13;  // not recorded yet
+        sem.release(1);
+        try {
+            sem.release(1);  // the parent's unit is not the child's
+            return 14;
+        } catch (const Error& e) {
+            if (e.code() != Errc::over_release) return 15;
+        }
+        return 0;
+    });
+    CHECK(lim::test::wait_child(child) == 0);
+    phase = 2;
+    t.join();
+    CHECK(sem.in_use() == 3);  // the main thread's 1 and t's 2
+    CHECK(detail::process_holding(in.state, in.record, 0) == 3);
+    const ReapReport report = seg.reap();  // the child's slot (it exited without freeing it)
+    for (const auto& r : report.reaped) {
+        CHECK(r.pid == child);
+        CHECK(r.returned.empty());
+    }
+    CHECK(sem.in_use() == 3);
+    std::thread([&] { sem.release(2); }).join();
+    sem.release(1);
+    CHECK(sem.in_use() == 0);
+}

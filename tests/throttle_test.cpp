@@ -116,3 +116,40 @@ TEST_CASE("lowering a throttle's target below the running jobs drops finishes un
     CHECK(th.try_start_job() == StartJob::max_concurrent_jobs_running());
     th.invariant();
 }
+
+TEST_CASE(
+    "a job finished by another thread is not finished again by its starter while another "
+    "process runs one") {
+    // As semaphore_test's cross-thread case, through the Limiter family's return (the fast
+    // infinite-rate return and the general one): the starter's own ledger entry still shows the
+    // job another thread finished, but the process runs none, and the child's job is not its.
+    lim::test::SegmentGuard guard(lim::test::unique_name("th-xthread"));
+    auto seg = lim::test::limiter_segment(guard);
+    auto th = Throttle::open(seg, "db", {.max_concurrent_jobs = 2});
+    lim::test::Flag* child_runs = lim::test::make_flag();
+    lim::test::Flag* child_may_go = lim::test::make_flag();
+    const pid_t child = lim::test::fork_child([&] {
+        if (th.try_start_job() != StartJob::start()) return 10;
+        child_runs->set();
+        child_may_go->wait();
+        th.finish_job();
+        return 0;
+    });
+    child_runs->wait();
+    REQUIRE(th.try_start_job() == StartJob::start());
+    std::thread([&] { th.finish_job(); }).join();  // another thread finishes this one's job
+    CHECK(th.in_flight() == 1);                    // the child's
+    for (int i = 0; i < 2; ++i) {
+        Errc code = Errc::invalid_argument;
+        try {
+            th.finish_job();
+        } catch (const Error& e) {
+            code = e.code();
+        }
+        CHECK(code == Errc::over_release);
+        CHECK(th.in_flight() == 1);
+    }
+    child_may_go->set();
+    CHECK(lim::test::wait_child(child) == 0);
+    CHECK(th.in_flight() == 0);
+}

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <thread>
 #include <vector>
 
@@ -454,4 +455,112 @@ TEST_CASE("a child forked while another thread holds units inherits none; the pa
     holder.join();
     CHECK(sem.in_use() == 0);
     CHECK(th.limiter().in_flight() == doctest::Approx(0.0));
+}
+
+TEST_CASE("a process killed at any step of the uncontended path (QuickHold) is recounted exactly") {
+    // The uncontended acquire and release announce, CAS, record and withdraw as QuickHold does;
+    // the child stops after each step in turn (as if SIGKILLed there) and the reap gives back
+    // exactly what the word counts for it, whatever its ledger says, and nothing of the parent's.
+    enum Step { announced, swapped, recorded, withdrawn };
+    for (const bool acquiring : {true, false}) {
+        for (const Step stop : {announced, swapped, recorded, withdrawn}) {
+            CAPTURE(acquiring);
+            CAPTURE(static_cast<int>(stop));
+            lim::test::SegmentGuard guard(lim::test::unique_name("reap-quick"));
+            auto seg = make_segment(guard);
+            auto sem = Semaphore::open(seg, "db", {.capacity = 20});
+            const auto record =
+                *detail::find_record(*seg.state(), detail::RecordKind::semaphore, "db");
+            auto& word =
+                reinterpret_cast<detail::SemaphoreBody*>(seg.state()->record(record).body)->word;
+            sem.acquire(2);  // the parent's, which must stay
+            const std::int64_t delta = acquiring ? 4 : -3;
+            const pid_t child = child_holding([&] {
+                sem.acquire(5);  // recorded; the thread's slot is now in its cache
+                detail::QuickHold hold;
+                if (!hold.open(*seg.state(), record)) std::_Exit(20);
+                if (stop == announced) return;
+                word.fetch_add(static_cast<std::uint64_t>(delta));  // the CAS
+                if (stop == swapped) return;
+                hold.add(0, delta);
+                if (stop == recorded) return;
+                hold.close();
+            });
+            const std::uint64_t counted = stop == announced ? 5 : 5 + delta;
+            CHECK(sem.in_use() == 2 + counted);
+            kill_and_wait(child);
+            const ReapReport report = seg.reap();
+            REQUIRE(report.reaped.size() == 1);
+            REQUIRE(report.reaped[0].returned.size() == 1);
+            CHECK(report.reaped[0].returned[0].amount == counted);
+            CHECK(sem.in_use() == 2);  // exactly the parent's
+            CHECK(seg.reap().reaped.empty());
+            sem.release(2);
+            CHECK(sem.in_use() == 0);
+        }
+    }
+}
+
+TEST_CASE("a reap never recounts under a live thread between its QuickHold CAS and its record") {
+    // A live thread has made the uncontended acquire's CAS (4 units in the word) but not yet its
+    // ledger store, while a reap recounts the record for a killed child: the reap waits for it
+    // (or defers the record), never setting the word to ledgers that miss the 4 units.
+    for (const auto go_after : {0ms, 2ms, 50ms}) {
+        CAPTURE(go_after.count());
+        lim::test::SegmentGuard guard(lim::test::unique_name("reap-quick-live"));
+        auto seg = make_segment(guard);
+        auto sem = Semaphore::open(seg, "db", {.capacity = 20});
+        const auto record = *detail::find_record(*seg.state(), detail::RecordKind::semaphore, "db");
+        auto& word =
+            reinterpret_cast<detail::SemaphoreBody*>(seg.state()->record(record).body)->word;
+        sem.acquire(2);  // the parent's
+        const pid_t dead = child_holding([&] { sem.acquire(3); });
+        kill_and_wait(dead);
+
+        std::atomic<int> phase{0};
+        std::thread t([&] {
+            sem.acquire(1);  // the thread's slot in its cache
+            sem.release(1);
+            detail::QuickHold hold;
+            if (!hold.open(*seg.state(), record)) {
+                phase = -1;
+                return;
+            }
+            std::uint64_t w = word.load();
+            while (!detail::is_frozen(w) && !word.compare_exchange_weak(w, w + 4)) {
+            }
+            if (detail::is_frozen(w)) {  // the reaper froze first: nothing taken, step aside
+                hold.close();
+                phase = -2;
+                return;
+            }
+            phase = 1;
+            while (phase.load() != 2)
+                std::this_thread::yield();
+            hold.add(0, 4);
+            hold.close();
+            phase = 3;
+        });
+        REQUIRE(lim::test::eventually([&] { return phase.load() == 1; }));
+        std::thread go([&] {
+            std::this_thread::sleep_for(go_after);
+            phase = 2;
+        });
+        ReapReport first = seg.reap();
+        go.join();
+        t.join();
+        CHECK(phase.load() == 3);
+        if (first.reaped.empty()) {
+            CHECK(first.deferred.size() == 1);
+            first = seg.reap();
+        }
+        REQUIRE(first.reaped.size() == 1);
+        REQUIRE(first.reaped[0].returned.size() == 1);
+        CHECK(first.reaped[0].returned[0].amount == 3);
+        CHECK(sem.in_use() == 6);  // the parent's 2 and the thread's 4
+        CHECK(detail::process_holding(*seg.state(), record, 0) == 6);
+        std::thread([&] { sem.release(4); }).join();
+        sem.release(2);
+        CHECK(sem.in_use() == 0);
+    }
 }

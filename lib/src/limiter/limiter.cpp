@@ -370,6 +370,7 @@ bool looks_consumed(std::uint32_t flags) noexcept {
                 // The calling thread took fewer: did another thread of this process take them?
                 const std::int64_t mine = process_holding(*ref.state, ref.index, /*layer=*/0);
                 if (mine < units) throw_not_held(ref, n, mine);
+                ref.state->note_owing(ref.index, 0);  // SegmentState::may_owe
                 o = core.return_to_hopper(hold, now_ns, units, rebase_at, &seen, true);
             }
         }

@@ -415,7 +415,8 @@ ReturnOutcome LimiterCore::return_to_hopper(Hold& hold, std::int64_t now_ns, std
         auto [s, gen, p, t] = begin(hold, fw, now_ns);
         // Tokens taken by one process are returned by that process (Hold::require_held); a
         // consumed take is in no ledger, so anyone may return it.
-        if (!holding_checked && !p.consumed && hold.held(0) < n) return ReturnOutcome::not_held;
+        if (!holding_checked && !p.consumed && !hold.covers(0, static_cast<std::uint64_t>(n)))
+            return ReturnOutcome::not_held;
         const auto f = static_cast<std::int64_t>(fw);
         if (f < n) {
             *in_flight_seen = f;

@@ -626,7 +626,7 @@ inline FastOutcome LimiterCore::return_infinite_from(Hold& hold, std::uint64_t f
     // Tokens taken by one process are returned by that process: the thread's own ledger must
     // cover the return (Hold::require_held's fast path); otherwise the general return checks
     // the whole process.
-    if (hold.held(0) < n) return FastOutcome::general;
+    if (!hold.covers(0, static_cast<std::uint64_t>(n))) return FastOutcome::general;
     std::atomic<std::uint64_t>& in_flight = body_.in_flight;
     const std::uint32_t gen = BucketWord::gen(s);
     const std::uint32_t flags = body_.config[gen & 1].flags.load(std::memory_order_acquire);

@@ -424,10 +424,12 @@ enum class Quick { done, refused, general };
     detail::QuickHold hold;
     if (!hold.open(*ref.state, ref.index)) [[unlikely]]
         return Quick::general;
-    // Hold::require_held's fast path: this thread's own entry covers the release. Otherwise
-    // (units another thread of this process acquired, or none) the general path decides.
+    // Hold::require_held's fast path: this thread's own entry covers the release, and no thread
+    // of this process has released units its own entry did not show (SegmentState::may_owe).
+    // Otherwise (units another thread of this process acquired, or none) the general path
+    // decides.
     const std::int64_t held = hold.held(0);
-    if (held < static_cast<std::int64_t>(n)) [[unlikely]] {
+    if (held < static_cast<std::int64_t>(n) || ref.state->may_owe(ref.index, 0)) [[unlikely]] {
         hold.close();
         return Quick::general;
     }

@@ -44,7 +44,12 @@ void Hold::step_aside(SlotHeader& slot, std::uint32_t record, std::atomic<std::u
 void Hold::require_held_slow(SegmentState& state, std::uint32_t record, int layer, std::uint64_t n,
                              const char* what) {
     const std::int64_t mine = process_holding(state, record, layer);
-    if (mine >= static_cast<std::int64_t>(n)) return;
+    if (mine >= static_cast<std::int64_t>(n)) {
+        // The release may leave this thread's own entry negative: from now on another thread's
+        // entry no longer proves what the process holds (SegmentState::may_owe).
+        state.note_owing(record, layer);
+        return;
+    }
     throw Error(
         Errc::over_release,
         fmt::format("{} '{}': release({}) but this process holds {} of its units; units "

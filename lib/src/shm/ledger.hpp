@@ -19,8 +19,9 @@
 // was half-way through changing, is thereby given back exactly.
 //
 // Cost on the hot path: three plain stores to the thread's own cache line and one to its ledger
-// entry. QuickHold (below) is the same protocol in the form the uncontended entry points use. `pending` must not stay set while a thread sleeps: blocking calls leave the Hold before
-// they wait and take a new one after.
+// entry. QuickHold (below) is the same protocol in the form the uncontended entry points use.
+// `pending` must not stay set while a thread sleeps: blocking calls leave the Hold before they wait
+// and take a new one after.
 #pragma once
 
 #include <atomic>
@@ -91,9 +92,16 @@ class Hold {
     // Two threads of one process racing to release the same units can both pass the check;
     // the shared word's own in-use check still refuses the second when nothing is left.
     void require_held(int layer, std::uint64_t n, const char* what) const {
-        if (held(layer) >= static_cast<std::int64_t>(n)) [[likely]]
+        if (covers(layer, n)) [[likely]]
             return;
         require_held_slow(state_, record_, layer, n, what);
+    }
+
+    // require_held's fast check: this thread's own entry shows `n` units and no thread of the
+    // process has released units its own entry did not show (SegmentState::may_owe), so the
+    // process holds at least `n`. False: the process-wide check decides.
+    bool covers(int layer, std::uint64_t n) const noexcept {
+        return held(layer) >= static_cast<std::int64_t>(n) && !state_.may_owe(record_, layer);
     }
 
     // What this holder holds in the record now.

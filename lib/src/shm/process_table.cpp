@@ -333,6 +333,8 @@ HandOff hand_off_holding(SegmentState& state, std::uint32_t record, int layer, s
                     fmt::format("no free slot in segment '{}' for a hand-off", state.name()));
     }
     auto& mine = me.entry(record).held[layer];
+    // Units another thread of this process acquired leave this thread's entry negative.
+    if (mine.load(std::memory_order_relaxed) < n) state.note_owing(record, layer);
     mine.store(mine.load(std::memory_order_relaxed) - n, std::memory_order_relaxed);
     LIM_RACE_POINT();
     parcel->first.entry(record).held[layer].store(n, std::memory_order_relaxed);

@@ -4,6 +4,7 @@
 // long as anything uses it.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -85,6 +86,23 @@ class SegmentState : public std::enable_shared_from_this<SegmentState> {
     };
     SlotLocks& slot_locks() noexcept { return slot_locks_; }
 
+    // Whether some thread of this process may have released (or handed off) units of `record`'s
+    // `layer` that its own ledger entry did not show, leaving that entry negative. Until then a
+    // thread's own entry covering a release proves the process holds the units (no entry of the
+    // process is negative, so their sum is at least the thread's); afterwards it does not (A
+    // acquires, B releases A's unit: A's entry still says 1, the process holds 0), and the
+    // release checks the process's sum (Hold::require_held). Process-private, one bit per
+    // (record, layer) hashed into 64, set for good: a false positive costs only the slow check.
+    bool may_owe(std::uint32_t record, int layer) const noexcept {
+        return (owing_.load(std::memory_order_relaxed) & owe_bit(record, layer)) != 0;
+    }
+    void note_owing(std::uint32_t record, int layer) noexcept {
+        // Written once: a releasing thread that keeps releasing others' units does not keep
+        // taking the line from the threads that read it.
+        if (!may_owe(record, layer))
+            owing_.fetch_or(owe_bit(record, layer), std::memory_order_relaxed);
+    }
+
     // This handle's reaping policy (SegmentOptions::reap_after); zero: no automatic reaping.
     Duration reap_after() const noexcept { return reap_after_; }
 
@@ -112,6 +130,11 @@ class SegmentState : public std::enable_shared_from_this<SegmentState> {
     Geometry geometry_{};
     Duration reap_after_{};
     SlotLocks slot_locks_;
+    static constexpr std::uint64_t owe_bit(std::uint32_t record, int layer) noexcept {
+        return std::uint64_t{1} << ((std::uint64_t{record} * 3 + static_cast<unsigned>(layer)) %
+                                    64);
+    }
+    std::atomic<std::uint64_t> owing_{0};  // may_owe's bits
 };
 
 // What a read_only attach throws for a segment that is not initialised (being created, or
