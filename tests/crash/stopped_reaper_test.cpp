@@ -1,0 +1,268 @@
+// A reaper stopped (SIGSTOP, a debugger, Ctrl-Z) between its freeze and its recount, per family
+// (docs/design.md, "The recount"). The reaper here is a forked child doing exactly what
+// Segment::reap does for one record, with the recovery lock held throughout: it freezes the
+// record, sums the live ledgers, stops itself, and when continued recounts. Meanwhile:
+//
+//   * a try_* on the record returns well within a bound (a holder waits kFrozenBreakTimeout and
+//     then thaws the word itself; before, it waited until the reaper was continued: forever);
+//   * the live process takes and keeps something after the thaw, so the reaper's sums are stale;
+//     the continued reaper must find the word thawed and abandon the record (no double give-back:
+//     what is in use stays exactly the dead's plus the live's);
+//   * a later reap then gives back exactly what the dead held.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <thread>
+#include <vector>
+
+#include "lim/consumed_limiter.hpp"
+#include "lim/lim.hpp"
+#include "recovery/kind_ops.hpp"
+#include "shm/file_lock.hpp"
+#include "shm/ledger.hpp"
+#include "shm/process_table.hpp"
+#include "shm/records.hpp"
+#include "support/process.hpp"
+
+using namespace lim;
+using namespace std::chrono_literals;
+using lim::test::Flag;
+using lim::test::make_flag;
+
+namespace {
+
+pid_t child_holding(const std::function<void()>& body) {
+    Flag* ready = make_flag();
+    const pid_t pid = lim::test::fork_child([&] {
+        body();
+        ready->set();
+        for (;;)
+            ::pause();
+        return 0;
+    });
+    ready->wait();
+    return pid;
+}
+
+void kill_and_wait(pid_t pid) {
+    ::kill(pid, SIGKILL);
+    CHECK(lim::test::wait_child(pid) == 128 + SIGKILL);
+}
+
+Segment make_segment(const lim::test::SegmentGuard& guard) {
+    return Segment::open_or_create(guard.name(), {.max_limiters = 8,
+                                                  .max_processes = 32,
+                                                  .reap_after = 0s,  // no reaps but ours
+                                                  .reap_on_attach = false});
+}
+
+// One family, through its public face.
+struct Family {
+    std::function<void()> dead_take;  // in the child that is then killed: takes and keeps
+    std::function<bool()> live_take;  // a try_* in this process: whether it took
+    std::function<void()> live_give;  // gives back what live_take took
+    std::function<double()> held;     // what the family reports in use / in flight
+    double dead_amount;               // what dead_take leaves counted
+    double live_amount;               // what live_take adds
+    bool consumed = false;            // nothing is ever given back (a consumed record)
+};
+
+// Exit codes of the stopped reaper.
+constexpr int kAbandoned = 0;
+constexpr int kRecounted = 1;
+constexpr int kNoLock = 2;
+
+void check_stopped_reaper(Segment& seg, detail::RecordKind kind, std::string_view key,
+                          const Family& f) {
+    detail::SegmentState& state = *seg.state();
+    const std::uint32_t record = *detail::find_record(state, kind, key);
+    const detail::KindOps& ops = *detail::kind_ops(kind);
+
+    const pid_t dead = child_holding(f.dead_take);
+    kill_and_wait(dead);
+    const double base = f.held();
+    CHECK(base == doctest::Approx(f.dead_amount));
+
+    const pid_t reaper = lim::test::fork_child([&] {
+        // Held while stopped, as Segment::reap holds it: the holders' old way out (a free
+        // recovery lock proves the reaper dead) is closed.
+        const auto lock = detail::FileLock::try_lock_fresh(state.fd(), detail::LockByte::recovery);
+        if (!lock) return kNoLock;
+        ops.freeze(state, record);
+        detail::LiveHoldings live;
+        std::vector<std::uint32_t> dead_slots;
+        for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+            const auto w = state.slot(i).owner.load();
+            if (!detail::slot_is_occupied(w)) continue;
+            if (detail::SlotOwner::pid(w) == static_cast<std::uint32_t>(dead)) {
+                dead_slots.push_back(i);
+                continue;
+            }
+            for (int k = 0; k < 3; ++k)
+                live.held[k] += state.ledger(i, record).held[k].load();
+        }
+        ::raise(SIGSTOP);  // stopped inside the frozen window, the lock held
+        const detail::LiveHoldings given =
+            ops.recount(state, record, live, dead_slots, Clock::now());
+        return given.abandoned ? kAbandoned : kRecounted;
+    });
+    int st = 0;
+    REQUIRE(::waitpid(reaper, &st, WUNTRACED) == reaper);
+    REQUIRE(WIFSTOPPED(st));
+
+    std::atomic<bool> returned{false};
+    std::atomic<bool> took{false};
+    const auto start = std::chrono::steady_clock::now();
+    std::thread taker([&] {
+        took = f.live_take();
+        returned = true;
+    });
+    // A try_* takes microseconds, plus kFrozenBreakTimeout (200 ms) here; 1.5 s leaves a loaded
+    // 2-core machine room. Before the fix it returned only once the reaper was continued.
+    const bool in_time = lim::test::eventually([&] { return returned.load(); }, 1500ms);
+    const auto waited = std::chrono::steady_clock::now() - start;
+    // The reaper continues only after the live take landed on the thawed word.
+    ::kill(reaper, SIGCONT);
+    taker.join();
+    CHECK(in_time);
+    CHECK(waited >= detail::kFrozenBreakTimeout);  // broken by the holder, not by anyone else
+    MESSAGE("try_* on a record frozen by a stopped reaper returned after "
+            << std::chrono::duration_cast<std::chrono::milliseconds>(waited).count() << " ms");
+    REQUIRE(took);
+    CHECK(lim::test::wait_child(reaper) == kAbandoned);
+    // Nothing given back by the abandoned recount: the dead's still counted, the live's kept.
+    CHECK(f.held() == doctest::Approx(f.dead_amount + f.live_amount));
+
+    // The next reap recounts the record and gives back exactly the dead's.
+    const ReapReport report = seg.reap();
+    CHECK(report.deferred.empty());
+    REQUIRE(report.reaped.size() == 1);
+    CHECK(report.reaped[0].pid == dead);
+    if (f.consumed) {
+        CHECK(f.held() == doctest::Approx(f.dead_amount + f.live_amount));
+        return;
+    }
+    CHECK(f.held() == doctest::Approx(f.live_amount));
+    f.live_give();
+    CHECK(f.held() == doctest::Approx(0.0));
+    CHECK(seg.reap().reaped.empty());
+}
+
+}  // namespace
+
+TEST_CASE("a stopped reaper blocks no Semaphore::try_acquire, then defers its recount") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("stopped-sem"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 4});
+    check_stopped_reaper(seg, detail::RecordKind::semaphore, "db",
+                         {.dead_take = [&] { sem.acquire(2); },
+                          .live_take = [&] { return sem.try_acquire(1); },
+                          .live_give = [&] { sem.release(1); },
+                          .held = [&] { return static_cast<double>(sem.in_use()); },
+                          .dead_amount = 2,
+                          .live_amount = 1});
+}
+
+TEST_CASE("a stopped reaper blocks no WeightedSemaphore::try_acquire, then defers its recount") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("stopped-wsem"));
+    auto seg = make_segment(guard);
+    auto ws = WeightedSemaphore::open(seg, "mem", {.capacity = 100});
+    check_stopped_reaper(seg, detail::RecordKind::weighted_semaphore, "mem",
+                         {.dead_take = [&] { ws.acquire(30); },
+                          .live_take = [&] { return ws.try_acquire(20); },
+                          .live_give = [&] { ws.release(20); },
+                          .held = [&] { return static_cast<double>(ws.in_use()); },
+                          .dead_amount = 30,
+                          .live_amount = 20});
+}
+
+TEST_CASE("a stopped reaper blocks no Dispatch::try_acquire, then defers its recount") {
+    // Both word layouts: slots and bytes packed in one word, and each layer in its own word.
+    std::uint64_t concurrency = 10;
+    SUBCASE("packed") {
+        concurrency = 10;
+    }
+    SUBCASE("unpacked") {
+        concurrency = 40'000;
+    }
+    lim::test::SegmentGuard guard(lim::test::unique_name("stopped-dispatch"));
+    auto seg = make_segment(guard);
+    auto d = Dispatch::open(seg, {.limiter = BackoffWindow::for_key(seg, "api"),
+                                  .key = "api",
+                                  .concurrency = concurrency,
+                                  .byte_budget = 1000});
+    std::optional<Permit> mine;
+    // Both layers at once: permits in flight (x 10,000) and bytes in flight.
+    const auto held = [&] {
+        const DispatchSnapshot s = d.snapshot();
+        return static_cast<double>(s.in_flight * 10'000 + s.bytes_in_flight);
+    };
+    check_stopped_reaper(seg, detail::RecordKind::dispatch, "api",
+                         {.dead_take = [&] { static Permit p = d.acquire(300); },
+                          .live_take =
+                              [&] {
+                                  mine = d.try_acquire(200);
+                                  return mine.has_value();
+                              },
+                          .live_give = [&] { mine.reset(); },
+                          .held = held,
+                          .dead_amount = 10'300,
+                          .live_amount = 10'200});
+}
+
+TEST_CASE("a stopped reaper blocks no Throttle::try_start_job, then defers its recount") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("stopped-throttle"));
+    auto seg = make_segment(guard);
+    auto th = Throttle::open(seg, "th", {.max_concurrent_jobs = 4});
+    check_stopped_reaper(
+        seg, detail::RecordKind::limiter, "th",
+        {.dead_take = [&] { REQUIRE(th.try_start_job().kind() == StartJob::Kind::start); },
+         .live_take = [&] { return th.try_start_job().kind() == StartJob::Kind::start; },
+         .live_give = [&] { th.finish_job(); },
+         .held = [&] { return th.in_flight(); },
+         .dead_amount = 1,
+         .live_amount = 1});
+}
+
+TEST_CASE("a stopped reaper blocks no Limiter::try_take, then defers its recount") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("stopped-limiter"));
+    auto seg = make_segment(guard);
+    auto l = Limiter::open(seg, "lim",
+                           {.hopper_to_bucket_rate_per_sec = infinite,
+                            .bucket_size = 10,
+                            .initial_bucket_level = 10,
+                            .initial_hopper_level = 0.0});
+    check_stopped_reaper(seg, detail::RecordKind::limiter, "lim",
+                         {.dead_take = [&] { REQUIRE(l.try_take(3) == TryTake::taken); },
+                          .live_take = [&] { return l.try_take(2) == TryTake::taken; },
+                          .live_give = [&] { l.return_to_hopper(2); },
+                          .held = [&] { return l.in_flight(); },
+                          .dead_amount = 3,
+                          .live_amount = 2});
+}
+
+TEST_CASE("a stopped reaper blocks no consumed Limiter's try_take, then defers its recount") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("stopped-consumed"));
+    auto seg = make_segment(guard);
+    Limiter l = open_consumed_limiter(seg, "global",
+                                      {.hopper_to_bucket_rate_per_sec = infinite,
+                                       .bucket_size = 10,
+                                       .initial_bucket_level = 10,
+                                       .initial_hopper_level = 0.0});
+    // Consumed takes are in no ledger: a reap gives nothing back; the point here is that the
+    // stopped reaper blocks nothing and its abandoned recount changes nothing.
+    check_stopped_reaper(seg, detail::RecordKind::limiter, "global",
+                         {.dead_take = [&] { REQUIRE(l.try_take(3) == TryTake::taken); },
+                          .live_take = [&] { return l.try_take(2) == TryTake::taken; },
+                          .live_give = [] {},
+                          .held = [&] { return l.in_flight(); },
+                          .dead_amount = 3,
+                          .live_amount = 2,
+                          .consumed = true});
+}
