@@ -161,7 +161,9 @@ bool recount_packed(SegmentState& state, std::uint32_t record, DispatchBody& b,
     }
     given.held[kDispatchSlotsLayer] = static_cast<std::int64_t>(P::kSlots.in_use(w)) - live_slots;
     given.held[kDispatchBytesLayer] = static_cast<std::int64_t>(P::kBytes.in_use(w)) - live_bytes;
-    b.bytes.word.fetch_and(~kFrozen, std::memory_order_seq_cst);  // unused when packed: thawed
+    // Unused when packed: only thawed, to 0 as the layout has it (a CAS from the frozen value).
+    if (std::uint64_t bw = b.bytes.word.load(std::memory_order_acquire); is_frozen(bw))
+        b.bytes.word.compare_exchange_strong(bw, 0, std::memory_order_seq_cst);
     futex_wake(low_half(b.concurrency), INT_MAX);
     wake_queue(b.bytes.queue);
     return true;

@@ -330,8 +330,14 @@ std::uint64_t recount_weighted_queue(const SegmentState& state, std::uint32_t re
     const std::uint64_t tail = q.tail.load(std::memory_order_acquire);
     std::uint64_t head = q.head.load(std::memory_order_acquire);
     // A damaged head (beyond the tail, or further behind than the ring holds) is clamped.
+    const std::uint64_t read_head = head;
     if (static_cast<std::int64_t>(tail - head) < 0) head = tail;
     if (tail - head > kRingSize) head = tail - kRingSize;
+    if (head != read_head) {
+        // Repaired from the value read (a live dequeuer moving it meanwhile wins).
+        std::uint64_t expected = read_head;
+        q.head.compare_exchange_strong(expected, head, std::memory_order_seq_cst);
+    }
     for (std::uint64_t t = head; t != tail; ++t) {
         auto& slot = ring_slot(q, t);
         std::uint64_t e = slot.load(std::memory_order_acquire);

@@ -432,9 +432,9 @@ void reset(SegmentState& state, const ResetOptions& options) {
         if (ops == nullptr) continue;
         // Again from the freeze if a holder thawed a word meanwhile (this process was stopped
         // past kFrozenBreakTimeout): what it did since is forgotten by the reset like the rest.
-        // Bounded: a thaw needs the resetter stopped that long; a resetter stopped at every try
-        // gives up after a few and leaves the record as its holders left it.
-        for (int attempt = 0; attempt < 4; ++attempt) {
+        // Not bounded: giving up would leave the ledgers zeroed under a word that still counts
+        // their units; each try fails only if this process is stopped (or starved) that long.
+        for (;;) {
             ops->freeze(state, r);
             LIM_RACE_POINT();
             // Forced: live holders may be mid-operation; let them finish (or give up after the
