@@ -23,6 +23,7 @@
 
 #include "lim/consumed_limiter.hpp"
 #include "lim/lim.hpp"
+#include "primitives/semaphore_state.hpp"
 #include "recovery/kind_ops.hpp"
 #include "shm/file_lock.hpp"
 #include "shm/ledger.hpp"
@@ -265,4 +266,57 @@ TEST_CASE("a stopped reaper blocks no consumed Limiter's try_take, then defers i
                           .dead_amount = 3,
                           .live_amount = 2,
                           .consumed = true});
+}
+
+// A forced reset freezes its records too, and waits for quiescence frozen (up to the reap's
+// budget): stopped there, it blocks no try_acquire; continued, it finds the word thawed, freezes
+// again and resets (what the live holder took meanwhile is forgotten, as force means).
+TEST_CASE("a forced reset stopped while a record is frozen blocks no try_acquire, then resets") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("stopped-reset"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 4});
+    detail::SegmentState& state = *seg.state();
+    const auto record = *detail::find_record(state, detail::RecordKind::semaphore, "db");
+    auto& word = reinterpret_cast<detail::SemaphoreBody*>(state.record(record).body)->word;
+    const pid_t dead = child_holding([&] { sem.acquire(2); });
+    kill_and_wait(dead);
+    // A live process stopped mid-operation keeps the reset's frozen quiescence wait going.
+    const pid_t mid_op = child_holding([&] { static detail::Hold hold(state, record); });
+    ::kill(mid_op, SIGSTOP);
+    const pid_t resetter = lim::test::fork_child([&] {
+        seg.reset({.key = "db", .force = true});
+        return 0;
+    });
+    // The reset first reaps (one 50 ms frozen window here, the dead's record deferred for the
+    // stopped mid_op); its own frozen wait is the one that lasts: a word frozen for 100 ms.
+    const bool in_reset_window = lim::test::eventually([&] {
+        if (!detail::is_frozen(word.load())) return false;
+        std::this_thread::sleep_for(100ms);
+        return detail::is_frozen(word.load());
+    });
+    REQUIRE(in_reset_window);
+    ::kill(resetter, SIGSTOP);
+    int st = 0;
+    REQUIRE(::waitpid(resetter, &st, WUNTRACED) == resetter);
+    const bool frozen = detail::is_frozen(word.load());
+    std::atomic<bool> returned{false};
+    std::atomic<bool> took{false};
+    std::thread taker([&] {
+        took = sem.try_acquire(1);
+        returned = true;
+    });
+    const bool in_time = lim::test::eventually([&] { return returned.load(); }, 1500ms);
+    ::kill(resetter, SIGCONT);
+    taker.join();
+    CHECK(lim::test::wait_child(resetter) == 0);
+    REQUIRE(frozen);  // the resetter was stopped inside its frozen window
+    CHECK(in_time);
+    CHECK(took);
+    // The reset landed after the thaw: nothing in use, nobody's units counted, the word thawed.
+    CHECK(sem.in_use() == 0);
+    CHECK_FALSE(detail::is_frozen(word.load()));
+    CHECK(sem.try_acquire(4));
+    sem.release(4);
+    ::kill(mid_op, SIGCONT);
+    kill_and_wait(mid_op);
 }
