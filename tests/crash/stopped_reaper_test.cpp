@@ -24,6 +24,7 @@
 #include "lim/consumed_limiter.hpp"
 #include "lim/lim.hpp"
 #include "primitives/semaphore_state.hpp"
+#include "primitives/weighted_semaphore_state.hpp"
 #include "recovery/kind_ops.hpp"
 #include "shm/file_lock.hpp"
 #include "shm/ledger.hpp"
@@ -320,4 +321,81 @@ TEST_CASE("a forced reset stopped while a record is frozen blocks no try_acquire
     const bool all_free = sem.try_acquire(4);
     CHECK(all_free);
     if (all_free) sem.release(4);
+}
+
+// The weighted queue under a broken freeze. A dead process holds units and another died queued at
+// the head; the reaper stops frozen; a live acquire_until waits kFrozenBreakTimeout, thaws the word
+// and queues behind the dead ticket. Continued, the reaper cancels and dequeues the dead ticket
+// with the live queue protocol's own steps (so the live waiter gets its turn at once), finds the
+// word thawed and abandons the rest; the next reap gives back the dead's units exactly.
+TEST_CASE("a stopped reaper's queue steps are safe under a holder's thaw (WeightedSemaphore)") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("stopped-queue"));
+    auto seg = make_segment(guard);
+    auto ws = WeightedSemaphore::open(seg, "mem", {.capacity = 100});
+    detail::SegmentState& state = *seg.state();
+    const auto record = *detail::find_record(state, detail::RecordKind::weighted_semaphore, "mem");
+    auto& layer =
+        reinterpret_cast<detail::WeightedSemaphoreBody*>(state.record(record).body)->layer;
+    const detail::KindOps& ops = *detail::kind_ops(detail::RecordKind::weighted_semaphore);
+
+    const pid_t holder = child_holding([&] { ws.acquire(60); });
+    const std::uint64_t tail0 = layer.queue.tail.load();
+    const pid_t queued = lim::test::fork_child([&] {
+        (void)ws.acquire(50);  // queues at the head behind the holder's 60: never returns
+        return 0;
+    });
+    REQUIRE(lim::test::eventually([&] { return layer.queue.tail.load() == tail0 + 1; }));
+    REQUIRE(lim::test::eventually([&] { return ws.waiters() == 1; }));
+    kill_and_wait(holder);
+    kill_and_wait(queued);
+
+    const pid_t reaper = lim::test::fork_child([&] {
+        const auto lock = detail::FileLock::try_lock_fresh(state.fd(), detail::LockByte::recovery);
+        if (!lock) return kNoLock;
+        ops.freeze(state, record);
+        std::vector<std::uint32_t> dead_slots;
+        for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+            const auto w = state.slot(i).owner.load();
+            const auto pid = static_cast<pid_t>(detail::SlotOwner::pid(w));
+            if (detail::slot_is_occupied(w) && (pid == holder || pid == queued))
+                dead_slots.push_back(i);
+        }
+        ::raise(SIGSTOP);
+        const detail::LiveHoldings given =
+            ops.recount(state, record, detail::LiveHoldings{}, dead_slots, Clock::now());
+        return given.abandoned ? kAbandoned : kRecounted;
+    });
+    int st = 0;
+    REQUIRE(::waitpid(reaper, &st, WUNTRACED) == reaper);
+    REQUIRE(WIFSTOPPED(st));
+
+    std::atomic<bool> returned{false};
+    std::atomic<bool> took{false};
+    std::thread waiter([&] {
+        took = ws.acquire_until(30, Clock::now() + 10s);
+        returned = true;
+    });
+    // Thawed by the waiter after kFrozenBreakTimeout, which then queues behind the dead ticket.
+    const bool queued_in_time =
+        lim::test::eventually([&] { return layer.queue.tail.load() == tail0 + 2; }, 1500ms);
+    const bool still_waiting = !returned.load();  // the dead ticket is still at the head
+    ::kill(reaper, SIGCONT);
+    CHECK(lim::test::wait_child(reaper) == kAbandoned);
+    // The reaper dequeued the dead ticket: the live waiter's turn came without another reap.
+    const bool admitted = lim::test::eventually([&] { return returned.load(); }, 5s);
+    waiter.join();
+    CHECK(queued_in_time);
+    CHECK(still_waiting);
+    CHECK(admitted);
+    REQUIRE(took);
+    CHECK(ws.in_use() == 90);  // the dead holder's 60, not given back by the abandoned recount
+    CHECK(ws.waiters() == 0);
+    const ReapReport report = seg.reap();
+    CHECK(report.deferred.empty());
+    CHECK(report.reaped.size() == 2);
+    CHECK(ws.in_use() == 30);  // exactly the dead's 60 given back
+    ws.release(30);
+    CHECK(ws.in_use() == 0);
+    CHECK(ws.try_acquire(100));  // nothing queued, nothing leaked
+    ws.release(100);
 }
