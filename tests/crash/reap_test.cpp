@@ -360,14 +360,12 @@ TEST_CASE("one reap spends one quiescence budget, however many records stopped p
     CHECK(seg.reap().reaped.size() == 6);
 }
 
-// KNOWN DEFECT (review, not fixed; docs/design.md "The recount", "A stopped reaper"): a reaper
-// stopped (SIGSTOP, a debugger, Ctrl-Z of `limctl reap`) after its freeze and before its recount
-// keeps the record's word frozen and the recovery lock held, so every operation on the record in
-// every process waits aside until it is continued: here a try_acquire, which must never block.
-// The window is the reaper's frozen quiescence wait (up to 50 ms) when a live process is stopped
-// mid-operation, as here. should_fail keeps the suite green and the defect visible.
-TEST_CASE("a reaper stopped while a record is frozen does not block try_acquire" *
-          doctest::should_fail()) {
+// A reaper stopped (SIGSTOP, a debugger, Ctrl-Z of `limctl reap`) after its freeze and before its
+// recount keeps the record's word frozen and the recovery lock held; a holder that has waited
+// kFrozenBreakTimeout thaws the word itself (docs/design.md "The recount"), so a try_acquire
+// returns. The window here is the reaper's frozen quiescence wait (up to 50 ms) while a live
+// process is stopped mid-operation. (Before the fix: still blocked after 2 s, until continued.)
+TEST_CASE("a reaper stopped while a record is frozen does not block try_acquire") {
     lim::test::SegmentGuard guard(lim::test::unique_name("reap-stopped"));
     auto seg = make_segment(guard);
     auto sem = Semaphore::open(seg, "db", {.capacity = 4});
@@ -400,6 +398,69 @@ TEST_CASE("a reaper stopped while a record is frozen does not block try_acquire"
     CHECK(lim::test::wait_child(reaper) == 0);
     REQUIRE(frozen);  // the reaper was stopped inside its frozen window
     CHECK(in_time);
+}
+
+// The whole reaper (Segment::reap in a child) stopped inside its frozen window; a holder thaws the
+// word and takes a unit; then the operation the reaper waited for ends and the reaper is continued:
+// its recount finds the word thawed, so it abandons the record (reported deferred, the dead slot
+// kept) instead of storing counts that no longer hold. A later reap gives back exactly the dead's.
+TEST_CASE(
+    "a reaper continued after a holder thawed its frozen record defers it; the next reap "
+    "gives back exactly the dead's units") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("reap-thawed"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 4});
+    const auto record = *detail::find_record(*seg.state(), detail::RecordKind::semaphore, "db");
+    auto& word = reinterpret_cast<detail::SemaphoreBody*>(seg.state()->record(record).body)->word;
+    const pid_t dead = child_holding([&] { sem.acquire(2); });
+    kill_and_wait(dead);
+    Flag* leave = make_flag();
+    Flag* left = make_flag();
+    // A live process in the middle of an operation on "db" until told to leave it.
+    const pid_t mid_op = child_holding([&] {
+        std::thread([&] {
+            {
+                detail::Hold hold(*seg.state(), record);
+                leave->wait();
+            }
+            left->set();
+        }).detach();
+        std::this_thread::sleep_for(50ms);  // the Hold is announced
+    });
+    const pid_t reaper = lim::test::fork_child([&] {
+        const ReapReport r = seg.reap();
+        const bool ok = r.reaped.empty() && r.deferred.size() == 1 && r.deferred[0] == "db";
+        return ok ? 0 : 1;
+    });
+    REQUIRE(lim::test::eventually([&] { return detail::is_frozen(word.load()); }));
+    ::kill(reaper, SIGSTOP);
+    int st = 0;
+    REQUIRE(::waitpid(reaper, &st, WUNTRACED) == reaper);
+    const bool frozen = detail::is_frozen(word.load());
+    std::atomic<bool> returned{false};
+    std::atomic<bool> took{false};
+    std::thread taker([&] {
+        took = sem.try_acquire(1);
+        returned = true;
+    });
+    const bool in_time = lim::test::eventually([&] { return returned.load(); }, 1500ms);
+    leave->set();
+    left->wait();
+    ::kill(reaper, SIGCONT);
+    taker.join();
+    CHECK(lim::test::wait_child(reaper) == 0);  // deferred, nothing reaped
+    kill_and_wait(mid_op);                      // out of its operation: it held nothing
+    REQUIRE(frozen);                            // the reaper was stopped inside its frozen window
+    CHECK(in_time);
+    REQUIRE(took);
+    CHECK(sem.in_use() == 3);  // the dead's 2 and our 1: nothing given back twice or lost
+    const ReapReport report = seg.reap();
+    CHECK(report.deferred.empty());
+    CHECK(std::any_of(report.reaped.begin(), report.reaped.end(),
+                      [&](const ReapedProcess& p) { return p.pid == dead; }));
+    CHECK(sem.in_use() == 1);  // exactly the dead's 2 given back
+    sem.release(1);
+    CHECK(sem.in_use() == 0);
 }
 
 // fork() in one thread while another holds units: the child inherits none of them (it cannot

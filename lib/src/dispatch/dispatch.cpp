@@ -122,8 +122,10 @@ void dispatch_thaw(SegmentState& state, std::uint32_t record) noexcept {
 }
 
 // A packed Dispatch's slots and bytes in one step: sleepers from the live registrations, queue
-// recounted, units from the live ledgers, kFrozen cleared, everyone woken.
-void recount_packed(SegmentState& state, std::uint32_t record, DispatchBody& b,
+// recounted, units from the live ledgers, kFrozen cleared (one CAS from the frozen value, as in
+// recount_semaphore_word), everyone woken. Returns false, storing nothing to the word, if a holder
+// had thawed it. A reset (`reset`) empties the queue instead of recounting it.
+bool recount_packed(SegmentState& state, std::uint32_t record, DispatchBody& b,
                     std::int64_t live_slots, std::int64_t live_bytes,
                     std::span<const std::uint32_t> dead_slots, LiveHoldings& given,
                     bool reset) noexcept {
@@ -132,10 +134,11 @@ void recount_packed(SegmentState& state, std::uint32_t record, DispatchBody& b,
         count_live_sleepers(state, record, kDispatchSlotsLayer, P::kSlots, dead_slots);
     std::uint64_t queued = 0;
     if (reset) {
+        if (!is_frozen(b.concurrency.load(std::memory_order_acquire))) return false;
         reset_weighted_queue(b.bytes.queue);
     } else {
-        queued =
-            recount_weighted_queue(state, record, kDispatchBytesLayer, b.bytes.queue, dead_slots);
+        queued = recount_weighted_queue(state, record, kDispatchBytesLayer, b.bytes.queue,
+                                        b.concurrency, P::kBytes, dead_slots);
     }
     const auto slots =
         std::min<std::uint64_t>(static_cast<std::uint64_t>(live_slots), P::kSlots.in_use_mask);
@@ -144,51 +147,75 @@ void recount_packed(SegmentState& state, std::uint32_t record, DispatchBody& b,
     const std::uint64_t next = P::kBytes.with(P::kSlots.with(0, slots, sleepers.single, 0), bytes,
                                               std::min(queued, P::kBytes.queued_max));
     std::uint64_t w = b.concurrency.load(std::memory_order_acquire);
-    LIM_RACE_POINT();
-    while (!b.concurrency.compare_exchange_weak(w, next, std::memory_order_seq_cst,
-                                                std::memory_order_relaxed)) {
+    for (;;) {
+        if (!is_frozen(w)) {
+            futex_wake(low_half(b.concurrency), INT_MAX);
+            wake_queue(b.bytes.queue);
+            return false;
+        }
         LIM_RACE_POINT();
+        if (b.concurrency.compare_exchange_strong(w, next, std::memory_order_seq_cst,
+                                                  std::memory_order_relaxed)) {
+            break;
+        }
     }
     given.held[kDispatchSlotsLayer] = static_cast<std::int64_t>(P::kSlots.in_use(w)) - live_slots;
     given.held[kDispatchBytesLayer] = static_cast<std::int64_t>(P::kBytes.in_use(w)) - live_bytes;
-    b.bytes.word.store(0, std::memory_order_seq_cst);  // unused when packed: only thawed
+    // Unused when packed: only thawed, to 0 as the layout has it (a CAS from the frozen value).
+    if (std::uint64_t bw = b.bytes.word.load(std::memory_order_acquire); is_frozen(bw))
+        b.bytes.word.compare_exchange_strong(bw, 0, std::memory_order_seq_cst);
     futex_wake(low_half(b.concurrency), INT_MAX);
     wake_queue(b.bytes.queue);
+    return true;
 }
 
+// Word by word, each one CAS from its frozen value; the first found thawed by a holder stops the
+// recount (the reaper then thaws the rest and defers the record). Every prefix is safe: each
+// layer is its own limit, set to what its live ledgers hold whenever it is recounted at all, and
+// no layer's admission counts on another's value, so a layer recounted while the next is not
+// gives back only its own units (docs/design.md, "The recount").
 LiveHoldings dispatch_recount(SegmentState& state, std::uint32_t record, const LiveHoldings& live,
                               std::span<const std::uint32_t> dead_slots, TimePoint) noexcept {
     DispatchBody& b = body_at(state, record);
     LiveHoldings given;
     if (is_packed(config_at(state, record))) {
-        recount_packed(state, record, b, live.held[kDispatchSlotsLayer],
-                       live.held[kDispatchBytesLayer], dead_slots, given, false);
+        if (!recount_packed(state, record, b, live.held[kDispatchSlotsLayer],
+                            live.held[kDispatchBytesLayer], dead_slots, given, false)) {
+            given.abandoned = true;
+            return given;
+        }
     } else {
         given.held[kDispatchSlotsLayer] =
             recount_semaphore_word(state, record, kDispatchSlotsLayer, b.concurrency,
-                                   live.held[kDispatchSlotsLayer], dead_slots);
+                                   live.held[kDispatchSlotsLayer], dead_slots, &given.abandoned);
+        if (given.abandoned) return given;
         given.held[kDispatchBytesLayer] =
             recount_weighted_layer(state, record, kDispatchBytesLayer, b.bytes,
-                                   live.held[kDispatchBytesLayer], dead_slots);
+                                   live.held[kDispatchBytesLayer], dead_slots, &given.abandoned);
+        if (given.abandoned) return given;
     }
     given.held[kDispatchThrottledLayer] =
         recount_semaphore_word(state, record, kDispatchThrottledLayer, b.throttled,
-                               live.held[kDispatchThrottledLayer], dead_slots);
+                               live.held[kDispatchThrottledLayer], dead_slots, &given.abandoned);
     return given;
 }
 
 // Nothing held, nothing queued, and the Dispatch's backoff window cleared. Live sleepers on the
-// slot layers stay counted (they deregister later); queued byte requests queue again.
-void dispatch_reset(SegmentState& state, std::uint32_t record, TimePoint) noexcept {
+// slot layers stay counted (they deregister later); queued byte requests queue again. Returns
+// false at the first word found thawed by a holder (the caller freezes and resets again).
+bool dispatch_reset(SegmentState& state, std::uint32_t record, TimePoint) noexcept {
     DispatchBody& b = body_at(state, record);
+    bool abandoned = false;
     if (is_packed(config_at(state, record))) {
         LiveHoldings ignored;
-        recount_packed(state, record, b, 0, 0, {}, ignored, true);
+        if (!recount_packed(state, record, b, 0, 0, {}, ignored, true)) return false;
     } else {
-        recount_semaphore_word(state, record, kDispatchSlotsLayer, b.concurrency, 0);
-        reset_weighted_layer(b.bytes);
+        recount_semaphore_word(state, record, kDispatchSlotsLayer, b.concurrency, 0, {},
+                               &abandoned);
+        if (abandoned || !reset_weighted_layer(b.bytes)) return false;
     }
-    recount_semaphore_word(state, record, kDispatchThrottledLayer, b.throttled, 0);
+    recount_semaphore_word(state, record, kDispatchThrottledLayer, b.throttled, 0, {}, &abandoned);
+    if (abandoned) return false;
     const std::uint32_t window = config_at(state, record).backoff_record;
     if (window < state.records_used() &&
         state.record(window).header.kind ==
@@ -197,6 +224,7 @@ void dispatch_reset(SegmentState& state, std::uint32_t record, TimePoint) noexce
         w.until.exchange(0, std::memory_order_seq_cst);
         wake_all(w.channel);
     }
+    return true;
 }
 
 // The layers' fields of a Dispatch, whichever way its words are laid out.

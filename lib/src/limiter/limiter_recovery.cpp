@@ -31,13 +31,16 @@ LimiterBody& body_at(SegmentState& state, std::uint32_t record) noexcept {
     return *reinterpret_cast<LimiterBody*>(state.record(record).body);
 }
 
-// Sets the channel's waiter count to the live sleepers registered on `record`, and wakes all.
-// Exact: the caller has frozen the record's in-flight word and seen no live slot pending on it,
-// and a sleeper changes its registration only under a Hold after proving the word not frozen
-// (wait_for_no_recount), so no live registration changes until the caller thaws the word, which
-// it does only after this store.
-void recount_waiters(SegmentState& state, std::uint32_t record, WakeChannel& wake,
-                     std::span<const std::uint32_t> dead_slots) noexcept {
+// How far the channel's waiter count is from the live sleepers registered on `record`: the delta
+// the caller adds once its recount's CAS on F has landed (apply_waiters). Exact: the caller has
+// frozen the record's in-flight word and seen no live slot pending on it, and a sleeper changes
+// its registration only under a Hold after proving the word not frozen (wait_for_no_recount), so
+// no live registration changes while F stays frozen; the CAS on F that thaws it proves F was
+// frozen from this read to that CAS. Applied as a delta (an RMW), not a store, so registrations
+// made after the thaw are kept; and not applied at all if the CAS on F fails (a holder thawed F
+// while the reaper was stopped: registrations may have changed under the count).
+std::int64_t waiters_delta(SegmentState& state, std::uint32_t record, const WakeChannel& wake,
+                           std::span<const std::uint32_t> dead_slots) noexcept {
     std::uint32_t waiting = 0;
     for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
         const SlotHeader& slot = state.slot(i);
@@ -46,9 +49,26 @@ void recount_waiters(SegmentState& state, std::uint32_t record, WakeChannel& wak
         if (std::find(dead_slots.begin(), dead_slots.end(), i) != dead_slots.end()) continue;
         if (slot.waiting_record.load(std::memory_order_acquire) == record + 1) ++waiting;
     }
-    wake.waiters.store(waiting, std::memory_order_seq_cst);
+    return static_cast<std::int64_t>(waiting) -
+           static_cast<std::int64_t>(wake.waiters.load(std::memory_order_seq_cst));
+}
+
+void apply_waiters(WakeChannel& wake, std::int64_t delta) noexcept {
+    wake.waiters.fetch_add(static_cast<std::uint32_t>(delta), std::memory_order_seq_cst);
     wake.seq.fetch_add(1, std::memory_order_seq_cst);
     futex_wake(wake.seq, INT_MAX);
+}
+
+// Replaces F, frozen, by `next` with one CAS from the frozen value (see recount_semaphore_word).
+// Returns the value replaced, or nullopt if a holder had thawed F.
+std::optional<std::uint64_t> cas_from_frozen(std::atomic<std::uint64_t>& f,
+                                             std::uint64_t next) noexcept {
+    std::uint64_t w = f.load(std::memory_order_seq_cst);
+    for (;;) {
+        if (!is_frozen(w)) return std::nullopt;
+        LIM_RACE_POINT();
+        if (f.compare_exchange_strong(w, next, std::memory_order_seq_cst)) return w;
+    }
 }
 
 // Folds the bucket at `now` with `f` in flight, as a return does before its tokens come back.
@@ -101,29 +121,50 @@ LiveHoldings limiter_recount(SegmentState& state, std::uint32_t record, const Li
     if ((config.flags & kConsumed) != 0) {
         // Consumed takes are in no ledger: what the dead took was spent, and in-flight keeps it
         // (a take that died between its increment and its rollback leaves its n in, on the safe
-        // side). Only the sleepers are recounted; then the word is thawed unchanged.
-        recount_waiters(state, record, body.wake, dead_slots);
+        // side). Only the sleepers are recounted; the word is thawed unchanged, by a CAS from the
+        // frozen value (F's value kept) that also proves the count below exact.
+        const std::int64_t delta = waiters_delta(state, record, body.wake, dead_slots);
         LIM_RACE_POINT();
-        body.in_flight.fetch_and(~kFrozen, std::memory_order_seq_cst);
+        // F's value may still change while frozen (a feeder's Δ, "Rebasing"): each retry keeps
+        // the value it finds and clears only kFrozen, as the fetch_and this replaces did.
+        std::uint64_t fw = body.in_flight.load(std::memory_order_seq_cst);
+        LiveHoldings given;
+        while (is_frozen(fw) && !body.in_flight.compare_exchange_strong(
+                                    fw, fw & ~kFrozen, std::memory_order_seq_cst)) {
+            LIM_RACE_POINT();
+        }
+        if (!is_frozen(fw)) {
+            given.abandoned = true;
+        } else {
+            apply_waiters(body.wake, delta);
+        }
         wake_all(body.wake);
-        return LiveHoldings{};
+        return given;
     }
     const std::int64_t before = value_of(body.in_flight.load(std::memory_order_seq_cst));
     const std::int64_t now_ns =
         std::max(to_nanos(now), body.time_ns.load(std::memory_order_relaxed));
     // What the dead held comes back as return_to_hopper brings tokens back: time advances (the
-    // fold) with them still in flight, then in flight drops to what the living hold.
+    // fold) with them still in flight, then in flight drops to what the living hold. The fold
+    // alone (a recount abandoned after it) is what any take's fold at `now` does with F as read.
     fold_for_return(state, record, before, now_ns);
     const std::int64_t kept = std::clamp<std::int64_t>(live.held[0], 0, kMaxInFlight);
     raise_time_ns(body.time_ns, now_ns);
-    // The waiter count while the word is still frozen (see recount_waiters); the store of F
-    // then thaws it.
-    recount_waiters(state, record, body.wake, dead_slots);
+    // The waiter count's correction while the word is still frozen (see waiters_delta); the CAS
+    // of F then thaws it, and the correction is applied only if that CAS lands.
+    const std::int64_t delta = waiters_delta(state, record, body.wake, dead_slots);
     LIM_RACE_POINT();
-    body.in_flight.store(static_cast<std::uint64_t>(kept), std::memory_order_seq_cst);
-    wake_all(body.wake);
+    const std::optional<std::uint64_t> replaced =
+        cas_from_frozen(body.in_flight, static_cast<std::uint64_t>(kept));
     LiveHoldings given;
-    given.held[0] = before - kept;
+    if (!replaced) {
+        given.abandoned = true;
+        wake_all(body.wake);
+        return given;
+    }
+    apply_waiters(body.wake, delta);
+    wake_all(body.wake);
+    given.held[0] = value_of(*replaced) - kept;
     // A token bucket's own takes (layer kBucketTakenLayer) are consumed tokens, not in F: the
     // dead's are dropped from in_flight with their slots, and reported as given back.
     // Saturating: a damaged ledger may hold anything (a report only).
@@ -138,8 +179,10 @@ LiveHoldings limiter_recount(SegmentState& state, std::uint32_t record, const Li
     return given;
 }
 
-void limiter_reset(SegmentState& state, std::uint32_t record, TimePoint now) noexcept {
+bool limiter_reset(SegmentState& state, std::uint32_t record, TimePoint now) noexcept {
     LimiterBody& body = body_at(state, record);
+    // A holder thawed F (this resetter was stopped): the caller freezes and resets again.
+    if (!is_frozen(body.in_flight.load(std::memory_order_seq_cst))) return false;
     // Exclude configuration writers while both blocks may be rewritten. If the lock cannot be
     // had, go on: reset runs when nobody is attached, or forced by an operator.
     std::optional<FileLock> lock;
@@ -158,9 +201,11 @@ void limiter_reset(SegmentState& state, std::uint32_t record, TimePoint now) noe
     const std::int64_t x = p.rate_infinite ? 0 : -initial_level(config.initial_bucket_level);
     body.bucket.store(BucketWord::make(gen, x), std::memory_order_seq_cst);
     body.time_ns.store(t, std::memory_order_seq_cst);
-    recount_waiters(state, record, body.wake, {});
-    body.in_flight.store(0, std::memory_order_seq_cst);  // clears kFrozen last
+    const std::int64_t delta = waiters_delta(state, record, body.wake, {});
+    const bool landed = cas_from_frozen(body.in_flight, 0).has_value();  // clears kFrozen last
+    if (landed) apply_waiters(body.wake, delta);
     wake_all(body.wake);
+    return landed;
 }
 
 }  // namespace

@@ -127,10 +127,11 @@ LiveHoldings window_recount(SegmentState&, std::uint32_t, const LiveHoldings&,
                             std::span<const std::uint32_t>, TimePoint) noexcept {
     return {};
 }
-void window_reset(SegmentState& state, std::uint32_t record, TimePoint) noexcept {
+bool window_reset(SegmentState& state, std::uint32_t record, TimePoint) noexcept {
     auto& b = *reinterpret_cast<BackoffWindowBody*>(state.record(record).body);
     b.until.exchange(0, std::memory_order_seq_cst);
     wake_all(b.channel);
+    return true;  // nothing frozen
 }
 
 }  // namespace

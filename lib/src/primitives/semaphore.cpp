@@ -247,7 +247,7 @@ SleeperCounts count_live_sleepers(const SegmentState& state, std::uint32_t recor
 
 std::int64_t recount_semaphore_word(const SegmentState& state, std::uint32_t record, int layer,
                                     std::atomic<std::uint64_t>& word, std::int64_t live_units,
-                                    std::span<const std::uint32_t> dead) noexcept {
+                                    std::span<const std::uint32_t> dead, bool* abandoned) noexcept {
     const SleeperCounts c = count_live_sleepers(state, record, layer, kSemaphoreFormat, dead);
     std::uint64_t w = word.load(std::memory_order_acquire);
     // Clamped to the units field: a damaged ledger can make the sum anything, and bits past the
@@ -255,14 +255,23 @@ std::int64_t recount_semaphore_word(const SegmentState& state, std::uint32_t rec
     live_units = std::clamp<std::int64_t>(live_units, 0, SemaphoreWord::kInUseMask);
     const std::uint64_t next =
         SemaphoreWord::make(static_cast<std::uint64_t>(live_units), c.single, c.multi);
-    LIM_RACE_POINT();
-    while (!word.compare_exchange_weak(w, next, std::memory_order_seq_cst,
-                                       std::memory_order_relaxed)) {
+    // One CAS from the frozen value. Only the reaper holding the recovery lock sets kFrozen, so a
+    // word seen frozen has been frozen since this reap froze it: no live sleeper or holder has
+    // changed it (each steps aside before its CAS) and the counts above are exact. A word seen
+    // thawed was thawed by a holder that waited past kFrozenBreakTimeout (this reaper was
+    // stopped): live operations have moved on from it, so the recount is abandoned.
+    for (;;) {
+        if (!is_frozen(w)) {
+            if (abandoned != nullptr) *abandoned = true;
+            futex_wake(low_half(word), INT_MAX);
+            return 0;
+        }
         LIM_RACE_POINT();
+        if (word.compare_exchange_strong(w, next, std::memory_order_seq_cst,
+                                         std::memory_order_relaxed)) {
+            break;
+        }
     }
-    // `w` is the value the CAS replaced. The word is frozen and no live slot is pending on the
-    // record, so no live sleeper can change it meanwhile (each steps aside before its CAS), and
-    // the counts computed above stay exact until the recount lands.
     futex_wake(low_half(word), INT_MAX);
     return static_cast<std::int64_t>(SemaphoreWord::in_use(w)) - live_units;
 }
@@ -284,15 +293,17 @@ void semaphore_thaw(SegmentState& state, std::uint32_t record) noexcept {
 LiveHoldings semaphore_recount(SegmentState& state, std::uint32_t record, const LiveHoldings& live,
                                std::span<const std::uint32_t> dead, TimePoint) noexcept {
     LiveHoldings given;
-    given.held[0] =
-        recount_semaphore_word(state, record, 0, body_at(state, record).word, live.held[0], dead);
+    given.held[0] = recount_semaphore_word(state, record, 0, body_at(state, record).word,
+                                           live.held[0], dead, &given.abandoned);
     return given;
 }
 
 // Nothing held, but the live sleepers stay counted: they will deregister later, and a count
 // reset to zero under them would underflow into the units field.
-void semaphore_reset(SegmentState& state, std::uint32_t record, TimePoint) noexcept {
-    recount_semaphore_word(state, record, 0, body_at(state, record).word, 0);
+bool semaphore_reset(SegmentState& state, std::uint32_t record, TimePoint) noexcept {
+    bool abandoned = false;
+    recount_semaphore_word(state, record, 0, body_at(state, record).word, 0, {}, &abandoned);
+    return !abandoned;
 }
 
 }  // namespace

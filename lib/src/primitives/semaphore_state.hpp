@@ -163,10 +163,14 @@ void wake_after_release(std::atomic<std::uint64_t>& word, const SemaphoreFormat&
 
 // Crash recovery for a word in this format: set in_use to `live_units` and the sleeper counts to
 // the sleepers registered on `record`'s `layer` by live slots (slots in `dead` do not count),
-// clear kFrozen, and wake every sleeper; returns the units given back.
+// clear kFrozen, and wake every sleeper; returns the units given back. The store is one CAS from
+// the frozen value: if the word is found thawed (a holder broke a freeze that outlasted
+// kFrozenBreakTimeout, docs/design.md "The recount"), nothing is stored, `*abandoned` (if given)
+// is set and 0 is returned.
 std::int64_t recount_semaphore_word(const SegmentState& state, std::uint32_t record, int layer,
                                     std::atomic<std::uint64_t>& word, std::int64_t live_units,
-                                    std::span<const std::uint32_t> dead = {}) noexcept;
+                                    std::span<const std::uint32_t> dead = {},
+                                    bool* abandoned = nullptr) noexcept;
 
 extern const KindOps kSemaphoreOps;
 

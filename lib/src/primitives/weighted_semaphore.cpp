@@ -324,34 +324,53 @@ bool owner_waits(const SegmentState& state, std::uint64_t e, std::uint32_t recor
 }  // namespace
 
 std::uint64_t recount_weighted_queue(const SegmentState& state, std::uint32_t record, int layer,
-                                     WeightedQueue& q,
+                                     WeightedQueue& q, std::atomic<std::uint64_t>& word,
+                                     const WeightedFormat& fmt,
                                      std::span<const std::uint32_t> dead_slots) noexcept {
     const std::uint64_t tail = q.tail.load(std::memory_order_acquire);
     std::uint64_t head = q.head.load(std::memory_order_acquire);
     // A damaged head (beyond the tail, or further behind than the ring holds) is clamped.
+    const std::uint64_t read_head = head;
     if (static_cast<std::int64_t>(tail - head) < 0) head = tail;
     if (tail - head > kRingSize) head = tail - kRingSize;
-    std::uint64_t queued = 0;
+    if (head != read_head) {
+        // Repaired from the value read (a live dequeuer moving it meanwhile wins).
+        std::uint64_t expected = read_head;
+        q.head.compare_exchange_strong(expected, head, std::memory_order_seq_cst);
+    }
     for (std::uint64_t t = head; t != tail; ++t) {
         auto& slot = ring_slot(q, t);
-        const std::uint64_t e = slot.load(std::memory_order_acquire);
+        std::uint64_t e = slot.load(std::memory_order_acquire);
         const bool waiting = RingEntry::is(e, t, RingState::waiting);
         if (!(waiting && owner_waits(state, e, record, layer, dead_slots)) &&
             !RingEntry::is(e, t, RingState::cancelled)) {
-            // A dead owner's ticket, or one whose owner died before writing it: cancel it.
-            slot.store(RingEntry::make(t, RingEntry::slot(e), RingState::cancelled),
-                       std::memory_order_seq_cst);
+            // A dead owner's ticket, or one whose owner died before writing it: cancel it. A CAS
+            // from the entry read, so that an entry a live owner changed meanwhile (possible only
+            // once a holder thawed the word) is left to its owner.
+            LIM_RACE_POINT();
+            slot.compare_exchange_strong(
+                e, RingEntry::make(t, RingEntry::slot(e), RingState::cancelled),
+                std::memory_order_seq_cst);
         }
-        ++queued;
     }
-    while (head != tail && RingEntry::is(ring_slot(q, head).load(std::memory_order_acquire), head,
-                                         RingState::cancelled)) {
-        ring_slot(q, head).store(0, std::memory_order_relaxed);
-        ++head;
-        --queued;
+    // Dequeue the cancelled tickets at the head exactly as a live dequeuer does (pass_turn):
+    // the CAS to empty decides who dequeues, the winner decrements the queued count (an RMW that
+    // keeps kFrozen) and advances the head.
+    for (;;) {
+        const std::uint64_t h = q.head.load(std::memory_order_seq_cst);
+        if (h == tail || static_cast<std::int64_t>(tail - h) < 0) break;
+        auto& slot = ring_slot(q, h);
+        std::uint64_t e = slot.load(std::memory_order_seq_cst);
+        if (!RingEntry::is(e, h, RingState::cancelled)) break;
+        LIM_RACE_POINT();
+        if (!slot.compare_exchange_strong(e, 0, std::memory_order_seq_cst)) break;
+        if (fmt.queued(word.load(std::memory_order_seq_cst)) > 0)
+            word.fetch_sub(fmt.queued_unit(), std::memory_order_seq_cst);
+        q.head.store(h + 1, std::memory_order_seq_cst);
     }
-    q.head.store(head, std::memory_order_seq_cst);
-    return queued;
+    const std::uint64_t left =
+        q.tail.load(std::memory_order_acquire) - q.head.load(std::memory_order_acquire);
+    return std::min<std::uint64_t>(left, kRingSize);
 }
 
 void wake_queue(WeightedQueue& q) noexcept {
@@ -367,24 +386,46 @@ void reset_weighted_queue(WeightedQueue& q) noexcept {
 
 std::int64_t recount_weighted_layer(const SegmentState& state, std::uint32_t record, int layer,
                                     WeightedLayer& l, std::int64_t live_units,
-                                    std::span<const std::uint32_t> dead_slots) noexcept {
-    const std::uint64_t queued = recount_weighted_queue(state, record, layer, l.queue, dead_slots);
-    // The word is frozen and no live slot is pending on the record: nobody changes it meanwhile.
-    const std::uint64_t w = l.word.load(std::memory_order_acquire);
+                                    std::span<const std::uint32_t> dead_slots,
+                                    bool* abandoned) noexcept {
+    const std::uint64_t queued =
+        recount_weighted_queue(state, record, layer, l.queue, l.word, kWeightedFormat, dead_slots);
     // Clamped to the units field (a damaged ledger can make the sum anything; doubt means held).
     live_units = std::clamp<std::int64_t>(live_units, 0, W::kInUseMask);
-    const std::int64_t given_back = static_cast<std::int64_t>(W::in_use(w)) - live_units;
-    l.word.store(W::make(static_cast<std::uint64_t>(live_units),
-                         std::min<std::uint64_t>(queued, W::kQueuedMax)),
-                 std::memory_order_seq_cst);
+    const std::uint64_t next = W::make(static_cast<std::uint64_t>(live_units),
+                                       std::min<std::uint64_t>(queued, W::kQueuedMax));
+    // One CAS from the frozen value (see recount_semaphore_word): a word still frozen has been
+    // frozen since this reap froze it, so the queue above was stable and `queued` is exact.
+    std::uint64_t w = l.word.load(std::memory_order_acquire);
+    for (;;) {
+        if (!is_frozen(w)) {
+            if (abandoned != nullptr) *abandoned = true;
+            wake_queue(l.queue);
+            return 0;
+        }
+        LIM_RACE_POINT();
+        if (l.word.compare_exchange_strong(w, next, std::memory_order_seq_cst,
+                                           std::memory_order_relaxed)) {
+            break;
+        }
+    }
     wake_queue(l.queue);
-    return given_back;
+    return static_cast<std::int64_t>(W::in_use(w)) - live_units;
 }
 
-void reset_weighted_layer(WeightedLayer& l) noexcept {
+bool reset_weighted_layer(WeightedLayer& l) noexcept {
+    std::uint64_t w = l.word.load(std::memory_order_acquire);
+    if (!is_frozen(w)) return false;
     reset_weighted_queue(l.queue);
-    l.word.store(0, std::memory_order_seq_cst);
+    LIM_RACE_POINT();
+    while (!l.word.compare_exchange_strong(w, 0, std::memory_order_seq_cst)) {
+        if (!is_frozen(w)) {
+            wake_queue(l.queue);
+            return false;
+        }
+    }
     wake_queue(l.queue);
+    return true;
 }
 
 namespace {
@@ -404,13 +445,13 @@ void weighted_thaw(SegmentState& state, std::uint32_t record) noexcept {
 LiveHoldings weighted_recount(SegmentState& state, std::uint32_t record, const LiveHoldings& live,
                               std::span<const std::uint32_t> dead_slots, TimePoint) noexcept {
     LiveHoldings given;
-    given.held[0] =
-        recount_weighted_layer(state, record, 0, layer_at(state, record), live.held[0], dead_slots);
+    given.held[0] = recount_weighted_layer(state, record, 0, layer_at(state, record), live.held[0],
+                                           dead_slots, &given.abandoned);
     return given;
 }
 
-void weighted_reset(SegmentState& state, std::uint32_t record, TimePoint) noexcept {
-    reset_weighted_layer(layer_at(state, record));
+bool weighted_reset(SegmentState& state, std::uint32_t record, TimePoint) noexcept {
+    return reset_weighted_layer(layer_at(state, record));
 }
 
 }  // namespace

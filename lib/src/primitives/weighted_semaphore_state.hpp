@@ -170,18 +170,27 @@ struct WeightedCore {
 };
 
 // Crash recovery for a weighted layer (ledger layer `layer` of `record`), with the word frozen
-// and no live slot pending on the record: sets in_use to `live_units`, cancels the tickets of dead
-// owners (and tickets nobody finished taking), re-derives the queued count, passes the turn over
-// cancelled tickets, clears kFrozen and wakes the queue. Returns the units given back.
+// and no live slot pending on the record: cancels the tickets of dead owners (and tickets nobody
+// finished taking), passes the turn over cancelled tickets at the head, then sets in_use to
+// `live_units` and the queued count to the tickets left, clearing kFrozen, with one CAS from the
+// frozen value, and wakes the queue. Returns the units given back. If the word is found thawed
+// by a holder (docs/design.md, "The recount"), stores nothing to it, sets `*abandoned` and
+// returns 0; the queue steps already taken are the live protocol's own and stay.
 std::int64_t recount_weighted_layer(const SegmentState& state, std::uint32_t record, int layer,
                                     WeightedLayer& l, std::int64_t live_units,
-                                    std::span<const std::uint32_t> dead_slots) noexcept;
+                                    std::span<const std::uint32_t> dead_slots,
+                                    bool* abandoned = nullptr) noexcept;
 
-// The queue half of that recount, for a word that carries more than one layer: cancels the
-// tickets of dead owners, passes the turn over cancelled tickets at the head, and returns the
-// queued count the word must then hold. The caller stores the word, then calls wake_queue.
+// The queue half of that recount, for any word that carries a weighted layer in format `fmt`
+// (a packed Dispatch's word carries its slots too): cancels the tickets of dead owners (CAS from
+// the entry read), dequeues cancelled tickets at the head as a live dequeuer does (CAS to empty,
+// the word's queued count decremented, the head advanced), and returns the queued count the
+// word must then hold (tail - head). Every step is one the live queue protocol itself takes, so
+// it is safe even if a holder thawed the word meanwhile. The caller CASes the word, then calls
+// wake_queue.
 std::uint64_t recount_weighted_queue(const SegmentState& state, std::uint32_t record, int layer,
-                                     WeightedQueue& q,
+                                     WeightedQueue& q, std::atomic<std::uint64_t>& word,
+                                     const WeightedFormat& fmt,
                                      std::span<const std::uint32_t> dead_slots) noexcept;
 // Empties the queue (reset): head = tail, ring cleared. The caller stores the word, then wakes.
 void reset_weighted_queue(WeightedQueue& q) noexcept;
@@ -189,8 +198,9 @@ void reset_weighted_queue(WeightedQueue& q) noexcept;
 void wake_queue(WeightedQueue& q) noexcept;
 
 // Re-initialises a weighted layer: nothing in use, nothing queued (queued waiters notice that
-// their ticket was dropped and queue again), kFrozen clear, everyone woken.
-void reset_weighted_layer(WeightedLayer& l) noexcept;
+// their ticket was dropped and queue again), kFrozen clear (a CAS from the frozen value), everyone
+// woken. Returns false, the word untouched, if a holder had thawed it.
+bool reset_weighted_layer(WeightedLayer& l) noexcept;
 
 extern const KindOps kWeightedSemaphoreOps;
 

@@ -16,6 +16,10 @@ namespace lim::detail {
 // Sums over live slots of one record's ledger entries: live[i] = sum of held[i].
 struct LiveHoldings {
     std::int64_t held[3] = {0, 0, 0};
+    // Set by a recount that found a word it froze thawed by a holder (the reaper was stopped past
+    // kFrozenBreakTimeout, docs/design.md "The recount"): it stopped there, storing nothing more;
+    // the reaper defers the record. held[] then counts only the words recounted before.
+    bool abandoned = false;
 };
 
 struct KindOps {
@@ -27,7 +31,9 @@ struct KindOps {
     // equal what the live slots hold (`live`), gives back the rest as the family does on
     // release (a limiter returns tokens to the hopper at `now`), cancels any queued waits of
     // the slots in `dead_slots`, clears kFrozen, and wakes waiters. Returns, per held[] layer,
-    // how much was given back.
+    // how much was given back. Each word's store is one CAS from the frozen value; a word found
+    // thawed by a holder stops the recount there (`abandoned`), its later words left frozen for
+    // the reaper's thaw. Words are recounted in an order whose every prefix is safe.
     LiveHoldings (*recount)(SegmentState& state, std::uint32_t record, const LiveHoldings& live,
                             std::span<const std::uint32_t> dead_slots, TimePoint now) noexcept;
 
@@ -36,8 +42,10 @@ struct KindOps {
 
     // Re-initialises the record's body to its configured state (from Record::config) at `now`:
     // nothing held, nothing queued, backoff cleared, bucket and hopper as at creation. Called
-    // with the record frozen and no live holders (reset), and wakes waiters.
-    void (*reset)(SegmentState& state, std::uint32_t record, TimePoint now) noexcept;
+    // with the record frozen and no live holders (reset), and wakes waiters. Returns false if a
+    // word was found thawed by a holder (the resetter was stopped past kFrozenBreakTimeout): the
+    // caller freezes and resets again.
+    bool (*reset)(SegmentState& state, std::uint32_t record, TimePoint now) noexcept;
 
     // Which held[] layers the family uses, and their names for reports ("units", "tokens",
     // "slots", "throttled", "bytes").

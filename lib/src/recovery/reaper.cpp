@@ -287,6 +287,18 @@ ReapReport reap_locked(SegmentState& state) {
         const LiveHoldings live = live_holdings(state, r, dead, scratch);
         LIM_RACE_POINT();  // between the sum of the live ledgers and the store of the recount
         const LiveHoldings given = ops->recount(state, r, live, dead_indexes, Clock::now());
+        if (given.abandoned) {
+            // A holder thawed a word of the record while this reaper was stopped past
+            // kFrozenBreakTimeout (docs/design.md, "The recount"): live operations have moved on
+            // from the counts read, so the rest is not stored. Thaw what is still frozen and keep
+            // the dead slots, as for a quiescence timeout: the next reap recounts the record
+            // (each word to its live ledgers' sum, so words already recounted give back nothing
+            // twice).
+            ops->thaw(state, r);
+            deferred[r] = true;
+            report.deferred.emplace_back(record_key(record));
+            continue;
+        }
 
         // Attribute what was given back: each dead process its ledger; any remainder (an
         // operation a process died in the middle of) to the process that had it pending.
@@ -418,28 +430,34 @@ void reset(SegmentState& state, const ResetOptions& options) {
     for (const std::uint32_t r : targets) {
         const KindOps* ops = kind_ops(static_cast<RecordKind>(state.record(r).header.kind));
         if (ops == nullptr) continue;
-        ops->freeze(state, r);
-        LIM_RACE_POINT();
-        // Forced: live holders may be mid-operation; let them finish (or give up after the
-        // timeout and reset regardless: force means force).
-        wait_quiescent(state, r, dead,
-                       std::max(budget - std::chrono::steady_clock::now(),
-                                std::chrono::steady_clock::duration{kFrozenQuiesceTimeout}));
-        // The reset forgets what anyone held in the record, the dead (whose reap was deferred)
-        // included; a dead slot's registration or unfinished operation on it goes too, so that
-        // the reset's sleeper count (live registrations) does not count a dead sleeper.
-        for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
-            for (auto& h : state.ledger(i, r).held)
-                h.store(0, std::memory_order_relaxed);
+        // Again from the freeze if a holder thawed a word meanwhile (this process was stopped
+        // past kFrozenBreakTimeout): what it did since is forgotten by the reset like the rest.
+        // Not bounded: giving up would leave the ledgers zeroed under a word that still counts
+        // their units; each try fails only if this process is stopped (or starved) that long.
+        for (;;) {
+            ops->freeze(state, r);
+            LIM_RACE_POINT();
+            // Forced: live holders may be mid-operation; let them finish (or give up after the
+            // timeout and reset regardless: force means force).
+            wait_quiescent(state, r, dead,
+                           std::max(budget - std::chrono::steady_clock::now(),
+                                    std::chrono::steady_clock::duration{kFrozenQuiesceTimeout}));
+            // The reset forgets what anyone held in the record, the dead (whose reap was deferred)
+            // included; a dead slot's registration or unfinished operation on it goes too, so that
+            // the reset's sleeper count (live registrations) does not count a dead sleeper.
+            for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+                for (auto& h : state.ledger(i, r).held)
+                    h.store(0, std::memory_order_relaxed);
+            }
+            for (const DeadSlot& d : dead) {
+                SlotHeader& slot = state.slot(d.index);
+                if (slot.waiting_record.load(std::memory_order_relaxed) == r + 1)
+                    slot.waiting_record.store(0, std::memory_order_relaxed);
+                if (slot.pending.load(std::memory_order_relaxed) == r + 1)
+                    slot.pending.store(0, std::memory_order_relaxed);
+            }
+            if (ops->reset(state, r, Clock::now())) break;
         }
-        for (const DeadSlot& d : dead) {
-            SlotHeader& slot = state.slot(d.index);
-            if (slot.waiting_record.load(std::memory_order_relaxed) == r + 1)
-                slot.waiting_record.store(0, std::memory_order_relaxed);
-            if (slot.pending.load(std::memory_order_relaxed) == r + 1)
-                slot.pending.store(0, std::memory_order_relaxed);
-        }
-        ops->reset(state, r, Clock::now());
     }
     // A deferred dead slot that still holds something in a record this reset did not touch (or
     // is registered or mid-operation there) stays for a later reap to give it back; freeing it

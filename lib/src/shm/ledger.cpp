@@ -17,7 +17,9 @@ void Hold::step_aside(SlotHeader& slot, std::uint32_t record, std::atomic<std::u
     // A recount takes microseconds: spin briefly, then sleep in growing steps.
     auto pause = std::chrono::microseconds{20};
     auto waited = std::chrono::microseconds{0};
-    for (int spin = 0; is_frozen(word.load(std::memory_order_acquire)); ++spin) {
+    const auto since = std::chrono::steady_clock::now();
+    std::uint64_t w = word.load(std::memory_order_acquire);
+    for (int spin = 0; is_frozen(w); ++spin, w = word.load(std::memory_order_acquire)) {
         if (spin < 64) {
             std::this_thread::yield();
             continue;
@@ -27,6 +29,20 @@ void Hold::step_aside(SlotHeader& slot, std::uint32_t record, std::atomic<std::u
         pause = std::min(pause * 2, std::chrono::microseconds{2000});
         if (waited < std::chrono::milliseconds{20}) continue;
         waited = std::chrono::microseconds{0};
+        w = word.load(std::memory_order_acquire);
+        if (!is_frozen(w)) break;
+        if (std::chrono::steady_clock::now() - since >= kFrozenBreakTimeout) {
+            // Frozen for longer than any reaper legitimately keeps a word frozen (its frozen
+            // quiescence wait and the recount): the reaper is stopped (SIGSTOP, a debugger) or
+            // dead. Thaw the word ourselves, keeping its value: a frozen word holds its
+            // pre-recount value, which is valid, and the reaper's own recount store is a CAS from
+            // the frozen value, so it finds the word thawed and abandons the record instead of
+            // overwriting what live holders do from now on (docs/design.md, "The recount").
+            LIM_RACE_POINT();
+            word.compare_exchange_strong(w, w & ~kFrozen, std::memory_order_acq_rel,
+                                         std::memory_order_acquire);
+            continue;  // thawed by us or by someone else; or refrozen value: re-check
+        }
         // Frozen for long: the reaper may have died mid-recount. Holding the recovery lock
         // ourselves proves no reaper is at work, and then the frozen value (the word as it was
         // before the recount began) is valid to thaw.

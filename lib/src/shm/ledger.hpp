@@ -25,6 +25,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 
 #include "shm/layout.hpp"
@@ -36,6 +37,13 @@ namespace lim::detail {
 
 // The top bit of every word a reaper may recount. Values the words carry stay below 2^62.
 inline constexpr std::uint64_t kFrozen = 1ULL << 63;
+
+// How long a holder waits aside on a frozen word before it thaws the word itself: longer than a
+// reaper legitimately keeps a word frozen (the reaper's kFrozenQuiesceTimeout, 50 ms, plus the
+// recount's microseconds), so only a reaper stopped or dead inside that window is overruled. Its
+// recount's stores are CASes from the frozen value, so it then abandons the record
+// (docs/design.md, "The recount").
+inline constexpr std::chrono::milliseconds kFrozenBreakTimeout{200};
 
 constexpr bool is_frozen(std::uint64_t word) noexcept {
     return (word & kFrozen) != 0;
@@ -112,7 +120,8 @@ class Hold {
     // Steps aside while a reaper recounts: withdraws the announcement, waits until `word` is no
     // longer frozen, announces again. If the reaper died mid-recount (its recovery lock is free
     // while the word stays frozen), thaws the word itself: a frozen word still holds its
-    // pre-recount value, which is valid.
+    // pre-recount value, which is valid. If the word stays frozen past kFrozenBreakTimeout (the
+    // reaper is stopped), thaws it with a CAS from the frozen value seen, whoever holds the lock.
     void wait_while_frozen(std::atomic<std::uint64_t>& word, const SegmentState& state) noexcept {
         step_aside(*slot_, record_, word, state);
     }

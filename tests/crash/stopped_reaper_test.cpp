@@ -1,0 +1,401 @@
+// A reaper stopped (SIGSTOP, a debugger, Ctrl-Z) between its freeze and its recount, per family
+// (docs/design.md, "The recount"). The reaper here is a forked child doing exactly what
+// Segment::reap does for one record, with the recovery lock held throughout: it freezes the
+// record, sums the live ledgers, stops itself, and when continued recounts. Meanwhile:
+//
+//   * a try_* on the record returns well within a bound (a holder waits kFrozenBreakTimeout and
+//     then thaws the word itself; before, it waited until the reaper was continued: forever);
+//   * the live process takes and keeps something after the thaw, so the reaper's sums are stale;
+//     the continued reaper must find the word thawed and abandon the record (no double give-back:
+//     what is in use stays exactly the dead's plus the live's);
+//   * a later reap then gives back exactly what the dead held.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <thread>
+#include <vector>
+
+#include "lim/consumed_limiter.hpp"
+#include "lim/lim.hpp"
+#include "primitives/semaphore_state.hpp"
+#include "primitives/weighted_semaphore_state.hpp"
+#include "recovery/kind_ops.hpp"
+#include "shm/file_lock.hpp"
+#include "shm/ledger.hpp"
+#include "shm/process_table.hpp"
+#include "shm/records.hpp"
+#include "support/process.hpp"
+
+using namespace lim;
+using namespace std::chrono_literals;
+using lim::test::Flag;
+using lim::test::make_flag;
+
+namespace {
+
+pid_t child_holding(const std::function<void()>& body) {
+    Flag* ready = make_flag();
+    const pid_t pid = lim::test::fork_child([&] {
+        body();
+        ready->set();
+        for (;;)
+            ::pause();
+        return 0;
+    });
+    ready->wait();
+    return pid;
+}
+
+void kill_and_wait(pid_t pid) {
+    ::kill(pid, SIGKILL);
+    CHECK(lim::test::wait_child(pid) == 128 + SIGKILL);
+}
+
+Segment make_segment(const lim::test::SegmentGuard& guard) {
+    return Segment::open_or_create(guard.name(), {.max_limiters = 8,
+                                                  .max_processes = 32,
+                                                  .reap_after = 0s,  // no reaps but ours
+                                                  .reap_on_attach = false});
+}
+
+// One family, through its public face.
+struct Family {
+    std::function<void()> dead_take;  // in the child that is then killed: takes and keeps
+    std::function<bool()> live_take;  // a try_* in this process: whether it took
+    std::function<void()> live_give;  // gives back what live_take took
+    std::function<double()> held;     // what the family reports in use / in flight
+    double dead_amount;               // what dead_take leaves counted
+    double live_amount;               // what live_take adds
+    bool consumed = false;            // nothing is ever given back (a consumed record)
+};
+
+// Exit codes of the stopped reaper.
+constexpr int kAbandoned = 0;
+constexpr int kRecounted = 1;
+constexpr int kNoLock = 2;
+
+void check_stopped_reaper(Segment& seg, detail::RecordKind kind, std::string_view key,
+                          const Family& f) {
+    detail::SegmentState& state = *seg.state();
+    const std::uint32_t record = *detail::find_record(state, kind, key);
+    const detail::KindOps& ops = *detail::kind_ops(kind);
+
+    const pid_t dead = child_holding(f.dead_take);
+    kill_and_wait(dead);
+    const double base = f.held();
+    CHECK(base == doctest::Approx(f.dead_amount));
+
+    const pid_t reaper = lim::test::fork_child([&] {
+        // Held while stopped, as Segment::reap holds it: the holders' old way out (a free
+        // recovery lock proves the reaper dead) is closed.
+        const auto lock = detail::FileLock::try_lock_fresh(state.fd(), detail::LockByte::recovery);
+        if (!lock) return kNoLock;
+        ops.freeze(state, record);
+        detail::LiveHoldings live;
+        std::vector<std::uint32_t> dead_slots;
+        for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+            const auto w = state.slot(i).owner.load();
+            if (!detail::slot_is_occupied(w)) continue;
+            if (detail::SlotOwner::pid(w) == static_cast<std::uint32_t>(dead)) {
+                dead_slots.push_back(i);
+                continue;
+            }
+            for (int k = 0; k < 3; ++k)
+                live.held[k] += state.ledger(i, record).held[k].load();
+        }
+        ::raise(SIGSTOP);  // stopped inside the frozen window, the lock held
+        const detail::LiveHoldings given =
+            ops.recount(state, record, live, dead_slots, Clock::now());
+        return given.abandoned ? kAbandoned : kRecounted;
+    });
+    int st = 0;
+    REQUIRE(::waitpid(reaper, &st, WUNTRACED) == reaper);
+    REQUIRE(WIFSTOPPED(st));
+
+    std::atomic<bool> returned{false};
+    std::atomic<bool> took{false};
+    const auto start = std::chrono::steady_clock::now();
+    std::thread taker([&] {
+        took = f.live_take();
+        returned = true;
+    });
+    // A try_* takes microseconds, plus kFrozenBreakTimeout (200 ms) here; 1.5 s leaves a loaded
+    // 2-core machine room. Before the fix it returned only once the reaper was continued.
+    const bool in_time = lim::test::eventually([&] { return returned.load(); }, 1500ms);
+    const auto waited = std::chrono::steady_clock::now() - start;
+    // The reaper continues only after the live take landed on the thawed word.
+    ::kill(reaper, SIGCONT);
+    taker.join();
+    CHECK(in_time);
+    CHECK(waited >= detail::kFrozenBreakTimeout);  // broken by the holder, not by anyone else
+    MESSAGE("try_* on a record frozen by a stopped reaper returned after "
+            << std::chrono::duration_cast<std::chrono::milliseconds>(waited).count() << " ms");
+    REQUIRE(took);
+    CHECK(lim::test::wait_child(reaper) == kAbandoned);
+    // Nothing given back by the abandoned recount: the dead's still counted, the live's kept.
+    CHECK(f.held() == doctest::Approx(f.dead_amount + f.live_amount));
+
+    // The next reap recounts the record and gives back exactly the dead's.
+    const ReapReport report = seg.reap();
+    CHECK(report.deferred.empty());
+    REQUIRE(report.reaped.size() == 1);
+    CHECK(report.reaped[0].pid == dead);
+    if (f.consumed) {
+        CHECK(f.held() == doctest::Approx(f.dead_amount + f.live_amount));
+        return;
+    }
+    CHECK(f.held() == doctest::Approx(f.live_amount));
+    f.live_give();
+    CHECK(f.held() == doctest::Approx(0.0));
+    CHECK(seg.reap().reaped.empty());
+}
+
+}  // namespace
+
+TEST_CASE("a stopped reaper blocks no Semaphore::try_acquire, then defers its recount") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("stopped-sem"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 4});
+    check_stopped_reaper(seg, detail::RecordKind::semaphore, "db",
+                         {.dead_take = [&] { sem.acquire(2); },
+                          .live_take = [&] { return sem.try_acquire(1); },
+                          .live_give = [&] { sem.release(1); },
+                          .held = [&] { return static_cast<double>(sem.in_use()); },
+                          .dead_amount = 2,
+                          .live_amount = 1});
+}
+
+TEST_CASE("a stopped reaper blocks no WeightedSemaphore::try_acquire, then defers its recount") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("stopped-wsem"));
+    auto seg = make_segment(guard);
+    auto ws = WeightedSemaphore::open(seg, "mem", {.capacity = 100});
+    check_stopped_reaper(seg, detail::RecordKind::weighted_semaphore, "mem",
+                         {.dead_take = [&] { ws.acquire(30); },
+                          .live_take = [&] { return ws.try_acquire(20); },
+                          .live_give = [&] { ws.release(20); },
+                          .held = [&] { return static_cast<double>(ws.in_use()); },
+                          .dead_amount = 30,
+                          .live_amount = 20});
+}
+
+TEST_CASE("a stopped reaper blocks no Dispatch::try_acquire, then defers its recount") {
+    // Both word layouts: slots and bytes packed in one word, and each layer in its own word.
+    std::uint64_t concurrency = 10;
+    SUBCASE("packed") {
+        concurrency = 10;
+    }
+    SUBCASE("unpacked") {
+        concurrency = 40'000;
+    }
+    lim::test::SegmentGuard guard(lim::test::unique_name("stopped-dispatch"));
+    auto seg = make_segment(guard);
+    auto d = Dispatch::open(seg, {.limiter = BackoffWindow::for_key(seg, "api"),
+                                  .key = "api",
+                                  .concurrency = concurrency,
+                                  .byte_budget = 1000});
+    std::optional<Permit> mine;
+    // Both layers at once: permits in flight (x 10,000) and bytes in flight.
+    const auto held = [&] {
+        const DispatchSnapshot s = d.snapshot();
+        return static_cast<double>(s.in_flight * 10'000 + s.bytes_in_flight);
+    };
+    check_stopped_reaper(seg, detail::RecordKind::dispatch, "api",
+                         {.dead_take = [&] { static Permit p = d.acquire(300); },
+                          .live_take =
+                              [&] {
+                                  mine = d.try_acquire(200);
+                                  return mine.has_value();
+                              },
+                          .live_give = [&] { mine.reset(); },
+                          .held = held,
+                          .dead_amount = 10'300,
+                          .live_amount = 10'200});
+}
+
+TEST_CASE("a stopped reaper blocks no Throttle::try_start_job, then defers its recount") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("stopped-throttle"));
+    auto seg = make_segment(guard);
+    auto th = Throttle::open(seg, "th", {.max_concurrent_jobs = 4});
+    check_stopped_reaper(
+        seg, detail::RecordKind::limiter, "th",
+        {.dead_take = [&] { REQUIRE(th.try_start_job().kind() == StartJob::Kind::start); },
+         .live_take = [&] { return th.try_start_job().kind() == StartJob::Kind::start; },
+         .live_give = [&] { th.finish_job(); },
+         .held = [&] { return th.in_flight(); },
+         .dead_amount = 1,
+         .live_amount = 1});
+}
+
+TEST_CASE("a stopped reaper blocks no Limiter::try_take, then defers its recount") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("stopped-limiter"));
+    auto seg = make_segment(guard);
+    auto l = Limiter::open(seg, "lim",
+                           {.hopper_to_bucket_rate_per_sec = infinite,
+                            .bucket_size = 10,
+                            .initial_bucket_level = 10,
+                            .initial_hopper_level = 0.0});
+    check_stopped_reaper(seg, detail::RecordKind::limiter, "lim",
+                         {.dead_take = [&] { REQUIRE(l.try_take(3) == TryTake::taken); },
+                          .live_take = [&] { return l.try_take(2) == TryTake::taken; },
+                          .live_give = [&] { l.return_to_hopper(2); },
+                          .held = [&] { return l.in_flight(); },
+                          .dead_amount = 3,
+                          .live_amount = 2});
+}
+
+TEST_CASE("a stopped reaper blocks no consumed Limiter's try_take, then defers its recount") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("stopped-consumed"));
+    auto seg = make_segment(guard);
+    Limiter l = open_consumed_limiter(seg, "global",
+                                      {.hopper_to_bucket_rate_per_sec = infinite,
+                                       .bucket_size = 10,
+                                       .initial_bucket_level = 10,
+                                       .initial_hopper_level = 0.0});
+    // Consumed takes are in no ledger: a reap gives nothing back; the point here is that the
+    // stopped reaper blocks nothing and its abandoned recount changes nothing.
+    check_stopped_reaper(seg, detail::RecordKind::limiter, "global",
+                         {.dead_take = [&] { REQUIRE(l.try_take(3) == TryTake::taken); },
+                          .live_take = [&] { return l.try_take(2) == TryTake::taken; },
+                          .live_give = [] {},
+                          .held = [&] { return l.in_flight(); },
+                          .dead_amount = 3,
+                          .live_amount = 2,
+                          .consumed = true});
+}
+
+// A forced reset freezes its records too, and waits for quiescence frozen (up to the reap's
+// budget): stopped there, it blocks no try_acquire; continued, it finds the word thawed, freezes
+// again and resets (what the live holder took meanwhile is forgotten, as force means).
+TEST_CASE("a forced reset stopped while a record is frozen blocks no try_acquire, then resets") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("stopped-reset"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 4});
+    detail::SegmentState& state = *seg.state();
+    const auto record = *detail::find_record(state, detail::RecordKind::semaphore, "db");
+    auto& word = reinterpret_cast<detail::SemaphoreBody*>(state.record(record).body)->word;
+    const pid_t dead = child_holding([&] { sem.acquire(2); });
+    kill_and_wait(dead);
+    // A live process stopped mid-operation keeps the reset's frozen quiescence wait going.
+    const pid_t mid_op = child_holding([&] { static detail::Hold hold(state, record); });
+    ::kill(mid_op, SIGSTOP);
+    const pid_t resetter = lim::test::fork_child([&] {
+        seg.reset({.key = "db", .force = true});
+        return 0;
+    });
+    // The reset first reaps (one 50 ms frozen window here, the dead's record deferred for the
+    // stopped mid_op); its own frozen wait is the one that lasts: a word frozen for 100 ms.
+    const bool in_reset_window = lim::test::eventually([&] {
+        if (!detail::is_frozen(word.load())) return false;
+        std::this_thread::sleep_for(100ms);
+        return detail::is_frozen(word.load());
+    });
+    REQUIRE(in_reset_window);
+    ::kill(resetter, SIGSTOP);
+    int st = 0;
+    REQUIRE(::waitpid(resetter, &st, WUNTRACED) == resetter);
+    const bool frozen = detail::is_frozen(word.load());
+    std::atomic<bool> returned{false};
+    std::atomic<bool> took{false};
+    std::thread taker([&] {
+        took = sem.try_acquire(1);
+        returned = true;
+    });
+    const bool in_time = lim::test::eventually([&] { return returned.load(); }, 1500ms);
+    ::kill(resetter, SIGCONT);
+    taker.join();
+    CHECK(lim::test::wait_child(resetter) == 0);
+    ::kill(mid_op, SIGCONT);
+    kill_and_wait(mid_op);
+    REQUIRE(frozen);  // the resetter was stopped inside its frozen window
+    CHECK(in_time);
+    CHECK(took);
+    // The reset landed after the thaw: nothing in use, nobody's units counted, the word thawed.
+    CHECK(sem.in_use() == 0);
+    CHECK_FALSE(detail::is_frozen(word.load()));
+    const bool all_free = sem.try_acquire(4);
+    CHECK(all_free);
+    if (all_free) sem.release(4);
+}
+
+// The weighted queue under a broken freeze. A dead process holds units and another died queued at
+// the head; the reaper stops frozen; a live acquire_until waits kFrozenBreakTimeout, thaws the word
+// and queues behind the dead ticket. Continued, the reaper cancels and dequeues the dead ticket
+// with the live queue protocol's own steps (so the live waiter gets its turn at once), finds the
+// word thawed and abandons the rest; the next reap gives back the dead's units exactly.
+TEST_CASE("a stopped reaper's queue steps are safe under a holder's thaw (WeightedSemaphore)") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("stopped-queue"));
+    auto seg = make_segment(guard);
+    auto ws = WeightedSemaphore::open(seg, "mem", {.capacity = 100});
+    detail::SegmentState& state = *seg.state();
+    const auto record = *detail::find_record(state, detail::RecordKind::weighted_semaphore, "mem");
+    auto& layer =
+        reinterpret_cast<detail::WeightedSemaphoreBody*>(state.record(record).body)->layer;
+    const detail::KindOps& ops = *detail::kind_ops(detail::RecordKind::weighted_semaphore);
+
+    const pid_t holder = child_holding([&] { ws.acquire(60); });
+    const std::uint64_t tail0 = layer.queue.tail.load();
+    const pid_t queued = lim::test::fork_child([&] {
+        (void)ws.acquire(50);  // queues at the head behind the holder's 60: never returns
+        return 0;
+    });
+    REQUIRE(lim::test::eventually([&] { return layer.queue.tail.load() == tail0 + 1; }));
+    REQUIRE(lim::test::eventually([&] { return ws.waiters() == 1; }));
+    kill_and_wait(holder);
+    kill_and_wait(queued);
+
+    const pid_t reaper = lim::test::fork_child([&] {
+        const auto lock = detail::FileLock::try_lock_fresh(state.fd(), detail::LockByte::recovery);
+        if (!lock) return kNoLock;
+        ops.freeze(state, record);
+        std::vector<std::uint32_t> dead_slots;
+        for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+            const auto w = state.slot(i).owner.load();
+            const auto pid = static_cast<pid_t>(detail::SlotOwner::pid(w));
+            if (detail::slot_is_occupied(w) && (pid == holder || pid == queued))
+                dead_slots.push_back(i);
+        }
+        ::raise(SIGSTOP);
+        const detail::LiveHoldings given =
+            ops.recount(state, record, detail::LiveHoldings{}, dead_slots, Clock::now());
+        return given.abandoned ? kAbandoned : kRecounted;
+    });
+    int st = 0;
+    REQUIRE(::waitpid(reaper, &st, WUNTRACED) == reaper);
+    REQUIRE(WIFSTOPPED(st));
+
+    std::atomic<bool> returned{false};
+    std::atomic<bool> took{false};
+    std::thread waiter([&] {
+        took = ws.acquire_until(30, Clock::now() + 10s);
+        returned = true;
+    });
+    // Thawed by the waiter after kFrozenBreakTimeout, which then queues behind the dead ticket.
+    const bool queued_in_time =
+        lim::test::eventually([&] { return layer.queue.tail.load() == tail0 + 2; }, 1500ms);
+    const bool still_waiting = !returned.load();  // the dead ticket is still at the head
+    ::kill(reaper, SIGCONT);
+    CHECK(lim::test::wait_child(reaper) == kAbandoned);
+    // The reaper dequeued the dead ticket: the live waiter's turn came without another reap.
+    const bool admitted = lim::test::eventually([&] { return returned.load(); }, 5s);
+    waiter.join();
+    CHECK(queued_in_time);
+    CHECK(still_waiting);
+    CHECK(admitted);
+    REQUIRE(took);
+    CHECK(ws.in_use() == 90);  // the dead holder's 60, not given back by the abandoned recount
+    CHECK(ws.waiters() == 0);
+    const ReapReport report = seg.reap();
+    CHECK(report.deferred.empty());
+    CHECK(report.reaped.size() == 2);
+    CHECK(ws.in_use() == 30);  // exactly the dead's 60 given back
+    ws.release(30);
+    CHECK(ws.in_use() == 0);
+    CHECK(ws.try_acquire(100));  // nothing queued, nothing leaked
+    ws.release(100);
+}
