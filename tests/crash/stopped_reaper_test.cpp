@@ -399,3 +399,79 @@ TEST_CASE("a stopped reaper's queue steps are safe under a holder's thaw (Weight
     CHECK(ws.try_acquire(100));  // nothing queued, nothing leaked
     ws.release(100);
 }
+
+// A live process between taking its ticket and registering as a waiter (its word CAS and its tail
+// increment done, its ring entry written, waiting_record not yet set) when a continued reaper
+// scans the queue after a holder's thaw. Under a frozen, quiescent record no live slot is ever in
+// that window (it is pending), so "waiting but its owner not registered" meant a dead or
+// unfinished owner; after a thaw it can be a live one. Cancelling the live ticket loses its place,
+// and if its owner is admitted at the head while a passer dequeues the cancelled entry, the queued
+// count is decremented twice (later wrapping into kFrozen). The reaper must leave it alone.
+TEST_CASE("a continued reaper cancels no live ticket taken after a holder's thaw") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("stopped-live-ticket"));
+    auto seg = make_segment(guard);
+    auto ws = WeightedSemaphore::open(seg, "mem", {.capacity = 100});
+    detail::SegmentState& state = *seg.state();
+    const auto record = *detail::find_record(state, detail::RecordKind::weighted_semaphore, "mem");
+    auto& layer =
+        reinterpret_cast<detail::WeightedSemaphoreBody*>(state.record(record).body)->layer;
+    const detail::KindOps& ops = *detail::kind_ops(detail::RecordKind::weighted_semaphore);
+
+    const pid_t holder = child_holding([&] { ws.acquire(60); });
+    kill_and_wait(holder);
+
+    const pid_t reaper = lim::test::fork_child([&] {
+        const auto lock = detail::FileLock::try_lock_fresh(state.fd(), detail::LockByte::recovery);
+        if (!lock) return kNoLock;
+        ops.freeze(state, record);
+        std::vector<std::uint32_t> dead_slots;
+        for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+            const auto w = state.slot(i).owner.load();
+            if (detail::slot_is_occupied(w) &&
+                static_cast<pid_t>(detail::SlotOwner::pid(w)) == holder)
+                dead_slots.push_back(i);
+        }
+        ::raise(SIGSTOP);
+        const detail::LiveHoldings given =
+            ops.recount(state, record, detail::LiveHoldings{}, dead_slots, Clock::now());
+        return given.abandoned ? kAbandoned : kRecounted;
+    });
+    int st = 0;
+    REQUIRE(::waitpid(reaper, &st, WUNTRACED) == reaper);
+    REQUIRE(WIFSTOPPED(st));
+
+    // Waits kFrozenBreakTimeout aside, thaws the word, takes.
+    REQUIRE(ws.try_acquire(10));
+    CHECK(ws.in_use() == 70);
+
+    // The live process stopped inside its enqueue, its Hold pending (as try_acquire's steps).
+    const std::uint64_t t = layer.queue.tail.load();
+    const pid_t live = child_holding([&] {
+        static detail::Hold hold(state, record);
+        layer.word.fetch_add(detail::kWeightedFormat.queued_unit());
+        const std::uint64_t mine = layer.queue.tail.fetch_add(1);
+        layer.queue.ring[mine % detail::kRingSize].store(
+            detail::RingEntry::make(mine, hold.slot_index(), detail::RingState::waiting));
+    });
+    REQUIRE(layer.queue.tail.load() == t + 1);
+
+    ::kill(reaper, SIGCONT);
+    CHECK(lim::test::wait_child(reaper) == kAbandoned);
+    // The live ticket is still waiting at the head, counted once.
+    const std::uint64_t e = layer.queue.ring[t % detail::kRingSize].load();
+    CHECK(detail::RingEntry::is(e, t, detail::RingState::waiting));
+    CHECK(layer.queue.head.load() == t);
+    CHECK(detail::kWeightedFormat.queued(layer.word.load()) == 1);
+
+    // Its owner dies there: the next reap cancels and dequeues its ticket and gives back the
+    // dead holder's 60.
+    kill_and_wait(live);
+    const ReapReport report = seg.reap();
+    CHECK(report.deferred.empty());
+    CHECK(report.reaped.size() == 2);
+    CHECK(ws.in_use() == 10);
+    CHECK(detail::kWeightedFormat.queued(layer.word.load()) == 0);
+    ws.release(10);
+    CHECK(ws.try_acquire(100));
+    ws.release(100);
+}

@@ -344,9 +344,18 @@ std::uint64_t recount_weighted_queue(const SegmentState& state, std::uint32_t re
         const bool waiting = RingEntry::is(e, t, RingState::waiting);
         if (!(waiting && owner_waits(state, e, record, layer, dead_slots)) &&
             !RingEntry::is(e, t, RingState::cancelled)) {
-            // A dead owner's ticket, or one whose owner died before writing it: cancel it. A CAS
-            // from the entry read, so that an entry a live owner changed meanwhile (possible only
-            // once a holder thawed the word) is left to its owner.
+            // A dead owner's ticket, or one whose owner died before writing it: cancel it. That
+            // reading is exact only while the word stays frozen (no live slot pending, so none is
+            // between its tail increment and its registration). Checked after the entry and its
+            // owner were read: frozen now means frozen since the freeze. Once a holder has thawed
+            // it, a ticket not yet registered may be a live enqueuer's: only a waiting entry of a
+            // dead slot (which nothing reuses before this reap ends) is cancelled; the rest is
+            // left to the next reap, with the record deferred.
+            LIM_RACE_POINT();
+            if (!is_frozen(word.load(std::memory_order_seq_cst)) &&
+                !(waiting && contains(dead_slots, RingEntry::slot(e)))) {
+                continue;
+            }
             LIM_RACE_POINT();
             slot.compare_exchange_strong(
                 e, RingEntry::make(t, RingEntry::slot(e), RingState::cancelled),
