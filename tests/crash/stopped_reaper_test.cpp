@@ -475,3 +475,60 @@ TEST_CASE("a continued reaper cancels no live ticket taken after a holder's thaw
     CHECK(ws.try_acquire(100));
     ws.release(100);
 }
+
+// The queue's head as a continued reaper reads it after a holder's thaw: it loads the tail, then
+// the head, and live traffic (an enqueue, its admission, the turn passed) may run between the two
+// loads, so the head it reads is one past the tail it read. Staged here by setting the head one
+// past the tail while the reaper is stopped. Before (review), the reaper took that for damage and
+// moved the head back to the tail it had read, stranding the queue behind an admitted ticket
+// until another reap. With the word thawed it must leave the head alone.
+TEST_CASE("a continued reaper moves no head it read past the tail after a holder's thaw") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("stopped-head"));
+    auto seg = make_segment(guard);
+    auto ws = WeightedSemaphore::open(seg, "mem", {.capacity = 100});
+    detail::SegmentState& state = *seg.state();
+    const auto record = *detail::find_record(state, detail::RecordKind::weighted_semaphore, "mem");
+    auto& layer =
+        reinterpret_cast<detail::WeightedSemaphoreBody*>(state.record(record).body)->layer;
+    const detail::KindOps& ops = *detail::kind_ops(detail::RecordKind::weighted_semaphore);
+
+    const pid_t holder = child_holding([&] { ws.acquire(60); });
+    kill_and_wait(holder);
+
+    const pid_t reaper = lim::test::fork_child([&] {
+        const auto lock = detail::FileLock::try_lock_fresh(state.fd(), detail::LockByte::recovery);
+        if (!lock) return kNoLock;
+        ops.freeze(state, record);
+        std::vector<std::uint32_t> dead_slots;
+        for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+            const auto w = state.slot(i).owner.load();
+            if (detail::slot_is_occupied(w) &&
+                static_cast<pid_t>(detail::SlotOwner::pid(w)) == holder)
+                dead_slots.push_back(i);
+        }
+        ::raise(SIGSTOP);
+        const detail::LiveHoldings given =
+            ops.recount(state, record, detail::LiveHoldings{}, dead_slots, Clock::now());
+        return given.abandoned ? kAbandoned : kRecounted;
+    });
+    int st = 0;
+    REQUIRE(::waitpid(reaper, &st, WUNTRACED) == reaper);
+    REQUIRE(WIFSTOPPED(st));
+
+    REQUIRE(ws.try_acquire(10));  // waits kFrozenBreakTimeout aside, thaws the word, takes
+    const std::uint64_t tail = layer.queue.tail.load();
+    layer.queue.head.store(tail + 1);  // the reaper's view: head read after a live advance
+
+    ::kill(reaper, SIGCONT);
+    CHECK(lim::test::wait_child(reaper) == kAbandoned);
+    CHECK(layer.queue.head.load() == tail + 1);
+
+    layer.queue.head.store(tail);  // the staging undone
+    const ReapReport report = seg.reap();
+    CHECK(report.deferred.empty());
+    CHECK(report.reaped.size() == 1);
+    CHECK(ws.in_use() == 10);
+    ws.release(10);
+    CHECK(ws.try_acquire(100));
+    ws.release(100);
+}

@@ -328,13 +328,19 @@ std::uint64_t recount_weighted_queue(const SegmentState& state, std::uint32_t re
                                      const WeightedFormat& fmt,
                                      std::span<const std::uint32_t> dead_slots) noexcept {
     const std::uint64_t tail = q.tail.load(std::memory_order_acquire);
+    LIM_RACE_POINT();
     std::uint64_t head = q.head.load(std::memory_order_acquire);
     // A damaged head (beyond the tail, or further behind than the ring holds) is clamped.
     const std::uint64_t read_head = head;
     if (static_cast<std::int64_t>(tail - head) < 0) head = tail;
     if (tail - head > kRingSize) head = tail - kRingSize;
-    if (head != read_head) {
-        // Repaired from the value read (a live dequeuer moving it meanwhile wins).
+    LIM_RACE_POINT();
+    // Repaired only if the word is still frozen after both loads (then no live queue step ran
+    // between them). Once a holder has thawed it, a head read beyond the tail read may be a live
+    // dequeuer's advance between the two loads, and moving it back would strand the queue behind
+    // an admitted ticket: left to the next reap. From the value read (a live dequeuer moving it
+    // meanwhile wins).
+    if (head != read_head && is_frozen(word.load(std::memory_order_seq_cst))) {
         std::uint64_t expected = read_head;
         q.head.compare_exchange_strong(expected, head, std::memory_order_seq_cst);
     }
