@@ -17,6 +17,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <functional>
 #include <thread>
 #include <vector>
@@ -531,4 +532,58 @@ TEST_CASE("a continued reaper moves no head it read past the tail after a holder
     ws.release(10);
     CHECK(ws.try_acquire(100));
     ws.release(100);
+}
+
+// A holder that broke the freeze is itself SIGKILLed holding what it took on the thawed word. The
+// continued reaper abandons (its dead list predates the breaker's death); the next reap gives back
+// both dead processes' units exactly, once.
+TEST_CASE("a holder that broke a stopped reaper's freeze dies holding: the next reap returns all") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("stopped-breaker-dies"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 10});
+    detail::SegmentState& state = *seg.state();
+    const auto record = *detail::find_record(state, detail::RecordKind::semaphore, "db");
+    const detail::KindOps& ops = *detail::kind_ops(detail::RecordKind::semaphore);
+
+    const pid_t first = child_holding([&] { sem.acquire(3); });
+    kill_and_wait(first);
+
+    const pid_t reaper = lim::test::fork_child([&] {
+        const auto lock = detail::FileLock::try_lock_fresh(state.fd(), detail::LockByte::recovery);
+        if (!lock) return kNoLock;
+        ops.freeze(state, record);
+        std::vector<std::uint32_t> dead_slots;
+        for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+            const auto w = state.slot(i).owner.load();
+            if (detail::slot_is_occupied(w) &&
+                static_cast<pid_t>(detail::SlotOwner::pid(w)) == first)
+                dead_slots.push_back(i);
+        }
+        ::raise(SIGSTOP);
+        const detail::LiveHoldings given =
+            ops.recount(state, record, detail::LiveHoldings{}, dead_slots, Clock::now());
+        return given.abandoned ? kAbandoned : kRecounted;
+    });
+    int st = 0;
+    REQUIRE(::waitpid(reaper, &st, WUNTRACED) == reaper);
+    REQUIRE(WIFSTOPPED(st));
+
+    // Breaks the freeze after kFrozenBreakTimeout, takes 2 on the thawed word, then dies.
+    const pid_t breaker = child_holding([&] {
+        if (!sem.try_acquire(2)) std::_Exit(3);
+    });
+    CHECK(sem.in_use() == 5);
+    kill_and_wait(breaker);
+
+    ::kill(reaper, SIGCONT);
+    CHECK(lim::test::wait_child(reaper) == kAbandoned);
+    CHECK(sem.in_use() == 5);  // nothing given back by the abandoned recount
+
+    const ReapReport report = seg.reap();
+    CHECK(report.deferred.empty());
+    CHECK(report.reaped.size() == 2);
+    CHECK(sem.in_use() == 0);
+    CHECK(sem.try_acquire(10));
+    sem.release(10);
+    CHECK(seg.reap().reaped.empty());
 }
