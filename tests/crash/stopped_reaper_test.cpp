@@ -15,10 +15,12 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <functional>
+#include <initializer_list>
 #include <thread>
 #include <vector>
 
@@ -81,17 +83,14 @@ constexpr int kAbandoned = 0;
 constexpr int kRecounted = 1;
 constexpr int kNoLock = 2;
 
-void check_stopped_reaper(Segment& seg, detail::RecordKind kind, std::string_view key,
-                          const Family& f) {
-    detail::SegmentState& state = *seg.state();
-    const std::uint32_t record = *detail::find_record(state, kind, key);
+// Forks a reaper that does what Segment::reap does up to its recount: takes the recovery lock,
+// freezes `record`, sums the live slots' holdings and lists the slots of the `dead` pids; then it
+// stops itself (SIGSTOP) inside the frozen window, as a reaper stopped by a debugger or Ctrl-Z
+// between its freeze and its recount. Returns once it is stopped. Continued (SIGCONT), it
+// recounts and exits kAbandoned or kRecounted (kNoLock if another process held the lock).
+pid_t stopped_reaper(detail::SegmentState& state, std::uint32_t record, detail::RecordKind kind,
+                     std::initializer_list<pid_t> dead) {
     const detail::KindOps& ops = *detail::kind_ops(kind);
-
-    const pid_t dead = child_holding(f.dead_take);
-    kill_and_wait(dead);
-    const double base = f.held();
-    CHECK(base == doctest::Approx(f.dead_amount));
-
     const pid_t reaper = lim::test::fork_child([&] {
         // Held while stopped, as Segment::reap holds it: the holders' old way out (a free
         // recovery lock proves the reaper dead) is closed.
@@ -103,7 +102,8 @@ void check_stopped_reaper(Segment& seg, detail::RecordKind kind, std::string_vie
         for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
             const auto w = state.slot(i).owner.load();
             if (!detail::slot_is_occupied(w)) continue;
-            if (detail::SlotOwner::pid(w) == static_cast<std::uint32_t>(dead)) {
+            const auto pid = static_cast<pid_t>(detail::SlotOwner::pid(w));
+            if (std::find(dead.begin(), dead.end(), pid) != dead.end()) {
                 dead_slots.push_back(i);
                 continue;
             }
@@ -118,6 +118,20 @@ void check_stopped_reaper(Segment& seg, detail::RecordKind kind, std::string_vie
     int st = 0;
     REQUIRE(::waitpid(reaper, &st, WUNTRACED) == reaper);
     REQUIRE(WIFSTOPPED(st));
+    return reaper;
+}
+
+void check_stopped_reaper(Segment& seg, detail::RecordKind kind, std::string_view key,
+                          const Family& f) {
+    detail::SegmentState& state = *seg.state();
+    const std::uint32_t record = *detail::find_record(state, kind, key);
+
+    const pid_t dead = child_holding(f.dead_take);
+    kill_and_wait(dead);
+    const double base = f.held();
+    CHECK(base == doctest::Approx(f.dead_amount));
+
+    const pid_t reaper = stopped_reaper(state, record, kind, {dead});
 
     std::atomic<bool> returned{false};
     std::atomic<bool> took{false};
@@ -337,7 +351,6 @@ TEST_CASE("a stopped reaper's queue steps are safe under a holder's thaw (Weight
     const auto record = *detail::find_record(state, detail::RecordKind::weighted_semaphore, "mem");
     auto& layer =
         reinterpret_cast<detail::WeightedSemaphoreBody*>(state.record(record).body)->layer;
-    const detail::KindOps& ops = *detail::kind_ops(detail::RecordKind::weighted_semaphore);
 
     const pid_t holder = child_holding([&] { ws.acquire(60); });
     const std::uint64_t tail0 = layer.queue.tail.load();
@@ -350,25 +363,8 @@ TEST_CASE("a stopped reaper's queue steps are safe under a holder's thaw (Weight
     kill_and_wait(holder);
     kill_and_wait(queued);
 
-    const pid_t reaper = lim::test::fork_child([&] {
-        const auto lock = detail::FileLock::try_lock_fresh(state.fd(), detail::LockByte::recovery);
-        if (!lock) return kNoLock;
-        ops.freeze(state, record);
-        std::vector<std::uint32_t> dead_slots;
-        for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
-            const auto w = state.slot(i).owner.load();
-            const auto pid = static_cast<pid_t>(detail::SlotOwner::pid(w));
-            if (detail::slot_is_occupied(w) && (pid == holder || pid == queued))
-                dead_slots.push_back(i);
-        }
-        ::raise(SIGSTOP);
-        const detail::LiveHoldings given =
-            ops.recount(state, record, detail::LiveHoldings{}, dead_slots, Clock::now());
-        return given.abandoned ? kAbandoned : kRecounted;
-    });
-    int st = 0;
-    REQUIRE(::waitpid(reaper, &st, WUNTRACED) == reaper);
-    REQUIRE(WIFSTOPPED(st));
+    const pid_t reaper =
+        stopped_reaper(state, record, detail::RecordKind::weighted_semaphore, {holder, queued});
 
     std::atomic<bool> returned{false};
     std::atomic<bool> took{false};
@@ -416,30 +412,12 @@ TEST_CASE("a continued reaper cancels no live ticket taken after a holder's thaw
     const auto record = *detail::find_record(state, detail::RecordKind::weighted_semaphore, "mem");
     auto& layer =
         reinterpret_cast<detail::WeightedSemaphoreBody*>(state.record(record).body)->layer;
-    const detail::KindOps& ops = *detail::kind_ops(detail::RecordKind::weighted_semaphore);
 
     const pid_t holder = child_holding([&] { ws.acquire(60); });
     kill_and_wait(holder);
 
-    const pid_t reaper = lim::test::fork_child([&] {
-        const auto lock = detail::FileLock::try_lock_fresh(state.fd(), detail::LockByte::recovery);
-        if (!lock) return kNoLock;
-        ops.freeze(state, record);
-        std::vector<std::uint32_t> dead_slots;
-        for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
-            const auto w = state.slot(i).owner.load();
-            if (detail::slot_is_occupied(w) &&
-                static_cast<pid_t>(detail::SlotOwner::pid(w)) == holder)
-                dead_slots.push_back(i);
-        }
-        ::raise(SIGSTOP);
-        const detail::LiveHoldings given =
-            ops.recount(state, record, detail::LiveHoldings{}, dead_slots, Clock::now());
-        return given.abandoned ? kAbandoned : kRecounted;
-    });
-    int st = 0;
-    REQUIRE(::waitpid(reaper, &st, WUNTRACED) == reaper);
-    REQUIRE(WIFSTOPPED(st));
+    const pid_t reaper =
+        stopped_reaper(state, record, detail::RecordKind::weighted_semaphore, {holder});
 
     // Waits kFrozenBreakTimeout aside, thaws the word, takes.
     REQUIRE(ws.try_acquire(10));
@@ -491,30 +469,12 @@ TEST_CASE("a continued reaper moves no head it read past the tail after a holder
     const auto record = *detail::find_record(state, detail::RecordKind::weighted_semaphore, "mem");
     auto& layer =
         reinterpret_cast<detail::WeightedSemaphoreBody*>(state.record(record).body)->layer;
-    const detail::KindOps& ops = *detail::kind_ops(detail::RecordKind::weighted_semaphore);
 
     const pid_t holder = child_holding([&] { ws.acquire(60); });
     kill_and_wait(holder);
 
-    const pid_t reaper = lim::test::fork_child([&] {
-        const auto lock = detail::FileLock::try_lock_fresh(state.fd(), detail::LockByte::recovery);
-        if (!lock) return kNoLock;
-        ops.freeze(state, record);
-        std::vector<std::uint32_t> dead_slots;
-        for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
-            const auto w = state.slot(i).owner.load();
-            if (detail::slot_is_occupied(w) &&
-                static_cast<pid_t>(detail::SlotOwner::pid(w)) == holder)
-                dead_slots.push_back(i);
-        }
-        ::raise(SIGSTOP);
-        const detail::LiveHoldings given =
-            ops.recount(state, record, detail::LiveHoldings{}, dead_slots, Clock::now());
-        return given.abandoned ? kAbandoned : kRecounted;
-    });
-    int st = 0;
-    REQUIRE(::waitpid(reaper, &st, WUNTRACED) == reaper);
-    REQUIRE(WIFSTOPPED(st));
+    const pid_t reaper =
+        stopped_reaper(state, record, detail::RecordKind::weighted_semaphore, {holder});
 
     REQUIRE(ws.try_acquire(10));  // waits kFrozenBreakTimeout aside, thaws the word, takes
     const std::uint64_t tail = layer.queue.tail.load();
@@ -543,30 +503,11 @@ TEST_CASE("a holder that broke a stopped reaper's freeze dies holding: the next 
     auto sem = Semaphore::open(seg, "db", {.capacity = 10});
     detail::SegmentState& state = *seg.state();
     const auto record = *detail::find_record(state, detail::RecordKind::semaphore, "db");
-    const detail::KindOps& ops = *detail::kind_ops(detail::RecordKind::semaphore);
 
     const pid_t first = child_holding([&] { sem.acquire(3); });
     kill_and_wait(first);
 
-    const pid_t reaper = lim::test::fork_child([&] {
-        const auto lock = detail::FileLock::try_lock_fresh(state.fd(), detail::LockByte::recovery);
-        if (!lock) return kNoLock;
-        ops.freeze(state, record);
-        std::vector<std::uint32_t> dead_slots;
-        for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
-            const auto w = state.slot(i).owner.load();
-            if (detail::slot_is_occupied(w) &&
-                static_cast<pid_t>(detail::SlotOwner::pid(w)) == first)
-                dead_slots.push_back(i);
-        }
-        ::raise(SIGSTOP);
-        const detail::LiveHoldings given =
-            ops.recount(state, record, detail::LiveHoldings{}, dead_slots, Clock::now());
-        return given.abandoned ? kAbandoned : kRecounted;
-    });
-    int st = 0;
-    REQUIRE(::waitpid(reaper, &st, WUNTRACED) == reaper);
-    REQUIRE(WIFSTOPPED(st));
+    const pid_t reaper = stopped_reaper(state, record, detail::RecordKind::semaphore, {first});
 
     // Breaks the freeze after kFrozenBreakTimeout, takes 2 on the thawed word, then dies.
     const pid_t breaker = child_holding([&] {
