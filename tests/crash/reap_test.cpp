@@ -41,19 +41,7 @@ namespace {
 using lim::test::Flag;
 using lim::test::make_flag;
 
-// Forks a child that runs `body`, signals `ready`, and then sleeps until killed.
-pid_t child_holding(const std::function<void()>& body) {
-    Flag* ready = make_flag();
-    const pid_t pid = lim::test::fork_child([&] {
-        body();
-        ready->set();
-        for (;;)
-            ::pause();
-        return 0;
-    });
-    ready->wait();
-    return pid;
-}
+using lim::test::child_holding;
 
 void kill_and_wait(pid_t pid) {
     ::kill(pid, SIGKILL);

@@ -42,18 +42,7 @@ using lim::test::make_flag;
 
 namespace {
 
-pid_t child_holding(const std::function<void()>& body) {
-    Flag* ready = make_flag();
-    const pid_t pid = lim::test::fork_child([&] {
-        body();
-        ready->set();
-        for (;;)
-            ::pause();
-        return 0;
-    });
-    ready->wait();
-    return pid;
-}
+using lim::test::child_holding;
 
 void kill_and_wait(pid_t pid) {
     ::kill(pid, SIGKILL);

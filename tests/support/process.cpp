@@ -59,6 +59,19 @@ pid_t fork_child(const std::function<int()>& body) {
     return pid;
 }
 
+pid_t child_holding(const std::function<void()>& body) {
+    Flag* ready = make_flag();
+    const pid_t pid = fork_child([&] {
+        body();
+        ready->set();
+        for (;;)
+            ::pause();
+        return 0;
+    });
+    ready->wait();
+    return pid;
+}
+
 int wait_child(pid_t pid) {
     int status = 0;
     while (::waitpid(pid, &status, 0) < 0) {

@@ -65,6 +65,10 @@ inline Flag* make_flag() {
     return new (shared_array<Flag>(1)) Flag{};
 }
 
+// Forks a child that runs `body` (which takes and keeps something), then waits, holding it,
+// until killed; returns once `body` has run. The child never returns into the test framework.
+pid_t child_holding(const std::function<void()>& body);
+
 // Polls `pred` every 100 us until it holds (true) or `timeout` passes (false): for waiting on
 // another process or thread to reach a state, never as the assertion itself.
 template <class Pred>
