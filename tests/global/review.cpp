@@ -700,8 +700,11 @@ TEST_CASE("R5 [availability]: one broken key in Redis starves every later global
     Taken* t = make_taken();
     Worker worker(host.name(), good, t);
     t->go.store(1);
-    // b_good's fence is 1 s; then it should be fed at 10/s.
-    const bool fed = lim::test::eventually([&] { return t->count.load() >= 5; }, 5s);
+    // b_good's fence is 1 s; then it should be fed at 10/s (about 1.5 s for 5 tokens). Before the
+    // fix it was never fed; 15 s leaves room for a loaded machine, where calls that time out at
+    // 100 ms make the feeder reconnect (one run of the race-widened suite under ctest -j2 missed 5
+    // s).
+    const bool fed = lim::test::eventually([&] { return t->count.load() >= 5; }, 15s);
     worker.stop();
     CHECK(fed);
     redis.proc.stop(SIGKILL);
