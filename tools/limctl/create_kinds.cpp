@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <cmath>
 #include <limits>
 
 #include "common.hpp"
@@ -77,7 +78,12 @@ std::optional<lim::InfiniteOrFinite<double>> TableReader::maybe_infinite(const s
         if (*s == "infinite" || *s == "inf") return lim::InfiniteOrFinite<double>(lim::infinite);
         fail(key, "must be a number or \"infinite\"");
     }
-    if (auto v = node->value<double>()) return lim::InfiniteOrFinite<double>(*v);
+    if (auto v = node->value<double>()) {
+        // TOML's own `inf` (and `+inf`) is lim::infinite, as "infinite" is (and as math.inf is
+        // in the Python package); -inf and nan stay numbers, for the library to refuse.
+        if (std::isinf(*v) && *v > 0) return lim::InfiniteOrFinite<double>(lim::infinite);
+        return lim::InfiniteOrFinite<double>(*v);
+    }
     fail(key, "must be a number or \"infinite\"");
 }
 

@@ -1,0 +1,191 @@
+// SPEC.md's limctl section, checked as written: `limctl create` with SPEC's own TOML and with
+// every kind it names (keys are the API's option names), so that what the file declares is what
+// a program opening the same keys with the same options attaches to; reset's refusal while live
+// processes are attached; rm and read commands on an absent segment; exit codes 0 / 1 / 2.
+#include <doctest/doctest.h>
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+#include <string>
+
+#include "lim/lim.hpp"
+#include "limctl/run.hpp"
+#include "support/process.hpp"
+
+using lim::test::limctl;
+
+namespace {
+
+std::string write_toml(const std::string& stem, const std::string& text) {
+    const std::string path =
+        "/tmp/limctl-spec-" + std::to_string(::getpid()) + "-" + stem + ".toml";
+    std::ofstream(path) << text;
+    return path;
+}
+
+template <class F>
+lim::Errc error_of(F&& f) {
+    try {
+        f();
+    } catch (const lim::Error& e) {
+        return e.code();
+    }
+    FAIL("no lim::Error thrown");
+    return lim::Errc::system_error;
+}
+
+}  // namespace
+
+TEST_CASE("SPEC's create example makes what the API opens with the same options") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("limctl-spec"));
+    // Verbatim from SPEC.md, comments included.
+    const std::string toml = write_toml("spec", R"([segment]
+max_limiters = 256
+[limiter.my_api]
+kind = "dispatch"   # dispatch | token_bucket | throttle | throttled_rate_limiter | limiter
+                    # | semaphore | weighted_semaphore
+concurrency = 4
+throttled_concurrency = 1
+byte_budget = 1000
+[limiter.emails]
+kind = "token_bucket"
+burst_size = 10
+sustained_rate_per_sec = 2
+)");
+    const auto r = limctl("create " + guard.name() + " --config " + toml);
+    REQUIRE(r.code == 0);
+    auto seg = lim::Segment::open(guard.name());
+    CHECK(seg.info().max_limiters == 256);
+    auto window = lim::BackoffWindow::for_key(seg, "my_api");
+    auto d = lim::Dispatch::open(seg, {.limiter = window,
+                                       .key = "my_api",
+                                       .concurrency = 4,
+                                       .throttled_concurrency = 1,
+                                       .byte_budget = 1000});
+    CHECK(d.snapshot().concurrency == 4);
+    auto tb =
+        lim::TokenBucket::open(seg, "emails", {.burst_size = 10, .sustained_rate_per_sec = 2});
+    CHECK(tb.burst_size() == 10);
+}
+
+TEST_CASE("create: every kind SPEC names, with the API's option names") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("limctl-kinds"));
+    const std::string toml = write_toml("kinds", R"(
+[segment]
+max_limiters = 16
+max_processes = 32
+
+[limiter.th]
+kind = "throttle"
+max_concurrent_jobs = 8
+
+[limiter.trl]
+kind = "throttled_rate_limiter"
+burst_size = 2
+sustained_rate_per_sec = 1
+max_concurrent_jobs = 3
+
+[limiter.raw]
+kind = "limiter"
+hopper_to_bucket_rate_per_sec = 2.0
+bucket_size = 10
+initial_bucket_level = 0
+initial_hopper_level = "infinite"
+
+[limiter.instant]
+kind = "limiter"
+hopper_to_bucket_rate_per_sec = inf
+bucket_size = 4
+initial_bucket_level = 1
+initial_hopper_level = 3
+
+[limiter.tb]
+kind = "token_bucket"
+burst_size = 10
+sustained_rate_per_sec = 2
+initial_bucket_level = 5
+
+[limiter.sem]
+kind = "semaphore"
+capacity = 8
+
+[limiter.ws]
+kind = "weighted_semaphore"
+capacity = 5000000
+)");
+    const auto r = limctl("create " + guard.name() + " --config " + toml);
+    INFO(r.err);
+    REQUIRE(r.code == 0);
+    auto seg = lim::Segment::open(guard.name());
+    CHECK(seg.info().max_processes == 32);
+    CHECK(lim::Throttle::open(seg, "th", {.max_concurrent_jobs = 8}).max_concurrent_jobs() == 8);
+    (void)lim::ThrottledRateLimiter::open(
+        seg, "trl", {.burst_size = 2, .sustained_rate_per_sec = 1, .max_concurrent_jobs = 3});
+    (void)lim::Limiter::open(seg, "raw",
+                             lim::LimiterConfig{.hopper_to_bucket_rate_per_sec = 2.0,
+                                                .bucket_size = 10,
+                                                .initial_bucket_level = 0,
+                                                .initial_hopper_level = lim::infinite});
+    auto instant =
+        lim::Limiter::open(seg, "instant",
+                           lim::LimiterConfig{.hopper_to_bucket_rate_per_sec = lim::infinite,
+                                              .bucket_size = 4,
+                                              .initial_bucket_level = 1,
+                                              .initial_hopper_level = 3.0});
+    CHECK(instant.hopper_to_bucket_rate_per_sec().is_infinite());
+    (void)lim::TokenBucket::open(
+        seg, "tb", {.burst_size = 10, .sustained_rate_per_sec = 2, .initial_bucket_level = 5});
+    CHECK(lim::Semaphore::open(seg, "sem", {.capacity = 8}).capacity() == 8);
+    CHECK(lim::WeightedSemaphore::open(seg, "ws", {.capacity = 5'000'000}).capacity() == 5'000'000);
+    CHECK(seg.info().limiters == 7);
+}
+
+TEST_CASE("reset refuses while a live process is attached unless --force; exit codes") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("limctl-reset"));
+    auto seg = lim::Segment::open_or_create(guard.name(), {.max_limiters = 4, .max_processes = 8});
+    auto sem = lim::Semaphore::open(seg, "db", {.capacity = 4});
+    sem.acquire(3);  // this test's process is live and attached
+    const auto refused = limctl("reset " + guard.name());
+    CHECK(refused.code == 1);
+    CHECK(sem.in_use() == 3);
+    CHECK(limctl("reset " + guard.name() + " db").code == 1);
+    CHECK(limctl("reset " + guard.name() + " nosuchkey --force").code == 1);  // not_found
+    const auto forced = limctl("reset " + guard.name() + " db --force");
+    CHECK(forced.code == 0);
+    CHECK(sem.in_use() == 0);
+    // What this process held is forgotten: its release is now an over-release.
+    CHECK(error_of([&] { sem.release(3); }) == lim::Errc::over_release);
+}
+
+TEST_CASE("an absent segment: read and repair commands exit 1; rm says so") {
+    const std::string absent = lim::test::unique_name("limctl-absent");
+    for (const std::string& cmd :
+         {"show " + absent, "show --json " + absent, "stats " + absent,
+          "stats --format prometheus " + absent, "stats --json " + absent, "reap " + absent,
+          "reset " + absent, "rm " + absent, "set-backoff " + absent + " k 1s",
+          "watch -n 1 " + absent + " </dev/null"}) {
+        CAPTURE(cmd);
+        const auto r = limctl(cmd);
+        CHECK(r.code == 1);
+        CHECK(r.err.find("not_found") != std::string::npos);
+    }
+}
+
+TEST_CASE("rm removes; stats --format prometheus is the default; ls --json parses") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("limctl-rm"));
+    {
+        auto seg = lim::Segment::open_or_create(guard.name(), {.max_limiters = 4});
+        (void)lim::Semaphore::open(seg, "db", {.capacity = 2});
+    }
+    const auto prom = limctl("stats " + guard.name() + " --format prometheus");
+    CHECK(prom.code == 0);
+    CHECK(prom.out == limctl("stats " + guard.name()).out);
+    CHECK(prom.out.find("lim_capacity{segment=\"" + guard.name() + "\",key=\"db\"") !=
+          std::string::npos);
+    const auto ls = limctl("ls --json");
+    REQUIRE(ls.code == 0);
+    CHECK(nlohmann::json::accept(ls.out));
+    CHECK(limctl("rm " + guard.name()).code == 0);
+    CHECK_FALSE(lim::Segment::remove(guard.name()));
+    CHECK(limctl("rm " + guard.name()).code == 1);
+}
