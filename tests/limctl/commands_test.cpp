@@ -131,7 +131,7 @@ TEST_CASE("stats --format prometheus parses back") {
     check_golden("stats.prom", p.norm(r.out));
     // Every sample line is name{labels} value; every family has HELP and TYPE before its samples.
     const std::regex sample(
-        R"(^(lim_[a-z_]+)\{([a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*)\} (-?[0-9.e+]+|inf)$)");
+        R"(^(lim_[a-z_]+)\{([a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*)\} (-?[0-9.e+]+|[+-]Inf)$)");
     const std::regex type(R"(^# TYPE (lim_[a-z_]+) (gauge|counter)$)");
     std::istringstream lines(r.out);
     std::string line, current;

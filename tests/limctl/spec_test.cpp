@@ -6,6 +6,8 @@
 #include <nlohmann/json.hpp>
 
 #include <fstream>
+#include <regex>
+#include <sstream>
 #include <string>
 
 #include "lim/lim.hpp"
@@ -138,6 +140,30 @@ capacity = 5000000
     CHECK(lim::Semaphore::open(seg, "sem", {.capacity = 8}).capacity() == 8);
     CHECK(lim::WeightedSemaphore::open(seg, "ws", {.capacity = 5'000'000}).capacity() == 5'000'000);
     CHECK(seg.info().limiters == 7);
+
+    // Prometheus' text format: an infinite value is +Inf (docs/limctl.md says so too); every
+    // sample's value is one Go's ParseFloat and OpenMetrics both accept.
+    const auto prom = limctl("stats " + guard.name());
+    REQUIRE(prom.code == 0);
+    const std::string raw = "{segment=\"" + guard.name() + "\",key=\"raw\",kind=\"limiter\"} ";
+    const std::string inst = "{segment=\"" + guard.name() + "\",key=\"instant\",kind=\"limiter\"} ";
+    CHECK(prom.out.find("lim_tokens_in_hopper" + raw + "+Inf\n") != std::string::npos);
+    CHECK(prom.out.find("lim_fill_rate_tokens_per_second" + inst + "+Inf\n") != std::string::npos);
+    const std::regex value(R"(^[^#].* (-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?|[+-]Inf|NaN)$)");
+    std::istringstream lines(prom.out);
+    for (std::string line; std::getline(lines, line);) {
+        if (line.rfind("# ", 0) == 0) continue;
+        CHECK_MESSAGE(std::regex_match(line, value), line);
+    }
+    // The read commands show every kind, in text and as JSON.
+    for (const std::string& cmd :
+         {"show " + guard.name(), "show -p " + guard.name(), "show " + guard.name() + " raw",
+          "stats --json " + guard.name(), "show --json " + guard.name()}) {
+        CAPTURE(cmd);
+        const auto shown = limctl(cmd);
+        CHECK(shown.code == 0);
+        if (cmd.find("json") != std::string::npos) CHECK(nlohmann::json::accept(shown.out));
+    }
 }
 
 TEST_CASE("reset refuses while a live process is attached unless --force; exit codes") {

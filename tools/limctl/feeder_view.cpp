@@ -8,6 +8,7 @@
 #include "../feeder/status.hpp"
 #include "commands.hpp"
 #include "common.hpp"
+#include "render.hpp"
 
 namespace limctl {
 namespace {
@@ -106,13 +107,12 @@ std::string render_feeder_prometheus(const std::string& segment,
         const std::string labels = fmt::format("segment=\"{}\",key=\"{}\"", segment, l.key);
         // As every other sample limctl prints: whole numbers bare, others to 4 decimals (not
         // the shortest round-trip form, 2.310299999999984).
-        using lim::detail::format_amount;
-        held +=
-            fmt::format("lim_feeder_lease_held_tokens{{{}}} {}\n", labels, format_amount(l.held));
+        held += fmt::format("lim_feeder_lease_held_tokens{{{}}} {}\n", labels,
+                            prometheus_value(l.held));
         expiry += fmt::format("lim_feeder_lease_expires_in_seconds{{{}}} {}\n", labels,
-                              format_amount(l.expires_in));
+                              prometheus_value(l.expires_in));
         contact += fmt::format("lim_feeder_last_contact_seconds{{{}}} {}\n", labels,
-                               format_amount(l.last_contact_ago.value_or(3600.0)));
+                               prometheus_value(l.last_contact_ago.value_or(3600.0)));
     }
     return held + expiry + contact;
 }

@@ -261,6 +261,12 @@ struct Family {
 
 }  // namespace
 
+std::string prometheus_value(double value) {
+    if (std::isnan(value)) return "NaN";
+    if (std::isinf(value)) return value > 0 ? "+Inf" : "-Inf";
+    return format_amount(value);
+}
+
 std::string render_prometheus(const SegmentSnapshot& s) {
     std::map<std::string, Family> families;
     const std::string seg = label_value(s.info.name);
@@ -269,7 +275,7 @@ std::string render_prometheus(const SegmentSnapshot& s) {
         Family& f = families[name];
         f.type = type;
         f.help = help;
-        f.samples.push_back(fmt::format("{}{{{}}} {}", name, labels, format_amount(value)));
+        f.samples.push_back(fmt::format("{}{{{}}} {}", name, labels, prometheus_value(value)));
     };
     const std::string sl = fmt::format("segment=\"{}\"", seg);
     sample("lim_segment_size_bytes", "gauge", "Size of the shared-memory segment.", sl,

@@ -23,6 +23,9 @@ nlohmann::json to_json(const lim::detail::SegmentSnapshot& s);
 
 // Prometheus text exposition format 0.0.4 of the whole segment.
 std::string render_prometheus(const lim::detail::SegmentSnapshot& s);
+// A sample's value as that format writes it: +Inf, -Inf and NaN spelt so, other values as
+// format_amount (whole numbers bare, others to 4 decimals).
+std::string prometheus_value(double value);
 
 // "3 / 8" with units where they help ("1.2 MiB / 4.8 MiB" for bytes).
 std::string format_layer(const lim::detail::Quantity& q);
