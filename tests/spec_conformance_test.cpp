@@ -815,3 +815,38 @@ TEST_CASE("SPEC reap: one entry per dead process, with its pid and what was retu
     CHECK(tb.in_flight() == 0);
     CHECK(s.seg.reap().reaped.empty());  // nothing twice
 }
+
+// ---------------------------------------------------------------------------------------------
+// Where SPEC is silent: what the code chose, pinned so that a change is deliberate
+
+TEST_CASE(
+    "SPEC-silent: a key reconfigured since creation still attaches with its creation options") {
+    // "a later process that asks for the same key with a different configuration gets
+    // config_mismatch": the configuration compared is the one the record was created with, so
+    // workers started after a reconfiguration (set_bucket_size, a new target) still attach, and
+    // see the configuration in force now.
+    Seg s("spec-reconf");
+    const lim::LimiterConfig c{.hopper_to_bucket_rate_per_sec = 1.0,
+                               .bucket_size = 10,
+                               .initial_bucket_level = 0,
+                               .initial_hopper_level = lim::infinite};
+    auto a = lim::Limiter::open(s.seg, "l", c);
+    a.set_bucket_size(5);
+    auto b = lim::Limiter::open(s.seg, "l", c);
+    CHECK(b.bucket_size() == 5);
+    auto th = lim::Throttle::open(s.seg, "t", {.max_concurrent_jobs = 3});
+    th.limiter().set_token_target_level(5.0);
+    CHECK(lim::Throttle::open(s.seg, "t", {.max_concurrent_jobs = 3}).max_concurrent_jobs() == 5);
+    CHECK(error_of([&] { lim::Throttle::open(s.seg, "t", {.max_concurrent_jobs = 5}); }) ==
+          lim::Errc::config_mismatch);
+}
+
+TEST_CASE("SPEC-silent: open_or_create of an existing segment attaches with its own geometry") {
+    SegmentGuard guard(unique_name("spec-geom"));
+    auto first =
+        lim::Segment::open_or_create(guard.name(), {.max_limiters = 4, .max_processes = 8});
+    auto second =
+        lim::Segment::open_or_create(guard.name(), {.max_limiters = 64, .max_processes = 64});
+    CHECK(second.info().max_limiters == 4);
+    CHECK(second.info().max_processes == 8);
+}
