@@ -144,10 +144,6 @@ static_assert(std::is_same_v<decltype(lim::parse_retry_after(std::string_view{})
                              std::optional<std::chrono::milliseconds>>);
 static_assert(!std::is_copy_constructible_v<lim::Permit>);  // RAII: one owner
 
-constexpr lim::TimePoint at_s(double s) {
-    return lim::TimePoint{std::chrono::nanoseconds{static_cast<std::int64_t>(s * 1e9)}};
-}
-
 // A time base for tests that drive time themselves. It is in the past: an explicit `now` more than
 // 10 ms ahead of lim::Clock::now() is clamped (docs/guide.md; issue 9 item 4).
 lim::TimePoint past() {
