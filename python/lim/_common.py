@@ -183,14 +183,15 @@ def wait_call(owner: "Owned", fn: Callable[..., int], args: tuple, timeout: Opti
         return wait_in_slices(until, timeout)
 
 
-def _checks(owner: "Owned", caught: List[BaseException]) -> Generator[int, object, None]:
+def _checks(owner: "Owned",
+            caught: List[Optional[BaseException]]) -> Generator[int, object, None]:
     """The should_stop callback of one queued wait, as a generator whose ``send`` ctypes calls
     (a C method: calling it starts no new Python frame). Python runs pending signal handlers
     when a frame starts or resumes; a plain Python callback would run them on entry, before any
     ``try`` of its own, and an exception there would be lost inside ctypes ("Exception ignored on
     calling ctypes callback function"), the wait going on. Here the frame resumes at a ``yield``
-    inside the ``try``, so what a handler raises is caught: kept in ``caught``, and 1 (stop) is
-    yielded. Yields 0 to go on waiting."""
+    inside the ``try``, so what a handler raises is caught: kept in ``caught[0]``, and 1 (stop)
+    is yielded. Yields 0 to go on waiting."""
     try:
         while True:
             yield 0  # resumed by each check: pending handlers run here, inside the try
@@ -199,7 +200,9 @@ def _checks(owner: "Owned", caught: List[BaseException]) -> Generator[int, objec
     except GeneratorExit:
         return
     except BaseException as e:  # noqa: B036 - re-raised by the waiting call
-        caught.append(e)
+        # A store, not a call: nothing from here to the yield runs pending handlers (a second
+        # signal's exception raised here would escape into ctypes and be lost).
+        caught[0] = e
     while True:
         yield 1  # the C wait calls no more after a stop; stay stopped if it did
 
@@ -231,7 +234,7 @@ def wait_queued(owner: "Owned", fn: Callable[..., int], before: tuple, after: tu
         return _poll(lambda t: try_once(), None if deadline == NO_DEADLINE else deadline)
     with owner._blocking() as h:
         while True:
-            caught: List[BaseException] = []
+            caught: List[Optional[BaseException]] = [None]
             checks = _checks(owner, caught)
             next(checks)  # to its first yield (a handler that raises here raises in this frame)
             callback = SHOULD_STOP(checks.send)  # alive until the call returns
@@ -254,16 +257,15 @@ def wait_queued(owner: "Owned", fn: Callable[..., int], before: tuple, after: tu
                 raise
             if result.value != LIM_WAIT_STOPPED:
                 return result.value == LIM_WAIT_ACQUIRED
-            if caught:
-                exc = caught.pop()
+            exc, caught[0] = caught[0], None
+            if exc is not None:
                 try:
                     raise exc
                 finally:
                     del exc  # no cycle through this frame
-            # Stopped with nothing kept: a second signal's handler raised in the instant between
-            # the generator's except clause and its yield, so ctypes printed that exception
-            # ("Exception ignored ...") and passed C an undefined value. Nothing is held or
-            # queued: wait again (at the back of the queue).
+            # Stopped with nothing kept: not expected (only the check stops the wait, and it keeps
+            # what it caught first), but if an exception ever escaped the generator, ctypes would
+            # print it and pass C an undefined value. Nothing is held or queued: wait again.
 
 
 def undo_if_taken(ok: ctypes.c_int, undo: Optional[Callable[[ctypes.c_void_p], object]],

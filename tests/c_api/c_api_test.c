@@ -400,6 +400,9 @@ struct watch {
     lim_permit* permit;
     uint32_t min_waiters, max_waiters;
     volatile sig_atomic_t* flag; /* stop when set (a signal handler sets it) */
+    int fork_at;                 /* on this call, fork; the parent waits for the child */
+    int in_child;                /* set in the child */
+    int child_status;
 };
 
 static uint32_t watched_waiters(const struct watch* w) {
@@ -428,8 +431,36 @@ static int watch_check(void* context) {
         if (w->kind == 1) OK(lim_weighted_semaphore_release(w->h, w->release));
         if (w->kind == 2) OK(lim_permit_release(w->permit));
     }
+    if (w->fork_at != 0 && w->calls == w->fork_at) {
+        const pid_t pid = fork();
+        if (pid == 0) {
+            w->in_child = 1;
+            return 0; /* go on waiting: the library must not, in the child */
+        }
+        waitpid(pid, &w->child_status, 0);
+    }
     if (w->flag != NULL && *w->flag) return 1;
     return w->stop_at != 0 && w->calls >= w->stop_at;
+}
+
+/* In the child of a check that forked: its copy of the wait must have ended (LIM_WAIT_STOPPED,
+ * on the check that forked) leaving the parent's registration and holdings as they were. */
+static void exit_child_of_fork(const struct watch* w, int r, uint32_t waiters_then,
+                               uint64_t in_use_then) {
+    if (!w->in_child) return;
+    const int ok = r == LIM_WAIT_STOPPED && w->calls == w->fork_at &&
+                   watched_waiters(w) == waiters_then && failures == 0;
+    uint64_t v = 0;
+    int in_use_ok = 1;
+    if (w->kind == 0) {
+        in_use_ok = lim_semaphore_in_use(w->h, &v) == LIM_OK && v == in_use_then;
+    } else if (w->kind == 1) {
+        in_use_ok = lim_weighted_semaphore_in_use(w->h, &v) == LIM_OK && v == in_use_then;
+    } else if (w->kind == 2) {
+        lim_dispatch_snapshot s;
+        in_use_ok = lim_dispatch_snapshot_get(w->h, &s) == LIM_OK && s.in_flight == in_use_then;
+    }
+    _exit(ok && in_use_ok ? 0 : 3);
 }
 
 static volatile sig_atomic_t got_usr1 = 0;
@@ -521,6 +552,18 @@ static void test_interruptible(lim_segment* seg) {
     OK(lim_weighted_semaphore_waiters(ws, &n));
     OK(lim_weighted_semaphore_in_use(ws, &v));
     CHECK(n == 0 && v == 10);
+
+    /* A check that forks: the child's copy of the wait leaves without touching the parent's
+     * ticket (still queued in every later check), the parent stops later, exactly once. */
+    struct watch f1 = {.kind = 1, .h = ws, .fork_at = 2, .stop_at = 5};
+    OK(lim_weighted_semaphore_acquire_until_interruptible(ws, 4, INT64_MAX, watch_check, &f1, ms,
+                                                          &r));
+    exit_child_of_fork(&f1, r, 1, 10);
+    CHECK(r == LIM_WAIT_STOPPED && f1.calls == 5 && f1.min_waiters == 1 && f1.max_waiters == 1);
+    CHECK(WIFEXITED(f1.child_status) && WEXITSTATUS(f1.child_status) == 0);
+    OK(lim_weighted_semaphore_waiters(ws, &n));
+    OK(lim_weighted_semaphore_in_use(ws, &v));
+    CHECK(n == 0 && v == 10);
     OK(lim_weighted_semaphore_release(ws, 10));
     lim_weighted_semaphore_close(ws);
 
@@ -534,6 +577,13 @@ static void test_interruptible(lim_segment* seg) {
     OK(lim_semaphore_waiters(sem, &n));
     OK(lim_semaphore_in_use(sem, &v));
     CHECK(n == 0 && v == 1);
+    struct watch sf = {.kind = 0, .h = sem, .fork_at = 2, .stop_at = 4};
+    OK(lim_semaphore_acquire_until_interruptible(sem, 1, INT64_MAX, watch_check, &sf, ms, &r));
+    exit_child_of_fork(&sf, r, 1, 1);
+    CHECK(r == LIM_WAIT_STOPPED && sf.calls == 4 && sf.min_waiters == 1 && sf.max_waiters == 1);
+    CHECK(WIFEXITED(sf.child_status) && WEXITSTATUS(sf.child_status) == 0);
+    OK(lim_semaphore_waiters(sem, &n));
+    CHECK(n == 0);
     struct watch s2 = {.kind = 0, .h = sem, .release_at = 2, .release = 1};
     OK(lim_semaphore_acquire_until_interruptible(sem, 1, lim_now_ns() + 60 * kSec, watch_check, &s2,
                                                  ms, &r));
@@ -563,6 +613,15 @@ static void test_interruptible(lim_segment* seg) {
     OK(lim_dispatch_acquire_until_interruptible(d, 50, INT64_MAX, p, watch_check, &d1, ms, &r));
     CHECK(r == LIM_WAIT_STOPPED && d1.calls == 10 && d1.min_waiters == 1 && !lim_permit_held(p));
     lim_dispatch_snapshot snap;
+    OK(lim_dispatch_snapshot_get(d, &snap));
+    CHECK(snap.waiters == 0 && snap.in_flight == 1 && snap.bytes_in_flight == 100);
+    /* Forked in the check: the child must neither give back the slot the parent's wait took
+     * (2 in flight) nor withdraw its byte ticket. */
+    struct watch f2 = {.kind = 2, .h = d, .fork_at = 3, .stop_at = 6};
+    OK(lim_dispatch_acquire_until_interruptible(d, 50, INT64_MAX, p, watch_check, &f2, ms, &r));
+    exit_child_of_fork(&f2, r, 1, 2);
+    CHECK(r == LIM_WAIT_STOPPED && f2.calls == 6 && f2.min_waiters == 1 && !lim_permit_held(p));
+    CHECK(WIFEXITED(f2.child_status) && WEXITSTATUS(f2.child_status) == 0);
     OK(lim_dispatch_snapshot_get(d, &snap));
     CHECK(snap.waiters == 0 && snap.in_flight == 1 && snap.bytes_in_flight == 100);
     struct watch d2 = {.kind = 2, .h = d, .release_at = 2, .permit = holder};

@@ -259,3 +259,90 @@ def test_a_blocking_call_inside_a_signal_handler_during_a_wait(seg):
     assert inner == [True]
     a.release(2)
     assert a.in_use == 0 and a.waiters == 0 and b.in_use == 0 and b.waiters == 0
+
+
+@pytest.mark.parametrize("kind", ["semaphore", "weighted", "dispatch"])
+def test_cooperative_waits_poll_and_never_block_in_c(seg, kind, monkeypatch):
+    """Under gevent or eventlet (simulated: cooperative() forced true; test_gevent.py runs the
+    real thing where gevent is installed) a wait inside the C library would block every greenlet
+    of the thread, so blocking acquires poll: the C wait is never entered, a unit freed by
+    another thread is taken, a timeout still returns holding nothing."""
+    from lim import _common, _lib
+
+    monkeypatch.setattr(_common, "cooperative", lambda: True)
+
+    def boom(*args):
+        raise AssertionError("a cooperative wait entered the C wait")
+
+    if kind == "dispatch":
+        monkeypatch.setattr(_lib.lib, "lim_dispatch_acquire_until_interruptible", boom)
+        h = open_budget(seg, kind)
+    else:
+        cls = lim.Semaphore if kind == "semaphore" else lim.WeightedSemaphore
+        monkeypatch.setattr(cls, "_c_wait", staticmethod(boom))
+        h = cls.open(seg, "coop", capacity=CAPACITY)
+        kind = "weighted"  # take / in_use / waiters work the same way on both semaphores
+    held, go = threading.Event(), threading.Event()
+
+    def holder():  # takes everything, and gives it back (in its own thread) when told
+        free = take(h, kind, CAPACITY)
+        held.set()
+        go.wait()
+        time.sleep(0.1)
+        free()
+
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait()
+    try:
+        assert take(h, kind, 3, timeout=0.05) is None
+        go.set()
+        release = take(h, kind, 3, timeout=30)
+    finally:
+        go.set()
+        t.join()
+    assert release is not None and in_use(h, kind) == 3
+    release()
+    assert in_use(h, kind) == 0 and waiters(h, kind) == 0
+
+
+def test_a_signal_handler_that_forks_during_a_wait(seg):
+    """A handler may fork while the thread waits (it runs inside the C wait). The child's copy of
+    the wait must leave without touching the parent's registration: no second withdrawal of its
+    byte ticket, no release of the concurrency slot it took. The child then waits on its own slot
+    until the same deadline. Afterwards everything is exact: one permit held (this test's)."""
+    api = open_budget(seg, "dispatch")
+    held = api.try_acquire(CAPACITY)
+    assert held is not None
+    me = os.getpid()
+    children = []
+
+    def handler(signum, frame):
+        pid = os.fork()
+        if pid:
+            children.append(pid)
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    main = threading.get_ident()
+
+    def other():
+        assert wait_for(lambda: api.snapshot().waiters == 1)
+        signal.pthread_kill(main, signal.SIGUSR1)
+
+    t = threading.Thread(target=other)
+    t.start()
+    try:
+        got = api.acquire(5, timeout=1.0)
+        if os.getpid() != me:  # the child, back from its own wait
+            os._exit(0 if got is None else 1)
+    finally:
+        if os.getpid() == me:
+            t.join()
+            signal.signal(signal.SIGUSR1, old)
+    assert got is None and len(children) == 1
+    _, status = os.waitpid(children[0], 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    s = api.snapshot()
+    assert (s.in_flight, s.bytes_in_flight, s.waiters) == (1, CAPACITY, 0)
+    held.release()
+    assert api.snapshot().in_flight == 0

@@ -10,9 +10,11 @@
  * Time: `now` and `deadline` arguments are CLOCK_MONOTONIC nanoseconds (lim_now_ns()); durations
  * are nanoseconds. Every call whose outcome depends on time has an `_at` variant taking `now_ns`;
  * the variant without it reads the clock. Blocking calls come in a `_until` form taking an
- * absolute deadline, so that a caller can wait in slices (say 50 ms) and handle signals between
- * them. Token amounts are doubles (resolution 1/10,000, rounded up); an infinite quantity (an
- * infinite hopper or fill rate) is the double INFINITY, in and out.
+ * absolute deadline; the acquires that queue (Semaphore, WeightedSemaphore, Dispatch) also come in
+ * an `_until_interruptible` form that calls the caller back while it waits (to handle signals,
+ * say) without losing its place, which slices of `_until` calls would. Token amounts are
+ * doubles (resolution 1/10,000, rounded up); an infinite quantity (an infinite hopper or fill
+ * rate) is the double INFINITY, in and out.
  *
  * Threads and fork(): handles may be used from any thread; closing one frees it, as free() does:
  * not while another thread is in a call on it (a blocked _until call included), and only once.
@@ -288,9 +290,11 @@ void lim_permit_destroy(lim_permit* p);         /* releases, then frees; NULL is
  * LIM_WAIT_TIMED_OUT (holding nothing). `should_stop` NULL: never stops (the _until call).
  * `should_stop` may call lim's non-blocking functions (try_acquire, release, snapshots) but must
  * not block in lim (the thread is registered as a waiter, and its process slot records one wait
- * at a time), must not longjmp out, and must return. `check_interval_ns` <= 0:
- * LIM_INVALID_ARGUMENT (below 1 ms it is raised to 1 ms). Thread-safety: as the _until calls (any
- * thread; the handle must stay open for the whole call). Memory ordering: as the _until calls. */
+ * at a time), must not longjmp out, and must return. If it forks, the call returns
+ * LIM_WAIT_STOPPED in the child (holding nothing; the registration is the parent's, untouched).
+ * `check_interval_ns` <= 0: LIM_INVALID_ARGUMENT (below 1 ms it is raised to 1 ms). Thread-safety:
+ * as the _until calls (any thread; the handle must stay open for the whole call). Memory ordering:
+ * as the _until calls. */
 typedef enum lim_wait_result {
     LIM_WAIT_TIMED_OUT = 0, /* the deadline passed; nothing held */
     LIM_WAIT_ACQUIRED = 1,  /* held */

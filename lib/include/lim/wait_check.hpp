@@ -17,6 +17,7 @@
 //     }
 #pragma once
 
+#include <cstdint>
 #include <exception>
 
 #include "lim/clock.hpp"
@@ -43,9 +44,11 @@ class WaitStopped : public std::exception {
 // functions (try_acquire, release, ...). It must not make a blocking acquire itself: the thread is
 // still registered as a waiter, and its process slot records one wait at a time. It must not
 // throw (an exception from it propagates out of the acquire, which then cleans up as above, but
-// C callers cannot throw). Installs nest: the innermost one is consulted; its destructor
-// reinstates the previous one. Construct and destroy on the same thread, innermost first.
-// `interval` below 1 ms is raised to 1 ms.
+// C callers cannot throw). If it forks, the child's copy of the wait ends with WaitStopped
+// whatever the check returned, leaving the parent's registration (still waiting) untouched; the
+// child holds nothing and may wait again. Installs nest: the innermost one is consulted; its
+// destructor reinstates the previous one. Construct and destroy on the same thread, innermost
+// first. `interval` below 1 ms is raised to 1 ms.
 class WaitCheck {
   public:
     using Fn = bool (*)(void* context);
@@ -71,6 +74,7 @@ class WaitCheck {
     Duration interval_;
     TimePoint next_;  // when the check is due next
     WaitCheck* previous_;
+    std::uint32_t generation_;  // the fork generation it was installed in
 };
 
 }  // namespace lim

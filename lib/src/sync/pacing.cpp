@@ -25,9 +25,10 @@ WaitCheck::WaitCheck(Fn should_stop, void* context, Duration interval) noexcept
     : fn_(should_stop),
       context_(context),
       interval_(std::max<Duration>(interval, std::chrono::milliseconds{1})),
-      next_(
-          Clock::now()),  // due at once: a stop that came before the wait is seen before it sleeps
-      previous_(current_check) {
+      // Due at once: a stop that came before the wait is seen before it sleeps.
+      next_(Clock::now()),
+      previous_(current_check),
+      generation_(detail::fork_generation()) {
     current_check = this;
 }
 
@@ -41,7 +42,13 @@ WaitCheck* WaitCheck::current() noexcept {
 
 void WaitCheck::run(TimePoint now) {
     next_ = now + interval_;
-    if (fn_ != nullptr && fn_(context_)) throw WaitStopped{};
+    const bool stop = fn_ != nullptr && fn_(context_);
+    // A check that forked (a Python signal handler may) returns twice: in the child, this
+    // thread's copy is inside a wait whose registration is the parent's. It must not go on
+    // waiting on it (an admission would dequeue the parent's ticket a second time), so it
+    // leaves; the waiters' guards see the fork generation change and leave the parent's
+    // registration alone. The child's caller may then wait again on its own slot.
+    if (stop || generation_ != detail::fork_generation()) throw WaitStopped{};
 }
 
 Duration WaitCheck::before_sleep() {
