@@ -1,4 +1,5 @@
-"""Helpers shared by the classes: time conversion, argument checks, waiting in slices."""
+"""Helpers shared by the classes: time conversion, argument checks, waiting (queued, or in
+slices)."""
 
 from __future__ import annotations
 
@@ -228,8 +229,8 @@ def wait_queued(owner: "Owned", fn: Callable[..., int], before: tuple, after: tu
     at a time)."""
     if timeout is None:
         deadline = NO_DEADLINE
-    else:
-        deadline = now_ns() + max(0, to_ns(timeout, "timeout"))
+    else:  # a timeout of 9e9 s on a clock that has run long must not wrap int64
+        deadline = min(NO_DEADLINE, now_ns() + max(0, to_ns(timeout, "timeout")))
     if cooperative() or getattr(_in_check, "active", False):
         return _poll(lambda t: try_once(), None if deadline == NO_DEADLINE else deadline)
     with owner._blocking() as h:

@@ -207,7 +207,7 @@ class Dispatch(Handle):
         if timeout is not None:
             to_ns(timeout, "timeout")  # refuse NaN and the like before anything is taken
         permit = Permit()  # owns what the C call takes, even if a signal interrupts us
-        if self._try_into(permit, nbytes):  # uncontended: no clock reads, no slices
+        if self._try_into(permit, nbytes):  # uncontended: no clock reads, no waiting
             return permit
 
         try:
