@@ -1,24 +1,35 @@
-"""Helpers shared by the classes: time conversion, argument checks, waiting in slices."""
+"""Helpers shared by the classes: time conversion, argument checks, waiting (queued, or in
+slices)."""
 
 from __future__ import annotations
 
 import ctypes
 import math
 import sys
+import threading
 import time
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Generator, List, Optional
 
 from ._errors import InvalidArgument, InvalidName
-from ._lib import check, lib
+from ._lib import LIM_WAIT_ACQUIRED, LIM_WAIT_STOPPED, SHOULD_STOP, check, lib
 
 if TYPE_CHECKING:
     from ._owned import Owned
 
 NS = 1_000_000_000
 # A blocking call waits in slices this long, so Python runs signal handlers (Ctrl-C raises
-# KeyboardInterrupt) between them.
+# KeyboardInterrupt) between them; a queued wait (wait_queued) checks for them this often.
 SLICE_NS = 50_000_000
 U64_MAX = 2**64 - 1
+NO_DEADLINE = 2**63 - 1  # INT64_MAX: the _interruptible calls' "no deadline"
+
+# Runs the pending signal handlers of the main thread (a no-op in other threads); raises what a
+# handler raised (pythonapi is a PyDLL: the error indicator is checked after the call).
+_check_signals = ctypes.pythonapi.PyErr_CheckSignals
+_check_signals.restype = ctypes.c_int
+_check_signals.argtypes = []
+# Whether this thread is inside a queued wait's check (running a signal handler, say).
+_in_check = threading.local()
 
 
 def now() -> float:
@@ -171,6 +182,91 @@ def wait_call(owner: "Owned", fn: Callable[..., int], args: tuple, timeout: Opti
                 raise
 
         return wait_in_slices(until, timeout)
+
+
+def _checks(owner: "Owned",
+            caught: List[Optional[BaseException]]) -> Generator[int, object, None]:
+    """The should_stop callback of one queued wait, as a generator whose ``send`` ctypes calls
+    (a C method: calling it starts no new Python frame). Python runs pending signal handlers
+    when a frame starts or resumes; a plain Python callback would run them on entry, before any
+    ``try`` of its own, and an exception there would be lost inside ctypes ("Exception ignored on
+    calling ctypes callback function"), the wait going on. Here the frame resumes at a ``yield``
+    inside the ``try``, so what a handler raises is caught: kept in ``caught[0]``, and 1 (stop)
+    is yielded. Yields 0 to go on waiting."""
+    try:
+        while True:
+            yield 0  # resumed by each check: pending handlers run here, inside the try
+            _check_signals()  # any that became pending since
+            owner._closed_while_waiting()  # ValueError once another thread closed it
+    except GeneratorExit:
+        return
+    except BaseException as e:  # noqa: B036 - re-raised by the waiting call
+        # A store, not a call: nothing from here to the yield runs pending handlers (a second
+        # signal's exception raised here would escape into ctypes and be lost).
+        caught[0] = e
+    while True:
+        yield 1  # the C wait calls no more after a stop; stay stopped if it did
+
+
+def wait_queued(owner: "Owned", fn: Callable[..., int], before: tuple, after: tuple,
+                timeout: Optional[float], try_once: Callable[[], bool],
+                undo: Optional[Callable[[ctypes.c_void_p], object]] = None) -> bool:
+    """Waits for units of a FIFO or sleeper-counted wait (Semaphore, WeightedSemaphore, Dispatch)
+    in ONE C call, ``fn(handle, *before, deadline_ns, *after, should_stop, NULL, SLICE_NS,
+    int* result)`` (a ``_acquire_until_interruptible``), so that it keeps its place in the queue
+    for the whole wait: slices of ``_until`` calls (wait_call) each withdraw the registration at
+    the slice's end, and a large request re-queued at the back every 50 ms starves behind small
+    ones. Instead the C wait calls back into Python every slice (and at once when a signal
+    interrupts its sleep): the callback runs the pending signal handlers (Ctrl-C's
+    KeyboardInterrupt) and checks that ``owner`` is still open; if either raises, it keeps the
+    exception and returns "stop", the C call withdraws the registration exactly once and returns
+    LIM_WAIT_STOPPED, and the exception is raised here, holding nothing. True: acquired; False:
+    ``timeout`` passed.
+
+    Two cases poll with ``try_once()`` instead (0.5 ms doubling to 20 ms, no queue place): under
+    gevent/eventlet (a wait in C would block every greenlet), and a blocking call made by a signal
+    handler running inside another queued wait of this thread (its process slot records one wait
+    at a time)."""
+    if timeout is None:
+        deadline = NO_DEADLINE
+    else:  # a timeout of 9e9 s on a clock that has run long must not wrap int64
+        deadline = min(NO_DEADLINE, now_ns() + max(0, to_ns(timeout, "timeout")))
+    if cooperative() or getattr(_in_check, "active", False):
+        return _poll(lambda t: try_once(), None if deadline == NO_DEADLINE else deadline)
+    with owner._blocking() as h:
+        while True:
+            caught: List[Optional[BaseException]] = [None]
+            checks = _checks(owner, caught)
+            next(checks)  # to its first yield (a handler that raises here raises in this frame)
+            callback = SHOULD_STOP(checks.send)  # alive until the call returns
+            result = ctypes.c_int(0)
+            try:
+                _in_check.active = True  # Python on this thread now runs inside the wait
+                try:
+                    rc = fn(h, *before, deadline, *after, callback, None, SLICE_NS,
+                            ctypes.byref(result))
+                finally:
+                    _in_check.active = False
+                    checks.close()
+                if rc:
+                    check(rc)
+            except BaseException:
+                # A signal handler raised as the call returned (after the callback's last
+                # look): give back what the call took (see undo_if_taken).
+                if result.value == LIM_WAIT_ACQUIRED and undo is not None:
+                    undo(h)
+                raise
+            if result.value != LIM_WAIT_STOPPED:
+                return result.value == LIM_WAIT_ACQUIRED
+            exc, caught[0] = caught[0], None
+            if exc is not None:
+                try:
+                    raise exc
+                finally:
+                    del exc  # no cycle through this frame
+            # Stopped with nothing kept: not expected (only the check stops the wait, and it keeps
+            # what it caught first), but if an exception ever escaped the generator, ctypes would
+            # print it and pass C an undefined value. Nothing is held or queued: wait again.
 
 
 def undo_if_taken(ok: ctypes.c_int, undo: Optional[Callable[[ctypes.c_void_p], object]],

@@ -13,7 +13,7 @@ from typing import (Any, AsyncIterator, Awaitable, Callable, Iterator, Optional,
 
 from . import _lib
 from ._common import (NS, check, key_bytes, lib, now_ns, out_int, segment_handle, to_ns, u64,
-                      wait_in_slices)
+                      wait_queued)
 from ._errors import InvalidArgument
 from ._handle import Handle
 from ._segment import Segment
@@ -200,29 +200,23 @@ class Dispatch(Handle):
     def acquire(self, nbytes: int = 0, timeout: Optional[float] = None) -> Optional[Permit]:
         """Takes a concurrency slot, a throttled slot under backoff, and ``nbytes`` (x the penalty
         under backoff, clamped to the budget), blocking as long as it takes (None) or until
-        ``timeout`` seconds pass (then None, holding nothing). Waits in 50 ms slices: Ctrl-C
-        raises KeyboardInterrupt between them, holding nothing."""
+        ``timeout`` seconds pass (then None, holding nothing). Keeps its place in the byte queue
+        for the whole wait while signal handlers run every 50 ms: Ctrl-C raises
+        KeyboardInterrupt, holding nothing."""
         nbytes = u64(nbytes, "nbytes")
         if timeout is not None:
             to_ns(timeout, "timeout")  # refuse NaN and the like before anything is taken
         permit = Permit()  # owns what the C call takes, even if a signal interrupts us
-        if self._try_into(permit, nbytes):  # uncontended: no clock reads, no slices
+        if self._try_into(permit, nbytes):  # uncontended: no clock reads, no waiting
             return permit
 
         try:
-            with self._blocking() as h:  # h stays valid if another thread closes self
-
-                def until(deadline: int) -> bool:
-                    self._closed_while_waiting()
-                    ok = out_int()
-                    check(lib.lim_dispatch_acquire_until(h, nbytes, deadline, permit._h,
-                                                         ctypes.byref(ok)))
-                    return bool(ok.value)
-
-                return permit if wait_in_slices(until, timeout) else None
-        except BaseException:  # KeyboardInterrupt between slices: hold nothing
+            got = wait_queued(self, lib.lim_dispatch_acquire_until_interruptible, (nbytes,),
+                              (permit._h,), timeout, lambda: self._try_into(permit, nbytes))
+        except BaseException:  # KeyboardInterrupt as the call returned: hold nothing
             permit.release()
             raise
+        return permit if got else None
 
     @contextlib.contextmanager
     def permit(self, nbytes: int = 0, timeout: Optional[float] = None) -> Iterator[Permit]:

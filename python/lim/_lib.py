@@ -142,6 +142,10 @@ class ThrottledRateLimiterOptions(Structure):
 
 
 # ---- functions ---------------------------------------------------------------------------------
+# lim_should_stop_fn: int (*)(void* context), called on the waiting thread by the _interruptible
+# waits (nonzero: stop).
+SHOULD_STOP = ctypes.CFUNCTYPE(c_int, c_void_p)
+LIM_WAIT_TIMED_OUT, LIM_WAIT_ACQUIRED, LIM_WAIT_STOPPED = 0, 1, 2
 H = c_void_p  # every handle
 P = POINTER
 _I, _U64, _I64, _D = c_int, c_uint64, c_int64, c_double
@@ -185,6 +189,8 @@ _SIGNATURES = {
     "lim_dispatch_acquire": (_I, [H, _U64, H]),
     "lim_dispatch_try_acquire": (_I, [H, _U64, H, P(_I)]),
     "lim_dispatch_acquire_until": (_I, [H, _U64, _I64, H, P(_I)]),
+    "lim_dispatch_acquire_until_interruptible": (_I, [H, _U64, _I64, H, SHOULD_STOP, c_void_p,
+                                                      _I64, P(_I)]),
     "lim_dispatch_set_backoff": (_I, [H, _I64]),
     "lim_dispatch_backoff_active": (_I, [H, P(_I)]),
     "lim_dispatch_snapshot_get": (_I, [H, P(DispatchSnapshot)]),
@@ -224,6 +230,8 @@ for _prefix in ("lim_semaphore", "lim_weighted_semaphore"):
         f"{_prefix}_open": (_I, [H, c_char_p, _U64, _I, P(H)]),
         f"{_prefix}_try_acquire": (_I, [H, _U64, P(_I)]),
         f"{_prefix}_acquire_until": (_I, [H, _U64, _I64, P(_I)]),
+        f"{_prefix}_acquire_until_interruptible": (_I, [H, _U64, _I64, SHOULD_STOP, c_void_p, _I64,
+                                                        P(_I)]),
         f"{_prefix}_release": (_I, [H, _U64]),
         f"{_prefix}_in_use": (_I, [H, P(_U64)]),
         f"{_prefix}_capacity": (_I, [H, P(_U64)]),

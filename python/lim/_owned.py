@@ -33,8 +33,8 @@ class Owned:
     def close(self) -> None:
         """Frees this handle (idempotent). What it opened stays in the segment. A call blocked
         on this handle in another thread keeps the C handle alive until it leaves, which it does
-        with ValueError within one 50 ms slice; do not close a handle while another thread is in
-        one of its non-blocking calls."""
+        with ValueError within about 50 ms (its next slice or check); do not close a handle while
+        another thread is in one of its non-blocking calls."""
         with _lock:
             h, self._h = self._h, None
             if h and self._blocked:
@@ -46,7 +46,7 @@ class Owned:
     def _blocking(self) -> Iterator[ctypes.c_void_p]:
         """The C handle, kept alive for a blocking call even if another thread closes this object
         meanwhile (freeing it under a thread blocked in the library would be a use after free).
-        The call checks ``_closed_while_waiting`` between slices."""
+        The call checks ``_closed_while_waiting`` between slices, or in its wait's check."""
         with _lock:
             h = self._h
             if not h:

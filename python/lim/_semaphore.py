@@ -7,7 +7,7 @@ import ctypes
 from typing import Iterator, Optional, Union
 
 from ._common import (NS, check, key_bytes, lib, now_ns, out_int, segment_handle, to_ns, u64,
-                      undo_if_taken, wait_call)
+                      undo_if_taken, wait_call, wait_queued)
 from ._hand_off import HandOff, hand_off_call, receive_call
 from ._handle import Handle
 from ._segment import Segment
@@ -21,6 +21,7 @@ class _SemaphoreBase(Handle):
         # Bind the C functions once, not per call (a ctypes call costs ~1 us already).
         cls._c_try = staticmethod(getattr(lib, cls._prefix + "_try_acquire"))
         cls._c_release = staticmethod(getattr(lib, cls._prefix + "_release"))
+        cls._c_wait = staticmethod(getattr(lib, cls._prefix + "_acquire_until_interruptible"))
 
     @classmethod
     def open(cls, segment: Segment, key: str, capacity: int = 1, *,
@@ -50,14 +51,16 @@ class _SemaphoreBase(Handle):
 
     def acquire(self, n: int = 1, timeout: Optional[float] = None) -> bool:
         """Takes ``n`` units, blocking until they are free (None: no limit) or ``timeout`` seconds
-        pass (then False, holding nothing). Waits in 50 ms slices, so Ctrl-C interrupts it."""
+        pass (then False, holding nothing). Keeps its place among the waiters for the whole wait
+        (FIFO for a WeightedSemaphore) while signal handlers run every 50 ms, so Ctrl-C interrupts
+        it, holding nothing."""
         n = u64(n, "n")
         if timeout is not None:
             to_ns(timeout, "timeout")  # refuse NaN and the like before anything is taken
-        if self.try_acquire(n):  # uncontended: no clock reads, no slices
+        if self.try_acquire(n):  # uncontended: no clock reads, no callback
             return True
-        return wait_call(self, getattr(lib, self._prefix + "_acquire_until"), (n,), timeout,
-                         lambda h: self._c_release(h, n))
+        return wait_queued(self, self._c_wait, (n,), (), timeout, lambda: self.try_acquire(n),
+                           lambda h: self._c_release(h, n))
 
     def release(self, n: int = 1) -> None:
         """Gives back ``n`` units (any thread or process of the holder may). Raises OverRelease if

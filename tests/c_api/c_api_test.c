@@ -1,13 +1,16 @@
 /* tests/c_api/c_api_test.c: lim.h from C: every family, the error path, explicit now, deadlines,
  * and a handle inherited across fork(). Exits nonzero on the first failed check. */
+#define _POSIX_C_SOURCE 200809L /* sigaction, kill, nanosleep */
 #include <lim/lim.h>
 
 #include <math.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 static int failures = 0;
@@ -384,6 +387,256 @@ static void test_extreme_now(lim_segment* seg) {
     lim_throttle_close(th);
 }
 
+/* ---- The _interruptible waits ------------------------------------------------------------- */
+/* What a should_stop callback sees: how often it ran, and the waiters count each time (the
+ * waiter must stay registered through every check: it never leaves and rejoins the queue). */
+struct watch {
+    int kind; /* 0 semaphore, 1 weighted semaphore, 2 dispatch (its bytes waiters) */
+    void* h;
+    int calls;
+    int stop_at;      /* stop on this call (0: never) */
+    int release_at;   /* on this call, give back what `release` names (0: never) */
+    uint64_t release; /* units to give back (kinds 0 and 1), or a lim_permit* (kind 2) */
+    lim_permit* permit;
+    uint32_t min_waiters, max_waiters;
+    volatile sig_atomic_t* flag; /* stop when set (a signal handler sets it) */
+    int fork_at;                 /* on this call, fork; the parent waits for the child */
+    int in_child;                /* set in the child */
+    int child_status;
+};
+
+static uint32_t watched_waiters(const struct watch* w) {
+    uint32_t n = 0;
+    if (w->kind == 0) {
+        OK(lim_semaphore_waiters(w->h, &n));
+    } else if (w->kind == 1) {
+        OK(lim_weighted_semaphore_waiters(w->h, &n));
+    } else {
+        lim_dispatch_snapshot s;
+        OK(lim_dispatch_snapshot_get(w->h, &s));
+        n = s.waiters;
+    }
+    return n;
+}
+
+static int watch_check(void* context) {
+    struct watch* w = context;
+    w->calls++;
+    const uint32_t n = watched_waiters(w);
+    if (w->calls == 1 || n < w->min_waiters) w->min_waiters = n;
+    if (n > w->max_waiters) w->max_waiters = n;
+    if (w->release_at != 0 && w->calls == w->release_at) {
+        /* A non-blocking call from inside the check: allowed. */
+        if (w->kind == 0) OK(lim_semaphore_release(w->h, w->release));
+        if (w->kind == 1) OK(lim_weighted_semaphore_release(w->h, w->release));
+        if (w->kind == 2) OK(lim_permit_release(w->permit));
+    }
+    if (w->fork_at != 0 && w->calls == w->fork_at) {
+        const pid_t pid = fork();
+        if (pid == 0) {
+            w->in_child = 1;
+            return 0; /* go on waiting: the library must not, in the child */
+        }
+        waitpid(pid, &w->child_status, 0);
+    }
+    if (w->flag != NULL && *w->flag) return 1;
+    return w->stop_at != 0 && w->calls >= w->stop_at;
+}
+
+/* In the child of a check that forked: its copy of the wait must have ended (LIM_WAIT_STOPPED,
+ * on the check that forked) leaving the parent's registration and holdings as they were. */
+static void exit_child_of_fork(const struct watch* w, int r, uint32_t waiters_then,
+                               uint64_t in_use_then) {
+    if (!w->in_child) return;
+    const int ok = r == LIM_WAIT_STOPPED && w->calls == w->fork_at &&
+                   watched_waiters(w) == waiters_then && failures == 0;
+    uint64_t v = 0;
+    int in_use_ok = 1;
+    if (w->kind == 0) {
+        in_use_ok = lim_semaphore_in_use(w->h, &v) == LIM_OK && v == in_use_then;
+    } else if (w->kind == 1) {
+        in_use_ok = lim_weighted_semaphore_in_use(w->h, &v) == LIM_OK && v == in_use_then;
+    } else if (w->kind == 2) {
+        lim_dispatch_snapshot s;
+        in_use_ok = lim_dispatch_snapshot_get(w->h, &s) == LIM_OK && s.in_flight == in_use_then;
+    }
+    _exit(ok && in_use_ok ? 0 : 3);
+}
+
+static volatile sig_atomic_t got_usr1 = 0;
+static void on_usr1(int signum) {
+    (void)signum;
+    got_usr1 = 1;
+}
+
+static void test_interruptible(lim_segment* seg) {
+    const int64_t ms = kSec / 1000;
+    int r = -1;
+    uint32_t n = 0;
+    uint64_t v = 0;
+
+    /* Weighted: queued for 4 of 10 held here; 20 checks, 1 ms apart, all see it queued; the stop
+     * withdraws the ticket once: nothing queued, nothing taken. */
+    lim_weighted_semaphore* ws = NULL;
+    OK(lim_weighted_semaphore_open(seg, "intr-bytes", 10, 0, &ws));
+    OK(lim_weighted_semaphore_try_acquire(ws, 10, &r));
+    CHECK(r == 1);
+    struct watch w = {.kind = 1, .h = ws, .stop_at = 20};
+    OK(lim_weighted_semaphore_acquire_until_interruptible(ws, 4, INT64_MAX, watch_check, &w, ms,
+                                                          &r));
+    CHECK(r == LIM_WAIT_STOPPED && w.calls == 20 && w.min_waiters == 1 && w.max_waiters == 1);
+    OK(lim_weighted_semaphore_waiters(ws, &n));
+    OK(lim_weighted_semaphore_in_use(ws, &v));
+    CHECK(n == 0 && v == 10);
+
+    /* The deadline still ends it (the check ran, said go on). */
+    struct watch w2 = {.kind = 1, .h = ws};
+    OK(lim_weighted_semaphore_acquire_until_interruptible(ws, 4, lim_now_ns() + 30 * ms,
+                                                          watch_check, &w2, 5 * ms, &r));
+    CHECK(r == LIM_WAIT_TIMED_OUT && w2.calls >= 1 && w2.min_waiters == 1);
+    OK(lim_weighted_semaphore_waiters(ws, &n));
+    CHECK(n == 0);
+
+    /* The check itself gives the units back on its 3rd call: the wait, still queued, takes 4. */
+    struct watch w3 = {.kind = 1, .h = ws, .release_at = 3, .release = 10};
+    OK(lim_weighted_semaphore_acquire_until_interruptible(ws, 4, INT64_MAX, watch_check, &w3, ms,
+                                                          &r));
+    CHECK(r == LIM_WAIT_ACQUIRED && w3.calls >= 3 && w3.min_waiters == 1);
+    OK(lim_weighted_semaphore_in_use(ws, &v));
+    OK(lim_weighted_semaphore_waiters(ws, &n));
+    CHECK(v == 4 && n == 0);
+
+    /* Free units: no check at all. NULL check: the plain deadline wait. Bad arguments. */
+    struct watch w4 = {.kind = 1, .h = ws, .stop_at = 1};
+    OK(lim_weighted_semaphore_acquire_until_interruptible(ws, 6, INT64_MAX, watch_check, &w4, ms,
+                                                          &r));
+    CHECK(r == LIM_WAIT_ACQUIRED && w4.calls == 0);
+    OK(lim_weighted_semaphore_acquire_until_interruptible(ws, 1, lim_now_ns() + ms, NULL, NULL, ms,
+                                                          &r));
+    CHECK(r == LIM_WAIT_TIMED_OUT);
+    CHECK(lim_weighted_semaphore_acquire_until_interruptible(ws, 1, INT64_MAX, watch_check, &w4, 0,
+                                                             &r) == LIM_INVALID_ARGUMENT);
+    CHECK(lim_weighted_semaphore_acquire_until_interruptible(ws, 1, INT64_MAX, watch_check, &w4, ms,
+                                                             NULL) == LIM_INVALID_ARGUMENT);
+    CHECK(lim_weighted_semaphore_acquire_until_interruptible(NULL, 1, INT64_MAX, watch_check, &w4,
+                                                             ms, &r) == LIM_INVALID_ARGUMENT);
+
+    /* A signal cuts the sleep short and the check runs at once: with a 60 s interval, only that
+     * path can see the flag before the child stops sending (SIGUSR1 every 5 ms, up to 20 s). */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_usr1; /* no SA_RESTART: the futex wait returns EINTR */
+    sigemptyset(&sa.sa_mask);
+    struct sigaction old_sa;
+    CHECK(sigaction(SIGUSR1, &sa, &old_sa) == 0);
+    const pid_t parent = getpid();
+    const pid_t sender = fork();
+    if (sender == 0) {
+        const struct timespec five_ms = {0, 5000000L};
+        for (int i = 0; i < 4000; ++i) {
+            nanosleep(&five_ms, NULL);
+            kill(parent, SIGUSR1);
+        }
+        _exit(0);
+    }
+    got_usr1 = 0;
+    struct watch w5 = {.kind = 1, .h = ws, .flag = &got_usr1};
+    const int64_t start = lim_now_ns();
+    OK(lim_weighted_semaphore_acquire_until_interruptible(ws, 4, INT64_MAX, watch_check, &w5,
+                                                          60 * kSec, &r));
+    const int64_t took = lim_now_ns() - start;
+    kill(sender, SIGKILL);
+    waitpid(sender, NULL, 0);
+    CHECK(sigaction(SIGUSR1, &old_sa, NULL) == 0);
+    CHECK(r == LIM_WAIT_STOPPED && w5.calls >= 1 && w5.calls <= 2 && took < 15 * kSec);
+    OK(lim_weighted_semaphore_waiters(ws, &n));
+    OK(lim_weighted_semaphore_in_use(ws, &v));
+    CHECK(n == 0 && v == 10);
+
+    /* A check that forks: the child's copy of the wait leaves without touching the parent's
+     * ticket (still queued in every later check), the parent stops later, exactly once. */
+    struct watch f1 = {.kind = 1, .h = ws, .fork_at = 2, .stop_at = 5};
+    OK(lim_weighted_semaphore_acquire_until_interruptible(ws, 4, INT64_MAX, watch_check, &f1, ms,
+                                                          &r));
+    exit_child_of_fork(&f1, r, 1, 10);
+    CHECK(r == LIM_WAIT_STOPPED && f1.calls == 5 && f1.min_waiters == 1 && f1.max_waiters == 1);
+    CHECK(WIFEXITED(f1.child_status) && WEXITSTATUS(f1.child_status) == 0);
+    OK(lim_weighted_semaphore_waiters(ws, &n));
+    OK(lim_weighted_semaphore_in_use(ws, &v));
+    CHECK(n == 0 && v == 10);
+    OK(lim_weighted_semaphore_release(ws, 10));
+    lim_weighted_semaphore_close(ws);
+
+    /* Semaphore: the same stop, and the check that frees the unit. */
+    lim_semaphore* sem = NULL;
+    OK(lim_semaphore_open(seg, "intr-sem", 1, 0, &sem));
+    OK(lim_semaphore_try_acquire(sem, 1, &r));
+    struct watch s1 = {.kind = 0, .h = sem, .stop_at = 5};
+    OK(lim_semaphore_acquire_until_interruptible(sem, 1, INT64_MAX, watch_check, &s1, ms, &r));
+    CHECK(r == LIM_WAIT_STOPPED && s1.calls == 5 && s1.min_waiters == 1);
+    OK(lim_semaphore_waiters(sem, &n));
+    OK(lim_semaphore_in_use(sem, &v));
+    CHECK(n == 0 && v == 1);
+    struct watch sf = {.kind = 0, .h = sem, .fork_at = 2, .stop_at = 4};
+    OK(lim_semaphore_acquire_until_interruptible(sem, 1, INT64_MAX, watch_check, &sf, ms, &r));
+    exit_child_of_fork(&sf, r, 1, 1);
+    CHECK(r == LIM_WAIT_STOPPED && sf.calls == 4 && sf.min_waiters == 1 && sf.max_waiters == 1);
+    CHECK(WIFEXITED(sf.child_status) && WEXITSTATUS(sf.child_status) == 0);
+    OK(lim_semaphore_waiters(sem, &n));
+    CHECK(n == 0);
+    struct watch s2 = {.kind = 0, .h = sem, .release_at = 2, .release = 1};
+    OK(lim_semaphore_acquire_until_interruptible(sem, 1, lim_now_ns() + 60 * kSec, watch_check, &s2,
+                                                 ms, &r));
+    CHECK(r == LIM_WAIT_ACQUIRED && s2.calls >= 2);
+    OK(lim_semaphore_release(sem, 1));
+    lim_semaphore_close(sem);
+
+    /* Dispatch: a request that took its slot and queued for bytes; the stop gives the slot back
+     * too. Then the check releases the holder's permit and the request gets in. */
+    lim_backoff_window* win = NULL;
+    OK(lim_backoff_window_for_key(seg, "intr-api", &win));
+    lim_dispatch_options o;
+    lim_dispatch_options_init(&o);
+    o.limiter = win;
+    o.key = "intr-api";
+    o.concurrency = 4;
+    o.byte_budget = 100;
+    lim_dispatch* d = NULL;
+    OK(lim_dispatch_open(seg, &o, 0, &d));
+    lim_permit* holder = NULL;
+    lim_permit* p = NULL;
+    OK(lim_permit_create(&holder));
+    OK(lim_permit_create(&p));
+    OK(lim_dispatch_try_acquire(d, 100, holder, &r));
+    CHECK(r == 1);
+    struct watch d1 = {.kind = 2, .h = d, .stop_at = 10};
+    OK(lim_dispatch_acquire_until_interruptible(d, 50, INT64_MAX, p, watch_check, &d1, ms, &r));
+    CHECK(r == LIM_WAIT_STOPPED && d1.calls == 10 && d1.min_waiters == 1 && !lim_permit_held(p));
+    lim_dispatch_snapshot snap;
+    OK(lim_dispatch_snapshot_get(d, &snap));
+    CHECK(snap.waiters == 0 && snap.in_flight == 1 && snap.bytes_in_flight == 100);
+    /* Forked in the check: the child must neither give back the slot the parent's wait took
+     * (2 in flight) nor withdraw its byte ticket. */
+    struct watch f2 = {.kind = 2, .h = d, .fork_at = 3, .stop_at = 6};
+    OK(lim_dispatch_acquire_until_interruptible(d, 50, INT64_MAX, p, watch_check, &f2, ms, &r));
+    exit_child_of_fork(&f2, r, 1, 2);
+    CHECK(r == LIM_WAIT_STOPPED && f2.calls == 6 && f2.min_waiters == 1 && !lim_permit_held(p));
+    CHECK(WIFEXITED(f2.child_status) && WEXITSTATUS(f2.child_status) == 0);
+    OK(lim_dispatch_snapshot_get(d, &snap));
+    CHECK(snap.waiters == 0 && snap.in_flight == 1 && snap.bytes_in_flight == 100);
+    struct watch d2 = {.kind = 2, .h = d, .release_at = 2, .permit = holder};
+    OK(lim_dispatch_acquire_until_interruptible(d, 50, INT64_MAX, p, watch_check, &d2, ms, &r));
+    CHECK(r == LIM_WAIT_ACQUIRED && lim_permit_held(p) && lim_permit_bytes(p) == 50);
+    CHECK(lim_dispatch_acquire_until_interruptible(d, 1, INT64_MAX, p, watch_check, &d2, ms, &r) ==
+          LIM_INVALID_ARGUMENT); /* p holds one */
+    OK(lim_dispatch_snapshot_get(d, &snap));
+    CHECK(snap.waiters == 0 && snap.in_flight == 1 && snap.bytes_in_flight == 50);
+    lim_permit_destroy(p);
+    lim_permit_destroy(holder);
+    lim_dispatch_close(d);
+    lim_backoff_window_close(win);
+}
+
 int main(void) {
     char name[64];
     snprintf(name, sizeof name, "c-api-test-%d", (int)getpid());
@@ -399,6 +652,7 @@ int main(void) {
     CHECK(creator == 1);
     test_semaphore(seg);
     test_dispatch(seg);
+    test_interruptible(seg);
     test_limiters(seg);
     test_retry_after();
     test_null_output_takes_nothing(seg);

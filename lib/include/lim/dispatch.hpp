@@ -183,8 +183,9 @@ class Dispatch {
     // (x byte_penalty_multiplier under backoff, clamped to byte_budget) from the byte budget,
     // sleeping as long as it takes. Waits for the byte budget in FIFO order. Throws
     // Error(table_full) when this thread cannot get a process slot, and whatever an injected
-    // `clock` or `sleep` throws. On any exception it holds nothing: the layers taken so far are
-    // given back, its sleeper registration and its place in the byte queue are withdrawn.
+    // `clock` or `sleep` throws, and WaitStopped when a lim::WaitCheck installed on this thread
+    // says stop (lim/wait_check.hpp). On any exception it holds nothing: the layers taken so far
+    // are given back, its sleeper registration and its place in the byte queue are withdrawn.
     // Memory ordering: happens-after the releases that freed what it takes.
     Permit acquire(std::uint64_t bytes);
 

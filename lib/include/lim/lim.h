@@ -10,9 +10,11 @@
  * Time: `now` and `deadline` arguments are CLOCK_MONOTONIC nanoseconds (lim_now_ns()); durations
  * are nanoseconds. Every call whose outcome depends on time has an `_at` variant taking `now_ns`;
  * the variant without it reads the clock. Blocking calls come in a `_until` form taking an
- * absolute deadline, so that a caller can wait in slices (say 50 ms) and handle signals between
- * them. Token amounts are doubles (resolution 1/10,000, rounded up); an infinite quantity (an
- * infinite hopper or fill rate) is the double INFINITY, in and out.
+ * absolute deadline; the acquires that queue (Semaphore, WeightedSemaphore, Dispatch) also come in
+ * an `_until_interruptible` form that calls the caller back while it waits (to handle signals,
+ * say) without losing its place, which slices of `_until` calls would. Token amounts are
+ * doubles (resolution 1/10,000, rounded up); an infinite quantity (an infinite hopper or fill
+ * rate) is the double INFINITY, in and out.
  *
  * Threads and fork(): handles may be used from any thread; closing one frees it, as free() does:
  * not while another thread is in a call on it (a blocked _until call included), and only once.
@@ -272,6 +274,46 @@ int lim_permit_held(const lim_permit* p);       /* 1 or 0 */
 uint64_t lim_permit_bytes(const lim_permit* p); /* bytes charged */
 int lim_permit_throttled(const lim_permit* p);  /* 1 if it started under backoff */
 void lim_permit_destroy(lim_permit* p);         /* releases, then frees; NULL is a no-op */
+
+/* ---- Interruptible waits (Semaphore, WeightedSemaphore, Dispatch) -----------------------------
+ */
+/* A wait that keeps its place: waiting in slices of _until calls withdraws the registration at
+ * each slice's end (a byte-budget request leaves the FIFO queue and joins it again at the back),
+ * so these calls instead wait up to `deadline_ns` in one call (INT64_MAX: no deadline) and call
+ * `should_stop(context)` on the calling thread while they wait: before the first sleep, then at
+ * least every `check_interval_ns` (each sleep is cut short to keep to it), and at once when a
+ * signal interrupts a sleep. It is never called when the units are free at once, nor inside the
+ * library's critical steps: only where the waiter would sleep, holding nothing it is taking but
+ * still registered. A nonzero return stops the wait: the call withdraws the registration exactly
+ * once, gives back whatever it took (a Dispatch's slots), and sets *result = LIM_WAIT_STOPPED.
+ * Otherwise *result is LIM_WAIT_ACQUIRED (the units, or the filled permit, are held) or
+ * LIM_WAIT_TIMED_OUT (holding nothing). `should_stop` NULL: never stops (the _until call).
+ * `should_stop` may call lim's non-blocking functions (try_acquire, release, snapshots) but must
+ * not block in lim (the thread is registered as a waiter, and its process slot records one wait
+ * at a time), must not longjmp out, and must return. If it forks, the call returns
+ * LIM_WAIT_STOPPED in the child (holding nothing; the registration is the parent's, untouched).
+ * `check_interval_ns` <= 0: LIM_INVALID_ARGUMENT (below 1 ms it is raised to 1 ms). Thread-safety:
+ * as the _until calls (any thread; the handle must stay open for the whole call). Memory ordering:
+ * as the _until calls. */
+typedef enum lim_wait_result {
+    LIM_WAIT_TIMED_OUT = 0, /* the deadline passed; nothing held */
+    LIM_WAIT_ACQUIRED = 1,  /* held */
+    LIM_WAIT_STOPPED = 2    /* should_stop returned nonzero; nothing held, nothing queued */
+} lim_wait_result;
+typedef int (*lim_should_stop_fn)(void* context);
+
+int lim_semaphore_acquire_until_interruptible(lim_semaphore* sem, uint64_t n, int64_t deadline_ns,
+                                              lim_should_stop_fn should_stop, void* context,
+                                              int64_t check_interval_ns, int* result);
+int lim_weighted_semaphore_acquire_until_interruptible(lim_weighted_semaphore* sem, uint64_t n,
+                                                       int64_t deadline_ns,
+                                                       lim_should_stop_fn should_stop,
+                                                       void* context, int64_t check_interval_ns,
+                                                       int* result);
+/* `permit` as for lim_dispatch_acquire_until: from lim_permit_create, holding nothing. */
+int lim_dispatch_acquire_until_interruptible(lim_dispatch* d, uint64_t bytes, int64_t deadline_ns,
+                                             lim_permit* permit, lim_should_stop_fn should_stop,
+                                             void* context, int64_t check_interval_ns, int* result);
 
 /* ---- Limiter family (Jane Street's token bucket + hopper) ------------------------------------ */
 typedef enum lim_try_take {

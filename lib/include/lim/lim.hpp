@@ -14,4 +14,5 @@
 #include "lim/throttled_rate_limiter.hpp"
 #include "lim/token_bucket.hpp"
 #include "lim/tokens.hpp"
+#include "lim/wait_check.hpp"
 #include "lim/weighted_semaphore.hpp"

@@ -61,8 +61,9 @@ class WeightedSemaphore {
 
     // Takes `n` units (clamped to the capacity), queueing behind every earlier blocked request
     // and sleeping on a shared futex until it is this request's turn and the units are free.
-    // Throws only Error(table_full), as try_acquire. Whatever exception leaves it, it holds
-    // nothing and has left the queue.
+    // Throws only Error(table_full), as try_acquire, and WaitStopped when a lim::WaitCheck
+    // installed on this thread says stop (lim/wait_check.hpp; it keeps its queue place until
+    // then). Whatever exception leaves it, it holds nothing and has left the queue.
     void acquire(std::uint64_t n = 1);
 
     // As acquire, but gives up when `deadline` passes: then leaves the queue (passing its turn

@@ -239,6 +239,43 @@ lim::Permit& empty_permit(lim_permit* p) {
     return permit;
 }
 
+// What a WaitCheck calls: the C caller's function, nonzero meaning stop.
+struct StopCheck {
+    lim_should_stop_fn fn;
+    void* context;
+};
+bool call_stop_check(void* p) {
+    const auto* c = static_cast<const StopCheck*>(p);
+    return c->fn(c->context) != 0;
+}
+
+// The _interruptible calls: runs `wait` (true: acquired) on this thread under a WaitCheck that
+// calls `should_stop`, and writes *result. WaitStopped leaves the C++ wait only after it has
+// withdrawn its registration and given back what it took (lim/wait_check.hpp).
+template <class F>
+int interruptible(lim_should_stop_fn should_stop, void* context, int64_t check_interval_ns,
+                  int* result, F&& wait) noexcept {
+    return guarded([&] {
+        int& out = need(result, "result");
+        if (check_interval_ns <= 0) {
+            throw lim::Error(
+                lim::Errc::invalid_argument,
+                "check_interval_ns must be positive, not " + std::to_string(check_interval_ns));
+        }
+        if (should_stop == nullptr) {
+            out = wait() ? LIM_WAIT_ACQUIRED : LIM_WAIT_TIMED_OUT;
+            return;
+        }
+        StopCheck c{should_stop, context};
+        const lim::WaitCheck check(&call_stop_check, &c, lim::Duration{check_interval_ns});
+        try {
+            out = wait() ? LIM_WAIT_ACQUIRED : LIM_WAIT_TIMED_OUT;
+        } catch (const lim::WaitStopped&) {
+            out = LIM_WAIT_STOPPED;
+        }
+    });
+}
+
 lim::LimiterConfig limiter_config(const lim_limiter_config* c) {
     const auto& cc = need(c, "config");
     return lim::LimiterConfig{
@@ -446,6 +483,18 @@ int lim_segment_reset(lim_segment* segment, const char* key, int force) {
             *acquired = need(sem, "semaphore").sem.acquire_until(n, tp(deadline_ns)) ? 1 : 0;   \
         });                                                                                     \
     }                                                                                           \
+    int prefix##_acquire_until_interruptible(prefix* sem, uint64_t n, int64_t deadline_ns,      \
+                                             lim_should_stop_fn should_stop, void* context,     \
+                                             int64_t check_interval_ns, int* result) {          \
+        return interruptible(should_stop, context, check_interval_ns, result, [&] {             \
+            auto& s = need(sem, "semaphore").sem;                                               \
+            if (deadline_ns == INT64_MAX) {                                                     \
+                s.acquire(n);                                                                   \
+                return true;                                                                    \
+            }                                                                                   \
+            return s.acquire_until(n, tp(deadline_ns));                                         \
+        });                                                                                     \
+    }                                                                                           \
     int prefix##_release(prefix* sem, uint64_t n) {                                             \
         return guarded([&] { need(sem, "semaphore").sem.release(n); });                         \
     }                                                                                           \
@@ -618,6 +667,26 @@ int lim_dispatch_acquire_until(lim_dispatch* d, uint64_t bytes, int64_t deadline
             p = std::move(*r);
             permit->owner = disp;
         }
+    });
+}
+
+int lim_dispatch_acquire_until_interruptible(lim_dispatch* d, uint64_t bytes, int64_t deadline_ns,
+                                             lim_permit* permit, lim_should_stop_fn should_stop,
+                                             void* context, int64_t check_interval_ns,
+                                             int* result) {
+    return interruptible(should_stop, context, check_interval_ns, result, [&] {
+        auto& p = empty_permit(permit);
+        auto& disp = need(d, "dispatch").d;
+        std::optional<lim::Permit> r;
+        if (deadline_ns == INT64_MAX) {
+            r = disp.acquire(bytes);
+        } else {
+            r = disp.acquire_until(bytes, tp(deadline_ns));
+        }
+        if (!r) return false;
+        p = std::move(*r);
+        permit->owner = disp;
+        return true;
     });
 }
 

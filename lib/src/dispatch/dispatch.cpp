@@ -693,8 +693,12 @@ std::optional<Permit> Dispatch::acquire_general(detail::DispatchImpl& d, bool ba
         bool slot;
         bool throttled;  // a throttled slot is held (only under backoff)
         bool keep = false;
+        std::uint32_t generation = detail::fork_generation();
         ~Taken() {
             if (keep || (!slot && !throttled)) return;
+            // A child forked by a WaitCheck's callback on this thread leaves with WaitStopped:
+            // the slots are the parent's, which still waits with them.
+            if (generation != detail::fork_generation()) return;
             detail::SegmentState& st = *d.ref.state;
             try {
                 detail::Hold hold(st, d.ref.index);  // the slot exists: cannot throw here

@@ -9,6 +9,7 @@
 #include "lim/error.hpp"
 #include "primitives/semaphore_state.hpp"
 #include "recovery/reaper.hpp"
+#include "shm/process_identity.hpp"
 #include "shm/record_handle.hpp"
 #include "sync/futex.hpp"
 #include "sync/race_point.hpp"
@@ -166,8 +167,12 @@ bool SemaphoreCore::acquire_blocking(SegmentState& state, std::uint32_t record, 
         std::uint32_t record;
         std::uint64_t n;
         bool& registered;
+        std::uint32_t generation = fork_generation();
         ~Withdraw() {
-            if (!registered) return;
+            // A child forked by a WaitCheck's callback on this very thread leaves here with
+            // WaitStopped (lim/wait_check.hpp): the registration is the parent's, which still
+            // waits, so the child's copy of this guard leaves it alone.
+            if (!registered || generation != fork_generation()) return;
             try {
                 Hold hold(state, record);  // this thread's slot exists: cannot throw here
                 core.deregister_sleeper(hold, state, n);

@@ -9,6 +9,7 @@
 #include "lim/error.hpp"
 #include "primitives/weighted_semaphore_state.hpp"
 #include "recovery/reaper.hpp"
+#include "shm/process_identity.hpp"
 #include "shm/record_handle.hpp"
 #include "sync/futex.hpp"
 #include "sync/race_point.hpp"
@@ -213,8 +214,11 @@ bool WeightedCore::acquire_until(SegmentState& state, std::uint32_t record, std:
             const WeightedCore& c;
             std::uint64_t t;
             bool holds = true;
+            std::uint32_t generation = fork_generation();
             ~Queued() {
-                if (!holds) return;
+                // In a child forked by a WaitCheck's callback on this thread (it leaves with
+                // WaitStopped), ticket t is the parent's, still waiting: leave it.
+                if (!holds || generation != fork_generation()) return;
                 try {
                     Hold hold(state, record);  // this thread's slot exists: cannot throw here
                     withdraw_ticket(hold, state, c, t);

@@ -3,8 +3,69 @@
 #include <algorithm>
 #include <cmath>
 
+#include "lim/wait_check.hpp"
 #include "shm/process_identity.hpp"
 #include "sync/futex.hpp"
+
+namespace lim {
+namespace {
+
+// The innermost WaitCheck of this thread. A plain pointer set and read by its own thread only.
+// After fork() the child runs on a copy of the forking thread, whose checks (objects on its
+// stack) were copied with it: still valid there.
+thread_local WaitCheck* current_check = nullptr;
+
+}  // namespace
+
+const char* WaitStopped::what() const noexcept {
+    return "lim: a WaitCheck stopped the wait";
+}
+
+WaitCheck::WaitCheck(Fn should_stop, void* context, Duration interval) noexcept
+    : fn_(should_stop),
+      context_(context),
+      interval_(std::max<Duration>(interval, std::chrono::milliseconds{1})),
+      // Due at once: a stop that came before the wait is seen before it sleeps.
+      next_(Clock::now()),
+      previous_(current_check),
+      generation_(detail::fork_generation()) {
+    current_check = this;
+}
+
+WaitCheck::~WaitCheck() {
+    current_check = previous_;
+}
+
+WaitCheck* WaitCheck::current() noexcept {
+    return current_check;
+}
+
+void WaitCheck::run(TimePoint now) {
+    next_ = now + interval_;
+    const bool stop = fn_ != nullptr && fn_(context_);
+    // A check that forked (a Python signal handler may) returns twice: in the child, this
+    // thread's copy is inside a wait whose registration is the parent's. It must not go on
+    // waiting on it (an admission would dequeue the parent's ticket a second time), so it
+    // leaves; the waiters' guards see the fork generation change and leave the parent's
+    // registration alone. The child's caller may then wait again on its own slot.
+    if (stop || generation_ != detail::fork_generation()) throw WaitStopped{};
+}
+
+Duration WaitCheck::before_sleep() {
+    TimePoint now = Clock::now();
+    if (now >= next_) {
+        run(now);
+        now = Clock::now();  // the check may have taken a while (a runtime's lock, say)
+        next_ = now + interval_;
+    }
+    return next_ - now;
+}
+
+void WaitCheck::after_sleep(bool interrupted) {
+    if (interrupted) run(Clock::now());
+}
+
+}  // namespace lim
 
 namespace lim::detail {
 namespace {
@@ -46,13 +107,20 @@ void Pacing::pause(const std::atomic<std::uint32_t>& word, std::uint32_t expecte
         if (left <= Duration::zero()) return;
         d = std::min(d, left);
     }
+    // A caller's check (lim/wait_check.hpp) runs here, where the waiter holds no Hold: before
+    // the sleep when it is due, and each sleep ends by the next time it is due. It may throw
+    // WaitStopped; every caller owns its registration through a scope guard, so that withdraws
+    // it exactly once, as for an exception from an injected sleep.
+    WaitCheck* const check = WaitCheck::current();
+    if (check != nullptr) d = std::min(d, check->before_sleep());
     if (sleep && *sleep) {
         (*sleep)(d);
         return;
     }
     // The futex takes an absolute CLOCK_MONOTONIC deadline; the pacing's own clock may be
     // injected, so only the length of the wait carries over.
-    futex_wait(word, expected, Clock::now() + d, bitset);
+    const FutexResult r = futex_wait(word, expected, Clock::now() + d, bitset);
+    if (check != nullptr) check->after_sleep(r == FutexResult::interrupted);
 }
 
 }  // namespace lim::detail

@@ -1,0 +1,143 @@
+// lim::WaitCheck: a blocking acquire calls the thread's check while it waits, keeps its place
+// meanwhile, and leaves exactly once (WaitStopped) when the check says stop.
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+
+#include "lim/backoff_window.hpp"
+#include "lim/dispatch.hpp"
+#include "lim/segment.hpp"
+#include "lim/semaphore.hpp"
+#include "lim/wait_check.hpp"
+#include "lim/weighted_semaphore.hpp"
+#include "support/process.hpp"
+
+using namespace lim;
+using lim::test::eventually;
+using namespace std::chrono_literals;
+
+namespace {
+
+Segment make_segment(lim::test::SegmentGuard& guard) {
+    return Segment::open_or_create(guard.name(), {.max_limiters = 8, .max_processes = 64});
+}
+
+// A check that counts its calls, records the fewest waiters it saw, and stops on demand.
+struct Probe {
+    const WeightedSemaphore* ws = nullptr;
+    std::atomic<int> calls{0};
+    std::atomic<std::uint32_t> min_waiters{~0u};
+    std::atomic<bool> stop{false};
+    int stop_at = 0;  // stop on this call (0: when `stop` is set)
+
+    static bool check(void* p) {
+        auto& self = *static_cast<Probe*>(p);
+        const int n = ++self.calls;
+        if (self.ws != nullptr) {
+            const std::uint32_t w = self.ws->waiters();
+            if (w < self.min_waiters.load()) self.min_waiters = w;
+        }
+        return self.stop.load() || (self.stop_at != 0 && n >= self.stop_at);
+    }
+};
+
+}  // namespace
+
+TEST_CASE(
+    "a stopped waiter keeps its place until the stop, then leaves once; the one behind it "
+    "moves up") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("wc-fifo"));
+    auto seg = make_segment(guard);
+    auto ws = WeightedSemaphore::open(seg, "bytes", {.capacity = 10});
+    REQUIRE(ws.try_acquire(10));
+
+    Probe probe;
+    probe.ws = &ws;
+    std::atomic<int> outcome{0};  // 1 stopped, 2 acquired, 3 timed out
+    std::thread first([&] {
+        WaitCheck check(&Probe::check, &probe, 1ms);
+        try {
+            outcome = ws.acquire_until(4, Clock::now() + 60s) ? 2 : 3;
+        } catch (const WaitStopped&) {
+            outcome = 1;
+        }
+    });
+    REQUIRE(eventually([&] { return ws.waiters() == 1; }));
+    std::atomic<bool> second_in{false};
+    std::thread second([&] {
+        if (ws.acquire_until(1, Clock::now() + 60s)) second_in = true;
+    });
+    REQUIRE(eventually([&] { return ws.waiters() == 2; }));
+    // Many checks, each 1 ms apart: the first request never left the queue meanwhile.
+    REQUIRE(eventually([&] { return probe.calls.load() >= 20; }));
+    CHECK(probe.min_waiters.load() >= 1);
+    CHECK_FALSE(second_in.load());
+    probe.stop = true;
+    first.join();
+    CHECK(outcome.load() == 1);
+    CHECK(ws.waiters() == 1);  // the second is queued still, now at the head
+    CHECK(ws.in_use() == 10);
+    ws.release(10);
+    second.join();
+    CHECK(second_in.load());
+    CHECK(ws.in_use() == 1);
+    ws.release(1);
+    CHECK(ws.waiters() == 0);
+}
+
+TEST_CASE("installs nest: the innermost check is consulted, the outer one comes back") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("wc-nest"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "sem", {.capacity = 1});
+    REQUIRE(sem.try_acquire(1));
+    CHECK(WaitCheck::current() == nullptr);
+    Probe outer;
+    WaitCheck outer_check(&Probe::check, &outer, 1ms);
+    {
+        Probe inner;
+        inner.stop_at = 3;
+        WaitCheck inner_check(&Probe::check, &inner, 1ms);
+        CHECK(WaitCheck::current() == &inner_check);
+        CHECK_THROWS_AS(sem.acquire(1), WaitStopped);
+        CHECK(inner.calls.load() == 3);
+        CHECK(outer.calls.load() == 0);
+        CHECK(sem.waiters() == 0);  // the sleeper registration was withdrawn
+    }
+    CHECK(WaitCheck::current() == &outer_check);
+    // The outer one never says stop: the deadline ends the wait, after at least one check.
+    CHECK_FALSE(sem.acquire_until(1, Clock::now() + 20ms));
+    CHECK(outer.calls.load() >= 1);
+    CHECK(sem.waiters() == 0);
+    CHECK(sem.in_use() == 1);
+    // Units free at once: no check at all.
+    sem.release(1);
+    const int before = outer.calls.load();
+    sem.acquire(1);
+    CHECK(outer.calls.load() == before);
+    sem.release(1);
+}
+
+TEST_CASE("a stopped Dispatch request gives back the slot it took while queued for bytes") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("wc-disp"));
+    auto seg = make_segment(guard);
+    auto window = BackoffWindow::for_key(seg, "w");
+    auto d =
+        Dispatch::open(seg, {.limiter = window, .key = "d", .concurrency = 4, .byte_budget = 100});
+    auto holder = d.try_acquire(100);
+    REQUIRE(holder.has_value());
+    Probe probe;
+    probe.stop_at = 5;
+    {
+        WaitCheck check(&Probe::check, &probe, 1ms);
+        CHECK_THROWS_AS(d.acquire(50), WaitStopped);
+    }
+    CHECK(probe.calls.load() == 5);
+    const DispatchSnapshot s = d.snapshot();
+    CHECK(s.in_flight == 1);
+    CHECK(s.bytes_in_flight == 100);
+    CHECK(s.waiters == 0);
+    holder->release();
+    CHECK(d.snapshot().in_flight == 0);
+}
