@@ -179,6 +179,33 @@ TEST_CASE("a now a year ahead is clamped to the clock: the limiter keeps drippin
     CHECK(lim::test::eventually([&] { return late.try_take(1) == TryTake::taken; }, 5s));
 }
 
+TEST_CASE("a now up to a minute ahead is the caller's time: a test stepping from Clock::now()") {
+    // SPEC's explicit-time overloads invite tests that own the clock from Clock::now(): those
+    // steps are honoured (the drip counts to them); only a `now` beyond kNowTrust is clamped.
+    lim::test::SegmentGuard guard(lim::test::unique_name("lim-trusted"));
+    auto seg = lim::test::limiter_segment(guard);
+    const lim::TimePoint base = Clock::now();
+    auto tb = TokenBucket::open(
+        seg, "b", {.burst_size = 10, .sustained_rate_per_sec = 2, .initial_bucket_level = 0}, base);
+    CHECK(tb.try_take(base, 1) == TryTake::unable);
+    CHECK(tb.in_bucket(base + 1s) == doctest::Approx(2));
+    CHECK(tb.try_take(base + 1s, 2) == TryTake::taken);
+    CHECK(tb.try_take(base + 1s, 1) == TryTake::unable);
+    CHECK(tb.in_bucket(base + 30s) == doctest::Approx(10));  // full: the rest of the drip is lost
+    CHECK(tb.try_take(base + 30s, 10) == TryTake::taken);
+    CHECK(tb.try_take(base + 2s, 1) ==
+          TryTake::unable);  // moved up to the limiter's time, base + 30 s
+    CHECK(tb.in_flight(base + 30s) == doctest::Approx(12));
+    // The limiter's time is now the caller's: base + 30 s, ahead of the clock.
+    CHECK(body_of(seg, "b").time_ns.load() == to_nanos(base + 30s));
+    // Past the trust window the same step is a mistake: it counts as the clock + 10 ms.
+    auto far = TokenBucket::open(
+        seg, "far", {.burst_size = 10, .sustained_rate_per_sec = 2, .initial_bucket_level = 0},
+        base);
+    CHECK(far.try_take(Clock::now() + 2min, 1) == TryTake::unable);
+    CHECK(body_of(seg, "far").time_ns.load() <= to_nanos(Clock::now()) + detail::kNowSlackNs);
+}
+
 TEST_CASE("reset re-anchors a limiter whose time was carried far ahead at the current time") {
     lim::test::SegmentGuard guard(lim::test::unique_name("lim-reset-future"));
     auto seg = lim::test::limiter_segment(guard);

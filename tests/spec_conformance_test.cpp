@@ -144,8 +144,9 @@ static_assert(std::is_same_v<decltype(lim::parse_retry_after(std::string_view{})
                              std::optional<std::chrono::milliseconds>>);
 static_assert(!std::is_copy_constructible_v<lim::Permit>);  // RAII: one owner
 
-// A time base for tests that drive time themselves. It is in the past: an explicit `now` more than
-// 10 ms ahead of lim::Clock::now() is clamped (docs/guide.md; issue 9 item 4).
+// A time base for tests that drive time themselves. It is in the past, so that steps of more than a
+// minute stay trusted: an explicit `now` more than 60 s ahead of lim::Clock::now() is clamped
+// (docs/guide.md; issue 9 item 4).
 lim::TimePoint past() {
     return lim::Clock::now() - std::chrono::hours{1};
 }

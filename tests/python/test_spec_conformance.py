@@ -121,3 +121,20 @@ def test_errors_are_lim_error_with_a_lim_errc_code(seg, seg_name):
     with pytest.raises(lim.OverRelease) as e:
         lm.return_to_hopper(1)
     assert e.value.code == lim.Errc.OVER_RELEASE
+
+
+def test_explicit_now_stepped_from_the_clock_is_honoured(seg):
+    # SPEC: every call that depends on time takes `now`; a test owns the clock by stepping from
+    # lim.now(). Steps up to a minute ahead are the caller's time (docs/python.md "Time").
+    t0 = lim.now()
+    tb = lim.TokenBucket.open(seg, "stepped", burst_size=10, sustained_rate_per_sec=2,
+                              initial_bucket_level=0, now=t0)
+    assert tb.try_take(1, now=t0) is lim.TryTake.UNABLE
+    assert tb.state(now=t0 + 1).in_bucket == pytest.approx(2)
+    assert tb.try_take(2, now=t0 + 1) is lim.TryTake.TAKEN
+    assert tb.try_take(10, now=t0 + 30) is lim.TryTake.TAKEN
+    assert tb.try_take(1, now=t0 + 2) is lim.TryTake.UNABLE  # moved up to t0 + 30
+    # A year ahead is a mistake: clamped to the clock, so no year of drip.
+    far = lim.TokenBucket.open(seg, "far", burst_size=10, sustained_rate_per_sec=2,
+                               initial_bucket_level=0, now=t0)
+    assert far.state(now=lim.now() + 365 * 86400).in_bucket < 1

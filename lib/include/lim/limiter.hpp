@@ -12,10 +12,10 @@
 // Semantics are the seed's, point by point (shared/seeds/janestreet-limiter.txt):
 // - Tokens are divisible into 10,000 pieces; amounts passed in are rounded up to a piece.
 // - Every call whose outcome depends on time takes `now` (the overload without it reads
-//   lim::Clock). A `now` earlier than the limiter's time is moved up to that time. A `now` more
-//   than 10 ms ahead of lim::Clock::now() is clamped to Clock::now() + 10 ms (never an error):
-//   the limiter's time is shared by every process, and one far-future `now` must not stop the
-//   drip for all of them. The limiter's time only moves forward (a compare-and-swap maximum).
+//   lim::Clock). A `now` earlier than the limiter's time is moved up to that time. A `now` up
+//   to 60 s ahead of lim::Clock::now() is the caller's time (tests step from Clock::now()); one
+//   further ahead is clamped to Clock::now() + 10 ms (never an error): the limiter's time is
+//   shared by every process, and one far-future `now` must not stop the drip for all of them. The limiter's time only moves forward (a compare-and-swap maximum).
 //   Segment::reset re-anchors the drip at the current time.
 // - The tokens that have dripped are counted from the limiter's creation time (or its last rate
 //   change) as floor(elapsed x rate), never step by step, so rounding cannot drift. Drip that

@@ -77,7 +77,9 @@ std::int64_t bounded_now_ns_slow(std::int64_t now_ns) noexcept {
     if (real > clock_seen_ns.load(std::memory_order_relaxed)) {
         clock_seen_ns.store(real, std::memory_order_relaxed);
     }
-    return std::min(now_ns, real + kNowSlackNs);
+    // Saturating: a `now` near INT64_MAX is beyond any trust.
+    if (now_ns - real <= kNowTrustNs) return now_ns;
+    return real + kNowSlackNs;
 }
 
 // ---------------------------------------------------------------------------------------------
