@@ -696,14 +696,17 @@ TEST_CASE("R5 [availability]: one broken key in Redis starves every later global
     }
     const RateCfg bad{"a_bad", 10, 10};
     const RateCfg good{"b_good", 10, 10};
-    HostA host(dir, "rv5", redis.port, "100ms", "500ms", {bad, good});
+    // refresh 500 ms, not 100: the feeder's Redis calls time out after min(refresh, 500 ms), and
+    // on a loaded machine (ASan, ctest -j2 beside 4 busy loops) calls that time out at 100 ms
+    // made it reconnect tick after tick, and b_good was not fed in 60 s. What is checked does not
+    // depend on the refresh: a_bad's script error must not keep b_good from being renewed.
+    HostA host(dir, "rv5", redis.port, "500ms", "1s", {bad, good});
     Taken* t = make_taken();
     Worker worker(host.name(), good, t);
     t->go.store(1);
-    // b_good's fence is 1 s; then it should be fed at 10/s (about 1.5 s for 5 tokens). Before the
-    // fix it was never fed; 60 s leaves room for a loaded machine, where calls that time out at
-    // 100 ms make the feeder reconnect (one run of the race-widened suite under ctest -j2 missed 5
-    // s).
+    // b_good's fence is 2 s; then it should be fed at 10/s (about 2.5 s for 5 tokens). Before the
+    // fix it was never fed; 60 s leaves room for a loaded machine (one run of the race-widened
+    // suite under ctest -j2 missed 5 s).
     const bool fed = lim::test::eventually([&] { return t->count.load() >= 5; }, 60s);
     worker.stop();
     CHECK(fed);
