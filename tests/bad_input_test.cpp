@@ -346,11 +346,12 @@ TEST_CASE("another user cannot open a 0600 segment, nor remove it") {
 
 namespace {
 
-// Runs `body` in a forked child that SIGALRM kills after 10 s, so that a call that blocks (as
-// opening a FIFO did) fails the test instead of hanging it.
+// Runs `body` in a forked child that SIGALRM kills after 60 s (far past the microseconds it
+// takes, however loaded the machine), so that a call that blocks (as opening a FIFO did) fails
+// the test instead of hanging it.
 int in_child_with_alarm(const std::function<int()>& body) {
     const pid_t child = lim::test::fork_child([&] {
-        ::alarm(10);
+        ::alarm(60);
         return body();
     });
     return lim::test::wait_child(child);

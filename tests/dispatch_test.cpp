@@ -16,6 +16,7 @@
 #include "lim/error.hpp"
 #include "lim/segment.hpp"
 #include "shm/file_lock.hpp"
+#include "shm/ledger.hpp"
 #include "shm/process_table.hpp"
 #include "shm/records.hpp"
 #include "shm/segment_state.hpp"
@@ -348,12 +349,13 @@ TEST_CASE("acquire_backoff paces the re-checks: exponential, capped, jittered") 
 TEST_CASE("a release wakes a blocked acquire without waiting for a re-check") {
     lim::test::SegmentGuard guard(lim::test::unique_name("d-wake"));
     auto seg = make_segment(guard);
-    // Re-checks every 10 s: only a wake can end the wait quickly.
+    // Re-checks every 120 s: only a wake can end the wait within 30 s (the bound below, far
+    // enough for a loaded machine).
     auto d = Dispatch::open(seg, {.limiter = BackoffWindow::for_key(seg, "api"),
                                   .key = "api",
                                   .concurrency = 1,
                                   .byte_budget = 100,
-                                  .acquire_backoff = {.base = 10s, .max = 10s, .jitter = 0}});
+                                  .acquire_backoff = {.base = 120s, .max = 120s, .jitter = 0}});
     for (int layer = 0; layer < 2; ++layer) {
         CAPTURE(layer);
         auto held = layer == 0 ? d.acquire(1) : Permit{};
@@ -371,7 +373,7 @@ TEST_CASE("a release wakes a blocked acquire without waiting for a re-check") {
         big.reset();
         t.join();
         CHECK(got.load());
-        CHECK(Clock::now() - released < 5s);
+        CHECK(Clock::now() - released < 30s);
     }
     check_idle(d);
 }
@@ -904,6 +906,7 @@ TEST_CASE("the common permit waits aside while its word is frozen, and changes n
     auto recovery = detail::FileLock::try_lock_fresh(state.fd(), detail::LockByte::recovery);
     REQUIRE(recovery.has_value());
     detail::kDispatchOps.freeze(state, record);
+    const auto frozen_at = std::chrono::steady_clock::now();
     std::atomic<int> done{0};
     std::thread other([&] {
         // This thread's slot in its cache first, so that the try below takes the uncontended
@@ -916,10 +919,19 @@ TEST_CASE("the common permit waits aside while its word is frozen, and changes n
         done = 2;
     });
     std::this_thread::sleep_for(20ms);
-    CHECK(done.load() == 0);
+    // Read while the freeze is younger than kFrozenBreakTimeout (measured after the reads): past
+    // it the other thread thaws the words itself (the reaper is presumed stopped) and goes on,
+    // which only a badly loaded machine that descheduled this thread that long lets happen.
+    const int done_frozen = done.load();
     auto& word = reinterpret_cast<detail::DispatchBody*>(state.record(record).body)->concurrency;
-    CHECK(detail::DispatchPacked::kSlots.in_use(word.load()) == 1);
-    CHECK(detail::DispatchPacked::kBytes.in_use(word.load()) == 100);
+    const std::uint64_t word_frozen = word.load();
+    if (std::chrono::steady_clock::now() - frozen_at < detail::kFrozenBreakTimeout) {
+        CHECK(done_frozen == 0);
+        CHECK(detail::DispatchPacked::kSlots.in_use(word_frozen) == 1);
+        CHECK(detail::DispatchPacked::kBytes.in_use(word_frozen) == 100);
+    } else {
+        MESSAGE("this thread stalled past the break timeout: the frozen-window checks skipped");
+    }
     detail::kDispatchOps.thaw(state, record);
     recovery.reset();
     other.join();

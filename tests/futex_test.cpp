@@ -59,7 +59,7 @@ TEST_CASE("wake_bitset wakes only the waiters whose bitset intersects") {
     std::atomic<int> woken_a{0}, woken_b{0};
     std::thread a([&] {
         while (word.load() != 1) {
-            if (detail::futex_wait(word, word.load(), Clock::now() + 5s, 0x1) ==
+            if (detail::futex_wait(word, word.load(), Clock::now() + 60s, 0x1) ==
                 FutexResult::timed_out)
                 break;
         }
@@ -67,12 +67,14 @@ TEST_CASE("wake_bitset wakes only the waiters whose bitset intersects") {
     });
     std::thread b([&] {
         while (word.load() != 2) {
-            if (detail::futex_wait(word, word.load(), Clock::now() + 5s, 0x2) ==
+            if (detail::futex_wait(word, word.load(), Clock::now() + 60s, 0x2) ==
                 FutexResult::timed_out)
                 break;
         }
         woken_b = 1;
     });
+    // (A waiter's 60 s deadline, far past any delay of a loaded machine: b, timed out, would
+    // count as woken.)
     std::this_thread::sleep_for(20ms);
     word.store(1);
     detail::futex_wake_bitset(word, 8, 0x1);

@@ -18,6 +18,7 @@
 #include "lim/throttled_rate_limiter.hpp"
 #include "limiter/limiter_state.hpp"
 #include "shm/file_lock.hpp"
+#include "shm/ledger.hpp"
 #include "shm/process_table.hpp"
 #include "shm/records.hpp"
 #include "support/limiter_records.hpp"
@@ -91,14 +92,24 @@ TEST_CASE("a frozen limiter holds takes until it is thawed") {
     std::optional<lim::detail::FileLock> reaping =
         lim::detail::FileLock::lock_exclusive(seg.state()->fd(), lim::detail::LockByte::recovery);
     kLimiterOps.freeze(*seg.state(), rec);
+    const auto frozen_at = std::chrono::steady_clock::now();
     std::atomic<bool> done{false};
     std::thread t([&] {
         CHECK(th.try_start_job() == StartJob::start());
         done = true;
     });
     std::this_thread::sleep_for(20ms);
-    CHECK_FALSE(done.load());  // no acquisition lands on a frozen word
-    CHECK(th.in_flight() == 0);
+    // Read while the freeze is younger than kFrozenBreakTimeout (measured after the reads): past
+    // it the taker thaws the word itself (the reaper is presumed stopped) and takes, which only
+    // a badly loaded machine that descheduled this thread that long lets happen.
+    const bool done_frozen = done.load();
+    const auto in_flight_frozen = th.in_flight();
+    if (std::chrono::steady_clock::now() - frozen_at < detail::kFrozenBreakTimeout) {
+        CHECK_FALSE(done_frozen);  // no acquisition lands on a frozen word
+        CHECK(in_flight_frozen == 0);
+    } else {
+        MESSAGE("this thread stalled past the break timeout: the frozen-window checks skipped");
+    }
     kLimiterOps.thaw(*seg.state(), rec);
     reaping.reset();
     t.join();

@@ -190,7 +190,7 @@ TEST_CASE("a large request is not starved by a stream of small ones") {
         });
     }
     REQUIRE(eventually([&] { return small_total.load() > 100; }));
-    const bool got = ws.acquire_until(10, Clock::now() + 5s);
+    const bool got = ws.acquire_until(10, Clock::now() + 30s);  // far: a loaded machine is slow
     const long small_at_admission = small_total.load();
     stop = true;
     CHECK(got);
@@ -235,9 +235,16 @@ TEST_CASE("a timed-out head passes its turn to the next request at once") {
         ws.acquire(2);  // fits, but queued behind the head
         second_got = true;
     });
-    // The second request queues behind the head (it must not jump it) and stays queued...
-    REQUIRE(eventually([&] { return ws.waiters() == 2; }));
-    CHECK_FALSE(second_got.load());
+    // The second request queues behind the head (it must not jump it) and stays queued... (while
+    // the head waits: a thread this late, on a badly loaded machine, finds the head gone and is
+    // admitted at once, with no queue to show)
+    REQUIRE(eventually([&] { return ws.waiters() == 2 || second_got.load(); }));
+    const bool got_early = second_got.load();
+    if (Clock::now() < head_deadline) {
+        CHECK_FALSE(got_early);  // read before the head's deadline: it is still queued first
+    } else {
+        MESSAGE("the second request was checked only after the head's deadline: skipped");
+    }
     head.join();
     // ...until the head gives up, when it is admitted without any release.
     REQUIRE(eventually([&] { return second_got.load(); }));

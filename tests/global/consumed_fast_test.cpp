@@ -179,8 +179,13 @@ TEST_CASE("a consumed record's F never goes down while takes race the feeder's s
     }));
     double target = 0;
     std::int64_t switches = 0;
+    // 800 ms, and on until something was admitted (children that a loaded machine starts late
+    // may not have run at all by then), for at most 30 s more.
     const TimePoint end = Clock::now() + 800ms;
-    while (Clock::now() < end) {
+    const auto none_admitted = [&] {
+        return admitted[0].load() + admitted[1].load() + admitted[2].load() == 0;
+    };
+    while (Clock::now() < end || (none_admitted() && Clock::now() < end + 30s)) {
         // Alternately a grant of 2 and a lease end keeping 1 (the feeder's two operations).
         target = (switches % 2 == 0) ? target + 2 : g.lm.in_flight() + 1;
         g.lm.set_token_target_level(target);

@@ -103,9 +103,9 @@ TEST_CASE("consumed limiter: the takers enforce the lease deadline themselves") 
     const pid_t sleeper = lim::test::fork_child([&] {
         auto t = lim::TokenBucket::open(
             seg, "global", {.burst_size = 10, .sustained_rate_per_sec = 1}, lim::adopt_existing);
-        return t.take_until(1, lim::Clock::now() + 20s) ? 0 : 1;
+        return t.take_until(1, lim::Clock::now() + 120s) ? 0 : 1;
     });
-    CHECK(lim::test::eventually([&] { return l.waiters() >= 1; }, 10s));
+    CHECK(lim::test::eventually([&] { return l.waiters() >= 1; }, 60s));
     CHECK(l.in_flight() == 3);  // it is sleeping, not spinning through the bucket
     lim::set_lease_deadline(l, lim::Clock::now() + 1h);
     CHECK(lim::test::wait_child(sleeper) == 0);

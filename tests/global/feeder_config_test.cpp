@@ -102,7 +102,7 @@ TEST_CASE(
         const std::string log = scratch.dir + "/" + name + ".log";
         lim::test::ChildProcess feeder;
         feeder.start({FEEDER_PATH, "--config", config}, log);
-        const auto status = feeder.wait_for(20s);
+        const auto status = feeder.wait_for(60s);
         REQUIRE_MESSAGE(status.has_value(), "the feeder ran on: " << lim::test::read_file(log));
         CHECK(WIFEXITED(*status));
         CHECK(WEXITSTATUS(*status) == 2);
@@ -158,7 +158,7 @@ TEST_CASE(
         // An unreachable Redis is no reason to exit: the feeder runs on, fail-closed, retrying.
         const bool retrying = lim::test::eventually(
             [&] { return lim::test::read_file(log).find("does not answer") != std::string::npos; },
-            20s);
+            60s);
         const std::string text = lim::test::read_file(log);
         CHECK_MESSAGE(retrying, text);
         CHECK_MESSAGE(text.find("feeds segment " + segment) != std::string::npos, text);

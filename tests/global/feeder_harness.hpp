@@ -62,7 +62,7 @@ inline void start_feeder(Host& h) {
 
 // Waits for the feeder to create the segment and its records (the rate, its two status records,
 // the backoff: a worker never creates the rate itself), then opens the global rate as workers do.
-// Nothing if they do not appear within 10 s.
+// Nothing if they do not appear within 30 s (a loaded machine starts the feeder late).
 inline std::optional<lim::TokenBucket> adopt_global_rate(const std::string& segment,
                                                          std::optional<lim::Segment>& seg) {
     const bool ready = lim::test::eventually(
@@ -74,7 +74,7 @@ inline std::optional<lim::TokenBucket> adopt_global_rate(const std::string& segm
                 return false;
             }
         },
-        10s);
+        30s);
     if (!ready) return std::nullopt;
     return lim::TokenBucket::open(
         *seg, kKey, {.burst_size = kBurst, .sustained_rate_per_sec = kRate}, lim::adopt_existing);

@@ -140,14 +140,19 @@ TEST_CASE("a host dies holding a lease: counted until its expiry, then the survi
     const std::int64_t remaining_us = dead.expiry_us - dead.server_now_us;
     // The moment the entry goes, seen from here: polled every 5 ms.
     std::int64_t gone = 0;
+    std::int64_t last_present = 0;  // the poll before: the entry went between the two
     const bool freed = lim::test::eventually(
         [&] {
+            const std::int64_t polled = now_ns();
             const DeadLease d = read_lease(c, "host0");
-            if (d.expiry_us != 0) return false;
+            if (d.expiry_us != 0) {
+                last_present = polled;
+                return false;
+            }
             gone = now_ns();
             return true;
         },
-        5s);
+        30s);
     // Host 1 runs on for 2 s after that.
     std::this_thread::sleep_for(2000ms);
     const std::int64_t end = now_ns();
@@ -218,8 +223,16 @@ TEST_CASE("a host dies holding a lease: counted until its expiry, then the survi
     // only when its expiry has passed, in a later call of the survivor's feeder)...
     REQUIRE(freed);
     CHECK(gone >= asked + remaining_us * 1000 - 20'000'000);
-    // ...and then freed within a few of the survivor's refreshes (50 ms) of it.
-    CHECK(gone <= expires_local + 500'000'000);
+    // ...and then freed within a few of the survivor's refreshes (50 ms) of it: `gone` bounds
+    // the moment from above only if this thread polled on time (the poll before it less than
+    // 100 ms earlier), which a badly loaded machine does not always let it.
+    if (gone - last_present <= 100'000'000) {
+        CHECK(gone <= expires_local + 500'000'000);
+    } else {
+        MESSAGE("this thread polled Redis " << ms(gone - last_present)
+                                            << " ms apart when the entry went: the check that "
+                                               "it went on time skipped");
+    }
     // The survivor got the dead host's share back within ttl + grace after its last renewal
     // (plus a generous margin for the survivor's feeder and workers on a loaded machine).
     REQUIRE(resumed >= 0);

@@ -7,6 +7,7 @@
 #include <doctest/doctest.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <optional>
 #include <thread>
@@ -17,6 +18,7 @@
 #include "limiter/consumed_rebase.hpp"
 #include "limiter/limiter_state.hpp"
 #include "shm/file_lock.hpp"
+#include "shm/ledger.hpp"
 #include "shm/process_table.hpp"
 #include "shm/records.hpp"
 #include "support/consumed_records.hpp"
@@ -68,7 +70,7 @@ TEST_CASE("rebase: many rebases under forked takers; admitted <= granted exactly
     for (int k = 0; granted < kTotal; ++k) {
         // As lim-feeder tops the lease up: when the takers have nearly emptied it.
         REQUIRE(
-            lim::test::eventually([&] { return target_of(l) - l.in_flight() < kGrant / 2; }, 20s));
+            lim::test::eventually([&] { return target_of(l) - l.in_flight() < kGrant / 2; }, 60s));
         l.set_token_target_level(target_of(l) + kGrant);  // add a grant
         granted += kGrant;
         max_target = std::max(max_target, target_of(l));
@@ -81,7 +83,7 @@ TEST_CASE("rebase: many rebases under forked takers; admitted <= granted exactly
         }
     }
     // Let the takers spend what is left down to less than a token's worth of their smallest take.
-    CHECK(lim::test::eventually([&] { return target_of(l) - l.in_flight() < 1; }, 20s));
+    CHECK(lim::test::eventually([&] { return target_of(l) - l.in_flight() < 1; }, 60s));
     stop->set();
     for (const pid_t pid : pids)
         REQUIRE(lim::test::wait_child(pid) == 0);
@@ -167,6 +169,7 @@ TEST_CASE("rebase: in_flight is lowered only once a reaper's recount has thawed 
     std::optional<lim::detail::FileLock> reaping =
         lim::detail::FileLock::lock_exclusive(seg.state()->fd(), lim::detail::LockByte::recovery);
     lim::detail::kLimiterOps.freeze(*seg.state(), rec);
+    const auto frozen_at = std::chrono::steady_clock::now();
     std::atomic<bool> done{false};
     std::optional<lim::ConsumedRebase> result;
     std::thread rebaser([&] {
@@ -176,8 +179,17 @@ TEST_CASE("rebase: in_flight is lowered only once a reaper's recount has thawed 
     // The target is lowered (a switch does not wait for a recount); in_flight waits aside.
     REQUIRE(lim::test::eventually([&] { return target_of(l) == 40; }));
     std::this_thread::sleep_for(30ms);
-    CHECK_FALSE(done.load());
-    CHECK(l.in_flight() == 60);  // 40 - 60: nothing may be taken meanwhile (under-use)
+    // Read while the freeze is younger than kFrozenBreakTimeout (measured after the reads): past
+    // it the rebaser thaws the word itself (the reaper is presumed stopped) and goes on, which
+    // only a badly loaded machine that descheduled this thread that long lets happen.
+    const bool done_frozen = done.load();
+    const double in_flight_frozen = l.in_flight();
+    if (std::chrono::steady_clock::now() - frozen_at < lim::detail::kFrozenBreakTimeout) {
+        CHECK_FALSE(done_frozen);
+        CHECK(in_flight_frozen == 60);  // 40 - 60: nothing may be taken meanwhile (under-use)
+    } else {
+        MESSAGE("this thread stalled past the break timeout: the frozen-window checks skipped");
+    }
     lim::detail::LiveHoldings live;
     lim::detail::kLimiterOps.recount(*seg.state(), rec, live, {}, lim::Clock::now());
     reaping.reset();

@@ -86,9 +86,9 @@ TEST_CASE("refused demand: refused takes are counted exactly, admitted ones not"
     // units are spent (in flight), not refused.
     const pid_t sleeper = lim::test::fork_child([&seg] {
         auto t = worker_handle(seg, "global");
-        return t.take_until(2, lim::Clock::now() + 20s) ? 0 : 1;
+        return t.take_until(2, lim::Clock::now() + 120s) ? 0 : 1;
     });
-    CHECK(lim::test::eventually([&] { return l.waiters() >= 1; }, 10s));
+    CHECK(lim::test::eventually([&] { return l.waiters() >= 1; }, 60s));
     lim::set_lease_deadline(l, lim::Clock::now() + 1h);  // wakes it
     CHECK(lim::test::wait_child(sleeper) == 0);
     CHECK(l.in_flight() == 5);

@@ -163,9 +163,10 @@ TEST_CASE("a segment truncated while watched ends watch with an error, not SIGBU
 TEST_CASE("watch -i takes huge intervals without wrapping") {
     SegmentGuard guard(unique_name("limctl-interval"));
     Segment::open_or_create(guard.name(), {.max_limiters = 4, .max_processes = 4});
-    // One frame, then a sleep that `timeout` ends: had the interval wrapped to 100 ms, 40
-    // frames would have been printed in 4 s.
-    const auto r = limctl("watch -i 4294967.396s -n 40 " + guard.name(), "timeout -s INT 4 ");
+    // One frame, then a sleep that `timeout` ends: had the interval wrapped to 100 ms, all 40
+    // frames would have been printed in 4 s. (10 s, not 4: limctl started late on a loaded
+    // machine would print no frame at all before the timeout.)
+    const auto r = limctl("watch -i 4294967.396s -n 40 " + guard.name(), "timeout -s INT 10 ");
     std::size_t frames = 0;
     for (std::size_t at = 0; (at = r.out.find("lim watch:", at)) != std::string::npos; ++at)
         ++frames;

@@ -4,8 +4,12 @@
 //
 //   mixed_worker dispatch <segment> <key> <concurrency> <throttled> <budget> <iterations>
 //                <bytes> <hold_us> <log>      one line per permit: "<start_ns> <end_ns> <bytes>"
-//   mixed_worker bucket <segment> <key> <burst> <rate> <end_ns> <log>
-//                                             "<taken> <last_ns>": tokens taken until end_ns
+//   mixed_worker bucket <segment> <key> <burst> <rate> <duration_ns> <log>
+//                                             "<taken> <last_ns>": tokens taken for duration_ns
+//
+// With LIM_TEST_BARRIER=<dir> set, a worker that has opened its handles says so (creates
+// <dir>/ready.<pid>) and starts only once the test creates <dir>/go: all workers, of both
+// languages, then run at once however late a loaded machine started each (workers.py, barrier).
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -13,12 +17,24 @@
 #include <string>
 #include <thread>
 
+#include <unistd.h>
+
 #include <lim/lim.hpp>
 
 namespace {
 
 std::int64_t now_ns() {
     return lim::to_nanos(lim::Clock::now());
+}
+
+void barrier() {
+    const char* dir = std::getenv("LIM_TEST_BARRIER");
+    if (dir == nullptr) return;
+    const std::string ready = std::string(dir) + "/ready." + std::to_string(::getpid());
+    if (std::FILE* f = std::fopen(ready.c_str(), "w")) std::fclose(f);
+    const std::string go = std::string(dir) + "/go";
+    while (::access(go.c_str(), F_OK) != 0)
+        std::this_thread::sleep_for(std::chrono::milliseconds{1});
 }
 
 int run_dispatch(char** argv) {
@@ -35,6 +51,7 @@ int run_dispatch(char** argv) {
     const long hold_us = std::strtol(argv[9], nullptr, 10);
     std::FILE* log = std::fopen(argv[10], "w");
     if (log == nullptr) return 2;
+    barrier();
     for (long i = 0; i < iterations; ++i) {
         lim::Permit p = d.acquire(bytes);
         const std::int64_t start = now_ns();
@@ -52,7 +69,9 @@ int run_bucket(char** argv) {
                                      {.burst_size = std::strtod(argv[4], nullptr),
                                       .sustained_rate_per_sec = std::strtod(argv[5], nullptr)},
                                      lim::adopt_existing);
-    const std::int64_t end = std::strtoll(argv[6], nullptr, 10);
+    const std::int64_t duration = std::strtoll(argv[6], nullptr, 10);
+    barrier();
+    const std::int64_t end = now_ns() + duration;
     long taken = 0;
     std::int64_t last = now_ns();
     while (last < end) {

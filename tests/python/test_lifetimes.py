@@ -45,7 +45,7 @@ def blocked_then_closed(open_handle, block, close_segment):
         h.close()
         if close_segment:
             seg.close()
-        t.join(10)
+        t.join(60)  # far: closing wakes it; a loaded machine can be slow to run it
         return not t.is_alive() and len(outcome) == 1 and isinstance(outcome[0], ValueError)
 
     return in_child(scenario)

@@ -2,6 +2,7 @@
 limit holds across both languages, checked from the workers' own logs."""
 
 import multiprocessing
+import os
 import subprocess
 import time
 
@@ -25,15 +26,20 @@ def test_cpp_and_python_workers_share_one_dispatch_and_one_token_bucket(seg, seg
     iterations = 20
     cpp_logs = [str(tmp_path / f"cpp{i}.log") for i in range(3)]
     py_logs = [str(tmp_path / f"py{i}.log") for i in range(3)]
+    # All six start at once (a barrier): the C++ ones, started first, could otherwise be done
+    # before a loaded machine ran the Python ones, and nothing would interleave.
+    barrier_dir = tmp_path / "dispatch-barrier"
+    barrier_dir.mkdir()
+    env = dict(os.environ, LIM_TEST_BARRIER=str(barrier_dir))
     cpp = [subprocess.Popen([worker, "dispatch", seg_name, "api", str(CONCURRENCY),
                              str(THROTTLED), str(BUDGET), str(iterations),
-                             "300" if i % 2 else "100", "2000", cpp_logs[i]])
+                             "300" if i % 2 else "100", "2000", cpp_logs[i]], env=env)
            for i in range(3)]
     py = [ctx.Process(target=dispatch_worker,
                       args=(seg_name, "api", CONCURRENCY, THROTTLED, BUDGET, iterations,
-                            300 if i % 2 == 0 else 100, 0.002, py_logs[i]))
+                            300 if i % 2 == 0 else 100, 0.002, py_logs[i], str(barrier_dir)))
           for i in range(3)]
-    run_processes(py, cpp)
+    run_processes(py, cpp, str(barrier_dir))
     cpp_intervals = read_intervals(cpp_logs)
     py_intervals = read_intervals(py_logs)
     assert len(cpp_intervals) == len(py_intervals) == 3 * iterations
@@ -52,14 +58,20 @@ def test_cpp_and_python_workers_share_one_dispatch_and_one_token_bucket(seg, seg
     created_before = time.monotonic_ns()  # the bucket's fill is counted from no earlier
     tb = lim.TokenBucket.open(seg, "tokens", burst_size=burst, sustained_rate_per_sec=rate,
                               initial_bucket_level=burst)
-    end_ns = time.monotonic_ns() + 1_500_000_000
+    # Each takes for 1.5 s from the barrier, not until a time fixed before they started (a loaded
+    # machine may start one late, which then takes too little for the lower bound below).
+    duration_ns = 1_500_000_000
+    barrier_dir = tmp_path / "bucket-barrier"
+    barrier_dir.mkdir()
+    env = dict(os.environ, LIM_TEST_BARRIER=str(barrier_dir))
     cpp_logs = [str(tmp_path / f"tb-cpp{i}.log") for i in range(2)]
     py_logs = [str(tmp_path / f"tb-py{i}.log") for i in range(2)]
     cpp = [subprocess.Popen([worker, "bucket", seg_name, "tokens", str(burst), str(rate),
-                             str(end_ns), log]) for log in cpp_logs]
-    py = [ctx.Process(target=bucket_worker, args=(seg_name, "tokens", burst, rate, end_ns, log))
+                             str(duration_ns), log], env=env) for log in cpp_logs]
+    py = [ctx.Process(target=bucket_worker,
+                      args=(seg_name, "tokens", burst, rate, duration_ns, log, str(barrier_dir)))
           for log in py_logs]
-    run_processes(py, cpp)
+    run_processes(py, cpp, str(barrier_dir))
     cpp_taken, cpp_last = read_bucket_logs(cpp_logs)
     py_taken, py_last = read_bucket_logs(py_logs)
     taken = cpp_taken + py_taken

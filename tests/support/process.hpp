@@ -70,9 +70,11 @@ inline Flag* make_flag() {
 pid_t child_holding(const std::function<void()>& body);
 
 // Polls `pred` every 100 us until it holds (true) or `timeout` passes (false): for waiting on
-// another process or thread to reach a state, never as the assertion itself.
+// another process or thread to reach a state, never as the assertion itself. The default is long
+// (30 s) because a wait that must succeed fails CI whenever a loaded 2-core machine running
+// sanitizers is slower than it: only for predicates that, once true, stay true until looked at.
 template <class Pred>
-bool eventually(Pred pred, std::chrono::milliseconds timeout = std::chrono::seconds{5}) {
+bool eventually(Pred pred, std::chrono::milliseconds timeout = std::chrono::seconds{30}) {
     const auto until = std::chrono::steady_clock::now() + timeout;
     while (!pred()) {
         if (std::chrono::steady_clock::now() > until) return false;
