@@ -76,7 +76,11 @@ bool starves(std::uint32_t waiting, double refused, double available, double spe
 Feeder::Feeder(Config config)
     : config_(std::move(config)),
       segment_(Segment::open_or_create(config_.segment, SegmentOptions{})),
-      redis_(config_.redis, std::min(config_.refresh, std::chrono::microseconds{500'000})) {
+      // A call waits at most a refresh (500 ms at most) while Redis answers in time, so that one
+      // slow call does not delay the next tick; after calls that Redis did not answer in time,
+      // up to half a lease's life (a grant that arrives later is of little use).
+      redis_(config_.redis, std::min(config_.refresh, std::chrono::microseconds{500'000}),
+             config_.lease_ttl / 2) {
     started_ = Clock::now();
     if (const char* stall = std::getenv("LIM_FEEDER_TEST_STALL")) test_stall_ = stall;
     lease_script_ = redis_.add_script(kLeaseScript);

@@ -3,6 +3,7 @@
 #include <hiredis/hiredis.h>
 #include <sys/time.h>
 
+#include <algorithm>
 #include <charconv>
 #include <stdexcept>
 
@@ -55,8 +56,12 @@ RedisAddress parse_redis_url(const std::string& url) {
     return a;
 }
 
-RedisClient::RedisClient(RedisAddress address, std::chrono::microseconds timeout)
-    : address_(std::move(address)), timeout_(timeout) {}
+RedisClient::RedisClient(RedisAddress address, std::chrono::microseconds timeout,
+                         std::chrono::microseconds max_timeout)
+    : address_(std::move(address)),
+      base_timeout_(timeout),
+      max_timeout_(std::max(timeout, max_timeout)),
+      timeout_(timeout) {}
 
 RedisClient::~RedisClient() {
     drop();
@@ -74,13 +79,26 @@ void RedisClient::drop() {
     ctx_ = nullptr;
 }
 
+void RedisClient::no_answer() {
+    drop();
+    timeout_ = std::min(max_timeout_, 2 * timeout_);
+}
+
+void RedisClient::answered() {
+    if (timeout_ <= base_timeout_) return;
+    timeout_ = std::max(base_timeout_, timeout_ / 2);
+    // The connection keeps the timeout it was opened with until told otherwise. If it cannot
+    // be told, the next call reconnects with the new one.
+    if (ctx_ != nullptr && redisSetTimeout(ctx_, to_timeval(timeout_)) != REDIS_OK) drop();
+}
+
 bool RedisClient::ensure_connected() {
     if (ctx_ != nullptr) return true;
     const timeval tv = to_timeval(timeout_);
     ctx_ = redisConnectWithTimeout(address_.host.c_str(), address_.port, tv);
     if (ctx_ == nullptr || ctx_->err != 0) {
         last_error_ = ctx_ != nullptr ? ctx_->errstr : "cannot allocate a connection";
-        drop();
+        no_answer();
         return false;
     }
     if (redisSetTimeout(ctx_, tv) != REDIS_OK) {
@@ -92,7 +110,11 @@ bool RedisClient::ensure_connected() {
         Reply r(static_cast<redisReply*>(redisCommand(ctx_, "SELECT %d", address_.db)));
         if (!r || r->type == REDIS_REPLY_ERROR) {
             last_error_ = r ? r->str : ctx_->errstr;
-            drop();
+            if (r) {
+                drop();
+            } else {
+                no_answer();
+            }
             return false;
         }
     }
@@ -105,7 +127,11 @@ bool RedisClient::load_scripts() {
             redisCommand(ctx_, "SCRIPT LOAD %b", sources_[i].data(), sources_[i].size())));
         if (!r || r->type != REDIS_REPLY_STRING) {
             last_error_ = r ? (r->str != nullptr ? r->str : "SCRIPT LOAD failed") : ctx_->errstr;
-            drop();
+            if (r) {
+                drop();
+            } else {
+                no_answer();
+            }
             return false;
         }
         shas_[i].assign(r->str, r->len);
@@ -131,9 +157,10 @@ std::optional<std::vector<long long>> RedisClient::eval(std::size_t index,
             redisCommandArgv(ctx_, static_cast<int>(argv.size()), argv.data(), lens.data())));
         if (!r) {
             last_error_ = ctx_->errstr;
-            drop();
+            no_answer();
             return std::nullopt;
         }
+        answered();
         if (r->type == REDIS_REPLY_ERROR) {
             last_error_.assign(r->str, r->len);
             if (last_error_.rfind("NOSCRIPT", 0) == 0 && load_scripts()) continue;

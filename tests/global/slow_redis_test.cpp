@@ -1,0 +1,135 @@
+// docs/global.md's failure row "Redis slow": a Redis whose every answer comes later than the
+// feeder's first timeout (a refresh, 100 ms by default) still feeds the host. A relay between the
+// feeder and a real redis-server holds each answer 150 ms (it forwards bytes, it does not speak
+// RESP). With the fixed timeout of the first version every call was given up, so a loaded host,
+// or one far from its Redis, was never fed; the feeder now doubles its timeout after a call Redis
+// did not answer in time (up to half a lease's life) and halves it back after answers.
+#include <arpa/inet.h>
+#include <doctest/doctest.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "global/feeder_harness.hpp"
+
+namespace {
+
+using namespace std::chrono_literals;
+using namespace lim::test::multihost;
+
+// A TCP relay on 127.0.0.1: each accepted connection is forwarded to `target_port`, requests at
+// once, answers `delay` after they arrive. One thread per connection (the feeder opens one at a
+// time, and a new one after each timeout); all stop when the relay is destroyed.
+class DelayingRelay {
+  public:
+    DelayingRelay(int target_port, std::chrono::milliseconds delay)
+        : target_port_(target_port), delay_(delay) {
+        listener_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        REQUIRE(listener_ >= 0);
+        sockaddr_in a{};
+        a.sin_family = AF_INET;
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        a.sin_port = 0;
+        REQUIRE(::bind(listener_, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+        REQUIRE(::listen(listener_, 16) == 0);
+        socklen_t len = sizeof a;
+        REQUIRE(::getsockname(listener_, reinterpret_cast<sockaddr*>(&a), &len) == 0);
+        port_ = ntohs(a.sin_port);
+        acceptor_ = std::thread([this] { accept_loop(); });
+    }
+    ~DelayingRelay() {
+        stop_ = true;
+        acceptor_.join();
+        for (auto& t : pipes_)
+            t.join();
+        ::close(listener_);
+    }
+    int port() const { return port_; }
+    int connections() const { return connections_.load(); }
+
+  private:
+    void accept_loop() {
+        while (!stop_) {
+            pollfd p{listener_, POLLIN, 0};
+            if (::poll(&p, 1, 20) <= 0) continue;
+            const int client = ::accept4(listener_, nullptr, nullptr, SOCK_CLOEXEC);
+            if (client < 0) continue;
+            const int server = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+            sockaddr_in a{};
+            a.sin_family = AF_INET;
+            a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+            a.sin_port = htons(static_cast<std::uint16_t>(target_port_));
+            if (server < 0 || ::connect(server, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+                ::close(client);
+                if (server >= 0) ::close(server);
+                continue;
+            }
+            ++connections_;
+            pipes_.emplace_back([this, client, server] { relay(client, server); });
+        }
+    }
+
+    // Requests go through at once; each chunk of an answer is sent `delay_` after it arrived.
+    void relay(int client, int server) {
+        char buf[65536];
+        while (!stop_) {
+            pollfd p[2] = {{client, POLLIN, 0}, {server, POLLIN, 0}};
+            if (::poll(p, 2, 20) <= 0) continue;
+            if (p[0].revents != 0) {
+                const ssize_t n = ::read(client, buf, sizeof buf);
+                if (n <= 0 || ::write(server, buf, static_cast<std::size_t>(n)) != n) break;
+            }
+            if (p[1].revents != 0) {
+                const ssize_t n = ::read(server, buf, sizeof buf);
+                if (n <= 0) break;
+                std::this_thread::sleep_for(delay_);
+                if (::write(client, buf, static_cast<std::size_t>(n)) != n) break;
+            }
+        }
+        ::close(client);
+        ::close(server);
+    }
+
+    int target_port_;
+    std::chrono::milliseconds delay_;
+    int listener_ = -1;
+    int port_ = 0;
+    std::atomic<bool> stop_{false};
+    std::atomic<int> connections_{0};
+    std::thread acceptor_;
+    std::vector<std::thread> pipes_;
+};
+
+}  // namespace
+
+TEST_CASE("a Redis that answers later than a refresh still feeds the host") {
+    std::string dir;
+    auto redis = start_redis("slow", dir);
+    if (!redis) return;
+    // Every answer 150 ms late: beyond the first timeout (the refresh, 100 ms), within half a
+    // lease (lease_ttl 500 ms in the harness's config: 250 ms).
+    DelayingRelay relay(redis->port(), 150ms);
+    lim::test::SegmentGuard guard(lim::test::unique_name("slow-redis"));
+    Host host;
+    host.segment = guard.name();
+    host.config = write_config(dir, 0, host.segment, relay.port(), kBurst, kRate, "100ms");
+    host.log = dir + "/feeder0.log";
+    start_feeder(host);
+    std::optional<lim::Segment> seg;
+    std::optional<lim::TokenBucket> tb = adopt_global_rate(host.segment, seg);
+    REQUIRE(tb.has_value());
+    // Fed: a take is admitted (the first version gave every call up, and none ever was).
+    const bool fed =
+        lim::test::eventually([&] { return tb->try_take(1) == lim::TryTake::taken; }, 60s);
+    CHECK(fed);
+    if (!fed) MESSAGE(lim::test::read_file(host.log));
+    CHECK(relay.connections() >= 1);
+    host.feeder.stop(SIGTERM);
+}
