@@ -384,6 +384,13 @@ extern std::atomic<std::uint64_t> short_drip_max_rate;
 inline constexpr std::int64_t kLazyTimeGrainNs = 10'000;  // 10 us
 // `not_held`: the calling thread's own ledger holds fewer than the return (a check of the whole
 // process, Limiter::return_to_hopper, decides; see Hold::require_held).
+// How an operation that must re-anchor the drip (LimiterCore::rebase_hard) waits for the config
+// lock. The default, for try_* calls, is not at all.
+struct RebaseWait {
+    bool wait = false;                    // false: Error(busy) at once if the lock is held
+    const TimePoint* deadline = nullptr;  // waiting: the caller's own deadline, if it has one
+};
+
 enum class ReturnOutcome { returned, over_release, rebase_needed, not_held };
 
 // `now_ns` for a take or return whose caller gave no time (the no-`now` overloads): the
@@ -517,8 +524,15 @@ class LimiterCore {
     // allowance is large). Takes the config lock; throws Error(system_error) if it cannot.
     template <class Change>
     void reconfigure(std::int64_t now_ns, bool reanchor, Change&& change);
-    // Re-anchors the drip. With `wait` false, gives up (false) if the config lock is held.
-    bool rebase(std::int64_t now_ns, bool wait);
+    // Re-anchors the drip under the config lock, waiting for it until `until` (nullopt: one try,
+    // no wait); false if it could not be had by then.
+    bool rebase(std::int64_t now_ns, std::optional<TimePoint> until);
+    // The re-anchor an operation cannot do without (its drip allowance is past kRebaseHard),
+    // waiting for the config lock as `how` says: a try_* not at all, a blocking call until its
+    // deadline or kLockWaitTimeout. False if the caller's deadline came first (the caller then
+    // answers as at its deadline); Error(busy) if the lock stayed held (a configuration writer
+    // stopped holding it), nothing changed.
+    bool rebase_hard(std::int64_t now_ns, const RebaseWait& how);
     // Re-anchors a token bucket's drip (infinite target, whole rate R) when (max(now, L) -
     // anchor) x R no longer fits in 64 bits, so that the drip has its short form again
     // (TokenBucket's take; exact, no rounding lost). Gives up (false) if the config lock is held
