@@ -209,8 +209,8 @@ class Limiter {
     // it must re-anchor the drip (every 2^45 units dripped) it tries the segment's config lock,
     // and if a configuration change holds it, goes on without; only when that has gone on for
     // 2^46 units more, with the lock still held (a configuration writer stopped holding it), it
-    // throws Error(busy) rather than wait (nothing taken), and Error(system_error) if the lock
-    // cannot be tried at all.
+    // throws Error(busy) rather than wait (beyond 1 ms; nothing taken), and Error(system_error)
+    // if the lock cannot be tried at all.
     // Memory ordering: a successful take happens-after the return, refill decision or
     // reconfiguration that made its tokens available, in whichever process it ran.
     // The overload without `now` reads lim::Clock only if the outcome depends on time (a finite

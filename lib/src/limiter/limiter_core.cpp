@@ -621,12 +621,18 @@ bool LimiterCore::rebase(std::int64_t now_ns, std::optional<TimePoint> until) {
     return true;
 }
 
+bool LimiterCore::rebase(std::int64_t now_ns, bool wait) {
+    return rebase(now_ns,
+                  wait ? std::optional<TimePoint>(Clock::now() + kLockWaitTimeout) : std::nullopt);
+}
+
 bool LimiterCore::rebase_hard(std::int64_t now_ns, const RebaseWait& how) {
     const std::string what =
         "re-anchor the drip of limiter '" + std::string(record_key(state_.record(record_))) + "'";
     if (!how.wait) {
-        if (rebase(now_ns, std::nullopt)) return true;
-        throw_lock_busy(state_.name(), LockByte::config, what, std::chrono::milliseconds{0});
+        // A try_* does not wait for a lock, beyond the microseconds a switch holds it for.
+        if (rebase(now_ns, Clock::now() + kTryLockGrace)) return true;
+        throw_lock_busy(state_.name(), LockByte::config, what, kTryLockGrace);
     }
     const TimePoint limit = Clock::now() + kLockWaitTimeout;
     const bool caller_first = how.deadline != nullptr && *how.deadline <= limit;

@@ -115,9 +115,9 @@ std::string_view lock_description(LockByte byte) noexcept {
 void throw_lock_busy(std::string_view segment, LockByte byte, std::string_view what,
                      std::chrono::milliseconds waited) {
     const std::string held =
-        waited.count() > 0
+        waited > kTryLockGrace
             ? fmt::format("has been held by another process for over {} ms", waited.count())
-            : std::string("is held by another process, and this call never waits for a lock");
+            : std::string("is held by another process, and this call does not wait for locks");
     throw Error(Errc::busy,
                 fmt::format("segment '{}': cannot {}: the {} {}; it is held by a process that is "
                             "stopped (SIGSTOP, a debugger, Ctrl-Z) or slow (limctl show {} lists "

@@ -43,6 +43,11 @@ enum class LockByte : off_t {
 // caller for as long as the neighbour stays stopped (docs/design.md, "Stopped lock holders").
 inline constexpr std::chrono::milliseconds kLockWaitTimeout{3000};
 
+// How long a try_* call that cannot go on without a lock (a re-anchor of a limiter's drip past
+// kRebaseHard) waits for it: a legitimate holder keeps it for microseconds; a try_* never waits
+// longer (Error(busy) then).
+inline constexpr std::chrono::milliseconds kTryLockGrace{1};
+
 // A short name for the lock on `byte` and what holds it, for messages ("the config lock (held
 // while a limiter is reconfigured)").
 std::string_view lock_description(LockByte byte) noexcept;
