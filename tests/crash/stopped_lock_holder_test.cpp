@@ -22,6 +22,7 @@
 #include <mutex>
 #include <optional>
 #include <thread>
+#include <vector>
 
 #include "lim/consumed_limiter.hpp"
 #include "lim/lim.hpp"
@@ -293,4 +294,39 @@ TEST_CASE("a stopped reaper holding the recovery lock: reap, reset and hand-offs
     sem.release(2);
     CHECK(sem.in_use() == 0);
     CHECK(seg.reap().reaped.empty());
+}
+
+TEST_CASE("a stopped reaper and a full process table: a new thread gets table_full, not a hang") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("stopped-full"));
+    Segment seg = Segment::open_or_create(
+        guard.name(),
+        {.max_limiters = 4, .max_processes = 4, .reap_after = 0s, .reap_on_attach = false});
+    auto sem = Semaphore::open(seg, "s", {.capacity = 10});
+    REQUIRE(sem.try_acquire(1));  // this thread's slot
+    std::vector<pid_t> holders;
+    for (int i = 0; i < 3; ++i)
+        holders.push_back(lim::test::child_holding([&] { REQUIRE(sem.try_acquire(1)); }));
+    CHECK(sem.in_use() == 4);
+    kill_and_wait(holders.back());  // dead, so a reap could free its slot
+    holders.pop_back();
+    const pid_t reaper = stopped_holder(seg, detail::LockByte::recovery);
+
+    // A thread with no slot claims one; the table is full, so the claim reaps first, which needs
+    // the recovery lock: it waited for it forever before.
+    Watchdog dog(reaper);
+    std::optional<Errc> code;
+    std::thread([&] { code = error_of([&] { (void)sem.try_acquire(1); }); }).join();
+    dog.disarm();
+    CHECK_FALSE(dog.fired());
+    CHECK(code == Errc::table_full);
+    CHECK(sem.in_use() == 4);  // nothing taken, nothing reaped
+
+    continue_and_wait(reaper);
+    std::thread([&] {
+        CHECK(sem.try_acquire(1));  // the claim's reap frees the dead child's slot
+        sem.release(1);
+    }).join();
+    CHECK(sem.in_use() == 3);  // the dead child's unit given back once; the live ones kept
+    for (const pid_t pid : holders)
+        kill_and_wait(pid);
 }
