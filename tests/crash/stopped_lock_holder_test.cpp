@@ -166,6 +166,8 @@ TEST_CASE("a configuration writer stopped holding the config lock: reconfiguring
     Watchdog dog(writer);
     CHECK(error_of([&] { l.set_bucket_size(Clock::now(), 8); }) == Errc::busy);
     CHECK(error_of([&] { l.set_token_target_level(Clock::now(), 4.0); }) == Errc::busy);
+    // A forced reset rewrites both configuration blocks: it must exclude the stopped writer too.
+    CHECK(error_of([&] { seg.reset({.key = "l", .force = true}); }) == Errc::busy);
     // Takes and returns on an infinite-rate limiter never need the lock.
     CHECK(l.try_take(1) == TryTake::taken);
     l.return_to_hopper(1);
@@ -180,6 +182,9 @@ TEST_CASE("a configuration writer stopped holding the config lock: reconfiguring
     l.set_bucket_size(Clock::now(), 8);
     CHECK(l.bucket_size() == 8);
     CHECK(l.in_flight(Clock::now()) == 2);
+    seg.reset({.key = "l", .force = true});
+    CHECK(l.bucket_size() == 5);
+    CHECK(l.in_flight(Clock::now()) == 0);
 }
 
 TEST_CASE("a stopped config-lock holder at the hard rebase point: try_take is busy, never hung") {

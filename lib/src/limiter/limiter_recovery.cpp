@@ -183,25 +183,12 @@ LiveHoldings limiter_recount(SegmentState& state, std::uint32_t record, const Li
     return given;
 }
 
-// How long a reset waits for the config lock (limiter_reset).
-constexpr std::chrono::milliseconds kResetConfigLockWait{100};
-
 bool limiter_reset(SegmentState& state, std::uint32_t record, TimePoint now) noexcept {
     LimiterBody& body = body_at(state, record);
     // A holder thawed F (this resetter was stopped): the caller freezes and resets again.
     if (!is_frozen(body.in_flight.load(std::memory_order_seq_cst))) return false;
-    // Exclude configuration writers while both blocks may be rewritten. If the lock cannot be
-    // had, go on: reset runs when nobody is attached, or forced by an operator. Waited for
-    // briefly only (kResetConfigLockWait, below the holders' kFrozenBreakTimeout): F is frozen
-    // here, and a writer stopped holding the lock would hold the reset for as long as it stays
-    // stopped (a forced reset overrides a stopped writer as it overrides live holders).
-    std::optional<FileLock> lock;
-    try {
-        if (auto got = FileLock::lock_until(state.fd(), LockByte::config,
-                                            Clock::now() + kResetConfigLockWait))
-            lock.emplace(std::move(*got));
-    } catch (...) {
-    }
+    // Configuration writers are excluded by the caller (reset holds the config lock throughout:
+    // both blocks may be rewritten here).
     LimiterRecordConfig config{};
     std::memcpy(&config, state.record(record).config, sizeof config);
     // Re-anchored at the current time, not at max(now, L): a limiter whose time was carried far

@@ -430,6 +430,14 @@ void reset(SegmentState& state, const ResetOptions& options) {
                                 others.size() > 1 ? ", ..." : ""));
     }
 
+    // Configuration writers are excluded for the whole reset: a limiter's reset rewrites both
+    // blocks of its double buffer, and a writer stopped in the middle of its switch would, once
+    // continued, finish writing into the block the reset activated. Taken before anything is
+    // frozen or zeroed: a writer stopped holding it makes the reset Error(busy) after
+    // kLockWaitTimeout, nothing reset (docs/design.md, "Stopped lock holders").
+    const FileLock config_lock =
+        FileLock::lock_or_busy(state.fd(), LockByte::config, state.name(), "reset");
+
     // One quiescence budget for the whole reset, as for a reap (not a second per record).
     const auto budget = std::chrono::steady_clock::now() + kQuiesceTimeout;
     for (const std::uint32_t r : targets) {
