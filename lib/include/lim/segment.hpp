@@ -162,7 +162,8 @@ class Segment {
     // held, nothing queued, backoff cleared, bucket and hopper as created; frees the slots of
     // dead processes. Refused with Error(busy) while another live process is attached, unless
     // options.force. Throws Error(not_found) for an unknown key, Error(busy) also if another
-    // reap, reset or hand-off keeps the recovery lock for over 3 s (nothing is reset then).
+    // reap, reset or hand-off keeps the recovery lock, or a configuration change the config lock,
+    // for over 3 s (a process stopped holding it; nothing is reset then).
     void reset(const ResetOptions& options = {});
 
     // For the library's own handles; not part of the stable API.
