@@ -116,7 +116,8 @@ class SystemError(Error):  # noqa: A001 - lim.SystemError mirrors Errc.SYSTEM_ER
 
 
 class Busy(Error):
-    """Refused while other processes are attached (``Segment.reset`` without ``force``)."""
+    """Refused while other processes are attached (``Segment.reset`` without ``force``), or a
+    segment lock stayed held by a neighbour that is stopped or slow (try again)."""
 
     code = Errc.BUSY
 

@@ -15,6 +15,8 @@
 
 #include "lim/lim.hpp"
 #include "limctl/run.hpp"
+#include "shm/file_lock.hpp"
+#include "shm/segment_state.hpp"
 #include "support/process.hpp"
 
 using namespace lim;
@@ -214,6 +216,36 @@ TEST_CASE("reap gives back what a killed holder held; reset and rm repair and re
     const auto gone = limctl("rm " + p.name());
     CHECK(gone.code == 1);
     CHECK(gone.err.find("does not exist") != std::string::npos);
+}
+
+TEST_CASE("reap while another reap is stopped holding the recovery lock: busy, exit 1, not hung") {
+    Prepared p;
+    p.kill_child();  // 3 units for the reap to give back
+    // A reaper stopped (Ctrl-Z on limctl reap) holds the recovery lock for as long as it stays
+    // stopped: the kernel drops the lock on death, not on stop.
+    const int fd = p.seg.state()->fd();
+    const pid_t stopped = lim::test::fork_child([fd] {
+        const auto lock =
+            lim::detail::FileLock::lock_exclusive(fd, lim::detail::LockByte::recovery);
+        ::raise(SIGSTOP);
+        return 0;
+    });
+    int st = 0;
+    REQUIRE(::waitpid(stopped, &st, WUNTRACED) == stopped);
+    REQUIRE(WIFSTOPPED(st));
+
+    // `timeout 60` is the watchdog: before, this reap hung until the reaper was continued.
+    const auto busy = limctl("reap " + p.name(), "timeout 60 ");
+    CHECK(busy.code == 1);
+    CHECK(busy.err.find("(busy)") != std::string::npos);
+    CHECK(busy.err.find("recovery lock") != std::string::npos);
+    CHECK(p.db.in_use() == 4);  // nothing given back yet
+
+    ::kill(stopped, SIGCONT);
+    CHECK(lim::test::wait_child(stopped) == 0);
+    const auto reaped = limctl("reap " + p.name(), "timeout 60 ");
+    CHECK(reaped.code == 0);
+    CHECK(p.db.in_use() == 1);  // exactly the dead child's 3 units, once
 }
 
 TEST_CASE("create declares a segment from TOML, idempotently, and refuses bad files clearly") {

@@ -26,7 +26,8 @@ enum class Errc {
     permission_denied,  // the caller may not open or change the segment
     over_release,       // more returned or released than is held
     system_error,       // an operating-system call failed for another reason
-    busy,               // refused while other processes are attached (reset without force)
+    busy,               // refused while other processes are attached (reset without force), or
+                        // a segment lock stayed held (a neighbour stopped holding it)
 };
 
 // A short, stable name for `code` ("invalid_name", "table_full", ...), as limctl prints it.

@@ -54,7 +54,8 @@ typedef enum lim_errc {
     LIM_PERMISSION_DENIED = 9, /* the caller may not open or change the segment */
     LIM_OVER_RELEASE = 10,     /* more returned or released than is held */
     LIM_SYSTEM_ERROR = 11,     /* an OS call failed, memory ran out, or an unexpected error */
-    LIM_BUSY = 12              /* refused while other processes are attached (reset) */
+    LIM_BUSY = 12              /* refused while other processes are attached (reset), or a
+                                  segment lock stayed held by a stopped or slow neighbour */
 } lim_errc;
 
 /* The message of the last failed call on this thread ("" if none). Valid until the thread's next

@@ -153,7 +153,8 @@ class Limiter {
     // is (`now` unused). Throws Error: invalid_name (bad key), invalid_argument (a configuration
     // value out of range, NaN or negative; nothing is created), config_mismatch (the key exists
     // with another configuration, or was created by a facade), table_full,
-    // permission_denied.
+    // permission_denied, busy (creating a new key waited 3 s for the segment's records lock:
+    // another creator is stopped or slow; nothing is created).
     static Limiter open(const Segment& segment, std::string_view key, const LimiterConfig& config,
                         TimePoint now = Clock::now());
     // As above, but if the key exists with another configuration (or as a TokenBucket,
@@ -204,9 +205,12 @@ class Limiter {
     // `now`; they are then in flight until return_to_hopper. Never blocks and does not throw on
     // shortage: `unable` when the bucket holds fewer, `asked_for_more_than_bucket_size` when
     // n > bucket_size(). n == 0 is taken at once.
-    // Throws Error(invalid_argument) for a negative, NaN or infinite `n`; Error(system_error) in
-    // the rare case that it must re-anchor the drip (every 2^45 units dripped) and cannot take
-    // the segment's config lock.
+    // Throws Error(invalid_argument) for a negative, NaN or infinite `n`. In the rare case that
+    // it must re-anchor the drip (every 2^45 units dripped) it tries the segment's config lock,
+    // and if a configuration change holds it, goes on without; only when that has gone on for
+    // 2^46 units more, with the lock still held (a configuration writer stopped holding it), it
+    // throws Error(busy) rather than wait (beyond 1 ms; nothing taken), and Error(system_error)
+    // if the lock cannot be tried at all.
     // Memory ordering: a successful take happens-after the return, refill decision or
     // reconfiguration that made its tokens available, in whichever process it ran.
     // The overload without `now` reads lim::Clock only if the outcome depends on time (a finite
@@ -216,14 +220,16 @@ class Limiter {
 
     // Takes `n` tokens, sleeping until tokens_may_be_available_when says they may be there, or
     // on the limiter's shared futex until a return or reconfiguration (re-checking at least
-    // every 100 ms, so a waker that died cannot strand it). Throws as try_take;
+    // every 100 ms, so a waker that died cannot strand it). Throws as try_take, except that where
+    // try_take throws Error(busy) at once it waits for the config lock, up to 3 s, before it
+    // does;
     // Error(invalid_argument) if n > bucket_size() (it could never succeed), also when the
     // bucket shrinks below n while it sleeps; Error(table_full) if the thread has no process
     // slot to register its sleep in. Whatever it throws, it holds nothing: no tokens taken, its
     // sleeper registration withdrawn (waiters() no longer counts it).
     void take(double n);
     // As take, but gives up at `deadline`: returns false if it passed first (and then holds
-    // nothing). Throws as take, holding nothing.
+    // nothing), also while it waited for the config lock. Throws as take, holding nothing.
     bool take_until(double n, TimePoint deadline);
 
     // Returns `n` tokens from flight to the hopper, from which they drip into the bucket at the
@@ -235,7 +241,9 @@ class Limiter {
     // (JobLimiterFacade::hand_off_jobs, receive). Tokens of a consumed record
     // (lim/consumed_limiter.hpp) are in no ledger: any process may return them.
     // Throws Error(over_release) if n > in_flight (nothing changes), Error(invalid_argument)
-    // for a negative, NaN or infinite `n`, and Error(system_error) as try_take.
+    // for a negative, NaN or infinite `n`, Error(system_error) as try_take, and Error(busy) where
+    // try_take does, after waiting up to 3 s for the config lock (nothing returned: the tokens
+    // stay in flight, and may be returned again).
     // Memory ordering: everything before the return happens-before a take that gets its tokens.
     // The overload without `now` reads lim::Clock only if the rate is finite.
     void return_to_hopper(TimePoint now, double n);
@@ -243,9 +251,10 @@ class Limiter {
 
     // ----- Configuration. Each advances time to `now` under the old configuration first, then
     // switches atomically for every process; wakes sleepers. Takes the segment's config lock
-    // (waiting only for another configuration change). Throws Error(invalid_argument) for a
-    // value out of range (nothing changes), Error(permission_denied) on a read-only mapping,
-    // Error(system_error) if the lock cannot be taken.
+    // (waiting only for another configuration change, and for 3 s at most). Throws
+    // Error(invalid_argument) for a value out of range (nothing changes), Error(permission_denied)
+    // on a read-only mapping, Error(busy) if the lock stayed held for 3 s (a configuration
+    // writer stopped or slow; nothing changes), Error(system_error) if the lock cannot be taken.
 
     // Sets the number of tokens in the whole system. Lowering it removes tokens from the hopper,
     // then the bucket; if what is in flight alone exceeds it, hopper and bucket empty and later

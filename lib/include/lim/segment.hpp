@@ -152,14 +152,18 @@ class Segment {
     // fails counts as alive, so a reap never reclaims from a live process (docs/design.md,
     // "Liveness"). Needs no process slot of its own: works on a table full of the dead.
     // Blocks while another reap or reset runs, and briefly (microseconds) stalls acquisitions on
-    // the records it recounts. Throws Error(system_error) if it cannot open a description of the
-    // segment file for the recovery lock (out of descriptors); it then reclaims nothing.
+    // the records it recounts. Throws Error(busy) if another reap, reset or hand-off keeps the
+    // recovery lock for over 3 s (a process stopped holding it: Ctrl-Z on limctl reap, a
+    // debugger), and Error(system_error) if it cannot open a description of the segment file for
+    // the recovery lock (out of descriptors); either way it reclaims nothing.
     ReapReport reap();
 
     // Re-initialises one record (options.key) or every record to its configured state: nothing
     // held, nothing queued, backoff cleared, bucket and hopper as created; frees the slots of
     // dead processes. Refused with Error(busy) while another live process is attached, unless
-    // options.force. Throws Error(not_found) for an unknown key.
+    // options.force. Throws Error(not_found) for an unknown key, Error(busy) also if another
+    // reap, reset or hand-off keeps the recovery lock, or a configuration change the config lock,
+    // for over 3 s (a process stopped holding it; nothing is reset then).
     void reset(const ResetOptions& options = {});
 
     // For the library's own handles; not part of the stable API.

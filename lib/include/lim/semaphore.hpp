@@ -78,7 +78,8 @@ class Semaphore {
     // receive takes them; send the returned HandOff to the receiver by any means. If this
     // process dies before they are received, the next reap gives them back. The units stay in
     // use throughout (the shared word does not change; nobody else is admitted in between).
-    // Blocks only briefly, on the segment's recovery lock, while a reap or reset runs. Throws
+    // Blocks only briefly, on the segment's recovery lock, while a reap or reset runs; if the
+    // lock stays held for over 3 s (a reaper stopped holding it), throws Error(busy). Throws
     // Error(invalid_argument) if n == 0, Error(over_release) if this process holds fewer than
     // `n` units, Error(table_full) if the process table has no slot free for the parcel;
     // either way nothing changes.

@@ -230,7 +230,10 @@ ConversionUnits convert_to_consumed_units(const Limiter& limiter, double bucket_
     // `interrupted` state above; a reset meanwhile restores a token bucket whose rate is 0 (the
     // rate went first), or the consumed configuration.
     {
-        FileLock lock = FileLock::lock_exclusive(state.fd(), LockByte::config);
+        // A writer stopped holding the lock: Error(busy) after kLockWaitTimeout, nothing changed.
+        FileLock lock = FileLock::lock_or_busy(
+            state.fd(), LockByte::config, state.name(),
+            "convert '" + std::string(limiter.key()) + "' into a consumed record");
         if (core.params().consumed) return done;  // converted meanwhile
         std::atomic_ref<std::uint64_t>(created.rate_bits).store(0, std::memory_order_seq_cst);
         std::atomic_ref<std::int64_t>(created.bucket_size)

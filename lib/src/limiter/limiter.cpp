@@ -299,15 +299,19 @@ namespace {
 // step, so it cannot ask again; re-reading the clock let a block whose rate no configuration can
 // make (a damaged segment: 2^45 units in microseconds) ask again on every retry, forever). The
 // first time, try without waiting for the config lock; if a configuration change holds it, go on
-// (the marker has room up to kRebaseHard) and wait for the lock only if asked again.
-void rebase_after(LimiterCore& core, std::int64_t& now_ns, std::int64_t& rebase_at) {
+// (the marker has room up to kRebaseHard) and wait for the lock only if asked again, as `how`
+// says (LimiterCore::rebase_hard: a try_* never waits, Error(busy)). False if the caller's
+// deadline passed while it waited.
+bool rebase_after(LimiterCore& core, std::int64_t& now_ns, std::int64_t& rebase_at,
+                  const RebaseWait& how) {
     if (now_ns == kClockUnread) now_ns = to_nanos(Clock::now());
     if (rebase_at == kRebaseAt) {
-        if (!core.rebase(now_ns, false)) rebase_at = kRebaseHard;
-    } else {
-        core.rebase(now_ns, true);
-        rebase_at = kRebaseAt;
+        if (!core.rebase(now_ns, std::nullopt)) rebase_at = kRebaseHard;
+        return true;
     }
+    if (!core.rebase_hard(now_ns, how)) return false;
+    rebase_at = kRebaseAt;
+    return true;
 }
 
 // Whether the configuration S selects now looks like the infinite-rate fast path's (infinite
@@ -331,7 +335,8 @@ bool looks_consumed(std::uint32_t flags) noexcept {
 // The general take (LimiterCore::try_take) until it is not waiting for a rebase of the drip.
 // Out of line, so that the fast path before it keeps its values in registers.
 [[gnu::noinline]] TryTake take_general(const RecordRef& ref, std::int64_t now_ns,
-                                       std::int64_t units, bool count_refused) {
+                                       std::int64_t units, bool count_refused,
+                                       const RebaseWait& how) {
     LimiterCore core(*ref.state, ref.index, *ref.record);
     std::int64_t rebase_at = kRebaseAt;
     for (;;) {
@@ -347,7 +352,8 @@ bool looks_consumed(std::uint32_t flags) noexcept {
             case TakeOutcome::asked_for_more:
                 return TryTake::asked_for_more_than_bucket_size;
             case TakeOutcome::rebase_needed:
-                rebase_after(core, now_ns, rebase_at);
+                // A blocking take whose deadline passed waiting for the lock: not taken.
+                if (!rebase_after(core, now_ns, rebase_at, how)) return TryTake::unable;
                 break;
             default:
                 return TryTake::unable;
@@ -376,7 +382,8 @@ bool looks_consumed(std::uint32_t flags) noexcept {
         }
         if (o == ReturnOutcome::over_release) throw_over_release(ref, n, seen);
         if (o != ReturnOutcome::rebase_needed) return;
-        rebase_after(core, now_ns, rebase_at);
+        // Nothing returned yet: Error(busy) after kLockWaitTimeout leaves the tokens in flight.
+        rebase_after(core, now_ns, rebase_at, RebaseWait{.wait = true});
     }
 }
 
@@ -387,14 +394,15 @@ namespace {
 // The infinite-rate fast path, under its own Hold; if it declines (nothing changed), the general
 // operation from scratch. Out of line from take_units/return_units, so that a finite-rate
 // record's operation does not pay for the registers this one uses.
-[[gnu::noinline]] TryTake take_fast(const RecordRef& ref, std::int64_t now_ns, std::int64_t units) {
+[[gnu::noinline]] TryTake take_fast(const RecordRef& ref, std::int64_t now_ns, std::int64_t units,
+                                    const RebaseWait& how) {
     {
         LimiterCore core(*ref.state, ref.index, *ref.record);
         Hold hold(*ref.state, ref.index);
         if (core.try_take_infinite(hold, units) == FastOutcome::done) [[likely]]
             return TryTake::taken;
     }
-    return take_general(ref, now_ns, units, true);
+    return take_general(ref, now_ns, units, true, how);
 }
 
 [[gnu::noinline]] void return_fast(const RecordRef& ref, std::int64_t now_ns, double n,
@@ -415,7 +423,7 @@ const LimiterBody& body_of(const RecordRef& ref) noexcept {
 // A consumed record's take: the consumed fast take, and the general take if it declines. Out of
 // line, as take_fast.
 [[gnu::noinline]] TryTake take_consumed(const RecordRef& ref, std::int64_t now_ns,
-                                        std::int64_t units) {
+                                        std::int64_t units, const RebaseWait& how) {
     // The thread's slot first: claiming it is what may throw (table_full), before anything is
     // taken.
     const Holder h = holder(*ref.state);
@@ -435,26 +443,28 @@ const LimiterBody& body_of(const RecordRef& ref) noexcept {
         case ConsumedOutcome::general:
             break;
     }
-    return take_general(ref, now_ns, units, true);
+    return take_general(ref, now_ns, units, true, how);
 }
 
 }  // namespace
 
 // Both try_take overloads: `now_ns` is kClockUnread for the one without a time (the lazy clock:
 // LimiterCore::begin reads it only for a finite rate, and the fast paths never before their CAS).
-TryTake take_units(const RecordRef& ref, std::int64_t now_ns, std::int64_t units) {
+TryTake take_units(const RecordRef& ref, std::int64_t now_ns, std::int64_t units,
+                   const RebaseWait& how) {
     const std::uint32_t flags = hint_flags(body_of(ref));
-    if (looks_infinite(flags)) return take_fast(ref, now_ns, units);
-    if (looks_consumed(flags)) return take_consumed(ref, now_ns, units);
-    return take_general(ref, now_ns, units, true);
+    if (looks_infinite(flags)) return take_fast(ref, now_ns, units, how);
+    if (looks_consumed(flags)) return take_consumed(ref, now_ns, units, how);
+    return take_general(ref, now_ns, units, true, how);
 }
 
 // A blocking take's re-check: the general take (the fast path declined its first attempt, and a
 // consumed record never uses it), not counting a consumed record's refusal again (its first
 // attempt counted the units once; the sleeper itself is visible in the wake channel).
-TryTake retake_units(const RecordRef& ref, std::int64_t now_ns, std::int64_t units) {
-    if (looks_infinite(hint_flags(body_of(ref)))) return take_fast(ref, now_ns, units);
-    return take_general(ref, now_ns, units, false);
+TryTake retake_units(const RecordRef& ref, std::int64_t now_ns, std::int64_t units,
+                     const RebaseWait& how) {
+    if (looks_infinite(hint_flags(body_of(ref)))) return take_fast(ref, now_ns, units, how);
+    return take_general(ref, now_ns, units, false, how);
 }
 
 // Both return_to_hopper overloads (`now_ns` as for take_units).
@@ -504,7 +514,13 @@ bool Limiter::take_until_impl(double n, const TimePoint* deadline) {
                                 detail::where(ref_), n, bucket_size()));
     };
     const std::int64_t units = detail::amount_units(ref_, "take", n);
-    switch (try_take(Clock::now(), n)) {
+    // As try_take, but a re-anchor of the drip that must wait for the config lock waits until
+    // the deadline (false then) or kLockWaitTimeout (Error(busy)), where try_take refuses at once.
+    const detail::RebaseWait how{.wait = true, .deadline = deadline};
+    const TryTake first =
+        units == 0 ? TryTake::taken
+                   : detail::take_units(ref_, detail::bounded_now_ns(Clock::now()), units, how);
+    switch (first) {
         case TryTake::taken:
             return true;
         case TryTake::asked_for_more_than_bucket_size:
@@ -521,7 +537,7 @@ bool Limiter::take_until_impl(double n, const TimePoint* deadline) {
     for (;;) {
         const TimePoint now = Clock::now();
         auto_reap.poll(now);
-        const TryTake r = detail::retake_units(ref_, detail::bounded_now_ns(now), units);
+        const TryTake r = detail::retake_units(ref_, detail::bounded_now_ns(now), units, how);
         if (r == TryTake::taken) return true;
         if (r == TryTake::asked_for_more_than_bucket_size) never();
         if (deadline && now >= *deadline) return false;

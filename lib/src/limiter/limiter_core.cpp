@@ -10,11 +10,13 @@
 #include <limits>
 #include <numeric>
 #include <optional>
+#include <string>
 
 #include "lim/error.hpp"
 #include "lim/tokens.hpp"
 #include "limiter/limiter_state.hpp"
 #include "shm/file_lock.hpp"
+#include "shm/records.hpp"
 #include "sync/futex.hpp"
 #include "sync/spin.hpp"
 
@@ -603,21 +605,42 @@ void LimiterCore::switch_config(std::int64_t now_ns, bool reanchor,
     // killed mid-switch blocks nobody (the block it half wrote is inactive and rewritten by the
     // next writer). Takes and returns never take it; they validate against the switch, which is
     // a CAS on S.
-    FileLock lock = FileLock::lock_exclusive(state_.fd(), LockByte::config);
+    // A writer stopped holding the lock (SIGSTOP, a debugger) keeps it: we wait kLockWaitTimeout
+    // at most, then Error(busy), nothing changed.
+    FileLock lock = FileLock::lock_or_busy(
+        state_.fd(), LockByte::config, state_.name(),
+        "reconfigure limiter '" + std::string(record_key(state_.record(record_))) + "'");
     switch_locked(body_, now_ns, reanchor, change, ctx);
     wake_all(body_.wake);
 }
 
-bool LimiterCore::rebase(std::int64_t now_ns, bool wait) {
-    if (wait) {
-        FileLock lock = FileLock::lock_exclusive(state_.fd(), LockByte::config);
-        switch_locked(body_, now_ns, true, nullptr, nullptr);
-        return true;
-    }
-    std::optional<FileLock> lock = FileLock::try_lock_fresh(state_.fd(), LockByte::config);
+bool LimiterCore::rebase(std::int64_t now_ns, std::optional<TimePoint> until) {
+    std::optional<FileLock> lock = until
+                                       ? FileLock::lock_until(state_.fd(), LockByte::config, *until)
+                                       : FileLock::try_lock_fresh(state_.fd(), LockByte::config);
     if (!lock) return false;
     switch_locked(body_, now_ns, true, nullptr, nullptr);
     return true;
+}
+
+bool LimiterCore::rebase(std::int64_t now_ns, bool wait) {
+    return rebase(now_ns,
+                  wait ? std::optional<TimePoint>(Clock::now() + kLockWaitTimeout) : std::nullopt);
+}
+
+bool LimiterCore::rebase_hard(std::int64_t now_ns, const RebaseWait& how) {
+    const std::string what =
+        "re-anchor the drip of limiter '" + std::string(record_key(state_.record(record_))) + "'";
+    if (!how.wait) {
+        // A try_* does not wait for a lock, beyond the microseconds a switch holds it for.
+        if (rebase(now_ns, Clock::now() + kTryLockGrace)) return true;
+        throw_lock_busy(state_.name(), LockByte::config, what, kTryLockGrace);
+    }
+    const TimePoint limit = Clock::now() + kLockWaitTimeout;
+    const bool caller_first = how.deadline != nullptr && *how.deadline <= limit;
+    if (rebase(now_ns, caller_first ? *how.deadline : limit)) return true;
+    if (caller_first) return false;
+    throw_lock_busy(state_.name(), LockByte::config, what, kLockWaitTimeout);
 }
 
 bool LimiterCore::reanchor_drip(std::int64_t now_ns) {

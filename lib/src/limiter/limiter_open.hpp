@@ -27,10 +27,14 @@ Limiter open_limiter(const Segment& segment, std::string_view what, std::string_
 // operation reads the clock only if its outcome depends on it). The infinite-rate fast paths
 // first (LimiterCore::try_take_infinite, return_infinite), then the general operation.
 // return_units throws Error(over_release) naming `n` as try_take's callers do.
-TryTake take_units(const RecordRef& ref, std::int64_t now_ns, std::int64_t units);
+// `how`: whether a re-anchor of the drip that cannot be skipped may wait for the config lock
+// (LimiterCore::rebase_hard); try_* calls pass the default (never: Error(busy)).
+TryTake take_units(const RecordRef& ref, std::int64_t now_ns, std::int64_t units,
+                   const RebaseWait& how = {});
 // The same for a blocking take's re-checks: a consumed record's refusal is not counted again
 // (LimiterBody::refused: the take's first attempt, by take_units, counted it once).
-TryTake retake_units(const RecordRef& ref, std::int64_t now_ns, std::int64_t units);
+TryTake retake_units(const RecordRef& ref, std::int64_t now_ns, std::int64_t units,
+                     const RebaseWait& how);
 void return_units(const RecordRef& ref, std::int64_t now_ns, double n, std::int64_t units);
 
 // A token amount that is not a whole number of tokens, or is out of range: checked (throws

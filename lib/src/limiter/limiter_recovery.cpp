@@ -1,11 +1,13 @@
 // Crash recovery for limiter records: kLimiterOps (freeze, recount, thaw, reset), which the
 // reaper calls through its kind table. docs/design.md ("The Limiter family", "Crash recovery").
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cstring>
 #include <limits>
 #include <optional>
 #include <span>
+#include <utility>
 
 #include "limiter/limiter_state.hpp"
 #include "shm/file_lock.hpp"
@@ -86,11 +88,13 @@ void fold_for_return(SegmentState& state, std::uint32_t record, std::int64_t f,
         const std::int64_t folded = std::max(x, d - p.outside_flight(f));
         if (folded == x) return;
         if (d > kRebaseAt) {
-            // Re-anchoring folds too. If the config lock cannot be had, skip the fold: the cost
-            // is at most the allowance since the last fold dripping once the tokens are back.
+            // Re-anchoring folds too. If the config lock cannot be had at once, skip the fold:
+            // the cost is at most the allowance since the last fold dripping once the tokens are
+            // back. Never waited for: the record is frozen here, and a configuration writer
+            // stopped holding the lock would keep the reaper (and its recovery lock) waiting.
             try {
-                FileLock lock = FileLock::lock_exclusive(state.fd(), LockByte::config);
-                switch_locked(body, now_ns, true, nullptr, nullptr);
+                if (auto lock = FileLock::try_lock_fresh(state.fd(), LockByte::config))
+                    switch_locked(body, now_ns, true, nullptr, nullptr);
             } catch (...) {
             }
             return;
@@ -183,13 +187,8 @@ bool limiter_reset(SegmentState& state, std::uint32_t record, TimePoint now) noe
     LimiterBody& body = body_at(state, record);
     // A holder thawed F (this resetter was stopped): the caller freezes and resets again.
     if (!is_frozen(body.in_flight.load(std::memory_order_seq_cst))) return false;
-    // Exclude configuration writers while both blocks may be rewritten. If the lock cannot be
-    // had, go on: reset runs when nobody is attached, or forced by an operator.
-    std::optional<FileLock> lock;
-    try {
-        lock.emplace(FileLock::lock_exclusive(state.fd(), LockByte::config));
-    } catch (...) {
-    }
+    // Configuration writers are excluded by the caller (reset holds the config lock throughout:
+    // both blocks may be rewritten here).
     LimiterRecordConfig config{};
     std::memcpy(&config, state.record(record).config, sizeof config);
     // Re-anchored at the current time, not at max(now, L): a limiter whose time was carried far

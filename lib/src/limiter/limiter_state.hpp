@@ -388,6 +388,13 @@ extern std::atomic<std::uint64_t> short_drip_max_rate;
 
 // The lazy raise of L by a token bucket's take: only once L is this far behind.
 inline constexpr std::int64_t kLazyTimeGrainNs = 10'000;  // 10 us
+// How an operation that must re-anchor the drip (LimiterCore::rebase_hard) waits for the config
+// lock. The default, for try_* calls, is not at all (beyond kTryLockGrace).
+struct RebaseWait {
+    bool wait = false;                    // false: Error(busy) if the lock is held
+    const TimePoint* deadline = nullptr;  // waiting: the caller's own deadline, if it has one
+};
+
 // `not_held`: the calling thread's own ledger holds fewer than the return (a check of the whole
 // process, Limiter::return_to_hopper, decides; see Hold::require_held).
 enum class ReturnOutcome { returned, over_release, rebase_needed, not_held };
@@ -520,11 +527,22 @@ class LimiterCore {
 
     // Switches to the configuration `change` makes of the current one, folding the bucket at
     // max(now, the limiter's time) first; re-anchors the drip when `reanchor` (or when the drip
-    // allowance is large). Takes the config lock; throws Error(system_error) if it cannot.
+    // allowance is large). Takes the config lock, waiting kLockWaitTimeout at most; throws
+    // Error(busy) if it stayed held (nothing changed), Error(system_error) if it cannot be taken.
     template <class Change>
     void reconfigure(std::int64_t now_ns, bool reanchor, Change&& change);
-    // Re-anchors the drip. With `wait` false, gives up (false) if the config lock is held.
+    // Re-anchors the drip under the config lock, waiting for it until `until` (nullopt: one try,
+    // no wait); false if it could not be had by then.
+    bool rebase(std::int64_t now_ns, std::optional<TimePoint> until);
+    // rebase(now_ns, nullopt), or with `wait` rebase(now_ns, Clock::now() + kLockWaitTimeout).
     bool rebase(std::int64_t now_ns, bool wait);
+    // The re-anchor an operation cannot do without (its drip allowance is past kRebaseHard),
+    // waiting for the config lock as `how` says: a try_* kTryLockGrace at most (a legitimate
+    // switch holds it for microseconds, and re-anchors the drip too), a blocking call until its
+    // deadline or kLockWaitTimeout. False if the caller's deadline came first (the caller then
+    // answers as at its deadline); Error(busy) if the lock stayed held (a configuration writer
+    // stopped holding it), nothing changed.
+    bool rebase_hard(std::int64_t now_ns, const RebaseWait& how);
     // Re-anchors a token bucket's drip (infinite target, whole rate R) when (max(now, L) -
     // anchor) x R no longer fits in 64 bits, so that the drip has its short form again
     // (TokenBucket's take; exact, no rounding lost). Gives up (false) if the config lock is held

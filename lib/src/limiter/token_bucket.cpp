@@ -277,11 +277,12 @@ void reanchor_for_short_drip(LimiterCore& core, std::int64_t now_ns) noexcept {
                 return take_units(ref, now_ns, units);
             case TakeOutcome::rebase_needed:
                 // As the general take does (Limiter::try_take): rebase without waiting for the
-                // config lock first; wait for it only if asked again.
+                // config lock first; if asked again, a try_take still does not wait: Error(busy)
+                // (LimiterCore::rebase_hard).
                 if (rebase_at == kRebaseAt) {
-                    if (!core.rebase(now_ns, false)) rebase_at = kRebaseHard;
+                    if (!core.rebase(now_ns, std::nullopt)) rebase_at = kRebaseHard;
                 } else {
-                    core.rebase(now_ns, true);
+                    core.rebase_hard(now_ns, RebaseWait{});
                     rebase_at = kRebaseAt;
                 }
                 break;

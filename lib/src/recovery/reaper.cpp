@@ -204,8 +204,13 @@ double to_report_units(RecordKind kind, std::int64_t amount) {
                : static_cast<double>(amount);
 }
 
-std::optional<FileLock> take_recovery_lock(const SegmentState& state, ReapLock mode) {
-    if (mode == ReapLock::wait) return FileLock::lock_exclusive(state.fd(), LockByte::recovery);
+// ReapLock::wait waits kLockWaitTimeout at most: a reaper or resetter stopped holding the lock
+// (Ctrl-Z on limctl reap) keeps it for as long as it stays stopped; then Error(busy) naming the
+// lock, before anything was read or changed. `what` names the caller's operation for it.
+std::optional<FileLock> take_recovery_lock(const SegmentState& state, ReapLock mode,
+                                           std::string_view what) {
+    if (mode == ReapLock::wait)
+        return FileLock::lock_or_busy(state.fd(), LockByte::recovery, state.name(), what);
     return FileLock::try_lock_fresh(state.fd(), LockByte::recovery);
 }
 
@@ -370,7 +375,7 @@ ReapReport reap(SegmentState& state, ReapLock mode) {
     // Reaps and resets exclude each other: two recounts of one record at once would each wait
     // for the other's frozen word. A lock is fine here: this is the rare path, and the kernel
     // drops it if the reaper dies (waiters then thaw what it froze, see Hold).
-    const auto lock = take_recovery_lock(state, mode);
+    const auto lock = take_recovery_lock(state, mode, "reap");
     if (!lock) return {};
     return reap_locked(state);
 }
@@ -389,7 +394,7 @@ void reset(SegmentState& state, const ResetOptions& options) {
         throw Error(Errc::permission_denied,
                     fmt::format("segment '{}' is open read-only; cannot reset", state.name()));
     }
-    const auto lock = take_recovery_lock(state, ReapLock::wait);
+    const auto lock = take_recovery_lock(state, ReapLock::wait, "reset");
     const std::uint32_t used = state.records_used();
 
     std::vector<std::uint32_t> targets;
@@ -424,6 +429,14 @@ void reset(SegmentState& state, const ResetOptions& options) {
                                 state.name(), others.size(), others.front(),
                                 others.size() > 1 ? ", ..." : ""));
     }
+
+    // Configuration writers are excluded for the whole reset: a limiter's reset rewrites both
+    // blocks of its double buffer, and a writer stopped in the middle of its switch would, once
+    // continued, finish writing into the block the reset activated. Taken before anything is
+    // frozen or zeroed: a writer stopped holding it makes the reset Error(busy) after
+    // kLockWaitTimeout, nothing reset (docs/design.md, "Stopped lock holders").
+    const FileLock config_lock =
+        FileLock::lock_or_busy(state.fd(), LockByte::config, state.name(), "reset");
 
     // One quiescence budget for the whole reset, as for a reap (not a second per record).
     const auto budget = std::chrono::steady_clock::now() + kQuiesceTimeout;

@@ -18,7 +18,8 @@
 namespace lim::detail {
 
 enum class ReapLock {
-    wait,  // block until no other reap or reset runs (Segment::reap, limctl reap)
+    wait,  // wait until no other reap or reset runs (Segment::reap, limctl reap), but at most
+           // kLockWaitTimeout: Error(busy) then (a reaper stopped holding the lock)
     skip,  // give up at once if one runs (automatic reaps: someone is already at it)
 };
 

@@ -3,9 +3,13 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <fmt/format.h>
+
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <string>
+#include <thread>
 
 #include "lim/error.hpp"
 #include "shm/process_identity.hpp"
@@ -65,6 +69,60 @@ FileLock FileLock::lock_exclusive(int fd, LockByte byte) {
         throw_errno(err, "cannot lock the segment file");
     }
     return FileLock(own, true, byte);
+}
+
+std::optional<FileLock> FileLock::lock_until(int fd, LockByte byte, TimePoint deadline) {
+    const int own = reopen(fd);
+    std::chrono::microseconds pause{1000};
+    for (;;) {
+        const int err = set_lock(own, byte, F_WRLCK, false);
+        if (err == 0) return FileLock(own, true, byte);
+        if (err != EAGAIN && err != EACCES) {
+            close_private_fd(own);
+            throw_errno(err, "cannot lock the segment file");
+        }
+        const TimePoint now = Clock::now();
+        if (now >= deadline) break;
+        // Sleeping is what a waiter did in F_OFD_SETLKW too; the holder is another process.
+        std::this_thread::sleep_for(
+            std::min<Clock::duration>(pause, std::chrono::ceil<Clock::duration>(deadline - now)));
+        pause = std::min(pause * 2, std::chrono::microseconds{16000});
+    }
+    close_private_fd(own);
+    return std::nullopt;
+}
+
+FileLock FileLock::lock_or_busy(int fd, LockByte byte, std::string_view segment,
+                                std::string_view what) {
+    if (auto lock = lock_until(fd, byte, Clock::now() + kLockWaitTimeout)) return std::move(*lock);
+    throw_lock_busy(segment, byte, what, kLockWaitTimeout);
+}
+
+std::string_view lock_description(LockByte byte) noexcept {
+    switch (byte) {
+        case LockByte::init:
+            return "init lock (held while the segment is initialised)";
+        case LockByte::records:
+            return "records lock (held while a limiter is created)";
+        case LockByte::config:
+            return "config lock (held while a limiter's configuration changes)";
+        case LockByte::recovery:
+            return "recovery lock (held by a reap, a reset or a hand-off)";
+    }
+    return "lock";
+}
+
+void throw_lock_busy(std::string_view segment, LockByte byte, std::string_view what,
+                     std::chrono::milliseconds waited) {
+    const std::string held =
+        waited > kTryLockGrace
+            ? fmt::format("has been held by another process for over {} ms", waited.count())
+            : std::string("is held by another process, and this call does not wait for locks");
+    throw Error(Errc::busy,
+                fmt::format("segment '{}': cannot {}: the {} {}; it is held by a process that is "
+                            "stopped (SIGSTOP, a debugger, Ctrl-Z) or slow (limctl show {} lists "
+                            "the attached processes); nothing was changed, try again",
+                            segment, what, lock_description(byte), held, segment));
 }
 
 std::optional<FileLock> FileLock::try_lock_fresh(int fd, LockByte byte) {

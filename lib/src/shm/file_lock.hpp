@@ -6,7 +6,7 @@
 // descriptor of the description closes, which includes the death of the process that held one,
 // so a creator killed while holding a lock never blocks anyone else. Unlike flock() and classic
 // fcntl locks, an OFD lock taken through a description of its own excludes other threads of the
-// same process and a forked child too, which is why lock_exclusive() opens a fresh description
+// same process and a forked child too, which is why lock_until() opens a fresh description
 // (through /proc/thread-self/fd) for each acquisition.
 //
 // fork() while another thread holds a lock: the description opened for the lock is a *private*
@@ -18,8 +18,12 @@
 
 #include <sys/types.h>
 
+#include <chrono>
 #include <cstdint>
 #include <optional>
+#include <string_view>
+
+#include "lim/clock.hpp"
 
 namespace lim::detail {
 
@@ -31,6 +35,28 @@ enum class LockByte : off_t {
     recovery = 3,  // reaping and reset
 };
 
+// How long a call waits for a lock another process holds before it gives up with Error(busy).
+// Every holder keeps a lock for microseconds (a creation, a configuration switch, a hand-off), or
+// for at most about a second (a reap or reset: its quiescence budget). A lock held longer is held
+// by a process that is stopped (SIGSTOP, a debugger, Ctrl-Z) or starved, and the kernel drops
+// OFD locks when a process dies, never when it stops: waiting on (F_OFD_SETLKW) would hang the
+// caller for as long as the neighbour stays stopped (docs/design.md, "Stopped lock holders").
+inline constexpr std::chrono::milliseconds kLockWaitTimeout{3000};
+
+// How long a try_* call that cannot go on without a lock (a re-anchor of a limiter's drip past
+// kRebaseHard) waits for it: a legitimate holder keeps it for microseconds; a try_* never waits
+// longer (Error(busy) then).
+inline constexpr std::chrono::milliseconds kTryLockGrace{1};
+
+// A short name for the lock on `byte` and what holds it, for messages ("the config lock (held
+// while a limiter is reconfigured)").
+std::string_view lock_description(LockByte byte) noexcept;
+
+// Throws Error(Errc::busy): "segment '<segment>': cannot <what>: the <lock> has been held by
+// another process for <waited>; ... stopped or slow ...".
+[[noreturn]] void throw_lock_busy(std::string_view segment, LockByte byte, std::string_view what,
+                                  std::chrono::milliseconds waited);
+
 class FileLock {
   public:
     // Tries to lock `byte` through `fd`'s own open file description, without blocking.
@@ -41,12 +67,25 @@ class FileLock {
     // descriptor, so read-only attaches can tell "being initialised" from "abandoned".
     static bool is_locked(int fd, LockByte byte);
 
-    // Like lock_exclusive, but gives up at once (nullopt) if another description holds `byte`.
+    // Like lock_until, but gives up at once (nullopt) if another description holds `byte`.
     static std::optional<FileLock> try_lock_fresh(int fd, LockByte byte);
 
-    // Locks `byte` through a new open file description of the file `fd` refers to, blocking until
-    // it is free. Throws Error(system_error) if the file cannot be reopened or locked.
+    // Locks `byte` through a new open file description of the file `fd` refers to, waiting while
+    // another description holds it, but not past `deadline` (CLOCK_MONOTONIC): nullopt then. It
+    // polls (F_OFD_SETLK, sleeping 1 ms doubling to 16 ms between tries) rather than blocking in
+    // F_OFD_SETLKW, which nothing could interrupt at a deadline. A `deadline` already past tries
+    // once. Throws Error(system_error) if the file cannot be reopened or locked.
+    static std::optional<FileLock> lock_until(int fd, LockByte byte, TimePoint deadline);
+
+    // Locks `byte` like lock_until, but waits without bound (F_OFD_SETLKW). A stopped holder hangs
+    // the caller: no path a user calls uses it (they use lock_or_busy or lock_until); tests use it
+    // to stand in for a holder. Throws Error(system_error) if the file cannot be locked.
     static FileLock lock_exclusive(int fd, LockByte byte);
+
+    // lock_until(now + kLockWaitTimeout), or Error(busy) (throw_lock_busy) naming `segment` and
+    // `what` the caller was about to do. Nothing is changed by a call that throws.
+    static FileLock lock_or_busy(int fd, LockByte byte, std::string_view segment,
+                                 std::string_view what);
 
     FileLock(FileLock&& other) noexcept;
     FileLock& operator=(FileLock&&) = delete;

@@ -321,8 +321,11 @@ void release_slots_of_mapping(SegmentState& state) noexcept {
 
 HandOff hand_off_holding(SegmentState& state, std::uint32_t record, int layer, std::int64_t n) {
     const Holder me = holder(state);  // before the lock: a claim on a full table reaps
-    // Under the recovery lock: no recount sums the ledgers between the two stores below.
-    const FileLock lock = FileLock::lock_exclusive(state.fd(), LockByte::recovery);
+    // Under the recovery lock: no recount sums the ledgers between the two stores below. A
+    // reaper stopped holding it makes us give up after kLockWaitTimeout (Error(busy)), before
+    // anything moved.
+    const FileLock lock =
+        FileLock::lock_or_busy(state.fd(), LockByte::recovery, state.name(), "hand off a holding");
     if (process_holding(state, record, layer) < n) {
         throw Error(Errc::over_release,
                     fmt::format("hand_off({}) but this process holds fewer units", n));
@@ -351,7 +354,9 @@ bool receive_holding(SegmentState& state, const HandOff& h) {
         return false;
     }
     const Holder me = holder(state);
-    const FileLock lock = FileLock::lock_exclusive(state.fd(), LockByte::recovery);
+    // As hand_off_holding: Error(busy) after kLockWaitTimeout, before anything moved.
+    const FileLock lock =
+        FileLock::lock_or_busy(state.fd(), LockByte::recovery, state.name(), "receive a hand-off");
     SlotHeader& slot = state.slot(h.slot);
     std::uint64_t w = slot.owner.load(std::memory_order_acquire);
     if (w != h.owner || SlotOwner::state(w) != SlotState::parcel) return false;

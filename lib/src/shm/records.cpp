@@ -122,8 +122,10 @@ OpenedRecord find_or_create_record(SegmentState& state, const RecordSpec& spec,
                                 spec.key));
     }
     // Creation is rare and must be exclusive (two creators of one key must not both succeed),
-    // so it takes a lock; the kernel drops it if the creator dies, so nobody waits forever.
-    FileLock lock = FileLock::lock_exclusive(state.fd(), LockByte::records);
+    // so it takes a lock; the kernel drops it if the creator dies. A creator that is stopped
+    // keeps it: we wait kLockWaitTimeout at most, then refuse with Error(busy), nothing created.
+    FileLock lock = FileLock::lock_or_busy(state.fd(), LockByte::records, state.name(),
+                                           fmt::format("create '{}'", spec.key));
     if (auto found = find_record(state, spec.kind, spec.key)) {
         return {*found, &state.record(*found), false};
     }
