@@ -438,11 +438,29 @@ void Feeder::tick_backoff(Backoff& b, bool& redis_ok) {
     }
 }
 
+void Feeder::tick_rate_or_skip(Rate& r, TimePoint now, bool& redis_ok) {
+    try {
+        tick_rate(r, now, redis_ok);
+    } catch (const Error& e) {
+        if (e.code() != Errc::busy) throw;
+        // A lock of the segment stayed held by a stopped or slow process (a configuration
+        // writer, a reaper): skip this rate for this tick. Safe at any step: a grant Redis made
+        // that is not applied here is under-use until the next call reports what the host
+        // holds, and the deadline left in the record is the previous lease's (fail-closed).
+        std::string line =
+            fmt::format("lim-feeder: '{}': {}; skipped this tick\n", r.g.key, e.what());
+        if (line == last_key_error_) return;
+        fmt::print(stderr, "{}", line);
+        std::fflush(stderr);
+        last_key_error_ = std::move(line);
+    }
+}
+
 void Feeder::tick() {
     bool redis_ok = true;
     const TimePoint now = Clock::now();
     for (Rate& r : rates_)
-        tick_rate(r, now, redis_ok);
+        tick_rate_or_skip(r, now, redis_ok);
     for (Backoff& b : backoffs_)
         tick_backoff(b, redis_ok);
 }
@@ -469,7 +487,7 @@ void Feeder::look() {
     bool redis_ok = true;
     const TimePoint now = Clock::now();
     for (Rate& r : rates_) {
-        if (!r.settling && starving(r, now)) tick_rate(r, now, redis_ok);
+        if (!r.settling && starving(r, now)) tick_rate_or_skip(r, now, redis_ok);
     }
 }
 

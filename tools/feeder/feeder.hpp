@@ -68,6 +68,9 @@ class Feeder {
         std::vector<std::string> keys;
     };
 
+    // tick_rate, except that a lim::Error(busy) (a segment lock held by a stopped neighbour)
+    // skips the rate for this tick, saying so once, instead of ending the feeder.
+    void tick_rate_or_skip(Rate& r, TimePoint now, bool& redis_ok);
     void tick_rate(Rate& r, TimePoint now, bool& redis_ok);
     bool starving(Rate& r, TimePoint now);
     void tick_backoff(Backoff& b, bool& redis_ok);

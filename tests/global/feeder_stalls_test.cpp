@@ -1,14 +1,20 @@
-// docs/global.md's failure row "Redis slow": a Redis whose every answer comes later than the
+// What stalls around lim-feeder do to it. First, docs/global.md's failure row "Redis slow": a
+// Redis whose every answer comes later than the
 // feeder's first timeout (a refresh, 100 ms by default) still feeds the host. A relay between the
 // feeder and a real redis-server holds each answer 150 ms (it forwards bytes, it does not speak
 // RESP). With the fixed timeout of the first version every call was given up, so a loaded host,
 // or one far from its Redis, was never fed; the feeder now doubles its timeout after a call Redis
 // did not answer in time (up to half a lease's life) and halves it back after answers.
+// Second, a process stopped while it holds the segment's config lock: the feeder's writes of the
+// target are refused busy (after 3 s) while it is stopped; the feeder skips the tick and goes on
+// (it exited before, ending every lease of the host).
 #include <arpa/inet.h>
 #include <doctest/doctest.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -18,6 +24,8 @@
 #include <vector>
 
 #include "global/feeder_harness.hpp"
+#include "shm/file_lock.hpp"
+#include "shm/segment_state.hpp"
 
 namespace {
 
@@ -131,5 +139,59 @@ TEST_CASE("a Redis that answers later than a refresh still feeds the host") {
     CHECK(fed);
     if (!fed) MESSAGE(lim::test::read_file(host.log));
     CHECK(relay.connections() >= 1);
+    host.feeder.stop(SIGTERM);
+}
+
+TEST_CASE("a process stopped holding the config lock: the feeder skips its ticks, then feeds") {
+    std::string dir;
+    auto redis = start_redis("stalled-lock", dir);
+    if (!redis) return;
+    lim::test::SegmentGuard guard(lim::test::unique_name("stalled-lock"));
+    Host host;
+    host.segment = guard.name();
+    host.config = write_config(dir, 0, host.segment, redis->port(), kBurst, kRate, "50ms");
+    host.log = dir + "/feeder0.log";
+    start_feeder(host);
+    std::optional<lim::Segment> seg;
+    std::optional<lim::TokenBucket> tb = adopt_global_rate(host.segment, seg);
+    REQUIRE(tb.has_value());
+    REQUIRE(lim::test::eventually([&] { return tb->try_take(1) == lim::TryTake::taken; }, 60s));
+
+    // A neighbour takes the config lock and stops holding it.
+    const int fd = seg->state()->fd();
+    const pid_t holder = lim::test::fork_child([fd] {
+        const lim::detail::FileLock lock =
+            lim::detail::FileLock::lock_exclusive(fd, lim::detail::LockByte::config);
+        ::raise(SIGSTOP);
+        return 0;
+    });
+    int st = 0;
+    REQUIRE(::waitpid(holder, &st, WUNTRACED) == holder);
+    REQUIRE(WIFSTOPPED(st));
+    // Spend, so that every tick has a target to write, until the feeder says it skipped one.
+    const bool skipped = lim::test::eventually(
+        [&] {
+            (void)tb->try_take(1);
+            return lim::test::read_file(host.log).find("skipped this tick") != std::string::npos;
+        },
+        60s);
+    CHECK(skipped);
+    CHECK(!host.feeder.wait_for(0ms).has_value());  // still running
+    ::kill(holder, SIGKILL);
+    ::kill(holder, SIGCONT);
+    CHECK(lim::test::wait_child(holder) == 128 + SIGKILL);
+    // Fed again once the lock is free: takes are admitted (the bucket refills at 100/s).
+    const auto admitted_since = [&] {
+        int n = 0;
+        const auto until = std::chrono::steady_clock::now() + 60s;
+        while (n < 20 && std::chrono::steady_clock::now() < until) {
+            if (tb->try_take(1) == lim::TryTake::taken) ++n;
+            std::this_thread::sleep_for(1ms);
+        }
+        return n;
+    };
+    CHECK(admitted_since() == 20);
+    CHECK(!host.feeder.wait_for(0ms).has_value());
+    if (!skipped) MESSAGE(lim::test::read_file(host.log));
     host.feeder.stop(SIGTERM);
 }
