@@ -141,3 +141,102 @@ TEST_CASE("a stopped Dispatch request gives back the slot it took while queued f
     holder->release();
     CHECK(d.snapshot().in_flight == 0);
 }
+
+TEST_CASE("a WaitCheck installed before a fork() does not stop the child's waits") {
+    // A server that installs its check once (for a cancellation flag, say) and then forks its
+    // workers: only a fork made by the check itself, during a wait, ends that wait. The child's
+    // own later waits must time out or succeed as usual, not throw WaitStopped at once.
+    lim::test::SegmentGuard guard(lim::test::unique_name("wc-prefork"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "sem", {.capacity = 1});
+    auto ws = WeightedSemaphore::open(seg, "bytes", {.capacity = 10});
+    REQUIRE(sem.try_acquire(1));
+    REQUIRE(ws.try_acquire(10));
+    Probe probe;  // never says stop
+    WaitCheck check(&Probe::check, &probe, 1ms);
+    const pid_t pid = lim::test::fork_child([&] {
+        try {
+            if (sem.acquire_until(1, Clock::now() + 20ms)) return 10;  // nobody released
+            if (ws.acquire_until(4, Clock::now() + 20ms)) return 11;
+            if (probe.calls.load() < 2) return 12;  // the child's waits did consult the check
+            if (sem.waiters() != 0 || ws.waiters() != 0) return 13;
+            return 0;
+        } catch (const WaitStopped&) {
+            return 20;
+        }
+    });
+    CHECK(lim::test::wait_child(pid) == 0);
+    CHECK(sem.in_use() == 1);
+    CHECK(ws.in_use() == 10);
+    CHECK(ws.waiters() == 0);
+    sem.release(1);
+    ws.release(10);
+}
+
+TEST_CASE("an interval of Duration::max() checks once, not on every pass (no overflow)") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("wc-maxint"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "sem", {.capacity = 1});
+    REQUIRE(sem.try_acquire(1));
+    Probe probe;
+    {
+        WaitCheck check(&Probe::check, &probe, Duration::max());
+        // Due once before the first sleep, then never again (no signal comes): now + max would
+        // wrap into the past and call the check before every sleep after the first (a
+        // semaphore's sleeps last up to 100 ms each: several before this deadline).
+        CHECK_FALSE(sem.acquire_until(1, Clock::now() + 400ms));
+    }
+    CHECK(probe.calls.load() == 1);
+    CHECK(sem.waiters() == 0);
+    sem.release(1);
+}
+
+namespace {
+
+// A check that makes a blocking acquire itself (forbidden by the contract, but a C caller or a
+// runtime's handler may): the nested wait must not call the same check again on this thread.
+struct Reentrant {
+    Semaphore* other = nullptr;
+    int depth = 0;
+    int max_depth = 0;
+    int calls = 0;
+    static bool check(void* p) {
+        auto& self = *static_cast<Reentrant*>(p);
+        ++self.calls;
+        self.max_depth = std::max(self.max_depth, ++self.depth);
+        bool stop = false;
+        try {
+            // Full: times out after a few of its own sleeps.
+            (void)self.other->acquire_until(1, Clock::now() + 5ms);
+        } catch (const WaitStopped&) {
+            stop = true;
+        }
+        --self.depth;
+        return stop || self.calls >= 3;
+    }
+};
+
+}  // namespace
+
+TEST_CASE("a check that blocks in lim is not re-entered by its own nested wait") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("wc-reent"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "sem", {.capacity = 1});
+    auto other = Semaphore::open(seg, "other", {.capacity = 1});
+    REQUIRE(sem.try_acquire(1));
+    REQUIRE(other.try_acquire(1));
+    Reentrant r;
+    r.other = &other;
+    {
+        WaitCheck check(&Reentrant::check, &r, 1ms);
+        CHECK_THROWS_AS(sem.acquire(1), WaitStopped);
+    }
+    CHECK(r.max_depth == 1);
+    CHECK(r.calls == 3);
+    CHECK(sem.waiters() == 0);
+    CHECK(other.waiters() == 0);
+    CHECK(sem.in_use() == 1);
+    CHECK(other.in_use() == 1);
+    sem.release(1);
+    other.release(1);
+}

@@ -521,6 +521,16 @@ static void test_interruptible(lim_segment* seg) {
     CHECK(lim_weighted_semaphore_acquire_until_interruptible(NULL, 1, INT64_MAX, watch_check, &w4,
                                                              ms, &r) == LIM_INVALID_ARGUMENT);
 
+    /* check_interval_ns INT64_MAX: checked once before the first sleep, never again (now +
+     * interval saturates; wrapped, it lay in the past and every sleep after the first checked:
+     * a weighted wait sleeps up to 100 ms at a time, several times before this deadline). */
+    struct watch w6 = {.kind = 1, .h = ws};
+    OK(lim_weighted_semaphore_acquire_until_interruptible(ws, 4, lim_now_ns() + 400 * ms,
+                                                          watch_check, &w6, INT64_MAX, &r));
+    CHECK(r == LIM_WAIT_TIMED_OUT && w6.calls == 1 && w6.min_waiters == 1);
+    OK(lim_weighted_semaphore_waiters(ws, &n));
+    CHECK(n == 0);
+
     /* A signal cuts the sleep short and the check runs at once: with a 60 s interval, only that
      * path can see the flag before the child stops sending (SIGUSR1 every 5 ms, up to 20 s). */
     struct sigaction sa;

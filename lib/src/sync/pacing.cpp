@@ -27,8 +27,7 @@ WaitCheck::WaitCheck(Fn should_stop, void* context, Duration interval) noexcept
       interval_(std::max<Duration>(interval, std::chrono::milliseconds{1})),
       // Due at once: a stop that came before the wait is seen before it sleeps.
       next_(Clock::now()),
-      previous_(current_check),
-      generation_(detail::fork_generation()) {
+      previous_(current_check) {
     current_check = this;
 }
 
@@ -40,15 +39,46 @@ WaitCheck* WaitCheck::current() noexcept {
     return current_check;
 }
 
+namespace {
+
+// now + interval, saturated: an interval of Duration::max() (a C caller's INT64_MAX) must mean
+// "never again", not wrap into the past and make every pass of the wait call the check.
+TimePoint due_after(TimePoint now, Duration interval) noexcept {
+    if (interval > TimePoint::max() - now) return TimePoint::max();
+    return now + interval;
+}
+
+}  // namespace
+
 void WaitCheck::run(TimePoint now) {
-    next_ = now + interval_;
-    const bool stop = fn_ != nullptr && fn_(context_);
+    next_ = due_after(now, interval_);
+    if (fn_ == nullptr) return;
+    // While the caller's function runs, this thread's waits consult no check: a blocking acquire
+    // made inside it (the contract forbids one, but a C caller or a runtime's handler may make
+    // it) must not call this check again from within itself (a Python generator re-entered
+    // raises, and a check that always blocks would recurse without end). Restored on every
+    // way out.
+    struct Suspend {
+        WaitCheck* saved = current_check;
+        Suspend() noexcept { current_check = nullptr; }
+        ~Suspend() { current_check = saved; }
+        Suspend(const Suspend&) = delete;
+        Suspend& operator=(const Suspend&) = delete;
+    };
     // A check that forked (a Python signal handler may) returns twice: in the child, this
     // thread's copy is inside a wait whose registration is the parent's. It must not go on
     // waiting on it (an admission would dequeue the parent's ticket a second time), so it
     // leaves; the waiters' guards see the fork generation change and leave the parent's
-    // registration alone. The child's caller may then wait again on its own slot.
-    if (stop || generation_ != detail::fork_generation()) throw WaitStopped{};
+    // registration alone. The child's caller may then wait again on its own slot. Only a fork
+    // made during this call counts: a check installed before a fork() (a server that forks its
+    // workers under it) is the child's own, and its waits go on as usual.
+    const std::uint32_t generation = detail::fork_generation();
+    bool stop = false;
+    {
+        const Suspend suspend;
+        stop = fn_(context_);
+    }
+    if (stop || generation != detail::fork_generation()) throw WaitStopped{};
 }
 
 Duration WaitCheck::before_sleep() {
@@ -56,7 +86,7 @@ Duration WaitCheck::before_sleep() {
     if (now >= next_) {
         run(now);
         now = Clock::now();  // the check may have taken a while (a runtime's lock, say)
-        next_ = now + interval_;
+        next_ = due_after(now, interval_);
     }
     return next_ - now;
 }
