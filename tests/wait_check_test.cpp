@@ -8,6 +8,7 @@
 
 #include "lim/backoff_window.hpp"
 #include "lim/dispatch.hpp"
+#include "lim/error.hpp"
 #include "lim/segment.hpp"
 #include "lim/semaphore.hpp"
 #include "lim/wait_check.hpp"
@@ -193,23 +194,35 @@ TEST_CASE("an interval of Duration::max() checks once, not on every pass (no ove
 
 namespace {
 
-// A check that makes a blocking acquire itself (forbidden by the contract, but a C caller or a
-// runtime's handler may): the nested wait must not call the same check again on this thread.
+// A check that makes a blocking acquire itself (forbidden by the contract, but a C caller may):
+// the thread's slot names one wait at a time, the outer one, and a nested wait that registered
+// there would clear it on leaving (a recount would then count the outer wait dead). So a nested
+// acquire that would have to wait throws Error(invalid_argument) before it registers, and never
+// calls the same check again; one whose units are free at once just takes them.
 struct Reentrant {
     Semaphore* other = nullptr;
+    WeightedSemaphore* other_ws = nullptr;
+    const Semaphore* outer = nullptr;
     int depth = 0;
     int max_depth = 0;
     int calls = 0;
+    int refused = 0;
+    int outer_seen = 0;  // calls that saw the outer wait registered
     static bool check(void* p) {
         auto& self = *static_cast<Reentrant*>(p);
         ++self.calls;
         self.max_depth = std::max(self.max_depth, ++self.depth);
+        if (self.outer != nullptr && self.outer->waiters() == 1) ++self.outer_seen;
         bool stop = false;
         try {
-            // Full: times out after a few of its own sleeps.
-            (void)self.other->acquire_until(1, Clock::now() + 5ms);
+            if (self.other != nullptr) (void)self.other->acquire_until(1, Clock::now() + 5ms);
+            if (self.other_ws != nullptr) {
+                (void)self.other_ws->acquire_until(1, Clock::now() + 5ms);
+            }
         } catch (const WaitStopped&) {
             stop = true;
+        } catch (const Error& e) {
+            if (e.code() == Errc::invalid_argument) ++self.refused;
         }
         --self.depth;
         return stop || self.calls >= 3;
@@ -218,25 +231,47 @@ struct Reentrant {
 
 }  // namespace
 
-TEST_CASE("a check that blocks in lim is not re-entered by its own nested wait") {
+TEST_CASE("a check that blocks in lim is refused, not re-entered, and the outer wait stays put") {
     lim::test::SegmentGuard guard(lim::test::unique_name("wc-reent"));
     auto seg = make_segment(guard);
     auto sem = Semaphore::open(seg, "sem", {.capacity = 1});
     auto other = Semaphore::open(seg, "other", {.capacity = 1});
+    auto other_ws = WeightedSemaphore::open(seg, "other-ws", {.capacity = 1});
     REQUIRE(sem.try_acquire(1));
     REQUIRE(other.try_acquire(1));
+    REQUIRE(other_ws.try_acquire(1));
+    for (int kind = 0; kind < 2; ++kind) {
+        CAPTURE(kind);
+        Reentrant r;
+        r.outer = &sem;
+        if (kind == 0) r.other = &other;
+        if (kind == 1) r.other_ws = &other_ws;
+        {
+            WaitCheck check(&Reentrant::check, &r, 1ms);
+            CHECK_THROWS_AS(sem.acquire(1), WaitStopped);
+        }
+        CHECK(r.max_depth == 1);
+        CHECK(r.calls == 3);
+        CHECK(r.refused == 3);
+        CHECK(r.outer_seen == 3);
+        CHECK(sem.waiters() == 0);
+        CHECK(other.waiters() == 0);
+        CHECK(other_ws.waiters() == 0);
+        CHECK(sem.in_use() == 1);
+        CHECK(other.in_use() == 1);
+        CHECK(other_ws.in_use() == 1);
+    }
+    // Free units inside a check: taken at once, no refusal (nothing registers).
+    other.release(1);
     Reentrant r;
     r.other = &other;
     {
         WaitCheck check(&Reentrant::check, &r, 1ms);
         CHECK_THROWS_AS(sem.acquire(1), WaitStopped);
     }
-    CHECK(r.max_depth == 1);
-    CHECK(r.calls == 3);
-    CHECK(sem.waiters() == 0);
-    CHECK(other.waiters() == 0);
-    CHECK(sem.in_use() == 1);
+    CHECK(r.refused == 2);  // the 1st call took the unit; the 2nd and 3rd had to wait
     CHECK(other.in_use() == 1);
     sem.release(1);
     other.release(1);
+    other_ws.release(1);
 }

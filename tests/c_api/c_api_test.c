@@ -403,6 +403,8 @@ struct watch {
     int fork_at;                 /* on this call, fork; the parent waits for the child */
     int in_child;                /* set in the child */
     int child_status;
+    lim_semaphore* nested; /* when set, each check makes a blocking acquire on it (refused) */
+    int nested_refused;    /* checks whose nested acquire failed with LIM_INVALID_ARGUMENT */
 };
 
 static uint32_t watched_waiters(const struct watch* w) {
@@ -430,6 +432,14 @@ static int watch_check(void* context) {
         if (w->kind == 0) OK(lim_semaphore_release(w->h, w->release));
         if (w->kind == 1) OK(lim_weighted_semaphore_release(w->h, w->release));
         if (w->kind == 2) OK(lim_permit_release(w->permit));
+    }
+    if (w->nested != NULL) {
+        /* A blocking call from inside the check: forbidden; refused before it registers. */
+        int got = 0;
+        if (lim_semaphore_acquire_until(w->nested, 1, lim_now_ns() + kSec / 100, &got) ==
+            LIM_INVALID_ARGUMENT) {
+            w->nested_refused++;
+        }
     }
     if (w->fork_at != 0 && w->calls == w->fork_at) {
         const pid_t pid = fork();
@@ -530,6 +540,23 @@ static void test_interruptible(lim_segment* seg) {
     CHECK(r == LIM_WAIT_TIMED_OUT && w6.calls == 1 && w6.min_waiters == 1);
     OK(lim_weighted_semaphore_waiters(ws, &n));
     CHECK(n == 0);
+
+    /* A check that blocks in lim (forbidden): its acquire on a full semaphore is refused with
+     * LIM_INVALID_ARGUMENT each time, registering nothing there; the outer ticket stays. */
+    lim_semaphore* full = NULL;
+    OK(lim_semaphore_open(seg, "intr-full", 1, 0, &full));
+    OK(lim_semaphore_try_acquire(full, 1, &r));
+    CHECK(r == 1);
+    struct watch w7 = {.kind = 1, .h = ws, .stop_at = 3, .nested = full};
+    OK(lim_weighted_semaphore_acquire_until_interruptible(ws, 4, INT64_MAX, watch_check, &w7, ms,
+                                                          &r));
+    CHECK(r == LIM_WAIT_STOPPED && w7.calls == 3 && w7.nested_refused == 3 && w7.min_waiters == 1);
+    OK(lim_semaphore_waiters(full, &n));
+    CHECK(n == 0);
+    OK(lim_weighted_semaphore_waiters(ws, &n));
+    CHECK(n == 0);
+    OK(lim_semaphore_release(full, 1));
+    lim_semaphore_close(full);
 
     /* A signal cuts the sleep short and the check runs at once: with a 60 s interval, only that
      * path can see the flag before the child stops sending (SIGUSR1 every 5 ms, up to 20 s). */

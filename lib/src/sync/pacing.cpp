@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 
+#include "lim/error.hpp"
 #include "lim/wait_check.hpp"
 #include "shm/process_identity.hpp"
 #include "sync/futex.hpp"
@@ -14,6 +16,13 @@ namespace {
 // After fork() the child runs on a copy of the forking thread, whose checks (objects on its
 // stack) were copied with it: still valid there.
 thread_local WaitCheck* current_check = nullptr;
+
+// How many callbacks run in this process now (any thread), and whether this thread runs one: see
+// detail::inside_wait_check. The count only spares other processes' and threads' waits the
+// thread-local lookup; a stale read of it is harmless (zero is read only where no callback of this
+// thread runs, since the thread's own increment precedes its nested wait).
+std::atomic<std::uint32_t> callbacks_running{0};
+thread_local bool in_callback = false;
 
 }  // namespace
 
@@ -60,8 +69,17 @@ void WaitCheck::run(TimePoint now) {
     // way out.
     struct Suspend {
         WaitCheck* saved = current_check;
-        Suspend() noexcept { current_check = nullptr; }
-        ~Suspend() { current_check = saved; }
+        bool was_in_callback = in_callback;
+        Suspend() noexcept {
+            current_check = nullptr;
+            in_callback = true;
+            callbacks_running.fetch_add(1, std::memory_order_relaxed);
+        }
+        ~Suspend() {
+            callbacks_running.fetch_sub(1, std::memory_order_relaxed);
+            in_callback = was_in_callback;
+            current_check = saved;
+        }
         Suspend(const Suspend&) = delete;
         Suspend& operator=(const Suspend&) = delete;
     };
@@ -98,6 +116,19 @@ void WaitCheck::after_sleep(bool interrupted) {
 }  // namespace lim
 
 namespace lim::detail {
+
+bool inside_wait_check() noexcept {
+    return callbacks_running.load(std::memory_order_relaxed) != 0 && in_callback;
+}
+
+void refuse_wait_inside_check(const char* what) {
+    throw Error(Errc::invalid_argument,
+                std::string(what) +
+                    ": a blocking acquire that would wait, made inside a WaitCheck's callback "
+                    "(lim/wait_check.hpp), is refused: this thread is registered as the waiter of "
+                    "the wait that called it");
+}
+
 namespace {
 
 // splitmix64: a per-thread generator for jitter. Quality matters little; independence between
