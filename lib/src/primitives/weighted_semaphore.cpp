@@ -176,15 +176,15 @@ bool WeightedCore::acquire_until(SegmentState& state, std::uint32_t record, std:
                     }
                     continue;
                 }
+                if (fmt.queued(w) >= kRingSize) {
+                    got = Enqueued::ring_full;
+                    break;
+                }
                 // Inside a WaitCheck's callback this thread is registered for the wait that
                 // called it: a ticket would take over its slot's waiting fields
                 // (sync/pacing.hpp). Refused below, outside the Hold, before queueing.
-                if (inside_wait_check()) {
+                if (inside_wait_check()) [[unlikely]] {
                     got = Enqueued::refused;
-                    break;
-                }
-                if (fmt.queued(w) >= kRingSize) {
-                    got = Enqueued::ring_full;
                     break;
                 }
                 LIM_RACE_POINT();

@@ -17,11 +17,10 @@ namespace {
 // stack) were copied with it: still valid there.
 thread_local WaitCheck* current_check = nullptr;
 
-// How many callbacks run in this process now (any thread), and whether this thread runs one: see
-// detail::inside_wait_check. The count only spares other processes' and threads' waits the
+// Whether this thread runs a callback now; detail::g_wait_check_callbacks counts them in the
+// process (see detail::inside_wait_check). The count only spares other threads' waits the
 // thread-local lookup; a stale read of it is harmless (zero is read only where no callback of this
 // thread runs, since the thread's own increment precedes its nested wait).
-std::atomic<std::uint32_t> callbacks_running{0};
 thread_local bool in_callback = false;
 
 }  // namespace
@@ -73,10 +72,10 @@ void WaitCheck::run(TimePoint now) {
         Suspend() noexcept {
             current_check = nullptr;
             in_callback = true;
-            callbacks_running.fetch_add(1, std::memory_order_relaxed);
+            detail::g_wait_check_callbacks.fetch_add(1, std::memory_order_relaxed);
         }
         ~Suspend() {
-            callbacks_running.fetch_sub(1, std::memory_order_relaxed);
+            detail::g_wait_check_callbacks.fetch_sub(1, std::memory_order_relaxed);
             in_callback = was_in_callback;
             current_check = saved;
         }
@@ -117,8 +116,8 @@ void WaitCheck::after_sleep(bool interrupted) {
 
 namespace lim::detail {
 
-bool inside_wait_check() noexcept {
-    return callbacks_running.load(std::memory_order_relaxed) != 0 && in_callback;
+bool this_thread_in_wait_check() noexcept {
+    return in_callback;
 }
 
 void refuse_wait_inside_check(const char* what) {
