@@ -5,7 +5,8 @@ its way out, so the outer wait, still registered in the word (or queued with a t
 longer named by its slot: a reap that came later counted it dead (a sleeper count one short, a
 ticket dropped from the queue), and its own deregistration then took away a count that was not
 there. A nested wait must poll (a try, registering nothing), as a nested queued acquire already
-did. Assertions on counts only."""
+did. Also: a waiter SIGKILLed while its check runs leaves an exact queue for the reaper.
+Assertions on counts only."""
 
 import multiprocessing
 import os
@@ -91,3 +92,98 @@ def test_limiter_take_in_a_handler_leaves_the_outer_wait_counted(seg, seg_name, 
     assert outer.waiters == 0
     outer.release(capacity)
     assert outer.in_use == 0 and outer.waiters == 0
+
+
+def child_waits_then_stalls(seg_name, kind, in_handler):
+    """Queues for 4 units; a SIGUSR1 handler (run inside the C wait's check) marks itself and
+    never returns: the process is killed there, mid-callback, still registered."""
+    seg = lim.Segment.open(seg_name)
+    if kind == "weighted":
+        h = lim.WeightedSemaphore.open(seg, "bytes", 10)
+    else:
+        h = lim.Dispatch.open(seg, limiter=lim.BackoffWindow.for_key(seg, "w"), key="d",
+                              concurrency=4, byte_budget=10)
+
+    def handler(signum, frame):
+        in_handler.value = 1
+        while True:
+            time.sleep(1)
+
+    signal.signal(signal.SIGUSR1, handler)
+    h.acquire(4)
+    os._exit(3)  # never: it is killed first
+
+
+@pytest.mark.parametrize("kind", ["weighted", "dispatch"])
+def test_sigkill_inside_the_check_leaves_an_exact_queue(seg, seg_name, kind):
+    """A waiter killed while its check runs (a handler that never returns) is, to the reaper,
+    a dead process registered in the queue: the reap drops its ticket (and gives back the
+    Dispatch slot it held while queued for bytes), and the request queued behind it gets in."""
+    if kind == "weighted":
+        h = lim.WeightedSemaphore.open(seg, "bytes", 10)
+        assert h.try_acquire(10)
+
+        def waiters():
+            return h.waiters
+
+        def in_flight():
+            return h.in_use
+    else:
+        h = lim.Dispatch.open(seg, limiter=lim.BackoffWindow.for_key(seg, "w"), key="d",
+                              concurrency=4, byte_budget=10)
+        held = h.try_acquire(10)
+        assert held is not None
+
+        def waiters():
+            return h.snapshot().waiters
+
+        def in_flight():
+            return h.snapshot().in_flight
+    ctx = multiprocessing.get_context("fork")
+    in_handler = ctx.Value("i", 0)
+    child = ctx.Process(target=child_waits_then_stalls, args=(seg_name, kind, in_handler))
+    child.start()
+    second = []
+    try:
+        assert wait_for(lambda: waiters() == 1)
+        os.kill(child.pid, signal.SIGUSR1)
+        assert wait_for(lambda: in_handler.value == 1)
+        assert waiters() == 1  # still queued while its check runs
+        if kind == "dispatch":
+            assert in_flight() == 2  # ours, and the slot the child took before queueing
+
+        def behind():
+            if kind == "weighted":
+                second.append(h.acquire(1, timeout=60))
+            else:
+                p = h.acquire(1, timeout=60)
+                second.append(p is not None)
+                if p is not None:
+                    second.append(p)
+
+        t = threading.Thread(target=behind)
+        t.start()
+        assert wait_for(lambda: waiters() == 2)
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(30)
+        seg.reap()
+        assert waiters() == 1  # only the request behind the dead one
+        if kind == "weighted":
+            h.release(10)
+        else:
+            held.release()
+        t.join(60)
+        assert second and second[0] is True
+        assert waiters() == 0
+        if kind == "weighted":
+            assert h.in_use == 1
+            h.release(1)
+            assert h.in_use == 0
+        else:
+            assert in_flight() == 1
+            second[1].release()
+            assert in_flight() == 0 and h.snapshot().bytes_in_flight == 0
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join(30)
