@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent("""
-    import sys, threading, time
+    import gc, sys, threading, time
     sys.path.insert(0, {python!r})
     import lim
 
@@ -45,13 +45,19 @@ SCRIPT = textwrap.dedent("""
         time.sleep(0.005)
 
     class SlowExit:
-        # Runs while the interpreter finalizes (module globals are cleared after the runtime is
-        # marked finalizing); its sleep lets the daemon's next check (due every 50 ms) try to take
-        # the GIL then.
-        def __del__(self):
-            time.sleep(0.3)
+        # Collected by the interpreter's last garbage collection, which runs after it is marked
+        # finalizing (module globals are not cleared while a daemon thread runs, so a plain
+        # global's __del__ would never run): its sleep lets the daemon's next check (due every
+        # 50 ms) try to take the GIL then.
+        def __del__(self, sleep=time.sleep, finalizing=sys.is_finalizing):
+            if finalizing():
+                print("finalizing", flush=True)
+            sleep(0.3)
 
+    gc.disable()
     slow_exit = SlowExit()
+    slow_exit.cycle = slow_exit
+    del slow_exit
     print("ready", flush=True)
 """)
 
@@ -67,5 +73,6 @@ def test_daemon_thread_waiting_at_exit_does_not_abort(seg_name, kind):
         import lim
         lim.Segment.remove(seg_name)
     assert "ready" in p.stdout, p.stderr
+    assert "finalizing" in p.stdout, p.stderr  # the daemon was still waiting then
     assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
     assert "terminate" not in p.stderr
