@@ -8,6 +8,7 @@
 
 #include "lim/backoff_window.hpp"
 #include "lim/dispatch.hpp"
+#include "lim/error.hpp"
 #include "lim/segment.hpp"
 #include "lim/semaphore.hpp"
 #include "lim/wait_check.hpp"
@@ -140,4 +141,137 @@ TEST_CASE("a stopped Dispatch request gives back the slot it took while queued f
     CHECK(s.waiters == 0);
     holder->release();
     CHECK(d.snapshot().in_flight == 0);
+}
+
+TEST_CASE("a WaitCheck installed before a fork() does not stop the child's waits") {
+    // A server that installs its check once (for a cancellation flag, say) and then forks its
+    // workers: only a fork made by the check itself, during a wait, ends that wait. The child's
+    // own later waits must time out or succeed as usual, not throw WaitStopped at once.
+    lim::test::SegmentGuard guard(lim::test::unique_name("wc-prefork"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "sem", {.capacity = 1});
+    auto ws = WeightedSemaphore::open(seg, "bytes", {.capacity = 10});
+    REQUIRE(sem.try_acquire(1));
+    REQUIRE(ws.try_acquire(10));
+    Probe probe;  // never says stop
+    WaitCheck check(&Probe::check, &probe, 1ms);
+    const pid_t pid = lim::test::fork_child([&] {
+        try {
+            if (sem.acquire_until(1, Clock::now() + 20ms)) return 10;  // nobody released
+            if (ws.acquire_until(4, Clock::now() + 20ms)) return 11;
+            if (probe.calls.load() < 2) return 12;  // the child's waits did consult the check
+            if (sem.waiters() != 0 || ws.waiters() != 0) return 13;
+            return 0;
+        } catch (const WaitStopped&) {
+            return 20;
+        }
+    });
+    CHECK(lim::test::wait_child(pid) == 0);
+    CHECK(sem.in_use() == 1);
+    CHECK(ws.in_use() == 10);
+    CHECK(ws.waiters() == 0);
+    sem.release(1);
+    ws.release(10);
+}
+
+TEST_CASE("an interval of Duration::max() checks once, not on every pass (no overflow)") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("wc-maxint"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "sem", {.capacity = 1});
+    REQUIRE(sem.try_acquire(1));
+    Probe probe;
+    {
+        WaitCheck check(&Probe::check, &probe, Duration::max());
+        // Due once before the first sleep, then never again (no signal comes): now + max would
+        // wrap into the past and call the check before every sleep after the first (a
+        // semaphore's sleeps last up to 100 ms each: several before this deadline).
+        CHECK_FALSE(sem.acquire_until(1, Clock::now() + 400ms));
+    }
+    CHECK(probe.calls.load() == 1);
+    CHECK(sem.waiters() == 0);
+    sem.release(1);
+}
+
+namespace {
+
+// A check that makes a blocking acquire itself (forbidden by the contract, but a C caller may):
+// the thread's slot names one wait at a time, the outer one, and a nested wait that registered
+// there would clear it on leaving (a recount would then count the outer wait dead). So a nested
+// acquire that would have to wait throws Error(invalid_argument) before it registers, and never
+// calls the same check again; one whose units are free at once just takes them.
+struct Reentrant {
+    Semaphore* other = nullptr;
+    WeightedSemaphore* other_ws = nullptr;
+    const Semaphore* outer = nullptr;
+    int depth = 0;
+    int max_depth = 0;
+    int calls = 0;
+    int refused = 0;
+    int outer_seen = 0;  // calls that saw the outer wait registered
+    static bool check(void* p) {
+        auto& self = *static_cast<Reentrant*>(p);
+        ++self.calls;
+        self.max_depth = std::max(self.max_depth, ++self.depth);
+        if (self.outer != nullptr && self.outer->waiters() == 1) ++self.outer_seen;
+        bool stop = false;
+        try {
+            if (self.other != nullptr) (void)self.other->acquire_until(1, Clock::now() + 5ms);
+            if (self.other_ws != nullptr) {
+                (void)self.other_ws->acquire_until(1, Clock::now() + 5ms);
+            }
+        } catch (const WaitStopped&) {
+            stop = true;
+        } catch (const Error& e) {
+            if (e.code() == Errc::invalid_argument) ++self.refused;
+        }
+        --self.depth;
+        return stop || self.calls >= 3;
+    }
+};
+
+}  // namespace
+
+TEST_CASE("a check that blocks in lim is refused, not re-entered, and the outer wait stays put") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("wc-reent"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "sem", {.capacity = 1});
+    auto other = Semaphore::open(seg, "other", {.capacity = 1});
+    auto other_ws = WeightedSemaphore::open(seg, "other-ws", {.capacity = 1});
+    REQUIRE(sem.try_acquire(1));
+    REQUIRE(other.try_acquire(1));
+    REQUIRE(other_ws.try_acquire(1));
+    for (int kind = 0; kind < 2; ++kind) {
+        CAPTURE(kind);
+        Reentrant r;
+        r.outer = &sem;
+        if (kind == 0) r.other = &other;
+        if (kind == 1) r.other_ws = &other_ws;
+        {
+            WaitCheck check(&Reentrant::check, &r, 1ms);
+            CHECK_THROWS_AS(sem.acquire(1), WaitStopped);
+        }
+        CHECK(r.max_depth == 1);
+        CHECK(r.calls == 3);
+        CHECK(r.refused == 3);
+        CHECK(r.outer_seen == 3);
+        CHECK(sem.waiters() == 0);
+        CHECK(other.waiters() == 0);
+        CHECK(other_ws.waiters() == 0);
+        CHECK(sem.in_use() == 1);
+        CHECK(other.in_use() == 1);
+        CHECK(other_ws.in_use() == 1);
+    }
+    // Free units inside a check: taken at once, no refusal (nothing registers).
+    other.release(1);
+    Reentrant r;
+    r.other = &other;
+    {
+        WaitCheck check(&Reentrant::check, &r, 1ms);
+        CHECK_THROWS_AS(sem.acquire(1), WaitStopped);
+    }
+    CHECK(r.refused == 2);  // the 1st call took the unit; the 2nd and 3rd had to wait
+    CHECK(other.in_use() == 1);
+    sem.release(1);
+    other.release(1);
+    other_ws.release(1);
 }

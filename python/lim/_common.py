@@ -161,12 +161,25 @@ def _poll(until: Callable[[int], bool], deadline: Optional[int]) -> bool:
 
 
 def wait_call(owner: "Owned", fn: Callable[..., int], args: tuple, timeout: Optional[float],
-              undo: Optional[Callable[[ctypes.c_void_p], object]] = None) -> bool:
+              undo: Optional[Callable[[ctypes.c_void_p], object]] = None,
+              try_once: Optional[Callable[[], bool]] = None) -> bool:
     """wait_in_slices over a C call ``fn(handle, *args, deadline_ns, int* out)`` that sets *out to
     1 on success and 0 at the deadline (the shape of every lim ``_until`` call but Dispatch's),
     on ``owner``'s handle, kept alive while it waits (``Owned._blocking``): if another thread
     closes ``owner``, the wait ends with ValueError at the next slice. ``undo(handle)`` gives
-    back what a successful call took (see ``undo_if_taken``)."""
+    back what a successful call took (see ``undo_if_taken``).
+
+    ``try_once()`` (a try that registers nothing) is polled instead when this call runs inside a
+    queued wait's check on this thread (a signal handler's blocking take): the C wait (a Limiter's
+    take, a Throttle's start_job) registers in the thread's process slot, which names one wait at
+    a time, and clears it as it leaves; the outer wait, still registered, would then be counted
+    dead by the next reap (a Semaphore's sleeper count went 1 short, and the outer wait's own
+    deregistration wrapped it to 65534)."""
+    if try_once is not None and getattr(_in_check, "active", False):
+        deadline = None
+        if timeout is not None:
+            deadline = now_ns() + max(0, to_ns(timeout, "timeout"))
+        return _poll(lambda t: try_once(), deadline)
     with owner._blocking() as h:
 
         def until(deadline: int) -> bool:

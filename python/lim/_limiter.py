@@ -161,7 +161,14 @@ class _TakeMixin(_LimiterBase):
         in 50 ms slices, so Ctrl-C interrupts it."""
         n = _tokens(n)
         return wait_call(self, getattr(lib, self._prefix + "_take_until"), (n,), timeout,
-                         self._undo_take(n))
+                         self._undo_take(n), lambda: self._take_once(n))
+
+    def _take_once(self, n: float) -> bool:
+        """A try for take's polling (registers nothing): raises as take when no wait can help."""
+        r = self.try_take(n)
+        if r == TryTake.ASKED_FOR_MORE_THAN_BUCKET_SIZE:
+            raise InvalidArgument(f"take({n}) could never succeed: more than the bucket holds")
+        return r == TryTake.TAKEN
 
     def tokens_may_be_available_when(self, n: float = 1, *,
                                      now: Optional[float] = None) -> Availability:
@@ -289,7 +296,7 @@ class _JobsMixin(_LimiterBase):
         """Blocks until a job may start (True) or ``timeout`` seconds pass (False). Waits in
         50 ms slices, so Ctrl-C interrupts it, holding nothing."""
         return wait_call(self, getattr(lib, self._prefix + "_start_job_until"), (), timeout,
-                         self._undo_start())
+                         self._undo_start(), lambda: bool(self.try_start_job()))
 
     def _undo_start(self) -> Callable[[ctypes.c_void_p], object]:
         return getattr(lib, self._prefix + "_finish_job")  # finish_job(handle)

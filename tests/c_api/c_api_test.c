@@ -4,6 +4,7 @@
 #include <lim/lim.h>
 
 #include <math.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -403,6 +404,8 @@ struct watch {
     int fork_at;                 /* on this call, fork; the parent waits for the child */
     int in_child;                /* set in the child */
     int child_status;
+    lim_semaphore* nested; /* when set, each check makes a blocking acquire on it (refused) */
+    int nested_refused;    /* checks whose nested acquire failed with LIM_INVALID_ARGUMENT */
 };
 
 static uint32_t watched_waiters(const struct watch* w) {
@@ -430,6 +433,14 @@ static int watch_check(void* context) {
         if (w->kind == 0) OK(lim_semaphore_release(w->h, w->release));
         if (w->kind == 1) OK(lim_weighted_semaphore_release(w->h, w->release));
         if (w->kind == 2) OK(lim_permit_release(w->permit));
+    }
+    if (w->nested != NULL) {
+        /* A blocking call from inside the check: forbidden; refused before it registers. */
+        int got = 0;
+        if (lim_semaphore_acquire_until(w->nested, 1, lim_now_ns() + kSec / 100, &got) ==
+            LIM_INVALID_ARGUMENT) {
+            w->nested_refused++;
+        }
     }
     if (w->fork_at != 0 && w->calls == w->fork_at) {
         const pid_t pid = fork();
@@ -461,6 +472,45 @@ static void exit_child_of_fork(const struct watch* w, int r, uint32_t waiters_th
         in_use_ok = lim_dispatch_snapshot_get(w->h, &s) == LIM_OK && s.in_flight == in_use_then;
     }
     _exit(ok && in_use_ok ? 0 : 3);
+}
+
+/* A thread whose check ends it (pthread_exit, as CPython does to a daemon thread calling back
+ * while the interpreter exits) on its 2nd call: the unwind must pass through the library (no
+ * abort) and withdraw the registration, giving back what the wait took, on its way out. */
+struct exit_waiter {
+    int kind; /* 1 weighted semaphore (4 units), 2 dispatch (50 bytes) */
+    void* h;
+    lim_permit* permit;
+    int calls;
+    int returned; /* set if the call ever returned: it must not */
+};
+
+static int exit_check(void* context) {
+    struct exit_waiter* e = context;
+    if (++e->calls == 2) pthread_exit(NULL);
+    return 0;
+}
+
+static void* exit_waiter_main(void* context) {
+    struct exit_waiter* e = context;
+    int r = -1;
+    const int64_t ms = kSec / 1000;
+    if (e->kind == 1) {
+        lim_weighted_semaphore_acquire_until_interruptible(e->h, 4, INT64_MAX, exit_check, e, ms,
+                                                           &r);
+    } else {
+        lim_dispatch_acquire_until_interruptible(e->h, 50, INT64_MAX, e->permit, exit_check, e, ms,
+                                                 &r);
+    }
+    e->returned = 1;
+    return NULL;
+}
+
+static void run_exit_waiter(struct exit_waiter* e) {
+    pthread_t t;
+    CHECK(pthread_create(&t, NULL, exit_waiter_main, e) == 0);
+    CHECK(pthread_join(t, NULL) == 0);
+    CHECK(e->calls == 2 && e->returned == 0);
 }
 
 static volatile sig_atomic_t got_usr1 = 0;
@@ -520,6 +570,40 @@ static void test_interruptible(lim_segment* seg) {
                                                              NULL) == LIM_INVALID_ARGUMENT);
     CHECK(lim_weighted_semaphore_acquire_until_interruptible(NULL, 1, INT64_MAX, watch_check, &w4,
                                                              ms, &r) == LIM_INVALID_ARGUMENT);
+
+    /* check_interval_ns INT64_MAX: checked once before the first sleep, never again (now +
+     * interval saturates; wrapped, it lay in the past and every sleep after the first checked:
+     * a weighted wait sleeps up to 100 ms at a time, several times before this deadline). */
+    struct watch w6 = {.kind = 1, .h = ws};
+    OK(lim_weighted_semaphore_acquire_until_interruptible(ws, 4, lim_now_ns() + 400 * ms,
+                                                          watch_check, &w6, INT64_MAX, &r));
+    CHECK(r == LIM_WAIT_TIMED_OUT && w6.calls == 1 && w6.min_waiters == 1);
+    OK(lim_weighted_semaphore_waiters(ws, &n));
+    CHECK(n == 0);
+
+    /* A check that blocks in lim (forbidden): its acquire on a full semaphore is refused with
+     * LIM_INVALID_ARGUMENT each time, registering nothing there; the outer ticket stays. */
+    lim_semaphore* full = NULL;
+    OK(lim_semaphore_open(seg, "intr-full", 1, 0, &full));
+    OK(lim_semaphore_try_acquire(full, 1, &r));
+    CHECK(r == 1);
+    struct watch w7 = {.kind = 1, .h = ws, .stop_at = 3, .nested = full};
+    OK(lim_weighted_semaphore_acquire_until_interruptible(ws, 4, INT64_MAX, watch_check, &w7, ms,
+                                                          &r));
+    CHECK(r == LIM_WAIT_STOPPED && w7.calls == 3 && w7.nested_refused == 3 && w7.min_waiters == 1);
+    OK(lim_semaphore_waiters(full, &n));
+    CHECK(n == 0);
+    OK(lim_weighted_semaphore_waiters(ws, &n));
+    CHECK(n == 0);
+    OK(lim_semaphore_release(full, 1));
+    lim_semaphore_close(full);
+
+    /* The waiting thread ends inside its check: its ticket is withdrawn by the unwind. */
+    struct exit_waiter x1 = {.kind = 1, .h = ws};
+    run_exit_waiter(&x1);
+    OK(lim_weighted_semaphore_waiters(ws, &n));
+    OK(lim_weighted_semaphore_in_use(ws, &v));
+    CHECK(n == 0 && v == 10);
 
     /* A signal cuts the sleep short and the check runs at once: with a 60 s interval, only that
      * path can see the flag before the child stops sending (SIGUSR1 every 5 ms, up to 20 s). */
@@ -613,6 +697,16 @@ static void test_interruptible(lim_segment* seg) {
     OK(lim_dispatch_acquire_until_interruptible(d, 50, INT64_MAX, p, watch_check, &d1, ms, &r));
     CHECK(r == LIM_WAIT_STOPPED && d1.calls == 10 && d1.min_waiters == 1 && !lim_permit_held(p));
     lim_dispatch_snapshot snap;
+    OK(lim_dispatch_snapshot_get(d, &snap));
+    CHECK(snap.waiters == 0 && snap.in_flight == 1 && snap.bytes_in_flight == 100);
+    /* Ended inside the check (pthread_exit): the unwind gives back the slot it took and leaves
+     * the byte queue. */
+    lim_permit* px = NULL;
+    OK(lim_permit_create(&px));
+    struct exit_waiter x2 = {.kind = 2, .h = d, .permit = px};
+    run_exit_waiter(&x2);
+    CHECK(!lim_permit_held(px));
+    lim_permit_destroy(px);
     OK(lim_dispatch_snapshot_get(d, &snap));
     CHECK(snap.waiters == 0 && snap.in_flight == 1 && snap.bytes_in_flight == 100);
     /* Forked in the check: the child must neither give back the slot the parent's wait took

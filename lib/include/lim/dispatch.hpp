@@ -184,9 +184,10 @@ class Dispatch {
     // sleeping as long as it takes. Waits for the byte budget in FIFO order. Throws
     // Error(table_full) when this thread cannot get a process slot, and whatever an injected
     // `clock` or `sleep` throws, and WaitStopped when a lim::WaitCheck installed on this thread
-    // says stop (lim/wait_check.hpp). On any exception it holds nothing: the layers taken so far
-    // are given back, its sleeper registration and its place in the byte queue are withdrawn.
-    // Memory ordering: happens-after the releases that freed what it takes.
+    // says stop (lim/wait_check.hpp; Error(invalid_argument) where it would have to wait when
+    // called inside such a check's callback). On any exception it holds nothing: the layers taken
+    // so far are given back, its sleeper registration and its place in the byte queue are
+    // withdrawn. Memory ordering: happens-after the releases that freed what it takes.
     Permit acquire(std::uint64_t bytes);
 
     // As acquire, but never sleeps: nullopt (holding nothing) if any layer is full now, or if

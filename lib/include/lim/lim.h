@@ -291,9 +291,13 @@ void lim_permit_destroy(lim_permit* p);         /* releases, then frees; NULL is
  * LIM_WAIT_TIMED_OUT (holding nothing). `should_stop` NULL: never stops (the _until call).
  * `should_stop` may call lim's non-blocking functions (try_acquire, release, snapshots) but must
  * not block in lim (the thread is registered as a waiter, and its process slot records one wait
- * at a time), must not longjmp out, and must return. If it forks, the call returns
- * LIM_WAIT_STOPPED in the child (holding nothing; the registration is the parent's, untouched).
- * `check_interval_ns` <= 0: LIM_INVALID_ARGUMENT (below 1 ms it is raised to 1 ms). Thread-safety:
+ * at a time: a Semaphore, WeightedSemaphore or Dispatch acquire there that would have to wait
+ * fails with LIM_INVALID_ARGUMENT before registering; a Limiter take is not caught), must not
+ * longjmp out, and must return. If it forks, the call returns LIM_WAIT_STOPPED in the child
+ * (holding nothing; the registration is the parent's, untouched). If the thread ends inside it
+ * (pthread_exit), the unwind withdraws the registration and gives back what the call took.
+ * `check_interval_ns` <= 0: LIM_INVALID_ARGUMENT (below 1 ms it is raised to 1 ms; INT64_MAX:
+ * checked before the first sleep and on signals only). Thread-safety:
  * as the _until calls (any thread; the handle must stay open for the whole call). Memory ordering:
  * as the _until calls. */
 typedef enum lim_wait_result {

@@ -51,7 +51,8 @@ class Semaphore {
     // Takes `n` units, sleeping on a shared futex until they are free. Throws as try_acquire.
     // Whatever exception leaves it, it holds nothing and no longer counts as a sleeper. With a
     // lim::WaitCheck installed on this thread it also throws WaitStopped when the check says
-    // stop (lim/wait_check.hpp); the same holds for acquire_until.
+    // stop (lim/wait_check.hpp); the same holds for acquire_until. Called inside a WaitCheck's
+    // callback, where it would have to wait it throws Error(invalid_argument) instead.
     // Before each sleep, a waiter that is the only one registered re-reads the word for up to
     // 2 µs (a unit held briefly by a running process then passes without a context switch);
     // it counts in waiters() from the moment it registers.

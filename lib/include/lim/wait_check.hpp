@@ -42,13 +42,19 @@ class WaitStopped : public std::exception {
 // when the acquire succeeds without sleeping, and never inside the library's own critical steps:
 // only where the waiter would sleep, with nothing announced, so it may call lim's non-blocking
 // functions (try_acquire, release, ...). It must not make a blocking acquire itself: the thread is
-// still registered as a waiter, and its process slot records one wait at a time. It must not
+// still registered as a waiter, and its process slot records one wait at a time. A Semaphore,
+// WeightedSemaphore or Dispatch acquire made there that would have to wait throws
+// Error(invalid_argument) before it registers (one whose units are free at once takes them); a
+// Limiter take is not refused and must not be made there. While it runs no check is installed on
+// the thread (no wait calls it again from inside itself). It must not
 // throw (an exception from it propagates out of the acquire, which then cleans up as above, but
 // C callers cannot throw). If it forks, the child's copy of the wait ends with WaitStopped
 // whatever the check returned, leaving the parent's registration (still waiting) untouched; the
-// child holds nothing and may wait again. Installs nest: the innermost one is consulted; its
-// destructor reinstates the previous one. Construct and destroy on the same thread, innermost
-// first. `interval` below 1 ms is raised to 1 ms.
+// child holds nothing and may wait again. A fork() made outside the check (the check installed
+// before it) changes nothing: the child's copy of the check serves the child's waits. Installs
+// nest: the innermost one is consulted; its destructor reinstates the previous one. Construct and
+// destroy on the same thread, innermost first. `interval` below 1 ms is raised to 1 ms;
+// Duration::max() means: check before the first sleep and on signals only.
 class WaitCheck {
   public:
     using Fn = bool (*)(void* context);
@@ -74,7 +80,6 @@ class WaitCheck {
     Duration interval_;
     TimePoint next_;  // when the check is due next
     WaitCheck* previous_;
-    std::uint32_t generation_;  // the fork generation it was installed in
 };
 
 }  // namespace lim

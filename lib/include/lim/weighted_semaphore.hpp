@@ -63,7 +63,8 @@ class WeightedSemaphore {
     // and sleeping on a shared futex until it is this request's turn and the units are free.
     // Throws only Error(table_full), as try_acquire, and WaitStopped when a lim::WaitCheck
     // installed on this thread says stop (lim/wait_check.hpp; it keeps its queue place until
-    // then). Whatever exception leaves it, it holds nothing and has left the queue.
+    // then), and Error(invalid_argument) where it would have to queue when called inside a
+    // WaitCheck's callback. Whatever exception leaves it, it holds nothing and has left the queue.
     void acquire(std::uint64_t n = 1);
 
     // As acquire, but gives up when `deadline` passes: then leaves the queue (passing its turn

@@ -6,6 +6,8 @@
 // the library's internals. It adds no CAS loop and no shared state of its own.
 #include "lim/lim.h"
 
+#include <cxxabi.h>
+
 #include <cmath>
 #include <cstddef>
 #include <exception>
@@ -86,12 +88,22 @@ void set_error(const char* message) noexcept {
     }
 }
 
-// Runs `fn`; 0 if it returns, else the status its exception maps to.
+// Runs `fn`; 0 if it returns, else the status its exception maps to. Not noexcept, for one
+// thing only: a forced unwind (pthread_exit or a cancellation ending this thread) must go on
+// through here, running the guards of the waits it leaves (their registrations and slots given
+// back). It happens inside an _interruptible wait whose check calls into a runtime that ends the
+// thread there: CPython calls pthread_exit in a daemon thread that takes the GIL while the
+// interpreter finalizes. Swallowing it (catch (...)) or meeting a noexcept frame aborts the
+// whole process ("FATAL: exception not rethrown") as it exits normally. The handler binds its
+// reference to what __cxa_begin_catch returns for a forced unwind, a null pointer (it is no C++
+// object, and the handler never reads it): UBSan's null check is off in this function only.
 template <class F>
-int guarded(F&& fn) noexcept {
+__attribute__((no_sanitize("null"))) int guarded(F&& fn) {
     try {
         fn();
         return LIM_OK;
+    } catch (abi::__forced_unwind&) {
+        throw;
     } catch (const lim::Error& e) {
         set_error(e.what());
         return static_cast<int>(e.code());
@@ -254,7 +266,7 @@ bool call_stop_check(void* p) {
 // withdrawn its registration and given back what it took (lim/wait_check.hpp).
 template <class F>
 int interruptible(lim_should_stop_fn should_stop, void* context, int64_t check_interval_ns,
-                  int* result, F&& wait) noexcept {
+                  int* result, F&& wait) {  // not noexcept: see guarded
     return guarded([&] {
         int& out = need(result, "result");
         if (check_interval_ns <= 0) {

@@ -153,6 +153,9 @@ bool SemaphoreCore::acquire_until(SegmentState& state, std::uint32_t record, std
 
 bool SemaphoreCore::acquire_blocking(SegmentState& state, std::uint32_t record, std::uint64_t n,
                                      std::optional<TimePoint> deadline, const Pacing& pacing) {
+    // Inside a WaitCheck's callback this thread is already registered for the wait that called
+    // it: a second registration would take over its slot's waiting fields (sync/pacing.hpp).
+    if (inside_wait_check()) refuse_wait_inside_check("Semaphore acquire");
     bool registered = false;
     {
         Hold hold(state, record);

@@ -113,7 +113,7 @@ void withdraw_ticket(Hold& hold, const SegmentState& state, const WeightedCore& 
     clear_waiting(hold);
 }
 
-enum class Enqueued { took, ticket, ring_full };
+enum class Enqueued { took, ticket, ring_full, refused };
 enum class Admit { admitted, no_room, retry };
 
 }  // namespace
@@ -180,6 +180,13 @@ bool WeightedCore::acquire_until(SegmentState& state, std::uint32_t record, std:
                     got = Enqueued::ring_full;
                     break;
                 }
+                // Inside a WaitCheck's callback this thread is registered for the wait that
+                // called it: a ticket would take over its slot's waiting fields
+                // (sync/pacing.hpp). Refused below, outside the Hold, before queueing.
+                if (inside_wait_check()) [[unlikely]] {
+                    got = Enqueued::refused;
+                    break;
+                }
                 LIM_RACE_POINT();
                 if (word.compare_exchange_weak(w, w + fmt.queued_unit(), std::memory_order_seq_cst,
                                                std::memory_order_relaxed)) {
@@ -196,6 +203,7 @@ bool WeightedCore::acquire_until(SegmentState& state, std::uint32_t record, std:
             }
         }
         if (got == Enqueued::took) return true;
+        if (got == Enqueued::refused) refuse_wait_inside_check("WeightedSemaphore acquire");
         if (got == Enqueued::ring_full) {
             if (deadline && pacing.now() >= *deadline) return false;
             const std::uint32_t s = queue.seq.load(std::memory_order_seq_cst);

@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 
+#include "lim/error.hpp"
 #include "lim/wait_check.hpp"
 #include "shm/process_identity.hpp"
 #include "sync/futex.hpp"
@@ -14,6 +16,12 @@ namespace {
 // After fork() the child runs on a copy of the forking thread, whose checks (objects on its
 // stack) were copied with it: still valid there.
 thread_local WaitCheck* current_check = nullptr;
+
+// Whether this thread runs a callback now; detail::g_wait_check_callbacks counts them in the
+// process (see detail::inside_wait_check). The count only spares other threads' waits the
+// thread-local lookup; a stale read of it is harmless (zero is read only where no callback of this
+// thread runs, since the thread's own increment precedes its nested wait).
+thread_local bool in_callback = false;
 
 }  // namespace
 
@@ -27,8 +35,7 @@ WaitCheck::WaitCheck(Fn should_stop, void* context, Duration interval) noexcept
       interval_(std::max<Duration>(interval, std::chrono::milliseconds{1})),
       // Due at once: a stop that came before the wait is seen before it sleeps.
       next_(Clock::now()),
-      previous_(current_check),
-      generation_(detail::fork_generation()) {
+      previous_(current_check) {
     current_check = this;
 }
 
@@ -40,15 +47,55 @@ WaitCheck* WaitCheck::current() noexcept {
     return current_check;
 }
 
+namespace {
+
+// now + interval, saturated: an interval of Duration::max() (a C caller's INT64_MAX) must mean
+// "never again", not wrap into the past and make every pass of the wait call the check.
+TimePoint due_after(TimePoint now, Duration interval) noexcept {
+    if (interval > TimePoint::max() - now) return TimePoint::max();
+    return now + interval;
+}
+
+}  // namespace
+
 void WaitCheck::run(TimePoint now) {
-    next_ = now + interval_;
-    const bool stop = fn_ != nullptr && fn_(context_);
+    next_ = due_after(now, interval_);
+    if (fn_ == nullptr) return;
+    // While the caller's function runs, this thread's waits consult no check: a blocking acquire
+    // made inside it (the contract forbids one, but a C caller or a runtime's handler may make
+    // it) must not call this check again from within itself (a Python generator re-entered
+    // raises, and a check that always blocks would recurse without end). Restored on every
+    // way out.
+    struct Suspend {
+        WaitCheck* saved = current_check;
+        bool was_in_callback = in_callback;
+        Suspend() noexcept {
+            current_check = nullptr;
+            in_callback = true;
+            detail::g_wait_check_callbacks.fetch_add(1, std::memory_order_relaxed);
+        }
+        ~Suspend() {
+            detail::g_wait_check_callbacks.fetch_sub(1, std::memory_order_relaxed);
+            in_callback = was_in_callback;
+            current_check = saved;
+        }
+        Suspend(const Suspend&) = delete;
+        Suspend& operator=(const Suspend&) = delete;
+    };
     // A check that forked (a Python signal handler may) returns twice: in the child, this
     // thread's copy is inside a wait whose registration is the parent's. It must not go on
     // waiting on it (an admission would dequeue the parent's ticket a second time), so it
     // leaves; the waiters' guards see the fork generation change and leave the parent's
-    // registration alone. The child's caller may then wait again on its own slot.
-    if (stop || generation_ != detail::fork_generation()) throw WaitStopped{};
+    // registration alone. The child's caller may then wait again on its own slot. Only a fork
+    // made during this call counts: a check installed before a fork() (a server that forks its
+    // workers under it) is the child's own, and its waits go on as usual.
+    const std::uint32_t generation = detail::fork_generation();
+    bool stop = false;
+    {
+        const Suspend suspend;
+        stop = fn_(context_);
+    }
+    if (stop || generation != detail::fork_generation()) throw WaitStopped{};
 }
 
 Duration WaitCheck::before_sleep() {
@@ -56,7 +103,7 @@ Duration WaitCheck::before_sleep() {
     if (now >= next_) {
         run(now);
         now = Clock::now();  // the check may have taken a while (a runtime's lock, say)
-        next_ = now + interval_;
+        next_ = due_after(now, interval_);
     }
     return next_ - now;
 }
@@ -68,6 +115,19 @@ void WaitCheck::after_sleep(bool interrupted) {
 }  // namespace lim
 
 namespace lim::detail {
+
+bool this_thread_in_wait_check() noexcept {
+    return in_callback;
+}
+
+void refuse_wait_inside_check(const char* what) {
+    throw Error(Errc::invalid_argument,
+                std::string(what) +
+                    ": a blocking acquire that would wait, made inside a WaitCheck's callback "
+                    "(lim/wait_check.hpp), is refused: this thread is registered as the waiter of "
+                    "the wait that called it");
+}
+
 namespace {
 
 // splitmix64: a per-thread generator for jitter. Quality matters little; independence between

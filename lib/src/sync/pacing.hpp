@@ -45,4 +45,20 @@ struct Pacing {
                std::uint32_t bitset = 0xFFFF'FFFFu) const;
 };
 
+// Whether the calling thread is inside a lim::WaitCheck's callback (lim/wait_check.hpp). A
+// blocking acquire made there must not register as a waiter: the thread's slot names one wait at
+// a time (the outer one, still registered), and the nested wait would overwrite that and clear it
+// on leaving, so that a recount would count the outer wait dead. A process-wide count of running
+// callbacks is read first, so a process that never runs one pays a relaxed load of a global, no
+// thread-local lookup; called only where an acquire is about to register, never on a fast path.
+inline std::atomic<std::uint32_t> g_wait_check_callbacks{0};
+[[gnu::cold]] bool this_thread_in_wait_check() noexcept;
+inline bool inside_wait_check() noexcept {
+    return g_wait_check_callbacks.load(std::memory_order_relaxed) != 0 &&
+           this_thread_in_wait_check();
+}
+
+// Throws Error(invalid_argument) naming `what`: the refusal of a nested blocking acquire.
+[[noreturn]] void refuse_wait_inside_check(const char* what);
+
 }  // namespace lim::detail
