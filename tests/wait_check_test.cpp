@@ -11,6 +11,7 @@
 #include "lim/error.hpp"
 #include "lim/segment.hpp"
 #include "lim/semaphore.hpp"
+#include "lim/throttle.hpp"
 #include "lim/wait_check.hpp"
 #include "lim/weighted_semaphore.hpp"
 #include "support/process.hpp"
@@ -202,6 +203,7 @@ namespace {
 struct Reentrant {
     Semaphore* other = nullptr;
     WeightedSemaphore* other_ws = nullptr;
+    Throttle* other_th = nullptr;
     const Semaphore* outer = nullptr;
     int depth = 0;
     int max_depth = 0;
@@ -219,6 +221,7 @@ struct Reentrant {
             if (self.other_ws != nullptr) {
                 (void)self.other_ws->acquire_until(1, Clock::now() + 5ms);
             }
+            if (self.other_th != nullptr) (void)self.other_th->start_job_until(Clock::now() + 5ms);
         } catch (const WaitStopped&) {
             stop = true;
         } catch (const Error& e) {
@@ -240,12 +243,15 @@ TEST_CASE("a check that blocks in lim is refused, not re-entered, and the outer 
     REQUIRE(sem.try_acquire(1));
     REQUIRE(other.try_acquire(1));
     REQUIRE(other_ws.try_acquire(1));
-    for (int kind = 0; kind < 2; ++kind) {
+    auto other_th = Throttle::open(seg, "other-th", {.max_concurrent_jobs = 1});
+    REQUIRE(other_th.try_start_job().kind() == StartJob::Kind::start);
+    for (int kind = 0; kind < 3; ++kind) {
         CAPTURE(kind);
         Reentrant r;
         r.outer = &sem;
         if (kind == 0) r.other = &other;
         if (kind == 1) r.other_ws = &other_ws;
+        if (kind == 2) r.other_th = &other_th;  // a Limiter-family take_until registers too
         {
             WaitCheck check(&Reentrant::check, &r, 1ms);
             CHECK_THROWS_AS(sem.acquire(1), WaitStopped);
@@ -257,6 +263,7 @@ TEST_CASE("a check that blocks in lim is refused, not re-entered, and the outer 
         CHECK(sem.waiters() == 0);
         CHECK(other.waiters() == 0);
         CHECK(other_ws.waiters() == 0);
+        CHECK(other_th.waiters() == 0);
         CHECK(sem.in_use() == 1);
         CHECK(other.in_use() == 1);
         CHECK(other_ws.in_use() == 1);
@@ -274,4 +281,5 @@ TEST_CASE("a check that blocks in lim is refused, not re-entered, and the outer 
     sem.release(1);
     other.release(1);
     other_ws.release(1);
+    other_th.finish_job();
 }

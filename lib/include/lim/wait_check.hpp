@@ -43,9 +43,9 @@ class WaitStopped : public std::exception {
 // only where the waiter would sleep, with nothing announced, so it may call lim's non-blocking
 // functions (try_acquire, release, ...). It must not make a blocking acquire itself: the thread is
 // still registered as a waiter, and its process slot records one wait at a time. A Semaphore,
-// WeightedSemaphore or Dispatch acquire made there that would have to wait throws
-// Error(invalid_argument) before it registers (one whose units are free at once takes them); a
-// Limiter take is not refused and must not be made there. While it runs no check is installed on
+// WeightedSemaphore or Dispatch acquire, or a Limiter-family take or start_job, made there that
+// would have to wait throws Error(invalid_argument) before it registers (one whose units are free
+// at once takes them). While it runs no check is installed on
 // the thread (no wait calls it again from inside itself). It must not
 // throw (an exception from it propagates out of the acquire, which then cleans up as above, but
 // C callers cannot throw). If it forks, the child's copy of the wait ends with WaitStopped

@@ -14,6 +14,7 @@
 #include "limiter/limiter_state.hpp"
 #include "recovery/reaper.hpp"
 #include "shm/record_handle.hpp"
+#include "sync/pacing.hpp"
 
 namespace lim {
 
@@ -529,6 +530,9 @@ bool Limiter::take_until_impl(double n, const TimePoint* deadline) {
         case TryTake::unable:
             break;
     }
+    // Inside a WaitCheck's callback this thread is already registered for the wait that called
+    // it: a second registration would take over its slot's waiting fields (sync/pacing.hpp).
+    if (detail::inside_wait_check()) detail::refuse_wait_inside_check("Limiter take");
     LimiterCore core = detail::core_of(ref_);
     // Registered before each re-check, so a return that lands after the check wakes us.
     detail::LimiterWaiter waiter(core, units);
