@@ -15,8 +15,9 @@
 //   lim::Clock). A `now` earlier than the limiter's time is moved up to that time. A `now` up
 //   to 60 s ahead of lim::Clock::now() is the caller's time (tests step from Clock::now()); one
 //   further ahead is clamped to Clock::now() + 10 ms (never an error): the limiter's time is
-//   shared by every process, and one far-future `now` must not stop the drip for all of them. The limiter's time only moves forward (a compare-and-swap maximum).
-//   Segment::reset re-anchors the drip at the current time.
+//   shared by every process, and one far-future `now` must not stop the drip for all of them. The
+//   limiter's time only moves forward (a compare-and-swap maximum). Segment::reset re-anchors the
+//   drip at the current time.
 // - The tokens that have dripped are counted from the limiter's creation time (or its last rate
 //   change) as floor(elapsed x rate), never step by step, so rounding cannot drift. Drip that
 //   finds the hopper empty or the bucket full is lost.
