@@ -26,6 +26,7 @@
 
 #include "lim/consumed_limiter.hpp"
 #include "lim/lim.hpp"
+#include "limiter/consumed_rebase.hpp"
 #include "shm/file_lock.hpp"
 #include "shm/records.hpp"
 #include "support/process.hpp"
@@ -270,6 +271,64 @@ TEST_CASE("a stopped config-lock holder: converting a token bucket is busy and c
 
     kill_and_wait(writer);
     CHECK(convert_to_consumed(l, 5).converted);
+}
+
+TEST_CASE(
+    "a config-lock holder that stops between a conversion's steps: the final switch is busy, the "
+    "record admits no more than the token bucket did, and a second call finishes it") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("stopped-convert4"));
+    Segment seg = make_segment(guard);
+    // Rate 0, starting full: the token bucket admits its burst (5) once, ever; any admission beyond
+    // it is a token the interrupted conversion made up.
+    auto tb = TokenBucket::open(
+        seg, "g", {.burst_size = 5, .sustained_rate_per_sec = 0, .initial_bucket_level = 5});
+    auto l = Limiter::open(seg, "g",
+                           {.hopper_to_bucket_rate_per_sec = 0,
+                            .bucket_size = 5,
+                            .initial_bucket_level = 5,
+                            .initial_hopper_level = infinite},
+                           adopt_existing);
+    int admitted = 0;
+    for (int i = 0; i < 2; ++i)
+        admitted += tb.try_take(1) == TryTake::taken ? 1 : 0;
+    REQUIRE(admitted == 2);
+
+    // After step 3 (creation configuration rewritten, in_flight cleared, a past lease deadline),
+    // before the switch: a configuration writer takes the config lock and stops.
+    struct Ctx {
+        const Segment* seg;
+        pid_t writer = -1;
+    } ctx{&seg};
+    const auto busy = error_of([&] {
+        (void)detail::convert_to_consumed_units(
+            l, 5,
+            [](int step, void* p) {
+                auto& c = *static_cast<Ctx*>(p);
+                if (step == 3) c.writer = stopped_holder(*c.seg, detail::LockByte::config);
+            },
+            &ctx);
+    });
+    REQUIRE(ctx.writer > 0);
+    CHECK(busy == Errc::busy);
+    CHECK_FALSE(is_consumed(l));  // the switch did not happen
+
+    // The interrupted record: what its takers may take is still the token bucket's rest.
+    for (int i = 0; i < 20; ++i) {
+        admitted += tb.try_take(1) == TryTake::taken ? 1 : 0;
+        admitted += l.try_take(1) == TryTake::taken ? 1 : 0;
+    }
+    CHECK(admitted <= 5);
+
+    // The writer goes; the conversion, called again, finishes: from then on nothing is admitted
+    // until a lease grants it.
+    kill_and_wait(ctx.writer);
+    const ConsumedConversion c = convert_to_consumed(l, 5);
+    CHECK(c.converted);
+    CHECK(is_consumed(l));
+    for (int i = 0; i < 10; ++i) {
+        CHECK(tb.try_take(1) != TryTake::taken);
+        CHECK(l.try_take(1) != TryTake::taken);
+    }
 }
 
 TEST_CASE("a stopped reaper holding the recovery lock: reap, reset and hand-offs are busy") {

@@ -83,11 +83,12 @@ struct ConsumedRebase {
 // writer (lim-feeder), never concurrently with another rebase or target change. A later
 // Limiter::return_to_hopper of more than in_flight then holds is `over_release` (consumed tokens
 // are spent: nothing should return them).
-// Wakes sleepers when done. Never blocks except on the config lock and while a reaper recounts.
-// Throws Error(invalid_argument) if the record is not consumed or its target is infinite,
-// Error(permission_denied) if the segment is open read-only, Error(table_full) if the calling
-// thread has no process-table slot (before changing anything), Error(system_error) if the config
-// lock cannot be taken (before changing anything). Memory ordering: the switch and the CAS are
+// Wakes sleepers when done. Never blocks except on the config lock (3 s at most) and while a
+// reaper recounts. Throws Error(invalid_argument) if the record is not consumed or its target is
+// infinite, Error(permission_denied) if the segment is open read-only, Error(table_full) if the
+// calling thread has no process-table slot (before changing anything), Error(system_error) if
+// the config lock cannot be taken, Error(busy) if it stayed held for 3 s (a writer stopped
+// holding it; both before changing anything). Memory ordering: the switch and the CAS are
 // sequentially consistent, the switch before the CAS.
 ConsumedRebase rebase_consumed(const Limiter& limiter);
 
@@ -124,18 +125,19 @@ struct ConsumedConversion {
 // meanwhile admits no more than a token bucket or the consumed record would (docs/design.md,
 // "Converting a token bucket into a consumed record"). Call it only from the record's one target
 // writer (lim-feeder), never concurrently with another conversion, rebase or target change. Blocks
-// on the segment's config lock, while a reaper recounts the record, and up to 100 ms after the
-// switch for the takes in progress on the record to end (`settled`; see settle_conversion). Throws
-// Error(invalid_argument) if `bucket_size` is not above 0 and at most 1e9 tokens, or if the record
-// is neither consumed nor created by a TokenBucket: a general Limiter, a Throttle or a
-// ThrottledRateLimiter lends its tokens (return_to_hopper, finish_job), and a token given back
-// after the conversion would be spendable without a lease (nothing is changed);
+// on the segment's config lock (3 s at most each time), while a reaper recounts the record, and up
+// to 100 ms after the switch for the takes in progress on the record to end (`settled`; see
+// settle_conversion). Throws Error(invalid_argument) if `bucket_size` is not above 0 and at most
+// 1e9 tokens, or if the record is neither consumed nor created by a TokenBucket: a general Limiter,
+// a Throttle or a ThrottledRateLimiter lends its tokens (return_to_hopper, finish_job), and a token
+// given back after the conversion would be spendable without a lease (nothing is changed);
 // Error(permission_denied) if the segment is open read-only, Error(table_full) if the calling
-// thread has no process-table slot, Error(system_error) if the config lock cannot be taken (each
-// before anything is changed; the last may also come from the final switch, leaving a state a
-// second call finishes). Memory ordering: the creation configuration is stored (sequentially
-// consistent) before in_flight is cleared by a compare-and-swap, which comes before the
-// configuration switch; all sequentially consistent.
+// thread has no process-table slot, Error(system_error) if the config lock cannot be taken,
+// Error(busy) if it stayed held for 3 s (a configuration writer stopped holding it) (each before
+// anything is changed; the last two may also come from the final switch, leaving a state a second
+// call finishes, which admits no more than the token bucket did). Memory ordering: the creation
+// configuration is stored (sequentially consistent) before in_flight is cleared by a
+// compare-and-swap, which comes before the configuration switch; all sequentially consistent.
 ConsumedConversion convert_to_consumed(const Limiter& limiter, double bucket_size);
 
 // Whether every take and return that was in the middle of its operation on the record behind

@@ -92,7 +92,7 @@ class Semaphore {
     // changing nothing, if the parcel is gone: received already, or its giver died (a reap
     // gives the units back). Blocks only briefly, as hand_off. Throws Error(invalid_argument)
     // if `h` was made by another limiter, Error(table_full) if this thread has no process slot
-    // and none is free.
+    // and none is free, Error(busy) as hand_off (nothing received; the parcel stays).
     // Memory ordering: a successful receive happens-after the hand-off.
     bool receive(const HandOff& h);
 

@@ -45,7 +45,8 @@ class TokenBucket : public LimiterFacade {
     // depends on what is in flight) plus plain stores to the thread's own ledger entry; on a
     // general Limiter record it adopted, it is Limiter::try_take. Throws Error(invalid_argument)
     // for a negative, NaN or infinite `n`, Error(table_full) if the thread has no process slot,
-    // Error(system_error) as Limiter::try_take.
+    // Error(system_error) and Error(busy) as Limiter::try_take (a configuration writer stopped
+    // holding the config lock at a re-anchor of the drip; nothing taken).
     // Memory ordering: a successful take happens-after the refill decision or reconfiguration
     // that made its tokens available, in whichever process it ran.
     TryTake try_take(TimePoint now, double n);

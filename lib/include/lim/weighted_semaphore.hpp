@@ -83,7 +83,8 @@ class WeightedSemaphore {
     // Hands `n` of the units this process holds to another process, exactly as
     // Semaphore::hand_off (lim/hand_off.hpp): they stay in use, in a parcel owned by this
     // process until received; a reap gives them back if this process dies first. Blocks only
-    // briefly, on the segment's recovery lock. Throws Error(invalid_argument) if n == 0,
+    // briefly, on the segment's recovery lock; if it stays held for over 3 s (a reaper stopped
+    // holding it), throws Error(busy). Throws Error(invalid_argument) if n == 0,
     // Error(over_release) if this process holds fewer than `n` units, Error(table_full) if no
     // slot is free for the parcel; either way nothing changes.
     // Memory ordering: everything before the hand-off happens-before a receive that takes it.
@@ -92,7 +93,8 @@ class WeightedSemaphore {
     // Receives a parcel this semaphore's hand_off made, in any process: the calling process now
     // holds its units. Returns false, changing nothing, if the parcel is gone (received
     // already, or its giver died). Throws Error(invalid_argument) if `h` was made by another
-    // limiter, Error(table_full) if this thread has no process slot and none is free.
+    // limiter, Error(table_full) if this thread has no process slot and none is free,
+    // Error(busy) as hand_off (nothing received; the parcel stays for a later receive).
     // Memory ordering: a successful receive happens-after the hand-off.
     bool receive(const HandOff& h);
 
