@@ -88,12 +88,15 @@ void fold_for_return(SegmentState& state, std::uint32_t record, std::int64_t f,
         const std::int64_t folded = std::max(x, d - p.outside_flight(f));
         if (folded == x) return;
         if (d > kRebaseAt) {
-            // Re-anchoring folds too. If the config lock cannot be had at once, skip the fold:
-            // the cost is at most the allowance since the last fold dripping once the tokens are
-            // back. Never waited for: the record is frozen here, and a configuration writer
-            // stopped holding the lock would keep the reaper (and its recovery lock) waiting.
+            // Re-anchoring folds too. If the config lock cannot be had within kTryLockGrace,
+            // skip the fold: the cost is at most the allowance since the last fold dripping once
+            // the tokens are back (at most a bucket at once). The grace covers a legitimate switch
+            // (microseconds), so only a writer stopped (or starved) holding the lock costs that;
+            // never waited for longer: the record is frozen here, and such a writer would keep the
+            // reaper (and its recovery lock) waiting.
             try {
-                if (auto lock = FileLock::try_lock_fresh(state.fd(), LockByte::config))
+                if (auto lock = FileLock::lock_until(state.fd(), LockByte::config,
+                                                     Clock::now() + kTryLockGrace))
                     switch_locked(body, now_ns, true, nullptr, nullptr);
             } catch (...) {
             }
