@@ -331,6 +331,39 @@ TEST_CASE(
     }
 }
 
+TEST_CASE("a reap whose fold must re-anchor the drip takes the free config lock and folds") {
+    // The reaper's fold at a drip allowance past kRebaseAt is a re-anchoring switch under the
+    // config lock (bounded: kTryLockGrace). Skipped, the returned tokens would be in the bucket
+    // at once; folded, they drip back from the reap on.
+    lim::test::SegmentGuard guard(lim::test::unique_name("reap-fold"));
+    Segment seg = make_segment(guard);
+    // 10^8 tokens/s from 40 s ago: 4 x 10^13 units of drip allowance by now, past kRebaseAt.
+    const TimePoint created = Clock::now() - 40s;
+    auto l = Limiter::open(seg, "l",
+                           {.hopper_to_bucket_rate_per_sec = 1e8,
+                            .bucket_size = 1e9,
+                            .initial_bucket_level = 1e9,
+                            .initial_hopper_level = 0},
+                           created);
+    // A child takes the whole bucket at created + 1 s (no re-anchor yet) and is killed.
+    const pid_t child = lim::test::fork_child([&] {
+        if (l.try_take(created + 1s, 1e9) != TryTake::taken) return 1;
+        ::raise(SIGSTOP);
+        return 0;
+    });
+    wait_stopped(child);
+    REQUIRE(l.in_flight(created + 1s) == 1e9);
+    kill_and_wait(child);
+
+    const TimePoint before = Clock::now();
+    const ReapReport report = seg.reap();
+    REQUIRE(report.reaped.size() == 1);
+    CHECK(l.in_flight(Clock::now()) == 0);
+    // Back in the hopper, dripping at 10^8/s from the reap on: half of them is 5 s away (a `now`
+    // from before the reap counts as the limiter's time, the reap's).
+    CHECK(l.try_take(before, 5e8) == TryTake::unable);
+}
+
 TEST_CASE("a stopped reaper holding the recovery lock: reap, reset and hand-offs are busy") {
     lim::test::SegmentGuard guard(lim::test::unique_name("stopped-recovery"));
     Segment seg = make_segment(guard);
