@@ -364,6 +364,47 @@ TEST_CASE("a reap whose fold must re-anchor the drip takes the free config lock 
     CHECK(l.try_take(before, 5e8) == TryTake::unable);
 }
 
+TEST_CASE("a reap whose fold needs the config lock a stopped writer holds defers the record") {
+    // As above, with a writer stopped holding the config lock: the fold cannot re-anchor, and
+    // returning the dead's tokens unfolded would put 4 x 10^13 units of allowance in the bucket
+    // at once (the whole bucket over the bound). The record is deferred instead, the dead's
+    // tokens kept in flight, and the next reap after the writer is gone gives them back folded.
+    lim::test::SegmentGuard guard(lim::test::unique_name("reap-fold-stopped"));
+    Segment seg = make_segment(guard);
+    const TimePoint created = Clock::now() - 40s;
+    auto l = Limiter::open(seg, "l",
+                           {.hopper_to_bucket_rate_per_sec = 1e8,
+                            .bucket_size = 1e9,
+                            .initial_bucket_level = 1e9,
+                            .initial_hopper_level = 0},
+                           created);
+    const pid_t child = lim::test::fork_child([&] {
+        if (l.try_take(created + 1s, 1e9) != TryTake::taken) return 1;
+        ::raise(SIGSTOP);
+        return 0;
+    });
+    wait_stopped(child);
+    kill_and_wait(child);
+
+    const pid_t writer = stopped_holder(seg, detail::LockByte::config);
+    Watchdog dog(writer);
+    const TimePoint before = Clock::now();
+    const ReapReport deferred = seg.reap();
+    CHECK(deferred.reaped.empty());
+    REQUIRE(deferred.deferred.size() == 1);
+    CHECK(l.in_flight(Clock::now()) == 1e9);  // still the dead's, not given back unfolded
+    CHECK(l.try_take(before, 5e8) == TryTake::unable);
+    dog.disarm();
+    CHECK_FALSE(dog.fired());
+    kill_and_wait(writer);
+
+    const TimePoint later = Clock::now();
+    const ReapReport report = seg.reap();
+    REQUIRE(report.reaped.size() == 1);
+    CHECK(l.in_flight(Clock::now()) == 0);
+    CHECK(l.try_take(later, 5e8) == TryTake::unable);  // folded: dripping back from the reap on
+}
+
 TEST_CASE("a stopped reaper holding the recovery lock: reap, reset and hand-offs are busy") {
     lim::test::SegmentGuard guard(lim::test::unique_name("stopped-recovery"));
     Segment seg = make_segment(guard);

@@ -74,38 +74,43 @@ std::optional<std::uint64_t> cas_from_frozen(std::atomic<std::uint64_t>& f,
 }
 
 // Folds the bucket at `now` with `f` in flight, as a return does before its tokens come back.
-void fold_for_return(SegmentState& state, std::uint32_t record, std::int64_t f,
+// False, with nothing changed, when the fold must re-anchor the drip and the config lock cannot
+// be had within kTryLockGrace (a writer stopped holding it).
+bool fold_for_return(SegmentState& state, std::uint32_t record, std::int64_t f,
                      std::int64_t now_ns) noexcept {
     LimiterBody& body = body_at(state, record);
     for (;;) {
         std::uint64_t s = body.bucket.load(std::memory_order_seq_cst);
         const std::uint32_t gen = BucketWord::gen(s);
         const LimiterParams p = load_params(body.config[gen & 1]);
-        if (p.rate_infinite || p.target_infinite) return;
+        if (p.rate_infinite || p.target_infinite) return true;
         const std::int64_t t = std::max(now_ns, body.time_ns.load(std::memory_order_relaxed));
         const std::int64_t x = BucketWord::x(s);
         const std::int64_t d = p.drip_at(t);
         const std::int64_t folded = std::max(x, d - p.outside_flight(f));
-        if (folded == x) return;
+        if (folded == x) return true;
         if (d > kRebaseAt) {
-            // Re-anchoring folds too. If the config lock cannot be had within kTryLockGrace,
-            // skip the fold: the cost is at most the allowance since the last fold dripping once
-            // the tokens are back (at most a bucket at once). The grace covers a legitimate switch
-            // (microseconds), so only a writer stopped (or starved) holding the lock costs that;
-            // never waited for longer: the record is frozen here, and such a writer would keep the
-            // reaper (and its recovery lock) waiting.
+            // Re-anchoring folds too, under the config lock, waited for at most kTryLockGrace
+            // (a legitimate switch holds it for microseconds). Never longer: the record is
+            // frozen here, and a writer stopped holding the lock would keep the reaper (and its
+            // recovery lock) waiting. Without the lock the fold cannot be made, and returning
+            // the dead's tokens unfolded would put the allowance since the last fold in the
+            // bucket at once (up to a bucket over the bound): so false, and the recount defers
+            // the record to a later reap, as when a holder thawed it.
             try {
                 if (auto lock = FileLock::lock_until(state.fd(), LockByte::config,
-                                                     Clock::now() + kTryLockGrace))
+                                                     Clock::now() + kTryLockGrace)) {
                     switch_locked(body, now_ns, true, nullptr, nullptr);
+                    return true;
+                }
             } catch (...) {
             }
-            return;
+            return false;
         }
         LIM_RACE_POINT();
         if (body.bucket.compare_exchange_strong(s, BucketWord::make(gen, folded),
                                                 std::memory_order_seq_cst)) {
-            return;
+            return true;
         }
     }
 }
@@ -154,7 +159,13 @@ LiveHoldings limiter_recount(SegmentState& state, std::uint32_t record, const Li
     // What the dead held comes back as return_to_hopper brings tokens back: time advances (the
     // fold) with them still in flight, then in flight drops to what the living hold. The fold
     // alone (a recount abandoned after it) is what any take's fold at `now` does with F as read.
-    fold_for_return(state, record, before, now_ns);
+    if (!fold_for_return(state, record, before, now_ns)) {
+        // The fold needs the config lock, held by a writer stopped (or starved) past the grace:
+        // nothing stored; the reaper thaws F unchanged and keeps the dead slots for a later reap.
+        LiveHoldings given;
+        given.abandoned = true;
+        return given;
+    }
     const std::int64_t kept = std::clamp<std::int64_t>(live.held[0], 0, kMaxInFlight);
     raise_time_ns(body.time_ns, now_ns);
     // The waiter count's correction while the word is still frozen (see waiters_delta); the CAS

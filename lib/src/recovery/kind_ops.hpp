@@ -17,8 +17,10 @@ namespace lim::detail {
 struct LiveHoldings {
     std::int64_t held[3] = {0, 0, 0};
     // Set by a recount that found a word it froze thawed by a holder (the reaper was stopped past
-    // kFrozenBreakTimeout, docs/design.md "The recount"): it stopped there, storing nothing more;
-    // the reaper defers the record. held[] then counts only the words recounted before.
+    // kFrozenBreakTimeout, docs/design.md "The recount"), or by a limiter recount whose fold
+    // needed the config lock that a stopped writer holds ("Stopped lock holders"): it stopped
+    // there, storing nothing more; the reaper defers the record. held[] then counts only the
+    // words recounted before.
     bool abandoned = false;
 };
 
