@@ -331,13 +331,12 @@ TEST_CASE(
     }
 }
 
-TEST_CASE("a reap whose fold must re-anchor the drip takes the free config lock and folds") {
-    // The reaper's fold at a drip allowance past kRebaseAt is a re-anchoring switch under the
-    // config lock (bounded: kTryLockGrace). Skipped, the returned tokens would be in the bucket
-    // at once; folded, they drip back from the reap on.
-    lim::test::SegmentGuard guard(lim::test::unique_name("reap-fold"));
-    Segment seg = make_segment(guard);
-    // 10^8 tokens/s from 40 s ago: 4 x 10^13 units of drip allowance by now, past kRebaseAt.
+namespace {
+
+// A limiter filled at 10^8 tokens/s from 40 s ago (4 x 10^13 units of drip allowance by now,
+// past kRebaseAt, so a reap's fold must re-anchor under the config lock), whose whole bucket a
+// child took at created + 1 s (no re-anchor yet) before it was killed.
+Limiter limiter_with_dead_holder(const Segment& seg) {
     const TimePoint created = Clock::now() - 40s;
     auto l = Limiter::open(seg, "l",
                            {.hopper_to_bucket_rate_per_sec = 1e8,
@@ -345,7 +344,6 @@ TEST_CASE("a reap whose fold must re-anchor the drip takes the free config lock 
                             .initial_bucket_level = 1e9,
                             .initial_hopper_level = 0},
                            created);
-    // A child takes the whole bucket at created + 1 s (no re-anchor yet) and is killed.
     const pid_t child = lim::test::fork_child([&] {
         if (l.try_take(created + 1s, 1e9) != TryTake::taken) return 1;
         ::raise(SIGSTOP);
@@ -354,6 +352,18 @@ TEST_CASE("a reap whose fold must re-anchor the drip takes the free config lock 
     wait_stopped(child);
     REQUIRE(l.in_flight(created + 1s) == 1e9);
     kill_and_wait(child);
+    return l;
+}
+
+}  // namespace
+
+TEST_CASE("a reap whose fold must re-anchor the drip takes the free config lock and folds") {
+    // The reaper's fold at a drip allowance past kRebaseAt is a re-anchoring switch under the
+    // config lock (bounded: kTryLockGrace). Skipped, the returned tokens would be in the bucket
+    // at once; folded, they drip back from the reap on.
+    lim::test::SegmentGuard guard(lim::test::unique_name("reap-fold"));
+    Segment seg = make_segment(guard);
+    auto l = limiter_with_dead_holder(seg);
 
     const TimePoint before = Clock::now();
     const ReapReport report = seg.reap();
@@ -371,20 +381,7 @@ TEST_CASE("a reap whose fold needs the config lock a stopped writer holds defers
     // tokens kept in flight, and the next reap after the writer is gone gives them back folded.
     lim::test::SegmentGuard guard(lim::test::unique_name("reap-fold-stopped"));
     Segment seg = make_segment(guard);
-    const TimePoint created = Clock::now() - 40s;
-    auto l = Limiter::open(seg, "l",
-                           {.hopper_to_bucket_rate_per_sec = 1e8,
-                            .bucket_size = 1e9,
-                            .initial_bucket_level = 1e9,
-                            .initial_hopper_level = 0},
-                           created);
-    const pid_t child = lim::test::fork_child([&] {
-        if (l.try_take(created + 1s, 1e9) != TryTake::taken) return 1;
-        ::raise(SIGSTOP);
-        return 0;
-    });
-    wait_stopped(child);
-    kill_and_wait(child);
+    auto l = limiter_with_dead_holder(seg);
 
     const pid_t writer = stopped_holder(seg, detail::LockByte::config);
     Watchdog dog(writer);
