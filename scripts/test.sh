@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Builds lim and runs every test: first under AddressSanitizer+UndefinedBehaviorSanitizer and
-# ThreadSanitizer, then the normal (RelWithDebInfo) build, whose ctest summary ends the output.
-# Warnings are errors in all of them. Set LIM_SANITIZERS=0 to skip the sanitizer builds, and
-# LIM_CLANG=0 to skip the clang builds (race-widening suite and fuzzing).
+# Builds lim and runs every test: first under AddressSanitizer+UndefinedBehaviorSanitizer (with
+# race widening) and ThreadSanitizer, then fuzzing, then the normal (RelWithDebInfo) build, whose
+# ctest summary ends the output. Warnings are errors in all of them. Set LIM_SANITIZERS=0 to skip
+# the sanitizer builds, and LIM_CLANG=0 to build the ASan stage with GCC and skip fuzzing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -14,8 +14,24 @@ build() {  # build <dir> [cmake args...]
   cmake --build "$dir" -j"$jobs"
 }
 
+# Four builds, each compiled from scratch on a fresh CI machine, so each one is chosen for what
+# only it can catch:
+# - clang 14, ASan+UBSan, with race widening (lib/src/sync/race_point.hpp: a scheduling point
+#   between the steps of the ledger protocol and of every CAS loop, so the multi-process and crash
+#   tests reach the narrow interleavings — a reaper between a holder's CAS and its ledger store, a
+#   claim between lock and CAS — in seconds, and ASan sees what those interleavings touch);
+# - GCC, TSan;
+# - clang 14, libFuzzer with ASan+UBSan: each target of tests/fuzz for 20 s from its seed corpus;
+# - GCC, the normal (RelWithDebInfo) build: the benchmark guard, then the whole suite with the
+#   C API and Python tests.
+# GCC and clang each compile everything with warnings as errors.
 if [ "${LIM_SANITIZERS:-1}" != 0 ]; then
-  build build/asan -DCMAKE_BUILD_TYPE=Debug -DLIM_SANITIZE=address,undefined -DLIM_BUILD_BENCHMARKS=OFF
+  # The compiler is named, not taken from CC/CXX: an existing build dir configured with the other
+  # compiler is then reconfigured from scratch instead of silently keeping it.
+  asan_cc=(-DCMAKE_C_COMPILER=clang-14 -DCMAKE_CXX_COMPILER=clang++-14)
+  [ "${LIM_CLANG:-1}" != 0 ] || asan_cc=(-DCMAKE_C_COMPILER=gcc -DCMAKE_CXX_COMPILER=g++)
+  build build/asan "${asan_cc[@]}" -DCMAKE_BUILD_TYPE=Debug -DLIM_SANITIZE=address,undefined \
+    -DLIM_RACE_WIDEN=ON -DLIM_BUILD_BENCHMARKS=OFF
   ctest --test-dir build/asan --output-on-failure -j"$jobs"
   build build/tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLIM_SANITIZE=thread -DLIM_BUILD_BENCHMARKS=OFF
   # TSan cannot follow the futexes and shared pages between processes; it checks each process's
@@ -24,15 +40,7 @@ if [ "${LIM_SANITIZERS:-1}" != 0 ]; then
     ctest --test-dir build/tsan --output-on-failure -j"$jobs"
 fi
 
-# clang 14 builds the library with race widening (lib/src/sync/race_point.hpp: a scheduling point
-# between the steps of the ledger protocol and of every CAS loop, so the multi-process and crash
-# tests reach the narrow interleavings — a reaper between a holder's CAS and its ledger store, a
-# claim between lock and CAS — in seconds) and runs the whole suite. Then a fuzzing build (clang,
-# ASan+UBSan) runs each libFuzzer target of tests/fuzz for 20 s from its seed corpus.
 if [ "${LIM_CLANG:-1}" != 0 ]; then
-  CC=clang-14 CXX=clang++-14 build build/clang -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-    -DLIM_RACE_WIDEN=ON -DLIM_BUILD_BENCHMARKS=OFF
-  ctest --test-dir build/clang --output-on-failure -j"$jobs"
   CC=clang-14 CXX=clang++-14 build build/fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     -DLIM_BUILD_BENCHMARKS=OFF -DLIM_FUZZ=ON -DLIM_SANITIZE=address,undefined
   ctest --test-dir build/fuzz --output-on-failure -j"$jobs"

@@ -147,7 +147,13 @@ TEST_CASE("blocked requests are admitted in arrival order") {
     lim::test::SegmentGuard guard(lim::test::unique_name("ws-fifo"));
     auto seg = make_segment(guard);
     auto ws = WeightedSemaphore::open(seg, "bytes", {.capacity = 10});
+    detail::SegmentState& state = *seg.state();
+    const auto record =
+        *detail::find_record(state, detail::RecordKind::weighted_semaphore, "bytes");
+    const auto& queue =
+        reinterpret_cast<detail::WeightedSemaphoreBody*>(state.record(record).body)->layer.queue;
     ws.acquire(10);
+    const std::uint64_t tail0 = queue.tail.load();
     std::atomic<int> next{0};
     std::vector<int> order(6, -1);
     std::vector<std::thread> threads;
@@ -160,7 +166,11 @@ TEST_CASE("blocked requests are admitted in arrival order") {
             order[static_cast<std::size_t>(i)] = next.fetch_add(1);
             ws.release(amount);
         });
-        REQUIRE(eventually([&] { return ws.waiters() == static_cast<std::uint32_t>(i + 1); }));
+        // Arrival is the ticket, taken just after the queued count that waiters() reads goes
+        // up: wait for the ticket, or the next thread could take an earlier one.
+        REQUIRE(
+            eventually([&] { return queue.tail.load() == tail0 + static_cast<unsigned>(i + 1); }));
+        CHECK(ws.waiters() == static_cast<std::uint32_t>(i + 1));
     }
     ws.release(10);
     for (auto& t : threads)
