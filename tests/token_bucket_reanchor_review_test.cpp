@@ -478,3 +478,33 @@ TEST_CASE(
     CHECK(tb.try_take(from_nanos(now + 1'000'000'000), 10) == TryTake::taken);
     CHECK(tb.try_take(from_nanos(now + 1'000'000'000), 0.0001) == TryTake::unable);
 }
+
+TEST_CASE(
+    "review: a rate raise at a `now` behind a token bucket's take (L raised lazily): no drip "
+    "counted twice, burst + fastest rate x T") {
+    // The interleaving behind the forked test above, made deterministic in one process: a take
+    // at s + 10 us leaves L at s (the token bucket raises L only when it is more than
+    // kLazyTimeGrain behind), so a rate switch whose `now` is s re-anchors the new, faster drip
+    // at s, behind the take. The take's debt is counted at the old rate (X - D(s)), the new
+    // drip pays it at the new one: (R' - R) x 10 us of drip appears twice. The seed moves the
+    // switch's `now` up to the limiter's time, s + 10 us.
+    lim::test::SegmentGuard guard(lim::test::unique_name("tb-rv3-stale-raise"));
+    auto seg = lim::test::limiter_segment(guard);
+    constexpr double kRateMax = 12'345'678.9;
+    auto tb = TokenBucket::open(seg, "tb", {.burst_size = 50, .sustained_rate_per_sec = 1e7}, t0);
+    auto l = Limiter::open(seg, "tb", {.bucket_size = 1}, lim::adopt_existing, t0);
+    const std::int64_t s = to_nanos(t0);
+    std::int64_t admitted = 0;
+    REQUIRE(tb.try_take(from_nanos(s + detail::kLazyTimeGrainNs), 40) == TryTake::taken);
+    admitted += 400'000;
+    l.set_hopper_to_bucket_rate_per_sec(from_nanos(s), kRateMax);
+    // 2 us later: whatever the bucket holds, taken whole.
+    const TimePoint u = from_nanos(s + detail::kLazyTimeGrainNs + 2'000);
+    const std::int64_t level = std::llround(tb.in_bucket(u) * 10'000);
+    if (level > 0 && tb.try_take(u, static_cast<double>(level) / 10'000) == TryTake::taken)
+        admitted += level;
+    // Over [s + 10 us, s + 12 us]: at most 50 tokens + 12,345,678.9 tokens/s x 2 us (+ 1 unit).
+    const double bound = 500'000 + kRateMax * 10'000 * 2e-6 + 1;
+    MESSAGE("admitted " << admitted << " units in 2 us; bound " << bound);
+    CHECK(static_cast<double>(admitted) <= bound);
+}

@@ -364,6 +364,11 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
             backoff.pause();
             continue;
         }
+        // L before the CAS on S: a switch that reads S after our take then reads L >= t, so
+        // it never re-anchors a new (faster) rate behind our take (switch_locked; docs/
+        // design.md, "Time"). A raise for a take that then fails is a refusal's raise.
+        LIM_RACE_POINT();
+        raise_time(t);
         // Take from the bucket: fold at t (the allowance beyond the cap is lost, as the seed
         // loses it) and move the marker past our n. The CAS expects the generation we read, so
         // it fails if the configuration switched.
@@ -374,12 +379,10 @@ TakeOutcome LimiterCore::try_take(Hold& hold, std::int64_t now_ns, std::int64_t 
                                              std::memory_order_seq_cst)) {
                 LIM_RACE_POINT();
                 if (deadline != kNoLeaseDeadline && !landed_before(deadline)) {
-                    raise_time(t);
                     return TakeOutcome::unable;  // late: consumed (in flight), not admitted
                 }
                 if (!p.consumed) hold.add(0, n);
                 hold.admitted();
-                raise_time(t);
                 return TakeOutcome::taken;
             }
             if (BucketWord::gen(s) != gen) break;
@@ -547,8 +550,9 @@ void switch_locked(LimiterBody& body, std::int64_t now_ns, bool reanchor,
         const LimiterParams old = load_params(body.config[gen & 1]);
         // Never before the current anchor either: D is 0 before it, so a re-anchor there would
         // count the drip since then again.
+        const std::int64_t l = body.time_ns.load(std::memory_order_relaxed);
         const std::int64_t t = std::max(
-            {now_ns, body.time_ns.load(std::memory_order_relaxed),
+            {now_ns, l,
              old.rate_infinite ? std::numeric_limits<std::int64_t>::min() : old.anchor_ns});
         const std::int64_t f = value_of(body.in_flight.load(std::memory_order_seq_cst));
         const std::int64_t x = BucketWord::x(s);
@@ -577,6 +581,29 @@ void switch_locked(LimiterBody& body, std::int64_t now_ns, bool reanchor,
                     change == nullptr && old.target_infinite ? exact_anchor(old, t) : t;
                 next.anchor_ns = at;
                 next_x = std::max(x - old.drip_at(at), -cap);
+                // A faster rate re-anchored at t counts its drip from t on, but a take that
+                // landed before this switch may have run at a time after t: the token bucket's
+                // take publishes its time in L only when it is more than kLazyTimeGrain ahead
+                // (and every take before its CAS on S), so such a take ran at most at
+                // l + kLazyTimeGrain. Its debt X - D(t) is counted at the old rate; the new
+                // rate would drip the same interval again, (R' - R) x (its time - t) more than
+                // burst + rate x T allows. So the old state is folded at the latest time such a
+                // take may have had, `late`, and the new drip counts from t minus what it
+                // drips up to `late`: the switch as if made at `late` (fewer tokens, never
+                // more, for every time a take may still have; docs/design.md, "Time").
+                if (change != nullptr && next.rate_per_sec > old.rate_per_sec) {
+                    const auto gap = static_cast<std::uint64_t>(t) - static_cast<std::uint64_t>(l);
+                    if (gap < static_cast<std::uint64_t>(kLazyTimeGrainNs)) {
+                        const std::int64_t ahead =
+                            kLazyTimeGrainNs - static_cast<std::int64_t>(gap);
+                        std::int64_t late = 0;
+                        if (__builtin_add_overflow(t, ahead, &late))
+                            late = std::numeric_limits<std::int64_t>::max();
+                        const std::int64_t d_late = old.drip_at(late);
+                        next_x = std::max(next_x,
+                                          next.drip_at(late) + std::max(x, d_late - cap) - d_late);
+                    }
+                }
             } else {
                 next_x = std::max(x, old.drip_at(t) - cap);
             }

@@ -43,6 +43,16 @@ TakeOutcome LimiterCore::try_take_bucket(LedgerEntry& entry, std::int64_t now_ns
             if (d - x >= n) [[likely]] {
                 if (d > rebase_at) [[unlikely]]
                     return TakeOutcome::rebase_needed;
+                // L, lazily, and before the CAS: only when more than kLazyTimeGrain behind t (a
+                // take behind L by less is a take at a slightly earlier time: fewer tokens,
+                // never more). Before the CAS, so that a switch that reads S after this take
+                // reads an L at least t - kLazyTimeGrain: switch_locked counts on that bound to
+                // keep a faster rate from dripping retroactively over a take it cannot see
+                // (docs/design.md, "Time"). Saves a CAS on the hot line per take otherwise.
+                // (t >= l: their difference in unsigned 64 bits, exact even for a corrupt L.)
+                if (static_cast<std::uint64_t>(t) - static_cast<std::uint64_t>(l) >
+                    static_cast<std::uint64_t>(kLazyTimeGrainNs))
+                    raise_time(t);
                 // Fold at t (the allowance beyond the bucket is lost, as the seed loses it) and
                 // move the marker past our n. The CAS expects the generation we read, so it
                 // fails if the configuration switched (and with it every field read above); it
@@ -62,13 +72,6 @@ TakeOutcome LimiterCore::try_take_bucket(LedgerEntry& entry, std::int64_t now_ns
                 held.store(held.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
                 e.admitted.store(e.admitted.load(std::memory_order_relaxed) + 1,
                                  std::memory_order_relaxed);
-                // L, lazily: only "a `now` behind the limiter's time is moved up to it" depends
-                // on it, and a lag of at most kLazyTimeGrain is a take at a slightly earlier time
-                // (fewer tokens, never more). Saves a CAS on the hot line per take.
-                // (t >= l: their difference in unsigned 64 bits, exact even for a corrupt L.)
-                if (static_cast<std::uint64_t>(t) - static_cast<std::uint64_t>(l) >
-                    static_cast<std::uint64_t>(kLazyTimeGrainNs))
-                    raise_time(t);
                 return TakeOutcome::taken;
             }
         }
@@ -189,6 +192,10 @@ namespace {
     if (!short_drip(c, t, d)) return false;
     const std::int64_t x = BucketWord::x(s);
     if (d - x < n || d > kRebaseAt) return false;
+    // The lazy raise of L, before the CAS, as in try_take_bucket.
+    if (static_cast<std::uint64_t>(t) - static_cast<std::uint64_t>(l) >
+        static_cast<std::uint64_t>(kLazyTimeGrainNs))
+        raise_time_ns(body.time_ns, t);
     // The linearisation point, as in try_take_bucket: the CAS expects the generation whose block
     // was read, so a switch since makes it fail.
     LIM_RACE_POINT();
@@ -198,14 +205,11 @@ namespace {
         return false;
     }
     LIM_RACE_POINT();
-    // The ledger stores and the lazy raise of L, as in try_take_bucket.
+    // The ledger stores, as in try_take_bucket.
     auto& held = entry.held[kBucketTakenLayer];
     held.store(held.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
     entry.admitted.store(entry.admitted.load(std::memory_order_relaxed) + 1,
                          std::memory_order_relaxed);
-    if (static_cast<std::uint64_t>(t) - static_cast<std::uint64_t>(l) >
-        static_cast<std::uint64_t>(kLazyTimeGrainNs))
-        raise_time_ns(body.time_ns, t);
     return true;
 }
 
