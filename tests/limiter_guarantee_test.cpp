@@ -258,8 +258,17 @@ TEST_CASE("waiters() returns to 0 after reaps overlapping sleepers that register
         }));
         ::kill(child, SIGKILL);
         REQUIRE(lim::test::wait_child(child) == 128 + SIGKILL);
-        const ReapReport report = seg.reap();  // recounts the waiters while the churn goes on
-        CHECK(report.reaped.size() == 1);
+        ReapReport report = seg.reap();  // recounts the waiters while the churn goes on
+        // On a loaded machine the reaper can be descheduled inside its frozen window for longer
+        // than a churning sleeper waits before breaking it; the recount is then abandoned and
+        // the record deferred (docs/design.md), and the next reap finishes the job.
+        for (int retry = 0; report.reaped.empty() && !report.deferred.empty() && retry < 100;
+             ++retry) {
+            MESSAGE("round " << round << ": reap deferred, reaping again");
+            report = seg.reap();
+        }
+        CHECK_MESSAGE(report.reaped.size() == 1,
+                      "reaped " << report.reaped.size() << ", deferred " << report.deferred.size());
     }
     stop.store(true);
     for (auto& t : churn)
