@@ -65,6 +65,7 @@ enum Quantity { kDispatchSlots, kDispatchBytes, kSemaphoreUnits, kThrottleJobs, 
 struct Shared {
     std::atomic<int> stop{0};
     std::atomic<long> admitted{0};
+    std::atomic<long> child_failures{0};  // grandchildren that did not exit 0
     Tally tally[kQuantities];
 };
 
@@ -73,53 +74,96 @@ void spin(std::mt19937& rng) {
         std::atomic_signal_fence(std::memory_order_seq_cst);
 }
 
-// One worker: the quick paths only (try_*: no blocking call, so no reap but the test's).
-int work(Shared& sh, int w, Dispatch& d, Semaphore& sem, Throttle& th, unsigned seed) {
-    // A test that fails (or crashes) before it stops the workers must not leave them running.
-    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-    std::mt19937 rng(seed);
-    while (sh.stop.load() == 0) {
-        switch (rng() % 3) {
-            case 0: {
-                const std::uint64_t bytes = rng() % 2 == 0 ? 0 : 1 + rng() % 600;
-                std::optional<Permit> p = d.try_acquire(bytes);
-                if (!p) break;
-                sh.tally[kDispatchSlots].enter(w, 1);
-                sh.tally[kDispatchBytes].enter(w, p->bytes());
-                spin(rng);
-                sh.tally[kDispatchBytes].leave(w, p->bytes());
-                sh.tally[kDispatchSlots].leave(w, 1);
-                p.reset();
-                sh.admitted.fetch_add(1);
-                break;
-            }
-            case 1: {
-                const std::uint64_t n = 1 + rng() % 2;
-                if (!sem.try_acquire(n)) break;
-                sh.tally[kSemaphoreUnits].enter(w, n);
-                spin(rng);
-                sh.tally[kSemaphoreUnits].leave(w, n);
-                sem.release(n);
-                sh.admitted.fetch_add(1);
-                break;
-            }
-            default: {
-                if (th.try_start_job().kind() != StartJob::Kind::start) break;
-                sh.tally[kThrottleJobs].enter(w, 1);
-                spin(rng);
-                sh.tally[kThrottleJobs].leave(w, 1);
-                th.finish_job();
-                sh.admitted.fetch_add(1);
-                break;
-            }
+// One operation on a random resource, through the quick paths only (try_*: no blocking call, so
+// no reap but the test's), holding for a moment. Counted in worker `w`'s fields of the tallies
+// unless `w` < 0 (a grandchild: uncounted, so it can only lower the peaks the test checks).
+void one_op(Shared& sh, int w, Dispatch& d, Semaphore& sem, Throttle& th, std::mt19937& rng) {
+    auto enter = [&](Quantity q, std::uint64_t n) {
+        if (w >= 0) sh.tally[q].enter(w, n);
+    };
+    auto leave = [&](Quantity q, std::uint64_t n) {
+        if (w >= 0) sh.tally[q].leave(w, n);
+    };
+    switch (rng() % 3) {
+        case 0: {
+            const std::uint64_t bytes = rng() % 2 == 0 ? 0 : 1 + rng() % 600;
+            std::optional<Permit> p = d.try_acquire(bytes);
+            if (!p) return;
+            enter(kDispatchSlots, 1);
+            enter(kDispatchBytes, p->bytes());
+            spin(rng);
+            leave(kDispatchBytes, p->bytes());
+            leave(kDispatchSlots, 1);
+            p.reset();
+            break;
+        }
+        case 1: {
+            const std::uint64_t n = 1 + rng() % 2;
+            if (!sem.try_acquire(n)) return;
+            enter(kSemaphoreUnits, n);
+            spin(rng);
+            leave(kSemaphoreUnits, n);
+            sem.release(n);
+            break;
+        }
+        default: {
+            if (th.try_start_job().kind() != StartJob::Kind::start) return;
+            enter(kThrottleJobs, 1);
+            spin(rng);
+            leave(kThrottleJobs, 1);
+            th.finish_job();
+            break;
         }
     }
+    sh.admitted.fetch_add(1);
+}
+
+// One worker process: its main thread runs operations; with `forks`, a second thread runs them
+// too and, between two, forks a child (while the main thread is inside its own operations) that
+// runs a few operations of its own on a slot of its own, then exits.
+int work(Shared& sh, int w, Dispatch& d, Semaphore& sem, Throttle& th, unsigned seed, bool forks) {
+    // A test that fails (or crashes) before it stops the workers must not leave them running.
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    std::thread forker;
+    if (forks) {
+        forker = std::thread([&sh, w, &d, &sem, &th, seed] {
+            std::mt19937 rng(seed + 7);
+            while (sh.stop.load() == 0) {
+                one_op(sh, w, d, sem, th, rng);  // this thread's slot is in its cache now
+                const pid_t child = ::fork();
+                if (child == 0) {
+                    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+                    std::mt19937 mine(static_cast<unsigned>(::getpid()));
+                    for (int i = 0; i < 20; ++i)
+                        one_op(sh, -1, d, sem, th, mine);
+                    ::_exit(0);
+                }
+                int status = 0;
+                if (child < 0 || ::waitpid(child, &status, 0) != child || !WIFEXITED(status) ||
+                    WEXITSTATUS(status) != 0) {
+                    sh.child_failures.fetch_add(1);
+                }
+            }
+        });
+    }
+    std::mt19937 rng(seed);
+    while (sh.stop.load() == 0)
+        one_op(sh, w, d, sem, th, rng);
+    if (forker.joinable()) forker.join();
     return 0;
 }
 
 }  // namespace
 
 TEST_CASE("quick paths under SIGKILL and immediate reaps: no limit ever exceeded, nothing leaked") {
+    // With `forks`, each worker also forks children from a second thread while its main thread
+    // is inside its operations (the child's slot is its own; the parent's ledgers are untouched).
+    bool forks = false;
+    SUBCASE("one thread per worker") {}
+    SUBCASE("a second thread forks children meanwhile") {
+        forks = true;
+    }
+    CAPTURE(forks);
     lim::test::SegmentGuard guard(lim::test::unique_name("hot-paths"));
     Segment seg = Segment::open_or_create(guard.name(), {.max_limiters = 8,
                                                          .max_processes = 64,
@@ -137,7 +181,8 @@ TEST_CASE("quick paths under SIGKILL and immediate reaps: no limit ever exceeded
 
     auto* sh = new (lim::test::shared_array<Shared>(1)) Shared{};
     auto spawn = [&](int w, unsigned seed) {
-        return lim::test::fork_child([&, w, seed] { return work(*sh, w, d, sem, th, seed); });
+        return lim::test::fork_child(
+            [&, w, seed] { return work(*sh, w, d, sem, th, seed, forks); });
     };
     std::array<pid_t, kWorkers> pid{};
     for (int w = 0; w < kWorkers; ++w)
@@ -146,7 +191,7 @@ TEST_CASE("quick paths under SIGKILL and immediate reaps: no limit ever exceeded
     std::mt19937 rng(42);
     int kills = 0;
     long recounted = 0;  // records a reap recounted (the dead was in or holding them)
-    for (; kills < 80; ++kills) {
+    for (; kills < (forks ? 40 : 80); ++kills) {
         // Let the workers run a little (not a timing assertion: any schedule is valid).
         std::this_thread::sleep_for(std::chrono::microseconds(200 + rng() % 3000));
         const int w = static_cast<int>(rng() % kWorkers);
@@ -164,11 +209,17 @@ TEST_CASE("quick paths under SIGKILL and immediate reaps: no limit ever exceeded
     for (int w = 0; w < kWorkers; ++w)
         CHECK(lim::test::wait_child(pid[w]) == 0);
     // Dead slots a deferred reap kept (a worker preempted inside an operation for the reap's
-    // whole budget) are reaped now that nobody runs.
-    for (int i = 0; i < 10; ++i) {
-        const ReapReport report = seg.reap();
-        if (report.reaped.empty() && report.deferred.empty()) break;
-    }
+    // whole budget), and grandchildren of killed workers (SIGKILLed by their parent's death, which
+    // the kernel delivers on its own time), are reaped now that nobody runs.
+    const DispatchSnapshot none{};
+    CHECK(lim::test::eventually(
+        [&] {
+            seg.reap();
+            const DispatchSnapshot s = d.snapshot();
+            return s.in_flight == none.in_flight && s.bytes_in_flight == 0 && sem.in_use() == 0 &&
+                   th.in_flight() == 0.0;
+        },
+        10s));
 
     for (int q = 0; q < kQuantities; ++q) {
         CAPTURE(q);
@@ -184,6 +235,7 @@ TEST_CASE("quick paths under SIGKILL and immediate reaps: no limit ever exceeded
     // Not vacuous: the workers were admitted many times, and reaps recounted records.
     CHECK(sh->admitted.load() > 1000);
     CHECK(recounted > 0);
+    CHECK(sh->child_failures.load() == 0);
     MESSAGE("admitted " << sh->admitted.load() << ", " << kills << " kills, " << recounted
                         << " records recounted; peaks " << sh->tally[0].peak.load() << " "
                         << sh->tally[1].peak.load() << " " << sh->tally[2].peak.load() << " "
