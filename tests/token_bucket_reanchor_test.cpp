@@ -241,16 +241,13 @@ TEST_CASE("4 takers racing re-anchors and a 5th process reconfiguring: never mor
             const std::int64_t now =
                 rng() % 2 == 0 ? clock->fetch_add(2'000) + 2'000
                                : clock->load() - static_cast<std::int64_t>(rng() % 20'000);
-            switch (rng() % 3) {
-                case 0:
-                    l.set_bucket_size(from_nanos(now), 30);
-                    break;
-                case 1:
-                    l.set_bucket_size(from_nanos(now), kBurst);
-                    break;
-                default:
-                    l.set_hopper_to_bucket_rate_per_sec(from_nanos(now), kRate);
-                    break;
+            // Rarely the rate: each such switch re-anchors at its time, so frequent ones would
+            // leave the short form no window to overflow in (no re-anchor of its own to race).
+            const unsigned pick = rng() % 64;
+            if (pick == 0) {
+                l.set_hopper_to_bucket_rate_per_sec(from_nanos(now), kRate);
+            } else {
+                l.set_bucket_size(from_nanos(now), pick % 2 == 0 ? 30 : kBurst);
             }
             // Spread over the run, and far fewer than the 65,536 that wrap the 16-bit generation
             // (a limit of its own: docs/design.md, "TokenBucket's take", generation wrap).
@@ -270,10 +267,10 @@ TEST_CASE("4 takers racing re-anchors and a 5th process reconfiguring: never mor
     const std::uint32_t switches = (generation(body) - gen0) & 0xFFFF;
     MESSAGE(all.size() << " admissions, " << check.windows << " windows checked, worst excess "
                        << check.worst_excess_units << " units, " << switches << " switches ("
-                       << done[1].load() << " by the reconfigurer)");
+                       << done[1].load() << " by the reconfigurer, the rest re-anchors)");
     CHECK(check.worst_excess_units <= 0);
     CHECK(done[1].load() >= 10);
-    CHECK(switches > done[1].load());  // re-anchors too
+    CHECK(switches >= done[1].load());
     std::int64_t total = 0;
     for (const auto& a : all)
         total += a.units;
