@@ -748,7 +748,26 @@ TEST_CASE("lim-feeder feeds past the old 10^9-token lifetime cap, and repairs a 
     CHECK(local.in_flight() < 1e9);  // rebased: far less than what was spent
     CHECK(total() <= kBigBurst + kBigRate * elapsed_s);
 
-    // Phase 2: the feeder dies, and a rebase of its record dies between its two steps.
+    // Phase 2: the feeder dies, and a rebase of its record dies between its two steps. Its own
+    // rebase (every 10^8 tokens) leaves in_flight at 0 when no take lands during it, and the
+    // workers' takes (10^7 each) may find less than that held: a rebase of nothing has no step to
+    // die between (the rebaser then exits 0; seen in about one run in ten). So the feeder is
+    // stopped and this thread takes a token, which stays in flight, and the feeder is killed
+    // while still stopped (ChildProcess::stop continues it first, and a feeder continued with
+    // 10^8 in flight rebased it to 0 before the SIGKILL landed).
+    bool in_flight_at_kill = false;
+    for (int attempt = 0; attempt < 100 && !in_flight_at_kill; ++attempt) {
+        host.feeder.signal(SIGSTOP);
+        std::this_thread::sleep_for(10ms);  // a rebase under way when the signal came is done
+        in_flight_at_kill = local.try_take(1) == lim::TryTake::taken;
+        if (!in_flight_at_kill) {
+            host.feeder.signal(SIGCONT);
+            std::this_thread::sleep_for(20ms);
+        }
+    }
+    if (!in_flight_at_kill) stop_workers();
+    REQUIRE(in_flight_at_kill);
+    host.feeder.signal(SIGKILL);
     host.feeder.stop(SIGKILL);
     const pid_t rebaser = lim::test::fork_child([segment] {
         auto s = lim::Segment::open(segment);
