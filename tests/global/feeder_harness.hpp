@@ -80,6 +80,29 @@ inline std::optional<lim::TokenBucket> adopt_global_rate(const std::string& segm
         *seg, kKey, {.burst_size = kBurst, .sustained_rate_per_sec = kRate}, lim::adopt_existing);
 }
 
+// A worker's admission count, stored after each admission (its log entry written first), so
+// that the test can wait for what happened (live_count) instead of sleeping a fixed time.
+inline void publish_count(std::int64_t* count, std::int64_t n) {
+    std::atomic_ref<std::int64_t>(*count).store(n, std::memory_order_release);
+}
+inline std::int64_t live_count(std::int64_t* count) {
+    return std::atomic_ref<std::int64_t>(*count).load(std::memory_order_acquire);
+}
+
+// The admissions of workers [first, last) that began at or after `since_ns`, read while they
+// run (each worker's published count, then its log up to there).
+inline std::int64_t admitted_since(const lim::test::AdmissionLog& log, std::int64_t* counts,
+                                   int first, int last, std::int64_t since_ns) {
+    std::int64_t n = 0;
+    for (int w = first; w < last; ++w) {
+        const std::int64_t c = live_count(counts + w);
+        const Admission* part = log.part(w);
+        for (std::int64_t i = c; i > 0 && part[i - 1].before_ns >= since_ns; --i)
+            ++n;
+    }
+    return n;
+}
+
 // A worker: takes one token at a time every `pace`, logging each admission, until `stop`.
 inline int worker(const std::string& segment, std::chrono::microseconds pace, bool blocking,
                   Admission* log, std::int64_t* count, const std::atomic<int>* stop) {
@@ -94,10 +117,13 @@ inline int worker(const std::string& segment, std::chrono::microseconds pace, bo
         const bool taken = blocking ? tb.take_until(1, lim::Clock::now() + 300ms)
                                     : tb.try_take(1) == lim::TryTake::taken;
         const std::int64_t after = lim::to_nanos(lim::Clock::now());
-        if (taken) log[n++] = Admission{before, after, 10'000};
+        if (taken) {
+            log[n++] = Admission{before, after, 10'000};
+            publish_count(count, n);
+        }
         std::this_thread::sleep_for(pace);
     }
-    *count = n;
+    publish_count(count, n);
     return 0;
 }
 
@@ -216,11 +242,11 @@ inline int paced_worker(const std::string& segment, const std::atomic<int>* mode
         const std::int64_t after = now_ns();
         if (taken) {
             log[n++] = Admission{before, after, 10'000};
-            *count = n;
+            publish_count(count, n);
         }
         std::this_thread::sleep_for(m == 1 ? 25ms : 1ms);
     }
-    *count = n;
+    publish_count(count, n);
     return 0;
 }
 

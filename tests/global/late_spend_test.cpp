@@ -68,11 +68,11 @@ int late_worker(const std::string& segment, const std::atomic<int>* mode, Admiss
         const std::int64_t after = now_ns();
         if (taken) {
             log[n++] = Admission{before, after, static_cast<std::int64_t>(want * 10'000)};
-            *count = n;
+            publish_count(count, n);
         }
         if (m == 1) std::this_thread::sleep_for(1ms);
     }
-    *count = n;
+    publish_count(count, n);
     return 0;
 }
 
@@ -132,14 +132,20 @@ TEST_CASE("a lease spent late in a refresh does not earn the refill of the time 
     REQUIRE(deadline.has_value());
     // Sit on it for up to 250 ms, spending nothing, well within the lease deadline.
     std::this_thread::sleep_until(std::min(lim::Clock::now() + 250ms, *deadline - 150ms));
-    const std::int64_t before_spend = *count;
+    const std::int64_t before_spend = live_count(count);
     mode->store(2);
-    const bool drained = lim::test::eventually([&] { return held() < 1; }, 2s);
-    const std::int64_t spent_held = *count - before_spend;
+    // Spent all, or (a loaded machine ran the worker late) its lease deadline passed, after
+    // which the takers refuse the rest: either way the host spends no more of it.
+    const bool drained = lim::test::eventually(
+        [&] { return held() < 1 || lim::Clock::now() >= *deadline + 50ms; }, 30s);
+    const std::int64_t spent_held = live_count(count) - before_spend;
     const std::int64_t resumed = now_ns();
     host.feeder.signal(SIGCONT);
-    // The feeder asks at once (its refresh is overdue); the worker spends whatever comes.
+    // The feeder asks at once (its refresh is overdue); the worker spends whatever comes: for
+    // 300 ms, and until the host was fed 5 tokens (up to 30 s, a loaded machine runs it late).
     std::this_thread::sleep_for(300ms);
+    const bool fed_again =
+        lim::test::eventually([&] { return admitted_since(log, count, 0, 1, resumed) >= 5; }, 30s);
     mode->store(3);
     CHECK(lim::test::wait_child(pid) == 0);
     {
@@ -164,12 +170,14 @@ TEST_CASE("a lease spent late in a refresh does not earn the refill of the time 
                     << check.worst_excess_units / 10'000.0 << " tokens, from "
                     << ms(check.worst_lo_ns - resumed) << " to " << ms(check.worst_hi_ns - resumed)
                     << " ms after (<= 0 conforms, 1 token of rounding allowed)");
-    // The scenario happened: the host spent what it held, late, then asked.
+    // The scenario happened: the host spent what it held, late, then asked (how much of it
+    // before the deadline depends on when a loaded machine ran the worker: printed).
     CHECK(drained);
-    CHECK(spent_held >= 8);
+    CHECK(spent_held > 0);
     // The bound, in every window.
     CHECK(check.worst_excess_units <= 0);
     // And the host was fed again after it (the refill from then on is its own).
+    CHECK(fed_again);
     CHECK(after_resume >= 5 * 10'000);
     if (check.worst_excess_units > 0) MESSAGE(lim::test::read_file(host.log));
     std::remove(("/dev/shm/lim-feeder." + host.segment + ".lock").c_str());
@@ -275,7 +283,8 @@ TEST_CASE("an answer after the lease deadline does not revive what was held") {
     // B asks for the burst: it gets it once A's entry has expired (ttl + grace = 1 s of the
     // protocol clock after A's last call) and takes it in one take.
     modes[1].store(1);
-    const bool burst_taken = lim::test::eventually([&] { return counts[1] >= 1; }, 30s);
+    const bool burst_taken =
+        lim::test::eventually([&] { return live_count(counts + 1) >= 1; }, 30s);
     const std::int64_t b_took = now_ns();
     // B's next call that asked after the take reports it spent (the second answer after it);
     // then A's stalled call goes out. Once its answer is applied, A's worker spends whatever its
