@@ -3,10 +3,7 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
-#include <signal.h>
-
 #include <algorithm>
-#include <cstdio>
 #include <chrono>
 #include <limits>
 #include <map>
@@ -16,7 +13,6 @@
 #include "lim/error.hpp"
 #include "lim/tokens.hpp"
 #include "recovery/kind_ops.hpp"
-#include "recovery/reap_trace.hpp"
 #include "shm/file_lock.hpp"
 #include "shm/process_identity.hpp"
 #include "shm/process_table.hpp"
@@ -195,13 +191,6 @@ void free_slot(SegmentState& state, const DeadSlot& dead) {
     slot.waiting_record.store(0, std::memory_order_relaxed);
     slot.tid.store(0, std::memory_order_relaxed);
     slot.attach_uid.store(0, std::memory_order_relaxed);
-    if (ReapTrace* t = g_reap_trace) {
-        if (ReapTraceEvent* e = t->begin(ReapTraceKind::free_slot, 0)) {
-            e->a = dead.index;
-            e->b = static_cast<std::int64_t>(dead.owner);
-            ReapTrace::end(e);
-        }
-    }
     std::uint64_t expected = dead.owner;
     LIM_RACE_POINT();  // a claimer must not take the slot before this CAS frees it
     slot.owner.compare_exchange_strong(
@@ -229,69 +218,12 @@ std::optional<FileLock> take_recovery_lock(const SegmentState& state, ReapLock m
 
 namespace {
 
-// Test trace only: who owns slot `i` (judged dead) whose ledger changed after the judgement.
-std::int64_t trace_diagnose(const SegmentState& state, std::uint32_t i, std::uint64_t owner) {
-    const auto pid = static_cast<pid_t>(SlotOwner::pid(owner));
-    std::int64_t info = ::kill(pid, 0) == 0 ? 1 : 0;
-    char path[64];
-    std::snprintf(path, sizeof path, "/proc/%d/stat", pid);
-    if (std::FILE* f = std::fopen(path, "r")) {
-        int p = 0, ppid = 0;
-        char comm[64], st = '?';
-        if (std::fscanf(f, "%d %63s %c %d", &p, comm, &st, &ppid) == 4)
-            info |= (static_cast<std::int64_t>(ppid) << 16) | (static_cast<std::int64_t>(st) << 8);
-        std::fclose(f);
-    }
-    std::vector<bool> held(state.geometry().max_processes, false);
-    const int fresh = open_private_fd(state.fd());
-    scan_locks_for_trace(fresh, i, held);
-    close_private_fd(fresh);
-    if (held[i]) info |= 2;
-    std::vector<bool> held2(state.geometry().max_processes, false);
-    scan_locks_for_trace(state.fd(), i, held2);
-    if (held2[i]) info |= 4;
-    return info;
-}
-
 // The reap proper; the caller holds the recovery lock.
 ReapReport reap_locked(SegmentState& state) {
     ReapReport report;
     std::vector<DeadSlot> dead = find_dead_slots(state);
     if (dead.empty()) return report;
-    std::uint64_t trace_dead_mask = 0;
-    for (const DeadSlot& d : dead) {
-        if (d.index < 64) trace_dead_mask |= 1ULL << d.index;
-    }
-    if (ReapTrace* t = g_reap_trace) {
-        if (ReapTraceEvent* e = t->begin(ReapTraceKind::reap_begin, 0)) {
-            e->a = static_cast<std::int64_t>(dead.size());
-            e->dead_mask = trace_dead_mask;
-            for (std::uint32_t i = 0; i < 64 && i < state.geometry().max_processes; ++i) {
-                e->owner[i] = state.slot(i).owner.load();
-                e->held[i] = 0;
-            }
-            ReapTrace::end(e);
-        }
-    }
 
-    std::vector<std::int64_t> trace_snap;
-    if (ReapTrace* t = g_reap_trace) {
-        for (const DeadSlot& d : dead) {
-            bool holds = false;
-            for (std::uint32_t r = 0; r < state.records_used(); ++r) {
-                trace_snap.push_back(state.ledger(d.index, r).held[0].load());
-                holds = holds || trace_snap.back() != 0;
-            }
-            if (!holds) continue;
-            if (ReapTraceEvent* e = t->begin(ReapTraceKind::test, 0)) {
-                e->kind = 11;
-                e->a = d.index;
-                e->b = static_cast<std::int64_t>(d.owner);
-                e->c = trace_diagnose(state, d.index, d.owner);
-                ReapTrace::end(e);
-            }
-        }
-    }
     // Which records the dead touched: anything they hold, were changing, or were queued on.
     const std::uint32_t used = state.records_used();
     std::vector<bool> affected(used, false);
@@ -352,48 +284,14 @@ ReapReport reap_locked(SegmentState& state) {
             ops->thaw(state, r);
         }
         if (!quiescent) {
-            if (ReapTrace* t = g_reap_trace) {
-                if (ReapTraceEvent* e = t->begin(ReapTraceKind::deferred, r)) ReapTrace::end(e);
-            }
             ops->thaw(state, r);
             deferred[r] = true;
             report.deferred.emplace_back(record_key(record));
             continue;
         }
         const LiveHoldings live = live_holdings(state, r, dead, scratch);
-        ReapTraceEvent* trace_event = nullptr;
-        if (ReapTrace* t = g_reap_trace) {
-            if ((trace_event = t->begin(ReapTraceKind::recount, r)) != nullptr) {
-                trace_event->dead_mask = trace_dead_mask;
-                for (std::uint32_t i = 0; i < 64 && i < state.geometry().max_processes; ++i) {
-                    trace_event->owner[i] = state.slot(i).owner.load();
-                    trace_event->held[i] = state.ledger(i, r).held[0].load();
-                }
-                trace_event->b = live.held[0];
-            }
-            for (std::size_t k = 0; k < dead.size(); ++k) {
-                const std::int64_t now = state.ledger(dead[k].index, r).held[0].load();
-                const std::int64_t then = trace_snap[k * state.records_used() + r];
-                if (now == then) continue;
-                if (ReapTraceEvent* e = t->begin(ReapTraceKind::test, r)) {
-                    e->kind = 10;
-                    e->a = dead[k].index;
-                    e->b = static_cast<std::int64_t>(dead[k].owner);
-                    e->c = trace_diagnose(state, dead[k].index, dead[k].owner);
-                    e->dead_mask = static_cast<std::uint64_t>(then) << 32 | static_cast<std::uint32_t>(now);
-                    e->owner[0] = state.slot(dead[k].index).owner.load();
-                    ReapTrace::end(e);
-                }
-                t->stopped.store(1);
-            }
-        }
         LIM_RACE_POINT();  // between the sum of the live ledgers and the store of the recount
         const LiveHoldings given = ops->recount(state, r, live, dead_indexes, Clock::now());
-        if (trace_event != nullptr) {
-            trace_event->a = given.abandoned ? -1 : given.held[0] + live.held[0];
-            trace_event->c = given.held[0];
-            ReapTrace::end(trace_event);
-        }
         if (given.abandoned) {
             // A holder thawed a word of the record while this reaper was stopped past
             // kFrozenBreakTimeout (docs/design.md, "The recount"): live operations have moved on
@@ -464,12 +362,6 @@ ReapReport reap_locked(SegmentState& state) {
     SegmentHeader& h = state.header();
     h.reaps_total.fetch_add(freed_pids, std::memory_order_relaxed);
     h.recovery_epoch.fetch_add(1, std::memory_order_release);
-    if (ReapTrace* t = g_reap_trace) {
-        if (ReapTraceEvent* e = t->begin(ReapTraceKind::reap_end, 0)) {
-            e->a = freed_pids;
-            ReapTrace::end(e);
-        }
-    }
     return report;
 }
 

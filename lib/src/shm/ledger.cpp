@@ -8,7 +8,6 @@
 #include "lim/error.hpp"
 #include "shm/file_lock.hpp"
 #include "shm/records.hpp"
-#include "recovery/reap_trace.hpp"
 
 namespace lim::detail {
 
@@ -40,16 +39,8 @@ void Hold::step_aside(SlotHeader& slot, std::uint32_t record, std::atomic<std::u
             // the frozen value, so it finds the word thawed and abandons the record instead of
             // overwriting what live holders do from now on (docs/design.md, "The recount").
             LIM_RACE_POINT();
-            const std::uint64_t before = w;
-            if (word.compare_exchange_strong(w, w & ~kFrozen, std::memory_order_acq_rel,
-                                             std::memory_order_acquire)) {
-                if (ReapTrace* t = g_reap_trace) {
-                    if (ReapTraceEvent* e = t->begin(ReapTraceKind::break_timed, record)) {
-                        e->a = static_cast<std::int64_t>(before);
-                        ReapTrace::end(e);
-                    }
-                }
-            }
+            word.compare_exchange_strong(w, w & ~kFrozen, std::memory_order_acq_rel,
+                                         std::memory_order_acquire);
             continue;  // thawed by us or by someone else; or refrozen value: re-check
         }
         // Frozen for long: the reaper may have died mid-recount. Holding the recovery lock
@@ -57,13 +48,7 @@ void Hold::step_aside(SlotHeader& slot, std::uint32_t record, std::atomic<std::u
         // before the recount began) is valid to thaw.
         try {
             if (auto lock = FileLock::try_lock_fresh(state.fd(), LockByte::recovery)) {
-                const std::uint64_t before = word.fetch_and(~kFrozen, std::memory_order_acq_rel);
-                if (ReapTrace* t = g_reap_trace) {
-                    if (ReapTraceEvent* e = t->begin(ReapTraceKind::break_locked, record)) {
-                        e->a = static_cast<std::int64_t>(before);
-                        ReapTrace::end(e);
-                    }
-                }
+                word.fetch_and(~kFrozen, std::memory_order_acq_rel);
             }
         } catch (...) {
             // Cannot check now; keep waiting and try again later.

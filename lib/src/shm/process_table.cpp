@@ -483,10 +483,6 @@ void scan_locks(int fd, std::uint32_t first, std::uint32_t last, std::vector<boo
 
 }  // namespace
 
-void scan_locks_for_trace(int fd, std::uint32_t index, std::vector<bool>& held) {
-    scan_locks(fd, index, index + 1, held);
-}
-
 std::vector<SlotJudgement> judge_slots(const SegmentState& state) {
     const std::uint32_t n = state.geometry().max_processes;
     std::vector<SlotJudgement> out(n);

@@ -11,7 +11,6 @@
 #include <atomic>
 #include <cstdint>
 #include <string_view>
-#include <vector>
 
 #include "lim/hand_off.hpp"
 #include "shm/layout.hpp"
@@ -84,10 +83,6 @@ inline const Holder* find_cached_holder(const SegmentState& state) noexcept {
 // Empties the calling thread's holder cache. Called by the fork hook's child handler (async-
 // signal-safe: plain stores), in the child's only thread, before the child runs anything else.
 void forget_cached_holders() noexcept;
-
-// Test trace only (recovery/reap_trace.hpp): whether `index`'s lock byte is held by a description
-// other than `fd`'s.
-void scan_locks_for_trace(int fd, std::uint32_t index, std::vector<bool>& held);
 
 // Frees (or, if its ledger still records holdings, retires) every slot that this process claimed
 // through the mapping `state`, then closes the mapping's slot-lock description, which drops the
