@@ -752,14 +752,20 @@ TEST_CASE("lim-feeder feeds past the old 10^9-token lifetime cap, and repairs a 
     // rebase (every 10^8 tokens) leaves in_flight at 0 when no take lands during it, and the
     // workers' takes (10^7 each) may find less than that held: a rebase of nothing has no step to
     // die between (the rebaser then exits 0; seen in about one run in ten). So the feeder is
-    // stopped and this thread takes a token, which stays in flight, and the feeder is killed
-    // while still stopped (ChildProcess::stop continues it first, and a feeder continued with
-    // 10^8 in flight rebased it to 0 before the SIGKILL landed).
+    // stopped and this thread takes what may be taken, which stays in flight, and the feeder is
+    // killed while still stopped (ChildProcess::stop continues it first, and a feeder continued
+    // with 10^8 in flight rebased it to 0 before the SIGKILL landed).
     bool in_flight_at_kill = false;
     for (int attempt = 0; attempt < 100 && !in_flight_at_kill; ++attempt) {
         host.feeder.signal(SIGSTOP);
         std::this_thread::sleep_for(10ms);  // a rebase under way when the signal came is done
-        in_flight_at_kill = local.try_take(1) == lim::TryTake::taken;
+        // Take all that may be taken, so that in flight is at least the headroom left: then the
+        // rebase's first step (target lowered by all in flight) leaves the target below in
+        // flight, whatever the feeder's own rebases left in flight and the lease in the bucket.
+        for (double chunk = 1e7; chunk >= 1; chunk /= 10) {
+            while (local.try_take(chunk) == lim::TryTake::taken)
+                in_flight_at_kill = true;
+        }
         if (!in_flight_at_kill) {
             host.feeder.signal(SIGCONT);
             std::this_thread::sleep_for(20ms);
