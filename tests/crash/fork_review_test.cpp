@@ -44,10 +44,7 @@ using lim::test::make_flag;
 
 namespace {
 
-void kill_and_wait(pid_t pid) {
-    ::kill(pid, SIGKILL);
-    CHECK(lim::test::wait_child(pid) == 128 + SIGKILL);
-}
+using lim::test::kill_and_wait;
 
 Segment make_segment(const lim::test::SegmentGuard& guard) {
     return Segment::open_or_create(guard.name(), {.max_limiters = 8,

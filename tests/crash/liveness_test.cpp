@@ -34,10 +34,7 @@ using lim::test::Flag;
 using lim::test::make_flag;
 using lim::test::occupied;
 
-void kill_and_wait(pid_t pid) {
-    ::kill(pid, SIGKILL);
-    CHECK(lim::test::wait_child(pid) == 128 + SIGKILL);
-}
+using lim::test::kill_and_wait;
 
 SegmentOptions options(std::uint32_t max_processes = 32) {
     return {.max_limiters = 8,

@@ -93,11 +93,7 @@ pid_t stopped_holder(const Segment& seg, detail::LockByte byte) {
     return pid;
 }
 
-void kill_and_wait(pid_t pid) {
-    ::kill(pid, SIGKILL);
-    ::kill(pid, SIGCONT);
-    CHECK(lim::test::wait_child(pid) == 128 + SIGKILL);
-}
+using lim::test::kill_and_wait;
 
 void continue_and_wait(pid_t pid) {
     ::kill(pid, SIGCONT);

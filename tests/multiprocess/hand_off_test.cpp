@@ -38,10 +38,7 @@ struct Pipe {
     }
 };
 
-void kill_and_wait(pid_t pid) {
-    ::kill(pid, SIGKILL);
-    CHECK(lim::test::wait_child(pid) == 128 + SIGKILL);
-}
+using lim::test::kill_and_wait;
 
 std::size_t units_returned(const ReapReport& r) {
     std::size_t n = 0;

@@ -1,8 +1,11 @@
 #include "support/process.hpp"
 
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include <doctest/doctest.h>
 
 #include <atomic>
 #include <cerrno>
@@ -57,6 +60,12 @@ pid_t fork_child(const std::function<int()>& body) {
         ::_exit(rc);
     }
     return pid;
+}
+
+void kill_and_wait(pid_t pid) {
+    ::kill(pid, SIGKILL);
+    ::kill(pid, SIGCONT);
+    CHECK(wait_child(pid) == 128 + SIGKILL);
 }
 
 pid_t child_holding(const std::function<void()>& body) {

@@ -69,6 +69,10 @@ inline Flag* make_flag() {
 // until killed; returns once `body` has run. The child never returns into the test framework.
 pid_t child_holding(const std::function<void()>& body);
 
+// SIGKILLs `pid` (a child of this process; continued too, in case it is stopped) and reaps it,
+// checking that SIGKILL ended it.
+void kill_and_wait(pid_t pid);
+
 // Polls `pred` every 100 us until it holds (true) or `timeout` passes (false): for waiting on
 // another process or thread to reach a state, never as the assertion itself. The default is long
 // (30 s) because a wait that must succeed fails CI whenever a loaded 2-core machine running
