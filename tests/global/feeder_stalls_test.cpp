@@ -195,3 +195,110 @@ TEST_CASE("a process stopped holding the config lock: the feeder skips its ticks
     if (!skipped) MESSAGE(lim::test::read_file(host.log));
     host.feeder.stop(SIGTERM);
 }
+
+namespace {
+
+// A neighbour (a forked process) takes the segment's records lock, as limctl or a worker creating
+// a record does for a moment, and stops holding it until killed: a feeder starting meanwhile
+// cannot make its records (lim waits 3 s for the lock, then says busy). Its pid; killing it (and
+// only that) frees the lock, whenever the test says so.
+pid_t hold_records_lock(const lim::Segment& seg) {
+    const int fd = seg.state()->fd();
+    const pid_t holder = lim::test::fork_child([fd] {
+        const lim::detail::FileLock lock =
+            lim::detail::FileLock::lock_exclusive(fd, lim::detail::LockByte::records);
+        ::raise(SIGSTOP);
+        return 0;
+    });
+    int st = 0;
+    REQUIRE(::waitpid(holder, &st, WUNTRACED) == holder);
+    REQUIRE(WIFSTOPPED(st));
+    return holder;
+}
+
+void release(pid_t holder) {
+    ::kill(holder, SIGKILL);
+    ::kill(holder, SIGCONT);
+    CHECK(lim::test::wait_child(holder) == 128 + SIGKILL);
+}
+
+}  // namespace
+
+// Start-up against a segment lock held by another process: it used to exit 1 on the first busy
+// (lim's 3 s wait for a lock), so a limctl or a reaper holding a lock for a moment killed a
+// systemd-run feeder. It now retries with backoff until --busy-timeout (30 s by default), saying
+// so, and starts once the lock is free. The lock is freed when the feeder has said it retries,
+// never after a sleep; --busy-timeout is long here so that no load can run it out first.
+TEST_CASE("start-up while a neighbour holds a segment lock: the feeder retries, then feeds") {
+    std::string dir;
+    auto redis = start_redis("busy-start", dir);
+    if (!redis) return;
+    lim::test::SegmentGuard guard(lim::test::unique_name("busy-start"));
+    const lim::Segment seg = lim::Segment::open_or_create(guard.name());
+    const pid_t holder = hold_records_lock(seg);
+    Host host;
+    host.segment = guard.name();
+    host.config = write_config(dir, 0, host.segment, redis->port(), kBurst, kRate, "50ms");
+    host.log = dir + "/feeder0.log";
+    host.feeder.start({FEEDER_PATH, "--config", host.config, "--busy-timeout", "600s"}, host.log);
+    // (A feeder that exits on the busy, as before, says "(busy)" and ends the wait at once.)
+    const bool said = lim::test::eventually(
+        [&] {
+            const std::string log = lim::test::read_file(host.log);
+            return log.find("retrying in") != std::string::npos ||
+                   log.find("(busy)") != std::string::npos;
+        },
+        120s);
+    const bool retried =
+        said && lim::test::read_file(host.log).find("retrying in") != std::string::npos;
+    CHECK(retried);
+    CHECK(!host.feeder.wait_for(0ms).has_value());  // still running, not exited on busy
+    CHECK(seg.info().limiters == 0);                // nothing made while the lock was held
+    release(holder);
+    // It starts: its records appear, and the global rate is fed.
+    std::optional<lim::Segment> s;
+    std::optional<lim::TokenBucket> tb = adopt_global_rate(host.segment, s);
+    REQUIRE(tb.has_value());
+    CHECK(lim::test::eventually([&] { return tb->try_take(1) == lim::TryTake::taken; }, 60s));
+    CHECK(!host.feeder.wait_for(0ms).has_value());
+    const int status = host.feeder.stop(SIGTERM);
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+    if (!retried) MESSAGE(lim::test::read_file(host.log));
+}
+
+// The same lock held for longer than --busy-timeout: the feeder gives up with a clear error
+// (exit 1, naming the lock and the bound), having made nothing. The lock is freed only after the
+// feeder has exited, so the order does not depend on timing.
+TEST_CASE("start-up while a segment lock stays held past --busy-timeout: exit 1, saying why") {
+    std::string dir;
+    auto redis = start_redis("busy-giveup", dir);
+    if (!redis) return;
+    lim::test::SegmentGuard guard(lim::test::unique_name("busy-giveup"));
+    const lim::Segment seg = lim::Segment::open_or_create(guard.name());
+    const pid_t holder = hold_records_lock(seg);
+    Host host;
+    host.segment = guard.name();
+    host.config = write_config(dir, 0, host.segment, redis->port(), kBurst, kRate, "50ms");
+    host.log = dir + "/feeder0.log";
+    host.feeder.start({FEEDER_PATH, "--config", host.config, "--busy-timeout", "1s"}, host.log);
+    const std::optional<int> status = host.feeder.wait_for(120s);
+    REQUIRE(status.has_value());
+    CHECK(WIFEXITED(*status));
+    CHECK(WEXITSTATUS(*status) == 1);
+    const std::string log = lim::test::read_file(host.log);
+    CAPTURE(log);
+    CHECK(log.find("start-up gave up: the segment stayed busy") != std::string::npos);
+    CHECK(log.find("--busy-timeout 1s") != std::string::npos);
+    CHECK(log.find("records lock") != std::string::npos);
+    CHECK(seg.info().limiters == 0);
+    release(holder);
+    // A bad bound is a usage error (exit 2), as a bad configuration is.
+    Host bad;
+    bad.log = dir + "/bad.log";
+    bad.feeder.start({FEEDER_PATH, "--config", host.config, "--busy-timeout", "soon"}, bad.log);
+    const std::optional<int> bad_status = bad.feeder.wait_for(120s);
+    REQUIRE(bad_status.has_value());
+    CHECK(WEXITSTATUS(*bad_status) == 2);
+    CHECK(lim::test::read_file(bad.log).find("--busy-timeout") != std::string::npos);
+}

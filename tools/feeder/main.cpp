@@ -13,8 +13,10 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <stdexcept>
+#include <thread>
 
 #include "config.hpp"
 #include "feeder.hpp"
@@ -101,18 +103,64 @@ void warn_of_small_bursts(const lim::feeder::Config& config) {
     }
 }
 
+// Start-up retries a segment lock held by another process. lim's calls wait kLockWaitTimeout (3 s)
+// for a lock of the segment (records, config, recovery) and then throw Error(busy): limctl, a
+// reaper or a worker creating a record can hold one for a moment, a stopped process for longer. A
+// daemon that systemd runs should not die of the first (Restart= would only try again blindly), so
+// the whole start-up (open the segment, make or adopt and reconcile each record: every step of it
+// leaves the records fail-closed, so starting again from the top is safe) is retried, with a
+// backoff from 100 ms to 2 s, until `busy_timeout` has passed since the first try; then busy is an
+// error (exit 1) that says what stayed held. Null when asked to stop (SIGTERM) meanwhile.
+std::unique_ptr<lim::feeder::Feeder> start_feeder(const lim::feeder::Config& config,
+                                                  std::chrono::microseconds busy_timeout) {
+    using Steady = std::chrono::steady_clock;
+    const Steady::time_point first = Steady::now();
+    std::chrono::milliseconds pause{100};
+    for (;;) {
+        try {
+            return std::make_unique<lim::feeder::Feeder>(config);
+        } catch (const lim::Error& e) {
+            if (e.code() != lim::Errc::busy) throw;
+            const auto waited = Steady::now() - first;
+            if (waited + pause > busy_timeout) {
+                throw lim::Error(
+                    lim::Errc::busy,
+                    fmt::format("start-up gave up: the segment stayed busy for {:.1f} s "
+                                "(--busy-timeout {}): {}",
+                                std::chrono::duration<double>(waited).count(),
+                                show_duration(busy_timeout), e.what()));
+            }
+            fmt::print(stderr,
+                       "lim-feeder: start-up: {}; retrying in {} ms (until --busy-timeout {})\n",
+                       e.what(), pause.count(), show_duration(busy_timeout));
+            std::fflush(stderr);
+        }
+        const Steady::time_point until = Steady::now() + pause;
+        while (Steady::now() < until) {
+            if (g_stop.load(std::memory_order_relaxed)) return nullptr;
+            std::this_thread::sleep_for(std::chrono::milliseconds{10});
+        }
+        pause = std::min(2 * pause, std::chrono::milliseconds{2000});
+    }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
     CLI::App app{"lim-feeder: feed a host's lim segment from a global budget kept in Redis"};
     std::string config_path;
     app.add_option("--config", config_path, "the feeder's TOML configuration")->required();
+    std::string busy_timeout_text = "30s";
+    app.add_option("--busy-timeout", busy_timeout_text,
+                   "how long start-up retries while another process holds a lock of the segment "
+                   "(busy), before exiting 1; a duration as in the config (default 30s)");
     app.set_version_flag("--version", "lim-feeder " LIM_VERSION);
     app.footer(
         "Runs in the foreground until SIGTERM or SIGINT. The config's keys, the workers' side and\n"
         "the unit file: docs/global.md. Exit status: 0 stopped, 1 error (another lim-feeder on\n"
-        "the segment, a record it cannot adopt), 2 usage or a bad configuration. An unreachable\n"
-        "Redis is no exit: it runs on, fail-closed (or open), and retries every refresh.");
+        "the segment, a record it cannot adopt, the segment busy past --busy-timeout), 2 usage\n"
+        "or a bad configuration. An unreachable Redis is no exit: it runs on, fail-closed (or\n"
+        "open), and retries every refresh.");
     try {
         app.parse(argc, argv);
     } catch (const CLI::CallForHelp& e) {
@@ -125,6 +173,12 @@ int main(int argc, char** argv) {
     }
     try {
         lim::feeder::Config config = lim::feeder::load_config(config_path);
+        std::chrono::microseconds busy_timeout{};
+        try {
+            busy_timeout = lim::feeder::parse_duration(busy_timeout_text);
+        } catch (const std::invalid_argument& e) {
+            throw std::invalid_argument(std::string("--busy-timeout: ") + e.what());
+        }
         const int lock_fd = lock_segment(config.segment);
         config.instance = instance_id(lock_fd);
         struct sigaction sa {};
@@ -140,8 +194,8 @@ int main(int argc, char** argv) {
                    show_duration(config.lease_ttl), config.fail_open ? "open" : "closed");
         warn_of_small_bursts(config);
         std::fflush(stderr);
-        lim::feeder::Feeder feeder(std::move(config));
-        feeder.run(g_stop);
+        const std::unique_ptr<lim::feeder::Feeder> feeder = start_feeder(config, busy_timeout);
+        if (feeder) feeder->run(g_stop);
         ::close(lock_fd);
         return kExitOk;
     } catch (const std::invalid_argument& e) {
