@@ -8,6 +8,9 @@
 // Second, a process stopped while it holds the segment's config lock: the feeder's writes of the
 // target are refused busy (after 3 s) while it is stopped; the feeder skips the tick and goes on
 // (it exited before, ending every lease of the host).
+// Third, a segment lock held by another process when the feeder starts: start-up retries the busy
+// with backoff until --busy-timeout, then starts (or exits 1 with a message naming the lock); it
+// exited on the first busy before.
 #include <arpa/inet.h>
 #include <doctest/doctest.h>
 #include <netinet/in.h>
