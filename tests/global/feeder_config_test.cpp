@@ -193,6 +193,7 @@ TEST_CASE("lim-feeder --help names the docs and the exit statuses") {
     CHECK_MESSAGE(out.find("--config") != std::string::npos, out);
     CHECK_MESSAGE(out.find("docs/global.md") != std::string::npos, out);
     CHECK_MESSAGE(out.find("2 usage or a bad configuration") != std::string::npos, out);
+    CHECK_MESSAGE(out.find("--busy-timeout") != std::string::npos, out);
 }
 
 #else

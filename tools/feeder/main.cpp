@@ -158,9 +158,9 @@ int main(int argc, char** argv) {
     app.footer(
         "Runs in the foreground until SIGTERM or SIGINT. The config's keys, the workers' side and\n"
         "the unit file: docs/global.md. Exit status: 0 stopped, 1 error (another lim-feeder on\n"
-        "the segment, a record it cannot adopt, the segment busy past --busy-timeout), 2 usage\n"
-        "or a bad configuration. An unreachable Redis is no exit: it runs on, fail-closed (or\n"
-        "open), and retries every refresh.");
+        "the segment, a record it cannot adopt, the segment busy past --busy-timeout),\n"
+        "2 usage or a bad configuration. An unreachable Redis is no exit: it runs on,\n"
+        "fail-closed (or open), and retries every refresh.");
     try {
         app.parse(argc, argv);
     } catch (const CLI::CallForHelp& e) {
