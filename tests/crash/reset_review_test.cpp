@@ -1,0 +1,462 @@
+// Adversarial review of Segment::reset (docs/design.md, "Reset"): each case forces one interleaving
+// of a reset with a live neighbour, using real processes, and checks the promise after it: never
+// over the limit (what the post-reset holders hold never exceeds the capacity), nothing a
+// neighbour does crashes or hangs the caller, and a refused reset changes nothing.
+//
+//   1. a live holder stopped between its CAS and its ledger store while a forced reset runs
+//      (the reset used to give up waiting after its budget and reset anyway: the holder's late
+//      ledger store then recorded units the word no longer counted, and their release took units
+//      of later holders: over the limit);
+//   2. a forced reset forgetting a live process's units, then that process releasing them
+//      through a guard (a Semaphore/WeightedSemaphore guard's destructor used to throw
+//      over_release, i.e. std::terminate), a Permit, or return_to_hopper: nothing of the
+//      post-reset holders is given back;
+//   3. a resetter killed after zeroing the ledgers, before its word store (the state staged step
+//      by step, as the QuickHold tests of crash.reap do): units are withheld, never over-admitted;
+//   4. blocked waiters (a Semaphore sleeper, a WeightedSemaphore queued ticket) across a forced
+//      reset: each returns admitted, and the counts are exact.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <thread>
+
+#include "lim/lim.hpp"
+#include "primitives/semaphore_state.hpp"
+#include "primitives/weighted_semaphore_state.hpp"
+#include "recovery/kind_ops.hpp"
+#include "shm/file_lock.hpp"
+#include "shm/ledger.hpp"
+#include "shm/process_table.hpp"
+#include "shm/records.hpp"
+#include "support/process.hpp"
+
+using namespace lim;
+using namespace std::chrono_literals;
+using lim::test::child_holding;
+using lim::test::Flag;
+using lim::test::kill_and_wait;
+using lim::test::make_flag;
+
+namespace {
+
+Segment make_segment(const lim::test::SegmentGuard& guard) {
+    return Segment::open_or_create(guard.name(), {.max_limiters = 8,
+                                                  .max_processes = 32,
+                                                  .reap_after = 0s,  // no reaps but ours
+                                                  .reap_on_attach = false});
+}
+
+std::atomic<std::uint64_t>& semaphore_word(const Segment& seg, std::uint32_t record) {
+    return reinterpret_cast<detail::SemaphoreBody*>(seg.state()->record(record).body)->word;
+}
+
+// Takes units one at a time until refused: how many this process could get.
+std::uint64_t take_all(Semaphore& sem) {
+    std::uint64_t n = 0;
+    while (sem.try_acquire(1))
+        ++n;
+    return n;
+}
+
+}  // namespace
+
+// 1. A live holder between its CAS and its ledger store (a QuickHold acquire staged step by step,
+// as crash.reap's "a reap never recounts under a live thread ..." does) for longer than a forced
+// reset's quiescence budget. Before: the reset gave up waiting and reset anyway; the holder's
+// ledger store then recorded 2 units the reset word did not count, its release of them took 2 of
+// the parent's, and the parent was admitted 5 units of 3. Now the reset refuses the record (busy,
+// nothing changed), as a reap defers it.
+TEST_CASE("a forced reset never resets under a live holder between its CAS and its ledger store") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("rr-midop"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 3});
+    const auto record = *detail::find_record(*seg.state(), detail::RecordKind::semaphore, "db");
+    auto& word = semaphore_word(seg, record);
+    Flag* swapped = make_flag();
+    Flag* record_go = make_flag();
+    Flag* recorded = make_flag();
+    Flag* release_go = make_flag();
+    auto* release_threw = lim::test::shared_array<std::atomic<int>>(1);
+    new (release_threw) std::atomic<int>{-1};
+    const pid_t child = lim::test::fork_child([&] {
+        sem.acquire(1);  // the thread's slot in its cache
+        sem.release(1);
+        detail::QuickHold hold;
+        if (!hold.open(*seg.state(), record)) return 20;
+        std::uint64_t w = word.load();
+        while (!word.compare_exchange_weak(w, w + 2)) {
+        }
+        swapped->set();
+        record_go->wait();  // "stopped" between the CAS and the ledger store
+        hold.add(0, 2);
+        hold.close();
+        recorded->set();
+        release_go->wait();
+        try {
+            sem.release(2);
+            release_threw->store(0);
+        } catch (const Error& e) {
+            release_threw->store(e.code() == Errc::over_release ? 1 : 2);
+        }
+        return 0;
+    });
+    swapped->wait();
+    bool refused = false;
+    try {
+        seg.reset({.key = "db", .force = true});
+    } catch (const Error& e) {
+        CHECK(e.code() == Errc::busy);
+        refused = true;
+    }
+    CHECK(refused);
+    CHECK_FALSE(detail::is_frozen(word.load()));
+    record_go->set();
+    recorded->wait();
+    // What the parent can now take, the child's release, and what the parent can take after it:
+    // never more than the capacity in all (the child's 2 are either counted or forgotten; they can
+    // never make room for the parent beyond 3).
+    std::uint64_t parent = take_all(sem);
+    release_go->set();
+    CHECK(lim::test::wait_child(child) == 0);
+    parent += take_all(sem);
+    CHECK(parent <= 3);
+    CHECK(sem.in_use() == parent);
+    if (refused) {
+        CHECK(release_threw->load() == 0);  // its 2 were counted, and given back
+        CHECK(parent == 3);
+    }
+    sem.release(parent);
+    CHECK(sem.in_use() == 0);
+}
+
+// 1b. Once the holder has recorded, the forced reset that was refused succeeds and forgets it.
+TEST_CASE("a forced reset refused under a stopped holder succeeds once it is continued") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("rr-cont"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 3});
+    auto other = Semaphore::open(seg, "other", {.capacity = 3});
+    const auto record = *detail::find_record(*seg.state(), detail::RecordKind::semaphore, "db");
+    other.acquire(2);
+    // Stopped mid-operation on "db" (announced, as crash.reap's deferral tests stage it).
+    const pid_t stopped = child_holding([&] { static detail::Hold hold(*seg.state(), record); });
+    ::kill(stopped, SIGSTOP);
+    sem.acquire(1);
+    bool refused = false;
+    try {
+        seg.reset({.force = true});  // every record: "other" is reset, "db" refused
+    } catch (const Error& e) {
+        CHECK(e.code() == Errc::busy);
+        CHECK(std::string(e.what()).find("'db'") != std::string::npos);
+        refused = true;
+    }
+    CHECK(refused);
+    CHECK(other.in_use() == 0);
+    CHECK(sem.in_use() == 1);  // unchanged
+    ::kill(stopped, SIGCONT);
+    kill_and_wait(stopped);
+    seg.reset({.key = "db", .force = true});
+    CHECK(sem.in_use() == 0);
+}
+
+namespace {
+
+// A child takes something with `take` and holds it until `go`, then gives it back with `give`
+// (which must neither crash nor hang the child: exit 0). Meanwhile this process force-resets the
+// segment and then takes everything with `fill`: after the child's give, what this process holds
+// must still be counted in full (`in_use` equal to `filled`) and nothing more be admitted.
+template <class Take, class Give, class Fill, class InUse, class More>
+void forced_reset_then_give(Segment& seg, Take take, Give give, Fill fill, InUse in_use,
+                            More more) {
+    Flag* ready = make_flag();
+    Flag* go = make_flag();
+    const pid_t child = lim::test::fork_child([&] {
+        {
+            auto held = take();
+            ready->set();
+            go->wait();
+            give(held);
+        }
+        return 0;
+    });
+    ready->wait();
+    seg.reset({.force = true});
+    CHECK(in_use() == 0);
+    const std::uint64_t filled = fill();
+    go->set();
+    CHECK(lim::test::wait_child(child) == 0);  // no crash (a guard's destructor threw before)
+    CHECK(in_use() == filled);                 // nothing of this process's given back
+    CHECK_FALSE(more());                       // and nothing more admitted
+}
+
+}  // namespace
+
+// 2. What a forced reset forgot, given back by the live process that held it.
+TEST_CASE("a live holder's release of units a forced reset forgot gives back nobody else's") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("rr-forgot"));
+    auto seg = make_segment(guard);
+
+    SUBCASE("SemaphoreGuard") {
+        auto sem = Semaphore::open(seg, "db", {.capacity = 3});
+        forced_reset_then_give(
+            seg, [&] { return std::make_unique<SemaphoreGuard>(sem, 2); },
+            [](auto& g) { g.reset(); },
+            [&] {
+                REQUIRE(sem.try_acquire(3));
+                return std::uint64_t{3};
+            },
+            [&] { return sem.in_use(); }, [&] { return sem.try_acquire(1); });
+        // Semaphore::release itself reports the forgotten units.
+        const pid_t c = lim::test::fork_child([&] {
+            sem.release(3);  // the parent's: another process may not release them
+            return 0;
+        });
+        CHECK(lim::test::wait_child(c) == 3);
+        CHECK(sem.in_use() == 3);
+    }
+    SUBCASE("WeightedSemaphoreGuard") {
+        auto ws = WeightedSemaphore::open(seg, "mem", {.capacity = 100});
+        forced_reset_then_give(
+            seg, [&] { return std::make_unique<WeightedSemaphoreGuard>(ws, 60); },
+            [](auto& g) { g.reset(); },
+            [&] {
+                REQUIRE(ws.try_acquire(100));
+                return std::uint64_t{100};
+            },
+            [&] { return ws.in_use(); }, [&] { return ws.try_acquire(1); });
+    }
+    SUBCASE("Dispatch Permit") {
+        auto d = Dispatch::open(seg, {.limiter = BackoffWindow::for_key(seg, "api"),
+                                      .key = "api",
+                                      .concurrency = 2,
+                                      .byte_budget = 1000});
+        std::optional<Permit> mine[2];
+        forced_reset_then_give(
+            seg,
+            [&] {
+                auto p = d.try_acquire(600);
+                REQUIRE(p);
+                return std::move(*p);
+            },
+            [](Permit& p) { p.release(); },
+            [&] {
+                mine[0] = d.try_acquire(500);
+                mine[1] = d.try_acquire(500);
+                REQUIRE(mine[0]);
+                REQUIRE(mine[1]);
+                return std::uint64_t{1000};
+            },
+            [&] { return d.snapshot().bytes_in_flight; },
+            [&] {
+                auto p = d.try_acquire(1);
+                return p.has_value();
+            });
+        CHECK(d.snapshot().in_flight == 2);
+    }
+    SUBCASE("Limiter return_to_hopper") {
+        // 10 tokens in the system, all in the bucket; no drip (the hopper holds none).
+        auto l = Limiter::open(seg, "lim",
+                               LimiterConfig{.hopper_to_bucket_rate_per_sec = 1.0,
+                                             .bucket_size = 10,
+                                             .initial_bucket_level = 10,
+                                             .initial_hopper_level = 0.0});
+        forced_reset_then_give(
+            seg,
+            [&] {
+                REQUIRE(l.try_take(6) == TryTake::taken);
+                return 6;
+            },
+            [&](int n) {
+                try {
+                    l.return_to_hopper(n);
+                    std::_Exit(10);  // returned tokens it no longer holds
+                } catch (const Error& e) {
+                    if (e.code() != Errc::over_release) std::_Exit(11);
+                }
+            },
+            [&] {
+                REQUIRE(l.try_take(10) == TryTake::taken);
+                return std::uint64_t{10};
+            },
+            [&] { return static_cast<std::uint64_t>(l.in_flight()); },
+            [&] { return l.try_take(1) == TryTake::taken; });
+    }
+}
+
+// 3. A resetter killed in its frozen wait (nothing zeroed yet), and one killed after zeroing the
+// ledgers but before its word store (staged step by step in a child: the recovery and config
+// locks, the freeze, the zeroed ledgers, then SIGKILL). Holders thaw the word (the locks dropped)
+// and go on. Killed before zeroing, nothing changed; killed after, the units the ledgers no
+// longer show stay counted in the word (withheld, never admitted twice: the live holder's
+// release of them is refused as over_release), until a reset is run again, which repairs it.
+TEST_CASE("a resetter killed at any step leaves no record frozen and nothing over the limit") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("rr-killed"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 3});
+    detail::SegmentState& state = *seg.state();
+    const auto record = *detail::find_record(state, detail::RecordKind::semaphore, "db");
+    auto& word = semaphore_word(seg, record);
+    sem.acquire(2);
+
+    SUBCASE("killed in its frozen wait") {
+        // A live slot in the middle of an operation keeps the real reset's frozen wait going.
+        Flag* in_op = make_flag();
+        Flag* leave = make_flag();
+        const pid_t mid_op = lim::test::fork_child([&] {
+            {
+                detail::Hold hold(state, record);
+                in_op->set();
+                leave->wait();
+            }
+            for (;;)
+                ::pause();
+            return 0;
+        });
+        in_op->wait();
+        const pid_t resetter = lim::test::fork_child([&] {
+            seg.reset({.key = "db", .force = true});
+            return 0;
+        });
+        REQUIRE(lim::test::eventually([&] { return detail::is_frozen(word.load()); }));
+        kill_and_wait(resetter);
+        leave->set();
+        // The next holder thaws the word (the recovery lock is free) and finds it unchanged.
+        CHECK(sem.try_acquire(1));
+        CHECK_FALSE(sem.try_acquire(1));
+        CHECK_FALSE(detail::is_frozen(word.load()));
+        sem.release(3);  // this process's ledger was not zeroed: all three are its own
+        CHECK(sem.in_use() == 0);
+        kill_and_wait(mid_op);
+    }
+    SUBCASE("killed after zeroing the ledgers, before the word store") {
+        Flag* zeroed = make_flag();
+        const pid_t resetter = lim::test::fork_child([&] {
+            auto recovery =
+                detail::FileLock::lock_exclusive(state.fd(), detail::LockByte::recovery);
+            auto config = detail::FileLock::lock_exclusive(state.fd(), detail::LockByte::config);
+            detail::kSemaphoreOps.freeze(state, record);
+            for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+                for (auto& h : state.ledger(i, record).held)
+                    h.store(0);
+            }
+            zeroed->set();
+            for (;;)
+                ::pause();
+            return 0;
+        });
+        zeroed->wait();
+        kill_and_wait(resetter);
+        // Thawed by this holder; the 2 stay counted, so only 1 more is admitted.
+        CHECK(sem.try_acquire(1));
+        CHECK_FALSE(sem.try_acquire(1));
+        CHECK(sem.in_use() == 3);
+        CHECK_FALSE(detail::is_frozen(word.load()));
+        // The 2 are in no ledger: releasing them is refused, nothing given back.
+        CHECK_THROWS_AS(sem.release(3), Error);
+        CHECK(sem.in_use() == 3);
+        sem.release(1);
+        CHECK(sem.in_use() == 2);  // withheld
+        seg.reap();
+        CHECK(sem.in_use() == 2);  // a reap does not see the withheld units
+        seg.reset({.key = "db"});  // a reset run again repairs it
+        CHECK(sem.in_use() == 0);
+        CHECK(sem.try_acquire(3));
+        sem.release(3);
+    }
+}
+
+// 4. Waiters blocked across a forced reset: a Semaphore sleeper (its sleeper count kept by the
+// reset) and a WeightedSemaphore queued ticket (the queue dropped: it queues again). Each returns
+// admitted, and the counts are exact: the waiter's units only.
+TEST_CASE("waiters blocked across a forced reset are admitted and counted exactly") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("rr-waiters"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 3});
+    auto ws = WeightedSemaphore::open(seg, "mem", {.capacity = 100});
+    sem.acquire(3);
+    CHECK(ws.try_acquire(100));
+    Flag* admitted_sem = make_flag();
+    Flag* admitted_ws = make_flag();
+    const pid_t waiter = lim::test::fork_child([&] {
+        std::thread t([&] {
+            sem.acquire(2);
+            admitted_sem->set();
+        });
+        ws.acquire(60);
+        admitted_ws->set();
+        t.join();
+        for (;;)
+            ::pause();
+        return 0;
+    });
+    REQUIRE(lim::test::eventually([&] { return sem.waiters() == 1 && ws.waiters() == 1; }));
+    seg.reset({.force = true});
+    // Both return (a waiter that hung fails here after 30 s, the test's watchdog).
+    const bool sem_in = lim::test::eventually([&] { return admitted_sem->value.load() != 0; });
+    const bool ws_in = lim::test::eventually([&] { return admitted_ws->value.load() != 0; });
+    CHECK(sem_in);
+    CHECK(ws_in);
+    CHECK(sem.in_use() == 2);
+    CHECK(ws.in_use() == 60);
+    CHECK(sem.waiters() == 0);
+    CHECK(ws.waiters() == 0);
+    CHECK_FALSE(sem.try_acquire(2));  // 1 free, not 2
+    CHECK(ws.try_acquire(40));
+    CHECK_FALSE(ws.try_acquire(1));
+    kill_and_wait(waiter);
+    seg.reap();
+    CHECK(sem.in_use() == 0);
+    CHECK(ws.in_use() == 40);
+}
+
+// 5. An unforced reset racing a process that attaches and acquires after the reset's check for
+// other live processes and before its freeze. The window is held open with the config lock (a
+// child holds it; the reset takes it after the check, before freezing anything). Before: the
+// reset forgot the newcomer's 3 units, and this process was admitted 3 more of a capacity of 3
+// while the newcomer, alive, still held its 3. Now the check is made again with the record frozen
+// and quiescent: busy, nothing forgotten.
+TEST_CASE("an unforced reset never forgets a process that attached after its check") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("rr-late"));
+    auto seg = make_segment(guard);
+    auto sem = Semaphore::open(seg, "db", {.capacity = 3});
+    detail::SegmentState& state = *seg.state();
+    Flag* locked = make_flag();
+    const pid_t writer = child_holding([&] {
+        static auto config = detail::FileLock::lock_exclusive(state.fd(), detail::LockByte::config);
+        locked->set();
+    });
+    locked->wait();
+    std::atomic<int> outcome{-1};  // 0: reset, 1: busy, 2: other error
+    std::thread resetter([&] {
+        try {
+            seg.reset({.key = "db"});
+            outcome = 0;
+        } catch (const Error& e) {
+            outcome = e.code() == Errc::busy ? 1 : 2;
+        }
+    });
+    // Past its check (the recovery lock held, no dead to reap), now polling for the config lock.
+    REQUIRE(lim::test::eventually(
+        [&] { return detail::FileLock::is_locked(state.fd(), detail::LockByte::recovery); }));
+    std::this_thread::sleep_for(50ms);  // not an assertion: only lets it get to the lock
+    const pid_t newcomer = child_holding([&] { sem.acquire(3); });
+    const bool window_held = outcome.load() == -1;
+    kill_and_wait(writer);  // the config lock drops: the reset goes on
+    resetter.join();
+    if (!window_held) MESSAGE("the reset ended before the newcomer attached: nothing checked");
+    CHECK(outcome.load() != 2);
+    // Never over the limit: the newcomer holds 3, so nothing more may be admitted.
+    const bool admitted = sem.try_acquire(1);
+    CHECK_FALSE(admitted);
+    if (admitted) sem.release(1);
+    if (window_held) CHECK(outcome.load() == 1);
+    kill_and_wait(newcomer);
+    seg.reap();
+    CHECK(sem.in_use() == 0);
+}
