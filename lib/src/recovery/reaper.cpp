@@ -446,6 +446,25 @@ void reset(SegmentState& state, const ResetOptions& options) {
     const FileLock config_lock =
         FileLock::lock_or_busy(state.fd(), LockByte::config, state.name(), "reset");
 
+    // The resetter's own slot (this thread's, claimed if it has none, as by any holding
+    // operation). It announces each record while the record's ledgers are cleared and its words
+    // reset: if this process dies in between, its dead slot names the record, and the next reap
+    // recounts it (each word to its live ledgers' sum), instead of the word keeping for good
+    // units no ledger shows any more (docs/design.md, "Reset"). Taken before anything is frozen.
+    // None when the thread cannot have one (a table full of live slots: the claim's reap cannot
+    // run while this reset holds the recovery lock, so it gives up after kLockWaitTimeout; or a
+    // thread past its slot registry's destruction): the reset goes on without the announcement.
+    SlotHeader* own = nullptr;
+    try {
+        const Holder& h = cached_holder(state);
+        if (h.ephemeral) {
+            release_ephemeral(state, *h.slot);
+        } else {
+            own = h.slot;
+        }
+    } catch (const Error&) {
+    }
+
     // One quiescence budget for the whole reset, as for a reap (not a second per record).
     const auto budget = std::chrono::steady_clock::now() + kQuiesceTimeout;
     std::vector<std::string> refused;  // keys of records a live slot stayed pending on
@@ -481,6 +500,10 @@ void reset(SegmentState& state, const ResetOptions& options) {
                     refuse_others(others);
                 }
             }
+            // Announced (own slot) from before the first ledger is cleared until after the words'
+            // store, and withdrawn before the next try's quiescence wait, which would see it.
+            if (own != nullptr) own->pending.store(r + 1, std::memory_order_seq_cst);
+            LIM_RACE_POINT();
             // The reset forgets what anyone held in the record, the dead (whose reap was deferred)
             // included; a dead slot's registration or unfinished operation on it goes too, so that
             // the reset's sleeper count (live registrations) does not count a dead sleeper.
@@ -495,7 +518,10 @@ void reset(SegmentState& state, const ResetOptions& options) {
                 if (slot.pending.load(std::memory_order_relaxed) == r + 1)
                     slot.pending.store(0, std::memory_order_relaxed);
             }
-            if (ops->reset(state, r, Clock::now())) {
+            const bool landed = ops->reset(state, r, Clock::now());
+            LIM_RACE_POINT();
+            if (own != nullptr) own->pending.store(0, std::memory_order_release);
+            if (landed) {
                 done = true;
                 break;
             }
