@@ -498,3 +498,54 @@ TEST_CASE("a resetter SIGKILLed at any moment leaves counts the next reap makes 
     MESSAGE("reset span " << span.count() << " us; rounds withheld: " << withheld
                           << "; killed between clearing and store, recounted: " << recounted);
 }
+
+// 4b. The same for a Limiter sleeper (the bucket empty, nothing dripping: only the reset's
+// initial bucket can admit it) and a Dispatch waiter (its one concurrency slot held).
+TEST_CASE("limiter and dispatch waiters blocked across a forced reset are admitted exactly") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("rr-waiters2"));
+    auto seg = make_segment(guard);
+    auto l = Limiter::open(seg, "lim",
+                           LimiterConfig{.hopper_to_bucket_rate_per_sec = 1.0,
+                                         .bucket_size = 10,
+                                         .initial_bucket_level = 10,
+                                         .initial_hopper_level = 0.0});
+    auto d = Dispatch::open(seg, {.limiter = BackoffWindow::for_key(seg, "api"),
+                                  .key = "api",
+                                  .concurrency = 1,
+                                  .byte_budget = 1000});
+    REQUIRE(l.try_take(10) == TryTake::taken);
+    std::optional<Permit> mine = d.try_acquire(10);
+    REQUIRE(mine);
+    Flag* admitted_l = make_flag();
+    Flag* admitted_d = make_flag();
+    const pid_t waiter = lim::test::fork_child([&] {
+        std::thread t([&] {
+            l.take(4);
+            admitted_l->set();
+        });
+        Permit p = d.acquire(100);
+        admitted_d->set();
+        t.join();
+        for (;;)
+            ::pause();
+        return 0;
+    });
+    REQUIRE(lim::test::eventually([&] { return l.waiters() == 1 && d.snapshot().waiters == 1; }));
+    seg.reset({.force = true});
+    const bool l_in = lim::test::eventually([&] { return admitted_l->value.load() != 0; });
+    const bool d_in = lim::test::eventually([&] { return admitted_d->value.load() != 0; });
+    CHECK(l_in);
+    CHECK(d_in);
+    CHECK(l.in_flight() == doctest::Approx(4.0));
+    CHECK(d.snapshot().in_flight == 1);
+    CHECK(d.snapshot().bytes_in_flight == 100);
+    mine.reset();  // forgotten by the reset: releases nothing (reported on stderr)
+    CHECK(d.snapshot().in_flight == 1);
+    CHECK_FALSE(d.try_acquire(1).has_value());
+    CHECK(l.try_take(6) == TryTake::taken);  // the bucket's other 6
+    CHECK(l.try_take(1) != TryTake::taken);
+    kill_and_wait(waiter);
+    seg.reap();
+    CHECK(d.snapshot().in_flight == 0);
+    CHECK(l.in_flight() == doctest::Approx(6.0));
+}
