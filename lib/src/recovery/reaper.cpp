@@ -427,6 +427,15 @@ void reset(SegmentState& state, const ResetOptions& options) {
         }
         return others;
     };
+    // Whether any live slot is another process's: other_live's test, allocating nothing (it runs
+    // with a record frozen).
+    const auto any_other_live = [&]() noexcept {
+        for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+            const std::uint64_t w = state.slot(i).owner.load(std::memory_order_acquire);
+            if (is_occupied(w) && !contains(dead, i) && SlotOwner::pid(w) != self) return true;
+        }
+        return false;
+    };
     const auto refuse_others = [&](const std::vector<std::uint32_t>& others) {
         throw Error(Errc::busy,
                     fmt::format("segment '{}': {} other live process(es) attached (pid {}{}); stop "
@@ -494,11 +503,10 @@ void reset(SegmentState& state, const ResetOptions& options) {
             // process attached since (attaching takes no lock a reset holds) may have acquired
             // on the record before the freeze; forgetting that would admit past the limit while
             // it still holds. Frozen, nothing new lands on the record until the reset's store.
-            if (!options.force) {
-                if (const auto others = other_live(); !others.empty()) {
-                    ops->thaw(state, r);
-                    refuse_others(others);
-                }
+            if (!options.force && any_other_live()) {
+                ops->thaw(state, r);
+                if (const auto others = other_live(); !others.empty()) refuse_others(others);
+                continue;  // it has left since: freeze and try again
             }
             // Announced (own slot) from before the first ledger is cleared until after the words'
             // store, and withdrawn before the next try's quiescence wait, which would see it.
@@ -539,7 +547,8 @@ void reset(SegmentState& state, const ResetOptions& options) {
     }
     state.header().recovery_epoch.fetch_add(1, std::memory_order_release);
     if (!refused.empty()) {
-        // Nothing of a refused record changed; the other targets were reset.
+        // A refused record's words are as they were (its ledgers too, unless an earlier try on
+        // it cleared them: docs/design.md, "Reset"); the other targets were reset.
         throw Error(
             Errc::busy,
             fmt::format("segment '{}': limiter '{}'{} not reset: a live process stayed in "
