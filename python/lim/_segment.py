@@ -156,7 +156,9 @@ class Segment(Owned):
 
     def reset(self, key: Optional[str] = None, *, force: bool = False) -> None:
         """Re-initialises one record (``key``) or all to their configured state. Raises Busy
-        while other live processes are attached unless ``force``; NotFound for an unknown key."""
+        while other live processes are attached unless ``force``, and (even forced) for a record
+        a live process stays in the middle of an operation on for over a second (left unchanged,
+        the others reset); NotFound for an unknown key."""
         check(lib.lim_segment_reset(self.handle, None if key is None else key_bytes(key),
                                     1 if force else 0))
 

@@ -273,8 +273,10 @@ TEST_CASE("a stopped reaper blocks no consumed Limiter's try_take, then defers i
 }
 
 // A forced reset freezes its records too, and waits for quiescence frozen (up to the reap's
-// budget): stopped there, it blocks no try_acquire; continued, it finds the word thawed, freezes
-// again and resets (what the live holder took meanwhile is forgotten, as force means).
+// budget): stopped there, it blocks no try_acquire; continued once the live operation it waited
+// for has ended, it finds the word thawed, freezes again and resets (what the live holder took
+// meanwhile is forgotten, as force means). A reset never lands while a live slot stays in the
+// middle of an operation (crash.reset_review): that is refused, busy.
 //
 // One try on a fresh segment. This thread must stop the resetter inside its frozen window (about
 // 1 s); descheduled past it (a badly loaded machine), it stops it too late: then it cleans up,
@@ -289,9 +291,35 @@ bool stopped_reset_once() {
     auto& word = reinterpret_cast<detail::SemaphoreBody*>(state.record(record).body)->word;
     const pid_t dead = child_holding([&] { sem.acquire(2); });
     kill_and_wait(dead);
-    // A live process stopped mid-operation keeps the reset's frozen quiescence wait going.
-    const pid_t mid_op = child_holding([&] { static detail::Hold hold(state, record); });
-    ::kill(mid_op, SIGSTOP);
+    // A live process in the middle of an operation (announced) until `leave` keeps the reset's
+    // frozen quiescence wait going.
+    Flag* in_op = make_flag();
+    Flag* leave = make_flag();
+    Flag* left = make_flag();
+    const pid_t mid_op = lim::test::fork_child([&] {
+        {
+            detail::Hold hold(state, record);
+            in_op->set();
+            leave->wait();
+        }
+        left->set();
+        for (;;)
+            ::pause();
+        return 0;
+    });
+    in_op->wait();
+    // The reset ended: 0 if it landed, 3 (busy) if the live operation outlasted its budget (this
+    // thread was descheduled, or stopped the resetter where it had just seen the slot pending).
+    const auto finish = [&](int rc) {
+        CHECK((rc == 0 || rc == 3));
+        leave->set();
+        left->wait();
+        kill_and_wait(mid_op);
+        if (rc == 3) {
+            CHECK(sem.in_use() == 2);  // refused: nothing changed, the dead's 2 still counted
+            seg.reap();
+        }
+    };
     auto* reset_done = lim::test::shared_array<std::atomic<int>>(1);
     new (reset_done) std::atomic<int>{0};
     const pid_t resetter = lim::test::fork_child([&] {
@@ -302,13 +330,12 @@ bool stopped_reset_once() {
     const auto missed = [&](int st) {
         if (WIFSTOPPED(st)) {
             ::kill(resetter, SIGCONT);
-            CHECK(lim::test::wait_child(resetter) == 0);
+            finish(lim::test::wait_child(resetter));
         } else {
-            CHECK((WIFEXITED(st) && WEXITSTATUS(st) == 0));
+            REQUIRE(WIFEXITED(st));
+            finish(WEXITSTATUS(st));
         }
-        ::kill(mid_op, SIGCONT);
-        kill_and_wait(mid_op);
-        CHECK(sem.in_use() == 0);  // the reset forgot the dead's 2
+        CHECK(sem.in_use() == 0);  // forgotten by the reset, or given back by the reap
         CHECK_FALSE(detail::is_frozen(word.load()));
         MESSAGE(
             "the resetter was stopped after its frozen window (this thread was descheduled "
@@ -337,13 +364,20 @@ bool stopped_reset_once() {
     });
     // The resetter is continued only after this wait: a far bound still shows a blocked try.
     const bool in_time = lim::test::eventually([&] { return returned.load(); }, 30s);
-    ::kill(resetter, SIGCONT);
     taker.join();
-    CHECK(lim::test::wait_child(resetter) == 0);
-    ::kill(mid_op, SIGCONT);
-    kill_and_wait(mid_op);
+    // The live operation ends, then the resetter goes on: quiescent, it resets.
+    leave->set();
+    left->wait();
+    ::kill(resetter, SIGCONT);
+    const int rc = lim::test::wait_child(resetter);
     CHECK(in_time);
     CHECK(took);
+    if (rc != 0) {  // stopped just after it saw the slot pending: refused, try again
+        if (took) sem.release(1);
+        finish(rc);
+        return false;
+    }
+    kill_and_wait(mid_op);
     // The reset landed after the thaw: nothing in use, nobody's units counted, the word thawed.
     CHECK(sem.in_use() == 0);
     CHECK_FALSE(detail::is_frozen(word.load()));

@@ -138,7 +138,9 @@ const char* lim_reap_report_deferred(const lim_reap_report* report, size_t i); /
 void lim_reap_report_free(lim_reap_report* report);
 
 /* Re-initialises record `key` (NULL or "": every record). LIM_BUSY while other live processes are
- * attached unless `force`; LIM_NOT_FOUND for an unknown key. */
+ * attached unless `force`, and (even forced) for a record a live process stays in the middle of an
+ * operation on for over a second: that record is left unchanged, the others reset (see
+ * lim::Segment::reset); LIM_NOT_FOUND for an unknown key. */
 int lim_segment_reset(lim_segment* segment, const char* key, int force);
 
 /* ---- Semaphore and WeightedSemaphore ----------------------------------------------------------

@@ -98,8 +98,11 @@ struct ResetOptions {
     // The record to reset; empty resets every record in the segment.
     std::string key = {};
     // Reset even though other live processes are attached. What they hold is forgotten: their
-    // later releases find less in use than they took (Semaphore::release then throws
-    // over_release), so restart them.
+    // later releases find that they hold nothing and give back nothing (Semaphore::release and
+    // WeightedSemaphore::release throw over_release, Limiter::return_to_hopper too; the guards
+    // and Permit release nothing, without throwing), so the units they still use are over the
+    // limit until they finish: restart them. Never overrides a live process that stays in the
+    // middle of an operation on a record (stopped): that record is not reset (Error(busy)).
     bool force = false;
 };
 
@@ -163,7 +166,11 @@ class Segment {
     // dead processes. Refused with Error(busy) while another live process is attached, unless
     // options.force. Throws Error(not_found) for an unknown key, Error(busy) also if another
     // reap, reset or hand-off keeps the recovery lock, or a configuration change the config lock,
-    // for over 3 s (a process stopped holding it; nothing is reset then).
+    // for over 3 s (a process stopped holding it; nothing is reset then), and Error(busy) after
+    // resetting the other records when a live process stayed in the middle of an operation on a
+    // record for over a second (stopped or starved, forced or not): that record is left
+    // unchanged, since resetting under an unfinished operation could later admit over the limit.
+    // Retrying once that process is continued or killed is safe.
     void reset(const ResetOptions& options = {});
 
     // For the library's own handles; not part of the stable API.

@@ -27,10 +27,12 @@
 #pragma once
 
 #include <cstdint>
+#include <exception>
 #include <string_view>
 
 #include "lim/clock.hpp"
 #include "lim/detail/record_ref.hpp"
+#include "lim/error.hpp"
 #include "lim/hand_off.hpp"
 #include "lim/segment.hpp"
 
@@ -120,8 +122,17 @@ class WeightedSemaphoreGuard {
         : sem_(&semaphore), n_(n) {
         sem_->acquire(n_);
     }
+    // Releases the units. Never throws: Error(over_release), which says this process no longer
+    // holds them (a forced Segment::reset forgot them, or this is a copy inherited across fork()),
+    // is swallowed, since there is nothing to give back; any other error terminates, as
+    // a throwing destructor did before (std::terminate, the exception printed).
     ~WeightedSemaphoreGuard() {
-        if (sem_) sem_->release(n_);
+        if (!sem_) return;
+        try {
+            sem_->release(n_);
+        } catch (const Error& e) {
+            if (e.code() != Errc::over_release) std::terminate();
+        }
     }
     WeightedSemaphoreGuard(WeightedSemaphoreGuard&& other) noexcept
         : sem_(other.sem_), n_(other.n_) {

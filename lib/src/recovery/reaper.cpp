@@ -7,6 +7,7 @@
 #include <chrono>
 #include <limits>
 #include <map>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -413,21 +414,37 @@ void reset(SegmentState& state, const ResetOptions& options) {
     reap_locked(state);
     const std::vector<DeadSlot> dead = find_dead_slots(state);  // only deferred ones are left
     const auto self = static_cast<std::uint32_t>(this_process().pid);
-    std::vector<std::uint32_t> others;
-    for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
-        const std::uint64_t w = state.slot(i).owner.load(std::memory_order_acquire);
-        if (!is_occupied(w) || contains(dead, i)) continue;
-        const std::uint32_t pid = SlotOwner::pid(w);
-        if (pid != self && std::find(others.begin(), others.end(), pid) == others.end()) {
-            others.push_back(pid);
+    // The distinct pids of the live slots other than this process's.
+    const auto other_live = [&] {
+        std::vector<std::uint32_t> others;
+        for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+            const std::uint64_t w = state.slot(i).owner.load(std::memory_order_acquire);
+            if (!is_occupied(w) || contains(dead, i)) continue;
+            const std::uint32_t pid = SlotOwner::pid(w);
+            if (pid != self && std::find(others.begin(), others.end(), pid) == others.end()) {
+                others.push_back(pid);
+            }
         }
-    }
-    if (!others.empty() && !options.force) {
+        return others;
+    };
+    // Whether any live slot is another process's: other_live's test, allocating nothing (it runs
+    // with a record frozen).
+    const auto any_other_live = [&]() noexcept {
+        for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+            const std::uint64_t w = state.slot(i).owner.load(std::memory_order_acquire);
+            if (is_occupied(w) && !contains(dead, i) && SlotOwner::pid(w) != self) return true;
+        }
+        return false;
+    };
+    const auto refuse_others = [&](const std::vector<std::uint32_t>& others) {
         throw Error(Errc::busy,
                     fmt::format("segment '{}': {} other live process(es) attached (pid {}{}); stop "
                                 "them first, or force the reset",
                                 state.name(), others.size(), others.front(),
                                 others.size() > 1 ? ", ..." : ""));
+    };
+    if (!options.force) {
+        if (const auto others = other_live(); !others.empty()) refuse_others(others);
     }
 
     // Configuration writers are excluded for the whole reset: a limiter's reset rewrites both
@@ -438,23 +455,63 @@ void reset(SegmentState& state, const ResetOptions& options) {
     const FileLock config_lock =
         FileLock::lock_or_busy(state.fd(), LockByte::config, state.name(), "reset");
 
+    // The resetter's own slot (this thread's, claimed if it has none, as by any holding
+    // operation). It announces each record while the record's ledgers are cleared and its words
+    // reset: if this process dies in between, its dead slot names the record, and the next reap
+    // recounts it (each word to its live ledgers' sum), instead of the word keeping for good
+    // units no ledger shows any more (docs/design.md, "Reset"). Taken before anything is frozen.
+    // None when the thread cannot have one (a table full of live slots: the claim's reap cannot
+    // run while this reset holds the recovery lock, so it gives up after kLockWaitTimeout; or a
+    // thread past its slot registry's destruction): the reset goes on without the announcement.
+    SlotHeader* own = nullptr;
+    try {
+        const Holder& h = cached_holder(state);
+        if (h.ephemeral) {
+            release_ephemeral(state, *h.slot);
+        } else {
+            own = h.slot;
+        }
+    } catch (const Error&) {
+    }
+
     // One quiescence budget for the whole reset, as for a reap (not a second per record).
     const auto budget = std::chrono::steady_clock::now() + kQuiesceTimeout;
+    std::vector<std::string> refused;  // keys of records a live slot stayed pending on
     for (const std::uint32_t r : targets) {
         const KindOps* ops = kind_ops(static_cast<RecordKind>(state.record(r).header.kind));
         if (ops == nullptr) continue;
         // Again from the freeze if a holder thawed a word meanwhile (this process was stopped
         // past kFrozenBreakTimeout): what it did since is forgotten by the reset like the rest.
-        // Not bounded: giving up would leave the ledgers zeroed under a word that still counts
-        // their units; each try fails only if this process is stopped (or starved) that long.
+        bool done = false;
         for (;;) {
             ops->freeze(state, r);
             LIM_RACE_POINT();
-            // Forced: live holders may be mid-operation; let them finish (or give up after the
-            // timeout and reset regardless: force means force).
-            wait_quiescent(state, r, dead,
-                           std::max(budget - std::chrono::steady_clock::now(),
-                                    std::chrono::steady_clock::duration{kFrozenQuiesceTimeout}));
+            // Forced or not, the record is reset only once no live slot is in the middle of an
+            // operation on it. A live holder stopped between its CAS and its ledger store would,
+            // once continued, record units the reset word does not count, and their release
+            // would then give back units of later holders: over the limit (docs/design.md,
+            // "Reset"; before, a forced reset gave up waiting and reset regardless). Such a
+            // record is thawed unchanged and refused (busy, below), as a reap defers it.
+            if (!wait_quiescent(
+                    state, r, dead,
+                    std::max(budget - std::chrono::steady_clock::now(),
+                             std::chrono::steady_clock::duration{kFrozenQuiesceTimeout}))) {
+                ops->thaw(state, r);
+                break;
+            }
+            // Unforced: the check above again, now that the record is frozen and quiescent. A
+            // process attached since (attaching takes no lock a reset holds) may have acquired
+            // on the record before the freeze; forgetting that would admit past the limit while
+            // it still holds. Frozen, nothing new lands on the record until the reset's store.
+            if (!options.force && any_other_live()) {
+                ops->thaw(state, r);
+                if (const auto others = other_live(); !others.empty()) refuse_others(others);
+                continue;  // it has left since: freeze and try again
+            }
+            // Announced (own slot) from before the first ledger is cleared until after the words'
+            // store, and withdrawn before the next try's quiescence wait, which would see it.
+            if (own != nullptr) own->pending.store(r + 1, std::memory_order_seq_cst);
+            LIM_RACE_POINT();
             // The reset forgets what anyone held in the record, the dead (whose reap was deferred)
             // included; a dead slot's registration or unfinished operation on it goes too, so that
             // the reset's sleeper count (live registrations) does not count a dead sleeper.
@@ -469,8 +526,15 @@ void reset(SegmentState& state, const ResetOptions& options) {
                 if (slot.pending.load(std::memory_order_relaxed) == r + 1)
                     slot.pending.store(0, std::memory_order_relaxed);
             }
-            if (ops->reset(state, r, Clock::now())) break;
+            const bool landed = ops->reset(state, r, Clock::now());
+            LIM_RACE_POINT();
+            if (own != nullptr) own->pending.store(0, std::memory_order_release);
+            if (landed) {
+                done = true;
+                break;
+            }
         }
+        if (!done) refused.emplace_back(record_key(state.record(r)));
     }
     // A deferred dead slot that still holds something in a record this reset did not touch (or
     // is registered or mid-operation there) stays for a later reap to give it back; freeing it
@@ -482,6 +546,17 @@ void reset(SegmentState& state, const ResetOptions& options) {
         }
     }
     state.header().recovery_epoch.fetch_add(1, std::memory_order_release);
+    if (!refused.empty()) {
+        // A refused record's words are as they were (its ledgers too, unless an earlier try on
+        // it cleared them: docs/design.md, "Reset"); the other targets were reset.
+        throw Error(
+            Errc::busy,
+            fmt::format("segment '{}': limiter '{}'{} not reset: a live process stayed in "
+                        "the middle of an operation on it for over a second (stopped, or "
+                        "starved); continue or kill it, then reset again{}",
+                        state.name(), refused.front(), refused.size() > 1 ? " and others" : "",
+                        targets.size() > refused.size() ? " (the others were reset)" : ""));
+    }
 }
 
 }  // namespace lim::detail
