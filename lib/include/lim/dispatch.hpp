@@ -125,7 +125,8 @@ class Permit {
         : impl_(std::exchange(other.impl_, nullptr)),
           bytes_(other.bytes_),
           fork_gen_(other.fork_gen_),
-          throttled_(other.throttled_) {}
+          throttled_(other.throttled_),
+          quick_(other.quick_) {}
     Permit& operator=(Permit&& other) noexcept {
         if (this != &other) {
             release();
@@ -133,13 +134,14 @@ class Permit {
             bytes_ = other.bytes_;
             fork_gen_ = other.fork_gen_;
             throttled_ = other.throttled_;
+            quick_ = other.quick_;
         }
         return *this;
     }
     Permit(const Permit&) = delete;
     Permit& operator=(const Permit&) = delete;
     ~Permit() {
-        if (impl_) release();
+        if (impl_) release_held();
     }
 
     // Gives back the bytes, the throttled slot and the concurrency slot, in that order, and wakes
@@ -158,14 +160,20 @@ class Permit {
 
   private:
     friend class Dispatch;
-    Permit(detail::DispatchImpl* impl, std::uint64_t bytes, bool throttled,
+    Permit(detail::DispatchImpl* impl, std::uint64_t bytes, bool throttled, bool quick,
            std::uint32_t fork_gen) noexcept
-        : impl_(impl), bytes_(bytes), fork_gen_(fork_gen), throttled_(throttled) {}
+        : impl_(impl), bytes_(bytes), fork_gen_(fork_gen), throttled_(throttled), quick_(quick) {}
+    // release() once impl_ is known to be set (the destructor's test): gives back what the
+    // permit holds, leaving impl_ as it is.
+    void release_held() noexcept;
 
     detail::DispatchImpl* impl_ = nullptr;
     std::uint64_t bytes_ = 0;
     std::uint32_t fork_gen_ = 0;
     bool throttled_ = false;
+    // Taken by the one-CAS form (a packed Dispatch, no backoff), so released by it: one test
+    // on release instead of the Dispatch's packing and the throttled flag.
+    bool quick_ = false;
 };
 
 class Dispatch {
@@ -226,6 +234,11 @@ class Dispatch {
     explicit Dispatch(std::shared_ptr<detail::DispatchImpl> impl) : impl_(std::move(impl)) {}
     static Dispatch open_impl(const Segment& segment, const DispatchOptions& options, bool adopt);
     std::optional<Permit> acquire_impl(std::uint64_t bytes, std::optional<TimePoint> deadline);
+    // try_acquire's general case (under backoff, a Dispatch whose limits do not pack, a slot not
+    // in the thread's cache, a frozen word). Out of line: try_acquire tail-calls it, so that the
+    // common permit needs no stack frame.
+    [[gnu::noinline]] static std::optional<Permit> try_acquire_general(detail::DispatchImpl& d,
+                                                                       std::uint64_t bytes);
     // Everything but the packed one-CAS permit: one CAS per layer, then blocking per layer.
     [[gnu::noinline]] static std::optional<Permit> acquire_general(
         detail::DispatchImpl& d, bool backoff, std::uint64_t charge,

@@ -31,6 +31,8 @@ DispatchImpl::DispatchImpl(RecordRef r, BackoffWindow w, const DispatchOptions& 
              .jitter = o.acquire_backoff.jitter,
              .clock = &clock,
              .sleep = &sleep},
+      concurrency(config->concurrency),
+      byte_budget(config->byte_budget),
       default_clock(!o.clock),
       packed(is_packed(*config)) {}
 
@@ -368,15 +370,17 @@ void report_release_failure(const DispatchImpl& d, const std::exception& e) noex
     QuickHold hold;
     if (!hold.open(*d.ref.state, d.ref.index)) [[unlikely]]
         return false;
-    // Hold::require_held's fast path for both layers: this thread's own entry covers them.
+    // Hold::require_held's fast path for both layers: this thread's own entry covers them. (A
+    // zero-byte permit needs no byte check; it is made anyway, one test cheaper on the common
+    // path: an entry below zero, left by permits released on other threads than their
+    // acquirers', only sends such a release to the general path, which accepts it.)
     const std::int64_t slots = hold.held(kDispatchSlotsLayer);
-    if (slots < 1 || (bytes != 0 && hold.held(kDispatchBytesLayer) <
-                                        static_cast<std::int64_t>(bytes))) [[unlikely]] {
+    const std::int64_t held_bytes = hold.held(kDispatchBytesLayer);
+    if (slots < 1 || held_bytes < static_cast<std::int64_t>(bytes)) [[unlikely]] {
         hold.close();
         return false;
     }
     std::atomic<std::uint64_t>& word = d.body->concurrency;
-    const std::uint64_t delta = 1 + P::kBytes.units(bytes);
     std::uint64_t w = word.load(std::memory_order_relaxed);
     for (;;) {
         if (is_frozen(w) || P::kSlots.in_use(w) < 1 || P::kBytes.in_use(w) < bytes) [[unlikely]] {
@@ -384,21 +388,24 @@ void report_release_failure(const DispatchImpl& d, const std::exception& e) noex
             return false;
         }
         LIM_RACE_POINT();
-        if (word.compare_exchange_weak(w, w - delta, std::memory_order_seq_cst,
+        if (word.compare_exchange_weak(w, w - 1 - P::kBytes.units(bytes), std::memory_order_seq_cst,
                                        std::memory_order_relaxed)) [[likely]] {
             break;
         }
     }
+    // From the values read before the CAS (this thread is the entry's only writer: "The
+    // uncontended path", step 3); unconditional, as in quick_take.
     hold.set(kDispatchSlotsLayer, slots - 1);
-    if (bytes != 0) hold.add(kDispatchBytesLayer, -static_cast<std::int64_t>(bytes));
+    hold.set(kDispatchBytesLayer, held_bytes - static_cast<std::int64_t>(bytes));
     hold.close();
     before = w;
     return true;
 }
 
-inline void release_permit(DispatchImpl& d, std::uint64_t bytes, bool throttled) noexcept {
+inline void release_permit(DispatchImpl& d, std::uint64_t bytes, bool throttled,
+                           bool quick) noexcept {
     using P = DispatchPacked;
-    if (d.packed && !throttled) [[likely]] {
+    if (quick) [[likely]] {
         std::uint64_t w = 0;
         if (quick_give(d, bytes, w)) [[likely]] {
             // `w` is the word the CAS replaced: whether anyone sleeps or queues, in one test. The
@@ -576,9 +583,16 @@ enum class Quick { done, refused, general };
 
 // The common permit's take (packed, no backoff), in QuickHold's form of the ledger protocol
 // (docs/design.md, "The uncontended path"): take_packed's checks and CAS with no call; a slot not
-// in the thread's cache or a frozen word goes, with nothing changed, to take_packed_general.
+// in the thread's cache or a frozen word goes, with nothing changed, to the general path.
 [[gnu::always_inline]] inline Quick quick_take(DispatchImpl& d, std::uint64_t charge) noexcept {
     using P = detail::DispatchPacked;
+    // The bytes in use and the queued count as one number (bits 15..54 of the word): the queued
+    // count sits just above the bytes, and byte_budget < 2^32, so `bytes and queued + charge >
+    // byte_budget` is exactly `queued != 0 or bytes + charge > byte_budget` in one compare
+    // (no overflow: the sum is below 2^41).
+    static_assert(P::kBytes.queued_shift == P::kBytes.units_shift + 32 &&
+                  P::kMaxBudget < (1ULL << 32));
+    constexpr int kBytesAndQueuedBits = 32 + 8;
     detail::QuickHold hold;
     if (!hold.open(*d.ref.state, d.ref.index)) [[unlikely]]
         return Quick::general;
@@ -589,9 +603,11 @@ enum class Quick { done, refused, general };
             hold.close();
             return Quick::general;
         }
-        if (P::kSlots.in_use(w) >= d.config->concurrency ||
-            (charge != 0 && (P::kBytes.queued(w) != 0 ||
-                             P::kBytes.in_use(w) + charge > d.config->byte_budget))) [[unlikely]] {
+        const std::uint64_t bytes_and_queued =
+            (w << (64 - P::kBytes.units_shift - kBytesAndQueuedBits)) >> (64 - kBytesAndQueuedBits);
+        // The limits are compared from memory (no register held for them across the loop).
+        if (P::kSlots.in_use(w) >= d.concurrency ||
+            (charge != 0 && bytes_and_queued + charge > d.byte_budget)) [[unlikely]] {
             hold.close();
             return Quick::refused;
         }
@@ -603,48 +619,43 @@ enum class Quick { done, refused, general };
             break;
         }
     }
+    // Unconditional: a zero charge stores the entry's own value back (this thread is its only
+    // writer), one store cheaper than a test on the common path.
     hold.add(detail::kDispatchSlotsLayer, 1);
-    if (charge != 0) hold.add(detail::kDispatchBytesLayer, static_cast<std::int64_t>(charge));
+    hold.add(detail::kDispatchBytesLayer, static_cast<std::int64_t>(charge));
     hold.admitted();
     hold.close();
     return Quick::done;
 }
 
-// What try_acquire's general path took: whether it got a permit, under backoff or not, charged
-// how much.
-struct Taken {
-    bool ok;
-    bool backoff;
-    std::uint64_t charge;
-};
+}  // namespace
 
-// try_acquire's general path (under backoff, a Dispatch whose limits do not pack, a slot not in
-// the thread's cache, a frozen word): decides the backoff and the charge afresh and takes every
-// layer in a Hold. Out of line, so that the common permit needs no frame.
-[[gnu::noinline]] Taken try_acquire_general(DispatchImpl& d, std::uint64_t bytes) {
+// The general case (under backoff, a Dispatch whose limits do not pack, a slot not in the
+// thread's cache, a frozen word): decides the backoff and the charge afresh and takes every layer
+// in a Hold.
+std::optional<Permit> Dispatch::try_acquire_general(DispatchImpl& d, std::uint64_t bytes) {
     const bool backoff = d.backoff_now();
     const std::uint64_t charge = detail::charge_for(
         bytes, backoff, d.config->byte_penalty_multiplier, d.config->byte_budget);
-    if (!d.packed || backoff) return {try_acquire_layers(d, backoff, charge), backoff, charge};
-    return {take_packed_general(d, charge), false, charge};
+    const bool ok = (!d.packed || backoff) ? try_acquire_layers(d, backoff, charge)
+                                           : take_packed_general(d, charge);
+    if (!ok) return std::nullopt;
+    return Permit(&d, charge, backoff, d.packed && !backoff, detail::fork_generation());
 }
-
-}  // namespace
 
 std::optional<Permit> Dispatch::try_acquire(std::uint64_t bytes) {
     DispatchImpl& d = *impl_;
     // The common permit: packed, and no backoff deadline set (backoff_now's first test, so the
     // charge is the request clamped to the budget, as charge_for computes it without backoff).
     if (d.packed && d.window_body->until.load(std::memory_order_acquire) == 0) [[likely]] {
-        const std::uint64_t charge = std::min(bytes, d.config->byte_budget);
+        const std::uint64_t charge = std::min(bytes, d.byte_budget);
         const Quick q = quick_take(d, charge);
         if (q == Quick::done) [[likely]]
-            return Permit(&d, charge, false, detail::fork_generation());
+            return Permit(&d, charge, false, true, detail::fork_generation());
         if (q == Quick::refused) return std::nullopt;
     }
-    const Taken t = try_acquire_general(d, bytes);
-    if (!t.ok) return std::nullopt;
-    return Permit(&d, t.charge, t.backoff, detail::fork_generation());
+    // A tail call: the common path above keeps no frame.
+    return try_acquire_general(d, bytes);
 }
 
 std::optional<Permit> Dispatch::acquire_impl(std::uint64_t bytes,
@@ -660,7 +671,7 @@ std::optional<Permit> Dispatch::acquire_impl(std::uint64_t bytes,
         detail::Hold hold(*d.ref.state, d.ref.index);
         if (d.take_packed(hold, *d.ref.state, charge)) {
             hold.admitted();
-            return Permit(&d, charge, false, detail::fork_generation());
+            return Permit(&d, charge, false, true, detail::fork_generation());
         }
     }
     return acquire_general(d, backoff, charge, deadline);
@@ -682,7 +693,7 @@ std::optional<Permit> Dispatch::acquire_general(detail::DispatchImpl& d, bool ba
         if (slot && throttled && !budget) budget = d.bytes().try_acquire(hold, state, charge);
         if (slot && throttled && budget) {
             hold.admitted();
-            return Permit(&d, charge, backoff, detail::fork_generation());
+            return Permit(&d, charge, backoff, d.packed && !backoff, detail::fork_generation());
         }
     }
     // Some layer is full: wait for each remaining one in order. Every way out without a permit
@@ -729,7 +740,7 @@ std::optional<Permit> Dispatch::acquire_general(detail::DispatchImpl& d, bool ba
         detail::Hold hold(state, record);
         hold.admitted();
     }
-    return Permit(&d, charge, backoff, detail::fork_generation());
+    return Permit(&d, charge, backoff, d.packed && !backoff, detail::fork_generation());
 }
 
 Permit Dispatch::acquire(std::uint64_t bytes) {
@@ -790,10 +801,14 @@ std::string_view Dispatch::key() const noexcept {
 
 void Permit::release() noexcept {
     if (!impl_) return;
-    detail::DispatchImpl* d = std::exchange(impl_, nullptr);
+    release_held();
+    impl_ = nullptr;
+}
+
+void Permit::release_held() noexcept {
     // A copy inherited across fork() is the parent's permit: the child releases nothing.
     if (fork_gen_ != detail::fork_generation()) return;
-    detail::release_permit(*d, bytes_, throttled_);
+    detail::release_permit(*impl_, bytes_, throttled_, quick_);
 }
 
 }  // namespace lim
