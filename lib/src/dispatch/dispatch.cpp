@@ -18,6 +18,11 @@
 
 namespace lim::detail {
 
+namespace {
+// DispatchImpl::quick_gate of a Dispatch that does not pack: never zero.
+const std::atomic<std::int64_t> kUnpackedGate{1};
+}  // namespace
+
 DispatchImpl::DispatchImpl(RecordRef r, BackoffWindow w, const DispatchOptions& o)
     : ref(std::move(r)),
       window(std::move(w)),
@@ -33,6 +38,8 @@ DispatchImpl::DispatchImpl(RecordRef r, BackoffWindow w, const DispatchOptions& 
              .sleep = &sleep},
       concurrency(config->concurrency),
       byte_budget(config->byte_budget),
+      mapping_uid(ref.state->uid()),
+      quick_gate(is_packed(*config) ? &window_body->until : &kUnpackedGate),
       default_clock(!o.clock),
       packed(is_packed(*config)) {}
 
@@ -368,7 +375,7 @@ void report_release_failure(const DispatchImpl& d, const std::exception& e) noex
                                               std::uint64_t& before) noexcept {
     using P = DispatchPacked;
     QuickHold hold;
-    if (!hold.open(*d.ref.state, d.ref.index)) [[unlikely]]
+    if (!hold.open(d.mapping_uid, d.ref.index)) [[unlikely]]
         return false;
     // Hold::require_held's fast path for both layers: this thread's own entry covers them. (A
     // zero-byte permit needs no byte check; it is made anyway, one test cheaper on the common
@@ -381,6 +388,7 @@ void report_release_failure(const DispatchImpl& d, const std::exception& e) noex
         return false;
     }
     std::atomic<std::uint64_t>& word = d.body->concurrency;
+    const std::uint64_t delta = 1 + P::kBytes.units(bytes);
     std::uint64_t w = word.load(std::memory_order_relaxed);
     for (;;) {
         if (is_frozen(w) || P::kSlots.in_use(w) < 1 || P::kBytes.in_use(w) < bytes) [[unlikely]] {
@@ -388,15 +396,16 @@ void report_release_failure(const DispatchImpl& d, const std::exception& e) noex
             return false;
         }
         LIM_RACE_POINT();
-        if (word.compare_exchange_weak(w, w - 1 - P::kBytes.units(bytes), std::memory_order_seq_cst,
+        if (word.compare_exchange_weak(w, w - delta, std::memory_order_seq_cst,
                                        std::memory_order_relaxed)) [[likely]] {
             break;
         }
     }
-    // From the values read before the CAS (this thread is the entry's only writer: "The
-    // uncontended path", step 3); unconditional, as in quick_take.
+    // The slots from the value read before the CAS (this thread is the entry's only writer: "The
+    // uncontended path", step 3); the bytes reloaded (one register fewer across the loop, so no
+    // callee-saved one to save); unconditional, as in quick_take.
     hold.set(kDispatchSlotsLayer, slots - 1);
-    hold.set(kDispatchBytesLayer, held_bytes - static_cast<std::int64_t>(bytes));
+    hold.add(kDispatchBytesLayer, -static_cast<std::int64_t>(bytes));
     hold.close();
     before = w;
     return true;
@@ -416,6 +425,8 @@ inline void release_permit(DispatchImpl& d, std::uint64_t bytes, bool throttled,
                 d.wake_after_give(w, bytes);
             return;
         }
+        release_permit_layers(d, bytes, false);  // a quick permit is never throttled
+        return;
     }
     release_permit_layers(d, bytes, throttled);
 }
@@ -594,7 +605,7 @@ enum class Quick { done, refused, general };
                   P::kMaxBudget < (1ULL << 32));
     constexpr int kBytesAndQueuedBits = 32 + 8;
     detail::QuickHold hold;
-    if (!hold.open(*d.ref.state, d.ref.index)) [[unlikely]]
+    if (!hold.open(d.mapping_uid, d.ref.index)) [[unlikely]]
         return Quick::general;
     std::atomic<std::uint64_t>& word = d.body->concurrency;
     std::uint64_t w = word.load(std::memory_order_relaxed);
@@ -646,8 +657,9 @@ std::optional<Permit> Dispatch::try_acquire_general(DispatchImpl& d, std::uint64
 std::optional<Permit> Dispatch::try_acquire(std::uint64_t bytes) {
     DispatchImpl& d = *impl_;
     // The common permit: packed, and no backoff deadline set (backoff_now's first test, so the
-    // charge is the request clamped to the budget, as charge_for computes it without backoff).
-    if (d.packed && d.window_body->until.load(std::memory_order_acquire) == 0) [[likely]] {
+    // charge is the request clamped to the budget, as charge_for computes it without backoff),
+    // both in one test (DispatchImpl::quick_gate).
+    if (d.quick_gate->load(std::memory_order_acquire) == 0) [[likely]] {
         const std::uint64_t charge = std::min(bytes, d.byte_budget);
         const Quick q = quick_take(d, charge);
         if (q == Quick::done) [[likely]]
@@ -807,8 +819,10 @@ void Permit::release() noexcept {
 
 void Permit::release_held() noexcept {
     // A copy inherited across fork() is the parent's permit: the child releases nothing.
-    if (fork_gen_ != detail::fork_generation()) return;
-    detail::release_permit(*impl_, bytes_, throttled_, quick_);
+    const std::uint64_t tag = tag_;
+    if (static_cast<std::uint32_t>(tag) != detail::fork_generation()) return;
+    const auto flags = static_cast<std::uint32_t>(tag >> 32);
+    detail::release_permit(*impl_, bytes_, (flags & kThrottled) != 0, flags == 0);
 }
 
 }  // namespace lim

@@ -135,6 +135,12 @@ struct DispatchImpl {
     // the one-CAS permit reads them from this line instead of through `config`.
     std::uint64_t concurrency;
     std::uint64_t byte_budget;
+    // ref.state->uid(), kept here for the thread's slot lookup (QuickHold::open).
+    std::uint64_t mapping_uid;
+    // The word try_acquire's common path tests for zero: the backoff deadline
+    // (window_body->until) when the Dispatch packs, else a constant that is never zero, so that
+    // one load and one test rule out both a deadline and an unpacked Dispatch.
+    const std::atomic<std::int64_t>* quick_gate;
     bool default_clock;
     bool packed;
     // A backoff deadline already seen to be over for good (now - until >= window): with the
