@@ -412,13 +412,16 @@ constinit thread_local WordHint tl_word_hint
     const std::uint64_t delta = 1 + P::kBytes.units(bytes);
     // The first expected value: this thread's last value of the word if it has one (tl_word_hint),
     // else a load.
-    bool guessed = tl_word_hint.word == &word;
-    std::uint64_t w = guessed ? tl_word_hint.value : word.load(std::memory_order_relaxed);
+    std::uint64_t w;
+    if (tl_word_hint.word == &word) [[likely]]
+        w = tl_word_hint.value;
+    else
+        w = word.load(std::memory_order_relaxed);
     for (;;) {
         if (is_frozen(w) || P::kSlots.in_use(w) < 1 || P::kBytes.in_use(w) < bytes) [[unlikely]] {
-            if (guessed) {  // decided only from a value read from the word
-                guessed = false;
-                w = word.load(std::memory_order_relaxed);
+            // Decided only from a value the word held: `w` may be the guess.
+            if (const std::uint64_t real = word.load(std::memory_order_relaxed); real != w) {
+                w = real;
                 continue;
             }
             hold.close();
@@ -429,7 +432,6 @@ constinit thread_local WordHint tl_word_hint
                                        std::memory_order_relaxed)) [[likely]] {
             break;
         }
-        guessed = false;  // `w` is now the word's value
     }
     tl_word_hint = {&word, w - delta};
     // The slots from the value read before the CAS (this thread is the entry's only writer: "The
@@ -641,30 +643,24 @@ enum class Quick { done, refused, general };
     std::atomic<std::uint64_t>& word = d.body->concurrency;
     // The first expected value: this thread's last value of the word if it has one
     // (tl_word_hint), else a load.
-    bool guessed = detail::tl_word_hint.word == &word;
-    std::uint64_t w = guessed ? detail::tl_word_hint.value : word.load(std::memory_order_relaxed);
+    std::uint64_t w;
+    if (detail::tl_word_hint.word == &word) [[likely]]
+        w = detail::tl_word_hint.value;
+    else
+        w = word.load(std::memory_order_relaxed);
     for (;;) {
-        if (detail::is_frozen(w)) [[unlikely]] {
-            if (guessed) {  // decided only from a value read from the word
-                guessed = false;
-                w = word.load(std::memory_order_relaxed);
-                continue;
-            }
-            hold.close();
-            return Quick::general;
-        }
         const std::uint64_t bytes_and_queued =
             (w << (64 - P::kBytes.units_shift - kBytesAndQueuedBits)) >> (64 - kBytesAndQueuedBits);
         // The limits are compared from memory (no register held for them across the loop).
-        if (P::kSlots.in_use(w) >= d.concurrency ||
+        if (detail::is_frozen(w) || P::kSlots.in_use(w) >= d.concurrency ||
             (charge != 0 && bytes_and_queued + charge > d.byte_budget)) [[unlikely]] {
-            if (guessed) {  // refused only from a value read from the word
-                guessed = false;
-                w = word.load(std::memory_order_relaxed);
+            // Decided only from a value the word held: `w` may be the guess.
+            if (const std::uint64_t real = word.load(std::memory_order_relaxed); real != w) {
+                w = real;
                 continue;
             }
             hold.close();
-            return Quick::refused;
+            return detail::is_frozen(w) ? Quick::general : Quick::refused;
         }
         LIM_RACE_POINT();
         // Both fields stay within their widths, as in take_packed.
@@ -673,7 +669,6 @@ enum class Quick { done, refused, general };
             [[likely]] {
             break;
         }
-        guessed = false;  // `w` is now the word's value
     }
     detail::tl_word_hint = {&word, w + 1 + P::kBytes.units(charge)};
     // Unconditional: a zero charge stores the entry's own value back (this thread is its only
