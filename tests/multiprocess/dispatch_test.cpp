@@ -144,3 +144,64 @@ TEST_CASE("8 workers x 12,500 permits with backoff toggling: no layer is ever ex
                         << c->peak_throttled.load() << " throttled, " << c->peak_bytes.load()
                         << " bytes");
 }
+
+// The one-CAS permit's CAS starts from this thread's last value of the word (a guess, not a
+// load: docs/design.md, "The uncontended path"). Another process changes the word between two of
+// this thread's permits: a guess that says "room" must not admit into a full Dispatch, and one
+// that says "full" must not refuse when there is room.
+TEST_CASE("a stale first guess of the packed word neither over-admits nor refuses spuriously") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("mp-dispatch-guess"));
+    auto seg = Segment::open_or_create(guard.name(), {.max_limiters = 4, .max_processes = 16});
+    auto d = Dispatch::open(seg, {.limiter = BackoffWindow::for_key(seg, "api"),
+                                  .key = "api",
+                                  .concurrency = 2,
+                                  .byte_budget = 1'000});
+    auto* took = lim::test::make_flag();
+    auto* release = lim::test::make_flag();
+    auto* released = lim::test::make_flag();
+
+    // Guess "0 in flight" (this thread's last give), word full (a child holds both slots).
+    REQUIRE(d.try_acquire(10).has_value());  // taken and given back: the guess is the empty word
+    pid_t child = lim::test::fork_child([&] {
+        auto a = d.try_acquire(10);
+        auto b = d.try_acquire(10);
+        if (!a || !b) return 1;
+        took->set();
+        release->wait();
+        return 0;
+    });
+    took->wait();
+    CHECK_FALSE(d.try_acquire(10).has_value());
+    CHECK(d.snapshot().in_flight == 2);
+    release->set();
+    CHECK(lim::test::wait_child(child) == 0);
+    CHECK(d.snapshot().in_flight == 0);
+
+    // Guess "2 in flight" (this thread's own take filled the Dispatch), then the child gives its
+    // slot back: there is room again, and the guess says there is none.
+    took->value.store(0);
+    release->value.store(0);
+    child = lim::test::fork_child([&] {
+        auto a = d.try_acquire(10);
+        if (!a) return 1;
+        took->set();
+        release->wait();
+        a.reset();
+        released->set();
+        for (;;)
+            pause();  // keeps the process (and its slot) alive until killed
+    });
+    took->wait();
+    auto mine = d.try_acquire(10);  // the guess is now "2 in flight, 20 bytes"
+    REQUIRE(mine.has_value());
+    release->set();
+    released->wait();
+    auto again = d.try_acquire(10);
+    CHECK(again.has_value());
+    CHECK(d.snapshot().in_flight == 2);
+    CHECK(d.snapshot().bytes_in_flight == 20);
+    again.reset();
+    mine.reset();
+    CHECK(d.snapshot().in_flight == 0);
+    lim::test::kill_and_wait(child);
+}

@@ -122,24 +122,20 @@ class Permit {
   public:
     Permit() noexcept = default;  // holds nothing
     Permit(Permit&& other) noexcept
-        : impl_(std::exchange(other.impl_, nullptr)),
-          bytes_(other.bytes_),
-          fork_gen_(other.fork_gen_),
-          throttled_(other.throttled_) {}
+        : impl_(std::exchange(other.impl_, nullptr)), bytes_(other.bytes_), tag_(other.tag_) {}
     Permit& operator=(Permit&& other) noexcept {
         if (this != &other) {
             release();
             impl_ = std::exchange(other.impl_, nullptr);
             bytes_ = other.bytes_;
-            fork_gen_ = other.fork_gen_;
-            throttled_ = other.throttled_;
+            tag_ = other.tag_;
         }
         return *this;
     }
     Permit(const Permit&) = delete;
     Permit& operator=(const Permit&) = delete;
     ~Permit() {
-        if (impl_) release();
+        if (impl_) release_held();
     }
 
     // Gives back the bytes, the throttled slot and the concurrency slot, in that order, and wakes
@@ -154,18 +150,30 @@ class Permit {
     // Bytes charged against the budget (penalised and clamped as it was).
     std::uint64_t bytes() const noexcept { return bytes_; }
     // Whether it started under backoff (and so holds a throttled slot).
-    bool throttled() const noexcept { return throttled_; }
+    bool throttled() const noexcept { return ((tag_ >> 32) & kThrottled) != 0; }
 
   private:
     friend class Dispatch;
-    Permit(detail::DispatchImpl* impl, std::uint64_t bytes, bool throttled,
+    Permit(detail::DispatchImpl* impl, std::uint64_t bytes, bool throttled, bool quick,
            std::uint32_t fork_gen) noexcept
-        : impl_(impl), bytes_(bytes), fork_gen_(fork_gen), throttled_(throttled) {}
+        : impl_(impl),
+          bytes_(bytes),
+          tag_(fork_gen |
+               (std::uint64_t{(throttled ? kThrottled : 0u) | (quick ? 0u : kLayered)} << 32)) {}
+    // release() once impl_ is known to be set (the destructor's test): gives back what the
+    // permit holds, leaving impl_ as it is.
+    void release_held() noexcept;
 
     detail::DispatchImpl* impl_ = nullptr;
     std::uint64_t bytes_ = 0;
-    std::uint32_t fork_gen_ = 0;
-    bool throttled_ = false;
+    // Low 32 bits: the fork generation it was taken in (detail::fork_generation). High 32
+    // bits: kThrottled, it started under backoff (and holds a throttled slot); kLayered, it was
+    // not taken by the one-CAS form (a packed Dispatch, no backoff), so it is not released by
+    // it. One word, stored once and loaded whole (so the load is forwarded from the store); the
+    // common permit's high half is zero.
+    static constexpr std::uint32_t kThrottled = 1;
+    static constexpr std::uint32_t kLayered = 2;
+    std::uint64_t tag_ = 0;
 };
 
 class Dispatch {
@@ -226,6 +234,11 @@ class Dispatch {
     explicit Dispatch(std::shared_ptr<detail::DispatchImpl> impl) : impl_(std::move(impl)) {}
     static Dispatch open_impl(const Segment& segment, const DispatchOptions& options, bool adopt);
     std::optional<Permit> acquire_impl(std::uint64_t bytes, std::optional<TimePoint> deadline);
+    // try_acquire's general case (under backoff, a Dispatch whose limits do not pack, a slot not
+    // in the thread's cache, a frozen word). Out of line: try_acquire tail-calls it, so that the
+    // common permit needs no stack frame.
+    [[gnu::noinline]] static std::optional<Permit> try_acquire_general(detail::DispatchImpl& d,
+                                                                       std::uint64_t bytes);
     // Everything but the packed one-CAS permit: one CAS per layer, then blocking per layer.
     [[gnu::noinline]] static std::optional<Permit> acquire_general(
         detail::DispatchImpl& d, bool backoff, std::uint64_t charge,

@@ -18,6 +18,11 @@
 
 namespace lim::detail {
 
+namespace {
+// DispatchImpl::quick_gate of a Dispatch that does not pack: never zero.
+const std::atomic<std::int64_t> kUnpackedGate{1};
+}  // namespace
+
 DispatchImpl::DispatchImpl(RecordRef r, BackoffWindow w, const DispatchOptions& o)
     : ref(std::move(r)),
       window(std::move(w)),
@@ -31,6 +36,10 @@ DispatchImpl::DispatchImpl(RecordRef r, BackoffWindow w, const DispatchOptions& 
              .jitter = o.acquire_backoff.jitter,
              .clock = &clock,
              .sleep = &sleep},
+      concurrency(config->concurrency),
+      byte_budget(config->byte_budget),
+      mapping_uid(ref.state->uid()),
+      quick_gate(is_packed(*config) ? &window_body->until : &kUnpackedGate),
       default_clock(!o.clock),
       packed(is_packed(*config)) {}
 
@@ -353,6 +362,27 @@ void report_release_failure(const DispatchImpl& d, const std::exception& e) noex
 
 }  // namespace
 
+// The value this thread's last one-CAS take or give left in a packed Dispatch's word, and which
+// word (its address). The next one on the same word uses it as its CAS's first expected value
+// instead of loading the word: a load of a word just before a locked CAS on it costs about as
+// much as the CAS again on x86 (the load waits for the line the previous locked operation wrote;
+// 31 against 21 ns for a load+CAS pair and a CAS pair from a known value, bench measurements in
+// docs/design.md, "The uncontended path"). Only ever a guess: a CAS from it succeeds only if the
+// word holds exactly that value, which passed every check; a failed CAS returns the word's real
+// value and the loop goes on from that; a guess that fails a check (frozen, no room, not held) is
+// replaced by a real load before anything is decided from it. Never dereferenced, so a stale
+// address (a Dispatch closed, a forked child) is harmless. Per thread, so threads do not share a
+// line for it; initial-exec, as tl_holder_cache, so the access is an offset from the thread
+// pointer.
+namespace {
+struct WordHint {
+    const void* word;
+    std::uint64_t value;
+};
+constinit thread_local WordHint tl_word_hint
+    __attribute__((tls_model("initial-exec"))) = {nullptr, 0};
+}  // namespace
+
 // Gives back what a Permit holds: bytes, then the throttled slot, then the concurrency slot.
 // The common permit (packed, not throttled) here, inline, in QuickHold's form of the ledger
 // protocol (docs/design.md, "The uncontended path"): one CAS, no call and no frame unless someone
@@ -366,20 +396,34 @@ void report_release_failure(const DispatchImpl& d, const std::exception& e) noex
                                               std::uint64_t& before) noexcept {
     using P = DispatchPacked;
     QuickHold hold;
-    if (!hold.open(*d.ref.state, d.ref.index)) [[unlikely]]
+    if (!hold.open(d.mapping_uid, d.ref.index)) [[unlikely]]
         return false;
-    // Hold::require_held's fast path for both layers: this thread's own entry covers them.
+    // Hold::require_held's fast path for both layers: this thread's own entry covers them. (A
+    // zero-byte permit needs no byte check; it is made anyway, one test cheaper on the common
+    // path: an entry below zero, left by permits released on other threads than their
+    // acquirers', only sends such a release to the general path, which accepts it.)
     const std::int64_t slots = hold.held(kDispatchSlotsLayer);
-    if (slots < 1 || (bytes != 0 && hold.held(kDispatchBytesLayer) <
-                                        static_cast<std::int64_t>(bytes))) [[unlikely]] {
+    const std::int64_t held_bytes = hold.held(kDispatchBytesLayer);
+    if (slots < 1 || held_bytes < static_cast<std::int64_t>(bytes)) [[unlikely]] {
         hold.close();
         return false;
     }
     std::atomic<std::uint64_t>& word = d.body->concurrency;
     const std::uint64_t delta = 1 + P::kBytes.units(bytes);
-    std::uint64_t w = word.load(std::memory_order_relaxed);
+    // The first expected value: this thread's last value of the word if it has one (tl_word_hint),
+    // else a load.
+    std::uint64_t w;
+    if (tl_word_hint.word == &word) [[likely]]
+        w = tl_word_hint.value;
+    else
+        w = word.load(std::memory_order_relaxed);
     for (;;) {
         if (is_frozen(w) || P::kSlots.in_use(w) < 1 || P::kBytes.in_use(w) < bytes) [[unlikely]] {
+            // Decided only from a value the word held: `w` may be the guess.
+            if (const std::uint64_t real = word.load(std::memory_order_relaxed); real != w) {
+                w = real;
+                continue;
+            }
             hold.close();
             return false;
         }
@@ -389,16 +433,21 @@ void report_release_failure(const DispatchImpl& d, const std::exception& e) noex
             break;
         }
     }
+    tl_word_hint = {&word, w - delta};
+    // The slots from the value read before the CAS (this thread is the entry's only writer: "The
+    // uncontended path", step 3); the bytes reloaded (one register fewer across the loop, so no
+    // callee-saved one to save); unconditional, as in quick_take.
     hold.set(kDispatchSlotsLayer, slots - 1);
-    if (bytes != 0) hold.add(kDispatchBytesLayer, -static_cast<std::int64_t>(bytes));
+    hold.add(kDispatchBytesLayer, -static_cast<std::int64_t>(bytes));
     hold.close();
     before = w;
     return true;
 }
 
-inline void release_permit(DispatchImpl& d, std::uint64_t bytes, bool throttled) noexcept {
+inline void release_permit(DispatchImpl& d, std::uint64_t bytes, bool throttled,
+                           bool quick) noexcept {
     using P = DispatchPacked;
-    if (d.packed && !throttled) [[likely]] {
+    if (quick) [[likely]] {
         std::uint64_t w = 0;
         if (quick_give(d, bytes, w)) [[likely]] {
             // `w` is the word the CAS replaced: whether anyone sleeps or queues, in one test. The
@@ -409,6 +458,8 @@ inline void release_permit(DispatchImpl& d, std::uint64_t bytes, bool throttled)
                 d.wake_after_give(w, bytes);
             return;
         }
+        release_permit_layers(d, bytes, false);  // a quick permit is never throttled
+        return;
     }
     release_permit_layers(d, bytes, throttled);
 }
@@ -576,24 +627,40 @@ enum class Quick { done, refused, general };
 
 // The common permit's take (packed, no backoff), in QuickHold's form of the ledger protocol
 // (docs/design.md, "The uncontended path"): take_packed's checks and CAS with no call; a slot not
-// in the thread's cache or a frozen word goes, with nothing changed, to take_packed_general.
+// in the thread's cache or a frozen word goes, with nothing changed, to the general path.
 [[gnu::always_inline]] inline Quick quick_take(DispatchImpl& d, std::uint64_t charge) noexcept {
     using P = detail::DispatchPacked;
+    // The bytes in use and the queued count as one number (bits 15..54 of the word): the queued
+    // count sits just above the bytes, and byte_budget < 2^32, so `bytes and queued + charge >
+    // byte_budget` is exactly `queued != 0 or bytes + charge > byte_budget` in one compare
+    // (no overflow: the sum is below 2^41).
+    static_assert(P::kBytes.queued_shift == P::kBytes.units_shift + 32 &&
+                  P::kMaxBudget < (1ULL << 32));
+    constexpr int kBytesAndQueuedBits = 32 + 8;
     detail::QuickHold hold;
-    if (!hold.open(*d.ref.state, d.ref.index)) [[unlikely]]
+    if (!hold.open(d.mapping_uid, d.ref.index)) [[unlikely]]
         return Quick::general;
     std::atomic<std::uint64_t>& word = d.body->concurrency;
-    std::uint64_t w = word.load(std::memory_order_relaxed);
+    // The first expected value: this thread's last value of the word if it has one
+    // (tl_word_hint), else a load.
+    std::uint64_t w;
+    if (detail::tl_word_hint.word == &word) [[likely]]
+        w = detail::tl_word_hint.value;
+    else
+        w = word.load(std::memory_order_relaxed);
     for (;;) {
-        if (detail::is_frozen(w)) [[unlikely]] {
+        const std::uint64_t bytes_and_queued =
+            (w << (64 - P::kBytes.units_shift - kBytesAndQueuedBits)) >> (64 - kBytesAndQueuedBits);
+        // The limits are compared from memory (no register held for them across the loop).
+        if (detail::is_frozen(w) || P::kSlots.in_use(w) >= d.concurrency ||
+            (charge != 0 && bytes_and_queued + charge > d.byte_budget)) [[unlikely]] {
+            // Decided only from a value the word held: `w` may be the guess.
+            if (const std::uint64_t real = word.load(std::memory_order_relaxed); real != w) {
+                w = real;
+                continue;
+            }
             hold.close();
-            return Quick::general;
-        }
-        if (P::kSlots.in_use(w) >= d.config->concurrency ||
-            (charge != 0 && (P::kBytes.queued(w) != 0 ||
-                             P::kBytes.in_use(w) + charge > d.config->byte_budget))) [[unlikely]] {
-            hold.close();
-            return Quick::refused;
+            return detail::is_frozen(w) ? Quick::general : Quick::refused;
         }
         LIM_RACE_POINT();
         // Both fields stay within their widths, as in take_packed.
@@ -603,48 +670,45 @@ enum class Quick { done, refused, general };
             break;
         }
     }
+    detail::tl_word_hint = {&word, w + 1 + P::kBytes.units(charge)};
+    // Unconditional: a zero charge stores the entry's own value back (this thread is its only
+    // writer), one store cheaper than a test on the common path.
     hold.add(detail::kDispatchSlotsLayer, 1);
-    if (charge != 0) hold.add(detail::kDispatchBytesLayer, static_cast<std::int64_t>(charge));
+    hold.add(detail::kDispatchBytesLayer, static_cast<std::int64_t>(charge));
     hold.admitted();
     hold.close();
     return Quick::done;
 }
 
-// What try_acquire's general path took: whether it got a permit, under backoff or not, charged
-// how much.
-struct Taken {
-    bool ok;
-    bool backoff;
-    std::uint64_t charge;
-};
+}  // namespace
 
-// try_acquire's general path (under backoff, a Dispatch whose limits do not pack, a slot not in
-// the thread's cache, a frozen word): decides the backoff and the charge afresh and takes every
-// layer in a Hold. Out of line, so that the common permit needs no frame.
-[[gnu::noinline]] Taken try_acquire_general(DispatchImpl& d, std::uint64_t bytes) {
+// The general case (under backoff, a Dispatch whose limits do not pack, a slot not in the
+// thread's cache, a frozen word): decides the backoff and the charge afresh and takes every layer
+// in a Hold.
+std::optional<Permit> Dispatch::try_acquire_general(DispatchImpl& d, std::uint64_t bytes) {
     const bool backoff = d.backoff_now();
     const std::uint64_t charge = detail::charge_for(
         bytes, backoff, d.config->byte_penalty_multiplier, d.config->byte_budget);
-    if (!d.packed || backoff) return {try_acquire_layers(d, backoff, charge), backoff, charge};
-    return {take_packed_general(d, charge), false, charge};
+    const bool ok = (!d.packed || backoff) ? try_acquire_layers(d, backoff, charge)
+                                           : take_packed_general(d, charge);
+    if (!ok) return std::nullopt;
+    return Permit(&d, charge, backoff, d.packed && !backoff, detail::fork_generation());
 }
-
-}  // namespace
 
 std::optional<Permit> Dispatch::try_acquire(std::uint64_t bytes) {
     DispatchImpl& d = *impl_;
     // The common permit: packed, and no backoff deadline set (backoff_now's first test, so the
-    // charge is the request clamped to the budget, as charge_for computes it without backoff).
-    if (d.packed && d.window_body->until.load(std::memory_order_acquire) == 0) [[likely]] {
-        const std::uint64_t charge = std::min(bytes, d.config->byte_budget);
+    // charge is the request clamped to the budget, as charge_for computes it without backoff),
+    // both in one test (DispatchImpl::quick_gate).
+    if (d.quick_gate->load(std::memory_order_acquire) == 0) [[likely]] {
+        const std::uint64_t charge = std::min(bytes, d.byte_budget);
         const Quick q = quick_take(d, charge);
         if (q == Quick::done) [[likely]]
-            return Permit(&d, charge, false, detail::fork_generation());
+            return Permit(&d, charge, false, true, detail::fork_generation());
         if (q == Quick::refused) return std::nullopt;
     }
-    const Taken t = try_acquire_general(d, bytes);
-    if (!t.ok) return std::nullopt;
-    return Permit(&d, t.charge, t.backoff, detail::fork_generation());
+    // A tail call: the common path above keeps no frame.
+    return try_acquire_general(d, bytes);
 }
 
 std::optional<Permit> Dispatch::acquire_impl(std::uint64_t bytes,
@@ -660,7 +724,7 @@ std::optional<Permit> Dispatch::acquire_impl(std::uint64_t bytes,
         detail::Hold hold(*d.ref.state, d.ref.index);
         if (d.take_packed(hold, *d.ref.state, charge)) {
             hold.admitted();
-            return Permit(&d, charge, false, detail::fork_generation());
+            return Permit(&d, charge, false, true, detail::fork_generation());
         }
     }
     return acquire_general(d, backoff, charge, deadline);
@@ -682,7 +746,7 @@ std::optional<Permit> Dispatch::acquire_general(detail::DispatchImpl& d, bool ba
         if (slot && throttled && !budget) budget = d.bytes().try_acquire(hold, state, charge);
         if (slot && throttled && budget) {
             hold.admitted();
-            return Permit(&d, charge, backoff, detail::fork_generation());
+            return Permit(&d, charge, backoff, d.packed && !backoff, detail::fork_generation());
         }
     }
     // Some layer is full: wait for each remaining one in order. Every way out without a permit
@@ -729,7 +793,7 @@ std::optional<Permit> Dispatch::acquire_general(detail::DispatchImpl& d, bool ba
         detail::Hold hold(state, record);
         hold.admitted();
     }
-    return Permit(&d, charge, backoff, detail::fork_generation());
+    return Permit(&d, charge, backoff, d.packed && !backoff, detail::fork_generation());
 }
 
 Permit Dispatch::acquire(std::uint64_t bytes) {
@@ -790,10 +854,16 @@ std::string_view Dispatch::key() const noexcept {
 
 void Permit::release() noexcept {
     if (!impl_) return;
-    detail::DispatchImpl* d = std::exchange(impl_, nullptr);
+    release_held();
+    impl_ = nullptr;
+}
+
+void Permit::release_held() noexcept {
     // A copy inherited across fork() is the parent's permit: the child releases nothing.
-    if (fork_gen_ != detail::fork_generation()) return;
-    detail::release_permit(*d, bytes_, throttled_);
+    const std::uint64_t tag = tag_;
+    if (static_cast<std::uint32_t>(tag) != detail::fork_generation()) return;
+    const auto flags = static_cast<std::uint32_t>(tag >> 32);
+    detail::release_permit(*impl_, bytes_, (flags & kThrottled) != 0, flags == 0);
 }
 
 }  // namespace lim

@@ -130,6 +130,17 @@ struct DispatchImpl {
     std::function<TimePoint()> clock;
     std::function<void(Duration)> sleep;
     Pacing pacing;
+    // The record's concurrency and byte_budget, copied at open (a record's config never changes
+    // once created; bounded: open refuses a packed flag whose limits do not fit the word), so
+    // the one-CAS permit reads them from this line instead of through `config`.
+    std::uint64_t concurrency;
+    std::uint64_t byte_budget;
+    // ref.state->uid(), kept here for the thread's slot lookup (QuickHold::open).
+    std::uint64_t mapping_uid;
+    // The word try_acquire's common path tests for zero: the backoff deadline
+    // (window_body->until) when the Dispatch packs, else a constant that is never zero, so that
+    // one load and one test rule out both a deadline and an unpacked Dispatch.
+    const std::atomic<std::int64_t>* quick_gate;
     bool default_clock;
     bool packed;
     // A backoff deadline already seen to be over for good (now - until >= window): with the
@@ -183,10 +194,11 @@ struct DispatchImpl {
                                                       std::uint64_t charge) noexcept;
 };
 
-// Gives back what a Permit holds (bytes, throttled slot, concurrency slot). Never throws.
-// Defined in dispatch.cpp and inlined into Permit::release, its only caller.
+// Gives back what a Permit holds (bytes, throttled slot, concurrency slot). `quick`: the permit
+// was taken by the one-CAS form (packed, not throttled). Never throws. Defined in dispatch.cpp
+// and inlined into Permit::release_held, its only caller.
 [[gnu::always_inline]] inline void release_permit(DispatchImpl& d, std::uint64_t bytes,
-                                                  bool throttled) noexcept;
+                                                  bool throttled, bool quick) noexcept;
 
 extern const KindOps kDispatchOps;
 

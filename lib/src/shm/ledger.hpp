@@ -174,11 +174,23 @@ class Hold {
 class QuickHold {
   public:
     bool open(const SegmentState& state, std::uint32_t record) noexcept {
-        const Holder* h = find_cached_holder(state);
-        if (h == nullptr) [[unlikely]]
-            return false;
-        slot_ = h->slot;
-        entry_ = &h->entry(record);
+        return open(state.uid(), record);
+    }
+    // The same with the mapping's uid (SegmentState::uid) given, for a caller that keeps it.
+    bool open(std::uint64_t mapping_uid, std::uint32_t record) noexcept {
+        // The cache's first entry read field by field (thread-pointer-relative loads, no
+        // address computed), the others through find_cached_holder.
+        const HolderCacheEntry& first = tl_holder_cache[0];
+        if (first.uid == mapping_uid) [[likely]] {
+            slot_ = first.holder.slot;
+            entry_ = first.holder.row + record;
+        } else {
+            const Holder* h = find_cached_holder(mapping_uid);
+            if (h == nullptr) [[unlikely]]
+                return false;
+            slot_ = h->slot;
+            entry_ = &h->entry(record);
+        }
         slot_->pending.store(record + 1, std::memory_order_relaxed);
         LIM_RACE_POINT();
         return true;

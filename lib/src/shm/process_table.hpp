@@ -69,15 +69,20 @@ inline Holder holder(SegmentState& state) {
     return cached_holder(state);
 }
 
-// The calling thread's slot in `state` if its cache holds it (never an ephemeral one: those are
-// not cached), else nullptr. Claims nothing, calls nothing.
-inline const Holder* find_cached_holder(const SegmentState& state) noexcept {
-    const std::uint64_t uid = state.uid();
-    for (const HolderCacheEntry& e : tl_holder_cache) {
-        if (e.uid == uid) [[likely]]
-            return &e.holder;
+// The calling thread's slot in the mapping whose uid is `uid` (SegmentState::uid) if its cache
+// holds it (never an ephemeral one: those are not cached), else nullptr. Claims nothing, calls
+// nothing. The first entry is tested on its own: a thread that uses one segment finds it there
+// without the loop's setup.
+inline const Holder* find_cached_holder(std::uint64_t uid) noexcept {
+    if (tl_holder_cache[0].uid == uid) [[likely]]
+        return &tl_holder_cache[0].holder;
+    for (int i = 1; i < kHolderCacheSize; ++i) {
+        if (tl_holder_cache[i].uid == uid) return &tl_holder_cache[i].holder;
     }
     return nullptr;
+}
+inline const Holder* find_cached_holder(const SegmentState& state) noexcept {
+    return find_cached_holder(state.uid());
 }
 
 // Empties the calling thread's holder cache. Called by the fork hook's child handler (async-
