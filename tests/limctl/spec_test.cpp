@@ -247,6 +247,19 @@ TEST_CASE("SPEC: every read command has --json, and what it prints is JSON") {
         ++frames;
     }
     CHECK(frames == 2);
+    // ls --json: the segment objects of show --json, plus status (docs/limctl.md, "JSON").
+    const auto shown = nlohmann::json::parse(limctl("show --json " + s).out)["segment"];
+    bool listed = false;
+    for (const auto& entry : nlohmann::json::parse(limctl("ls --json").out)) {
+        if (entry["name"] != s) continue;
+        listed = true;
+        CHECK(entry["status"] == "ok");
+        for (auto it = shown.begin(); it != shown.end(); ++it) {
+            CAPTURE(it.key());
+            CHECK(entry.contains(it.key()));
+        }
+    }
+    CHECK(listed);
     // show --json <segment> <key>: only that key's records (docs/limctl.md, "JSON").
     const auto one = nlohmann::json::parse(limctl("show --json " + s + " my_api").out);
     CHECK(one["segment"] == s);
