@@ -16,9 +16,11 @@ dir=$(mktemp -d /tmp/lim-global-demo.XXXXXX)
 port=$((20000 + RANDOM % 20000))
 pids=()
 cleanup() {
+  local status=$?
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   for h in 1 2; do "$limctl" rm "demo-host$h" >/dev/null 2>&1 || true; rm -f "/dev/shm/lim-feeder.demo-host$h.lock"; done
+  if [ "$status" -eq 0 ]; then rm -rf "$dir"; else echo "logs kept in $dir" >&2; fi
 }
 trap cleanup EXIT
 

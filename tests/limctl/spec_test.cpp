@@ -215,3 +215,76 @@ TEST_CASE("rm removes; stats --format prometheus is the default; ls --json parse
     CHECK_FALSE(lim::Segment::remove(guard.name()));
     CHECK(limctl("rm " + guard.name()).code == 1);
 }
+
+TEST_CASE("SPEC: every read command has --json, and what it prints is JSON") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("limctl-json"));
+    {
+        auto seg = lim::Segment::open_or_create(guard.name(), {.max_limiters = 8});
+        (void)lim::Semaphore::open(seg, "db", {.capacity = 2});
+        auto window = lim::BackoffWindow::for_key(seg, "my_api");
+        (void)lim::Dispatch::open(seg, {.limiter = window, .key = "my_api", .concurrency = 4});
+        (void)lim::TokenBucket::open(seg, "emails",
+                                     {.burst_size = 10, .sustained_rate_per_sec = 2});
+    }
+    const std::string& s = guard.name();
+    for (const std::string& cmd :
+         {std::string("ls --json"), "show --json " + s, "show " + s + " db --json",
+          "stats " + s + " --json", "stats " + s + " --format json", "leases " + s + " --json"}) {
+        CAPTURE(cmd);
+        const auto r = limctl(cmd);
+        CHECK(r.code == 0);
+        CHECK(nlohmann::json::accept(r.out));
+    }
+    // watch --json: one document per line, per frame.
+    const auto w = limctl("watch " + s + " --json -n 2 -i 50ms </dev/null");
+    CHECK(w.code == 0);
+    std::istringstream lines(w.out);
+    std::string line;
+    int frames = 0;
+    while (std::getline(lines, line)) {
+        CAPTURE(line);
+        CHECK(nlohmann::json::accept(line));
+        ++frames;
+    }
+    CHECK(frames == 2);
+    // ls --json: the segment objects of show --json, plus status (docs/limctl.md, "JSON").
+    const auto shown = nlohmann::json::parse(limctl("show --json " + s).out)["segment"];
+    bool listed = false;
+    for (const auto& entry : nlohmann::json::parse(limctl("ls --json").out)) {
+        if (entry["name"] != s) continue;
+        listed = true;
+        CHECK(entry["status"] == "ok");
+        for (auto it = shown.begin(); it != shown.end(); ++it) {
+            CAPTURE(it.key());
+            CHECK(entry.contains(it.key()));
+        }
+    }
+    CHECK(listed);
+    // show --json <segment> <key>: only that key's records (docs/limctl.md, "JSON").
+    const auto one = nlohmann::json::parse(limctl("show --json " + s + " my_api").out);
+    CHECK(one["segment"] == s);
+    REQUIRE(one["records"].size() == 2);  // the Dispatch and its BackoffWindow share the key
+    for (const auto& r : one["records"])
+        CHECK(r["key"] == "my_api");
+}
+
+TEST_CASE("set-backoff: the durations docs/limctl.md lists, --clear; exit 1 and 2 as SPEC says") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("limctl-backoff"));
+    {
+        auto seg = lim::Segment::open_or_create(guard.name(), {.max_limiters = 4});
+        (void)lim::BackoffWindow::for_key(seg, "my_api");
+    }
+    const std::string base = "set-backoff " + guard.name() + " my_api ";
+    for (const char* d : {"500ms", "10s", "1.5s", "2m", "1h", "30"}) {
+        CAPTURE(d);
+        CHECK(limctl(base + d).code == 0);
+    }
+    auto seg = lim::Segment::open(guard.name());
+    auto window = lim::BackoffWindow::for_key(seg, "my_api");
+    CHECK(window.remaining() > std::chrono::minutes{59});  // 1h, never shortened by the rest
+    CHECK(limctl(base + "--clear").code == 0);
+    CHECK_FALSE(window.should_backoff());
+    CHECK(limctl(base + "soon").code == 2);                                         // usage
+    CHECK(limctl("set-backoff " + guard.name() + " no_such_window 1s").code == 1);  // error
+    CHECK_FALSE(window.should_backoff());
+}

@@ -138,3 +138,43 @@ def test_explicit_now_stepped_from_the_clock_is_honoured(seg):
     far = lim.TokenBucket.open(seg, "far", burst_size=10, sustained_rate_per_sec=2,
                                initial_bucket_level=0, now=t0)
     assert far.state(now=lim.now() + 365 * 86400).in_bucket < 1
+
+
+def test_open_or_create_applies_the_kwargs_spec_names(seg_name):
+    # SPEC: `lim.Segment.open_or_create("myapp")  # kwargs: max_limiters, max_processes, mode`.
+    s = lim.Segment.open_or_create(seg_name, max_limiters=8, max_processes=16, mode=0o640)
+    i = s.info()
+    assert (i.max_limiters, i.max_processes) == (8, 16)
+    assert os.stat(f"/dev/shm/lim.{seg_name}").st_mode & 0o777 == 0o640
+    assert lim.Segment.open(seg_name).info().max_limiters == 8  # attach only
+    s.close()
+
+
+def test_permit_async_waits_without_blocking_the_event_loop(seg):
+    # SPEC: `async with api.permit_async(nbytes): ...  # does not block the event loop`. The only
+    # slot is held; the waiter can get it only if the loop keeps running the task that frees it.
+    import asyncio
+
+    api = lim.Dispatch.open(seg, limiter=lim.BackoffWindow.for_key(seg, "aio"), key="aio",
+                            concurrency=1)
+    held = api.try_acquire(10)
+    assert held is not None
+    ticks = []
+
+    async def waiter():
+        async with api.permit_async(10, timeout=30) as p:  # a blocked loop: TimeoutError
+            assert p.held and api.snapshot().in_flight == 1
+            return len(ticks)
+
+    async def freer():
+        for _ in range(3):
+            ticks.append(1)
+            await asyncio.sleep(0)
+        held.release()
+
+    async def main():
+        return await asyncio.wait_for(asyncio.gather(waiter(), freer()), timeout=60)
+
+    ticks_when_admitted, _ = asyncio.run(main())
+    assert ticks_when_admitted == 3  # the loop ran the freer while the waiter waited
+    assert api.snapshot().in_flight == 0  # and the async permit was released on exit

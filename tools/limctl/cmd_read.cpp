@@ -47,6 +47,8 @@ int run_ls(bool json) {
                                      info.created.time_since_epoch())
                                      .count();
             nlohmann::json j = to_json(info);
+            // The segment object of show --json, as docs/limctl.md says ls --json gives.
+            j["reaps_total"] = state->header().reaps_total.load(std::memory_order_relaxed);
             j["status"] = "ok";
             out.push_back(j);
             t.add({name, format_bytes(static_cast<double>(info.size_bytes)),
