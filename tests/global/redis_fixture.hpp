@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <optional>
@@ -95,6 +96,7 @@ class ChildProcess {
         return status;
     }
     bool running() const { return pid_ > 0; }
+    pid_t pid() const { return pid_; }
     // Waits up to `timeout` for the process to exit by itself: its wait status, or nullopt if it
     // is still running then.
     std::optional<int> wait_for(std::chrono::milliseconds timeout) {
@@ -133,7 +135,17 @@ class RedisServer {
         }
         return true;
     }
-    void kill() { proc_.stop(SIGKILL); }
+    ~RedisServer() { kill(); }
+    void kill() {
+        const pid_t pid = proc_.pid();
+        proc_.stop(SIGKILL);
+        // libfaketime (run by env_) makes a shared-memory file and a semaphore per process and
+        // removes them only at a clean exit, so a killed server's would stay in /dev/shm for good.
+        if (pid > 0 && !env_.empty()) {
+            std::remove(("/dev/shm/faketime_shm_" + std::to_string(pid)).c_str());
+            std::remove(("/dev/shm/sem.faketime_sem_" + std::to_string(pid)).c_str());
+        }
+    }
     int port() const { return port_; }
 
   private:
