@@ -691,3 +691,68 @@ TEST_CASE("a reset refused after a try that cleared the ledgers leaves them as t
     MESSAGE("rounds stopped in the window: " << hits);
     WARN(hits > 0);
 }
+
+// 7. A reset run by a thread past its slot registry's destruction (here from a thread_local's
+// destructor that runs after it), SIGKILLed between its ledger clearing and its word store.
+// Before: such a thread's slot was ephemeral and the reset gave it back at once, so the record
+// went unannounced, and the word kept the holder's 5 units that no ledger showed and no reap
+// recounted. Now the reset keeps the ephemeral slot, announced like any other, until it returns.
+TEST_CASE("a reset from a thread past its slot registry's destruction is announced too") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("rr-ephem"));
+    auto seg = Segment::open_or_create(
+        guard.name(),
+        {.max_limiters = 2, .max_processes = 16384, .reap_after = 0s, .reap_on_attach = false});
+    auto sem = Semaphore::open(seg, "db", {.capacity = 1000});
+    detail::SegmentState& state = *seg.state();
+    const auto record = *detail::find_record(state, detail::RecordKind::semaphore, "db");
+    auto& word = semaphore_word(seg, record);
+    int hits = 0;
+    for (int round = 0; round < 30 && hits == 0; ++round) {
+        CAPTURE(round);
+        const pid_t holder = child_holding([&] { sem.acquire(5); });
+        const pid_t resetter = lim::test::fork_child([&] {
+            std::thread t([&] {
+                struct Late {
+                    Segment* seg;
+                    ~Late() {
+                        try {
+                            seg->reset({.key = "db", .force = true});
+                        } catch (...) {
+                        }
+                    }
+                };
+                // Constructed before the thread's slot registry, so destroyed after it.
+                thread_local Late late{&seg};
+                static_cast<void>(late);
+                sem.acquire(1);
+                sem.release(1);
+            });
+            t.join();
+            return 0;
+        });
+        // Killed once the holder's 5 are cleared from its ledger while the word is frozen.
+        std::uint32_t held_at = 0;  // the holder's slot
+        while (detail::SlotOwner::pid(state.slot(held_at).owner.load()) !=
+               static_cast<std::uint32_t>(holder))
+            ++held_at;
+        const auto& held = state.ledger(held_at, record).held[0];
+        const auto until = std::chrono::steady_clock::now() + 5s;
+        bool cleared = false;
+        while (!cleared && std::chrono::steady_clock::now() < until &&
+               detail::SemaphoreWord::in_use(word.load()) != 0)
+            cleared = detail::is_frozen(word.load()) && held.load() == 0;
+        ::kill(resetter, SIGKILL);
+        lim::test::wait_child(resetter);
+        if (cleared && detail::is_frozen(word.load())) ++hits;
+        seg.reap();
+        CHECK(static_cast<std::int64_t>(detail::SemaphoreWord::in_use(word.load())) ==
+              ledger_sum(state, record));
+        CHECK(sem.try_acquire(1));  // thaws a word the kill left frozen
+        sem.release(1);
+        kill_and_wait(holder);
+        seg.reap();
+        if (sem.in_use() != 0) seg.reset({.key = "db", .force = true});
+    }
+    MESSAGE("rounds killed between clearing and store: " << hits);
+    WARN(hits > 0);
+}

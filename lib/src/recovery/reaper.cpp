@@ -463,14 +463,21 @@ void reset(SegmentState& state, const ResetOptions& options) {
     // None when the thread cannot have one (a table full of live slots: the claim's reap cannot
     // run while this reset holds the recovery lock, so it gives up after kLockWaitTimeout; or a
     // thread past its slot registry's destruction): the reset goes on without the announcement.
+    // An ephemeral slot (a thread past its slot registry's destruction: a reset run from a
+    // thread_local's or a static's destructor) is kept and announced like a cached one, and given
+    // back when the reset returns or throws.
     SlotHeader* own = nullptr;
+    struct EphemeralBack {
+        SegmentState& state;
+        SlotHeader* slot = nullptr;
+        ~EphemeralBack() {
+            if (slot != nullptr) release_ephemeral(state, *slot);
+        }
+    } ephemeral{state};
     try {
         const Holder& h = cached_holder(state);
-        if (h.ephemeral) {
-            release_ephemeral(state, *h.slot);
-        } else {
-            own = h.slot;
-        }
+        own = h.slot;
+        if (h.ephemeral) ephemeral.slot = h.slot;
     } catch (const Error&) {
     }
 
