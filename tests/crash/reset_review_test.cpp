@@ -17,7 +17,11 @@
 //   4. blocked waiters (a Semaphore sleeper, a WeightedSemaphore queued ticket) across a forced
 //      reset: each returns admitted, and the counts are exact;
 //   5. an unforced reset racing a process that attaches and acquires after its check for other
-//      live processes (it used to forget the newcomer's units: over the limit).
+//      live processes (it used to forget the newcomer's units: over the limit);
+//   6. a reset stopped between its clearing and its store, its freeze broken, its retry refused
+//      (the cleared ledgers used to stay cleared under the old word: units withheld);
+//   7. a reset run by a thread past its slot registry's destruction, killed between its clearing
+//      and its store (it used to go unannounced: units withheld).
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
