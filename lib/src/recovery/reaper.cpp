@@ -463,16 +463,66 @@ void reset(SegmentState& state, const ResetOptions& options) {
     // None when the thread cannot have one (a table full of live slots: the claim's reap cannot
     // run while this reset holds the recovery lock, so it gives up after kLockWaitTimeout; or a
     // thread past its slot registry's destruction): the reset goes on without the announcement.
+    // An ephemeral slot (a thread past its slot registry's destruction: a reset run from a
+    // thread_local's or a static's destructor) is kept and announced like a cached one, and given
+    // back when the reset returns or throws.
     SlotHeader* own = nullptr;
+    struct EphemeralBack {
+        SegmentState& state;
+        SlotHeader* slot = nullptr;
+        ~EphemeralBack() {
+            if (slot != nullptr) release_ephemeral(state, *slot);
+        }
+    } ephemeral{state};
     try {
         const Holder& h = cached_holder(state);
-        if (h.ephemeral) {
-            release_ephemeral(state, *h.slot);
-        } else {
-            own = h.slot;
-        }
+        own = h.slot;
+        if (h.ephemeral) ephemeral.slot = h.slot;
     } catch (const Error&) {
     }
+
+    // What the tries on the record being reset cleared from each slot's ledger entry, and the
+    // slot's owner word when they did: a try whose word store fails (a holder broke the freeze)
+    // has cleared ledgers under a word it did not reset, and if the record is then refused, the
+    // ledgers get these back (restore_cleared), so that the word again counts what they show.
+    // Reserved here, not while frozen.
+    const std::uint32_t slots = state.geometry().max_processes;
+    std::vector<std::int64_t> cleared(std::size_t{slots} * 3);
+    std::vector<std::uint64_t> cleared_owner(slots);
+    std::vector<std::uint8_t> dead_cleared(dead.size());  // per dead slot: 1 waiting, 2 pending
+    bool any_cleared = false;
+    // Called with the record frozen, before it is thawed and refused. A slot that is now in the
+    // middle of an operation on the record (it began after a holder broke the freeze) writes its
+    // own entry meanwhile, single writer: it is left as it is, and what the tries cleared from it
+    // stays counted by the word and shown by no ledger (docs/design.md, "Reset"). So is what they
+    // cleared from a slot whose owner has changed since (its thread ended in between).
+    const auto restore_cleared = [&](std::uint32_t r) noexcept {
+        if (!any_cleared) return;
+        for (std::uint32_t i = 0; i < slots; ++i) {
+            const SlotHeader& slot = state.slot(i);
+            if (slot.owner.load(std::memory_order_acquire) != cleared_owner[i]) continue;
+            if (!contains(dead, i) && slot.pending.load(std::memory_order_acquire) == r + 1)
+                continue;
+            for (int l = 0; l < 3; ++l) {
+                const std::int64_t c = cleared[std::size_t{i} * 3 + l];
+                if (c == 0) continue;
+                auto& h = state.ledger(i, r).held[l];
+                h.store(saturating_add(h.load(std::memory_order_relaxed), c),
+                        std::memory_order_relaxed);
+            }
+        }
+        // A dead slot's registration or unfinished operation the tries cleared: back too, so
+        // that a later reap still finds the record among the dead slot's.
+        for (std::size_t d = 0; d < dead.size(); ++d) {
+            SlotHeader& slot = state.slot(dead[d].index);
+            if (dead_cleared[d] & 1) slot.waiting_record.store(r + 1, std::memory_order_relaxed);
+            if (dead_cleared[d] & 2) slot.pending.store(r + 1, std::memory_order_relaxed);
+        }
+        // The ledgers hold it again: a further try (the unforced re-check's) clears it anew.
+        std::fill(cleared.begin(), cleared.end(), 0);
+        std::fill(dead_cleared.begin(), dead_cleared.end(), 0);
+        any_cleared = false;
+    };
 
     // One quiescence budget for the whole reset, as for a reap (not a second per record).
     const auto budget = std::chrono::steady_clock::now() + kQuiesceTimeout;
@@ -480,6 +530,9 @@ void reset(SegmentState& state, const ResetOptions& options) {
     for (const std::uint32_t r : targets) {
         const KindOps* ops = kind_ops(static_cast<RecordKind>(state.record(r).header.kind));
         if (ops == nullptr) continue;
+        std::fill(cleared.begin(), cleared.end(), 0);
+        std::fill(dead_cleared.begin(), dead_cleared.end(), 0);
+        any_cleared = false;
         // Again from the freeze if a holder thawed a word meanwhile (this process was stopped
         // past kFrozenBreakTimeout): what it did since is forgotten by the reset like the rest.
         bool done = false;
@@ -496,6 +549,7 @@ void reset(SegmentState& state, const ResetOptions& options) {
                     state, r, dead,
                     std::max(budget - std::chrono::steady_clock::now(),
                              std::chrono::steady_clock::duration{kFrozenQuiesceTimeout}))) {
+                restore_cleared(r);
                 ops->thaw(state, r);
                 break;
             }
@@ -504,6 +558,7 @@ void reset(SegmentState& state, const ResetOptions& options) {
             // on the record before the freeze; forgetting that would admit past the limit while
             // it still holds. Frozen, nothing new lands on the record until the reset's store.
             if (!options.force && any_other_live()) {
+                restore_cleared(r);
                 ops->thaw(state, r);
                 if (const auto others = other_live(); !others.empty()) refuse_others(others);
                 continue;  // it has left since: freeze and try again
@@ -515,16 +570,26 @@ void reset(SegmentState& state, const ResetOptions& options) {
             // The reset forgets what anyone held in the record, the dead (whose reap was deferred)
             // included; a dead slot's registration or unfinished operation on it goes too, so that
             // the reset's sleeper count (live registrations) does not count a dead sleeper.
-            for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
-                for (auto& h : state.ledger(i, r).held)
+            for (std::uint32_t i = 0; i < slots; ++i) {
+                if (!any_cleared) cleared_owner[i] = state.slot(i).owner.load();
+                for (int l = 0; l < 3; ++l) {
+                    auto& h = state.ledger(i, r).held[l];
+                    std::int64_t& c = cleared[std::size_t{i} * 3 + l];
+                    c = saturating_add(c, h.load(std::memory_order_relaxed));
                     h.store(0, std::memory_order_relaxed);
+                }
             }
-            for (const DeadSlot& d : dead) {
-                SlotHeader& slot = state.slot(d.index);
-                if (slot.waiting_record.load(std::memory_order_relaxed) == r + 1)
+            any_cleared = true;
+            for (std::size_t d = 0; d < dead.size(); ++d) {
+                SlotHeader& slot = state.slot(dead[d].index);
+                if (slot.waiting_record.load(std::memory_order_relaxed) == r + 1) {
                     slot.waiting_record.store(0, std::memory_order_relaxed);
-                if (slot.pending.load(std::memory_order_relaxed) == r + 1)
+                    dead_cleared[d] |= 1;
+                }
+                if (slot.pending.load(std::memory_order_relaxed) == r + 1) {
                     slot.pending.store(0, std::memory_order_relaxed);
+                    dead_cleared[d] |= 2;
+                }
             }
             const bool landed = ops->reset(state, r, Clock::now());
             LIM_RACE_POINT();
