@@ -74,6 +74,11 @@ inline bool DispatchImpl::give_packed(Hold& hold, const SegmentState& state,
     std::uint64_t w = word.load(std::memory_order_relaxed);
     for (;;) {
         if (hold.stepped_aside(w, word, state)) continue;
+        // Before each CAS: a forced reset while this loop stepped aside forgets the units (the
+        // layer releases the caller falls back to check again, and give nothing back).
+        if (!hold.still_holds(kDispatchSlotsLayer, 1) ||
+            (charge != 0 && !hold.still_holds(kDispatchBytesLayer, charge))) [[unlikely]]
+            return false;
         if (P::kSlots.in_use(w) < 1 || P::kBytes.in_use(w) < charge) return false;
         LIM_RACE_POINT();
         if (word.compare_exchange_weak(w, w - 1 - P::kBytes.units(charge),

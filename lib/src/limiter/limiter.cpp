@@ -373,13 +373,16 @@ bool looks_consumed(std::uint32_t flags) noexcept {
         {
             Hold hold(*ref.state, ref.index);
             o = core.return_to_hopper(hold, now_ns, units, rebase_at, &seen);
-            if (o == ReturnOutcome::not_held) [[unlikely]] {
-                // The calling thread took fewer: did another thread of this process take them?
-                const std::int64_t mine = process_holding(*ref.state, ref.index, /*layer=*/0);
-                if (mine < units) throw_not_held(ref, n, mine);
-                ref.state->note_owing(ref.index, 0);  // SegmentState::may_owe
-                o = core.return_to_hopper(hold, now_ns, units, rebase_at, &seen, true);
-            }
+            while (o == ReturnOutcome::not_held)
+                [[unlikely]] {
+                    // The calling thread took fewer: did another thread of this process take them?
+                    // (Again if the return stepped aside from a frozen word since: a forced reset
+                    // may have forgotten them.)
+                    const std::int64_t mine = process_holding(*ref.state, ref.index, /*layer=*/0);
+                    if (mine < units) throw_not_held(ref, n, mine);
+                    ref.state->note_owing(ref.index, 0);  // SegmentState::may_owe
+                    o = core.return_to_hopper(hold, now_ns, units, rebase_at, &seen, true);
+                }
         }
         if (o == ReturnOutcome::over_release) throw_over_release(ref, n, seen);
         if (o != ReturnOutcome::rebase_needed) return;

@@ -419,6 +419,9 @@ ReturnOutcome LimiterCore::return_to_hopper(Hold& hold, std::int64_t now_ns, std
     CasBackoff backoff;
     std::uint64_t fw = in_flight.load(std::memory_order_seq_cst);
     for (;;) {
+        // begin() steps aside from a frozen F, withdrawing the announcement: a forced reset may
+        // then forget the tokens, so the caller's process-wide check no longer stands.
+        if (is_frozen(fw)) holding_checked = false;
         auto [s, gen, p, t] = begin(hold, fw, now_ns);
         // Tokens taken by one process are returned by that process (Hold::require_held); a
         // consumed take is in no ledger, so anyone may return it.

@@ -72,6 +72,9 @@ namespace {
     std::uint64_t w = word.load(std::memory_order_relaxed);
     for (;;) {
         if (hold.stepped_aside(w, word, state)) continue;
+        // Before each CAS: a forced reset while this loop stepped aside forgets the units.
+        if (!hold.still_holds(c.layer, n)) [[unlikely]]
+            return false;
         if (fmt.in_use(w) < n) return false;
         LIM_RACE_POINT();
         if (word.compare_exchange_weak(w, w - n, std::memory_order_seq_cst,
@@ -495,6 +498,7 @@ enum class Quick { done, refused, general };
     detail::Hold hold(*ref.state, ref.index);
     hold.require_held(core.layer, n, "semaphore");
     if (!detail::release_inline(core, hold, *ref.state, n)) {
+        hold.require_held(core.layer, n, "semaphore");  // forgotten by a reset meanwhile
         throw Error(
             Errc::over_release,
             fmt::format("semaphore '{}': release({}) but only {} units are in use", ref.key(), n,

@@ -137,6 +137,9 @@ bool WeightedCore::release(Hold& hold, const SegmentState& state, std::uint64_t 
     std::uint64_t w = word.load(std::memory_order_relaxed);
     for (;;) {
         if (hold.stepped_aside(w, word, state)) continue;
+        // Before each CAS: a forced reset while this loop stepped aside forgets the units.
+        if (!hold.still_holds(ledger_layer, n)) [[unlikely]]
+            return false;
         if (fmt.in_use(w) < n) return false;
         LIM_RACE_POINT();
         if (word.compare_exchange_weak(w, w - fmt.units(n), std::memory_order_seq_cst,
@@ -580,6 +583,7 @@ void WeightedSemaphore::release(std::uint64_t n) {
     detail::Hold hold(*ref_.state, ref_.index);
     hold.require_held(core_of(ref_).ledger_layer, n, "weighted semaphore");
     if (!core_of(ref_).release(hold, *ref_.state, n)) {
+        hold.require_held(core_of(ref_).ledger_layer, n, "weighted semaphore");  // reset meanwhile
         throw Error(Errc::over_release,
                     fmt::format("weighted semaphore '{}': release({}) but only {} units are in use",
                                 ref_.key(), n, in_use()));

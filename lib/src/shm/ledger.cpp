@@ -57,6 +57,17 @@ void Hold::step_aside(SlotHeader& slot, std::uint32_t record, std::atomic<std::u
     slot.pending.store(record + 1, std::memory_order_relaxed);
 }
 
+bool Hold::holds_slow(SegmentState& state, std::uint32_t record, int layer,
+                      std::uint64_t n) noexcept {
+    try {
+        if (process_holding(state, record, layer) < static_cast<std::int64_t>(n)) return false;
+    } catch (...) {
+        return false;
+    }
+    state.note_owing(record, layer);  // as require_held_slow
+    return true;
+}
+
 void Hold::require_held_slow(SegmentState& state, std::uint32_t record, int layer, std::uint64_t n,
                              const char* what) {
     const std::int64_t mine = process_holding(state, record, layer);

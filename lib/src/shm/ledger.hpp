@@ -112,6 +112,19 @@ class Hold {
         return held(layer) >= static_cast<std::int64_t>(n) && !state_.may_owe(record_, layer);
     }
 
+    // Whether this process still holds `n` units of `layer`: require_held's check, answered
+    // instead of thrown. Every release loop makes it again before each CAS: the check made when
+    // the operation began holds only while the operation stays announced, and a loop that steps
+    // aside from a frozen word withdraws its announcement, so a forced reset may forget the
+    // units meanwhile (docs/design.md, "Reset": a release waiting aside across a reset). False
+    // also when the process-wide check cannot run (its mutex failing): the release then gives
+    // back nothing rather than perhaps someone else's units.
+    bool still_holds(int layer, std::uint64_t n) const noexcept {
+        if (covers(layer, n)) [[likely]]
+            return true;
+        return holds_slow(state_, record_, layer, n);
+    }
+
     // What this holder holds in the record now.
     std::int64_t held(int layer) const noexcept {
         return entry_->held[layer].load(std::memory_order_relaxed);
@@ -149,6 +162,8 @@ class Hold {
                            const SegmentState& state) noexcept;
     static void require_held_slow(SegmentState& state, std::uint32_t record, int layer,
                                   std::uint64_t n, const char* what);
+    static bool holds_slow(SegmentState& state, std::uint32_t record, int layer,
+                           std::uint64_t n) noexcept;
 
     SegmentState& state_;
     SlotHeader* slot_;
