@@ -140,7 +140,8 @@ class Permit {
 
     // Gives back the bytes, the throttled slot and the concurrency slot, in that order, and wakes
     // whoever waits for them. Idempotent. Never throws, never blocks (except briefly aside a
-    // crash-recovery recount).
+    // crash-recovery recount). A part this process no longer holds (forgotten by a forced
+    // Segment::reset) is not given back, and is reported on stderr; the rest is.
     // Memory ordering: everything before the release happens-before the acquire that reuses
     // what it gave back.
     void release() noexcept;

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <string>
+#include <utility>
 
 #include "dispatch/dispatch_state.hpp"
 #include "inspect/snapshot.hpp"
@@ -336,31 +338,54 @@ void report_release_failure(const DispatchImpl& d, const std::exception& e) noex
 
 // Gives back what a Permit holds, layer by layer: bytes, then the throttled slot, then the
 // concurrency slot. The general case of release_permit, out of line.
+//
+// Units acquired by one process are released by that process (Hold::require_held): each layer
+// this permit gives back is checked before anything changes (the slot and byte layers are the
+// same ledger layers whether the words are packed or not; fast path: a plain load and a compare
+// per layer), and a layer the process does not hold is not given back; the others are. A Permit
+// never crosses processes (its fork-generation check), so a layer not held means a forced reset
+// forgot it: one that ran while this permit's acquire held its slot and waited for bytes (the
+// slot forgotten, the bytes taken after the reset and counted by the new word), or while the
+// permit was held (everything forgotten). Giving back the layers still held keeps the new word
+// exact; refusing the whole permit used to leave those bytes counted while the process lived.
 [[gnu::noinline]] void release_permit_layers(DispatchImpl& d, std::uint64_t bytes,
                                              bool throttled) noexcept {
     SegmentState& state = *d.ref.state;
     try {
         Hold hold(state, d.ref.index);
-        // Units acquired by one process are released by that process (Hold::require_held): every
-        // layer this permit gives back, checked before anything changes. The slot and byte
-        // layers are the same ledger layers whether the words are packed or not. Fast path: a
-        // plain load and a compare per layer.
-        hold.require_held(kDispatchSlotsLayer, 1, "dispatch");
-        if (bytes != 0) hold.require_held(kDispatchBytesLayer, bytes, "dispatch");
-        if (throttled) hold.require_held(kDispatchThrottledLayer, 1, "dispatch");
+        const bool slot_held = hold.still_holds(kDispatchSlotsLayer, 1);
+        const bool bytes_held = bytes == 0 || hold.still_holds(kDispatchBytesLayer, bytes);
+        const bool throttled_held = !throttled || hold.still_holds(kDispatchThrottledLayer, 1);
+        if (!slot_held || !bytes_held || !throttled_held) [[unlikely]] {
+            std::string missing;
+            for (const auto& [held, name] :
+                 {std::pair{slot_held, "concurrency slot"},
+                  std::pair{throttled_held, "throttled slot"}, std::pair{bytes_held, "bytes"}}) {
+                if (held) continue;
+                missing += missing.empty() ? "" : ", ";
+                missing += name;
+            }
+            std::fprintf(stderr,
+                         "lim: dispatch '%.*s': this process no longer holds the permit's %s (a "
+                         "forced reset forgot them); %s\n",
+                         static_cast<int>(d.ref.key().size()), d.ref.key().data(), missing.c_str(),
+                         slot_held || (bytes != 0 && bytes_held) || (throttled && throttled_held)
+                             ? "the rest was released"
+                             : "nothing was released");
+        }
         // The common permit, packed: bytes and slot in one CAS (bytes first in effect, as below).
-        if (d.packed && !throttled && d.give_packed(hold, state, bytes)) return;
-        if (bytes != 0) d.bytes().release(hold, state, bytes);
-        if (throttled) d.throttled().release(hold, state, 1);
-        d.slots().release(hold, state, 1);
+        if (slot_held && bytes_held && d.packed && !throttled && d.give_packed(hold, state, bytes))
+            return;
+        // Each layer release checks again before its CAS (a reset while it steps aside).
+        if (bytes != 0 && bytes_held) d.bytes().release(hold, state, bytes);
+        if (throttled && throttled_held) d.throttled().release(hold, state, 1);
+        if (slot_held) d.slots().release(hold, state, 1);
     } catch (const std::exception& e) {
         // Hold throws when this thread has no process slot and none is free. Without a slot
         // the release cannot be recorded in a ledger, and an unrecorded release would be undone
         // by the next crash-recovery recount; the permit stays held until this process exits
         // and is reaped. (A thread that acquired always has a slot; this needs a permit moved
-        // to a new thread while the process table is full.) require_held throws when this
-        // process does not hold what the permit gives back (it was acquired by another process,
-        // which Permit's fork-generation check already rules out): nothing is released.
+        // to a new thread while the process table is full.)
         report_release_failure(d, e);
     }
 }
