@@ -195,7 +195,7 @@ TEST_CASE("a reaper SIGKILLed after its freeze or after its recount's store: cou
                     dead_slots.push_back(i);
                     continue;
                 }
-                live.held[0] += state.ledger(i, record).held[0].load();
+                live.held[0] += detail::holding(state.ledger(i, record), 0);
             }
             ops.freeze(state, record);
             if (after_store) {

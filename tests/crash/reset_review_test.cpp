@@ -435,7 +435,7 @@ std::int64_t ledger_sum(const detail::SegmentState& state, std::uint32_t record)
     std::int64_t sum = 0;
     for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
         if (!detail::slot_is_occupied(state.slot(i).owner.load())) continue;
-        sum += state.ledger(i, record).held[0].load();
+        sum += detail::holding(state.ledger(i, record), 0);
     }
     return sum;
 }
@@ -568,7 +568,10 @@ TEST_CASE("limiter and dispatch waiters blocked across a forced reset are admitt
 // cleared stayed cleared under the old word, so the units they showed were counted by the word
 // and by no ledger: their holder's release was refused (over_release) and the units withheld for
 // good. Now the refused record gets back what its tries cleared: the word counts exactly what the
-// live ledgers show, and every holder gives back its own.
+// live ledgers show, and every holder gives back its own -- the one in the middle of its
+// operation at the refusal included (it holds 3 from before the reset): since layout 4 a reset
+// clears and restores only the entries' `forgotten` words, which no holder writes, where layout 3
+// wrote the holder's own word and so had to leave a slot mid-operation cleared.
 TEST_CASE("a reset refused after a try that cleared the ledgers leaves them as the word counts") {
     lim::test::SegmentGuard guard(lim::test::unique_name("rr-clrref"));
     // A table of 16,384 slots makes the clearing a wide window to stop the resetter in.
@@ -605,9 +608,12 @@ TEST_CASE("a reset refused after a try that cleared the ledgers leaves them as t
         Flag* swapped = make_flag();
         Flag* record_go = make_flag();
         Flag* recorded = make_flag();
+        // 1: the staged holder's release of its 3 from before the reset went through (0: refused,
+        // as it must be after a reset that landed, in a round that missed the window).
+        auto* kept_released = lim::test::shared_array<std::atomic<int>>(1);
+        new (kept_released) std::atomic<int>{-1};
         const pid_t staged = lim::test::fork_child([&] {
-            sem.acquire(1);  // the thread's slot in its cache
-            sem.release(1);
+            sem.acquire(3);  // held across the reset (and the thread's slot in its cache)
             go->wait();
             detail::QuickHold hold;
             if (!hold.open(state, record)) return 20;
@@ -621,6 +627,16 @@ TEST_CASE("a reset refused after a try that cleared the ledgers leaves them as t
             hold.close();
             recorded->set();
             sem.release(2);
+            // Its 3 from before the reset: the first try cleared them while this process was in
+            // the middle of its operation, and the refusal gave them back (layout 3 could not:
+            // a holder mid-operation writes its own entry, so its clearing stayed, the release
+            // threw over_release, and a later recount would have forgotten the 3 still held).
+            try {
+                sem.release(3);
+                kept_released->store(1);
+            } catch (const Error& e) {
+                kept_released->store(e.code() == Errc::over_release ? 0 : 2);
+            }
             return 0;
         });
         // The resetter's slot (claimed before the reset, which announces on it), published.
@@ -680,6 +696,8 @@ TEST_CASE("a reset refused after a try that cleared the ledgers leaves them as t
         record_go->set();
         recorded->wait();
         CHECK(lim::test::wait_child(staged) == 0);
+        CHECK(kept_released->load() != 2);
+        if (hit) CHECK(kept_released->load() == 1);  // its 3 were given back by the refusal
         if (hit) {
             // The word counts exactly what the live ledgers show.
             CHECK(static_cast<std::int64_t>(detail::SemaphoreWord::in_use(word.load())) ==
@@ -742,12 +760,12 @@ TEST_CASE("a reset from a thread past its slot registry's destruction is announc
         while (detail::SlotOwner::pid(state.slot(held_at).owner.load()) !=
                static_cast<std::uint32_t>(holder))
             ++held_at;
-        const auto& held = state.ledger(held_at, record).held[0];
+        const auto& entry = state.ledger(held_at, record);
         const auto until = std::chrono::steady_clock::now() + 5s;
         bool cleared = false;
         while (!cleared && std::chrono::steady_clock::now() < until &&
                detail::SemaphoreWord::in_use(word.load()) != 0)
-            cleared = detail::is_frozen(word.load()) && held.load() == 0;
+            cleared = detail::is_frozen(word.load()) && detail::holding(entry, 0) == 0;
         ::kill(resetter, SIGKILL);
         lim::test::wait_child(resetter);
         if (cleared && detail::is_frozen(word.load())) ++hits;

@@ -432,9 +432,10 @@ constinit thread_local WordHint tl_word_hint
     // zero-byte permit needs no byte check; it is made anyway, one test cheaper on the common
     // path: an entry below zero, left by permits released on other threads than their
     // acquirers', only sends such a release to the general path, which accepts it.)
-    const std::int64_t slots = hold.held(kDispatchSlotsLayer);
+    const std::int64_t slots = hold.raw(kDispatchSlotsLayer);
     const std::int64_t held_bytes = hold.held(kDispatchBytesLayer);
-    if (slots < 1 || held_bytes < static_cast<std::int64_t>(bytes)) [[unlikely]] {
+    if (hold.held_given(kDispatchSlotsLayer, slots) < 1 ||
+        held_bytes < static_cast<std::int64_t>(bytes)) [[unlikely]] {
         hold.close();
         return false;
     }
@@ -467,7 +468,7 @@ constinit thread_local WordHint tl_word_hint
     // The slots from the value read before the CAS (this thread is the entry's only writer: "The
     // uncontended path", step 3); the bytes reloaded (one register fewer across the loop, so no
     // callee-saved one to save); unconditional, as in quick_take.
-    hold.set(kDispatchSlotsLayer, slots - 1);
+    hold.set_raw(kDispatchSlotsLayer, slots - 1);
     hold.add(kDispatchBytesLayer, -static_cast<std::int64_t>(bytes));
     hold.close();
     before = w;

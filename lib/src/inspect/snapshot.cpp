@@ -95,7 +95,7 @@ RecordSnapshot snapshot_record(const SegmentState& state, std::uint32_t record, 
         HolderRow row;
         bool holds = false;
         for (std::size_t l = 0; l < out.layer_names.size() && l < 3; ++l) {
-            const std::int64_t h = e.held[l].load(std::memory_order_relaxed);
+            const std::int64_t h = holding(e, static_cast<int>(l));
             holds = holds || h != 0;
             row.held.push_back(static_cast<double>(h) * out.layer_scale[l]);
         }

@@ -187,8 +187,7 @@ LiveHoldings limiter_recount(SegmentState& state, std::uint32_t record, const Li
     // dead's are dropped from in_flight with their slots, and reported as given back.
     // Saturating: a damaged ledger may hold anything (a report only).
     for (const std::uint32_t d : dead_slots) {
-        const std::int64_t h =
-            state.ledger(d, record).held[kBucketTakenLayer].load(std::memory_order_relaxed);
+        const std::int64_t h = holding(state.ledger(d, record), kBucketTakenLayer);
         std::int64_t& sum = given.held[kBucketTakenLayer];
         if (__builtin_add_overflow(sum, h, &sum))
             sum = h > 0 ? std::numeric_limits<std::int64_t>::max()

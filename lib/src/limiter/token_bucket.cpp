@@ -88,8 +88,7 @@ std::int64_t LimiterCore::bucket_taken() const noexcept {
     for (std::uint32_t i = 0; i < state_.geometry().max_processes; ++i) {
         const SlotState st = SlotOwner::state(state_.slot(i).owner.load(std::memory_order_acquire));
         if (st == SlotState::free) continue;
-        const std::int64_t h =
-            state_.ledger(i, record_).held[kBucketTakenLayer].load(std::memory_order_relaxed);
+        const std::int64_t h = holding(state_.ledger(i, record_), kBucketTakenLayer);
         if (h > 0) sum = h > kMaxInFlight - sum ? kMaxInFlight : sum + h;
     }
     return sum;

@@ -450,8 +450,9 @@ enum class Quick { done, refused, general };
     // of this process has released units its own entry did not show (SegmentState::may_owe).
     // Otherwise (units another thread of this process acquired, or none) the general path
     // decides.
-    const std::int64_t held = hold.held(0);
-    if (held < static_cast<std::int64_t>(n) || ref.state->may_owe(ref.index, 0)) [[unlikely]] {
+    const std::int64_t raw = hold.raw(0);
+    if (hold.held_given(0, raw) < static_cast<std::int64_t>(n) || ref.state->may_owe(ref.index, 0))
+        [[unlikely]] {
         hold.close();
         return Quick::general;
     }
@@ -467,7 +468,7 @@ enum class Quick { done, refused, general };
             break;
         }
     }
-    hold.set(0, held - static_cast<std::int64_t>(n));
+    hold.set_raw(0, raw - static_cast<std::int64_t>(n));
     hold.close();
     before = w;
     return Quick::done;

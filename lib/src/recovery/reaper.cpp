@@ -150,7 +150,7 @@ LiveHoldings live_holdings(const SegmentState& state, std::uint32_t record,
         const LedgerEntry& e = state.ledger(i, record);
         SlotHolding& s = scratch.emplace_back(SlotHolding{SlotOwner::pid(owner), {}});
         for (int l = 0; l < 3; ++l)
-            s.held.held[l] = e.held[l].load(std::memory_order_acquire);
+            s.held.held[l] = holding(e, l);
     }
     std::sort(scratch.begin(), scratch.end(),
               [](const SlotHolding& a, const SlotHolding& b) { return a.pid < b.pid; });
@@ -184,8 +184,7 @@ void free_slot(SegmentState& state, const DeadSlot& dead) {
         if (const std::uint64_t n = e.admitted.load(std::memory_order_relaxed); n != 0) {
             state.record(r).header.admitted_retired.fetch_add(n, std::memory_order_relaxed);
         }
-        for (auto& h : e.held)
-            h.store(0, std::memory_order_relaxed);
+        clear_holding(e);
         e.admitted.store(0, std::memory_order_relaxed);
     }
     slot.pending.store(0, std::memory_order_relaxed);
@@ -235,8 +234,8 @@ ReapReport reap_locked(SegmentState& state) {
         }
         for (std::uint32_t r = 0; r < used; ++r) {
             const LedgerEntry& e = state.ledger(d.index, r);
-            for (const auto& h : e.held)
-                affected[r] = affected[r] || h.load() != 0;
+            for (int l = 0; l < 3; ++l)
+                affected[r] = affected[r] || holding(e, l) != 0;
         }
     }
 
@@ -317,7 +316,7 @@ ReapReport reap_locked(SegmentState& state) {
             std::uint32_t pending_pid = 0;
             std::map<std::uint32_t, std::int64_t> per_pid;
             for (const DeadSlot& d : dead) {
-                const std::int64_t h = state.ledger(d.index, r).held[l].load();
+                const std::int64_t h = holding(state.ledger(d.index, r), l);
                 std::int64_t& mine = per_pid[SlotOwner::pid(d.owner)];
                 mine = saturating_add(mine, h);  // a damaged ledger may hold anything
                 attributed = saturating_add(attributed, h);
@@ -349,8 +348,8 @@ ReapReport reap_locked(SegmentState& state) {
                 if (!deferred[r]) continue;
                 const SlotHeader& slot = state.slot(d.index);
                 keep = keep || slot.pending.load() == r + 1 || slot.waiting_record.load() == r + 1;
-                for (const auto& h : state.ledger(d.index, r).held)
-                    keep = keep || h.load() != 0;
+                for (int l = 0; l < 3; ++l)
+                    keep = keep || holding(state.ledger(d.index, r), l) != 0;
             }
         }
         if (keep) continue;
@@ -481,34 +480,36 @@ void reset(SegmentState& state, const ResetOptions& options) {
     } catch (const Error&) {
     }
 
-    // What the tries on the record being reset cleared from each slot's ledger entry, and the
-    // slot's owner word when they did: a try whose word store fails (a holder broke the freeze)
-    // has cleared ledgers under a word it did not reset, and if the record is then refused, the
-    // ledgers get these back (restore_cleared), so that the word again counts what they show.
-    // Reserved here, not while frozen.
+    // Each slot's entry for the record being reset as the first try found it (both words), and
+    // the slot's owner (pid and generation) then: a try whose word store fails (a holder broke
+    // the freeze) has cleared ledgers under a word it did not reset, and if the record is then
+    // refused, the entries get these back (restore_cleared), so that the word again counts what
+    // they show. Reserved here, not while frozen.
     const std::uint32_t slots = state.geometry().max_processes;
-    std::vector<std::int64_t> cleared(std::size_t{slots} * 3);
-    std::vector<std::uint64_t> cleared_owner(slots);
+    std::vector<std::int64_t> saved_held(std::size_t{slots} * 3);
+    std::vector<std::int64_t> saved_forgotten(std::size_t{slots} * 3);
+    std::vector<std::uint64_t> saved_owner(slots);
     std::vector<std::uint8_t> dead_cleared(dead.size());  // per dead slot: 1 waiting, 2 pending
     bool any_cleared = false;
-    // Called with the record frozen, before it is thawed and refused. A slot that is now in the
-    // middle of an operation on the record (it began after a holder broke the freeze) writes its
-    // own entry meanwhile, single writer: it is left as it is, and what the tries cleared from it
-    // stays counted by the word and shown by no ledger (docs/design.md, "Reset"). So is what they
-    // cleared from a slot whose owner has changed since (its thread ended in between).
+    // A slot's identity across the reset: its owner word less the state byte (a live slot may
+    // retire meanwhile and stay the same holder; a new claim bumps the generation).
+    const auto identity = [](std::uint64_t owner) { return owner & ~std::uint64_t{0xFF}; };
+    const auto is_dead = [&](std::uint32_t i) { return contains(dead, i); };
+    // Called with the record frozen, before it is thawed and refused. A live slot's clearing
+    // wrote only its `forgotten` words, which its holder never writes (layout.hpp, LedgerEntry),
+    // so putting them back is exact whatever the holder did meanwhile, even in the middle of an
+    // operation; a dead slot gets both words back. A slot claimed anew since (its old owner's row
+    // looked empty once cleared, and it was freed) is left alone: the new owner's entry is its own.
     const auto restore_cleared = [&](std::uint32_t r) noexcept {
         if (!any_cleared) return;
         for (std::uint32_t i = 0; i < slots; ++i) {
             const SlotHeader& slot = state.slot(i);
-            if (slot.owner.load(std::memory_order_acquire) != cleared_owner[i]) continue;
-            if (!contains(dead, i) && slot.pending.load(std::memory_order_acquire) == r + 1)
-                continue;
+            if (identity(slot.owner.load(std::memory_order_acquire)) != saved_owner[i]) continue;
+            LedgerEntry& e = state.ledger(i, r);
             for (int l = 0; l < 3; ++l) {
-                const std::int64_t c = cleared[std::size_t{i} * 3 + l];
-                if (c == 0) continue;
-                auto& h = state.ledger(i, r).held[l];
-                h.store(saturating_add(h.load(std::memory_order_relaxed), c),
-                        std::memory_order_relaxed);
+                const std::size_t k = std::size_t{i} * 3 + l;
+                if (is_dead(i)) e.held[l].store(saved_held[k], std::memory_order_relaxed);
+                e.forgotten[l].store(saved_forgotten[k], std::memory_order_relaxed);
             }
         }
         // A dead slot's registration or unfinished operation the tries cleared: back too, so
@@ -518,8 +519,6 @@ void reset(SegmentState& state, const ResetOptions& options) {
             if (dead_cleared[d] & 1) slot.waiting_record.store(r + 1, std::memory_order_relaxed);
             if (dead_cleared[d] & 2) slot.pending.store(r + 1, std::memory_order_relaxed);
         }
-        // The ledgers hold it again: a further try (the unforced re-check's) clears it anew.
-        std::fill(cleared.begin(), cleared.end(), 0);
         std::fill(dead_cleared.begin(), dead_cleared.end(), 0);
         any_cleared = false;
     };
@@ -530,7 +529,6 @@ void reset(SegmentState& state, const ResetOptions& options) {
     for (const std::uint32_t r : targets) {
         const KindOps* ops = kind_ops(static_cast<RecordKind>(state.record(r).header.kind));
         if (ops == nullptr) continue;
-        std::fill(cleared.begin(), cleared.end(), 0);
         std::fill(dead_cleared.begin(), dead_cleared.end(), 0);
         any_cleared = false;
         // Again from the freeze if a holder thawed a word meanwhile (this process was stopped
@@ -571,12 +569,23 @@ void reset(SegmentState& state, const ResetOptions& options) {
             // included; a dead slot's registration or unfinished operation on it goes too, so that
             // the reset's sleeper count (live registrations) does not count a dead sleeper.
             for (std::uint32_t i = 0; i < slots; ++i) {
-                if (!any_cleared) cleared_owner[i] = state.slot(i).owner.load();
-                for (int l = 0; l < 3; ++l) {
-                    auto& h = state.ledger(i, r).held[l];
-                    std::int64_t& c = cleared[std::size_t{i} * 3 + l];
-                    c = saturating_add(c, h.load(std::memory_order_relaxed));
-                    h.store(0, std::memory_order_relaxed);
+                LedgerEntry& e = state.ledger(i, r);
+                if (!any_cleared) {
+                    saved_owner[i] = identity(state.slot(i).owner.load());
+                    for (int l = 0; l < 3; ++l) {
+                        saved_held[std::size_t{i} * 3 + l] = e.held[l].load();
+                        saved_forgotten[std::size_t{i} * 3 + l] = e.forgotten[l].load();
+                    }
+                }
+                // A live slot's holding is forgotten through the word only resets write
+                // (forgotten := held: holding() then shows 0, and the holder's later adds count
+                // from there); a dead slot, which nobody writes, is zeroed.
+                if (is_dead(i)) {
+                    clear_holding(e);
+                } else {
+                    for (int l = 0; l < 3; ++l)
+                        e.forgotten[l].store(e.held[l].load(std::memory_order_relaxed),
+                                             std::memory_order_relaxed);
                 }
             }
             any_cleared = true;
@@ -612,8 +621,8 @@ void reset(SegmentState& state, const ResetOptions& options) {
     }
     state.header().recovery_epoch.fetch_add(1, std::memory_order_release);
     if (!refused.empty()) {
-        // A refused record's words are as they were (its ledgers too, unless an earlier try on
-        // it cleared them: docs/design.md, "Reset"); the other targets were reset.
+        // A refused record's words and ledgers are as they were (what a try cleared is put
+        // back: docs/design.md, "Reset"); the other targets were reset.
         throw Error(
             Errc::busy,
             fmt::format("segment '{}': limiter '{}'{} not reset: a live process stayed in "

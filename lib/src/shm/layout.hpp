@@ -23,7 +23,7 @@ inline constexpr std::size_t kCacheLine = 64;
 
 // "LIMSEGMT" read as a little-endian integer: a hexdump of the segment shows the name.
 inline constexpr std::uint64_t kMagic = 0x544d4745534d494cULL;
-inline constexpr std::uint32_t kLayoutVersion = 3;
+inline constexpr std::uint32_t kLayoutVersion = 4;
 // The value of SegmentHeader::ready once the header and tables are initialised. Not 1, so that a
 // stray write or a foreign file is unlikely to look initialised.
 inline constexpr std::uint32_t kReady = 0x59444552;  // "REDY"
@@ -227,20 +227,48 @@ struct SlotOwner {
     }
 };
 
-// What one holder holds in one record. Written only by the holder's own thread (single writer:
-// plain relaxed stores, no read-modify-write on the hot path), read by reapers and limctl.
-// The meaning of each `held` word is the record family's (RecordKind):
-//   semaphore, weighted_semaphore: held[0] = units held
-//   limiter:                       held[0] = token units in flight
-//   dispatch:                      held[0] = concurrency slots, held[1] = throttled slots,
-//                                  held[2] = bytes as charged (penalty included)
+// What one holder holds in one record: per layer, `held[l] - forgotten[l]` (holding(), below).
+// The two words have one writer each, so that neither is ever written by two parties:
+// - `held` (and `admitted`) by the holder's own thread (single writer: plain relaxed stores, no
+//   read-modify-write on the hot path), which adds each change it makes to the shared word;
+// - `forgotten` only under the recovery lock, by Segment::reset, which forgets what a slot holds
+//   by setting `forgotten` to `held` (and puts it back, if the record is then refused, by
+//   restoring `forgotten`), and by whoever frees the slot (a reaper, or its owner under the lock),
+//   which zeroes both.
+// A reset therefore never writes a word a live holder writes: a resetter stopped while clearing
+// or restoring, its freeze broken meanwhile, cannot lose a holder's store (layout 3 cleared and
+// restored `held` itself; docs/design.md, "Reset"). A free slot's entries are all zero.
+// The meaning of each layer is the record family's (RecordKind):
+//   semaphore, weighted_semaphore: layer 0 = units held
+//   limiter:                       layer 0 = token units in flight
+//   dispatch:                      layer 0 = concurrency slots, layer 1 = throttled slots,
+//                                  layer 2 = bytes as charged (penalty included)
 // `admitted` counts successful acquisitions, which limctl turns into rates and Prometheus into a
-// _total counter.
-struct LedgerEntry {
+// _total counter. One entry per cache line: a holder's check and store touch one line.
+struct alignas(kCacheLine) LedgerEntry {
     std::atomic<std::int64_t> held[3];
     std::atomic<std::uint64_t> admitted;
+    std::atomic<std::int64_t> forgotten[3];
+    std::uint64_t reserved;
 };
-static_assert(sizeof(LedgerEntry) == 32);
+static_assert(sizeof(LedgerEntry) == kCacheLine);
+
+// What the entry's holder holds in `layer`: held - forgotten, wrapping (no undefined behaviour
+// on a damaged segment; the recount saturates what it sums). The hot paths' check.
+inline std::int64_t holding(const LedgerEntry& e, int layer) noexcept {
+    return static_cast<std::int64_t>(
+        static_cast<std::uint64_t>(e.held[layer].load(std::memory_order_relaxed)) -
+        static_cast<std::uint64_t>(e.forgotten[layer].load(std::memory_order_relaxed)));
+}
+
+// Zeroes an entry's holding words, held and forgotten (a slot being freed, its writers gone or
+// excluded: the recovery lock held, and the owner dead or the caller).
+inline void clear_holding(LedgerEntry& e) noexcept {
+    for (int l = 0; l < 3; ++l) {
+        e.held[l].store(0, std::memory_order_relaxed);
+        e.forgotten[l].store(0, std::memory_order_relaxed);
+    }
+}
 
 struct alignas(kCacheLine) SlotHeader {
     // Line 0: identity, written while the slot is `claiming`, read by reapers and limctl.
@@ -356,6 +384,7 @@ constexpr std::uint64_t compute_layout_hash() noexcept {
         offsetof(SlotHeader, waiting_amount),
         sizeof(LedgerEntry),
         offsetof(LedgerEntry, admitted),
+        offsetof(LedgerEntry, forgotten),
         kMaxKeyLength,
     };
     std::uint64_t h = 0xcbf29ce484222325ULL;

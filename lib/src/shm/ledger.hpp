@@ -125,10 +125,8 @@ class Hold {
         return holds_slow(state_, record_, layer, n);
     }
 
-    // What this holder holds in the record now.
-    std::int64_t held(int layer) const noexcept {
-        return entry_->held[layer].load(std::memory_order_relaxed);
-    }
+    // What this holder holds in the record now (holding(): what it added less what a reset forgot).
+    std::int64_t held(int layer) const noexcept { return holding(*entry_, layer); }
 
     // Steps aside while a reaper recounts: withdraws the announcement, waits until `word` is no
     // longer frozen, announces again. If the reaper died mid-recount (its recovery lock is free
@@ -214,16 +212,31 @@ class QuickHold {
         LIM_RACE_POINT();
         slot_->pending.store(0, std::memory_order_release);
     }
-    std::int64_t held(int layer) const noexcept {
+    // What this holder holds in the record now (holding()).
+    std::int64_t held(int layer) const noexcept { return holding(*entry_, layer); }
+    // The entry's own word, `held[layer]`, and what the holder holds given it (holding()): for
+    // a caller that checks the holding and then stores the word it read, changed (set_raw), with
+    // one load of each word.
+    std::int64_t raw(int layer) const noexcept {
         return entry_->held[layer].load(std::memory_order_relaxed);
     }
-    // Sets `held[layer]`: the caller passes what it read with held() and the change, since the
-    // calling thread is the entry's only writer and nothing in between can have changed it.
-    void set(int layer, std::int64_t value) noexcept {
+    std::int64_t held_given(int layer, std::int64_t raw) const noexcept {
+        return static_cast<std::int64_t>(
+            static_cast<std::uint64_t>(raw) -
+            static_cast<std::uint64_t>(entry_->forgotten[layer].load(std::memory_order_relaxed)));
+    }
+    // Stores `held[layer]`: the caller passes what it read with raw() and the change, since the
+    // calling thread is the word's only writer and nothing in between can have changed it.
+    void set_raw(int layer, std::int64_t value) noexcept {
         LIM_RACE_POINT();
         entry_->held[layer].store(value, std::memory_order_relaxed);
     }
-    void add(int layer, std::int64_t delta) noexcept { set(layer, held(layer) + delta); }
+    // Adds `delta` to `held[layer]`. Single writer: a plain store.
+    void add(int layer, std::int64_t delta) noexcept {
+        LIM_RACE_POINT();
+        auto& held = entry_->held[layer];
+        held.store(held.load(std::memory_order_relaxed) + delta, std::memory_order_relaxed);
+    }
     void admitted() noexcept {
         auto& n = entry_->admitted;
         n.store(n.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);

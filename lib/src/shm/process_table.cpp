@@ -335,11 +335,13 @@ HandOff hand_off_holding(SegmentState& state, std::uint32_t record, int layer, s
         throw Error(Errc::table_full,
                     fmt::format("no free slot in segment '{}' for a hand-off", state.name()));
     }
-    auto& mine = me.entry(record).held[layer];
+    LedgerEntry& entry = me.entry(record);
+    auto& mine = entry.held[layer];
     // Units another thread of this process acquired leave this thread's entry negative.
-    if (mine.load(std::memory_order_relaxed) < n) state.note_owing(record, layer);
+    if (holding(entry, layer) < n) state.note_owing(record, layer);
     mine.store(mine.load(std::memory_order_relaxed) - n, std::memory_order_relaxed);
     LIM_RACE_POINT();
+    // A free slot's entries are all zero (layout.hpp, LedgerEntry), so the parcel holds n.
     parcel->first.entry(record).held[layer].store(n, std::memory_order_relaxed);
     return HandOff{.slot = parcel->first.slot_index,
                    .record = record,
@@ -367,12 +369,15 @@ bool receive_holding(SegmentState& state, const HandOff& h) {
             std::memory_order_acq_rel)) {
         return false;
     }
-    auto& from = state.ledger(h.slot, h.record).held[h.layer];
+    LedgerEntry& from = state.ledger(h.slot, h.record);
     auto& to = me.entry(h.record).held[h.layer];
-    const std::int64_t amount = from.load(std::memory_order_relaxed);
+    // What the parcel holds (nothing, if a forced reset forgot it meanwhile).
+    const std::int64_t amount = holding(from, h.layer);
     to.store(to.load(std::memory_order_relaxed) + amount, std::memory_order_relaxed);
     LIM_RACE_POINT();
-    from.store(0, std::memory_order_release);  // now the giver may free the parcel
+    // Under the recovery lock, nobody else writes either word of the parcel's entry.
+    from.forgotten[h.layer].store(0, std::memory_order_relaxed);
+    from.held[h.layer].store(0, std::memory_order_release);  // now the giver may free the parcel
     return true;
 }
 
@@ -415,7 +420,7 @@ std::int64_t process_holding(SegmentState& state, std::uint32_t record, int laye
         // A parcel's units are offered to another process: no longer ours to release.
         const SlotState st = SlotOwner::state(state.slot(i).owner.load(std::memory_order_acquire));
         if (st == SlotState::parcel || st == SlotState::taken) continue;
-        sum += state.ledger(i, record).held[layer].load(std::memory_order_relaxed);
+        sum += holding(state.ledger(i, record), layer);
     }
     return sum;
 }
@@ -424,9 +429,16 @@ bool slot_is_empty(const SegmentState& state, std::uint32_t slot_index) noexcept
     if (state.slot(slot_index).pending.load(std::memory_order_acquire) != 0) return false;
     const std::uint32_t used = state.records_used();
     for (std::uint32_t r = 0; r < used; ++r) {
+        // Both words zero, not only their difference: a slot whose holding a forced reset
+        // forgot (forgotten = held) is kept (retired) rather than freed, so that a reset refused
+        // later can give it back to the same slot (docs/design.md, "Reset"), and a free slot's
+        // entries are all zero. A later thread of the process adopts it; a reap frees it.
         const LedgerEntry& e = state.ledger(slot_index, r);
-        for (const auto& held : e.held) {
-            if (held.load(std::memory_order_relaxed) != 0) return false;
+        for (int l = 0; l < 3; ++l) {
+            if (e.held[l].load(std::memory_order_relaxed) != 0 ||
+                e.forgotten[l].load(std::memory_order_relaxed) != 0) {
+                return false;
+            }
         }
     }
     return true;
