@@ -494,6 +494,7 @@ void reset(SegmentState& state, const ResetOptions& options) {
     // A slot's identity across the reset: its owner word less the state byte (a live slot may
     // retire meanwhile and stay the same holder; a new claim bumps the generation).
     const auto identity = [](std::uint64_t owner) { return owner & ~std::uint64_t{0xFF}; };
+    constexpr std::uint64_t kUnknownIdentity = 0xFF;  // no identity has state bits set
     const auto is_dead = [&](std::uint32_t i) { return contains(dead, i); };
     // Called with the record frozen, before it is thawed and refused. A live slot's clearing
     // wrote only its `forgotten` words, which its holder never writes (layout.hpp, LedgerEntry),
@@ -570,8 +571,12 @@ void reset(SegmentState& state, const ResetOptions& options) {
             // the reset's sleeper count (live registrations) does not count a dead sleeper.
             for (std::uint32_t i = 0; i < slots; ++i) {
                 LedgerEntry& e = state.ledger(i, r);
-                if (!any_cleared) {
-                    saved_owner[i] = identity(state.slot(i).owner.load());
+                // Saved by the first try, and again by a later try for a slot claimed anew since
+                // (a holder that broke the freeze may have claimed one and acquired on the record:
+                // that is what a refusal must give back to it).
+                if (const std::uint64_t id = identity(state.slot(i).owner.load());
+                    !any_cleared || id != saved_owner[i]) {
+                    saved_owner[i] = id;
                     for (int l = 0; l < 3; ++l) {
                         saved_held[std::size_t{i} * 3 + l] = e.held[l].load();
                         saved_forgotten[std::size_t{i} * 3 + l] = e.forgotten[l].load();
@@ -582,10 +587,21 @@ void reset(SegmentState& state, const ResetOptions& options) {
                 // from there); a dead slot, which nobody writes, is zeroed.
                 if (is_dead(i)) {
                     clear_holding(e);
-                } else {
+                    continue;
+                }
+                for (int l = 0; l < 3; ++l)
+                    e.forgotten[l].store(e.held[l].load(std::memory_order_relaxed),
+                                         std::memory_order_relaxed);
+                // The slot changed hands between the owner read above and these stores (its old
+                // owner freed it, which needs its row all zero, and a new one claimed it): the
+                // stores may have forgotten what the new owner took after a holder broke the
+                // freeze. A new owner's `forgotten` starts at zero and only resets write it, so
+                // zero is its value; its saved state is unknown, so a refusal leaves it alone,
+                // and a later try saves it afresh.
+                if (identity(state.slot(i).owner.load()) != saved_owner[i]) {
                     for (int l = 0; l < 3; ++l)
-                        e.forgotten[l].store(e.held[l].load(std::memory_order_relaxed),
-                                             std::memory_order_relaxed);
+                        e.forgotten[l].store(0, std::memory_order_relaxed);
+                    saved_owner[i] = kUnknownIdentity;
                 }
             }
             any_cleared = true;
