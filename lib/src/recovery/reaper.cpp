@@ -591,12 +591,22 @@ void reset(SegmentState& state, const ResetOptions& options) {
                     dead_cleared[d] |= 2;
                 }
             }
-            const bool landed = ops->reset(state, r, Clock::now());
+            const std::uint8_t not_reset = ops->reset(state, r, Clock::now());
             LIM_RACE_POINT();
             if (own != nullptr) own->pending.store(0, std::memory_order_release);
-            if (landed) {
+            if (not_reset == 0) {
                 done = true;
                 break;
+            }
+            // A multi-word record reset in part (a Dispatch: its concurrency word reset, its byte
+            // word thawed by a holder): what the tries so far cleared from the layers of the words
+            // reset is forgotten by those words, so a refusal must not give it back to the
+            // ledgers (they would show units the word no longer counts, and their holder's
+            // release would take units of later holders: docs/design.md, "Reset").
+            for (int l = 0; l < 3; ++l) {
+                if ((not_reset & (1u << l)) != 0) continue;
+                for (std::uint32_t i = 0; i < slots; ++i)
+                    cleared[std::size_t{i} * 3 + l] = 0;
             }
         }
         if (!done) refused.emplace_back(record_key(state.record(r)));
