@@ -217,21 +217,25 @@ LiveHoldings dispatch_recount(SegmentState& state, std::uint32_t record, const L
 }
 
 // Nothing held, nothing queued, and the Dispatch's backoff window cleared. Live sleepers on the
-// slot layers stay counted (they deregister later); queued byte requests queue again. Returns
-// false at the first word found thawed by a holder (the caller freezes and resets again).
-bool dispatch_reset(SegmentState& state, std::uint32_t record, TimePoint) noexcept {
+// slot layers stay counted (they deregister later); queued byte requests queue again. Stops at
+// the first word found thawed by a holder (the caller freezes and resets again), and says which
+// layers' words it left unreset: the words before it were reset (KindOps::reset).
+std::uint8_t dispatch_reset(SegmentState& state, std::uint32_t record, TimePoint) noexcept {
+    constexpr std::uint8_t kThrottled = 1u << kDispatchThrottledLayer;
+    constexpr std::uint8_t kBytes = 1u << kDispatchBytesLayer;
     DispatchBody& b = body_at(state, record);
     bool abandoned = false;
     if (is_packed(config_at(state, record))) {
         LiveHoldings ignored;
-        if (!recount_packed(state, record, b, 0, 0, {}, ignored, true)) return false;
+        if (!recount_packed(state, record, b, 0, 0, {}, ignored, true)) return kAllLayers;
     } else {
         recount_semaphore_word(state, record, kDispatchSlotsLayer, b.concurrency, 0, {},
                                &abandoned);
-        if (abandoned || !reset_weighted_layer(b.bytes)) return false;
+        if (abandoned) return kAllLayers;
+        if (!reset_weighted_layer(b.bytes)) return kBytes | kThrottled;
     }
     recount_semaphore_word(state, record, kDispatchThrottledLayer, b.throttled, 0, {}, &abandoned);
-    if (abandoned) return false;
+    if (abandoned) return kThrottled;
     const std::uint32_t window = config_at(state, record).backoff_record;
     if (window < state.records_used() &&
         state.record(window).header.kind ==
@@ -240,7 +244,7 @@ bool dispatch_reset(SegmentState& state, std::uint32_t record, TimePoint) noexce
         w.until.exchange(0, std::memory_order_seq_cst);
         wake_all(w.channel);
     }
-    return true;
+    return 0;
 }
 
 // The layers' fields of a Dispatch, whichever way its words are laid out.

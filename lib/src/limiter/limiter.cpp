@@ -377,10 +377,11 @@ bool looks_consumed(std::uint32_t flags) noexcept {
                 [[unlikely]] {
                     // The calling thread took fewer: did another thread of this process take them?
                     // (Again if the return stepped aside from a frozen word since: a forced reset
-                    // may have forgotten them.)
-                    const std::int64_t mine = process_holding(*ref.state, ref.index, /*layer=*/0);
-                    if (mine < units) throw_not_held(ref, n, mine);
-                    ref.state->note_owing(ref.index, 0);  // SegmentState::may_owe
+                    // may have forgotten them. Hold::still_holds also waits out a reset in
+                    // progress, which may give back what it cleared; it notes may_owe.)
+                    if (!hold.still_holds(0, static_cast<std::uint64_t>(units))) {
+                        throw_not_held(ref, n, process_holding(*ref.state, ref.index, /*layer=*/0));
+                    }
                     o = core.return_to_hopper(hold, now_ns, units, rebase_at, &seen, true);
                 }
         }

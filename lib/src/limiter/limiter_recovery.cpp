@@ -196,10 +196,10 @@ LiveHoldings limiter_recount(SegmentState& state, std::uint32_t record, const Li
     return given;
 }
 
-bool limiter_reset(SegmentState& state, std::uint32_t record, TimePoint now) noexcept {
+std::uint8_t limiter_reset(SegmentState& state, std::uint32_t record, TimePoint now) noexcept {
     LimiterBody& body = body_at(state, record);
     // A holder thawed F (this resetter was stopped): the caller freezes and resets again.
-    if (!is_frozen(body.in_flight.load(std::memory_order_seq_cst))) return false;
+    if (!is_frozen(body.in_flight.load(std::memory_order_seq_cst))) return kAllLayers;
     // Configuration writers are excluded by the caller (reset holds the config lock throughout:
     // both blocks may be rewritten here).
     LimiterRecordConfig config{};
@@ -217,7 +217,7 @@ bool limiter_reset(SegmentState& state, std::uint32_t record, TimePoint now) noe
     const bool landed = cas_from_frozen(body.in_flight, 0).has_value();  // clears kFrozen last
     if (landed) apply_waiters(body.wake, delta);
     wake_all(body.wake);
-    return landed;
+    return landed ? 0 : kAllLayers;
 }
 
 }  // namespace

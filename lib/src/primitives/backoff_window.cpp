@@ -127,11 +127,11 @@ LiveHoldings window_recount(SegmentState&, std::uint32_t, const LiveHoldings&,
                             std::span<const std::uint32_t>, TimePoint) noexcept {
     return {};
 }
-bool window_reset(SegmentState& state, std::uint32_t record, TimePoint) noexcept {
+std::uint8_t window_reset(SegmentState& state, std::uint32_t record, TimePoint) noexcept {
     auto& b = *reinterpret_cast<BackoffWindowBody*>(state.record(record).body);
     b.until.exchange(0, std::memory_order_seq_cst);
     wake_all(b.channel);
-    return true;  // nothing frozen
+    return 0;  // nothing frozen
 }
 
 }  // namespace

@@ -311,10 +311,10 @@ LiveHoldings semaphore_recount(SegmentState& state, std::uint32_t record, const 
 
 // Nothing held, but the live sleepers stay counted: they will deregister later, and a count
 // reset to zero under them would underflow into the units field.
-bool semaphore_reset(SegmentState& state, std::uint32_t record, TimePoint) noexcept {
+std::uint8_t semaphore_reset(SegmentState& state, std::uint32_t record, TimePoint) noexcept {
     bool abandoned = false;
     recount_semaphore_word(state, record, 0, body_at(state, record).word, 0, {}, &abandoned);
-    return !abandoned;
+    return abandoned ? kAllLayers : 0;
 }
 
 }  // namespace

@@ -480,8 +480,8 @@ LiveHoldings weighted_recount(SegmentState& state, std::uint32_t record, const L
     return given;
 }
 
-bool weighted_reset(SegmentState& state, std::uint32_t record, TimePoint) noexcept {
-    return reset_weighted_layer(layer_at(state, record));
+std::uint8_t weighted_reset(SegmentState& state, std::uint32_t record, TimePoint) noexcept {
+    return reset_weighted_layer(layer_at(state, record)) ? 0 : kAllLayers;
 }
 
 }  // namespace

@@ -24,6 +24,10 @@ struct LiveHoldings {
     bool abandoned = false;
 };
 
+// KindOps::reset's answer when it reset no word (a single-word record's, or its first word found
+// thawed): every layer's cleared units are given back if the reset is then refused.
+inline constexpr std::uint8_t kAllLayers = 0b111;
+
 struct KindOps {
     // Sets kFrozen on every word of the record that a holding operation changes. After this no
     // acquisition or release can land on the record until recount or thaw.
@@ -44,10 +48,13 @@ struct KindOps {
 
     // Re-initialises the record's body to its configured state (from Record::config) at `now`:
     // nothing held, nothing queued, backoff cleared, bucket and hopper as at creation. Called
-    // with the record frozen and no live holders (reset), and wakes waiters. Returns false if a
-    // word was found thawed by a holder (the resetter was stopped past kFrozenBreakTimeout): the
-    // caller freezes and resets again.
-    bool (*reset)(SegmentState& state, std::uint32_t record, TimePoint now) noexcept;
+    // with the record frozen and no live holders (reset), and wakes waiters. Returns 0 if every
+    // word was reset; otherwise a word was found thawed by a holder (the resetter was stopped past
+    // kFrozenBreakTimeout) and the words from it on were left as they were: the result has bit l
+    // set for each held[] layer l whose word was not reset (the layers of the words reset before
+    // it are clear: their ledgers' cleared units are forgotten by those words). The caller
+    // freezes and resets again.
+    std::uint8_t (*reset)(SegmentState& state, std::uint32_t record, TimePoint now) noexcept;
 
     // Which held[] layers the family uses, and their names for reports ("units", "tokens",
     // "slots", "throttled", "bytes").

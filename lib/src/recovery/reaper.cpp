@@ -616,12 +616,30 @@ void reset(SegmentState& state, const ResetOptions& options) {
                     dead_cleared[d] |= 2;
                 }
             }
-            const bool landed = ops->reset(state, r, Clock::now());
+            const std::uint8_t not_reset = ops->reset(state, r, Clock::now());
             LIM_RACE_POINT();
             if (own != nullptr) own->pending.store(0, std::memory_order_release);
-            if (landed) {
+            if (not_reset == 0) {
                 done = true;
                 break;
+            }
+            // A multi-word record reset in part (a Dispatch: its concurrency word reset, its byte
+            // word thawed by a holder): what this try cleared from the layers of the words reset
+            // is forgotten by those words, so a refusal must not give it back to the ledgers
+            // (they would show units the word no longer counts, and their holder's release would
+            // take units of later holders: docs/design.md, "Reset"). For those layers the state
+            // to restore becomes the one this try left: each known slot's `forgotten` as the
+            // clearing set it (its `held` has not moved since, the word having stayed frozen
+            // until its reset), a dead slot's entry zero.
+            for (int l = 0; l < 3; ++l) {
+                if ((not_reset & (1u << l)) != 0) continue;
+                for (std::uint32_t i = 0; i < slots; ++i) {
+                    if (saved_owner[i] == kUnknownIdentity) continue;
+                    const std::size_t k = std::size_t{i} * 3 + l;
+                    const LedgerEntry& e = state.ledger(i, r);
+                    saved_forgotten[k] = e.forgotten[l].load(std::memory_order_relaxed);
+                    if (is_dead(i)) saved_held[k] = e.held[l].load(std::memory_order_relaxed);
+                }
             }
         }
         if (!done) refused.emplace_back(record_key(state.record(r)));

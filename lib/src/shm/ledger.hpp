@@ -102,7 +102,7 @@ class Hold {
     void require_held(int layer, std::uint64_t n, const char* what) const {
         if (covers(layer, n)) [[likely]]
             return;
-        require_held_slow(state_, record_, layer, n, what);
+        require_held_slow(state_, *slot_, record_, layer, n, what);
     }
 
     // require_held's fast check: this thread's own entry shows `n` units and no thread of the
@@ -118,11 +118,12 @@ class Hold {
     // aside from a frozen word withdraws its announcement, so a forced reset may forget the
     // units meanwhile (docs/design.md, "Reset": a release waiting aside across a reset). False
     // also when the process-wide check cannot run (its mutex failing): the release then gives
-    // back nothing rather than perhaps someone else's units.
+    // back nothing rather than perhaps someone else's units. A process-wide sum short of `n`
+    // while a reset holds the recovery lock is checked again once it has ended (holds_slow).
     bool still_holds(int layer, std::uint64_t n) const noexcept {
         if (covers(layer, n)) [[likely]]
             return true;
-        return holds_slow(state_, record_, layer, n);
+        return holds_slow(state_, *slot_, record_, layer, n);
     }
 
     // What this holder holds in the record now (holding(): what it added less what a reset forgot).
@@ -158,9 +159,9 @@ class Hold {
     // wait_while_frozen's and require_held's out-of-line parts, given the fields they need.
     static void step_aside(SlotHeader& slot, std::uint32_t record, std::atomic<std::uint64_t>& word,
                            const SegmentState& state) noexcept;
-    static void require_held_slow(SegmentState& state, std::uint32_t record, int layer,
-                                  std::uint64_t n, const char* what);
-    static bool holds_slow(SegmentState& state, std::uint32_t record, int layer,
+    static void require_held_slow(SegmentState& state, SlotHeader& slot, std::uint32_t record,
+                                  int layer, std::uint64_t n, const char* what);
+    static bool holds_slow(SegmentState& state, SlotHeader& slot, std::uint32_t record, int layer,
                            std::uint64_t n) noexcept;
 
     SegmentState& state_;
