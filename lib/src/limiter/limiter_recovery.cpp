@@ -208,16 +208,28 @@ std::uint8_t limiter_reset(SegmentState& state, std::uint32_t record, TimePoint 
     // ahead (by a `now` from before the clamp, or a corrupt word) drips again from now on.
     const std::int64_t t = to_nanos(now);
     const LimiterParams p = params_from_config(config, t);
+    const std::int64_t delta = waiters_delta(state, record, body.wake, {});
+    // F first, still frozen (nothing in flight, kFrozen kept), and the bucket only once that CAS
+    // has landed: a CAS that finds F thawed by a holder (this resetter stopped past
+    // kFrozenBreakTimeout) then leaves the record exactly as it was. Before, the bucket, its time
+    // and its configuration block were written first, and a failed CAS (then a refused retry)
+    // left the bucket refilled under the old F: a burst no reset had granted (docs/design.md,
+    // "Reset"). Once F's CAS has landed the reset has: a holder that thaws F while this resetter
+    // is stopped before the bucket's stores takes from the old bucket, a valid state, and the
+    // refill that follows is the reset's own.
+    if (!cas_from_frozen(body.in_flight, kFrozen)) {
+        wake_all(body.wake);
+        return kAllLayers;
+    }
     const std::uint32_t gen = BucketWord::gen(body.bucket.load(std::memory_order_seq_cst)) + 1;
     store_params(body.config[gen & 1], p);
     const std::int64_t x = p.rate_infinite ? 0 : -initial_level(config.initial_bucket_level);
     body.bucket.store(BucketWord::make(gen, x), std::memory_order_seq_cst);
     body.time_ns.store(t, std::memory_order_seq_cst);
-    const std::int64_t delta = waiters_delta(state, record, body.wake, {});
-    const bool landed = cas_from_frozen(body.in_flight, 0).has_value();  // clears kFrozen last
-    if (landed) apply_waiters(body.wake, delta);
+    body.in_flight.fetch_and(~kFrozen, std::memory_order_seq_cst);  // clears kFrozen last
+    apply_waiters(body.wake, delta);
     wake_all(body.wake);
-    return landed ? 0 : kAllLayers;
+    return 0;
 }
 
 }  // namespace
