@@ -74,6 +74,25 @@ std::optional<detail::FileLock> hold_recovery_lock(const Segment& seg) {
     return lock;
 }
 
+// Stops `child`, which is releasing on a frozen word, while it waits aside. The release cannot
+// finish on a frozen word: after a moment the child waits aside (its announcement withdrawn) or
+// has not yet announced; it is stopped where it is. Stopped while announced (between its
+// announcement and its first look at the word), it is continued and stopped again a moment
+// later. False if it was never caught aside.
+bool stop_aside(const Segment& seg, pid_t child) {
+    for (int i = 0; i < 50; ++i) {
+        std::this_thread::sleep_for(20ms);
+        ::kill(child, SIGSTOP);
+        const bool stopped = lim::test::eventually([&] {
+            int st = 0;
+            return ::waitpid(child, &st, WUNTRACED | WNOHANG) == child && WIFSTOPPED(st);
+        });
+        if (stopped && !announced(seg, child)) return true;
+        ::kill(child, SIGCONT);
+    }
+    return false;
+}
+
 // Exit codes of the releasing child.
 constexpr int kReleased = 10;  // its release went through
 constexpr int kRefused = 11;   // refused with over_release (or nothing given back: a Permit)
@@ -107,22 +126,7 @@ void release_aside_across_reset(Segment& seg, detail::RecordKind kind, const cha
     ops->freeze(state, record);
     go->set();
     releasing->wait();
-    // The release cannot finish on a frozen word: after a moment the child waits aside (its
-    // announcement withdrawn) or has not yet announced; stop it where it is. Stopped while
-    // announced (between its announcement and its first look at the word), it is continued and
-    // stopped again a moment later.
-    bool stopped_aside = false;
-    for (int i = 0; i < 50 && !stopped_aside; ++i) {
-        std::this_thread::sleep_for(20ms);
-        ::kill(child, SIGSTOP);
-        REQUIRE(lim::test::eventually([&] {
-            int st = 0;
-            return ::waitpid(child, &st, WUNTRACED | WNOHANG) == child && WIFSTOPPED(st);
-        }));
-        stopped_aside = !announced(seg, child);
-        if (!stopped_aside) ::kill(child, SIGCONT);
-    }
-    REQUIRE(stopped_aside);
+    REQUIRE(stop_aside(seg, child));
     recovery.reset();                        // the reset takes it
     seg.reset({.key = key, .force = true});  // thaws the word it reset
     CHECK(in_use() == 0);
@@ -501,18 +505,7 @@ TEST_CASE(
         ops->freeze(state, record);
         go->set();
         releasing->wait();
-        bool aside = false;
-        for (int i = 0; i < 50 && !aside; ++i) {
-            std::this_thread::sleep_for(20ms);
-            ::kill(releaser, SIGSTOP);
-            REQUIRE(lim::test::eventually([&] {
-                int st = 0;
-                return ::waitpid(releaser, &st, WUNTRACED | WNOHANG) == releaser && WIFSTOPPED(st);
-            }));
-            aside = !announced(seg, releaser);
-            if (!aside) ::kill(releaser, SIGCONT);
-        }
-        REQUIRE(aside);
+        REQUIRE(stop_aside(seg, releaser));
         recovery.reset();  // the resetter takes it
         const detail::SlotHeader* releaser_slot = slot_of(seg, releaser);
         REQUIRE(releaser_slot != nullptr);
