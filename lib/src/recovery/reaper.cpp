@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <limits>
 #include <map>
@@ -589,9 +590,23 @@ void reset(SegmentState& state, const ResetOptions& options) {
                     clear_holding(e);
                     continue;
                 }
-                for (int l = 0; l < 3; ++l)
-                    e.forgotten[l].store(e.held[l].load(std::memory_order_relaxed),
-                                         std::memory_order_relaxed);
+                // Until `held` reads the same after the store as before it: a holder that broke
+                // the freeze may change it meanwhile, and a thread that then finds its row empty
+                // frees the slot. With the fences here and in slot_is_empty (a store, a fence, a
+                // load on each side), either this load sees the holder's last store, and the loop
+                // stores that too, or the holder's emptiness check sees this store and keeps the
+                // slot (retired: a later try or the refusal's restore sets it right). A free slot
+                // never keeps a `forgotten` (docs/design.md, "Reset").
+                for (int l = 0; l < 3; ++l) {
+                    std::int64_t h = e.held[l].load(std::memory_order_relaxed);
+                    for (;;) {
+                        e.forgotten[l].store(h, std::memory_order_relaxed);
+                        std::atomic_thread_fence(std::memory_order_seq_cst);
+                        const std::int64_t again = e.held[l].load(std::memory_order_relaxed);
+                        if (again == h) break;
+                        h = again;
+                    }
+                }
                 // The slot changed hands between the owner read above and these stores (its old
                 // owner freed it, which needs its row all zero, and a new one claimed it): the
                 // stores may have forgotten what the new owner took after a holder broke the

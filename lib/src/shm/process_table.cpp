@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <memory>
@@ -427,6 +428,10 @@ std::int64_t process_holding(SegmentState& state, std::uint32_t record, int laye
 
 bool slot_is_empty(const SegmentState& state, std::uint32_t slot_index) noexcept {
     if (state.slot(slot_index).pending.load(std::memory_order_acquire) != 0) return false;
+    // Pairs with the fence in a reset's clearing (recovery/reaper.cpp): this thread's last store
+    // to `held` is before it, so either the reset sees that store or this check sees the reset's
+    // `forgotten`, and a slot is never freed with a `forgotten` left in its row.
+    std::atomic_thread_fence(std::memory_order_seq_cst);
     const std::uint32_t used = state.records_used();
     for (std::uint32_t r = 0; r < used; ++r) {
         // Both words zero, not only their difference: a slot whose holding a forced reset
