@@ -592,16 +592,17 @@ void reset(SegmentState& state, const ResetOptions& options) {
                 }
                 // Until `held` reads the same after the store as before it: a holder that broke
                 // the freeze may change it meanwhile, and a thread that then finds its row empty
-                // frees the slot. With the fences here and in slot_is_empty (a store, a fence, a
-                // load on each side), either this load sees the holder's last store, and the loop
-                // stores that too, or the holder's emptiness check sees this store and keeps the
-                // slot (retired: a later try or the refusal's restore sets it right). A free slot
+                // frees the slot. The store is an RMW, as is slot_is_empty's read of `forgotten`,
+                // so the two are ordered in that word's one modification order: either the
+                // exiting thread's read comes first, and this exchange acquires what it released
+                // (its last store to `held`, which the load below then sees and the loop stores
+                // too), or this exchange comes first, and the thread sees it and keeps the slot
+                // (retired: a later try or the refusal's restore sets it right). A free slot
                 // never keeps a `forgotten` (docs/design.md, "Reset").
                 for (int l = 0; l < 3; ++l) {
                     std::int64_t h = e.held[l].load(std::memory_order_relaxed);
                     for (;;) {
-                        e.forgotten[l].store(h, std::memory_order_relaxed);
-                        std::atomic_thread_fence(std::memory_order_seq_cst);
+                        e.forgotten[l].exchange(h, std::memory_order_acq_rel);
                         const std::int64_t again = e.held[l].load(std::memory_order_relaxed);
                         if (again == h) break;
                         h = again;

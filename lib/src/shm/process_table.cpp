@@ -428,20 +428,21 @@ std::int64_t process_holding(SegmentState& state, std::uint32_t record, int laye
 
 bool slot_is_empty(const SegmentState& state, std::uint32_t slot_index) noexcept {
     if (state.slot(slot_index).pending.load(std::memory_order_acquire) != 0) return false;
-    // Pairs with the fence in a reset's clearing (recovery/reaper.cpp): this thread's last store
-    // to `held` is before it, so either the reset sees that store or this check sees the reset's
-    // `forgotten`, and a slot is never freed with a `forgotten` left in its row.
-    std::atomic_thread_fence(std::memory_order_seq_cst);
+
     const std::uint32_t used = state.records_used();
     for (std::uint32_t r = 0; r < used; ++r) {
         // Both words zero, not only their difference: a slot whose holding a forced reset
         // forgot (forgotten = held) is kept (retired) rather than freed, so that a reset refused
         // later can give it back to the same slot (docs/design.md, "Reset"), and a free slot's
         // entries are all zero. A later thread of the process adopts it; a reap frees it.
-        const LedgerEntry& e = state.ledger(slot_index, r);
+        // `forgotten` is read with an RMW that changes nothing (adding 0), paired with the RMW a
+        // reset's clearing stores it with (recovery/reaper.cpp): either the reset acquires this
+        // thread's last store to `held` or this read sees the reset's `forgotten`, so a slot is
+        // never freed with a `forgotten` left in its row.
+        LedgerEntry& e = state.ledger(slot_index, r);
         for (int l = 0; l < 3; ++l) {
             if (e.held[l].load(std::memory_order_relaxed) != 0 ||
-                e.forgotten[l].load(std::memory_order_relaxed) != 0) {
+                e.forgotten[l].fetch_add(0, std::memory_order_acq_rel) != 0) {
                 return false;
             }
         }
