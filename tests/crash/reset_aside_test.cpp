@@ -155,12 +155,17 @@ TEST_CASE("a release waiting aside across a forced reset gives back nobody else'
     lim::test::SegmentGuard guard(lim::test::unique_name("ra"));
     auto seg = make_segment(guard);
 
-    SUBCASE("Semaphore::release") {
+    // Units acquired by this thread, or by another thread of the process (the release then
+    // passes on the process-wide sum, not the thread's own entry).
+    const auto semaphore_release = [&](bool acquired_by_another_thread) {
         auto sem = Semaphore::open(seg, "db", {.capacity = 1});
         release_aside_across_reset(
             seg, detail::RecordKind::semaphore, "db",
             [&] {
-                sem.acquire(1);
+                if (acquired_by_another_thread)
+                    std::thread([&] { sem.acquire(1); }).join();
+                else
+                    sem.acquire(1);
                 return 1;
             },
             [&](int n) { return refused_or_released([&] { sem.release(n); }); },
@@ -169,22 +174,12 @@ TEST_CASE("a release waiting aside across a forced reset gives back nobody else'
                 return std::uint64_t{1};
             },
             [&] { return sem.in_use(); }, [&] { return sem.try_acquire(1); });
+    };
+    SUBCASE("Semaphore::release") {
+        semaphore_release(false);
     }
     SUBCASE("Semaphore::release of units another thread of the process acquired") {
-        // The release passes on the process-wide sum, not the thread's own entry.
-        auto sem = Semaphore::open(seg, "db", {.capacity = 1});
-        release_aside_across_reset(
-            seg, detail::RecordKind::semaphore, "db",
-            [&] {
-                std::thread([&] { sem.acquire(1); }).join();
-                return 1;
-            },
-            [&](int n) { return refused_or_released([&] { sem.release(n); }); },
-            [&] {
-                REQUIRE(sem.try_acquire(1));
-                return std::uint64_t{1};
-            },
-            [&] { return sem.in_use(); }, [&] { return sem.try_acquire(1); });
+        semaphore_release(true);
     }
     SUBCASE("WeightedSemaphore::release") {
         auto ws = WeightedSemaphore::open(seg, "mem", {.capacity = 100});
