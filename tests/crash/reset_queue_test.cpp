@@ -16,6 +16,13 @@
 // the next reap or reset. Now the reset CASes the word first (its queued count and kFrozen kept)
 // and drops the queue only once that CAS has landed: a CAS that finds the word thawed leaves the
 // record as it was.
+//
+// The other interleavings of the new order run too, for a WeightedSemaphore and a packed Dispatch
+// (kCases): the resetter stopped after that CAS landed, a holder thawing the word (the reset has
+// landed; the queue is left as it is, the waiter keeps its ticket), and the resetter SIGKILLed
+// before or after that CAS (a reap then recounts the record its dead slot announced). In every
+// case, once the waiter has been admitted and has left, nobody is counted as queued and a free
+// unit is taken at once.
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
