@@ -17,13 +17,15 @@
 // and drops the queue only once that CAS has landed: a CAS that finds the word thawed leaves the
 // record as it was.
 //
-// The other interleavings of the new order run too, for a WeightedSemaphore and a packed Dispatch
-// (kCases): the resetter stopped after that CAS landed, a holder thawing the word (the reset has
-// landed; the queue is left as it is, the waiter keeps its ticket), and the resetter SIGKILLed
-// before or after that CAS (a reap then recounts the record its dead slot announced). In every
-// case, once the waiter has been admitted and has left, nobody is counted as queued and a free
-// unit is taken at once.
+// Each case runs for a WeightedSemaphore, a packed Dispatch (the queued count in its one word) and
+// an unpacked one (in its byte word), with the other interleavings of the new order (kCases): the
+// resetter stopped after that CAS landed, a holder thawing the word (the reset has landed; the
+// queue is left as it is, the waiter keeps its ticket), and the resetter SIGKILLed before or after
+// that CAS (a reap then recounts the record its dead slot announced). In every case, once the
+// waiter has been admitted and has left, nobody is counted as queued and a free unit is taken at
+// once.
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -59,6 +61,12 @@ Segment make_segment(const lim::test::SegmentGuard& guard) {
                                                   .reap_on_attach = false});
 }
 
+// Called first in every child: a child left waiting by a failed check dies with this process
+// instead of outliving the run.
+void die_with_parent() {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+}
+
 // What the live slots' ledgers show for `record`'s `layer`.
 std::int64_t ledger_sum(const detail::SegmentState& state, std::uint32_t record, int layer) {
     std::int64_t sum = 0;
@@ -81,6 +89,7 @@ void stop_once(int step) noexcept {
 // was refused (busy), 2 on any other outcome.
 pid_t fork_resetter(Segment& seg, const char* key, int step) {
     return lim::test::fork_child([&seg, key, step] {
+        die_with_parent();
         stop_step.store(step);
         detail::weighted_reset_hook.store(stop_once);
         try {
@@ -146,6 +155,7 @@ struct Staging {
         Flag* announced = make_flag();
         Flag* close_go = make_flag();
         const pid_t staged = lim::test::fork_child([&] {
+            die_with_parent();
             warm();
             warmed->set();
             announce_go->wait();
@@ -160,6 +170,7 @@ struct Staging {
         Flag* held = make_flag();
         Flag* give_go = make_flag();
         const pid_t holder = lim::test::fork_child([&] {
+            die_with_parent();
             take_all();
             held->set();
             give_go->wait();
@@ -169,6 +180,7 @@ struct Staging {
         held->wait();
         Flag* admitted = make_flag();
         const pid_t waiter = lim::test::fork_child([&] {
+            die_with_parent();
             wait_for();
             admitted->set();
             return 0;
@@ -294,17 +306,21 @@ TEST_CASE("a weighted semaphore's reset refused after a holder thawed its word k
     }
 }
 
-TEST_CASE("a packed Dispatch's reset refused after a holder thawed its word keeps its byte queue") {
-    lim::test::SegmentGuard guard(lim::test::unique_name("rq-d"));
+namespace {
+
+// A Dispatch of `budget` bytes: packed (the queued count in its one word) or not (in its byte
+// word, reset after its concurrency word: a refusal there restores only the byte layer's ledgers).
+void dispatch_cases(const char* stem, std::uint64_t budget, bool packed) {
+    lim::test::SegmentGuard guard(lim::test::unique_name(stem));
     auto seg = make_segment(guard);
     auto d = Dispatch::open(seg, {.limiter = BackoffWindow::for_key(seg, "api"),
                                   .key = "api",
                                   .concurrency = 4,
-                                  .byte_budget = 1000});
+                                  .byte_budget = budget});
     detail::SegmentState& state = *seg.state();
     const auto record = *detail::find_record(state, detail::RecordKind::dispatch, "api");
-    REQUIRE(detail::is_packed(
-        *reinterpret_cast<const detail::DispatchConfig*>(state.record(record).config)));
+    REQUIRE(detail::is_packed(*reinterpret_cast<const detail::DispatchConfig*>(
+                state.record(record).config)) == packed);
     auto& body = *reinterpret_cast<detail::DispatchBody*>(state.record(record).body);
     for (const Case& c : kCases) {
         INFO(std::string(c.name));
@@ -312,13 +328,13 @@ TEST_CASE("a packed Dispatch's reset refused after a holder thawed its word keep
         std::optional<Permit> one;
         Staging{.seg = seg,
                 .record = record,
-                .word = body.concurrency,
+                .word = packed ? body.concurrency : body.bytes.word,
                 .queue = body.bytes.queue,
                 .key = "api",
                 .warm = [&] { d.acquire(0).release(); },
-                .take_all = [&] { all.emplace(d.acquire(1000)); },
+                .take_all = [&] { all.emplace(d.acquire(budget)); },
                 .give_all = [&] { all->release(); },
-                .wait_for = [&] { d.acquire(500).release(); },
+                .wait_for = [&] { d.acquire(budget / 2).release(); },
                 .queued = [&] { return d.snapshot().bytes_waiters; },
                 .try_one =
                     [&] {
@@ -333,4 +349,15 @@ TEST_CASE("a packed Dispatch's reset refused after a holder thawed its word keep
         CHECK(d.snapshot().bytes_in_flight == 0);
         CHECK(d.snapshot().in_flight == 0);
     }
+}
+
+}  // namespace
+
+TEST_CASE("a packed Dispatch's reset refused after a holder thawed its word keeps its byte queue") {
+    dispatch_cases("rq-d", 1000, true);
+}
+
+TEST_CASE(
+    "an unpacked Dispatch's reset refused after a holder thawed its byte word keeps its queue") {
+    dispatch_cases("rq-du", std::uint64_t{1} << 33, false);
 }
