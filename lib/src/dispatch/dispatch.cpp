@@ -137,25 +137,27 @@ void dispatch_thaw(SegmentState& state, std::uint32_t record) noexcept {
     b.bytes.word.fetch_and(~kFrozen, std::memory_order_seq_cst);
 }
 
+// Thaws a packed Dispatch's byte word, unused when packed: to 0 as the layout has it (a CAS from
+// the frozen value), then wakes the slot sleepers and the byte queue.
+void finish_packed(DispatchBody& b) noexcept {
+    if (std::uint64_t bw = b.bytes.word.load(std::memory_order_acquire); is_frozen(bw))
+        b.bytes.word.compare_exchange_strong(bw, 0, std::memory_order_seq_cst);
+    futex_wake(low_half(b.concurrency), INT_MAX);
+    wake_queue(b.bytes.queue);
+}
+
 // A packed Dispatch's slots and bytes in one step: sleepers from the live registrations, queue
 // recounted, units from the live ledgers, kFrozen cleared (one CAS from the frozen value, as in
 // recount_semaphore_word), everyone woken. Returns false, storing nothing to the word, if a holder
-// had thawed it. A reset (`reset`) empties the queue instead of recounting it.
+// had thawed it.
 bool recount_packed(SegmentState& state, std::uint32_t record, DispatchBody& b,
                     std::int64_t live_slots, std::int64_t live_bytes,
-                    std::span<const std::uint32_t> dead_slots, LiveHoldings& given,
-                    bool reset) noexcept {
+                    std::span<const std::uint32_t> dead_slots, LiveHoldings& given) noexcept {
     using P = DispatchPacked;
     const SleeperCounts sleepers =
         count_live_sleepers(state, record, kDispatchSlotsLayer, P::kSlots, dead_slots);
-    std::uint64_t queued = 0;
-    if (reset) {
-        if (!is_frozen(b.concurrency.load(std::memory_order_acquire))) return false;
-        reset_weighted_queue(b.bytes.queue);
-    } else {
-        queued = recount_weighted_queue(state, record, kDispatchBytesLayer, b.bytes.queue,
-                                        b.concurrency, P::kBytes, dead_slots);
-    }
+    const std::uint64_t queued = recount_weighted_queue(
+        state, record, kDispatchBytesLayer, b.bytes.queue, b.concurrency, P::kBytes, dead_slots);
     const auto slots =
         std::min<std::uint64_t>(static_cast<std::uint64_t>(live_slots), P::kSlots.in_use_mask);
     const auto bytes =
@@ -177,11 +179,39 @@ bool recount_packed(SegmentState& state, std::uint32_t record, DispatchBody& b,
     }
     given.held[kDispatchSlotsLayer] = static_cast<std::int64_t>(P::kSlots.in_use(w)) - live_slots;
     given.held[kDispatchBytesLayer] = static_cast<std::int64_t>(P::kBytes.in_use(w)) - live_bytes;
-    // Unused when packed: only thawed, to 0 as the layout has it (a CAS from the frozen value).
-    if (std::uint64_t bw = b.bytes.word.load(std::memory_order_acquire); is_frozen(bw))
-        b.bytes.word.compare_exchange_strong(bw, 0, std::memory_order_seq_cst);
-    futex_wake(low_half(b.concurrency), INT_MAX);
-    wake_queue(b.bytes.queue);
+    finish_packed(b);
+    return true;
+}
+
+// A packed Dispatch's reset: nothing held, sleepers from the live registrations, the byte queue
+// emptied, kFrozen cleared, everyone woken. As reset_weighted_layer: the units first, with the
+// queued count and kFrozen kept (one CAS from the frozen value), and the queue only once that CAS
+// has landed (drop_weighted_queue). Returns false, the word and the queue untouched, if a holder
+// had thawed the word before that CAS (before, the queue was emptied first: docs/design.md,
+// "Reset").
+bool reset_packed(SegmentState& state, std::uint32_t record, DispatchBody& b) noexcept {
+    using P = DispatchPacked;
+    const SleeperCounts sleepers =
+        count_live_sleepers(state, record, kDispatchSlotsLayer, P::kSlots, {});
+    std::uint64_t w = b.concurrency.load(std::memory_order_acquire);
+    if (is_frozen(w)) run_weighted_reset_hook(0);
+    std::uint64_t kept = 0;
+    for (;;) {
+        if (!is_frozen(w)) {
+            futex_wake(low_half(b.concurrency), INT_MAX);
+            wake_queue(b.bytes.queue);
+            return false;
+        }
+        kept =
+            P::kBytes.with(P::kSlots.with(kFrozen, 0, sleepers.single, 0), 0, P::kBytes.queued(w));
+        LIM_RACE_POINT();
+        if (b.concurrency.compare_exchange_strong(w, kept, std::memory_order_seq_cst,
+                                                  std::memory_order_relaxed)) {
+            break;
+        }
+    }
+    drop_weighted_queue(b.bytes.queue, b.concurrency, kept, P::kBytes);
+    finish_packed(b);
     return true;
 }
 
@@ -196,7 +226,7 @@ LiveHoldings dispatch_recount(SegmentState& state, std::uint32_t record, const L
     LiveHoldings given;
     if (is_packed(config_at(state, record))) {
         if (!recount_packed(state, record, b, live.held[kDispatchSlotsLayer],
-                            live.held[kDispatchBytesLayer], dead_slots, given, false)) {
+                            live.held[kDispatchBytesLayer], dead_slots, given)) {
             given.abandoned = true;
             return given;
         }
@@ -226,8 +256,7 @@ std::uint8_t dispatch_reset(SegmentState& state, std::uint32_t record, TimePoint
     DispatchBody& b = body_at(state, record);
     bool abandoned = false;
     if (is_packed(config_at(state, record))) {
-        LiveHoldings ignored;
-        if (!recount_packed(state, record, b, 0, 0, {}, ignored, true)) return kAllLayers;
+        if (!reset_packed(state, record, b)) return kAllLayers;
     } else {
         recount_semaphore_word(state, record, kDispatchSlotsLayer, b.concurrency, 0, {},
                                &abandoned);

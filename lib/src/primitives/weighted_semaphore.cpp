@@ -443,17 +443,51 @@ std::int64_t recount_weighted_layer(const SegmentState& state, std::uint32_t rec
     return static_cast<std::int64_t>(W::in_use(w)) - live_units;
 }
 
+std::atomic<void (*)(int step) noexcept> weighted_reset_hook{nullptr};
+
+void drop_weighted_queue(WeightedQueue& q, std::atomic<std::uint64_t>& word, std::uint64_t kept,
+                         const WeightedFormat& fmt) noexcept {
+    // The word is as the reset's first CAS left it (`kept`) unless a holder broke the freeze since
+    // (this resetter stopped past kFrozenBreakTimeout): then the units' reset has landed, and the
+    // queue is live again with the count the word keeps for it, so it is left as it is (its
+    // waiters keep their turn). Nothing else changes a frozen word while the reset holds the
+    // recovery lock and no live slot is pending on the record.
+    run_weighted_reset_hook(1);
+    LIM_RACE_POINT();
+    if (word.load(std::memory_order_seq_cst) != kept) return;
+    reset_weighted_queue(q);
+    LIM_RACE_POINT();
+    // Fails only if a holder broke the freeze between the load above and here: the tickets then
+    // dropped stay counted until the next reap or reset (docs/design.md, "Reset").
+    std::uint64_t expected = kept;
+    word.compare_exchange_strong(expected, fmt.with(kept, 0, 0) & ~kFrozen,
+                                 std::memory_order_seq_cst, std::memory_order_relaxed);
+}
+
 bool reset_weighted_layer(WeightedLayer& l) noexcept {
     std::uint64_t w = l.word.load(std::memory_order_acquire);
     if (!is_frozen(w)) return false;
-    reset_weighted_queue(l.queue);
-    LIM_RACE_POINT();
-    while (!l.word.compare_exchange_strong(w, 0, std::memory_order_seq_cst)) {
+    run_weighted_reset_hook(0);
+    // The units first, with the queued count and kFrozen kept (a CAS from the frozen value), and
+    // the queue only once that CAS has landed: a CAS that finds the word thawed by a holder (this
+    // resetter stopped past kFrozenBreakTimeout) leaves the record exactly as it was, its queue
+    // included. Before, the queue was emptied first, and a failed CAS (then a refused retry) left
+    // the word counting tickets no longer queued: try_acquire refused behind phantom waiters
+    // until the next reap or reset (docs/design.md, "Reset").
+    std::uint64_t kept = 0;
+    for (;;) {
+        kept = kFrozen | W::make(0, W::queued(w));
+        LIM_RACE_POINT();
+        if (l.word.compare_exchange_strong(w, kept, std::memory_order_seq_cst,
+                                           std::memory_order_relaxed)) {
+            break;
+        }
         if (!is_frozen(w)) {
             wake_queue(l.queue);
             return false;
         }
     }
+    drop_weighted_queue(l.queue, l.word, kept, kWeightedFormat);
     wake_queue(l.queue);
     return true;
 }

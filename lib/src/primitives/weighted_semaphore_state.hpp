@@ -194,13 +194,32 @@ std::uint64_t recount_weighted_queue(const SegmentState& state, std::uint32_t re
                                      std::span<const std::uint32_t> dead_slots) noexcept;
 // Empties the queue (reset): head = tail, ring cleared. The caller stores the word, then wakes.
 void reset_weighted_queue(WeightedQueue& q) noexcept;
+// A reset's second step on a word that carries a weighted layer in format `fmt`, after its first
+// CAS has landed: that CAS reset the units and kept the queued count and kFrozen (the word is then
+// `kept`). If the word still reads `kept`, empties the queue, then zeroes the queued count and
+// clears kFrozen with one CAS from `kept`; if a holder has thawed it since, leaves the queue (live
+// again, its count consistent with it). The caller wakes.
+void drop_weighted_queue(WeightedQueue& q, std::atomic<std::uint64_t>& word, std::uint64_t kept,
+                         const WeightedFormat& fmt) noexcept;
 // Bumps seq and wakes everyone queued.
 void wake_queue(WeightedQueue& q) noexcept;
 
 // Re-initialises a weighted layer: nothing in use, nothing queued (queued waiters notice that
-// their ticket was dropped and queue again), kFrozen clear (a CAS from the frozen value), everyone
-// woken. Returns false, the word untouched, if a holder had thawed it.
+// their ticket was dropped and queue again), kFrozen clear, everyone woken. The units are reset
+// by a CAS from the frozen value that keeps the queued count and kFrozen, and the queue is
+// emptied only after it (drop_weighted_queue). Returns false, the word and the queue untouched,
+// if a holder had thawed the word before that CAS.
 bool reset_weighted_layer(WeightedLayer& l) noexcept;
+
+// Test hook, null outside tests: a weighted layer's reset (reset_weighted_layer, and a packed
+// Dispatch's) calls it with step 0 once it has found the word frozen, just before its first CAS on
+// the word, and with step 1 once that CAS has landed, just before drop_weighted_queue looks at the
+// word again. A test stops or kills the resetter there (crash.reset_queue) and thaws the word as a
+// holder waiting aside past kFrozenBreakTimeout does: otherwise windows of a few instructions.
+extern std::atomic<void (*)(int step) noexcept> weighted_reset_hook;
+inline void run_weighted_reset_hook(int step) noexcept {
+    if (auto* hook = weighted_reset_hook.load(std::memory_order_relaxed)) hook(step);
+}
 
 extern const KindOps kWeightedSemaphoreOps;
 
