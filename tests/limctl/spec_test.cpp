@@ -288,3 +288,24 @@ TEST_CASE("set-backoff: the durations docs/limctl.md lists, --clear; exit 1 and 
     CHECK(limctl("set-backoff " + guard.name() + " no_such_window 1s").code == 1);  // error
     CHECK_FALSE(window.should_backoff());
 }
+
+TEST_CASE("set-backoff: a Dispatch's key reaches the BackoffWindow that Dispatch uses") {
+    // SPEC: `limctl set-backoff <segment> <key> <duration>`, where its other commands take any
+    // limiter's key. A Dispatch whose window has another key (.limiter = for_key(seg, "w"),
+    // .key = "api"): backing off "api" is what the operator means.
+    lim::test::SegmentGuard guard(lim::test::unique_name("limctl-dbackoff"));
+    auto seg = lim::Segment::open_or_create(guard.name(), {.max_limiters = 8});
+    auto window = lim::BackoffWindow::for_key(seg, "api_window");
+    auto d = lim::Dispatch::open(seg, {.limiter = window, .key = "api"});
+    const auto r = limctl("set-backoff " + guard.name() + " api 30s");
+    CHECK_MESSAGE(r.code == 0, r.err);
+    CHECK_MESSAGE(r.out.find("'api_window'") != std::string::npos, r.out);
+    CHECK(window.should_backoff());
+    CHECK(d.snapshot().backoff_active);
+    CHECK(limctl("set-backoff " + guard.name() + " api --clear").code == 0);
+    CHECK_FALSE(window.should_backoff());
+    // The window's own key still works, and a key that is neither is still an error.
+    CHECK(limctl("set-backoff " + guard.name() + " api_window 1s").code == 0);
+    CHECK(window.should_backoff());
+    CHECK(limctl("set-backoff " + guard.name() + " nothing 1s").code == 1);
+}
