@@ -15,6 +15,7 @@
 
 #include "commands.hpp"
 #include "common.hpp"
+#include "feeder_view.hpp"
 #include "inspect/snapshot.hpp"
 #include "render.hpp"
 
@@ -90,7 +91,7 @@ std::string frame(const lim::detail::SegmentSnapshot& s, const std::map<std::str
 // admissions per second since the previous frame (absent in the first).
 std::string json_frame(const lim::detail::SegmentSnapshot& s,
                        const std::map<std::string, double>& rates) {
-    nlohmann::json j = to_json(s);
+    nlohmann::json j = segment_json(s);
     auto& records = j["records"];  // in the order of s.records; keys there are escaped
     for (std::size_t i = 0; i < s.records.size() && i < records.size(); ++i) {
         const auto rate = rates.find(s.records[i].kind + "/" + s.records[i].key);
