@@ -324,9 +324,12 @@ TEST_CASE("every read command's --json carries a global rate's lease, as its tex
     lim::BackoffWindow::for_key(seg, "feeder.api.lease").set(std::chrono::seconds{30});
     lim::BackoffWindow::for_key(seg, "feeder.api.contact").set(std::chrono::seconds{3599});
     // The text view shows it ...
-    const auto text = limctl("show " + guard.name());
-    REQUIRE(text.code == 0);
-    CHECK_MESSAGE(text.out.find("LAST REDIS CONTACT") != std::string::npos, text.out);
+    for (const std::string cmd : {"show ", "watch -n 1 "}) {
+        CAPTURE(cmd);
+        const auto text = limctl(cmd + guard.name());
+        REQUIRE(text.code == 0);
+        CHECK_MESSAGE(text.out.find("LAST REDIS CONTACT") != std::string::npos, text.out);
+    }
     // ... and so does every JSON view of the segment.
     for (const std::string cmd : {"show --json ", "stats --json ", "watch -n 1 --json "}) {
         CAPTURE(cmd);

@@ -84,7 +84,12 @@ std::string frame(const lim::detail::SegmentSnapshot& s, const std::map<std::str
         }
         if (first) t.add({r.key, r.kind, "-", "", "", rate_text, std::to_string(r.waiters), state});
     }
-    return out + t.render();
+    out += t.render();
+    // A global rate's lease, as show ends with it (issue 12: held, expiry, last Redis contact).
+    if (const auto leases = feeder_leases(s); !leases.empty()) {
+        out += "\n" + render_feeder_leases(leases);
+    }
+    return out;
 }
 
 // One frame of `watch --json`: show --json's document on one line, each record with its
