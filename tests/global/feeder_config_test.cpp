@@ -89,6 +89,11 @@ TEST_CASE(
         {"kind as a number", "", "[global.api]\nkind = 1\n", "global.api.kind must be a string"},
         {"a misspelt table", "", "[globals.api]\nkind = \"rate\"\n", "globals is not a known key"},
         {"a key under the wrong table", "", "global = 5\n", "feeder.global is not a known key"},
+        // Issue 12's "a `fail_open` option": a boolean, and the same choice as on_redis_down.
+        {"fail_open as a string", "fail_open = \"yes\"\n", kRate,
+         "feeder.fail_open must be true or false"},
+        {"fail_open against on_redis_down", "fail_open = true\non_redis_down = \"closed\"\n", kRate,
+         "feeder.fail_open = true contradicts feeder.on_redis_down = \"closed\""},
     };
     Scratch scratch;
     const int port = lim::test::free_port();  // nothing listens: a bad config never gets there
@@ -135,6 +140,11 @@ TEST_CASE(
          "on_redis_down = \"open\"\n",
          "refresh 250ms, lease_ttl 2s, on_redis_down open"},
         {"the defaults", "", "refresh 100ms, lease_ttl 1s, on_redis_down closed"},
+        // Issue 12 names the choice "a `fail_open` option": the same switch as on_redis_down.
+        {"fail_open = true", "fail_open = true\n", "on_redis_down open"},
+        {"fail_open = false", "fail_open = false\n", "on_redis_down closed"},
+        {"fail_open agreeing with on_redis_down", "fail_open = true\non_redis_down = \"open\"\n",
+         "on_redis_down open"},
         // burst 10 < 1000/s x 100 ms / 2: at most ~2 x 10 / 100 ms = 200 of the 1000 tokens a
         // second (a warning, not an error); at 5 ms the same rate fits (4000/s).
         {"a burst too small for its rate", "", "refresh 100ms",

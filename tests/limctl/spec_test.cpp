@@ -288,3 +288,67 @@ TEST_CASE("set-backoff: the durations docs/limctl.md lists, --clear; exit 1 and 
     CHECK(limctl("set-backoff " + guard.name() + " no_such_window 1s").code == 1);  // error
     CHECK_FALSE(window.should_backoff());
 }
+
+TEST_CASE("set-backoff: a Dispatch's key reaches the BackoffWindow that Dispatch uses") {
+    // SPEC: `limctl set-backoff <segment> <key> <duration>`, where its other commands take any
+    // limiter's key. A Dispatch whose window has another key (.limiter = for_key(seg, "w"),
+    // .key = "api"): backing off "api" is what the operator means.
+    lim::test::SegmentGuard guard(lim::test::unique_name("limctl-dbackoff"));
+    auto seg = lim::Segment::open_or_create(guard.name(), {.max_limiters = 8});
+    auto window = lim::BackoffWindow::for_key(seg, "api_window");
+    auto d = lim::Dispatch::open(seg, {.limiter = window, .key = "api"});
+    const auto r = limctl("set-backoff " + guard.name() + " api 30s");
+    CHECK_MESSAGE(r.code == 0, r.err);
+    CHECK_MESSAGE(r.out.find("'api_window'") != std::string::npos, r.out);
+    CHECK(window.should_backoff());
+    CHECK(d.snapshot().backoff_active);
+    CHECK(limctl("set-backoff " + guard.name() + " api --clear").code == 0);
+    CHECK_FALSE(window.should_backoff());
+    // The window's own key still works, and a key that is neither is still an error.
+    CHECK(limctl("set-backoff " + guard.name() + " api_window 1s").code == 0);
+    CHECK(window.should_backoff());
+    CHECK(limctl("set-backoff " + guard.name() + " nothing 1s").code == 1);
+}
+
+TEST_CASE("every read command's --json carries a global rate's lease, as its text view does") {
+    // Issue 12: "limctl shows, for a global limiter, the lease held, its expiry, the feeder's
+    // last contact with Redis"; SPEC: "Every read command has --json". lim-feeder's status
+    // records (tools/feeder/status.hpp), written here as the feeder writes them, no Redis.
+    lim::test::SegmentGuard guard(lim::test::unique_name("limctl-leasejson"));
+    auto seg = lim::Segment::open_or_create(guard.name(), {.max_limiters = 8});
+    auto rate = lim::Limiter::open(seg, "api",
+                                   {.hopper_to_bucket_rate_per_sec = lim::infinite,
+                                    .bucket_size = 10,
+                                    .initial_bucket_level = 0,
+                                    .initial_hopper_level = 0.0});
+    lim::BackoffWindow::for_key(seg, "feeder.api.lease").set(std::chrono::seconds{30});
+    lim::BackoffWindow::for_key(seg, "feeder.api.contact").set(std::chrono::seconds{3599});
+    // The text view shows it ...
+    for (const std::string cmd : {"show ", "watch -n 1 "}) {
+        CAPTURE(cmd);
+        const auto text = limctl(cmd + guard.name());
+        REQUIRE(text.code == 0);
+        CHECK_MESSAGE(text.out.find("LAST REDIS CONTACT") != std::string::npos, text.out);
+    }
+    // ... and so does every JSON view of the segment.
+    for (const std::string cmd : {"show --json ", "stats --json ", "watch -n 1 --json "}) {
+        CAPTURE(cmd);
+        const auto r = limctl(cmd + guard.name());
+        REQUIRE(r.code == 0);
+        const auto j = nlohmann::json::parse(r.out);
+        bool found = false;
+        for (const auto& rec : j.at("records")) {
+            if (rec.at("key") != "api" || rec.at("kind") != "limiter") continue;
+            REQUIRE(rec.contains("global_lease"));
+            const auto& lease = rec.at("global_lease");
+            CHECK(lease.at("lease_expires_in_seconds").get<double>() > 20);
+            CHECK(lease.at("last_contact_seconds_ago").get<double>() < 60);
+            CHECK(lease.contains("lease_held_tokens"));
+            found = true;
+        }
+        CHECK(found);
+        for (const auto& rec : j.at("records")) {  // nothing else gets one
+            if (rec.at("key") != "api") CHECK_FALSE(rec.contains("global_lease"));
+        }
+    }
+}

@@ -102,8 +102,9 @@ Config load_config(const std::string& path) {
     only_known_keys(root, "", {"feeder", "global"});
     const toml::table* f = root["feeder"].as_table();
     if (f == nullptr) bad(path + ": no [feeder] table");
-    only_known_keys(*f, "feeder",
-                    {"segment", "redis", "host", "refresh", "lease_ttl", "on_redis_down"});
+    only_known_keys(
+        *f, "feeder",
+        {"segment", "redis", "host", "refresh", "lease_ttl", "on_redis_down", "fail_open"});
     const auto segment = string_key(*f, "feeder", "segment", "\"myapp\"");
     if (!segment || segment->empty()) bad("feeder.segment is missing");
     c.segment = *segment;
@@ -122,11 +123,21 @@ Config load_config(const std::string& path) {
     c.refresh = parse_duration(string_key(*f, "feeder", "refresh", "\"100ms\"").value_or("100ms"));
     c.lease_ttl = parse_duration(string_key(*f, "feeder", "lease_ttl", "\"1s\"").value_or("1s"));
     if (c.lease_ttl < 2 * c.refresh) bad("feeder.lease_ttl must be at least twice feeder.refresh");
-    const std::string down =
-        string_key(*f, "feeder", "on_redis_down", "\"closed\"").value_or("closed");
-    if (down != "closed" && down != "open")
+    const auto down = string_key(*f, "feeder", "on_redis_down", "\"closed\"");
+    if (down && *down != "closed" && *down != "open")
         bad("feeder.on_redis_down must be \"closed\" or \"open\"");
     c.fail_open = down == "open";
+    // Issue 12's name for the same choice: `fail_open = true` is on_redis_down = "open". Both
+    // may be given only if they agree.
+    if (const toml::node* n = f->get("fail_open")) {
+        const auto open = n->value_exact<bool>();
+        if (!open) bad("feeder.fail_open must be true or false (or use on_redis_down)");
+        if (down && *open != c.fail_open) {
+            bad(std::string("feeder.fail_open = ") + (*open ? "true" : "false") +
+                " contradicts feeder.on_redis_down = \"" + *down + "\"");
+        }
+        c.fail_open = *open;
+    }
 
     if (root.contains("global") && root["global"].as_table() == nullptr) {
         bad(path + ": global must hold tables, [global.<key>]");

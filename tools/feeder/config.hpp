@@ -29,7 +29,7 @@ struct Config {
     std::string instance;
     std::chrono::microseconds refresh{100'000};
     std::chrono::microseconds lease_ttl{1'000'000};
-    bool fail_open = false;  // on_redis_down = "open"
+    bool fail_open = false;  // on_redis_down = "open", or fail_open = true
     std::vector<GlobalRate> rates;
     std::vector<GlobalBackoff> backoffs;
 };

@@ -3,11 +3,13 @@
 #include <fmt/format.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "../feeder/status.hpp"
 #include "commands.hpp"
 #include "common.hpp"
+#include "inspect/snapshot.hpp"
 #include "lim/backoff_window.hpp"
 #include "lim/error.hpp"
 #include "shm/records.hpp"
@@ -33,19 +35,44 @@ bool is_feeder_status(const lim::detail::SegmentState& state, const std::string&
     return false;
 }
 
-int run_set_backoff(const std::string& segment, const std::string& key, const std::string& duration,
-                    bool clear) {
+// The key of the BackoffWindow that the Dispatch `key` uses, if there is such a Dispatch.
+std::optional<std::string> dispatch_window(const lim::detail::SegmentState& state,
+                                           const std::string& key) {
+    if (!lim::detail::find_record(state, lim::detail::RecordKind::dispatch, key)) {
+        return std::nullopt;
+    }
+    const auto s = lim::detail::snapshot_segment(state, lim::Clock::now());
+    for (const auto& r : s.records) {
+        if (r.kind != "dispatch" || r.key != key) continue;
+        for (const auto& [name, value] : r.config) {
+            if (name == "limiter" &&
+                lim::detail::find_record(state, lim::detail::RecordKind::backoff_window, value)) {
+                return value;
+            }
+        }
+    }
+    return std::nullopt;
+}
+
+int run_set_backoff(const std::string& segment, const std::string& asked,
+                    const std::string& duration, bool clear) {
     if (!clear && duration.empty()) throw UsageError("set-backoff needs a duration (or --clear)");
     const auto d = clear ? std::chrono::nanoseconds{0} : parse_duration(duration);
     lim::Segment seg = open_read_write(segment);
-    // for_key would create a window that nobody uses: an operator's typo must not.
+    std::string key = asked;
+    // for_key would create a window that nobody uses: an operator's typo must not. A Dispatch's
+    // key names the window that Dispatch backs off with (`limiter`), whatever that one's key.
     if (!lim::detail::find_record(*seg.state(), lim::detail::RecordKind::backoff_window, key)) {
-        throw lim::Error(
-            lim::Errc::not_found,
-            fmt::format("segment '{}' has no backoff window '{}' (limctl show {} lists "
-                        "them)",
-                        segment, key, segment));
+        const auto window = dispatch_window(*seg.state(), key);
+        if (!window) {
+            throw lim::Error(lim::Errc::not_found,
+                             fmt::format("segment '{}' has no backoff window or dispatch '{}' "
+                                         "(limctl show {} lists them)",
+                                         segment, key, segment));
+        }
+        key = *window;
     }
+    const std::string via = key == asked ? "" : fmt::format(" (dispatch '{}')", asked);
     if (is_feeder_status(*seg.state(), key)) {
         throw lim::Error(lim::Errc::invalid_argument,
                          fmt::format("'{}' in segment '{}' is lim-feeder's status record, not a "
@@ -56,12 +83,12 @@ int run_set_backoff(const std::string& segment, const std::string& key, const st
     auto window = lim::BackoffWindow::for_key(seg, key);
     if (clear) {
         window.clear();
-        fmt::print("segment {}: backoff '{}' cleared\n", segment, key);
+        fmt::print("segment {}: backoff '{}'{} cleared\n", segment, key, via);
         return kExitOk;
     }
     window.set(d);
     const auto remaining = window.remaining();
-    fmt::print("segment {}: backoff '{}' active for {}{}\n", segment, key,
+    fmt::print("segment {}: backoff '{}'{} active for {}{}\n", segment, key, via,
                format_duration(remaining),
                remaining > d + std::chrono::milliseconds{1}
                    ? " (an existing, later deadline was kept: set never shortens a backoff)"

@@ -108,7 +108,7 @@ int run_show(const std::string& segment, const std::string& key, bool json, bool
     }
     if (json) {
         fmt::print("{}\n",
-                   to_json(s).dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
+                   segment_json(s).dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
         return kExitOk;
     }
     fmt::print("{}", render_overview(s));
@@ -127,7 +127,7 @@ int run_stats(const std::string& segment, const std::string& format) {
         fmt::print("{}", render_feeder_prometheus(segment, feeder_leases(s)));
     } else {
         fmt::print("{}\n",
-                   to_json(s).dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
+                   segment_json(s).dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
     }
     return kExitOk;
 }

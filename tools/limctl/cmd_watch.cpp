@@ -15,6 +15,7 @@
 
 #include "commands.hpp"
 #include "common.hpp"
+#include "feeder_view.hpp"
 #include "inspect/snapshot.hpp"
 #include "render.hpp"
 
@@ -83,14 +84,19 @@ std::string frame(const lim::detail::SegmentSnapshot& s, const std::map<std::str
         }
         if (first) t.add({r.key, r.kind, "-", "", "", rate_text, std::to_string(r.waiters), state});
     }
-    return out + t.render();
+    out += t.render();
+    // A global rate's lease, as show ends with it (issue 12: held, expiry, last Redis contact).
+    if (const auto leases = feeder_leases(s); !leases.empty()) {
+        out += "\n" + render_feeder_leases(leases);
+    }
+    return out;
 }
 
 // One frame of `watch --json`: show --json's document on one line, each record with its
 // admissions per second since the previous frame (absent in the first).
 std::string json_frame(const lim::detail::SegmentSnapshot& s,
                        const std::map<std::string, double>& rates) {
-    nlohmann::json j = to_json(s);
+    nlohmann::json j = segment_json(s);
     auto& records = j["records"];  // in the order of s.records; keys there are escaped
     for (std::size_t i = 0; i < s.records.size() && i < records.size(); ++i) {
         const auto rate = rates.find(s.records[i].kind + "/" + s.records[i].key);

@@ -91,6 +91,22 @@ nlohmann::json feeder_leases_json(const std::vector<FeederLease>& leases) {
     return out;
 }
 
+nlohmann::json segment_json(const lim::detail::SegmentSnapshot& s) {
+    nlohmann::json j = to_json(s);
+    const std::vector<FeederLease> leases = feeder_leases(s);
+    if (leases.empty()) return j;
+    auto& records = j["records"];  // in the order of s.records; keys there are escaped
+    for (std::size_t i = 0; i < s.records.size() && i < records.size(); ++i) {
+        if (s.records[i].kind != "limiter") continue;
+        for (const FeederLease& l : leases) {
+            if (l.key == s.records[i].key) {
+                records[i]["global_lease"] = feeder_leases_json({l}).at(0);
+            }
+        }
+    }
+    return j;
+}
+
 std::string render_feeder_prometheus(const std::string& segment,
                                      const std::vector<FeederLease>& leases) {
     if (leases.empty()) return {};

@@ -27,4 +27,8 @@ nlohmann::json feeder_leases_json(const std::vector<FeederLease>& leases);
 std::string render_feeder_prometheus(const std::string& segment,
                                      const std::vector<FeederLease>& leases);
 
+// A whole segment as JSON (show --json, stats --json, watch --json): to_json(s), with each global
+// rate's lease beside its record under "global_lease", as `show <segment> <key> --json` has it.
+nlohmann::json segment_json(const lim::detail::SegmentSnapshot& s);
+
 }  // namespace limctl
