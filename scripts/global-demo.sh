@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Two "hosts" on this machine share one global rate through Redis: a redis-server, two segments
 # each with its own lim-feeder, two groups of workers; then the bound is checked over all of
-# them (docs/global.md, "Try it").   scripts/global-demo.sh [BUILD_DIR]   (default build/rel)
+# them (docs/global.md, "Try it").   scripts/global-demo.sh [BUILD_DIR]
+# BUILD_DIR defaults to build/rel (docs/global.md's build), else build/release (scripts/demo.sh's).
 set -euo pipefail
-build=${1:-build/rel}
+build=${1:-}
+if [ -z "$build" ]; then
+  build=build/rel
+  [ -x "$build/tools/feeder/lim-feeder" ] || [ ! -d build/release ] || build=build/release
+fi
 feeder=$build/tools/feeder/lim-feeder
 worker=$build/tools/feeder/lim-global-worker
 limctl=$build/tools/limctl/limctl
