@@ -141,13 +141,19 @@ class Sim : public lim::test::RedisTestClient {
         return out;
     }
 
-    // The host spends `units` of what it holds now (before its deadline, or nothing).
-    void spend(Host& h, long long units) {
+    // The host spends `units` of what it holds now, if its local deadline has not passed; false
+    // (nothing spent) if it has: the test's schedule slipped.
+    bool spend_in_time(Host& h, long long units) {
         const std::int64_t now = mono_us();
-        REQUIRE_MESSAGE(now < h.deadline, "the test's schedule slipped past a local deadline");
+        if (now >= h.deadline) return false;
         units = std::min(units, h.held);
         h.held -= units;
         if (units > 0) admissions_.push_back({now, units});
+        return true;
+    }
+    void spend(Host& h, long long units) {
+        REQUIRE_MESSAGE(spend_in_time(h, units),
+                        "the test's schedule slipped past a local deadline");
     }
 
     // The worst window over the admissions: max over i <= j of sum(i..j) - (burst + rate x T),
@@ -207,9 +213,9 @@ enum class Refusal { ttl, host, stale };
 // +1000 ms; at +1050 ms a refused call (X's) deletes it; at +1080 ms A calls again. A token bucket
 // refills from B's spend on: A should find about 10/s x 80 ms; refilled since A's previous call
 // (+150 ms) under the cap of what stood after the deletion, it found 9.3: 19.3 tokens in 0.59 s
-// against a bound of 15.9.
-void refused_deletes(Refusal kind) {
-    if (no_redis_server()) return;
+// against a bound of 15.9. Returns false if the schedule slipped (the process woke too late for
+// one of its steps, as under a loaded ctest run): the caller runs the scenario again.
+bool refused_deletes_once(Refusal kind) {
     PlainRedis redis;
     constexpr long long kTtl = 500'000;
     const long long burst = 10 * kUnits;
@@ -227,26 +233,28 @@ void refused_deletes(Refusal kind) {
     CHECK(ra.v[1] == 0);
     const std::int64_t a_first = a.asked;
     sleep_until_us(t0 + 490'000);
-    s.spend(b, burst);  // just before b's deadline, t0 + 500 ms
+    if (!s.spend_in_time(b, burst)) return false;  // just before b's deadline, t0 + 500 ms
     // Refused calls every 100 ms from +250 ms (each advances p, so that p follows real time with
     // no accepted call: a gap longer than grace would count as grace); the one at +1050 ms finds
     // B's entry expired (t0 + 1 s of p) and A's live (a_first + 1 s).
+    // Each call's answer is checked once the schedule is known to have held: a process woken
+    // too late can find the state expired, and its call is then no refusal.
+    std::vector<std::string> answers;
+    const char* expected = kind == Refusal::ttl    ? "LIMTTL"
+                           : kind == Refusal::host ? "LIMHOST"
+                                                   : "LIMSTALE";
     for (std::int64_t at = 250'000; at <= 1'050'000; at += 100'000) {
         sleep_until_us(t0 + at);
-        Reply rx;
         switch (kind) {
             case Refusal::ttl:
-                rx = s.call(x, burst);
-                CHECK(rx.error.rfind("LIMTTL", 0) == 0);
+                answers.push_back(s.call(x, burst).error);
                 break;
             case Refusal::host:
-                rx = s.call(a2, burst);
-                CHECK(rx.error.rfind("LIMHOST", 0) == 0);
+                answers.push_back(s.call(a2, burst).error);
                 break;
             case Refusal::stale:
                 // A's call that its feeder gave up on (asked before its accepted one), run late.
-                rx = s.call(a, burst, 0, a_first - 1);
-                CHECK(rx.error.rfind("LIMSTALE", 0) == 0);
+                answers.push_back(s.call(a, burst, 0, a_first - 1).error);
                 break;
         }
     }
@@ -257,18 +265,34 @@ void refused_deletes(Refusal kind) {
             const std::string e = s.hget("lim:global2:{k}:leases", host).value_or("0:0");
             return std::stoll(e.substr(e.find(':') + 1));
         };
-        REQUIRE_MESSAGE(expiry("b") <= p, "B's entry had not expired: the schedule slipped");
-        REQUIRE_MESSAGE(expiry("a") > p, "A's entry had expired: the schedule slipped");
+        // (B's entry not expired, or A's expired: the schedule slipped.)
+        if (expiry("b") > p || expiry("a") <= p) return false;
+    }
+    for (const std::string& answer : answers) {
+        INFO("a call that should have been refused with " << expected << " answered '" << answer
+                                                          << "'");
+        CHECK(answer.rfind(expected, 0) == 0);
     }
     sleep_until_us(t0 + 1'080'000);
     const Reply ra2 = s.call(a, burst);
     REQUIRE(ra2.v.size() == 3);
-    s.spend(a, a.held);
+    if (!s.spend_in_time(a, a.held)) return false;
     const double excess = s.worst_excess();
     MESSAGE("C1: A granted " << static_cast<double>(ra2.v[1]) / kUnits
                              << " tokens after the refused call; worst window " << excess
                              << " tokens against burst + rate x T");
     CHECK(excess <= 0.01);
+    return true;
+}
+
+void refused_deletes(Refusal kind) {
+    if (no_redis_server()) return;
+    constexpr int kTries = 4;
+    for (int i = 1; i <= kTries; ++i) {
+        if (refused_deletes_once(kind)) return;
+        MESSAGE("C1: the schedule slipped (try " << i << " of " << kTries << ")");
+    }
+    FAIL("C1: the schedule slipped in every try: the machine is too loaded for this case");
 }
 
 }  // namespace
