@@ -34,6 +34,7 @@
 #include "shm/ledger.hpp"
 #include "shm/process_table.hpp"
 #include "shm/records.hpp"
+#include "support/crash_segment.hpp"
 #include "support/process.hpp"
 
 using namespace lim;
@@ -45,13 +46,6 @@ using lim::test::make_flag;
 namespace {
 
 using lim::test::kill_and_wait;
-
-Segment make_segment(const lim::test::SegmentGuard& guard) {
-    return Segment::open_or_create(guard.name(), {.max_limiters = 8,
-                                                  .max_processes = 32,
-                                                  .reap_after = 0s,  // no reaps but ours
-                                                  .reap_on_attach = false});
-}
 
 // Forks a child whose pid is `want` (the kernel hands out ns_last_pid + 1 next, unless another
 // fork on the machine takes it first: then try again). The child waits for `go`, then runs
@@ -99,7 +93,7 @@ std::uint32_t slots_of(const detail::SegmentState& s, pid_t pid, bool dead) {
 TEST_CASE(
     "a dead process's slot and a live process reusing its pid: reaped apart, counted exactly") {
     lim::test::SegmentGuard guard(lim::test::unique_name("fork-pid"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::own_reaps_segment(guard);
     auto sem = Semaphore::open(seg, "db", {.capacity = 4});
     const detail::SegmentState& s = *seg.state();
 
@@ -169,7 +163,7 @@ TEST_CASE("a reaper SIGKILLed after its freeze or after its recount's store: cou
     for (const bool after_store : {false, true}) {
         CAPTURE(after_store);
         lim::test::SegmentGuard guard(lim::test::unique_name("fork-killed-reaper"));
-        auto seg = make_segment(guard);
+        auto seg = lim::test::own_reaps_segment(guard);
         auto sem = Semaphore::open(seg, "db", {.capacity = 5});
         detail::SegmentState& state = *seg.state();
         const std::uint32_t record =
@@ -244,7 +238,7 @@ TEST_CASE("a reaper SIGKILLed after its freeze or after its recount's store: cou
 // the parent's slots and units alone.
 TEST_CASE("a child forked while another thread reaps: it shares no lock or slot of the parent's") {
     lim::test::SegmentGuard guard(lim::test::unique_name("fork-in-reap"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::own_reaps_segment(guard);
     auto sem = Semaphore::open(seg, "db", {.capacity = 6});
     detail::SegmentState& state = *seg.state();
     const std::uint32_t record = *detail::find_record(state, detail::RecordKind::semaphore, "db");

@@ -33,21 +33,16 @@
 #include "shm/ledger.hpp"
 #include "shm/process_table.hpp"
 #include "shm/records.hpp"
+#include "support/crash_segment.hpp"
 #include "support/process.hpp"
 
 using namespace lim;
 using namespace std::chrono_literals;
 using lim::test::Flag;
+using lim::test::ledger_sum;
 using lim::test::make_flag;
 
 namespace {
-
-Segment make_segment(const lim::test::SegmentGuard& guard) {
-    return Segment::open_or_create(guard.name(), {.max_limiters = 8,
-                                                  .max_processes = 32,
-                                                  .reap_after = 0s,  // no reaps but ours
-                                                  .reap_on_attach = false});
-}
 
 // Whether the slot of process `pid` in this segment has an operation announced.
 bool announced(const Segment& seg, pid_t pid) {
@@ -153,7 +148,7 @@ int refused_or_released(F release) {
 
 TEST_CASE("a release waiting aside across a forced reset gives back nobody else's units") {
     lim::test::SegmentGuard guard(lim::test::unique_name("ra"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::own_reaps_segment(guard);
 
     // Units acquired by this thread, or by another thread of the process (the release then
     // passes on the process-wide sum, not the thread's own entry).
@@ -296,7 +291,7 @@ TEST_CASE(
     "a Dispatch permit whose slot a forced reset forgot while it waited for bytes gives its "
     "bytes back") {
     lim::test::SegmentGuard guard(lim::test::unique_name("ra-bytes"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::own_reaps_segment(guard);
     auto d = Dispatch::open(seg, {.limiter = BackoffWindow::for_key(seg, "api"),
                                   .key = "api",
                                   .concurrency = 2,
@@ -357,16 +352,6 @@ const detail::SlotHeader* slot_of(const Segment& seg, pid_t pid) {
             return &state.slot(i);
     }
     return nullptr;
-}
-
-// What the live slots' ledgers show for `record`'s `layer`.
-std::int64_t ledger_sum(const detail::SegmentState& state, std::uint32_t record, int layer) {
-    std::int64_t sum = 0;
-    for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
-        if (!detail::slot_is_occupied(state.slot(i).owner.load())) continue;
-        sum += detail::holding(state.ledger(i, record), layer);
-    }
-    return sum;
 }
 
 // Takes a permit and releases it: the calling thread's slot is then in its cache.

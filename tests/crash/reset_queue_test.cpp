@@ -45,36 +45,21 @@
 #include "shm/ledger.hpp"
 #include "shm/process_table.hpp"
 #include "shm/records.hpp"
+#include "support/crash_segment.hpp"
 #include "support/process.hpp"
 
 using namespace lim;
 using namespace std::chrono_literals;
 using lim::test::Flag;
+using lim::test::ledger_sum;
 using lim::test::make_flag;
 
 namespace {
-
-Segment make_segment(const lim::test::SegmentGuard& guard) {
-    return Segment::open_or_create(guard.name(), {.max_limiters = 8,
-                                                  .max_processes = 32,
-                                                  .reap_after = 0s,  // no reaps but ours
-                                                  .reap_on_attach = false});
-}
 
 // Called first in every child: a child left waiting by a failed check dies with this process
 // instead of outliving the run.
 void die_with_parent() {
     ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-}
-
-// What the live slots' ledgers show for `record`'s `layer`.
-std::int64_t ledger_sum(const detail::SegmentState& state, std::uint32_t record, int layer) {
-    std::int64_t sum = 0;
-    for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
-        if (!detail::slot_is_occupied(state.slot(i).owner.load())) continue;
-        sum += detail::holding(state.ledger(i, record), layer);
-    }
-    return sum;
 }
 
 // The resetting child's hook: it stops itself once, at step `stop_step` (0: just before its first
@@ -264,7 +249,7 @@ constexpr Case kCases[] = {
 
 TEST_CASE("a weighted semaphore's reset refused after a holder thawed its word keeps its queue") {
     lim::test::SegmentGuard guard(lim::test::unique_name("rq-ws"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::own_reaps_segment(guard);
     auto ws = WeightedSemaphore::open(seg, "bytes", {.capacity = 10});
     detail::SegmentState& state = *seg.state();
     const auto record =
@@ -312,7 +297,7 @@ namespace {
 // word, reset after its concurrency word: a refusal there restores only the byte layer's ledgers).
 void dispatch_cases(const char* stem, std::uint64_t budget, bool packed) {
     lim::test::SegmentGuard guard(lim::test::unique_name(stem));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::own_reaps_segment(guard);
     auto d = Dispatch::open(seg, {.limiter = BackoffWindow::for_key(seg, "api"),
                                   .key = "api",
                                   .concurrency = 4,

@@ -42,6 +42,7 @@
 #include "shm/ledger.hpp"
 #include "shm/process_table.hpp"
 #include "shm/records.hpp"
+#include "support/crash_segment.hpp"
 #include "support/process.hpp"
 
 using namespace lim;
@@ -49,16 +50,10 @@ using namespace std::chrono_literals;
 using lim::test::child_holding;
 using lim::test::Flag;
 using lim::test::kill_and_wait;
+using lim::test::ledger_sum;
 using lim::test::make_flag;
 
 namespace {
-
-Segment make_segment(const lim::test::SegmentGuard& guard) {
-    return Segment::open_or_create(guard.name(), {.max_limiters = 8,
-                                                  .max_processes = 32,
-                                                  .reap_after = 0s,  // no reaps but ours
-                                                  .reap_on_attach = false});
-}
 
 std::atomic<std::uint64_t>& semaphore_word(const Segment& seg, std::uint32_t record) {
     return reinterpret_cast<detail::SemaphoreBody*>(seg.state()->record(record).body)->word;
@@ -82,7 +77,7 @@ std::uint64_t take_all(Semaphore& sem) {
 // nothing changed), as a reap defers it.
 TEST_CASE("a forced reset never resets under a live holder between its CAS and its ledger store") {
     lim::test::SegmentGuard guard(lim::test::unique_name("rr-midop"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::own_reaps_segment(guard);
     auto sem = Semaphore::open(seg, "db", {.capacity = 3});
     const auto record = *detail::find_record(*seg.state(), detail::RecordKind::semaphore, "db");
     auto& word = semaphore_word(seg, record);
@@ -146,7 +141,7 @@ TEST_CASE("a forced reset never resets under a live holder between its CAS and i
 // 1b. Once the holder has recorded, the forced reset that was refused succeeds and forgets it.
 TEST_CASE("a forced reset refused under a stopped holder succeeds once it is continued") {
     lim::test::SegmentGuard guard(lim::test::unique_name("rr-cont"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::own_reaps_segment(guard);
     auto sem = Semaphore::open(seg, "db", {.capacity = 3});
     auto other = Semaphore::open(seg, "other", {.capacity = 3});
     const auto record = *detail::find_record(*seg.state(), detail::RecordKind::semaphore, "db");
@@ -207,7 +202,7 @@ void forced_reset_then_give(Segment& seg, Take take, Give give, Fill fill, InUse
 // 2. What a forced reset forgot, given back by the live process that held it.
 TEST_CASE("a live holder's release of units a forced reset forgot gives back nobody else's") {
     lim::test::SegmentGuard guard(lim::test::unique_name("rr-forgot"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::own_reaps_segment(guard);
 
     SUBCASE("SemaphoreGuard") {
         auto sem = Semaphore::open(seg, "db", {.capacity = 3});
@@ -300,7 +295,7 @@ TEST_CASE("a live holder's release of units a forced reset forgot gives back nob
 // dropped) and go on, nothing changed. (Killed at random moments, the clearing included: 3b.)
 TEST_CASE("a resetter killed in its frozen wait leaves the record as it was") {
     lim::test::SegmentGuard guard(lim::test::unique_name("rr-killed"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::own_reaps_segment(guard);
     auto sem = Semaphore::open(seg, "db", {.capacity = 3});
     detail::SegmentState& state = *seg.state();
     const auto record = *detail::find_record(state, detail::RecordKind::semaphore, "db");
@@ -342,7 +337,7 @@ TEST_CASE("a resetter killed in its frozen wait leaves the record as it was") {
 // admitted, and the counts are exact: the waiter's units only.
 TEST_CASE("waiters blocked across a forced reset are admitted and counted exactly") {
     lim::test::SegmentGuard guard(lim::test::unique_name("rr-waiters"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::own_reaps_segment(guard);
     auto sem = Semaphore::open(seg, "db", {.capacity = 3});
     auto ws = WeightedSemaphore::open(seg, "mem", {.capacity = 100});
     sem.acquire(3);
@@ -389,7 +384,7 @@ TEST_CASE("waiters blocked across a forced reset are admitted and counted exactl
 // and quiescent: busy, nothing forgotten.
 TEST_CASE("an unforced reset never forgets a process that attached after its check") {
     lim::test::SegmentGuard guard(lim::test::unique_name("rr-late"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::own_reaps_segment(guard);
     auto sem = Semaphore::open(seg, "db", {.capacity = 3});
     detail::SegmentState& state = *seg.state();
     Flag* locked = make_flag();
@@ -427,20 +422,7 @@ TEST_CASE("an unforced reset never forgets a process that attached after its che
     CHECK(sem.in_use() == 0);
 }
 
-namespace {
-
-// The sum over occupied slots of their ledger entries for `record` (layer 0): what the live
-// processes hold once the dead have been reaped.
-std::int64_t ledger_sum(const detail::SegmentState& state, std::uint32_t record) {
-    std::int64_t sum = 0;
-    for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
-        if (!detail::slot_is_occupied(state.slot(i).owner.load())) continue;
-        sum += detail::holding(state.ledger(i, record), 0);
-    }
-    return sum;
-}
-
-}  // namespace
+namespace {}  // namespace
 
 // 3b. The real reset, SIGKILLed at random moments (a table of 16,384 slots makes its ledger
 // clearing a wide window). Whatever the moment, once the next reap has run the word counts what
@@ -514,7 +496,7 @@ TEST_CASE("a resetter SIGKILLed at any moment leaves counts the next reap makes 
 // initial bucket can admit it) and a Dispatch waiter (its one concurrency slot held).
 TEST_CASE("limiter and dispatch waiters blocked across a forced reset are admitted exactly") {
     lim::test::SegmentGuard guard(lim::test::unique_name("rr-waiters2"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::own_reaps_segment(guard);
     auto l = Limiter::open(seg, "lim",
                            LimiterConfig{.hopper_to_bucket_rate_per_sec = 1.0,
                                          .bucket_size = 10,

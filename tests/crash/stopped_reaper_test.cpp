@@ -34,6 +34,7 @@
 #include "shm/ledger.hpp"
 #include "shm/process_table.hpp"
 #include "shm/records.hpp"
+#include "support/crash_segment.hpp"
 #include "support/process.hpp"
 
 using namespace lim;
@@ -46,13 +47,6 @@ namespace {
 using lim::test::child_holding;
 
 using lim::test::kill_and_wait;
-
-Segment make_segment(const lim::test::SegmentGuard& guard) {
-    return Segment::open_or_create(guard.name(), {.max_limiters = 8,
-                                                  .max_processes = 32,
-                                                  .reap_after = 0s,  // no reaps but ours
-                                                  .reap_on_attach = false});
-}
 
 // One family, through its public face.
 struct Family {
@@ -163,7 +157,7 @@ void check_stopped_reaper(Segment& seg, detail::RecordKind kind, std::string_vie
 
 TEST_CASE("a stopped reaper blocks no Semaphore::try_acquire, then defers its recount") {
     lim::test::SegmentGuard guard(lim::test::unique_name("stopped-sem"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::own_reaps_segment(guard);
     auto sem = Semaphore::open(seg, "db", {.capacity = 4});
     check_stopped_reaper(seg, detail::RecordKind::semaphore, "db",
                          {.dead_take = [&] { sem.acquire(2); },
@@ -176,7 +170,7 @@ TEST_CASE("a stopped reaper blocks no Semaphore::try_acquire, then defers its re
 
 TEST_CASE("a stopped reaper blocks no WeightedSemaphore::try_acquire, then defers its recount") {
     lim::test::SegmentGuard guard(lim::test::unique_name("stopped-wsem"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::own_reaps_segment(guard);
     auto ws = WeightedSemaphore::open(seg, "mem", {.capacity = 100});
     check_stopped_reaper(seg, detail::RecordKind::weighted_semaphore, "mem",
                          {.dead_take = [&] { ws.acquire(30); },
@@ -197,7 +191,7 @@ TEST_CASE("a stopped reaper blocks no Dispatch::try_acquire, then defers its rec
         concurrency = 40'000;
     }
     lim::test::SegmentGuard guard(lim::test::unique_name("stopped-dispatch"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::own_reaps_segment(guard);
     auto d = Dispatch::open(seg, {.limiter = BackoffWindow::for_key(seg, "api"),
                                   .key = "api",
                                   .concurrency = concurrency,
@@ -223,7 +217,7 @@ TEST_CASE("a stopped reaper blocks no Dispatch::try_acquire, then defers its rec
 
 TEST_CASE("a stopped reaper blocks no Throttle::try_start_job, then defers its recount") {
     lim::test::SegmentGuard guard(lim::test::unique_name("stopped-throttle"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::own_reaps_segment(guard);
     auto th = Throttle::open(seg, "th", {.max_concurrent_jobs = 4});
     check_stopped_reaper(
         seg, detail::RecordKind::limiter, "th",
@@ -237,7 +231,7 @@ TEST_CASE("a stopped reaper blocks no Throttle::try_start_job, then defers its r
 
 TEST_CASE("a stopped reaper blocks no Limiter::try_take, then defers its recount") {
     lim::test::SegmentGuard guard(lim::test::unique_name("stopped-limiter"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::own_reaps_segment(guard);
     auto l = Limiter::open(seg, "lim",
                            {.hopper_to_bucket_rate_per_sec = infinite,
                             .bucket_size = 10,
@@ -254,7 +248,7 @@ TEST_CASE("a stopped reaper blocks no Limiter::try_take, then defers its recount
 
 TEST_CASE("a stopped reaper blocks no consumed Limiter's try_take, then defers its recount") {
     lim::test::SegmentGuard guard(lim::test::unique_name("stopped-consumed"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::own_reaps_segment(guard);
     Limiter l = open_consumed_limiter(seg, "global",
                                       {.hopper_to_bucket_rate_per_sec = infinite,
                                        .bucket_size = 10,
@@ -284,7 +278,7 @@ TEST_CASE("a stopped reaper blocks no consumed Limiter's try_take, then defers i
 namespace {
 bool stopped_reset_once() {
     lim::test::SegmentGuard guard(lim::test::unique_name("stopped-reset"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::own_reaps_segment(guard);
     auto sem = Semaphore::open(seg, "db", {.capacity = 4});
     detail::SegmentState& state = *seg.state();
     const auto record = *detail::find_record(state, detail::RecordKind::semaphore, "db");
@@ -405,7 +399,7 @@ TEST_CASE("a forced reset stopped while a record is frozen blocks no try_acquire
 // word thawed and abandons the rest; the next reap gives back the dead's units exactly.
 TEST_CASE("a stopped reaper's queue steps are safe under a holder's thaw (WeightedSemaphore)") {
     lim::test::SegmentGuard guard(lim::test::unique_name("stopped-queue"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::own_reaps_segment(guard);
     auto ws = WeightedSemaphore::open(seg, "mem", {.capacity = 100});
     detail::SegmentState& state = *seg.state();
     const auto record = *detail::find_record(state, detail::RecordKind::weighted_semaphore, "mem");
@@ -467,7 +461,7 @@ TEST_CASE("a stopped reaper's queue steps are safe under a holder's thaw (Weight
 // count is decremented twice (later wrapping into kFrozen). The reaper must leave it alone.
 TEST_CASE("a continued reaper cancels no live ticket taken after a holder's thaw") {
     lim::test::SegmentGuard guard(lim::test::unique_name("stopped-live-ticket"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::own_reaps_segment(guard);
     auto ws = WeightedSemaphore::open(seg, "mem", {.capacity = 100});
     detail::SegmentState& state = *seg.state();
     const auto record = *detail::find_record(state, detail::RecordKind::weighted_semaphore, "mem");
@@ -524,7 +518,7 @@ TEST_CASE("a continued reaper cancels no live ticket taken after a holder's thaw
 // until another reap. With the word thawed it must leave the head alone.
 TEST_CASE("a continued reaper moves no head it read past the tail after a holder's thaw") {
     lim::test::SegmentGuard guard(lim::test::unique_name("stopped-head"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::own_reaps_segment(guard);
     auto ws = WeightedSemaphore::open(seg, "mem", {.capacity = 100});
     detail::SegmentState& state = *seg.state();
     const auto record = *detail::find_record(state, detail::RecordKind::weighted_semaphore, "mem");
@@ -560,7 +554,7 @@ TEST_CASE("a continued reaper moves no head it read past the tail after a holder
 // both dead processes' units exactly, once.
 TEST_CASE("a holder that broke a stopped reaper's freeze dies holding: the next reap returns all") {
     lim::test::SegmentGuard guard(lim::test::unique_name("stopped-breaker-dies"));
-    auto seg = make_segment(guard);
+    auto seg = lim::test::own_reaps_segment(guard);
     auto sem = Semaphore::open(seg, "db", {.capacity = 10});
     detail::SegmentState& state = *seg.state();
     const auto record = *detail::find_record(state, detail::RecordKind::semaphore, "db");
