@@ -457,25 +457,12 @@ TEST_CASE(
             return 0;
         });
         ready->wait();
-        // A live slot mid-operation on the record (announced), on `announce_go`: the reset's retry
+        // A live slot mid-operation on the record (announced), on announce(): the reset's retry
         // then refuses the record. Its slot (and the resetter's) taken before anything is frozen.
-        Flag* warmed = make_flag();
-        Flag* announce_go = make_flag();
-        Flag* announced_flag = make_flag();
-        Flag* close_go = make_flag();
-        const pid_t staged = lim::test::fork_child([&] {
+        lim::test::AnnouncingChild staged(state, record, [&] {
             sem.acquire(1);  // the thread's slot in its cache
             sem.release(1);
-            warmed->set();
-            announce_go->wait();
-            detail::QuickHold hold;
-            if (!hold.open(state, record)) return 20;
-            announced_flag->set();
-            close_go->wait();
-            hold.close();
-            return 0;
         });
-        warmed->wait();
         Resetter r = fork_resetter(seg, "db", [&] {
             sem.acquire(1);
             sem.release(1);
@@ -498,8 +485,7 @@ TEST_CASE(
             MESSAGE("missed: stopped " << r.stopped << ", entry " << detail::holding(entry, 0));
         if (hit) {
             ++hits;
-            announce_go->set();
-            announced_flag->wait();
+            staged.announce();
             // The releaser, continued, breaks the freeze (frozen past kFrozenBreakTimeout) and
             // finds its entry cleared under a word that still counts its units.
             ::kill(releaser, SIGCONT);
@@ -507,8 +493,7 @@ TEST_CASE(
             std::this_thread::sleep_for(100ms);  // before: its release refused by now
             ::kill(r.pid, SIGCONT);
             CHECK(lim::test::wait_child(r.pid) == 1);  // refused: the staged slot is announced
-            close_go->set();
-            CHECK(lim::test::wait_child(staged) == 0);
+            CHECK(staged.finish() == 0);
             REQUIRE(lim::test::eventually([&] { return result->load() != -1; }));
             CHECK(result->load() == kReleased);  // before: kRefused (over_release)
             CHECK(sem.in_use() == 0);            // before: 5, withheld
@@ -517,9 +502,7 @@ TEST_CASE(
             if (r.stopped) ::kill(r.pid, SIGCONT);
             ::kill(releaser, SIGCONT);
             lim::test::wait_child(r.pid);
-            announce_go->set();
-            close_go->set();
-            lim::test::wait_child(staged);
+            staged.finish();
             REQUIRE(lim::test::eventually([&] { return result->load() != -1; }));
         }
         exit_go->set();
@@ -572,26 +555,12 @@ TEST_CASE("a reset refused after it reset some of a Dispatch's words restores on
             return 0;
         });
         ready->wait();
-        Flag* warmed = make_flag();
-        Flag* announce_go = make_flag();
-        Flag* announced_flag = make_flag();
-        Flag* close_go = make_flag();
-        const pid_t staged = lim::test::fork_child([&] {
-            warm_up(d);  // the thread's slot in its cache
-            warmed->set();
-            announce_go->wait();
-            detail::QuickHold hold;
-            if (!hold.open(state, record)) return 20;
-            announced_flag->set();
-            close_go->wait();
-            hold.close();
-            return 0;
-        });
+        lim::test::AnnouncingChild staged(state, record,
+                                          [&] { warm_up(d); });  // the thread's slot in its cache
         const auto all_frozen = [&] {
             return detail::is_frozen(body.concurrency.load()) &&
                    detail::is_frozen(body.bytes.word.load());
         };
-        warmed->wait();
         Resetter r = fork_resetter(seg, "api", [&] { warm_up(d); });
         stop_in_clearing(r, seg, record, all_frozen, [] { return true; });
         std::vector<Permit> mine;
@@ -604,12 +573,10 @@ TEST_CASE("a reset refused after it reset some of a Dispatch's words restores on
             }
             CHECK_FALSE(detail::is_frozen(body.bytes.word.load()));
             CHECK(detail::is_frozen(body.concurrency.load()));
-            announce_go->set();
-            announced_flag->wait();
+            staged.announce();
             ::kill(r.pid, SIGCONT);
             CHECK(lim::test::wait_child(r.pid) == 1);  // refused: the staged slot is announced
-            close_go->set();
-            CHECK(lim::test::wait_child(staged) == 0);
+            CHECK(staged.finish() == 0);
             // The concurrency word was reset: this process takes both slots.
             while (auto p = d.try_acquire(0))
                 mine.push_back(std::move(*p));
@@ -626,9 +593,7 @@ TEST_CASE("a reset refused after it reset some of a Dispatch's words restores on
             CHECK(d.snapshot().bytes_in_flight == 0);  // the holder's bytes given back
         } else {
             lim::test::wait_child(r.pid);
-            announce_go->set();
-            close_go->set();
-            lim::test::wait_child(staged);
+            staged.finish();
             release_go->set();
             released->wait();
         }

@@ -134,24 +134,11 @@ struct Staging {
 
     void run(int step, Outcome outcome) {
         detail::SegmentState& state = *seg.state();
-        // A live slot mid-operation on the record, on `announce_go`: the reset's retry refuses.
-        Flag* warmed = make_flag();
-        Flag* announce_go = make_flag();
-        Flag* announced = make_flag();
-        Flag* close_go = make_flag();
-        const pid_t staged = lim::test::fork_child([&] {
+        // A live slot mid-operation on the record, on announce(): the reset's retry refuses.
+        lim::test::AnnouncingChild staged(state, record, [&] {
             die_with_parent();
             warm();
-            warmed->set();
-            announce_go->wait();
-            detail::QuickHold hold;
-            if (!hold.open(state, record)) return 20;
-            announced->set();
-            close_go->wait();
-            hold.close();
-            return 0;
         });
-        warmed->wait();
         Flag* held = make_flag();
         Flag* give_go = make_flag();
         const pid_t holder = lim::test::fork_child([&] {
@@ -190,10 +177,7 @@ struct Staging {
             hold.wait_while_frozen(word, state);
         }
         CHECK_FALSE(detail::is_frozen(word.load()));
-        if (outcome == Outcome::refused) {
-            announce_go->set();
-            announced->wait();
-        }
+        if (outcome == Outcome::refused) staged.announce();
         if (outcome != Outcome::killed) {
             ::kill(resetter, SIGCONT);
             CHECK(lim::test::wait_child(resetter) == (outcome == Outcome::refused ? 1 : 0));
@@ -221,9 +205,7 @@ struct Staging {
             give_go->set();
             CHECK(lim::test::wait_child(holder) == 0);
         }
-        announce_go->set();
-        close_go->set();
-        CHECK(lim::test::wait_child(staged) == 0);
+        CHECK(staged.finish() == 0);
         REQUIRE(lim::test::eventually([&] { return admitted->value.load() == 1; }));
         CHECK(lim::test::wait_child(waiter) == 0);
         // Nobody waits now: nobody is counted as queued, and a free unit is taken at once.
