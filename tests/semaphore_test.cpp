@@ -230,10 +230,22 @@ TEST_CASE("a recount counts a registered sleeper exactly once, and it leaves at 
         got = true;
     });
     REQUIRE(lim::test::eventually([&] { return sem.waiters() == 1; }));
-    // A reap-style recount while it sleeps keeps it counted once.
+    // A reap-style recount while it sleeps keeps it counted once. As a reaper does: hold the
+    // recovery lock, freeze, and wait until no slot is in the middle of an operation on the
+    // record before counting. The word shows the sleeper as soon as its registering CAS lands,
+    // a moment before its slot names the registration (both under one Hold): a recount that did
+    // not wait would miss it, and its deregistering CAS would then underflow the count.
+    auto recovery = detail::FileLock::try_lock_fresh(in.state.fd(), detail::LockByte::recovery);
+    REQUIRE(recovery.has_value());
     detail::kSemaphoreOps.freeze(in.state, in.record);
+    REQUIRE(lim::test::eventually([&] {
+        for (std::uint32_t i = 0; i < in.state.geometry().max_processes; ++i)
+            if (in.state.slot(i).pending.load() == in.record + 1) return false;
+        return true;
+    }));
     detail::recount_semaphore_word(in.state, in.record, 0, in.core.word, 1);
     detail::kSemaphoreOps.thaw(in.state, in.record);
+    recovery.reset();
     CHECK(sem.waiters() == 1);
     sem.release();
     sleeper.join();
