@@ -66,7 +66,13 @@ TEST_CASE(
             outcome = 1;
         }
     });
-    REQUIRE(eventually([&] { return ws.waiters() == 1; }));
+    // The first request is queued once its check has run (checks run only from the wait's
+    // pause, after the ticket is drawn), not once the queued count reads 1: joining counts the
+    // request in the word before it draws its ticket from the tail (docs/design.md, "The FIFO
+    // queue"). A second request started in between drew the earlier ticket and was the head,
+    // and the stopped first stayed counted, cancelled behind it, until that head's admission.
+    REQUIRE(eventually([&] { return probe.calls.load() >= 1; }));
+    REQUIRE(ws.waiters() == 1);
     std::atomic<bool> second_in{false};
     std::thread second([&] {
         if (ws.acquire_until(1, Clock::now() + 60s)) second_in = true;
@@ -87,6 +93,9 @@ TEST_CASE(
     CHECK(ws.in_use() == 1);
     ws.release(1);
     CHECK(ws.waiters() == 0);
+    // Nothing the stopped request left behind still counts as queued: free units go at once.
+    CHECK(ws.try_acquire(10));
+    ws.release(10);
 }
 
 TEST_CASE("installs nest: the innermost check is consulted, the outer one comes back") {
