@@ -21,10 +21,12 @@
 #include <random>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "lim/segment.hpp"
 #include "lim/token_bucket.hpp"
+#include "limiter/generation_checkpoint.hpp"
 #include "limiter/limiter_state.hpp"
 #include "shm/segment_state.hpp"
 #include "support/admissions.hpp"
@@ -288,16 +290,14 @@ bool land(detail::LimiterBody& body, StaleTake st) {
 
 }  // namespace
 
-// The 16-bit generation's limit, shown with this file's 100 ms windows (many_reanchors.hpp):
-// the library keeps re-anchors at least 6 minutes apart (kShortDripMaxRate), so that the same
-// wrap needs a stop of 273 days, no nearer than the rebases every record already makes
-// (docs/design.md, "TokenBucket's take", generation wrap). should_fail keeps the suite green
-// while it fails; a wider generation would make it pass, and doctest then reports it, so that
-// the decorator is removed.
+// The 16-bit generation's limit, with this file's 100 ms windows (many_reanchors.hpp): 65,536
+// re-anchors bring S back to the word a stopped taker loaded (docs/design.md, "Generation
+// checkpoints"). Until layout 5 this case was marked should_fail: the CAS landed and admitted
+// half a bucket beyond burst + rate x T. The taker now announces its attempt, as the library's
+// take does, and the re-anchor to the checkpoint generation is refused while it is stopped.
 TEST_CASE(
-    "review: 65,536 re-anchors bring S back; a taker stopped between its load and its CAS "
-    "for that long then admits beyond burst + rate x T" *
-    doctest::should_fail()) {
+    "review: 65,536 re-anchors would bring S back; a taker stopped between its load and its "
+    "CAS holds the generation at a checkpoint, and nothing beyond burst + rate x T is admitted") {
     // 10^7 tokens/s (R = 10^11 units/s, exact_anchor's step 1 ns): a re-anchor is due every
     // W = ceil(2^64 / R) ns = 184.5 ms, so 65,536 of them (the 16-bit generation's wrap) take
     // 3.4 hours of time; before the short drip's re-anchors the only re-anchor at this rate was
@@ -316,36 +316,68 @@ TEST_CASE(
         seg, "tb",
         {.burst_size = burst, .sustained_rate_per_sec = 1e7, .initial_bucket_level = burst}, t0);
     detail::LimiterBody& body = body_of(seg, "tb");
+    const std::uint32_t record = lim::test::record_of(seg, "tb");
     const std::int64_t start = to_nanos(t0);
     std::int64_t admitted = 0;
     REQUIRE(tb.try_take(t0, burst) == TryTake::taken);
     admitted += kC;
     REQUIRE(detail::BucketWord::x(body.bucket.load()) == 0);
 
-    // A taker (any process) loads S half a window later: the bucket holds half of C; it decides
-    // to take that half and is stopped (SIGSTOP, a debugger, a suspended job) before its CAS.
+    // A taker (another thread here) announces its attempt in its slot and loads S half a window
+    // later: the bucket holds half of C; it decides to take that half and is stopped (SIGSTOP, a
+    // debugger, a suspended job) before its CAS.
     const std::int64_t half = kW / 2 * (kR / 1'000'000'000);  // D(start + W/2)
-    const StaleTake stale = load_and_decide(body, start + kW / 2, half);
+    std::atomic<int> phase{0};
+    StaleTake stale;
+    bool landed = false;
+    std::thread taker([&] {
+        detail::SlotHeader& slot = *detail::holder(*seg.state()).slot;
+        slot.pending.store(record + 1);
+        stale = load_and_decide(body, start + kW / 2, half);
+        phase = 1;
+        while (phase.load() != 2)
+            std::this_thread::sleep_for(std::chrono::milliseconds{1});
+        landed = land(body, stale);
+        slot.pending.store(0);
+    });
+    while (phase.load() != 1)
+        std::this_thread::sleep_for(std::chrono::milliseconds{1});
     REQUIRE(stale.decided);
 
-    // Meanwhile the others drain the bucket once per window: every drip is taken.
+    // Meanwhile the others drain the bucket once per window: every drip is taken. The re-anchor
+    // to the checkpoint generation is refused (the taker is announced), and so is its retry after
+    // the 1,024 takes a refused re-anchor skips; the takes go on with the drip's long form. (Not
+    // on for ever: past 2^46 + 2^45 units of drip a take must rebase, and that rebase is refused
+    // too, Error(busy), until the taker continues.)
     std::int64_t t = start;
-    for (int k = 0; k < 65'536; ++k) {
-        t = current_anchor(body) + kW;
+    int stuck = 0;
+    for (int k = 0; k < 65'536 && stuck < 2'100; ++k) {
+        t += kW;
         REQUIRE(tb.try_take(from_nanos(t), burst) == TryTake::taken);
         admitted += kC;
+        if (generation(body) == detail::kGenerationCheckpoint - 1) ++stuck;
     }
-    CHECK(generation(body) == 0);  // wrapped
-    CHECK(body.bucket.load() == stale.s);
+    CHECK(stuck == 2'100);
+    CHECK(generation(body) == detail::kGenerationCheckpoint - 1);
+    CHECK(body.bucket.load() != stale.s);
 
-    // The stopped taker runs again: its CAS lands, and its half bucket is admitted on top of
-    // every drip, which the others already took.
-    if (land(body, stale)) admitted += half;
+    // The stopped taker runs again: its CAS fails (the library's take would decide again).
+    phase = 2;
+    taker.join();
+    CHECK_FALSE(landed);
+    if (landed) admitted += half;
     const std::int64_t bound =
         kC + static_cast<std::int64_t>(static_cast<i128>(t - start) * kR / 1'000'000'000);
     MESSAGE("admitted " << admitted << " units over " << (t - start) / 1'000'000'000
                         << " s; burst + rate x T = " << bound);
     CHECK(admitted <= bound);
+    // With the taker gone, the next re-anchor moves the generation past the checkpoint (after
+    // the takes a refused attempt skips).
+    for (int k = 0; k < 1'100 && generation(body) != detail::kGenerationCheckpoint; ++k) {
+        t += kW;
+        REQUIRE(tb.try_take(from_nanos(t), burst) == TryTake::taken);
+    }
+    CHECK(generation(body) == detail::kGenerationCheckpoint);
 }
 
 TEST_CASE(

@@ -109,8 +109,11 @@ TEST_CASE("rebase: many rebases under forked takers; admitted <= granted exactly
     CHECK(granted - total == left + gap + clamped);
     CHECK(left < 1);
     // And the takers kept admitting to the end, past 10^9. (Under-use per rebase is at most the
-    // tentative takes its switch makes roll back: 0.0001% here, 0.3-0.5% with race widening.)
-    CHECK(total > 0.95 * granted);
+    // tentative takes its switch makes roll back: 0.0001% here, 0.3-0.5% with race widening, and
+    // 8.6% once in the ASan build with race widening under ctest -j6 on 2 cores, where takers
+    // preempted between their tentative increment and their CAS on S meet many more rebases.
+    // Under-use is the safe side; this bound only says the takers were not starved.)
+    CHECK(total > 0.8 * granted);
     CHECK(rebases >= 500);
     CHECK(max_target < 1e9);  // never near the target's limit
     l.invariant();

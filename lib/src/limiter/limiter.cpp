@@ -433,7 +433,9 @@ const LimiterBody& body_of(const RecordRef& ref) noexcept {
     // taken.
     const Holder h = holder(*ref.state);
     LimiterCore core(*ref.state, ref.index, *ref.record);
+    announce_attempt(*h.slot, ref.index);
     const ConsumedOutcome outcome = core.try_take_consumed(h.entry(ref.index), now_ns, units);
+    withdraw_attempt(*h.slot);
     // A slot claimed for this one take, by a thread past its slot registry's destruction (a
     // take from a thread_local destructor): given back now, as ~Hold does for the general take
     // (it holds nothing: its admitted count is folded into the record). Kept, every such take

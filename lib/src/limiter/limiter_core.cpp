@@ -14,6 +14,7 @@
 
 #include "lim/error.hpp"
 #include "lim/tokens.hpp"
+#include "limiter/generation_checkpoint.hpp"
 #include "limiter/limiter_state.hpp"
 #include "shm/file_lock.hpp"
 #include "shm/records.hpp"
@@ -624,6 +625,22 @@ void switch_locked(LimiterBody& body, std::int64_t now_ns, bool reanchor,
     }
 }
 
+bool switch_checked(const SegmentState& state, std::uint32_t record, LimiterBody& body,
+                    std::int64_t now_ns, bool reanchor, void (*change)(LimiterParams&, void*),
+                    void* ctx, std::optional<TimePoint> checkpoint_deadline) noexcept {
+    // Under the config lock every writer of the generation is excluded (switches and resets
+    // hold it), so the generation read here is the one switch_locked's CAS moves on from.
+    const std::uint32_t next_gen =
+        (BucketWord::gen(body.bucket.load(std::memory_order_seq_cst)) + 1) & 0xFFFF;
+    if (is_generation_checkpoint(next_gen) &&
+        (!checkpoint_deadline ||
+         !generation_may_advance(state, record, next_gen, *checkpoint_deadline))) {
+        return false;
+    }
+    switch_locked(body, now_ns, reanchor, change, ctx);
+    return true;
+}
+
 void LimiterCore::switch_config(std::int64_t now_ns, bool reanchor,
                                 void (*change)(LimiterParams&, void*), void* ctx) {
     if (state_.read_only()) {
@@ -640,17 +657,55 @@ void LimiterCore::switch_config(std::int64_t now_ns, bool reanchor,
     FileLock lock = FileLock::lock_or_busy(
         state_.fd(), LockByte::config, state_.name(),
         "reconfigure limiter '" + std::string(record_key(state_.record(record_))) + "'");
-    switch_locked(body_, now_ns, reanchor, change, ctx);
+    if (!switch_checked(state_, record_, body_, now_ns, reanchor, change, ctx,
+                        Clock::now() + kCheckpointWait)) {
+        throw Error(Errc::busy,
+                    "reconfigure limiter '" + std::string(record_key(state_.record(record_))) +
+                        "' of segment '" + state_.name() +
+                        "': a live thread has been stopped for " +
+                        std::to_string(kCheckpointWait.count()) +
+                        " ms in the middle of an operation on it (SIGSTOP, a debugger); the "
+                        "configuration generation must not move further until it continues or "
+                        "exits (docs/design.md, \"Generation checkpoints\"); nothing changed");
+    }
     wake_all(body_.wake);
 }
 
-bool LimiterCore::rebase(std::int64_t now_ns, std::optional<TimePoint> until) {
+bool LimiterCore::rebase(std::int64_t now_ns, std::optional<TimePoint> until,
+                         bool* checkpoint_refused) {
     std::optional<FileLock> lock = until
                                        ? FileLock::lock_until(state_.fd(), LockByte::config, *until)
                                        : FileLock::try_lock_fresh(state_.fd(), LockByte::config);
     if (!lock) return false;
-    switch_locked(body_, now_ns, true, nullptr, nullptr);
-    return true;
+    // A checkpoint refused (a live thread stopped mid-operation on the record) counts as the lock
+    // not had: a soft rebase goes on without, a hard one answers as at its deadline or busy.
+    std::optional<TimePoint> deadline = until;
+    if (!until) {
+        // A soft rebase makes a checkpoint with a try's deadline. After a refusal this thread
+        // leaves the next 1,024 to the hard rebase (the marker has room up to kRebaseHard):
+        // while a thread stays stopped, each attempt would cost a take a fence and the wait.
+        thread_local std::uint32_t skip = 0;
+        const std::uint32_t next_gen =
+            (BucketWord::gen(body_.bucket.load(std::memory_order_seq_cst)) + 1) & 0xFFFF;
+        if (is_generation_checkpoint(next_gen)) {
+            if (skip == 0) {
+                deadline = Clock::now() + kTryLockGrace;
+            } else {
+                --skip;
+            }
+            if (switch_checked(state_, record_, body_, now_ns, true, nullptr, nullptr, deadline)) {
+                return true;
+            }
+            if (deadline) skip = 1024;
+            if (checkpoint_refused != nullptr) *checkpoint_refused = true;
+            return false;
+        }
+    }
+    if (switch_checked(state_, record_, body_, now_ns, true, nullptr, nullptr, deadline)) {
+        return true;
+    }
+    if (checkpoint_refused != nullptr) *checkpoint_refused = true;
+    return false;
 }
 
 bool LimiterCore::rebase(std::int64_t now_ns, bool wait) {
@@ -658,19 +713,36 @@ bool LimiterCore::rebase(std::int64_t now_ns, bool wait) {
                   wait ? std::optional<TimePoint>(Clock::now() + kLockWaitTimeout) : std::nullopt);
 }
 
+namespace {
+
+// rebase_hard's Error(busy): the config lock stayed held, or a generation checkpoint refused.
+[[noreturn]] void throw_rebase_busy(const std::string& segment, const std::string& what,
+                                    bool stopped_operation, std::chrono::milliseconds waited) {
+    if (!stopped_operation) throw_lock_busy(segment, LockByte::config, what, waited);
+    throw Error(Errc::busy,
+                "segment '" + segment + "': cannot " + what +
+                    ": a live thread has been stopped in the middle of an operation on it "
+                    "(SIGSTOP, a debugger), and the configuration generation must not move "
+                    "further until it continues or exits (docs/design.md, \"Generation "
+                    "checkpoints\"); nothing changed");
+}
+
+}  // namespace
+
 bool LimiterCore::rebase_hard(std::int64_t now_ns, const RebaseWait& how) {
     const std::string what =
         "re-anchor the drip of limiter '" + std::string(record_key(state_.record(record_))) + "'";
+    bool stopped_operation = false;
     if (!how.wait) {
         // A try_* does not wait for a lock, beyond the microseconds a switch holds it for.
-        if (rebase(now_ns, Clock::now() + kTryLockGrace)) return true;
-        throw_lock_busy(state_.name(), LockByte::config, what, kTryLockGrace);
+        if (rebase(now_ns, Clock::now() + kTryLockGrace, &stopped_operation)) return true;
+        throw_rebase_busy(state_.name(), what, stopped_operation, kTryLockGrace);
     }
     const TimePoint limit = Clock::now() + kLockWaitTimeout;
     const bool caller_first = how.deadline != nullptr && *how.deadline <= limit;
-    if (rebase(now_ns, caller_first ? *how.deadline : limit)) return true;
+    if (rebase(now_ns, caller_first ? *how.deadline : limit, &stopped_operation)) return true;
     if (caller_first) return false;
-    throw_lock_busy(state_.name(), LockByte::config, what, kLockWaitTimeout);
+    throw_rebase_busy(state_.name(), what, stopped_operation, kLockWaitTimeout);
 }
 
 bool LimiterCore::reanchor_drip(std::int64_t now_ns) {
@@ -693,8 +765,10 @@ bool LimiterCore::reanchor_drip(std::int64_t now_ns) {
             &product)) {
         return false;
     }
-    switch_locked(body_, now_ns, true, nullptr, nullptr);
-    return true;
+    // Refused at a checkpoint (a live thread stopped mid-operation on the record): not now; the
+    // long form of the drip serves meanwhile.
+    return switch_checked(state_, record_, body_, now_ns, true, nullptr, nullptr,
+                          Clock::now() + kTryLockGrace);
 }
 
 // ---------------------------------------------------------------------------------------------

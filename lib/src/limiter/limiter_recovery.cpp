@@ -74,11 +74,28 @@ std::optional<std::uint64_t> cas_from_frozen(std::atomic<std::uint64_t>& f,
 }
 
 // Folds the bucket at `now` with `f` in flight, as a return does before its tokens come back.
-// False, with nothing changed, when the fold must re-anchor the drip and the config lock cannot
-// be had within kTryLockGrace (a writer stopped holding it).
+// Under the config lock, waited for at most kTryLockGrace (a legitimate switch holds it for
+// microseconds). Never longer: the record is frozen here, and a writer stopped holding the lock
+// would keep the reaper (and its recovery lock) waiting. Held from the load of S to the CAS, so
+// that no switch moves the generation in between: a reaper stopped there (SIGSTOP) while another
+// program reconfigures the record in a loop would otherwise CAS a word whose generation had come
+// round again (docs/design.md, "Generation checkpoints"; takes and returns are covered by their
+// announcement instead, which a reaper has none of). Without the lock the fold cannot be made,
+// and returning the dead's tokens unfolded would put the allowance since the last fold in the
+// bucket at once (up to a bucket over the bound): so false, nothing changed, and the recount
+// defers the record to a later reap, as when a holder thawed it. The same when the fold must
+// re-anchor the drip and a generation checkpoint refuses (a live thread stopped mid-operation).
 bool fold_for_return(SegmentState& state, std::uint32_t record, std::int64_t f,
                      std::int64_t now_ns) noexcept {
     LimiterBody& body = body_at(state, record);
+    const std::optional<FileLock> lock = [&]() noexcept -> std::optional<FileLock> {
+        try {
+            return FileLock::lock_until(state.fd(), LockByte::config, Clock::now() + kTryLockGrace);
+        } catch (...) {
+            return std::nullopt;
+        }
+    }();
+    if (!lock) return false;
     for (;;) {
         std::uint64_t s = body.bucket.load(std::memory_order_seq_cst);
         const std::uint32_t gen = BucketWord::gen(s);
@@ -90,22 +107,9 @@ bool fold_for_return(SegmentState& state, std::uint32_t record, std::int64_t f,
         const std::int64_t folded = std::max(x, d - p.outside_flight(f));
         if (folded == x) return true;
         if (d > kRebaseAt) {
-            // Re-anchoring folds too, under the config lock, waited for at most kTryLockGrace
-            // (a legitimate switch holds it for microseconds). Never longer: the record is
-            // frozen here, and a writer stopped holding the lock would keep the reaper (and its
-            // recovery lock) waiting. Without the lock the fold cannot be made, and returning
-            // the dead's tokens unfolded would put the allowance since the last fold in the
-            // bucket at once (up to a bucket over the bound): so false, and the recount defers
-            // the record to a later reap, as when a holder thawed it.
-            try {
-                if (auto lock = FileLock::lock_until(state.fd(), LockByte::config,
-                                                     Clock::now() + kTryLockGrace)) {
-                    switch_locked(body, now_ns, true, nullptr, nullptr);
-                    return true;
-                }
-            } catch (...) {
-            }
-            return false;
+            // Re-anchoring folds too.
+            return switch_checked(state, record, body, now_ns, true, nullptr, nullptr,
+                                  Clock::now() + kTryLockGrace);
         }
         LIM_RACE_POINT();
         if (body.bucket.compare_exchange_strong(s, BucketWord::make(gen, folded),

@@ -502,9 +502,11 @@ class LimiterCore {
     // A token bucket's take (docs/design.md ("The Limiter family"), "TokenBucket's take"): with
     // an infinite target and a finite rate nothing depends on F, so the take is one CAS on S,
     // recorded in the thread's ledger (`entry`, the thread's own, layer kBucketTakenLayer) after it
-    // lands; no Hold, since a token bucket holds nothing a reap could give back.
-    // `not_a_token_bucket` (nothing changed) when the configuration is not a token bucket's: the
-    // caller uses try_take.
+    // lands; no Hold, since a token bucket holds nothing a reap could give back. The caller
+    // announces the attempt in its slot (`pending` := record + 1) around the call, as a Hold
+    // would, for the generation checkpoints (generation_checkpoint.hpp), and withdraws it before
+    // it rebases. `not_a_token_bucket` (nothing changed) when the configuration is not a token
+    // bucket's: the caller uses try_take.
     TakeOutcome try_take_bucket(LedgerEntry& entry, std::int64_t now_ns, std::int64_t n,
                                 std::int64_t rebase_at) noexcept;
     // What a token bucket's takes have recorded in the ledgers of occupied slots.
@@ -528,12 +530,19 @@ class LimiterCore {
     // Switches to the configuration `change` makes of the current one, folding the bucket at
     // max(now, the limiter's time) first; re-anchors the drip when `reanchor` (or when the drip
     // allowance is large). Takes the config lock, waiting kLockWaitTimeout at most; throws
-    // Error(busy) if it stayed held (nothing changed), Error(system_error) if it cannot be taken.
+    // Error(busy) if it stayed held, or if a generation checkpoint found a live thread stopped
+    // in the middle of an operation on the record for kCheckpointWait (nothing changed either
+    // way), Error(system_error) if it cannot be taken.
     template <class Change>
     void reconfigure(std::int64_t now_ns, bool reanchor, Change&& change);
     // Re-anchors the drip under the config lock, waiting for it until `until` (nullopt: one try,
-    // no wait); false if it could not be had by then.
-    bool rebase(std::int64_t now_ns, std::optional<TimePoint> until);
+    // no wait); false if it could not be had by then, or if a generation checkpoint refused the
+    // switch (a live thread stopped mid-operation on the record: generation_checkpoint.hpp; with
+    // no `until`, waited for kTryLockGrace, and after such a refusal the calling thread's next
+    // 1,024 tries at a checkpoint refuse without looking), which also sets `*checkpoint_refused`
+    // if given.
+    bool rebase(std::int64_t now_ns, std::optional<TimePoint> until,
+                bool* checkpoint_refused = nullptr);
     // rebase(now_ns, nullopt), or with `wait` rebase(now_ns, Clock::now() + kLockWaitTimeout).
     bool rebase(std::int64_t now_ns, bool wait);
     // The re-anchor an operation cannot do without (its drip allowance is past kRebaseHard),
@@ -541,7 +550,8 @@ class LimiterCore {
     // switch holds it for microseconds, and re-anchors the drip too), a blocking call until its
     // deadline or kLockWaitTimeout. False if the caller's deadline came first (the caller then
     // answers as at its deadline); Error(busy) if the lock stayed held (a configuration writer
-    // stopped holding it), nothing changed.
+    // stopped holding it) or a generation checkpoint refused (a live thread stopped in the middle
+    // of an operation on the record), nothing changed.
     bool rebase_hard(std::int64_t now_ns, const RebaseWait& how);
     // Re-anchors a token bucket's drip (infinite target, whole rate R) when (max(now, L) -
     // anchor) x R no longer fits in 64 bits, so that the drip has its short form again
@@ -748,6 +758,40 @@ class LimiterWaiter {
 // drip allowance is large.
 void switch_locked(LimiterBody& body, std::int64_t now_ns, bool reanchor,
                    void (*change)(LimiterParams&, void*), void* ctx) noexcept;
+
+// switch_locked, provided the generation may move on (generation_checkpoint.hpp): at a
+// checkpoint, waits until `checkpoint_deadline` at most for the operations announced on `record`
+// to end (generation_may_advance), and returns false, nothing changed, if a live one stays in the
+// middle of one; with no deadline, returns false at a checkpoint without looking.
+bool switch_checked(const SegmentState& state, std::uint32_t record, LimiterBody& body,
+                    std::int64_t now_ns, bool reanchor, void (*change)(LimiterParams&, void*),
+                    void* ctx, std::optional<TimePoint> checkpoint_deadline) noexcept;
+
+// How long a reconfiguration waits at a generation checkpoint for the operations in progress on
+// the record to end: as long as a reap waits for them (an operation takes nanoseconds; one still
+// in progress after this is stopped).
+inline constexpr std::chrono::milliseconds kCheckpointWait{1000};
+
+// The announcement of an attempt that reads S with no Hold (a token bucket's own take, the
+// consumed fast take), as a Hold makes it: a generation checkpoint (generation_checkpoint.hpp)
+// must see every operation that has loaded S and not yet made its CAS or validated its
+// generation. A plain store, and no fence before the loads of S that follow (the compiler's order
+// only): the checkpoint's heavy fence (sync/heavy_fence.hpp) pays for the ordering on its side,
+// once in kGenerationCheckpoint switches, instead of every take. Withdrawn before anything that
+// may wait (a rebase, the general take, which announces for itself).
+[[gnu::always_inline]] inline void announce_attempt(SlotHeader& slot,
+                                                    std::uint32_t record) noexcept {
+    slot.pending.store(record + 1, std::memory_order_relaxed);
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+}
+// Release: a checkpoint that reads the withdrawal sees the attempt's CAS before its own.
+[[gnu::always_inline]] inline void withdraw_attempt(SlotHeader& slot) noexcept {
+    slot.pending.store(0, std::memory_order_release);
+}
+
+// Called, when set, by try_take_bucket between its decision to take and its CAS on S: a test's
+// way to stop a taker exactly there (tests/generation_checkpoint_test.cpp). Null outside tests.
+extern std::atomic<void (*)() noexcept> bucket_take_hook;
 
 // Initialises a new record's body from its configuration, at `now_ns`.
 void init_limiter_body(LimiterBody& body, const LimiterRecordConfig& config,

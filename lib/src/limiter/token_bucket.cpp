@@ -15,6 +15,8 @@ namespace lim {
 
 namespace detail {
 
+std::atomic<void (*)() noexcept> bucket_take_hook{nullptr};
+
 // Each configuration field the take uses is loaded once, straight from the block, with no
 // LimiterParams gathered in memory. (TokenBucket::try_take first makes one attempt of its own,
 // bucket_take_once, and comes here only when that one did not take.)
@@ -58,6 +60,8 @@ TakeOutcome LimiterCore::try_take_bucket(LedgerEntry& entry, std::int64_t now_ns
                 // fails if the configuration switched (and with it every field read above); it
                 // is the take's linearisation point.
                 LIM_RACE_POINT();
+                if (auto* hook = bucket_take_hook.load(std::memory_order_relaxed)) [[unlikely]]
+                    hook();
                 if (!bucket.compare_exchange_weak(
                         s, BucketWord::make(gen, std::max(x, d - size) + n),
                         std::memory_order_seq_cst, std::memory_order_seq_cst)) {
@@ -262,14 +266,19 @@ void reanchor_for_short_drip(LimiterCore& core, std::int64_t now_ns) noexcept {
 }
 
 // TokenBucket::try_take on a record a TokenBucket created, after bucket_take_once declined:
-// its own take's loop (try_take_bucket), `units` > 0, recorded in `entry` (the thread's).
-[[gnu::noinline]] TryTake bucket_take(const RecordRef& ref, LedgerEntry& entry, std::int64_t now_ns,
-                                      std::int64_t units) {
+// its own take's loop (try_take_bucket), `units` > 0, recorded in `entry` (the thread's), each
+// attempt announced in `slot` (the thread's), and none of its rebases or its fallback to the
+// general take (whose Holds announce for themselves).
+[[gnu::noinline]] TryTake bucket_take(const RecordRef& ref, SlotHeader& slot, LedgerEntry& entry,
+                                      std::int64_t now_ns, std::int64_t units) {
     LimiterCore core(*ref.state, ref.index, *ref.record);
     reanchor_for_short_drip(core, now_ns);
     std::int64_t rebase_at = kRebaseAt;
     for (;;) {
-        switch (core.try_take_bucket(entry, now_ns, units, rebase_at)) {
+        announce_attempt(slot, ref.index);
+        const TakeOutcome outcome = core.try_take_bucket(entry, now_ns, units, rebase_at);
+        withdraw_attempt(slot);
+        switch (outcome) {
             case TakeOutcome::taken:
                 return TryTake::taken;
             case TakeOutcome::unable:
@@ -307,9 +316,12 @@ namespace {
     detail::LedgerEntry& entry = h.entry(ref.index);
     auto& body = *reinterpret_cast<detail::LimiterBody*>(ref.record->body);
     if (!h.ephemeral) [[likely]] {
-        if (detail::bucket_take_once(body, entry, now_ns, units)) [[likely]]
+        detail::announce_attempt(*h.slot, ref.index);
+        const bool took = detail::bucket_take_once(body, entry, now_ns, units);
+        detail::withdraw_attempt(*h.slot);
+        if (took) [[likely]]
             return TryTake::taken;
-        return detail::bucket_take(ref, entry, now_ns, units);
+        return detail::bucket_take(ref, *h.slot, entry, now_ns, units);
     }
     // A slot claimed for this one take, by a thread past its slot registry's destruction (a take
     // from a thread_local destructor): given back after it, as ~Hold does for the general take
@@ -321,8 +333,11 @@ namespace {
         const detail::Holder& h;
         ~GiveBack() { detail::release_ephemeral(state, h); }
     } give_back{*ref.state, h};
-    if (detail::bucket_take_once(body, entry, now_ns, units)) return TryTake::taken;
-    return detail::bucket_take(ref, entry, now_ns, units);
+    detail::announce_attempt(*h.slot, ref.index);
+    const bool took = detail::bucket_take_once(body, entry, now_ns, units);
+    detail::withdraw_attempt(*h.slot);
+    if (took) return TryTake::taken;
+    return detail::bucket_take(ref, *h.slot, entry, now_ns, units);
 }
 
 // Whether the record is still a TokenBucket's. lim::convert_to_consumed (lim-feeder adopting a

@@ -23,7 +23,7 @@ inline constexpr std::size_t kCacheLine = 64;
 
 // "LIMSEGMT" read as a little-endian integer: a hexdump of the segment shows the name.
 inline constexpr std::uint64_t kMagic = 0x544d4745534d494cULL;
-inline constexpr std::uint32_t kLayoutVersion = 4;
+inline constexpr std::uint32_t kLayoutVersion = 5;
 // The value of SegmentHeader::ready once the header and tables are initialised. Not 1, so that a
 // stray write or a foreign file is unlikely to look initialised.
 inline constexpr std::uint32_t kReady = 0x59444552;  // "REDY"

@@ -55,6 +55,7 @@ void Hold::step_aside(SlotHeader& slot, std::uint32_t record, std::atomic<std::u
         }
     }
     slot.pending.store(record + 1, std::memory_order_relaxed);
+    std::atomic_signal_fence(std::memory_order_seq_cst);  // as in Hold's constructor
 }
 
 namespace {
@@ -79,6 +80,7 @@ bool holds_settled(SegmentState& state, SlotHeader& slot, std::uint32_t record, 
         } catch (...) {
         }
         slot.pending.store(record + 1, std::memory_order_relaxed);
+        std::atomic_signal_fence(std::memory_order_seq_cst);  // as in Hold's constructor
         LIM_RACE_POINT();
         return process_holding(state, record, layer) >= static_cast<std::int64_t>(n);
     } catch (...) {

@@ -62,6 +62,10 @@ class Hold {
         entry_ = &h.entry(record);
         ephemeral_ = h.ephemeral;
         slot_->pending.store(record + 1, std::memory_order_relaxed);
+        // The compiler keeps the store before the operation's loads; the hardware's order is
+        // what a reaper's CAS on a frozen word, or a generation checkpoint's heavy fence, pairs
+        // with (generation_checkpoint.hpp).
+        std::atomic_signal_fence(std::memory_order_seq_cst);
         LIM_RACE_POINT();
     }
     ~Hold() {
@@ -206,6 +210,7 @@ class QuickHold {
             entry_ = &h->entry(record);
         }
         slot_->pending.store(record + 1, std::memory_order_relaxed);
+        std::atomic_signal_fence(std::memory_order_seq_cst);  // as in Hold's constructor
         LIM_RACE_POINT();
         return true;
     }

@@ -1,0 +1,46 @@
+// Generation checkpoints: what keeps the 16-bit configuration generation of a limiter's bucket
+// word S from wrapping under an operation that loaded it and has not yet made its CAS.
+//
+// Every take, return and fold that CASes S expects the generation it read, so a configuration
+// switch since makes it fail and decide again. With 16 bits the generation comes back to the same
+// value after 65,536 switches; an operation stopped between its load and its CAS for that many
+// (a SIGSTOP, a debugger, a descheduled thread while another program reconfigures in a loop)
+// could then land on a recycled word and admit against a bucket that is gone (docs/design.md,
+// "Generation checkpoints"). So a switch to a generation that is a multiple of
+// kGenerationCheckpoint first makes sure that no operation on the record is still in the middle
+// of the attempt it started before: every such operation announces itself in its slot's
+// `pending` before it loads S, and the checkpoint waits until each slot announced on the record
+// has been seen out of it. One that stays (a live process stopped mid-operation) refuses the
+// switch, and the generation cannot move past the checkpoint while it is stopped: at most
+// kGenerationCheckpoint switches, never 65,536.
+#pragma once
+
+#include <cstdint>
+
+#include "lim/clock.hpp"
+
+namespace lim::detail {
+
+class SegmentState;
+
+// A quarter of the generation's range: any 65,535 consecutive switches cross at least three
+// checkpoints, and every one crossed after an operation's load checks it (one would do).
+inline constexpr std::uint32_t kGenerationCheckpoint = 1u << 14;
+
+// Whether moving S to generation `next_gen` (its 16 bits) crosses a checkpoint.
+constexpr bool is_generation_checkpoint(std::uint32_t next_gen) noexcept {
+    return (next_gen & (kGenerationCheckpoint - 1)) == 0;
+}
+
+// Whether S of `record` may move to generation `next_gen`: true at once unless `next_gen` is a
+// checkpoint. At a checkpoint: makes every thread on the host pass a full barrier (heavy_fence;
+// milliseconds), then waits until every occupied slot announced on `record` has been seen out of
+// its operation, until `deadline` but at least 20 ms (a preempted thread's time slice); a slot
+// still announced then whose owner is dead (its lock byte held by nobody) is ignored, and one whose
+// owner is alive, or whose liveness cannot be tested, makes it false. The caller holds the config
+// lock (no other switch runs) and must not itself be announced on `record`. Never throws; allocates
+// only in the liveness test of a slot still announced at the deadline.
+bool generation_may_advance(const SegmentState& state, std::uint32_t record, std::uint32_t next_gen,
+                            TimePoint deadline) noexcept;
+
+}  // namespace lim::detail

@@ -1,0 +1,216 @@
+// Generation checkpoints (lib/src/limiter/generation_checkpoint.hpp; docs/design.md, "Generation
+// checkpoints"): a taker stopped between its load of the bucket word S and its CAS must never see
+// S's 16-bit generation come round to the value it read.
+//
+// The taker here is a real process in the real take: a TokenBucket whose rate is not a whole
+// number of units per second (so its take always runs try_take_bucket's loop) and a test hook
+// (detail::bucket_take_hook) that makes the taker raise SIGSTOP on itself after it has decided to
+// take and before its CAS. The other side reconfigures the record through a Limiter handle, one
+// switch per cycle, and drains the bucket after each: S is (generation, 0) after every cycle, so
+// after 65,536 of them the stopped taker's expected word is back. Without the checkpoints that
+// CAS lands and admits half a bucket on top of every drip (checked: with generation_may_advance
+// always true, the first case admits 6,553,750 tokens against a bound of 6,553,701.6).
+#include <doctest/doctest.h>
+
+#include <signal.h>
+#include <sys/wait.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstdint>
+#include <string>
+
+#include "lim/error.hpp"
+#include "lim/limiter.hpp"
+#include "lim/segment.hpp"
+#include "lim/token_bucket.hpp"
+#include "limiter/generation_checkpoint.hpp"
+#include "limiter/limiter_state.hpp"
+#include "support/limiter_records.hpp"
+#include "support/limiter_time.hpp"
+#include "support/process.hpp"
+
+using namespace lim;
+using lim::test::body_of;
+using lim::test::generation;
+using lim::test::t0;
+
+namespace {
+
+// 100.000025 tokens/s: R = 1,000,000.25 units/s is not whole, so the drip has no short form and
+// every take runs try_take_bucket (where the hook is). In one period P = 1 s the drip is
+// floor(1,000,000.25) = 10^6 units: exactly the bucket.
+constexpr double kRate = 100.000025;
+constexpr double kBurst = 100;
+constexpr std::int64_t kPeriodNs = 1'000'000'000;
+
+std::atomic<bool> stop_fired{false};
+
+// In the taker's process only: stops it once, between its decision and its CAS.
+void stop_once() noexcept {
+    if (!stop_fired.exchange(true)) ::raise(SIGSTOP);
+}
+
+void wait_until_stopped(pid_t pid) {
+    int st = 0;
+    pid_t r = 0;
+    while ((r = ::waitpid(pid, &st, WUNTRACED)) < 0 && errno == EINTR) {
+    }
+    REQUIRE(r == pid);
+    REQUIRE(WIFSTOPPED(st));
+}
+
+// Forks the taker: a take of half the bucket at t0 + P/2, stopped before its CAS. Exits 1 if its
+// take was admitted, 0 if refused.
+pid_t stopped_taker(TokenBucket& tb) {
+    const pid_t pid = lim::test::fork_child([&] {
+        detail::bucket_take_hook.store(&stop_once);
+        const TryTake r = tb.try_take(t0 + std::chrono::nanoseconds(kPeriodNs / 2), kBurst / 2);
+        return r == TryTake::taken ? 1 : 0;
+    });
+    wait_until_stopped(pid);
+    return pid;
+}
+
+// Whether a live slot other than this thread's is announced on `record`.
+bool announced_elsewhere(const Segment& seg, std::uint32_t record) {
+    const auto& state = *seg.state();
+    for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
+        if (state.slot(i).pending.load() == record + 1) return true;
+    }
+    return false;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "a taker stopped between its load of S and its CAS holds the generation at the next "
+    "checkpoint: reconfigurations are refused (busy) there, and nothing beyond burst + rate x T "
+    "is admitted") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("gen-ckpt"));
+    auto seg = lim::test::limiter_segment(guard);
+    auto tb = TokenBucket::open(
+        seg, "tb",
+        {.burst_size = kBurst, .sustained_rate_per_sec = kRate, .initial_bucket_level = kBurst},
+        t0);
+    auto l = Limiter::open(seg, "tb", {.bucket_size = 1}, lim::adopt_existing, t0);
+    detail::LimiterBody& body = body_of(seg, "tb");
+    const std::uint32_t record = lim::test::record_of(seg, "tb");
+    double admitted = 0;
+    REQUIRE(tb.try_take(t0, kBurst) == TryTake::taken);
+    admitted += kBurst;
+    REQUIRE(generation(body) == 0);
+    REQUIRE(detail::BucketWord::x(body.bucket.load()) == 0);
+    const std::uint64_t seen_by_taker = body.bucket.load();
+
+    const pid_t taker = stopped_taker(tb);
+    CHECK(body.bucket.load() == seen_by_taker);  // it decided, and has not CASed
+    CHECK(announced_elsewhere(seg, record));     // its attempt is announced
+
+    // Each cycle: a re-anchoring switch at t_k (the bucket full again: X = -C), then the whole
+    // bucket taken (X = 0). 65,536 cycles would bring S back to the taker's word.
+    std::int64_t t = to_nanos(t0);
+    int refused_at = 0;
+    std::string refusal;
+    for (int k = 1; k <= 65'536; ++k) {
+        t += kPeriodNs;
+        try {
+            l.set_hopper_to_bucket_rate_per_sec(from_nanos(t), kRate);
+        } catch (const Error& e) {
+            CHECK(e.code() == Errc::busy);
+            refused_at = k;
+            refusal = e.what();
+            break;
+        }
+        REQUIRE(tb.try_take(from_nanos(t), kBurst) == TryTake::taken);
+        admitted += kBurst;
+    }
+    CHECK(refused_at == static_cast<int>(detail::kGenerationCheckpoint));
+    CHECK(generation(body) == detail::kGenerationCheckpoint - 1);
+    CHECK(refusal.find("stopped") != std::string::npos);
+    CHECK(body.bucket.load() != seen_by_taker);
+
+    // The taker runs again: its CAS fails (the generation moved), and it decides afresh at the
+    // limiter's time, where the bucket has just been drained.
+    REQUIRE(::kill(taker, SIGCONT) == 0);
+    const int took = lim::test::wait_child(taker);
+    CHECK(took == 0);
+    if (took == 1) admitted += kBurst / 2;
+    // burst + rate x T over [t0, t], T in whole periods (rate x P = 100.000025 tokens).
+    const double periods = static_cast<double>(t - to_nanos(t0)) / kPeriodNs;
+    const double bound = kBurst + kRate * periods;
+    MESSAGE("admitted " << admitted << " tokens in " << periods << " s; bound " << bound);
+    CHECK(admitted <= bound);
+
+    // With the taker gone, the checkpoint lets the generation move on.
+    CHECK_NOTHROW(l.set_hopper_to_bucket_rate_per_sec(from_nanos(t), kRate));
+    CHECK(generation(body) == detail::kGenerationCheckpoint);
+}
+
+TEST_CASE(
+    "a taker that died between its load of S and its CAS does not hold the generation: its "
+    "announcement is ignored once its owner is dead") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("gen-ckpt-dead"));
+    auto seg = lim::test::limiter_segment(guard);
+    auto tb = TokenBucket::open(
+        seg, "tb",
+        {.burst_size = kBurst, .sustained_rate_per_sec = kRate, .initial_bucket_level = kBurst},
+        t0);
+    auto l = Limiter::open(seg, "tb", {.bucket_size = 1}, lim::adopt_existing, t0);
+    detail::LimiterBody& body = body_of(seg, "tb");
+    const std::uint32_t record = lim::test::record_of(seg, "tb");
+    REQUIRE(tb.try_take(t0, kBurst) == TryTake::taken);
+    const pid_t taker = stopped_taker(tb);
+    lim::test::kill_and_wait(taker);
+    CHECK(announced_elsewhere(seg, record));  // its slot still names the record (not reaped)
+
+    // Straight to the switch before the checkpoint: the generation is moved by hand to a value
+    // whose block (gen & 1 = 0) is the one in use, X kept.
+    const std::uint64_t s = body.bucket.load();
+    body.bucket.store(
+        detail::BucketWord::make(detail::kGenerationCheckpoint - 2, detail::BucketWord::x(s)));
+    std::int64_t t = to_nanos(t0);
+    for (int k = 0; k < 2; ++k) {
+        t += kPeriodNs;
+        CHECK_NOTHROW(l.set_hopper_to_bucket_rate_per_sec(from_nanos(t), kRate));
+        CHECK(tb.try_take(from_nanos(t), kBurst) == TryTake::taken);
+    }
+    CHECK(generation(body) == detail::kGenerationCheckpoint);
+}
+
+TEST_CASE(
+    "at a checkpoint, a rebase that does not wait gives up on a stopped taker (false, nothing "
+    "changed) and a waiting one is refused busy; both go through once it continues") {
+    lim::test::SegmentGuard guard(lim::test::unique_name("gen-ckpt-rebase"));
+    auto seg = lim::test::limiter_segment(guard);
+    auto tb = TokenBucket::open(
+        seg, "tb",
+        {.burst_size = kBurst, .sustained_rate_per_sec = kRate, .initial_bucket_level = kBurst},
+        t0);
+    detail::LimiterBody& body = body_of(seg, "tb");
+    const std::uint32_t record = lim::test::record_of(seg, "tb");
+    REQUIRE(tb.try_take(t0, kBurst) == TryTake::taken);
+    const std::uint64_t s = body.bucket.load();
+    body.bucket.store(
+        detail::BucketWord::make(detail::kGenerationCheckpoint - 2, detail::BucketWord::x(s)));
+    const pid_t taker = stopped_taker(tb);
+    detail::LimiterCore core(*seg.state(), record);
+    const std::int64_t t = to_nanos(t0) + kPeriodNs;
+    CHECK(core.rebase(t, std::nullopt));  // to kGenerationCheckpoint - 1: no checkpoint
+    const std::uint64_t before = body.bucket.load();
+    bool refused = false;
+    CHECK_FALSE(core.rebase(t, std::nullopt, &refused));
+    CHECK(refused);
+    CHECK(body.bucket.load() == before);
+    CHECK_THROWS_AS(core.rebase_hard(t, detail::RebaseWait{}), Error);
+    CHECK(body.bucket.load() == before);
+    REQUIRE(::kill(taker, SIGCONT) == 0);
+    // Its CAS fails (the generation moved); it decides again on the re-anchored bucket.
+    const int took = lim::test::wait_child(taker);
+    CHECK((took == 0 || took == 1));
+    // A rebase that does not wait never makes a checkpoint (it leaves it to the hard rebase);
+    // one that may wait makes it now.
+    CHECK_FALSE(core.rebase(t, std::nullopt));
+    CHECK(core.rebase(t, Clock::now() + std::chrono::seconds{5}));
+    CHECK(generation(body) == detail::kGenerationCheckpoint);
+}
