@@ -293,11 +293,13 @@ bool land(detail::LimiterBody& body, StaleTake st) {
 // The 16-bit generation's limit, with this file's 100 ms windows (many_reanchors.hpp): 65,536
 // re-anchors bring S back to the word a stopped taker loaded (docs/design.md, "Generation
 // checkpoints"). Until layout 5 this case was marked should_fail: the CAS landed and admitted
-// half a bucket beyond burst + rate x T. The taker now announces its attempt, as the library's
-// take does, and the re-anchor to the checkpoint generation is refused while it is stopped.
+// half a bucket beyond burst + rate x T. Now a re-anchor never crosses a checkpoint (it leaves
+// it to a rebase that may wait), and that rebase is refused while the taker, announced as the
+// library's take announces, is stopped.
 TEST_CASE(
-    "review: 65,536 re-anchors would bring S back; a taker stopped between its load and its "
-    "CAS holds the generation at a checkpoint, and nothing beyond burst + rate x T is admitted") {
+    "review: 65,536 re-anchors would bring S back; re-anchors stop before a checkpoint, a "
+    "rebase is refused there while a taker is stopped between its load and its CAS, and "
+    "nothing beyond burst + rate x T is admitted") {
     // 10^7 tokens/s (R = 10^11 units/s, exact_anchor's step 1 ns): a re-anchor is due every
     // W = ceil(2^64 / R) ns = 184.5 ms, so 65,536 of them (the 16-bit generation's wrap) take
     // 3.4 hours of time; before the short drip's re-anchors the only re-anchor at this rate was
@@ -332,7 +334,7 @@ TEST_CASE(
     bool landed = false;
     std::thread taker([&] {
         detail::SlotHeader& slot = *detail::holder(*seg.state()).slot;
-        slot.pending.store(record + 1);
+        slot.pending.store((record + 1) | detail::kBucketTakeTag);
         stale = load_and_decide(body, start + kW / 2, half);
         phase = 1;
         while (phase.load() != 2)
@@ -344,11 +346,9 @@ TEST_CASE(
         std::this_thread::sleep_for(std::chrono::milliseconds{1});
     REQUIRE(stale.decided);
 
-    // Meanwhile the others drain the bucket once per window: every drip is taken. The re-anchor
-    // to the checkpoint generation is refused (the taker is announced), and so is its retry after
-    // the 1,024 takes a refused re-anchor skips; the takes go on with the drip's long form. (Not
-    // on for ever: past 2^46 + 2^45 units of drip a take must rebase, and that rebase is refused
-    // too, Error(busy), until the taker continues.)
+    // Meanwhile the others drain the bucket once per window: every drip is taken. The re-anchors
+    // stop at the generation before the checkpoint, and the takes go on with the drip's long
+    // form (past 2^45 units of drip the soft rebase leaves the checkpoint to the hard one too).
     std::int64_t t = start;
     int stuck = 0;
     for (int k = 0; k < 65'536 && stuck < 2'100; ++k) {
@@ -360,6 +360,10 @@ TEST_CASE(
     CHECK(stuck == 2'100);
     CHECK(generation(body) == detail::kGenerationCheckpoint - 1);
     CHECK(body.bucket.load() != stale.s);
+    // A rebase that may wait makes the checkpoint, and is refused: the taker is announced.
+    detail::LimiterCore core(*seg.state(), record);
+    CHECK_FALSE(core.rebase(t, Clock::now() + std::chrono::milliseconds{300}));
+    CHECK(generation(body) == detail::kGenerationCheckpoint - 1);
 
     // The stopped taker runs again: its CAS fails (the library's take would decide again).
     phase = 2;
@@ -371,13 +375,18 @@ TEST_CASE(
     MESSAGE("admitted " << admitted << " units over " << (t - start) / 1'000'000'000
                         << " s; burst + rate x T = " << bound);
     CHECK(admitted <= bound);
-    // With the taker gone, the next re-anchor moves the generation past the checkpoint (after
-    // the takes a refused attempt skips).
-    for (int k = 0; k < 1'100 && generation(body) != detail::kGenerationCheckpoint; ++k) {
+    // With the taker gone, a rebase that may wait moves the generation past the checkpoint (once
+    // the refusal's memo, kCheckpointMemo, has passed), and the re-anchors resume.
+    CHECK(lim::test::eventually(
+        [&] { return core.rebase(t, Clock::now() + std::chrono::seconds{5}); }));
+    CHECK(generation(body) == detail::kGenerationCheckpoint);
+    // (This thread's re-anchors resume after the 1,024 chances it skips after one that did not
+    // re-anchor.)
+    for (int k = 0; k < 1'100 && generation(body) == detail::kGenerationCheckpoint; ++k) {
         t += kW;
         REQUIRE(tb.try_take(from_nanos(t), burst) == TryTake::taken);
     }
-    CHECK(generation(body) == detail::kGenerationCheckpoint);
+    CHECK(generation(body) == detail::kGenerationCheckpoint + 1);
 }
 
 TEST_CASE(

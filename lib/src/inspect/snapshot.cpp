@@ -133,7 +133,9 @@ SegmentSnapshot snapshot_segment(const SegmentState& state, TimePoint now) {
         row.state = slot_state_string(st);
         row.alive = slot_owner_alive(state, i, w);
         row.attached_wall_ns = slot.attached_wall_ns.load(std::memory_order_relaxed);
-        row.pending_key = key_of(state, slot.pending.load(std::memory_order_relaxed));
+        // A token bucket's take is tagged (layout.hpp, SlotHeader::pending): the same record.
+        row.pending_key =
+            key_of(state, slot.pending.load(std::memory_order_relaxed) & ~kBucketTakeTag);
         row.waiting_key = key_of(state, slot.waiting_record.load(std::memory_order_relaxed));
         out.processes.push_back(std::move(row));
     }

@@ -9,13 +9,6 @@
 #include "sync/heavy_fence.hpp"
 
 namespace lim::detail {
-namespace {
-
-// See generation_may_advance: a few scheduler time slices.
-constexpr std::chrono::milliseconds kSeenOutGrace{20};
-
-}  // namespace
-
 bool generation_may_advance(const SegmentState& state, std::uint32_t record, std::uint32_t next_gen,
                             TimePoint deadline) noexcept {
     if (!is_generation_checkpoint(next_gen)) return true;
@@ -30,12 +23,13 @@ bool generation_may_advance(const SegmentState& state, std::uint32_t record, std
         // thread stopped or descheduled has been through a context switch, which drains it).
         std::this_thread::sleep_for(std::chrono::milliseconds{1});
     }
-    // Not before a grace from now, whatever the caller's deadline (a try's is a millisecond,
-    // about what the fence itself takes): a thread in the middle of an operation that its
-    // scheduler preempted needs a time slice to be seen out, and refusing it would fail a try
-    // (a re-anchor skipped, or Error(busy)) for no stopped thread at all.
-    const TimePoint until = std::max(deadline, Clock::now() + kSeenOutGrace);
+    // Not before kCheckpointWait from now, whatever the caller's deadline (a try's is a
+    // millisecond, about what the fence itself takes): a thread in the middle of an operation
+    // that its scheduler preempted needs time slices to be seen out, and refusing it would fail
+    // the caller (Error(busy)) for no stopped thread at all.
+    const TimePoint until = std::max(deadline, Clock::now() + kCheckpointWait);
     const std::uint32_t announced = record + 1;
+    const std::uint32_t announced_take = announced | kBucketTakeTag;
     for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {
         const SlotHeader& slot = state.slot(i);
         for (int pass = 0;; ++pass) {
@@ -43,7 +37,10 @@ bool generation_may_advance(const SegmentState& state, std::uint32_t record, std
             if (!slot_is_occupied(owner)) break;
             // Seen out (acquire: its CAS, if it made one, is then before ours in S's order), or
             // in an operation on another record.
-            if (slot.pending.load(std::memory_order_acquire) != announced) break;
+            if (const std::uint32_t p = slot.pending.load(std::memory_order_acquire);
+                p != announced && p != announced_take) {
+                break;
+            }
             if (Clock::now() >= until) {
                 // A dead owner never makes its CAS; a live one stopped mid-operation may, once
                 // continued. Doubt means alive.

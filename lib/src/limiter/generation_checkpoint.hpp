@@ -15,6 +15,7 @@
 // kGenerationCheckpoint switches, never 65,536.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 
 #include "lim/clock.hpp"
@@ -22,6 +23,14 @@
 namespace lim::detail {
 
 class SegmentState;
+
+// How long a checkpoint waits, at least, for the operations announced on the record to be seen
+// out (a thread preempted in the middle of one needs time slices: 60 ms were seen with 32 busy
+// takers on 2 cores); one still announced after this is stopped.
+inline constexpr std::chrono::milliseconds kCheckpointWait{200};
+// After a refusal, how long further switches at a checkpoint on the record refuse at once
+// (LimiterBody::checkpoint_refused_ns).
+inline constexpr std::chrono::milliseconds kCheckpointMemo{1000};
 
 // A quarter of the generation's range: any 65,535 consecutive switches cross at least three
 // checkpoints, and every one crossed after an operation's load checks it (one would do).
@@ -34,12 +43,15 @@ constexpr bool is_generation_checkpoint(std::uint32_t next_gen) noexcept {
 
 // Whether S of `record` may move to generation `next_gen`: true at once unless `next_gen` is a
 // checkpoint. At a checkpoint: makes every thread on the host pass a full barrier (heavy_fence;
-// milliseconds), then waits until every occupied slot announced on `record` has been seen out of
-// its operation, until `deadline` but at least 20 ms (a preempted thread's time slice); a slot
-// still announced then whose owner is dead (its lock byte held by nobody) is ignored, and one whose
-// owner is alive, or whose liveness cannot be tested, makes it false. The caller holds the config
-// lock (no other switch runs) and must not itself be announced on `record`. Never throws; allocates
-// only in the liveness test of a slot still announced at the deadline.
+// milliseconds), then waits until every occupied slot announced on `record` (record + 1, or a
+// token bucket's take, (record + 1) | kBucketTakeTag) has been seen out of its operation, until
+// `deadline` but at least kCheckpointWait; a slot still announced then whose owner is dead (its
+// lock byte held by nobody) is ignored, and one whose owner is alive, or whose liveness cannot be
+// tested, makes it false. The caller holds the config lock (no other switch runs) and must not
+// itself be announced on `record`; it holds the lock through the wait, so only a caller that may
+// wait comes here (a soft rebase and the token bucket's re-anchor refuse a checkpoint without
+// looking: switch_checked). Never throws; allocates only in the liveness test of a slot still
+// announced at the deadline.
 bool generation_may_advance(const SegmentState& state, std::uint32_t record, std::uint32_t next_gen,
                             TimePoint deadline) noexcept;
 

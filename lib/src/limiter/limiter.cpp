@@ -433,7 +433,7 @@ const LimiterBody& body_of(const RecordRef& ref) noexcept {
     // taken.
     const Holder h = holder(*ref.state);
     LimiterCore core(*ref.state, ref.index, *ref.record);
-    announce_attempt(*h.slot, ref.index);
+    announce_attempt(*h.slot, ref.index + 1);
     const ConsumedOutcome outcome = core.try_take_consumed(h.entry(ref.index), now_ns, units);
     withdraw_attempt(*h.slot);
     // A slot claimed for this one take, by a thread past its slot registry's destruction (a

@@ -198,6 +198,7 @@ void init_limiter_body(LimiterBody& body, const LimiterRecordConfig& config,
     body.time_ns.store(now_ns, std::memory_order_relaxed);
     body.lease_deadline_ns.store(kNoLeaseDeadline, std::memory_order_relaxed);
     body.refused.store(0, std::memory_order_relaxed);
+    body.checkpoint_refused_ns.store(0, std::memory_order_relaxed);
     body.in_flight.store(0, std::memory_order_release);
 }
 
@@ -632,10 +633,23 @@ bool switch_checked(const SegmentState& state, std::uint32_t record, LimiterBody
     // hold it), so the generation read here is the one switch_locked's CAS moves on from.
     const std::uint32_t next_gen =
         (BucketWord::gen(body.bucket.load(std::memory_order_seq_cst)) + 1) & 0xFFFF;
-    if (is_generation_checkpoint(next_gen) &&
-        (!checkpoint_deadline ||
-         !generation_may_advance(state, record, next_gen, *checkpoint_deadline))) {
-        return false;
+    if (is_generation_checkpoint(next_gen)) {
+        if (!checkpoint_deadline) return false;
+        // A refusal in the last kCheckpointMemo: refused again at once, so that writers retrying
+        // while a thread stays stopped (a feeder's grants, a hard rebase on every take) do not
+        // each hold the segment's config lock, which every record's switches share, for a
+        // checkpoint's wait. Only a time in that window counts (the word is read from the
+        // segment: a corrupt or far-future one is ignored; unsigned, so nothing overflows).
+        const auto now = static_cast<std::uint64_t>(to_nanos(Clock::now()));
+        const auto refused =
+            static_cast<std::uint64_t>(body.checkpoint_refused_ns.load(std::memory_order_relaxed));
+        const auto memo = static_cast<std::uint64_t>(
+            std::chrono::duration_cast<std::chrono::nanoseconds>(kCheckpointMemo).count());
+        if (refused != 0 && refused <= now && now - refused < memo) return false;
+        if (!generation_may_advance(state, record, next_gen, *checkpoint_deadline)) {
+            body.checkpoint_refused_ns.store(to_nanos(Clock::now()), std::memory_order_relaxed);
+            return false;
+        }
     }
     switch_locked(body, now_ns, reanchor, change, ctx);
     return true;
@@ -657,51 +671,39 @@ void LimiterCore::switch_config(std::int64_t now_ns, bool reanchor,
     FileLock lock = FileLock::lock_or_busy(
         state_.fd(), LockByte::config, state_.name(),
         "reconfigure limiter '" + std::string(record_key(state_.record(record_))) + "'");
-    if (!switch_checked(state_, record_, body_, now_ns, reanchor, change, ctx,
-                        Clock::now() + kCheckpointWait)) {
+    if (!switch_checked(state_, record_, body_, now_ns, reanchor, change, ctx, Clock::now())) {
         throw Error(Errc::busy,
                     "reconfigure limiter '" + std::string(record_key(state_.record(record_))) +
                         "' of segment '" + state_.name() +
-                        "': a live thread has been stopped for " +
+                        "': a live thread has been stopped (SIGSTOP, a debugger) in the middle "
+                        "of an operation on it for at least " +
                         std::to_string(kCheckpointWait.count()) +
-                        " ms in the middle of an operation on it (SIGSTOP, a debugger); the "
-                        "configuration generation must not move further until it continues or "
-                        "exits (docs/design.md, \"Generation checkpoints\"); nothing changed");
+                        " ms; the configuration generation must not move further until it "
+                        "continues or exits (docs/design.md, \"Generation checkpoints\"); "
+                        "nothing changed");
     }
     wake_all(body_.wake);
 }
 
 bool LimiterCore::rebase(std::int64_t now_ns, std::optional<TimePoint> until,
                          bool* checkpoint_refused) {
+    // A soft rebase (no `until`) leaves a generation checkpoint to the hard one (switch_checked
+    // refuses it without looking; the marker has room up to kRebaseHard), and so it need not
+    // take the lock to learn that: one load, where a lock attempt costs a take three syscalls.
+    // (A hint: under the lock switch_checked decides again.)
+    if (!until &&
+        is_generation_checkpoint(
+            (BucketWord::gen(body_.bucket.load(std::memory_order_relaxed)) + 1) & 0xFFFF)) {
+        if (checkpoint_refused != nullptr) *checkpoint_refused = true;
+        return false;
+    }
     std::optional<FileLock> lock = until
                                        ? FileLock::lock_until(state_.fd(), LockByte::config, *until)
                                        : FileLock::try_lock_fresh(state_.fd(), LockByte::config);
     if (!lock) return false;
     // A checkpoint refused (a live thread stopped mid-operation on the record) counts as the lock
     // not had: a soft rebase goes on without, a hard one answers as at its deadline or busy.
-    std::optional<TimePoint> deadline = until;
-    if (!until) {
-        // A soft rebase makes a checkpoint with a try's deadline. After a refusal this thread
-        // leaves the next 1,024 to the hard rebase (the marker has room up to kRebaseHard):
-        // while a thread stays stopped, each attempt would cost a take a fence and the wait.
-        thread_local std::uint32_t skip = 0;
-        const std::uint32_t next_gen =
-            (BucketWord::gen(body_.bucket.load(std::memory_order_seq_cst)) + 1) & 0xFFFF;
-        if (is_generation_checkpoint(next_gen)) {
-            if (skip == 0) {
-                deadline = Clock::now() + kTryLockGrace;
-            } else {
-                --skip;
-            }
-            if (switch_checked(state_, record_, body_, now_ns, true, nullptr, nullptr, deadline)) {
-                return true;
-            }
-            if (deadline) skip = 1024;
-            if (checkpoint_refused != nullptr) *checkpoint_refused = true;
-            return false;
-        }
-    }
-    if (switch_checked(state_, record_, body_, now_ns, true, nullptr, nullptr, deadline)) {
+    if (switch_checked(state_, record_, body_, now_ns, true, nullptr, nullptr, until)) {
         return true;
     }
     if (checkpoint_refused != nullptr) *checkpoint_refused = true;
@@ -746,6 +748,13 @@ bool LimiterCore::rebase_hard(std::int64_t now_ns, const RebaseWait& how) {
 }
 
 bool LimiterCore::reanchor_drip(std::int64_t now_ns) {
+    // A re-anchor only saves time: it never makes a generation checkpoint (switch_checked below
+    // refuses one without looking, and this hint spares the lock), which is left to a rebase that
+    // may wait; the long form of the drip serves meanwhile.
+    if (is_generation_checkpoint(
+            (BucketWord::gen(body_.bucket.load(std::memory_order_relaxed)) + 1) & 0xFFFF)) {
+        return false;
+    }
     std::optional<FileLock> lock = FileLock::try_lock_fresh(state_.fd(), LockByte::config);
     if (!lock) return false;
     // Under the lock no other switch can run, so what is checked here still holds at
@@ -765,10 +774,7 @@ bool LimiterCore::reanchor_drip(std::int64_t now_ns) {
             &product)) {
         return false;
     }
-    // Refused at a checkpoint (a live thread stopped mid-operation on the record): not now; the
-    // long form of the drip serves meanwhile.
-    return switch_checked(state_, record_, body_, now_ns, true, nullptr, nullptr,
-                          Clock::now() + kTryLockGrace);
+    return switch_checked(state_, record_, body_, now_ns, true, nullptr, nullptr, std::nullopt);
 }
 
 // ---------------------------------------------------------------------------------------------

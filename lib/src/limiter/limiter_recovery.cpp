@@ -9,6 +9,7 @@
 #include <span>
 #include <utility>
 
+#include "limiter/generation_checkpoint.hpp"
 #include "limiter/limiter_state.hpp"
 #include "shm/file_lock.hpp"
 #include "sync/futex.hpp"
@@ -74,28 +75,23 @@ std::optional<std::uint64_t> cas_from_frozen(std::atomic<std::uint64_t>& f,
 }
 
 // Folds the bucket at `now` with `f` in flight, as a return does before its tokens come back.
-// Under the config lock, waited for at most kTryLockGrace (a legitimate switch holds it for
-// microseconds). Never longer: the record is frozen here, and a writer stopped holding the lock
-// would keep the reaper (and its recovery lock) waiting. Held from the load of S to the CAS, so
-// that no switch moves the generation in between: a reaper stopped there (SIGSTOP) while another
-// program reconfigures the record in a loop would otherwise CAS a word whose generation had come
-// round again (docs/design.md, "Generation checkpoints"; takes and returns are covered by their
-// announcement instead, which a reaper has none of). Without the lock the fold cannot be made,
-// and returning the dead's tokens unfolded would put the allowance since the last fold in the
-// bucket at once (up to a bucket over the bound): so false, nothing changed, and the recount
-// defers the record to a later reap, as when a holder thawed it. The same when the fold must
-// re-anchor the drip and a generation checkpoint refuses (a live thread stopped mid-operation).
+// A fold that changes S is made under the config lock, waited for at most kTryLockGrace (a
+// legitimate switch holds it for microseconds; never longer: the record is frozen here, and a
+// writer stopped holding the lock would keep the reaper, and its recovery lock, waiting), and
+// the lock is held from the load of S to the CAS, so that no switch moves the generation in
+// between: a reaper stopped there (SIGSTOP) while another program reconfigures the record in a
+// loop would otherwise CAS a word whose generation had come round again (docs/design.md,
+// "Generation checkpoints"; takes and returns are covered by their announcement instead, which a
+// reaper has none of). Without the lock the fold cannot be made, and returning the dead's tokens
+// unfolded would put the allowance since the last fold in the bucket at once (up to a bucket
+// over the bound): so false, nothing changed, and the recount defers the record to a later reap,
+// as when a holder thawed it. The same when the fold must re-anchor the drip and a generation
+// checkpoint refuses (a live thread stopped mid-operation). A fold with nothing to change (an
+// infinite rate or target, or the allowance already folded) takes no lock.
 bool fold_for_return(SegmentState& state, std::uint32_t record, std::int64_t f,
                      std::int64_t now_ns) noexcept {
     LimiterBody& body = body_at(state, record);
-    const std::optional<FileLock> lock = [&]() noexcept -> std::optional<FileLock> {
-        try {
-            return FileLock::lock_until(state.fd(), LockByte::config, Clock::now() + kTryLockGrace);
-        } catch (...) {
-            return std::nullopt;
-        }
-    }();
-    if (!lock) return false;
+    std::optional<FileLock> lock;
     for (;;) {
         std::uint64_t s = body.bucket.load(std::memory_order_seq_cst);
         const std::uint32_t gen = BucketWord::gen(s);
@@ -106,10 +102,22 @@ bool fold_for_return(SegmentState& state, std::uint32_t record, std::int64_t f,
         const std::int64_t d = p.drip_at(t);
         const std::int64_t folded = std::max(x, d - p.outside_flight(f));
         if (folded == x) return true;
+        if (!lock) {
+            // Then decide again from a load under the lock.
+            try {
+                std::optional<FileLock> got = FileLock::lock_until(state.fd(), LockByte::config,
+                                                                   Clock::now() + kTryLockGrace);
+                if (!got) return false;
+                lock.emplace(std::move(*got));
+            } catch (...) {
+                return false;  // cannot be tried
+            }
+            continue;
+        }
         if (d > kRebaseAt) {
             // Re-anchoring folds too.
             return switch_checked(state, record, body, now_ns, true, nullptr, nullptr,
-                                  Clock::now() + kTryLockGrace);
+                                  Clock::now());
         }
         LIM_RACE_POINT();
         if (body.bucket.compare_exchange_strong(s, BucketWord::make(gen, folded),
@@ -238,6 +246,14 @@ std::uint8_t limiter_reset(SegmentState& state, std::uint32_t record, TimePoint 
 
 }  // namespace
 
+// The generation checkpoint a reset's move of the generation may cross (KindOps::may_reset).
+bool limiter_may_reset(SegmentState& state, std::uint32_t record) noexcept {
+    const std::uint32_t next_gen =
+        (BucketWord::gen(body_at(state, record).bucket.load(std::memory_order_seq_cst)) + 1) &
+        0xFFFF;
+    return generation_may_advance(state, record, next_gen, Clock::now());
+}
+
 const KindOps kLimiterOps{
     .freeze = limiter_freeze,
     .recount = limiter_recount,
@@ -245,6 +261,7 @@ const KindOps kLimiterOps{
     .reset = limiter_reset,
     .layers = 2,
     .layer_names = {"tokens", "tokens", nullptr},
+    .may_reset = limiter_may_reset,
 };
 
 }  // namespace lim::detail

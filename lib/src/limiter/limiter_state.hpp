@@ -205,7 +205,12 @@ struct LimiterBody {
     // to (relaxed) only on a consumed take's refusal path, never past kRefusedCap; its own line,
     // so that pollers refused in a loop do not contend with the hot line's takes.
     alignas(kCacheLine) std::atomic<std::uint64_t> refused;
-    std::atomic<std::uint64_t> reserved1[7];
+    // When a generation checkpoint on this record was last refused (CLOCK_MONOTONIC ns; 0 or a
+    // time not in the last kCheckpointMemo: none): a switch at a checkpoint within kCheckpointMemo
+    // of it refuses at once, so that writers retrying while a thread stays stopped do not hold
+    // the segment's config lock for a checkpoint's wait each (generation_checkpoint.hpp).
+    std::atomic<std::int64_t> checkpoint_refused_ns;
+    std::atomic<std::uint64_t> reserved1[6];
 };
 static_assert(sizeof(LimiterBody) == 5 * kCacheLine);
 
@@ -767,21 +772,19 @@ bool switch_checked(const SegmentState& state, std::uint32_t record, LimiterBody
                     std::int64_t now_ns, bool reanchor, void (*change)(LimiterParams&, void*),
                     void* ctx, std::optional<TimePoint> checkpoint_deadline) noexcept;
 
-// How long a reconfiguration waits at a generation checkpoint for the operations in progress on
-// the record to end: as long as a reap waits for them (an operation takes nanoseconds; one still
-// in progress after this is stopped).
-inline constexpr std::chrono::milliseconds kCheckpointWait{1000};
-
 // The announcement of an attempt that reads S with no Hold (a token bucket's own take, the
 // consumed fast take), as a Hold makes it: a generation checkpoint (generation_checkpoint.hpp)
 // must see every operation that has loaded S and not yet made its CAS or validated its
-// generation. A plain store, and no fence before the loads of S that follow (the compiler's order
-// only): the checkpoint's heavy fence (sync/heavy_fence.hpp) pays for the ordering on its side,
-// once in kGenerationCheckpoint switches, instead of every take. Withdrawn before anything that
-// may wait (a rebase, the general take, which announces for itself).
+// generation. `announced` is record + 1, or for a token bucket's own take (record + 1) |
+// kBucketTakeTag, which a reap does not wait for (SlotHeader::pending). A store with no fence
+// before the loads of S that follow (the compiler's order only): the checkpoint's heavy fence
+// (sync/heavy_fence.hpp) pays for the ordering on its side, once in kGenerationCheckpoint
+// switches, instead of every take. Release, so that a checkpoint that reads it has the
+// thread's earlier operations (their CASes) before its own. Withdrawn before anything that may
+// wait (a rebase, the general take, which announces for itself).
 [[gnu::always_inline]] inline void announce_attempt(SlotHeader& slot,
-                                                    std::uint32_t record) noexcept {
-    slot.pending.store(record + 1, std::memory_order_relaxed);
+                                                    std::uint32_t announced) noexcept {
+    slot.pending.store(announced, std::memory_order_release);
     std::atomic_signal_fence(std::memory_order_seq_cst);
 }
 // Release: a checkpoint that reads the withdrawal sees the attempt's CAS before its own.

@@ -275,7 +275,7 @@ void reanchor_for_short_drip(LimiterCore& core, std::int64_t now_ns) noexcept {
     reanchor_for_short_drip(core, now_ns);
     std::int64_t rebase_at = kRebaseAt;
     for (;;) {
-        announce_attempt(slot, ref.index);
+        announce_attempt(slot, (ref.index + 1) | kBucketTakeTag);
         const TakeOutcome outcome = core.try_take_bucket(entry, now_ns, units, rebase_at);
         withdraw_attempt(slot);
         switch (outcome) {
@@ -316,7 +316,7 @@ namespace {
     detail::LedgerEntry& entry = h.entry(ref.index);
     auto& body = *reinterpret_cast<detail::LimiterBody*>(ref.record->body);
     if (!h.ephemeral) [[likely]] {
-        detail::announce_attempt(*h.slot, ref.index);
+        detail::announce_attempt(*h.slot, (ref.index + 1) | detail::kBucketTakeTag);
         const bool took = detail::bucket_take_once(body, entry, now_ns, units);
         detail::withdraw_attempt(*h.slot);
         if (took) [[likely]]
@@ -333,7 +333,7 @@ namespace {
         const detail::Holder& h;
         ~GiveBack() { detail::release_ephemeral(state, h); }
     } give_back{*ref.state, h};
-    detail::announce_attempt(*h.slot, ref.index);
+    detail::announce_attempt(*h.slot, (ref.index + 1) | detail::kBucketTakeTag);
     const bool took = detail::bucket_take_once(body, entry, now_ns, units);
     detail::withdraw_attempt(*h.slot);
     if (took) return TryTake::taken;

@@ -19,7 +19,6 @@
 #include "shm/process_identity.hpp"
 #include "shm/process_table.hpp"
 #include "shm/records.hpp"
-#include "sync/heavy_fence.hpp"
 #include "sync/race_point.hpp"
 
 namespace lim::detail {
@@ -455,13 +454,6 @@ void reset(SegmentState& state, const ResetOptions& options) {
     // kLockWaitTimeout, nothing reset (docs/design.md, "Stopped lock holders").
     const FileLock config_lock =
         FileLock::lock_or_busy(state.fd(), LockByte::config, state.name(), "reset");
-    // A limiter's reset moves its generation by one, like a switch, and may move it to a
-    // checkpoint (limiter/generation_checkpoint.hpp). Its quiescence wait below is that
-    // checkpoint's scan, and refuses the record while a live slot stays announced on it; this
-    // fence, after every switch before the config lock and before every scan, is the checkpoint's
-    // fence, so the scan also sees a token bucket's take (announced with a plain store, and not
-    // stopped by the freeze) that loaded the generation before it. Milliseconds, once per reset.
-    if (!heavy_fence()) std::this_thread::sleep_for(std::chrono::milliseconds{1});
 
     // The resetter's own slot (this thread's, claimed if it has none, as by any holding
     // operation). It announces each record while the record's ledgers are cleared and its words
@@ -557,6 +549,13 @@ void reset(SegmentState& state, const ResetOptions& options) {
                     state, r, dead,
                     std::max(budget - std::chrono::steady_clock::now(),
                              std::chrono::steady_clock::duration{kFrozenQuiesceTimeout}))) {
+                restore_cleared(r);
+                ops->thaw(state, r);
+                break;
+            }
+            // A limiter's reset moves its generation, and may have a generation checkpoint to
+            // make first (KindOps::may_reset): refused like a record that did not quiesce.
+            if (ops->may_reset != nullptr && !ops->may_reset(state, r)) {
                 restore_cleared(r);
                 ops->thaw(state, r);
                 break;

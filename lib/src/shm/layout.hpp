@@ -270,6 +270,9 @@ inline void clear_holding(LedgerEntry& e) noexcept {
     }
 }
 
+// See SlotHeader::pending.
+inline constexpr std::uint32_t kBucketTakeTag = std::uint32_t{1} << 31;
+
 struct alignas(kCacheLine) SlotHeader {
     // Line 0: identity, written while the slot is `claiming`, read by reapers and limctl.
     std::atomic<std::uint64_t> owner;  // SlotOwner
@@ -287,6 +290,10 @@ struct alignas(kCacheLine) SlotHeader {
     // `pending` is the record index + 1 of the operation in progress, 0 when none: a reaper that
     // quiesces a record waits until no live slot has it pending, so that every live ledger is
     // exact when it recounts (docs/design.md, "Crash recovery").
+    // A token bucket's own take announces (record + 1) | kBucketTakeTag instead: a generation
+    // checkpoint waits for it (it reads the record's bucket word), but a reap or a reset's
+    // quiescence wait does not (it changes no word they recount, and does not step aside from a
+    // frozen one).
     alignas(kCacheLine) std::atomic<std::uint32_t> pending;
     // The record index + 1 this thread is registered as waiting on (0: none), and the amount it
     // waits for. Written under a Hold, so a reaper that recounts a record's waiter counts sees

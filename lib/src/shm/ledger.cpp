@@ -54,7 +54,7 @@ void Hold::step_aside(SlotHeader& slot, std::uint32_t record, std::atomic<std::u
             // Cannot check now; keep waiting and try again later.
         }
     }
-    slot.pending.store(record + 1, std::memory_order_relaxed);
+    slot.pending.store(record + 1, std::memory_order_release);
     std::atomic_signal_fence(std::memory_order_seq_cst);  // as in Hold's constructor
 }
 
@@ -79,7 +79,7 @@ bool holds_settled(SegmentState& state, SlotHeader& slot, std::uint32_t record, 
                                        Clock::now() + kLockWaitTimeout);
         } catch (...) {
         }
-        slot.pending.store(record + 1, std::memory_order_relaxed);
+        slot.pending.store(record + 1, std::memory_order_release);
         std::atomic_signal_fence(std::memory_order_seq_cst);  // as in Hold's constructor
         LIM_RACE_POINT();
         return process_holding(state, record, layer) >= static_cast<std::int64_t>(n);

@@ -61,10 +61,11 @@ class Hold {
         slot_ = h.slot;
         entry_ = &h.entry(record);
         ephemeral_ = h.ephemeral;
-        slot_->pending.store(record + 1, std::memory_order_relaxed);
-        // The compiler keeps the store before the operation's loads; the hardware's order is
-        // what a reaper's CAS on a frozen word, or a generation checkpoint's heavy fence, pairs
-        // with (generation_checkpoint.hpp).
+        // Release: a generation checkpoint that reads it has this thread's earlier operations
+        // (their CASes) before its own. The compiler keeps the store before the operation's
+        // loads; the hardware's order is what a reaper's CAS on a frozen word, or a generation
+        // checkpoint's heavy fence, pairs with (generation_checkpoint.hpp).
+        slot_->pending.store(record + 1, std::memory_order_release);
         std::atomic_signal_fence(std::memory_order_seq_cst);
         LIM_RACE_POINT();
     }
