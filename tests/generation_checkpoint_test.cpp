@@ -214,7 +214,7 @@ TEST_CASE(
     CHECK(core.rebase(t, std::nullopt));  // to kGenerationCheckpoint - 1: no checkpoint
     const std::uint64_t before = body.bucket.load();
     bool refused = false;
-    CHECK_FALSE(core.rebase(t, std::nullopt, &refused));  // soft: not even looked at
+    CHECK_FALSE(core.rebase(t, std::nullopt, &refused));  // soft: a try's wait, then refused
     CHECK(refused);
     CHECK(body.bucket.load() == before);
     // A try's hard rebase makes the checkpoint (kCheckpointWait at least), and is refused busy;
@@ -230,8 +230,8 @@ TEST_CASE(
     // Its CAS fails (the generation moved); it decides again on the re-anchored bucket.
     const int took = lim::test::wait_child(taker);
     CHECK((took == 0 || took == 1));
-    // A rebase that does not wait never makes a checkpoint (it leaves it to the hard rebase);
-    // one that may wait makes it, once the refusal's memo has passed.
+    // Within the second after a refusal, a soft rebase gives up at once; once the memo has
+    // passed, a rebase makes the checkpoint.
     CHECK_FALSE(core.rebase(t, std::nullopt));
     CHECK(lim::test::eventually(
         [&] { return core.rebase(t, Clock::now() + std::chrono::seconds{5}); }));

@@ -293,13 +293,13 @@ bool land(detail::LimiterBody& body, StaleTake st) {
 // The 16-bit generation's limit, with this file's 100 ms windows (many_reanchors.hpp): 65,536
 // re-anchors bring S back to the word a stopped taker loaded (docs/design.md, "Generation
 // checkpoints"). Until layout 5 this case was marked should_fail: the CAS landed and admitted
-// half a bucket beyond burst + rate x T. Now a re-anchor never crosses a checkpoint (it leaves
-// it to a rebase that may wait), and that rebase is refused while the taker, announced as the
+// half a bucket beyond burst + rate x T. Now the re-anchor to the checkpoint generation, and
+// every switch there in the second after it, is refused while the taker, announced as the
 // library's take announces, is stopped.
 TEST_CASE(
-    "review: 65,536 re-anchors would bring S back; re-anchors stop before a checkpoint, a "
-    "rebase is refused there while a taker is stopped between its load and its CAS, and "
-    "nothing beyond burst + rate x T is admitted") {
+    "review: 65,536 re-anchors would bring S back; a taker stopped between its load and its "
+    "CAS holds the generation at a checkpoint, and nothing beyond burst + rate x T is "
+    "admitted") {
     // 10^7 tokens/s (R = 10^11 units/s, exact_anchor's step 1 ns): a re-anchor is due every
     // W = ceil(2^64 / R) ns = 184.5 ms, so 65,536 of them (the 16-bit generation's wrap) take
     // 3.4 hours of time; before the short drip's re-anchors the only re-anchor at this rate was
@@ -346,9 +346,10 @@ TEST_CASE(
         std::this_thread::sleep_for(std::chrono::milliseconds{1});
     REQUIRE(stale.decided);
 
-    // Meanwhile the others drain the bucket once per window: every drip is taken. The re-anchors
-    // stop at the generation before the checkpoint, and the takes go on with the drip's long
-    // form (past 2^45 units of drip the soft rebase leaves the checkpoint to the hard one too).
+    // Meanwhile the others drain the bucket once per window: every drip is taken. The re-anchor
+    // to the checkpoint generation is refused (the taker is announced), and its retries, 1,024
+    // takes later, within the second that refusal is remembered; the takes go on with the drip's
+    // long form (past 2^45 units of drip the soft rebases are refused the same way).
     std::int64_t t = start;
     int stuck = 0;
     for (int k = 0; k < 65'536 && stuck < 2'100; ++k) {

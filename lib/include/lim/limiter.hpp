@@ -211,7 +211,11 @@ class Limiter {
     // and if a configuration change holds it, goes on without; only when that has gone on for
     // 2^46 units more, with the lock still held (a configuration writer stopped holding it), it
     // throws Error(busy) rather than wait (beyond 1 ms; nothing taken), and Error(system_error)
-    // if the lock cannot be tried at all.
+    // if the lock cannot be tried at all. One such re-anchor in 16,384 is a generation
+    // checkpoint (docs/design.md, "Generation checkpoints"): it waits for every operation in
+    // progress on the record to end, a few milliseconds and at most 200 ms, and throws
+    // Error(busy) if one stays in progress (a thread stopped in the middle of an operation on
+    // this limiter, SIGSTOP or a debugger), and then at once for a second after, nothing taken.
     // Memory ordering: a successful take happens-after the return, refill decision or
     // reconfiguration that made its tokens available, in whichever process it ran.
     // The overload without `now` reads lim::Clock only if the outcome depends on time (a finite
@@ -256,6 +260,12 @@ class Limiter {
     // Error(invalid_argument) for a value out of range (nothing changes), Error(permission_denied)
     // on a read-only mapping, Error(busy) if the lock stayed held for 3 s (a configuration
     // writer stopped or slow; nothing changes), Error(system_error) if the lock cannot be taken.
+    // One configuration change in 16,384 on a limiter is a generation checkpoint (docs/design.md,
+    // "Generation checkpoints"): it waits, with the lock held, for every operation in progress on
+    // the limiter to end (a few milliseconds; at most 200 ms), and throws Error(busy), nothing
+    // changed, if one stays in progress (a thread stopped in the middle of an operation on it,
+    // SIGSTOP or a debugger); for a second after such a refusal, changes of that limiter are
+    // refused at once, and none succeeds until that thread continues or exits.
 
     // Sets the number of tokens in the whole system. Lowering it removes tokens from the hopper,
     // then the bucket; if what is in flight alone exceeds it, hopper and bucket empty and later

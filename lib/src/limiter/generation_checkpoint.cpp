@@ -10,7 +10,7 @@
 
 namespace lim::detail {
 bool generation_may_advance(const SegmentState& state, std::uint32_t record, std::uint32_t next_gen,
-                            TimePoint deadline) noexcept {
+                            std::chrono::milliseconds wait) noexcept {
     if (!is_generation_checkpoint(next_gen)) return true;
     // The announcing side stores `pending` and loads S with no fence between. After this fence, a
     // thread whose load of S came before the last switch's CAS (so read an older generation) has
@@ -23,11 +23,9 @@ bool generation_may_advance(const SegmentState& state, std::uint32_t record, std
         // thread stopped or descheduled has been through a context switch, which drains it).
         std::this_thread::sleep_for(std::chrono::milliseconds{1});
     }
-    // Not before kCheckpointWait from now, whatever the caller's deadline (a try's is a
-    // millisecond, about what the fence itself takes): a thread in the middle of an operation
-    // that its scheduler preempted needs time slices to be seen out, and refusing it would fail
-    // the caller (Error(busy)) for no stopped thread at all.
-    const TimePoint until = std::max(deadline, Clock::now() + kCheckpointWait);
+    // From after the fence, and never longer than `wait` whatever the caller's own deadline:
+    // the config lock is held meanwhile.
+    const TimePoint until = Clock::now() + wait;
     const std::uint32_t announced = record + 1;
     const std::uint32_t announced_take = announced | kBucketTakeTag;
     for (std::uint32_t i = 0; i < state.geometry().max_processes; ++i) {

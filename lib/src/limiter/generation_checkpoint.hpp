@@ -43,16 +43,17 @@ constexpr bool is_generation_checkpoint(std::uint32_t next_gen) noexcept {
 
 // Whether S of `record` may move to generation `next_gen`: true at once unless `next_gen` is a
 // checkpoint. At a checkpoint: makes every thread on the host pass a full barrier (heavy_fence;
-// milliseconds), then waits until every occupied slot announced on `record` (record + 1, or a
-// token bucket's take, (record + 1) | kBucketTakeTag) has been seen out of its operation, until
-// `deadline` but at least kCheckpointWait; a slot still announced then whose owner is dead (its
-// lock byte held by nobody) is ignored, and one whose owner is alive, or whose liveness cannot be
-// tested, makes it false. The caller holds the config lock (no other switch runs) and must not
-// itself be announced on `record`; it holds the lock through the wait, so only a caller that may
-// wait comes here (a soft rebase and the token bucket's re-anchor refuse a checkpoint without
-// looking: switch_checked). Never throws; allocates only in the liveness test of a slot still
-// announced at the deadline.
+// milliseconds), then waits, `wait` at most, until every occupied slot announced on `record`
+// (record + 1, or a token bucket's take, (record + 1) | kBucketTakeTag) has been seen out of its
+// operation; a slot still announced then whose owner is dead (its lock byte held by nobody) is
+// ignored, and one whose owner is alive, or whose liveness cannot be tested, makes it false. The
+// caller holds the config lock (no other switch runs; it holds it through the wait, which every
+// record's switches share) and must not itself be announced on `record`. `wait` is
+// kCheckpointWait for a caller that may wait (a thread preempted mid-operation needs time slices
+// to be seen out), kTryLockGrace for one that must not (its refusal is remembered and retried:
+// switch_checked). Never throws; allocates only in the liveness test of a slot still announced
+// at the end of the wait.
 bool generation_may_advance(const SegmentState& state, std::uint32_t record, std::uint32_t next_gen,
-                            TimePoint deadline) noexcept;
+                            std::chrono::milliseconds wait) noexcept;
 
 }  // namespace lim::detail

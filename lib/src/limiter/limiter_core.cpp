@@ -626,27 +626,36 @@ void switch_locked(LimiterBody& body, std::int64_t now_ns, bool reanchor,
     }
 }
 
+bool checkpoint_refused_recently(const LimiterBody& body) noexcept {
+    // Only a time in the last kCheckpointMemo counts (the word is read from the segment: a
+    // corrupt or far-future one is ignored; unsigned, so nothing overflows).
+    const auto now = static_cast<std::uint64_t>(to_nanos(Clock::now()));
+    const auto refused =
+        static_cast<std::uint64_t>(body.checkpoint_refused_ns.load(std::memory_order_relaxed));
+    const auto memo = static_cast<std::uint64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(kCheckpointMemo).count());
+    return refused != 0 && refused <= now && now - refused < memo;
+}
+
+bool next_is_checkpoint(const LimiterBody& body) noexcept {
+    return is_generation_checkpoint(
+        (BucketWord::gen(body.bucket.load(std::memory_order_seq_cst)) + 1) & 0xFFFF);
+}
+
 bool switch_checked(const SegmentState& state, std::uint32_t record, LimiterBody& body,
                     std::int64_t now_ns, bool reanchor, void (*change)(LimiterParams&, void*),
-                    void* ctx, std::optional<TimePoint> checkpoint_deadline) noexcept {
+                    void* ctx, std::chrono::milliseconds checkpoint_wait) noexcept {
     // Under the config lock every writer of the generation is excluded (switches and resets
     // hold it), so the generation read here is the one switch_locked's CAS moves on from.
-    const std::uint32_t next_gen =
-        (BucketWord::gen(body.bucket.load(std::memory_order_seq_cst)) + 1) & 0xFFFF;
-    if (is_generation_checkpoint(next_gen)) {
-        if (!checkpoint_deadline) return false;
+    if (next_is_checkpoint(body)) {
         // A refusal in the last kCheckpointMemo: refused again at once, so that writers retrying
         // while a thread stays stopped (a feeder's grants, a hard rebase on every take) do not
         // each hold the segment's config lock, which every record's switches share, for a
-        // checkpoint's wait. Only a time in that window counts (the word is read from the
-        // segment: a corrupt or far-future one is ignored; unsigned, so nothing overflows).
-        const auto now = static_cast<std::uint64_t>(to_nanos(Clock::now()));
-        const auto refused =
-            static_cast<std::uint64_t>(body.checkpoint_refused_ns.load(std::memory_order_relaxed));
-        const auto memo = static_cast<std::uint64_t>(
-            std::chrono::duration_cast<std::chrono::nanoseconds>(kCheckpointMemo).count());
-        if (refused != 0 && refused <= now && now - refused < memo) return false;
-        if (!generation_may_advance(state, record, next_gen, *checkpoint_deadline)) {
+        // checkpoint's fence and wait.
+        if (checkpoint_refused_recently(body)) return false;
+        const std::uint32_t next_gen =
+            (BucketWord::gen(body.bucket.load(std::memory_order_seq_cst)) + 1) & 0xFFFF;
+        if (!generation_may_advance(state, record, next_gen, checkpoint_wait)) {
             body.checkpoint_refused_ns.store(to_nanos(Clock::now()), std::memory_order_relaxed);
             return false;
         }
@@ -671,29 +680,26 @@ void LimiterCore::switch_config(std::int64_t now_ns, bool reanchor,
     FileLock lock = FileLock::lock_or_busy(
         state_.fd(), LockByte::config, state_.name(),
         "reconfigure limiter '" + std::string(record_key(state_.record(record_))) + "'");
-    if (!switch_checked(state_, record_, body_, now_ns, reanchor, change, ctx, Clock::now())) {
+    if (!switch_checked(state_, record_, body_, now_ns, reanchor, change, ctx, kCheckpointWait)) {
         throw Error(Errc::busy,
                     "reconfigure limiter '" + std::string(record_key(state_.record(record_))) +
                         "' of segment '" + state_.name() +
-                        "': a live thread has been stopped (SIGSTOP, a debugger) in the middle "
-                        "of an operation on it for at least " +
+                        "': a generation checkpoint found a live thread in the middle of an "
+                        "operation on it for " +
                         std::to_string(kCheckpointWait.count()) +
-                        " ms; the configuration generation must not move further until it "
-                        "continues or exits (docs/design.md, \"Generation checkpoints\"); "
-                        "nothing changed");
+                        " ms, within the last second (stopped: SIGSTOP, a debugger); the "
+                        "configuration generation must not move further until it continues or "
+                        "exits (docs/design.md, \"Generation checkpoints\"); nothing changed");
     }
     wake_all(body_.wake);
 }
 
 bool LimiterCore::rebase(std::int64_t now_ns, std::optional<TimePoint> until,
                          bool* checkpoint_refused) {
-    // A soft rebase (no `until`) leaves a generation checkpoint to the hard one (switch_checked
-    // refuses it without looking; the marker has room up to kRebaseHard), and so it need not
-    // take the lock to learn that: one load, where a lock attempt costs a take three syscalls.
-    // (A hint: under the lock switch_checked decides again.)
-    if (!until &&
-        is_generation_checkpoint(
-            (BucketWord::gen(body_.bucket.load(std::memory_order_relaxed)) + 1) & 0xFFFF)) {
+    // A soft rebase (no `until`) at a checkpoint refused in the last second leaves it at once,
+    // before the lock: one load or two, where a lock attempt costs a take three syscalls, while
+    // a thread stays stopped. (A hint: under the lock switch_checked decides again.)
+    if (!until && next_is_checkpoint(body_) && checkpoint_refused_recently(body_)) {
         if (checkpoint_refused != nullptr) *checkpoint_refused = true;
         return false;
     }
@@ -701,9 +707,13 @@ bool LimiterCore::rebase(std::int64_t now_ns, std::optional<TimePoint> until,
                                        ? FileLock::lock_until(state_.fd(), LockByte::config, *until)
                                        : FileLock::try_lock_fresh(state_.fd(), LockByte::config);
     if (!lock) return false;
-    // A checkpoint refused (a live thread stopped mid-operation on the record) counts as the lock
-    // not had: a soft rebase goes on without, a hard one answers as at its deadline or busy.
-    if (switch_checked(state_, record_, body_, now_ns, true, nullptr, nullptr, until)) {
+    // A checkpoint refused (a live thread in the middle of an operation on the record) counts as
+    // the lock not had: a soft rebase goes on without (the marker has room up to kRebaseHard),
+    // a hard one answers as at its deadline or busy. A soft rebase makes the checkpoint with a
+    // try's wait: with nobody stopped, the threads announced on the record are running and are
+    // seen out within it; one preempted mid-operation refuses it, and a later rebase retries.
+    if (switch_checked(state_, record_, body_, now_ns, true, nullptr, nullptr,
+                       until ? kCheckpointWait : kTryLockGrace)) {
         return true;
     }
     if (checkpoint_refused != nullptr) *checkpoint_refused = true;
@@ -723,10 +733,10 @@ namespace {
     if (!stopped_operation) throw_lock_busy(segment, LockByte::config, what, waited);
     throw Error(Errc::busy,
                 "segment '" + segment + "': cannot " + what +
-                    ": a live thread has been stopped in the middle of an operation on it "
-                    "(SIGSTOP, a debugger), and the configuration generation must not move "
-                    "further until it continues or exits (docs/design.md, \"Generation "
-                    "checkpoints\"); nothing changed");
+                    ": a generation checkpoint found a live thread in the middle of an operation "
+                    "on it, within the last second (stopped: SIGSTOP, a debugger), and the "
+                    "configuration generation must not move further until it continues or "
+                    "exits (docs/design.md, \"Generation checkpoints\"); nothing changed");
 }
 
 }  // namespace
@@ -735,26 +745,37 @@ bool LimiterCore::rebase_hard(std::int64_t now_ns, const RebaseWait& how) {
     const std::string what =
         "re-anchor the drip of limiter '" + std::string(record_key(state_.record(record_))) + "'";
     bool stopped_operation = false;
+    const std::uint32_t gen = BucketWord::gen(body_.bucket.load(std::memory_order_seq_cst));
+    // Another thread re-anchored while this one waited for the lock: the caller decides again on
+    // the new drip (which may need no rebase), rather than failing for a lock it no longer needs.
+    const auto rebased_meanwhile = [&] {
+        return !stopped_operation &&
+               BucketWord::gen(body_.bucket.load(std::memory_order_seq_cst)) != gen;
+    };
     if (!how.wait) {
-        // A try_* does not wait for a lock, beyond the microseconds a switch holds it for.
-        if (rebase(now_ns, Clock::now() + kTryLockGrace, &stopped_operation)) return true;
-        throw_rebase_busy(state_.name(), what, stopped_operation, kTryLockGrace);
+        // A try_* does not wait for a lock, beyond what a switch holds it for: microseconds, or
+        // at a generation checkpoint its fence and wait (kCheckpointWait), which another thread's
+        // hard rebase may be making now.
+        const std::chrono::milliseconds grace =
+            next_is_checkpoint(body_) ? kCheckpointWait + std::chrono::milliseconds{100}
+                                      : kTryLockGrace;
+        if (rebase(now_ns, Clock::now() + grace, &stopped_operation)) return true;
+        if (rebased_meanwhile()) return true;
+        throw_rebase_busy(state_.name(), what, stopped_operation, grace);
     }
     const TimePoint limit = Clock::now() + kLockWaitTimeout;
     const bool caller_first = how.deadline != nullptr && *how.deadline <= limit;
     if (rebase(now_ns, caller_first ? *how.deadline : limit, &stopped_operation)) return true;
+    if (rebased_meanwhile()) return true;
     if (caller_first) return false;
     throw_rebase_busy(state_.name(), what, stopped_operation, kLockWaitTimeout);
 }
 
 bool LimiterCore::reanchor_drip(std::int64_t now_ns) {
-    // A re-anchor only saves time: it never makes a generation checkpoint (switch_checked below
-    // refuses one without looking, and this hint spares the lock), which is left to a rebase that
-    // may wait; the long form of the drip serves meanwhile.
-    if (is_generation_checkpoint(
-            (BucketWord::gen(body_.bucket.load(std::memory_order_relaxed)) + 1) & 0xFFFF)) {
-        return false;
-    }
+    // A re-anchor only saves time: at a checkpoint refused in the last second it gives up before
+    // the lock (the long form of the drip serves meanwhile), and otherwise makes the checkpoint
+    // with a try's wait (as a soft rebase does: LimiterCore::rebase).
+    if (next_is_checkpoint(body_) && checkpoint_refused_recently(body_)) return false;
     std::optional<FileLock> lock = FileLock::try_lock_fresh(state_.fd(), LockByte::config);
     if (!lock) return false;
     // Under the lock no other switch can run, so what is checked here still holds at
@@ -774,7 +795,7 @@ bool LimiterCore::reanchor_drip(std::int64_t now_ns) {
             &product)) {
         return false;
     }
-    return switch_checked(state_, record_, body_, now_ns, true, nullptr, nullptr, std::nullopt);
+    return switch_checked(state_, record_, body_, now_ns, true, nullptr, nullptr, kTryLockGrace);
 }
 
 // ---------------------------------------------------------------------------------------------

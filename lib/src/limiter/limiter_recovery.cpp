@@ -96,12 +96,19 @@ bool fold_for_return(SegmentState& state, std::uint32_t record, std::int64_t f,
         std::uint64_t s = body.bucket.load(std::memory_order_seq_cst);
         const std::uint32_t gen = BucketWord::gen(s);
         const LimiterParams p = load_params(body.config[gen & 1]);
-        if (p.rate_infinite || p.target_infinite) return true;
         const std::int64_t t = std::max(now_ns, body.time_ns.load(std::memory_order_relaxed));
         const std::int64_t x = BucketWord::x(s);
         const std::int64_t d = p.drip_at(t);
         const std::int64_t folded = std::max(x, d - p.outside_flight(f));
-        if (folded == x) return true;
+        if (p.rate_infinite || p.target_infinite || folded == x) {
+            // Nothing to fold, decided on the block the generation selected. Without the lock
+            // that is only as good as the generation staying put while the block was read (two
+            // switches rewrite it: a seqlock reader's check), as for a take's refusal.
+            if (lock || BucketWord::gen(body.bucket.load(std::memory_order_seq_cst)) == gen) {
+                return true;
+            }
+            continue;
+        }
         if (!lock) {
             // Then decide again from a load under the lock.
             try {
@@ -116,8 +123,10 @@ bool fold_for_return(SegmentState& state, std::uint32_t record, std::int64_t f,
         }
         if (d > kRebaseAt) {
             // Re-anchoring folds too.
+            // At a generation checkpoint, with a try's wait: the record is frozen meanwhile,
+            // and must stay so for less than kFrozenBreakTimeout.
             return switch_checked(state, record, body, now_ns, true, nullptr, nullptr,
-                                  Clock::now());
+                                  kTryLockGrace);
         }
         LIM_RACE_POINT();
         if (body.bucket.compare_exchange_strong(s, BucketWord::make(gen, folded),
@@ -251,7 +260,7 @@ bool limiter_may_reset(SegmentState& state, std::uint32_t record) noexcept {
     const std::uint32_t next_gen =
         (BucketWord::gen(body_at(state, record).bucket.load(std::memory_order_seq_cst)) + 1) &
         0xFFFF;
-    return generation_may_advance(state, record, next_gen, Clock::now());
+    return generation_may_advance(state, record, next_gen, kCheckpointWait);
 }
 
 const KindOps kLimiterOps{

@@ -542,10 +542,9 @@ class LimiterCore {
     void reconfigure(std::int64_t now_ns, bool reanchor, Change&& change);
     // Re-anchors the drip under the config lock, waiting for it until `until` (nullopt: one try,
     // no wait); false if it could not be had by then, or if a generation checkpoint refused the
-    // switch (a live thread stopped mid-operation on the record: generation_checkpoint.hpp; with
-    // no `until`, waited for kTryLockGrace, and after such a refusal the calling thread's next
-    // 1,024 tries at a checkpoint refuse without looking), which also sets `*checkpoint_refused`
-    // if given.
+    // switch (a live thread in the middle of an operation on the record: generation_checkpoint.
+    // hpp; waited for kCheckpointWait, or with no `until` kTryLockGrace, and in the second after
+    // a refusal not at all), which also sets `*checkpoint_refused` if given.
     bool rebase(std::int64_t now_ns, std::optional<TimePoint> until,
                 bool* checkpoint_refused = nullptr);
     // rebase(now_ns, nullopt), or with `wait` rebase(now_ns, Clock::now() + kLockWaitTimeout).
@@ -765,12 +764,17 @@ void switch_locked(LimiterBody& body, std::int64_t now_ns, bool reanchor,
                    void (*change)(LimiterParams&, void*), void* ctx) noexcept;
 
 // switch_locked, provided the generation may move on (generation_checkpoint.hpp): at a
-// checkpoint, waits until `checkpoint_deadline` at most for the operations announced on `record`
-// to end (generation_may_advance), and returns false, nothing changed, if a live one stays in the
-// middle of one; with no deadline, returns false at a checkpoint without looking.
+// checkpoint, refuses at once if one was refused on the record in the last kCheckpointMemo;
+// otherwise waits `checkpoint_wait` at most for the operations announced on `record` to end
+// (generation_may_advance), and if a live one stays in the middle of one, remembers the refusal
+// (LimiterBody::checkpoint_refused_ns). False: nothing changed. The caller holds the config lock.
 bool switch_checked(const SegmentState& state, std::uint32_t record, LimiterBody& body,
                     std::int64_t now_ns, bool reanchor, void (*change)(LimiterParams&, void*),
-                    void* ctx, std::optional<TimePoint> checkpoint_deadline) noexcept;
+                    void* ctx, std::chrono::milliseconds checkpoint_wait) noexcept;
+// Whether the next switch of `body` is to a checkpoint generation (a hint unless the config lock
+// is held), and whether one was refused on it in the last kCheckpointMemo.
+bool next_is_checkpoint(const LimiterBody& body) noexcept;
+bool checkpoint_refused_recently(const LimiterBody& body) noexcept;
 
 // The announcement of an attempt that reads S with no Hold (a token bucket's own take, the
 // consumed fast take), as a Hold makes it: a generation checkpoint (generation_checkpoint.hpp)

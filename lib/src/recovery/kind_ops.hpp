@@ -61,12 +61,12 @@ struct KindOps {
     int layers;
     const char* layer_names[3];
 
-    // Optional (null: always). Called by a reset with the record frozen and quiescent, the
-    // config lock held and the resetter not announced on it, before anything is cleared: whether
+    // Optional (null: always). Called by a reset before it freezes the record, with the config
+    // lock held (until the reset's store) and the resetter not announced on it: whether the
     // reset may go on. A limiter's reset moves its generation by one, and when that crosses a
     // generation checkpoint it must first make the checkpoint (limiter/generation_checkpoint.hpp:
     // a token bucket's takes, which the quiescence wait ignores, included). False: the record is
-    // thawed unchanged and refused, as when it did not quiesce.
+    // refused, unchanged, as when it does not quiesce.
     bool (*may_reset)(SegmentState& state, std::uint32_t record) noexcept = nullptr;
 };
 

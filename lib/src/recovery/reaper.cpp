@@ -533,6 +533,16 @@ void reset(SegmentState& state, const ResetOptions& options) {
         if (ops == nullptr) continue;
         std::fill(dead_cleared.begin(), dead_cleared.end(), 0);
         any_cleared = false;
+        // A limiter's reset moves its generation, and may have a generation checkpoint to make
+        // first (KindOps::may_reset; a wait of up to kCheckpointWait): before the freeze, so that
+        // the record is not kept frozen for it (holders would break a freeze that long, and the
+        // reset would start over). Sound before the freeze: the config lock is held from here to
+        // the reset's store, so no switch comes between. Refused like a record that does not
+        // quiesce.
+        if (ops->may_reset != nullptr && !ops->may_reset(state, r)) {
+            refused.emplace_back(record_key(state.record(r)));
+            continue;
+        }
         // Again from the freeze if a holder thawed a word meanwhile (this process was stopped
         // past kFrozenBreakTimeout): what it did since is forgotten by the reset like the rest.
         bool done = false;
@@ -549,13 +559,6 @@ void reset(SegmentState& state, const ResetOptions& options) {
                     state, r, dead,
                     std::max(budget - std::chrono::steady_clock::now(),
                              std::chrono::steady_clock::duration{kFrozenQuiesceTimeout}))) {
-                restore_cleared(r);
-                ops->thaw(state, r);
-                break;
-            }
-            // A limiter's reset moves its generation, and may have a generation checkpoint to
-            // make first (KindOps::may_reset): refused like a record that did not quiesce.
-            if (ops->may_reset != nullptr && !ops->may_reset(state, r)) {
                 restore_cleared(r);
                 ops->thaw(state, r);
                 break;
@@ -683,8 +686,8 @@ void reset(SegmentState& state, const ResetOptions& options) {
         throw Error(
             Errc::busy,
             fmt::format("segment '{}': limiter '{}'{} not reset: a live process stayed in "
-                        "the middle of an operation on it for over a second (stopped, or "
-                        "starved); continue or kill it, then reset again{}",
+                        "the middle of an operation on it (stopped, or starved) while the reset "
+                        "waited for it; continue or kill it, then reset again{}",
                         state.name(), refused.front(), refused.size() > 1 ? " and others" : "",
                         targets.size() > refused.size() ? " (the others were reset)" : ""));
     }

@@ -44,8 +44,10 @@ enum class LockByte : off_t {
 inline constexpr std::chrono::milliseconds kLockWaitTimeout{3000};
 
 // How long a try_* call that cannot go on without a lock (a re-anchor of a limiter's drip past
-// kRebaseHard) waits for it: a legitimate holder keeps it for microseconds; a try_* never waits
-// longer (Error(busy) then).
+// kRebaseHard) waits for it: a legitimate holder keeps it for microseconds, except at a
+// generation checkpoint, where the switch holds the config lock through a fence and a wait
+// (limiter/generation_checkpoint.hpp: kCheckpointWait at most), which that call then waits out
+// too (LimiterCore::rebase_hard); a try_* never waits longer (Error(busy) then).
 inline constexpr std::chrono::milliseconds kTryLockGrace{1};
 
 // A short name for the lock on `byte` and what holds it, for messages ("the config lock (held
