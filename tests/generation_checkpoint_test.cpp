@@ -20,6 +20,7 @@
 #include <chrono>
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -88,21 +89,49 @@ bool announced_elsewhere(const Segment& seg, std::uint32_t record) {
     return false;
 }
 
+// A segment holding the token bucket `key` of this file's rate, full at t0, and a Limiter handle
+// adopting it (the reconfigurations), with its body and record index.
+struct CheckpointBucket {
+    lim::test::SegmentGuard guard;
+    Segment seg;
+    TokenBucket tb;
+    Limiter l;
+    detail::LimiterBody& body;
+    std::uint32_t record;
+
+    CheckpointBucket(std::string_view stem, const char* key)
+        : guard(lim::test::unique_name(stem)),
+          seg(lim::test::limiter_segment(guard)),
+          tb(TokenBucket::open(seg, key,
+                               {.burst_size = kBurst,
+                                .sustained_rate_per_sec = kRate,
+                                .initial_bucket_level = kBurst},
+                               t0)),
+          l(Limiter::open(seg, key, {.bucket_size = 1}, lim::adopt_existing, t0)),
+          body(body_of(seg, key)),
+          record(lim::test::record_of(seg, key)) {}
+
+    // Straight to two switches before the checkpoint: the generation moved by hand to a value
+    // whose block (gen & 1 = 0) is the one in use, X kept.
+    void skip_to_checkpoint_minus_2() {
+        const std::uint64_t s = body.bucket.load();
+        body.bucket.store(
+            detail::BucketWord::make(detail::kGenerationCheckpoint - 2, detail::BucketWord::x(s)));
+    }
+};
+
 }  // namespace
 
 TEST_CASE(
     "a taker stopped between its load of S and its CAS holds the generation at the next "
     "checkpoint: reconfigurations are refused (busy) there, and nothing beyond burst + rate x T "
     "is admitted") {
-    lim::test::SegmentGuard guard(lim::test::unique_name("gen-ckpt"));
-    auto seg = lim::test::limiter_segment(guard);
-    auto tb = TokenBucket::open(
-        seg, "tb",
-        {.burst_size = kBurst, .sustained_rate_per_sec = kRate, .initial_bucket_level = kBurst},
-        t0);
-    auto l = Limiter::open(seg, "tb", {.bucket_size = 1}, lim::adopt_existing, t0);
-    detail::LimiterBody& body = body_of(seg, "tb");
-    const std::uint32_t record = lim::test::record_of(seg, "tb");
+    CheckpointBucket b("gen-ckpt", "tb");
+    Segment& seg = b.seg;
+    TokenBucket& tb = b.tb;
+    Limiter& l = b.l;
+    detail::LimiterBody& body = b.body;
+    const std::uint32_t record = b.record;
     double admitted = 0;
     REQUIRE(tb.try_take(t0, kBurst) == TryTake::taken);
     admitted += kBurst;
@@ -165,25 +194,18 @@ TEST_CASE(
 TEST_CASE(
     "a taker that died between its load of S and its CAS does not hold the generation: its "
     "announcement is ignored once its owner is dead") {
-    lim::test::SegmentGuard guard(lim::test::unique_name("gen-ckpt-dead"));
-    auto seg = lim::test::limiter_segment(guard);
-    auto tb = TokenBucket::open(
-        seg, "tb",
-        {.burst_size = kBurst, .sustained_rate_per_sec = kRate, .initial_bucket_level = kBurst},
-        t0);
-    auto l = Limiter::open(seg, "tb", {.bucket_size = 1}, lim::adopt_existing, t0);
-    detail::LimiterBody& body = body_of(seg, "tb");
-    const std::uint32_t record = lim::test::record_of(seg, "tb");
+    CheckpointBucket b("gen-ckpt-dead", "tb");
+    Segment& seg = b.seg;
+    TokenBucket& tb = b.tb;
+    Limiter& l = b.l;
+    detail::LimiterBody& body = b.body;
+    const std::uint32_t record = b.record;
     REQUIRE(tb.try_take(t0, kBurst) == TryTake::taken);
     const pid_t taker = stopped_taker(tb);
     lim::test::kill_and_wait(taker);
     CHECK(announced_elsewhere(seg, record));  // its slot still names the record (not reaped)
 
-    // Straight to the switch before the checkpoint: the generation is moved by hand to a value
-    // whose block (gen & 1 = 0) is the one in use, X kept.
-    const std::uint64_t s = body.bucket.load();
-    body.bucket.store(
-        detail::BucketWord::make(detail::kGenerationCheckpoint - 2, detail::BucketWord::x(s)));
+    b.skip_to_checkpoint_minus_2();
     std::int64_t t = to_nanos(t0);
     for (int k = 0; k < 2; ++k) {
         t += kPeriodNs;
@@ -196,18 +218,13 @@ TEST_CASE(
 TEST_CASE(
     "at a checkpoint, a rebase that does not wait gives up on a stopped taker (false, nothing "
     "changed) and a waiting one is refused busy; both go through once it continues") {
-    lim::test::SegmentGuard guard(lim::test::unique_name("gen-ckpt-rebase"));
-    auto seg = lim::test::limiter_segment(guard);
-    auto tb = TokenBucket::open(
-        seg, "tb",
-        {.burst_size = kBurst, .sustained_rate_per_sec = kRate, .initial_bucket_level = kBurst},
-        t0);
-    detail::LimiterBody& body = body_of(seg, "tb");
-    const std::uint32_t record = lim::test::record_of(seg, "tb");
+    CheckpointBucket b("gen-ckpt-rebase", "tb");
+    Segment& seg = b.seg;
+    TokenBucket& tb = b.tb;
+    detail::LimiterBody& body = b.body;
+    const std::uint32_t record = b.record;
     REQUIRE(tb.try_take(t0, kBurst) == TryTake::taken);
-    const std::uint64_t s = body.bucket.load();
-    body.bucket.store(
-        detail::BucketWord::make(detail::kGenerationCheckpoint - 2, detail::BucketWord::x(s)));
+    b.skip_to_checkpoint_minus_2();
     const pid_t taker = stopped_taker(tb);
     detail::LimiterCore core(*seg.state(), record);
     const std::int64_t t = to_nanos(t0) + kPeriodNs;
@@ -305,23 +322,18 @@ TEST_CASE("a reap of a token bucket a dead process took from, with busy takers, 
 TEST_CASE(
     "a stopped taker at a checkpoint, and a writer retrying that record: other records are "
     "reconfigured and reaped as usual") {
-    lim::test::SegmentGuard guard(lim::test::unique_name("gen-ckpt-other"));
-    auto seg = lim::test::limiter_segment(guard);
-    auto tb = TokenBucket::open(
-        seg, "a",
-        {.burst_size = kBurst, .sustained_rate_per_sec = kRate, .initial_bucket_level = kBurst},
-        t0);
-    auto la = Limiter::open(seg, "a", {.bucket_size = 1}, lim::adopt_existing, t0);
+    CheckpointBucket b("gen-ckpt-other", "a");
+    Segment& seg = b.seg;
+    TokenBucket& tb = b.tb;
+    Limiter& la = b.l;
+    detail::LimiterBody& body = b.body;
     auto lb = Limiter::open(seg, "b",
                             {.hopper_to_bucket_rate_per_sec = 10.0,
                              .bucket_size = 10,
                              .initial_bucket_level = 10,
                              .initial_hopper_level = 0});
     auto thr = Throttle::open(seg, "thr", {.max_concurrent_jobs = 4});
-    detail::LimiterBody& body = body_of(seg, "a");
-    const std::uint64_t s = body.bucket.load();
-    body.bucket.store(
-        detail::BucketWord::make(detail::kGenerationCheckpoint - 2, detail::BucketWord::x(s)));
+    b.skip_to_checkpoint_minus_2();
     la.set_hopper_to_bucket_rate_per_sec(t0 + std::chrono::seconds{1}, kRate);
     REQUIRE(generation(body) == detail::kGenerationCheckpoint - 1);
     const pid_t holder = lim::test::child_holding([&] { (void)thr.try_start_job(); });

@@ -213,7 +213,7 @@ class Limiter {
     // throws Error(busy) rather than wait (beyond 1 ms; nothing taken), and Error(system_error)
     // if the lock cannot be tried at all. One such re-anchor in 16,384 is a generation
     // checkpoint (docs/design.md, "Generation checkpoints"): it waits for every operation in
-    // progress on the record to end, a few milliseconds and at most 200 ms, and throws
+    // progress on the record to end, a few milliseconds and at most about a second, and throws
     // Error(busy) if one stays in progress (a thread stopped in the middle of an operation on
     // this limiter, SIGSTOP or a debugger), and then at once for a second after, nothing taken.
     // Memory ordering: a successful take happens-after the return, refill decision or
@@ -262,7 +262,7 @@ class Limiter {
     // writer stopped or slow; nothing changes), Error(system_error) if the lock cannot be taken.
     // One configuration change in 16,384 on a limiter is a generation checkpoint (docs/design.md,
     // "Generation checkpoints"): it waits, with the lock held, for every operation in progress on
-    // the limiter to end (a few milliseconds; at most 200 ms), and throws Error(busy), nothing
+    // the limiter to end (a few milliseconds; at most a second), and throws Error(busy), nothing
     // changed, if one stays in progress (a thread stopped in the middle of an operation on it,
     // SIGSTOP or a debugger); for a second after such a refusal, changes of that limiter are
     // refused at once, and none succeeds until that thread continues or exits.

@@ -18,6 +18,7 @@
 #include "shm/ledger.hpp"
 #include "shm/process_table.hpp"
 #include "shm/records.hpp"
+#include "sync/poll_pause.hpp"
 
 namespace lim {
 
@@ -331,11 +332,7 @@ bool settle_operations(SegmentState& state, std::uint32_t record, Duration wait)
             if (busy.empty()) break;
         }
         if (std::chrono::steady_clock::now() >= deadline) return false;
-        if (pass < 64) {
-            std::this_thread::yield();
-        } else {
-            std::this_thread::sleep_for(std::chrono::microseconds{50});
-        }
+        poll_pause(pass);
     }
     return true;
 }

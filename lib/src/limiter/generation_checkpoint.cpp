@@ -7,6 +7,7 @@
 #include "shm/process_table.hpp"
 #include "shm/segment_state.hpp"
 #include "sync/heavy_fence.hpp"
+#include "sync/poll_pause.hpp"
 
 namespace lim::detail {
 bool generation_may_advance(const SegmentState& state, std::uint32_t record, std::uint32_t next_gen,
@@ -50,11 +51,7 @@ bool generation_may_advance(const SegmentState& state, std::uint32_t record, std
                 if (alive) return false;
                 break;
             }
-            if (pass < 64) {
-                std::this_thread::yield();
-            } else {
-                std::this_thread::sleep_for(std::chrono::microseconds{50});
-            }
+            poll_pause(pass);
         }
     }
     return true;

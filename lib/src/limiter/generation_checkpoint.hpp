@@ -24,10 +24,14 @@ namespace lim::detail {
 
 class SegmentState;
 
-// How long a checkpoint waits, at least, for the operations announced on the record to be seen
-// out (a thread preempted in the middle of one needs time slices: 60 ms were seen with 32 busy
-// takers on 2 cores); one still announced after this is stopped.
-inline constexpr std::chrono::milliseconds kCheckpointWait{200};
+// How long a checkpoint made by a caller that may wait (a reconfiguration, a blocking rebase, a
+// reset) waits for the operations announced on the record to be seen out: a thread preempted in
+// the middle of one needs time slices (60 ms were seen with 32 busy takers on 2 cores, and over
+// 200 ms with 7 under ASan in a loaded test run), so as long as a reap waits for quiescence; one
+// still announced after this is stopped, or starved as badly. A try's hard rebase waits
+// kCheckpointTryWait; a soft rebase, a re-anchor and the reaper's fold kTryLockGrace.
+inline constexpr std::chrono::milliseconds kCheckpointWait{1000};
+inline constexpr std::chrono::milliseconds kCheckpointTryWait{200};
 // After a refusal, how long further switches at a checkpoint on the record refuse at once
 // (LimiterBody::checkpoint_refused_ns).
 inline constexpr std::chrono::milliseconds kCheckpointMemo{1000};

@@ -712,8 +712,14 @@ bool LimiterCore::rebase(std::int64_t now_ns, std::optional<TimePoint> until,
     // a hard one answers as at its deadline or busy. A soft rebase makes the checkpoint with a
     // try's wait: with nobody stopped, the threads announced on the record are running and are
     // seen out within it; one preempted mid-operation refuses it, and a later rebase retries.
-    if (switch_checked(state_, record_, body_, now_ns, true, nullptr, nullptr,
-                       until ? kCheckpointWait : kTryLockGrace)) {
+    std::chrono::milliseconds wait = kTryLockGrace;
+    if (until) {
+        // As long as the caller's deadline allows, between a try's wait and a blocking one's.
+        wait =
+            std::clamp(std::chrono::duration_cast<std::chrono::milliseconds>(*until - Clock::now()),
+                       kCheckpointTryWait, kCheckpointWait);
+    }
+    if (switch_checked(state_, record_, body_, now_ns, true, nullptr, nullptr, wait)) {
         return true;
     }
     if (checkpoint_refused != nullptr) *checkpoint_refused = true;

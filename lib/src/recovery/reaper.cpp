@@ -19,6 +19,7 @@
 #include "shm/process_identity.hpp"
 #include "shm/process_table.hpp"
 #include "shm/records.hpp"
+#include "sync/poll_pause.hpp"
 #include "sync/race_point.hpp"
 
 namespace lim::detail {
@@ -74,11 +75,7 @@ bool wait_quiescent(const SegmentState& state, std::uint32_t record,
         }
         if (!busy) return true;
         if (std::chrono::steady_clock::now() > deadline) return false;
-        if (pass < 64) {
-            std::this_thread::yield();
-        } else {
-            std::this_thread::sleep_for(std::chrono::microseconds{50});
-        }
+        poll_pause(pass);
     }
 }
 
@@ -107,11 +104,7 @@ void wait_seen_out(const SegmentState& state, std::uint32_t record,
                    slot.pending.load(std::memory_order_acquire) != announced;
         });
         if (busy.empty() || std::chrono::steady_clock::now() > deadline) return;
-        if (pass < 64) {
-            std::this_thread::yield();
-        } else {
-            std::this_thread::sleep_for(std::chrono::microseconds{50});
-        }
+        poll_pause(pass);
     }
 }
 
