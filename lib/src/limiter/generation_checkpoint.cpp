@@ -1,6 +1,5 @@
 #include "limiter/generation_checkpoint.hpp"
 
-#include <algorithm>
 #include <chrono>
 #include <thread>
 
@@ -10,6 +9,7 @@
 #include "sync/poll_pause.hpp"
 
 namespace lim::detail {
+
 bool generation_may_advance(const SegmentState& state, std::uint32_t record, std::uint32_t next_gen,
                             std::chrono::milliseconds wait) noexcept {
     if (!is_generation_checkpoint(next_gen)) return true;
@@ -18,10 +18,11 @@ bool generation_may_advance(const SegmentState& state, std::uint32_t record, std
     // its announcement visible to the loads below: either it is still in that operation and the
     // scan sees it, or the scan reads a later value of its `pending` (the operation has ended).
     if (!heavy_fence()) {
-        // membarrier(2) refused (an old kernel, a seccomp policy). Then the announcement is
-        // visible once the announcing CPU's store buffer has drained, which hardware does in
-        // well under a microsecond; a millisecond is a bound on hardware, not on scheduling (a
-        // thread stopped or descheduled has been through a context switch, which drains it).
+        // membarrier(2) refused (an old kernel, a seccomp policy, a kernel booted with nohz_full).
+        // Then the announcement is visible once the announcing CPU's store buffer has drained,
+        // which hardware does in well under a microsecond; a millisecond is a bound on hardware,
+        // not on scheduling (a thread stopped or descheduled has been through a context switch,
+        // which drains it).
         std::this_thread::sleep_for(std::chrono::milliseconds{1});
     }
     // From after the fence, and never longer than `wait` whatever the caller's own deadline:
